@@ -1,0 +1,32 @@
+# Every target creates .venv when it is missing. torch is pinned so pip takes the
+# CPU wheel on machines without a GPU (an unpinned torch pulls a multi-GB CUDA build).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-all bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet "$(TORCH)"
+	# DeepSpeed's setup imports torch: build it against the torch installed above
+	# instead of an isolated build env that would download another torch.
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation -e ".[dev,report]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py recipes/tiny_alpaca.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ""
+
+clean:
+	rm -rf $(VENV) runs .cache

@@ -1,0 +1,12 @@
+"""Train a LoRA adapter on a quantised base.
+
+    deepspeed --num_gpus 2 launch/train.py recipes/llama_alpaca.yaml [section.key=value ...]
+    python launch/train.py recipes/tiny_alpaca.yaml train.max_steps=20
+"""
+import _bootstrap  # noqa: F401  (puts the repository root on sys.path)
+
+from trainer.cli import main
+from trainer.loop import train
+
+if __name__ == "__main__":
+    main(train)

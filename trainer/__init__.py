@@ -1,0 +1,1 @@
+"""Distributed instruction-tuning with LoRA on a quantised base."""

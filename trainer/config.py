@@ -1,0 +1,293 @@
+"""Recipes: YAML mapped onto typed dataclasses, with overrides and derived values.
+
+Every default lives here, once. The loop reads fields, never `dict.get(key, default)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe or override that cannot be turned into a valid config."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "builtin:tiny-llama"  # hub id, local dir, or builtin:<name>
+    dtype: str = "auto"  # compute dtype: auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+@dataclass
+class QuantConfig:
+    bits: int = 4  # 4 | 8 | 16 (16 = no quantisation, base kept in the compute dtype)
+    quant_type: str = "nf4"  # nf4 | fp4
+    double_quant: bool = True
+    quant_storage: str = "auto"  # auto: uint8, or the compute dtype under ZeRO-3
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
+
+
+@dataclass
+class DataConfig:
+    path: str = "builtin:tasks"  # local json/jsonl, hub dataset id, or builtin:<name>
+    split: str = "train"  # split of a hub dataset
+    template: str = "alpaca"  # alpaca | plain
+    max_seq_len: int = 512
+    eval_fraction: float = 0.05  # held-out fraction, used when eval_path is empty
+    eval_path: str | None = None  # separate held-out file
+    max_eval_rows: int = 500
+    train_on_prompt: bool = False  # False: labels are -100 on prompt tokens
+    max_rows: int | None = None  # cap on rows read (debugging, benchmarks)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    global_batch_size: int = 16  # examples per optimizer step, over all ranks
+    micro_batch_size: int = 2  # examples per forward pass on one rank
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    grad_clip: float = 1.0
+    seed: int = 42
+    log_every: int = 10
+    eval_every: int = 100
+    save_every: int = 200
+    keep_last: int | None = None  # prune older checkpoints, keeping the newest K
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # passed to DeepSpeed as is, merged last
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    output_dir: str = "runs/default"
+    resume: str | None = None  # checkpoint dir, or "auto" for the newest complete one
+
+    def validate(self) -> None:
+        _check(self.quant.bits in (4, 8, 16), "quant.bits", f"must be 4, 8 or 16, got {self.quant.bits}")
+        _check(self.quant.quant_type in ("nf4", "fp4"), "quant.quant_type", "must be nf4 or fp4")
+        _check(self.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+        _check(self.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
+               "must be auto, float32, bfloat16 or float16")
+        _check(self.lora.r > 0, "lora.r", "must be positive")
+        _check(0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        _check(len(self.lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
+        _check(self.data.template in ("alpaca", "plain"), "data.template", "must be alpaca or plain")
+        _check(0.0 <= self.data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
+        _check(self.data.max_seq_len >= 8, "data.max_seq_len", "must be at least 8")
+        t = self.train
+        _check(t.max_steps > 0, "train.max_steps", "must be positive")
+        _check(t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
+        _check(t.global_batch_size > 0, "train.global_batch_size", "must be positive")
+        _check(t.save_every > 0 and t.eval_every > 0 and t.log_every > 0, "train.save_every",
+               "save_every, eval_every and log_every must be positive")
+        _check(t.keep_last is None or t.keep_last > 0, "train.keep_last", "must be positive or null")
+        if self.quant.bits == 8 and self.deepspeed.zero_stage == 3:
+            raise RecipeError(
+                "quant.bits=8 with deepspeed.zero_stage=3 is not supported: ZeRO-3 partitions the int8 "
+                "weights without their scale statistics, and training then runs on wrong weights with "
+                "no error. Use quant.bits=4 (ZeRO-3 shards 4-bit weights stored in the compute dtype) "
+                "or deepspeed.zero_stage=2.")
+
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        per_step = self.train.micro_batch_size * world_size
+        if self.train.global_batch_size % per_step:
+            raise RecipeError(
+                f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size x world size = {self.train.micro_batch_size} x {world_size}. "
+                f"Pick a global batch divisible by {per_step}, or change the micro batch.")
+        return self.train.global_batch_size // per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise RecipeError(f"{key}: {message}")
+
+
+def deepspeed_config(recipe: Recipe, world_size: int, precision: str) -> dict[str, Any]:
+    """The DeepSpeed config dict, derived from the recipe once. `precision` is the compute dtype name."""
+    ds = recipe.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu"}
+    if ds.zero_stage == 3:
+        # Gather the (small) adapter weights on save; the frozen base is never saved.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    config: dict[str, Any] = {
+        "train_batch_size": recipe.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": recipe.train.micro_batch_size,
+        "gradient_accumulation_steps": recipe.gradient_accumulation_steps(world_size),
+        "gradient_clipping": recipe.train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bfloat16"},
+        "fp16": {"enabled": precision == "float16"},
+        "steps_per_print": 10**9,  # our loop logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+        # We pass a torch AdamW; DeepSpeed would otherwise insist on its compiled CPU Adam when offloading.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    }
+    return _deep_merge(config, ds.extra)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: the top level must be a mapping of sections")
+    try:
+        for override in overrides:
+            _apply_override(raw, override)
+        recipe = _build(Recipe, raw, prefix="")
+        recipe.validate()
+    except RecipeError as error:
+        raise RecipeError(f"{path}: {error}") from None
+    return recipe
+
+
+def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
+    recipe = _build(Recipe, raw, prefix="")
+    recipe.validate()
+    return recipe
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise RecipeError(f"override {override!r} must look like section.key=value")
+    dotted, text = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {override!r}: {key} is not a section")
+    # Parse as YAML so lists, null and numbers read naturally; coercion to the field type happens in _build.
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node[keys[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise RecipeError(f"unknown key {prefix}{key}{hint}")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(kind: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value or {}, prefix=f"{key}.")
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(kind) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
+            if type(None) in typing.get_args(kind):
+                return None
+        return _coerce(options[0], value, key)
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise RecipeError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(item, v, key) for v in value]
+    if origin is dict or kind is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if kind is Any:
+        return value
+    return _scalar(kind, value, key)
+
+
+def _scalar(kind: type, value: Any, key: str) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+                return value.lower() in ("true", "yes", "1", "on")
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise RecipeError(f"{key}: expected {kind.__name__}, got {value!r}")

@@ -1,0 +1,84 @@
+"""Process-group helpers: one code path whether launched by `deepspeed` or as a single process."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def init(timeout_minutes: float = 30.0) -> torch.device:
+    """Start the process group (gloo on CPU, NCCL on GPU) and return this rank's device."""
+    import deepspeed
+
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank())
+    if "RANK" not in os.environ:
+        # A plain `python launch/train.py` run: a world of one on a free local port.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
+                                   timeout=timedelta(minutes=timeout_minutes), verbose=False)
+    return torch.device("cuda", local_rank()) if use_cuda else torch.device("cpu")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized() and world_size() > 1:
+        dist.barrier()
+
+
+def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def broadcast_object(value, source: int = 0):
+    if not (dist.is_initialized() and world_size() > 1):
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=source)
+    return holder[0]
+
+
+def main_first():
+    """Context manager: rank 0 runs the body first (e.g. builds a cache), the others after it."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def ordered():
+        if not is_main():
+            barrier()
+        yield
+        if is_main():
+            barrier()
+
+    return ordered()

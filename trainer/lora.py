@@ -1,0 +1,165 @@
+"""LoRA, ours: y = base(x) + scaling * B(A(dropout(x))), with A Kaiming-uniform and B zero.
+
+One adapter per wrapped layer. The wrapped layer may be a plain `nn.Linear`, a bitsandbytes
+`Linear4bit` or `Linear8bitLt`; it stays frozen and is kept under the name `base_layer`, so the
+adapter's parameter names (`<path>.lora_A.weight`, `<path>.lora_B.weight`) are PEFT's.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+ADAPTER_MARKERS = (".lora_A.", ".lora_B.")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.r = r
+        self.alpha = alpha
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Adapters train in fp32 whatever the base's storage: their optimizer state is tiny.
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=_device_of(base_layer), dtype=torch.float32)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=_device_of(base_layer), dtype=torch.float32)
+        self.merged = False
+        self.reset_adapter()
+
+    def reset_adapter(self) -> None:
+        # B = 0 makes the adapted layer start exactly at the base layer.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        adapter_dtype = self.lora_A.weight.dtype
+        update = self.lora_B(self.lora_A(self.dropout(x.to(adapter_dtype))))
+        return result + (update * self.scaling).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold B @ A * scaling into the base weight. A quantised base is dequantised first and
+        kept in 16/32-bit afterwards: re-quantising would throw the adapter's update away."""
+        if self.merged:
+            return
+        if not isinstance(self.base_layer, nn.Linear) or _is_quantised(self.base_layer):
+            self.base_layer = dequantised_linear(self.base_layer)
+        weight = self.base_layer.weight
+        weight.data += self.delta_weight().to(weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update again. A base that was quantised stays dequantised."""
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        weight.data -= self.delta_weight().to(weight.dtype)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def _device_of(layer: nn.Module) -> torch.device:
+    return next(layer.parameters()).device
+
+
+def _is_quantised(layer: nn.Module) -> bool:
+    return type(layer).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def dequantised_weight(layer: nn.Module) -> torch.Tensor:
+    """The base layer's weight as a float tensor, whatever its storage."""
+    name = type(layer).__name__
+    if name == "Linear4bit":
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    if name == "Linear8bitLt":
+        import bitsandbytes.functional as bnb_functional
+
+        scales = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+        return bnb_functional.int8_vectorwise_dequant(layer.weight.data, scales)
+    return layer.weight.data
+
+
+def dequantised_linear(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
+    weight = dequantised_weight(layer)
+    dtype = dtype or getattr(layer, "compute_dtype", None) or torch.float32
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                       device=weight.device, dtype=dtype)
+    linear.weight.data.copy_(weight.to(dtype))
+    if layer.bias is not None:
+        linear.bias.data.copy_(layer.bias.data.to(dtype))
+    linear.weight.requires_grad_(False)
+    if linear.bias is not None:
+        linear.bias.requires_grad_(False)
+    return linear
+
+
+def apply_lora(model: nn.Module, target_modules: list[str], r: int, alpha: float,
+               dropout: float = 0.0, rslora: bool = False) -> list[str]:
+    """Freeze `model` and wrap every linear layer whose last name is in `target_modules`.
+    Returns the wrapped module paths; raises if nothing matched (a typo would train nothing)."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    wrapped = []
+    for path, module in list(model.named_modules()):
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf not in target_modules or isinstance(module, LoRALinear):
+            continue
+        if not hasattr(module, "in_features") or not hasattr(module, "out_features"):
+            continue
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, LoRALinear(module, r, alpha, dropout, rslora))
+        wrapped.append(path)
+    if not wrapped:
+        leaves = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if hasattr(m, "in_features")})
+        raise ValueError(f"lora.target_modules={target_modules} matched no linear layer; "
+                         f"the model's linear layers are named: {', '.join(leaves)}")
+    return wrapped
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {path: module for path, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Adapter parameters by name, selected by structure (never the base)."""
+    return {name: p for name, p in model.named_parameters() if any(m in name for m in ADAPTER_MARKERS)}
+
+
+def merge_all(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        layer.merge()
+
+
+def unmerge_all(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+
+
+def parameter_summary(model: nn.Module) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(_logical_numel(p) for p in model.parameters())
+    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
+
+
+def _logical_numel(parameter: torch.Tensor) -> int:
+    # A 4-bit weight is stored packed two values per byte; count the weights it stands for.
+    quant_state = getattr(parameter, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return math.prod(quant_state.shape)
+    return parameter.numel()

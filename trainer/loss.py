@@ -1,0 +1,48 @@
+"""The training objective: next-token cross-entropy on trained (label != -100) positions only.
+
+Hidden states of the trained positions are picked out before the vocabulary projection, and the
+projection + cross-entropy run in chunks under activation checkpointing, so the full
+[tokens x vocab] fp32 logits tensor is never held at once (for the forward or the backward).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from trainer.data import IGNORE_INDEX
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps a causal LM; forward returns (sum of token losses, number of trained tokens)."""
+
+    def __init__(self, model: nn.Module, chunk_tokens: int = 4096):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                **_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        decoder = self.model.get_decoder()
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        targets = labels[:, 1:]
+        trained = targets != IGNORE_INDEX
+        return chunked_cross_entropy(self.model.get_output_embeddings(), hidden[:, :-1][trained],
+                                     targets[trained], self.chunk_tokens)
+
+
+def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                          chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        chunk, chunk_targets = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+        if torch.is_grad_enabled() and chunk.requires_grad:
+            total = total + checkpoint(_chunk_loss, head, chunk, chunk_targets, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(head, chunk, chunk_targets)
+    return total, torch.tensor(targets.numel(), device=hidden.device)
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")

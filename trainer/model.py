@@ -1,0 +1,107 @@
+"""The frozen base: loaded through transformers' `from_pretrained`, quantised by bitsandbytes."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer import builtin
+from trainer.config import Recipe
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The base model or tokenizer could not be found or loaded."""
+
+
+def compute_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
+    # bf16 backward on CPU is ~100x slower than fp32, so `auto` means fp32 there.
+    if recipe.model.dtype != "auto":
+        return DTYPES[recipe.model.dtype]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def quantization_config(recipe: Recipe, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    quant = recipe.quant
+    if quant.bits == 16:
+        return None
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    storage = quant.quant_storage
+    if storage == "auto":
+        # ZeRO-3 shards parameters by dtype; 4-bit weights stored as uint8 cannot be partitioned
+        # alongside the compute-dtype ones, so store them in the model's dtype there.
+        storage = _dtype_name(dtype) if recipe.deepspeed.zero_stage == 3 else "uint8"
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=storage,
+    )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_base(recipe: Recipe) -> str:
+    return builtin.resolve(recipe.model.name_or_path)
+
+
+def load_tokenizer(name_or_path: str, recipe: Recipe):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name_or_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(_not_found_message("tokenizer", name_or_path, error)) from error
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # pad == EOS would mask EOS out of the labels, and the model would never learn to stop.
+        candidate = tokenizer.unk_token if tokenizer.unk_token_id not in (None, tokenizer.eos_token_id) else None
+        if candidate is None:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        else:
+            tokenizer.pad_token = candidate
+    return tokenizer
+
+
+def load_base(recipe: Recipe, device: torch.device) -> tuple[nn.Module, torch.dtype]:
+    """Load the base frozen and quantised per the recipe. Returns the model and its compute dtype."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = compute_dtype(recipe, device)
+    name_or_path = resolve_base(recipe)
+    quant = quantization_config(recipe, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            revision=recipe.model.revision,
+            trust_remote_code=recipe.model.trust_remote_code,
+            quantization_config=quant,
+            dtype=dtype,
+            attn_implementation=recipe.model.attn_implementation,
+            device_map={"": device},
+        )
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(_not_found_message("model", name_or_path, error)) from error
+    model.config.use_cache = False
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model, dtype
+
+
+def _not_found_message(what: str, name_or_path: str, error: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    where = "a local directory" if Path(name_or_path).exists() else "the Hugging Face hub (or its local cache)"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"could not load the {what} {name_or_path!r} from {where}: {first_line}\n"
+            f"Point model.name_or_path at a local copy (a directory with config.json and *.safetensors), "
+            f"e.g. `model.name_or_path=/models/llama-2-7b`"
+            + (" (HF_HUB_OFFLINE=1 is set, so the hub was not asked)." if offline else "."))
