@@ -1,0 +1,51 @@
+"""Shared fixtures. The built-in tiny base is built once per session into a temporary cache, and
+every subprocess the tests start sees the same cache through QLORA_TRAINER_CACHE."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory) -> Path:
+    cache = Path(os.environ.get("QLORA_TEST_CACHE") or tmp_path_factory.mktemp("qlora_cache"))
+    os.environ["QLORA_TRAINER_CACHE"] = str(cache)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_base(session_cache) -> Path:
+    from trainer.builtin import ensure_tiny_base
+
+    return ensure_tiny_base("tiny-llama")
+
+
+def run_cli(args: list[str], timeout: int = 600, env: dict | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """Run a launch script or the deepspeed launcher from the repository root."""
+    program = str(VENV_BIN / "deepspeed") if args[0] == "deepspeed" else sys.executable
+    command = [program, *args[1:]] if args[0] in ("deepspeed", "python") else [sys.executable, *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    result = subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n"
+                             f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-6000:]}")
+    return result
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,95 @@
+from pathlib import Path
+
+import pytest
+
+from trainer.config import Recipe, RecipeError, deepspeed_config, load_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_loads(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    config = deepspeed_config(recipe, world_size=1, precision="float32")
+    assert config["zero_optimization"]["stage"] == recipe.deepspeed.zero_stage
+
+
+def test_shipped_recipes_cover_the_required_variants():
+    loaded = {p.name: load_recipe(p) for p in RECIPES}
+    assert {"llama_alpaca.yaml", "tiny_alpaca.yaml"} <= set(loaded)
+    assert any(r.quant.bits == 8 for r in loaded.values())
+    assert any(r.quant.bits == 4 and r.deepspeed.zero_stage == 3 for r in loaded.values())
+    main = loaded["llama_alpaca.yaml"]
+    assert (main.quant.bits, main.quant.quant_type, main.quant.double_quant) == (4, "nf4", True)
+    assert (main.lora.r, main.lora.alpha, main.lora.dropout) == (16, 32, 0.05)
+    assert main.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert main.deepspeed.zero_stage == 2
+
+
+def test_every_key_in_shipped_recipes_is_commented():
+    for path in RECIPES:
+        lines = path.read_text().splitlines()
+        assert lines[0].startswith("#") and "launch/train.py" in "\n".join(lines[:12]), path
+        for number, line in enumerate(lines, start=1):
+            if ":" in line and not line.lstrip().startswith("#") and not line.strip().endswith(":"):
+                assert "#" in line, f"{path.name}:{number} has no comment: {line!r}"
+
+
+def write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_names_the_path_and_the_nearest_key(tmp_path):
+    path = write(tmp_path, "train:\n  learning_rte: 0.1\n")
+    with pytest.raises(RecipeError, match=r"unknown key train\.learning_rte; did you mean train\.learning_rate"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match=r"unknown key lorra; did you mean lora"):
+        load_recipe(write(tmp_path, "lorra: {r: 4}\n"))
+
+
+def test_mistyped_value_names_the_key(tmp_path):
+    with pytest.raises(RecipeError, match=r"train\.max_steps: expected int, got 'many'"):
+        load_recipe(write(tmp_path, "train: {max_steps: many}\n"))
+    with pytest.raises(RecipeError, match=r"quant\.bits: must be 4, 8 or 16"):
+        load_recipe(write(tmp_path, "quant: {bits: 3}\n"))
+
+
+def test_overrides_are_coerced_to_the_field_type(tmp_path):
+    path = write(tmp_path, "train: {max_steps: 5}\n")
+    recipe = load_recipe(path, ["train.max_steps=7", "train.learning_rate=1e-3", "quant.double_quant=false",
+                                "lora.target_modules=q_proj,v_proj", "output_dir=/tmp/x", "resume=auto",
+                                "deepspeed.zero_stage=3", "data.path=some/file.json", "train.keep_last=null"])
+    assert recipe.train.max_steps == 7 and isinstance(recipe.train.max_steps, int)
+    assert recipe.train.learning_rate == 1e-3 and isinstance(recipe.train.learning_rate, float)
+    assert recipe.quant.double_quant is False
+    assert recipe.lora.target_modules == ["q_proj", "v_proj"]
+    assert (recipe.output_dir, recipe.resume, recipe.deepspeed.zero_stage) == ("/tmp/x", "auto", 3)
+    assert recipe.train.keep_last is None
+    with pytest.raises(RecipeError, match="train.max_stepz"):
+        load_recipe(path, ["train.max_stepz=3"])
+    with pytest.raises(RecipeError, match="section.key=value"):
+        load_recipe(path, ["max_steps"])
+
+
+def test_eight_bit_with_zero3_is_refused_with_a_reason(tmp_path):
+    with pytest.raises(RecipeError, match="quant.bits=8 with deepspeed.zero_stage=3"):
+        load_recipe(write(tmp_path, "quant: {bits: 8}\ndeepspeed: {zero_stage: 3}\n"))
+
+
+def test_deepspeed_dict_is_derived_and_extra_passes_through(tmp_path):
+    recipe = load_recipe(write(tmp_path, (
+        "train: {global_batch_size: 32, micro_batch_size: 4, grad_clip: 0.5}\n"
+        "deepspeed: {zero_stage: 3, offload_optimizer: true, extra: {zero_optimization: {reduce_bucket_size: 1000}, "
+        "communication_data_type: fp32}}\n")))
+    config = deepspeed_config(recipe, world_size=2, precision="bfloat16")
+    assert config["train_batch_size"] == 32 and config["gradient_accumulation_steps"] == 4
+    assert config["gradient_clipping"] == 0.5 and config["bf16"]["enabled"] and not config["fp16"]["enabled"]
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert config["zero_optimization"]["reduce_bucket_size"] == 1000
+    assert config["communication_data_type"] == "fp32"
+    with pytest.raises(RecipeError, match="not a multiple"):
+        deepspeed_config(recipe, world_size=3, precision="float32")

@@ -1,0 +1,106 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from trainer.lora import LoRALinear, adapter_parameters, apply_lora, dequantised_weight
+
+
+def quantised_linear(bits: int, source: nn.Linear) -> nn.Module:
+    import bitsandbytes as bnb
+
+    if bits == 4:
+        layer = bnb.nn.Linear4bit(source.in_features, source.out_features, bias=True,
+                                  compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+        layer.weight = bnb.nn.Params4bit(source.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True)
+    else:
+        layer = bnb.nn.Linear8bitLt(source.in_features, source.out_features, bias=True, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(source.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    layer.bias = nn.Parameter(source.bias.data.clone(), requires_grad=False)
+    return layer.to("cpu")
+
+
+def base_layer(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    return linear if kind == "linear" else quantised_linear(4 if kind == "4bit" else 8, linear)
+
+
+KINDS = ["linear", "4bit", "8bit"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_b_starts_at_zero_so_output_equals_the_base(kind):
+    base = base_layer(kind).eval()  # bnb's 8-bit layer computes differently in training mode
+    x = torch.randn(5, 64)
+    expected = base(x)
+    layer = LoRALinear(base, r=8, alpha=16, dropout=0.1)
+    layer.eval()
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
+    assert torch.count_nonzero(layer.lora_A.weight) > 0
+    assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_update_is_scaling_times_b_a_x(kind):
+    base = base_layer(kind)
+    layer = LoRALinear(base, r=4, alpha=12)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 64)
+    assert layer.scaling == 3.0
+    expected = base(x) + 3.0 * x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rslora_scaling_is_alpha_over_sqrt_r():
+    layer = LoRALinear(nn.Linear(8, 8), r=16, alpha=32, rslora=True)
+    assert layer.scaling == pytest.approx(32 / math.sqrt(16))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_equals_unmerged_output(kind):
+    base = base_layer(kind)
+    layer = LoRALinear(base, r=8, alpha=16)
+    nn.init.normal_(layer.lora_B.weight, std=0.1)
+    layer.eval()
+    x = torch.randn(7, 64)
+    if kind == "linear":
+        reference = layer(x)
+    else:  # a quantised base merges into its dequantised weight: compare against that
+        weight = dequantised_weight(base)
+        reference = x @ (weight + layer.delta_weight()).T + base.bias
+    layer.merge()
+    assert layer.merged and isinstance(layer.base_layer, nn.Linear)
+    torch.testing.assert_close(layer(x), reference, rtol=1e-4, atol=1e-4)
+    if kind == "linear":
+        layer.unmerge()
+        torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_never_happens_as_a_side_effect_of_eval():
+    layer = LoRALinear(nn.Linear(8, 8), r=2, alpha=4)
+    layer.eval()
+    assert not layer.merged
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_only_adapter_parameters_train_and_get_gradients(kind):
+    model = nn.Sequential()
+    model.add_module("q_proj", base_layer(kind))
+    model.add_module("other", nn.Linear(48, 4))
+    wrapped = apply_lora(model, ["q_proj"], r=4, alpha=8)
+    assert wrapped == ["q_proj"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"q_proj.lora_A.weight", "q_proj.lora_B.weight"} == set(adapter_parameters(model))
+    nn.init.normal_(model.q_proj.lora_B.weight)
+    model(torch.randn(2, 64)).sum().backward()
+    assert model.q_proj.lora_A.weight.grad is not None and model.q_proj.lora_B.weight.grad is not None
+
+
+def test_unknown_target_module_is_an_error_listing_the_real_names():
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="matched no linear layer.*q_proj"):
+        apply_lora(model, ["query"], r=2, alpha=4)
