@@ -148,11 +148,12 @@ def test_other_sizes_under_the_same_name_are_refused(small_base: Path, monkeypat
 
 def test_debris_of_a_crashed_build_is_replaced(cache: Path) -> None:
     models = cache / "models"
-    (models / ".crashed.building").mkdir(parents=True)
-    (models / "crashed").mkdir()  # no completion marker: a half-written directory
-    (models / "crashed" / "model.safetensors").write_text("truncated")
+    built = f"crashed-v{builtin.BUILD_VERSION}"
+    (models / f".{built}.building").mkdir(parents=True)
+    (models / built).mkdir()  # no completion marker: a half-written directory
+    (models / built / "model.safetensors").write_text("truncated")
     directory = builtin.ensure_tiny_base("crashed", **SMALL)
-    assert sorted(path.name for path in models.iterdir()) == ["crashed"]
+    assert sorted(path.name for path in models.iterdir()) == [built]
     assert AutoModelForCausalLM.from_pretrained(directory).config.hidden_size == 64
 
 
@@ -161,7 +162,7 @@ def test_resolve(cache: Path) -> None:
     assert builtin.resolve("/some/local/dir") == "/some/local/dir"
     assert builtin.resolve("builtin:tasks") == str(cache / "data" / "tasks.jsonl")
     model_dir = builtin.resolve("builtin:tiny-llama")
-    assert model_dir == str(cache / "models" / "tiny-llama")
+    assert model_dir == str(cache / "models" / f"tiny-llama-v{builtin.BUILD_VERSION}")
     assert AutoModelForCausalLM.from_pretrained(model_dir).config.hidden_size == 128
     with pytest.raises(ValueError, match="builtin:tiny-llama, builtin:tasks"):
         builtin.resolve("builtin:nope")
@@ -185,8 +186,8 @@ def test_concurrent_builders_leave_one_valid_directory(tmp_path: Path) -> None:
     with context.Pool(2) as pool:
         results = pool.map(_build_in, [str(tmp_path)] * 2)
     directories = {directory for directory, _ in results}
-    assert directories == {str(tmp_path / "models" / "race")}
+    assert directories == {str(tmp_path / "models" / f"race-v{builtin.BUILD_VERSION}")}
     assert sum(built for _, built in results) == 1
-    assert sorted(path.name for path in (tmp_path / "models").iterdir()) == ["race"]  # no staging debris
+    assert sorted(path.name for path in (tmp_path / "models").iterdir()) == [f"race-v{builtin.BUILD_VERSION}"]  # no debris
     model = AutoModelForCausalLM.from_pretrained(directories.pop())
     assert model.config.hidden_size == 64

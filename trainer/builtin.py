@@ -25,7 +25,7 @@ PROMPT_NO_INPUT = (
 )
 
 # Bump when what gets built changes: a model built by another version is then refused, not reused.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 DEMO_ROWS = 3000
 SEED = 1234
 MARKER = "builtin-complete.json"
@@ -179,14 +179,15 @@ def ensure_tiny_base(name: str = "tiny-llama", **size: int) -> Path:
     if unknown:
         raise TypeError(f"unknown size arguments {sorted(unknown)}; allowed: {sorted(DEFAULT_SIZE)}")
     spec = {"version": BUILD_VERSION, "size": {**DEFAULT_SIZE, **size}}
-    final = cache_dir() / "models" / name
+    # The build version is part of the path: a cache from an older generator is never reused.
+    final = cache_dir() / "models" / f"{name}-v{BUILD_VERSION}"
     if (final / MARKER).exists():
         return _checked(final, spec)
     with _exclusive(f"model-{name}"):
         if (final / MARKER).exists():  # another rank finished it while we waited
             return _checked(final, spec)
         # Holding the lock, whatever sits at these paths is debris from a crashed or older build.
-        staging = final.parent / f".{name}.building"
+        staging = final.parent / f".{final.name}.building"
         for debris in (final, staging):
             shutil.rmtree(debris, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -254,6 +255,10 @@ def _build_tiny_base(directory: Path, size: dict[str, int]) -> None:
     with torch.random.fork_rng(devices=[]):  # a fixed seed without disturbing the caller's RNG
         torch.manual_seed(SEED)
         model = LlamaForCausalLM(config)
+        # The output head must be able to produce confident logits: with the default init (std 0.02)
+        # and RMS-normalised hidden states, a frozen random head caps every logit gap near 2.5 and
+        # no adapter could push the loss much below ln(vocab) - 2.5. Unit-norm rows remove that cap.
+        torch.nn.init.normal_(model.lm_head.weight, std=config.hidden_size ** -0.5)
     model.save_pretrained(directory)  # safetensors, the only format transformers 5 writes
 
 

@@ -1,0 +1,249 @@
+"""LoRA rank analysis (trainer/analysis.py, launch/analyze.py) on synthetic adapters written to tmp_path."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from trainer.analysis import AnalysisError, analyze, load_adapter, main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Planted singular values: 82% of the energy in the top 1, 95% in the top 2, 100% in the top 3, so the
+# 90% and 99% effective ranks (2 and 3) sit well clear of either threshold.
+PLANTED = (5.0, 2.0, 1.2)
+
+
+def module_name(layer: int, kind: str = "q_proj") -> str:
+    return f"model.layers.{layer}.self_attn.{kind}"
+
+
+def orthonormal(rows: int, columns: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(rows, columns, generator=generator, dtype=torch.float64))[0]
+
+
+def planted_pair(out_features: int, in_features: int, singular: tuple[float, ...], r: int, seed: int,
+                 left: torch.Tensor | None = None, right: torch.Tensor | None = None):
+    """(A, B) with B @ A = left diag(singular) right^T: rank len(singular) although r is larger."""
+    generator = torch.Generator().manual_seed(seed)
+    rank = len(singular)
+    left = orthonormal(out_features, rank, generator) if left is None else left
+    right = orthonormal(in_features, rank, generator) if right is None else right
+    b = torch.zeros(out_features, r, dtype=torch.float64)
+    b[:, :rank] = left * torch.tensor(singular, dtype=torch.float64)
+    a = torch.randn(r, in_features, generator=generator, dtype=torch.float64)  # rows past rank meet B's zeros
+    a[:rank] = right.T
+    return a.float(), b.float()
+
+
+def random_pair(out_features: int, in_features: int, r: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(r, in_features, generator=generator), torch.randn(out_features, r, generator=generator)
+
+
+def write_adapter(directory: Path, modules: dict, base: str | Path = "missing-org/missing-model",
+                  r: int = 8, alpha: float = 16.0, rslora: bool = False) -> Path:
+    directory.mkdir(parents=True)
+    tensors = {}
+    for name, (a, b) in modules.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "base_model_name_or_path": str(base), "r": r, "lora_alpha": alpha,
+              "use_rslora": rslora, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    (directory / "meta.json").write_text("{}")  # our checkpoints carry extra files; they must be ignored
+    return directory
+
+
+def write_base(directory: Path, weights: dict[str, torch.Tensor], shards: int = 1) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    names = sorted(weights)
+    if shards == 1:
+        save_file({f"{name}.weight": weights[name].float() for name in names}, str(directory / "model.safetensors"))
+        return directory
+    weight_map = {}
+    for shard in range(shards):
+        file = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
+        part = {f"{name}.weight": weights[name].float() for name in names[shard::shards]}
+        save_file(part, str(directory / file))
+        weight_map.update(dict.fromkeys(part, file))
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_planted_rank_is_recovered(tmp_path, rslora):
+    a, b = planted_pair(40, 48, PLANTED, r=8, seed=0)
+    adapter = write_adapter(tmp_path / "adapter", {module_name(0): (a, b)}, rslora=rslora)
+    entry = analyze([adapter])["adapters"][0]["modules"][module_name(0)]
+    scaling = 16.0 / math.sqrt(8) if rslora else 16.0 / 8
+    assert entry["scaling"] == pytest.approx(scaling)
+    assert entry["effective_rank"]["0.99"] == 3
+    assert entry["effective_rank"]["0.9"] == 2
+    singular = entry["singular_values"]
+    assert singular[:3] == pytest.approx([scaling * value for value in PLANTED], rel=1e-5)
+    assert max(singular[3:]) < 1e-6 * singular[0]
+    assert entry["dW_fro"] == pytest.approx(scaling * math.sqrt(sum(v * v for v in PLANTED)), rel=1e-5)
+
+
+@pytest.mark.parametrize("flat_modules, expected_r", [(1, 2), (2, 4)])
+def test_suggestion_needs_most_modules(tmp_path, flat_modules, expected_r):
+    # Planted modules reach 90% at r=2; flat ones (4 equal directions) only at r=4. With 5 modules,
+    # 4/5 meeting r=2 is enough (>= 80%), 3/5 is not.
+    modules = {module_name(layer): planted_pair(32, 32, PLANTED, r=8, seed=layer) for layer in range(5)}
+    for layer in range(flat_modules):
+        modules[module_name(layer)] = planted_pair(32, 32, (1.0, 1.0, 1.0, 1.0), r=8, seed=layer)
+    suggestion = analyze([write_adapter(tmp_path / "adapter", modules)])["adapters"][0]["suggestion"]
+    assert suggestion["r"] == expected_r
+    assert suggestion["modules"] == 5
+    assert suggestion["modules_meeting"] >= 4
+    assert suggestion["trained_r"] == 8
+
+
+def test_self_similarity_is_one(tmp_path):
+    modules = {module_name(layer): random_pair(24, 40, r=8, seed=layer) for layer in range(2)}
+    adapter = write_adapter(tmp_path / "adapter", modules)
+    similarity = analyze([adapter, adapter])["similarity"]
+    assert set(similarity) == set(modules)
+    for result in similarity.values():
+        phi = torch.tensor(result["phi"])
+        assert phi.shape == (8, 8)
+        assert torch.allclose(phi.diagonal(), torch.ones(8, dtype=phi.dtype), atol=1e-5)
+
+
+def test_independent_adapters_look_like_random_subspaces(tmp_path):
+    # For random subspaces of a d-dim input space, E[phi(i, j)] = max(i, j) / d.
+    d, layers = 256, 6
+    first = {module_name(layer): random_pair(32, d, r=8, seed=layer) for layer in range(layers)}
+    second = {module_name(layer): random_pair(32, d, r=8, seed=100 + layer) for layer in range(layers)}
+    similarity = analyze([write_adapter(tmp_path / "one", first),
+                          write_adapter(tmp_path / "two", second)])["similarity"]
+    phi_8_8 = [result["phi"][7][7] for result in similarity.values()]
+    assert 0.6 * 8 / d < sum(phi_8_8) / layers < 1.5 * 8 / d
+    assert max(max(max(row) for row in result["phi"]) for result in similarity.values()) < 0.5
+
+
+def test_amplification_is_larger_for_directions_w_does_not_emphasise(tmp_path):
+    size, generator = 64, torch.Generator().manual_seed(7)
+    left, right = orthonormal(size, size, generator), orthonormal(size, size, generator)
+    weight_singular = torch.linspace(10.0, 0.1, size, dtype=torch.float64)
+    weight = left @ torch.diag(weight_singular) @ right.T
+    base = write_base(tmp_path / "base", {module_name(0): weight})
+    aligned = planted_pair(size, size, (3.0, 2.0), r=8, seed=1, left=left[:, :2], right=right[:, :2])
+    unaligned = planted_pair(size, size, (3.0, 2.0), r=8, seed=1, left=left[:, -2:], right=right[:, -2:])
+    report = analyze([write_adapter(tmp_path / "aligned", {module_name(0): aligned}, base=base),
+                      write_adapter(tmp_path / "unaligned", {module_name(0): unaligned}, base=base)])
+    on_top, on_bottom = (adapter["modules"][module_name(0)] for adapter in report["adapters"])
+    top_energy = float(weight_singular[:2].square().sum().sqrt())
+    for entry in (on_top, on_bottom):
+        assert entry["amplification"]["k"] == 2
+        assert entry["amplification"]["projection_W_top_directions"] == pytest.approx(top_energy, rel=1e-4)
+        assert entry["amplification"]["projection_random_directions"] < top_energy
+        assert entry["relative_update"] == pytest.approx(entry["dW_fro"] / float(torch.linalg.norm(weight)), rel=1e-4)
+    # dW along W's top directions: U^T W V is W's top-2 block; along its weakest: nearly nothing.
+    assert on_top["amplification"]["projection_dW_directions"] == pytest.approx(top_energy, rel=1e-4)
+    assert on_bottom["amplification"]["projection_dW_directions"] < 0.1 * top_energy
+    assert on_bottom["amplification"]["factor"] > 20 * on_top["amplification"]["factor"]
+    assert report["adapters"][0]["base"]["found"] and "unquantised" in report["adapters"][0]["base"]["note"]
+
+
+def test_cli_writes_json_figures_and_table(tmp_path):
+    names = [module_name(layer, kind) for layer in range(3) for kind in ("q_proj", "v_proj")]
+    weights = {name: torch.randn(32, 48, generator=torch.Generator().manual_seed(3)) for name in names}
+    base = write_base(tmp_path / "base", weights, shards=2)
+    first = write_adapter(tmp_path / "first", {name: planted_pair(32, 48, PLANTED, 8, seed) for seed, name in
+                                               enumerate(names)}, base=base)
+    second = write_adapter(tmp_path / "second", {name: random_pair(32, 48, 8, seed) for seed, name in
+                                                 enumerate(names)}, base=base)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "launch/analyze.py", str(first), str(second), f"out={out}", "threshold=0.9"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "eff-rank@99%" in result.stdout and "phi(1,1)" in result.stdout
+    assert "layers.2.self_attn.v_proj" in result.stdout
+    assert "suggestion: r=2 keeps >=90% of the update energy in 6/6 modules" in result.stdout
+    report = json.loads((out / "analysis.json").read_text())
+    assert report["adapters"][0]["modules"][names[0]]["W_fro"] > 0  # read through the sharded index
+    assert report["adapters"][0]["suggestion"]["r"] == 2
+    assert set(report["similarity"]) == set(names)
+    for figure in ("spectra.png", "energy.png", "similarity.png"):
+        data = (out / figure).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, figure
+
+
+def test_missing_base_still_reports_and_default_out_dir(tmp_path, capsys):
+    adapter = write_adapter(tmp_path / "adapter", {module_name(0): planted_pair(16, 16, PLANTED, 8, 0)},
+                            base="missing-org/missing-model")
+    assert main([str(adapter)]) == 0
+    stdout = capsys.readouterr().out
+    assert "base model 'missing-org/missing-model' not found" in stdout
+    report = json.loads((adapter / "analysis" / "analysis.json").read_text())
+    entry = report["adapters"][0]["modules"][module_name(0)]
+    assert entry["relative_update"] is None and entry["amplification"] is None
+    assert entry["effective_rank"]["0.99"] == 3
+    assert not (adapter / "analysis" / "similarity.png").exists()
+    # base= overrides the adapter's base_model_name_or_path
+    base = write_base(tmp_path / "base", {module_name(0): torch.eye(16)})
+    assert main([str(adapter), f"base={base}", f"out={tmp_path / 'with_base'}"]) == 0
+    report = json.loads((tmp_path / "with_base" / "analysis.json").read_text())
+    assert report["adapters"][0]["modules"][module_name(0)]["W_fro"] == pytest.approx(4.0)
+
+
+def test_builtin_base_is_resolved(tmp_path, tiny_base):
+    # Adapters trained on the built-in base name it "builtin:tiny-llama"; W must come from that build.
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_base / "model.safetensors"), framework="pt") as weights:
+        shapes = {key.removesuffix(".weight"): weights.get_slice(key).get_shape() for key in weights.keys()
+                  if key.endswith(("q_proj.weight", "v_proj.weight"))}
+    modules = {name: random_pair(shape[0], shape[1], r=4, seed=index)
+               for index, (name, shape) in enumerate(sorted(shapes.items()))}
+    report = analyze([write_adapter(tmp_path / "adapter", modules, base="builtin:tiny-llama", r=4)])
+    adapter = report["adapters"][0]
+    assert adapter["base"]["found"] and Path(adapter["base"]["path"]) == tiny_base
+    assert all(entry["relative_update"] > 0 and entry["amplification"]["k"] >= 1
+               for entry in adapter["modules"].values())
+
+
+def test_zero_update_is_reported_not_crashed(tmp_path):
+    a, b = random_pair(16, 16, r=8, seed=0)
+    adapter = write_adapter(tmp_path / "adapter", {module_name(0): (a, torch.zeros_like(b))})
+    report = analyze([adapter])
+    entry = report["adapters"][0]["modules"][module_name(0)]
+    assert entry["effective_rank"]["0.9"] == 0 and entry["dW_fro"] == 0
+    assert report["adapters"][0]["suggestion"] is None
+
+
+def test_missing_files_name_the_path(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(AnalysisError, match=str(empty / "adapter_config.json")):
+        load_adapter(empty)
+    (empty / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16}))
+    with pytest.raises(AnalysisError, match=str(empty / "adapter_model.safetensors")):
+        load_adapter(empty)
+    assert main([str(tmp_path / "nowhere")]) == 2
+    assert str(tmp_path / "nowhere") in capsys.readouterr().err
+
+
+def test_lora_a_without_lora_b_names_the_key(tmp_path):
+    adapter = write_adapter(tmp_path / "adapter", {module_name(0): random_pair(8, 8, 4, 0)}, r=4)
+    lonely = {"base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight": torch.zeros(4, 8)}
+    save_file(lonely, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(AnalysisError, match=r"model\.layers\.1\.self_attn\.q_proj\.lora_A\.weight has no matching"):
+        load_adapter(adapter)
