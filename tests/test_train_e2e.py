@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from conftest import free_port, run_cli
-from trainer import checkpoint
+from trainer import resume
 from trainer.config import recipe_from_dict
 from trainer.lora import apply_lora
 from trainer.model import load_base
@@ -61,7 +61,7 @@ def our_model(adapter_dir: Path) -> torch.nn.Module:
     recipe = recipe_from_dict(yaml.safe_load((adapter_dir / "recipe.yaml").read_text()))
     model, _ = load_base(recipe, torch.device("cpu"))
     apply_lora(model, recipe.lora.target_modules, recipe.lora.r, recipe.lora.alpha, 0.0, recipe.lora.rslora)
-    checkpoint.load_into_model(model, adapter_dir)
+    resume.load_into_model(model, adapter_dir)
     return model.eval()
 
 
@@ -77,7 +77,7 @@ def test_peft_loads_our_adapter_with_no_missing_keys_and_the_same_logits(zero2_r
                                                 device_map={"": "cpu"})
     peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
     # PEFT warns and leaves a B at zero when a key is missing: check every adapter weight arrived.
-    saved = checkpoint.load_adapter_weights(adapter_dir)
+    saved = resume.load_adapter_weights(adapter_dir)
     loaded = {k.replace(".default", ""): v for k, v in peft_model.state_dict().items() if "lora_" in k}
     assert set(saved) == set(loaded)
     for key, value in saved.items():
@@ -94,7 +94,7 @@ def test_peft_loads_our_adapter_with_no_missing_keys_and_the_same_logits(zero2_r
 @pytest.mark.distributed
 def test_zero3_with_a_4bit_base_writes_non_empty_adapter_tensors(tmp_path, tiny_base):
     train_2_ranks(tmp_path, "deepspeed.zero_stage=3", "train.max_steps=3")
-    weights = checkpoint.load_adapter_weights(tmp_path / "checkpoints" / "step-3")
+    weights = resume.load_adapter_weights(tmp_path / "checkpoints" / "step-3")
     assert len(weights) == 2 * 7 * 4  # A and B, 7 target modules, 4 layers
     for key, tensor in weights.items():
         assert tensor.numel() > 0 and 16 in tensor.shape, key
@@ -111,6 +111,6 @@ def test_single_process_run_and_plain_resume_continue_the_same_losses(tmp_path, 
     expected = {m["step"]: m["loss"] for m in read_metrics(straight) if m["step"] > 3}
     resumed = {m["step"]: m["loss"] for m in read_metrics(stopped)}
     assert resumed == expected
-    final_straight = checkpoint.load_adapter_weights(straight / "checkpoints/step-6")
-    final_resumed = checkpoint.load_adapter_weights(stopped / "checkpoints/step-6")
+    final_straight = resume.load_adapter_weights(straight / "checkpoints/step-6")
+    final_resumed = resume.load_adapter_weights(stopped / "checkpoints/step-6")
     assert all(torch.equal(final_straight[k], final_resumed[k]) for k in final_straight)

@@ -3,7 +3,8 @@
     checkpoints/step-<N>/
         adapter_config.json, adapter_model.safetensors   PEFT layout: loads with PeftModel.from_pretrained
         optimizer.safetensors                            Adam moments of the adapter, consolidated (any world size)
-        trainer_state.json                               step, tokens seen, optimizer step, data cursor
+        trainer_state.json                               step, tokens seen, Adam step, data cursor
+        rng_state.json                                   per-rank python / numpy / torch (CPU, CUDA) RNG
         recipe.yaml, meta.json                           what produced it
         COMPLETE                                         written last; a directory without it is ignored
 
@@ -15,14 +16,16 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -43,8 +46,35 @@ class CheckpointError(RuntimeError):
 class TrainState:
     step: int = 0  # optimizer steps done
     tokens_seen: int = 0  # trained (response) tokens, all ranks
+    examples_seen: int = 0  # the data cursor: position in the endless stream of shuffled epochs
+    epoch: int = 0  # examples_seen // training examples
+    position_in_epoch: int = 0  # examples_seen % training examples
+    global_batch_size: int = 0
+    world_size: int = 1
     best_eval_loss: float | None = None
     best_step: int | None = None
+
+
+def rng_state() -> dict:
+    """This rank's RNG states as plain JSON (no pickle)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 # ------------------------------------------------------------------------------ naming
@@ -120,21 +150,26 @@ def save(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, r
     """Write checkpoints/step-<N>/ atomically. Call on every rank; returns the path on rank 0."""
     weights = gather_adapter(model)
     moments, adam_step = gather_optimizer_state(model, optimizer)
+    rng_states = distributed.gather_objects(rng_state())
     final = output_dir / "checkpoints" / f"step-{state.step}"
     if distributed.is_main():
-        _check_shapes(weights, recipe)
+        _check_shapes(weights, recipe, "in memory")
         temporary = final.with_name(f".tmp-{final.name}")
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
         (temporary / "adapter_config.json").write_text(
             json.dumps(adapter_config(recipe, base_name_or_path), indent=2))
         save_file(weights, str(temporary / "adapter_model.safetensors"), metadata={"format": "pt"})
+        _slow_write_for_tests()
         if moments:
             save_file(moments, str(temporary / "optimizer.safetensors"))
         trainer_state = {**asdict(state), "adam_step": adam_step}
         (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        (temporary / "rng_state.json").write_text(json.dumps(rng_states))
         (temporary / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         (temporary / "meta.json").write_text(json.dumps({"step": state.step, **meta}, indent=2))
+        # Read back what was written: an empty or misshapen tensor must never become a checkpoint.
+        _check_shapes(load_file(str(temporary / "adapter_model.safetensors")), recipe, "on disk")
         (temporary / COMPLETE).write_text("")
         _fsync_tree(temporary)
         if final.exists():
@@ -145,13 +180,22 @@ def save(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, r
     return final if distributed.is_main() else None
 
 
-def _check_shapes(weights: dict[str, torch.Tensor], recipe: Recipe) -> None:
+def _check_shapes(weights: dict[str, torch.Tensor], recipe: Recipe, where: str) -> None:
     # Under ZeRO-3 an ungathered parameter is an empty tensor: never write such a file.
+    if not weights:
+        raise CheckpointError(f"no adapter tensors {where}; refusing to write an empty adapter")
     for key, tensor in weights.items():
         rank_dim = 0 if ".lora_A." in key else 1
-        if tensor.numel() == 0 or tensor.shape[rank_dim] != recipe.lora.r:
-            raise CheckpointError(f"adapter tensor {key} has shape {tuple(tensor.shape)}, expected rank "
-                                  f"{recipe.lora.r} along dim {rank_dim}; refusing to write a broken adapter")
+        if tensor.dim() != 2 or tensor.numel() == 0 or tensor.shape[rank_dim] != recipe.lora.r:
+            raise CheckpointError(f"adapter tensor {key} {where} has shape {tuple(tensor.shape)}, expected "
+                                  f"rank {recipe.lora.r} along dim {rank_dim}; refusing to write a broken adapter")
+
+
+def _slow_write_for_tests() -> None:
+    # Lets the crash-safety test kill a process while a checkpoint is half written.
+    delay = float(os.environ.get("QLORA_TEST_SLOW_SAVE", "0"))
+    if delay:
+        time.sleep(delay)
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -168,104 +212,9 @@ def _prune(checkpoints: Path, keep_last: int | None, keep: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-# ------------------------------------------------------------------------------ resuming
-
-
 def complete_checkpoints(checkpoints: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints (with their COMPLETE marker), oldest first."""
     if not checkpoints.is_dir():
         return []
     found = [p for p in checkpoints.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / COMPLETE).exists()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def find_resume_dir(recipe: Recipe) -> Path | None:
-    if recipe.resume in (None, "", "none"):
-        return None
-    if recipe.resume == "auto":
-        found = complete_checkpoints(Path(recipe.output_dir) / "checkpoints")
-        return found[-1] if found else None
-    path = Path(recipe.resume)
-    if not (path / COMPLETE).exists():
-        raise CheckpointError(f"resume={path}: not a complete checkpoint directory (no {COMPLETE} marker); "
-                              f"use resume=auto to pick the newest complete one")
-    return path
-
-
-def load_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
-    return _load_safetensors(directory / "adapter_model.safetensors")
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({error})") from None
-
-
-def load_into_model(model: nn.Module, directory: Path) -> None:
-    """Copy adapter weights into the (not yet DeepSpeed-wrapped) model; every key must match."""
-    weights = load_adapter_weights(directory)
-    parameters = adapter_parameters(model)
-    expected = {peft_key(name) for name in parameters}
-    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"{directory}: adapter keys do not match the model "
-                              f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)")
-    with torch.no_grad():
-        for name, parameter in parameters.items():
-            value = weights[peft_key(name)]
-            if value.shape != parameter.shape:
-                raise CheckpointError(f"{directory}: {peft_key(name)} has shape {tuple(value.shape)}, "
-                                      f"the model expects {tuple(parameter.shape)}")
-            parameter.copy_(value.to(parameter.dtype))
-
-
-def restore_training_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                           engine_optimizer) -> TrainState:
-    """After deepspeed.initialize: restore the fp32 master weights and Adam state on every rank."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    try:
-        raw = json.loads((directory / "trainer_state.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{directory / 'trainer_state.json'}: unreadable ({error})") from None
-    adam_step = raw.pop("adam_step", 0)
-    state = TrainState(**raw)
-    weights = load_adapter_weights(directory)
-    moments_path = directory / "optimizer.safetensors"
-    moments = _load_safetensors(moments_path) if moments_path.exists() else {}
-    _materialise_adam_state(optimizer, adam_step)
-    link_zero_optimizer_state(engine_optimizer)
-    for name, parameter in adapter_parameters(model).items():
-        key = peft_key(name)
-        safe_set_full_fp32_param(parameter, weights[key].to(parameter.device))
-        for moment in ADAM_KEYS:
-            if f"{key}.{moment}" not in moments:
-                continue
-            value = moments[f"{key}.{moment}"].to(parameter.device)
-            if hasattr(parameter, "ds_id") or hasattr(parameter, "_hp_mapping"):
-                safe_set_full_optimizer_state(parameter, value, moment)
-            else:
-                optimizer.state[parameter][moment].copy_(value)
-    return state
-
-
-def _materialise_adam_state(optimizer: torch.optim.Optimizer, adam_step: int) -> None:
-    """torch's Adam creates its state lazily at the first step; create it now (zeros) so saved
-    moments can be copied in, with the step count that drives Adam's bias correction."""
-    for group in optimizer.param_groups:
-        for flat in group["params"]:
-            state = optimizer.state[flat]
-            state["step"] = torch.tensor(float(adam_step))
-            for moment in ADAM_KEYS:
-                state.setdefault(moment, torch.zeros_like(flat, memory_format=torch.preserve_format))
-
-
-def link_zero_optimizer_state(engine_optimizer) -> None:
-    # ZeRO-1/2 link each parameter's fragment of the flat Adam state lazily, after the first step.
-    link = getattr(engine_optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:
-        link()

@@ -61,6 +61,15 @@ def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def gather_objects(value) -> list:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not (dist.is_initialized() and world_size() > 1):
+        return [value]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def broadcast_object(value, source: int = 0):
     if not (dist.is_initialized() and world_size() > 1):
         return value

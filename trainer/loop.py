@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer import checkpoint, distributed
+from trainer import checkpoint, distributed, resume
 from trainer.checkpoint import TrainState
 from trainer.config import Recipe, TrainConfig, deepspeed_config
 from trainer.data import BatchPlan, build_datasets, collate
@@ -19,6 +19,7 @@ from trainer.lora import adapter_parameters, apply_lora, parameter_summary
 from trainer.loss import CausalLMLoss
 from trainer.metrics import MetricsLog
 from trainer.model import load_base, load_tokenizer, resolve_base
+from trainer.signals import StopRequest
 
 
 def learning_rate(step: int, train: TrainConfig) -> float:
@@ -66,9 +67,10 @@ def train(recipe: Recipe) -> TrainState:
     plan = BatchPlan(len(train_set), recipe.train.global_batch_size, recipe.train.seed)
     token_counts = [sum(label != -100 for label in e.labels[1:]) for e in train_set]
 
-    resume_dir = checkpoint.find_resume_dir(recipe)
+    resume_dir = resume.find_resume_dir(recipe)
     if resume_dir is not None:
-        checkpoint.load_into_model(model, resume_dir)
+        resume.check_compatible(resume_dir, recipe)
+        resume.load_into_model(model, resume_dir)
 
     # Only adapter parameters go to the optimizer: ZeRO then shards just their (small) state, and
     # the frozen quantised base is replicated on every rank (stages 0-2) or partitioned (stage 3).
@@ -79,16 +81,18 @@ def train(recipe: Recipe) -> TrainState:
     engine, *_ = deepspeed.initialize(model=loss_model, optimizer=optimizer, config=ds_config)
     accumulation = recipe.gradient_accumulation_steps(world)
 
-    state = TrainState()
+    state = TrainState(global_batch_size=recipe.train.global_batch_size, world_size=world)
     if resume_dir is not None:
-        state = checkpoint.restore_training_state(resume_dir, model, optimizer, engine.optimizer)
-        log(f"resumed from {resume_dir} at step {state.step}")
+        state = resume.restore_training_state(resume_dir, model, optimizer, engine.optimizer)
+        log(f"resumed from {resume_dir} at step {state.step} (epoch {state.epoch}, "
+            f"example {state.position_in_epoch} of {len(train_set)})")
 
     metrics = MetricsLog(output_dir)
     meta = {"base_model": base_name_or_path, "quant_bits": recipe.quant.bits,
             "template": recipe.data.template, "world_size": world, "zero_stage": recipe.deepspeed.zero_stage}
     progress = tqdm(total=recipe.train.max_steps, initial=state.step, disable=rank != 0,
                     desc="train", dynamic_ncols=True)
+    stop_request = StopRequest()  # SIGTERM / SIGINT: save at the next step boundary, exit cleanly
     engine.train()
     while state.step < recipe.train.max_steps:
         started = time.perf_counter()
@@ -109,7 +113,11 @@ def train(recipe: Recipe) -> TrainState:
             step_loss += loss_sum.item()
         state.step += 1
         state.tokens_seen += step_tokens
-        (total_loss,) = distributed.sum_across_ranks([step_loss], device)
+        state.examples_seen = state.step * recipe.train.global_batch_size
+        state.epoch, state.position_in_epoch = divmod(state.examples_seen, len(train_set))
+        state.global_batch_size, state.world_size = recipe.train.global_batch_size, world
+        # One reduction carries the loss and whether any rank was asked to stop, so all ranks agree.
+        total_loss, stops = distributed.sum_across_ranks([step_loss, float(stop_request.requested)], device)
         loss = total_loss / step_tokens
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -127,10 +135,15 @@ def train(recipe: Recipe) -> TrainState:
                                f"eval_ppl {record['eval_ppl']:.2f}") if rank == 0 else None
         if state.step % recipe.train.log_every == 0 or "eval_loss" in record or last:
             metrics.write(record)
-        if state.step % recipe.train.save_every == 0 or last:
+        if state.step % recipe.train.save_every == 0 or last or stops:
             saved = checkpoint.save(output_dir, model, optimizer, recipe, base_name_or_path, state, meta)
             if saved is not None:
                 progress.write(f"saved {saved}")
+        if stops and not last:
+            progress.write(f"stopping at step {state.step} as asked ({stop_request.signal_name}); "
+                           f"continue with resume=auto") if rank == 0 else None
+            break
     progress.close()
     metrics.close()
+    stop_request.restore()
     return state
