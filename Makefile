@@ -28,5 +28,9 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
 
+# Ours against transformers Trainer + peft on the same QLoRA job; BENCH_ARGS="--repeats 3" etc.
+bench: $(STAMP)
+	$(PY) launch/bench.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) runs .cache

@@ -152,32 +152,53 @@ def save(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, r
     moments, adam_step = gather_optimizer_state(model, optimizer)
     rng_states = distributed.gather_objects(rng_state())
     final = output_dir / "checkpoints" / f"step-{state.step}"
+    error = None
     if distributed.is_main():
-        _check_shapes(weights, recipe, "in memory")
-        temporary = final.with_name(f".tmp-{final.name}")
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-        (temporary / "adapter_config.json").write_text(
-            json.dumps(adapter_config(recipe, base_name_or_path), indent=2))
-        save_file(weights, str(temporary / "adapter_model.safetensors"), metadata={"format": "pt"})
-        _slow_write_for_tests()
-        if moments:
-            save_file(moments, str(temporary / "optimizer.safetensors"))
-        trainer_state = {**asdict(state), "adam_step": adam_step}
-        (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        (temporary / "rng_state.json").write_text(json.dumps(rng_states))
-        (temporary / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        (temporary / "meta.json").write_text(json.dumps({"step": state.step, **meta}, indent=2))
-        # Read back what was written: an empty or misshapen tensor must never become a checkpoint.
-        _check_shapes(load_file(str(temporary / "adapter_model.safetensors")), recipe, "on disk")
-        (temporary / COMPLETE).write_text("")
-        _fsync_tree(temporary)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temporary, final)
-        _prune(output_dir / "checkpoints", recipe.train.keep_last, keep=final)
-    distributed.barrier()
+        needed = sum(t.numel() * t.element_size() for t in [*weights.values(), *moments.values()]) + 2**20
+        try:
+            _write(final, weights, moments, rng_states, recipe, base_name_or_path, state, meta, adam_step, needed)
+        except (OSError, CheckpointError) as failure:
+            shutil.rmtree(final.with_name(f".tmp-{final.name}"), ignore_errors=True)
+            error = (str(failure) if isinstance(failure, CheckpointError) else
+                     f"could not write checkpoint {final} ({failure.strerror or failure}); it needs about "
+                     f"{needed / 2**20:.1f} MiB. The previous checkpoint is intact: free space or point "
+                     f"output_dir elsewhere, then resume=auto.")
+    # Every rank learns the outcome, so a failed save stops all of them instead of hanging one.
+    error = distributed.broadcast_object(error)
+    if error:
+        raise CheckpointError(error)
     return final if distributed.is_main() else None
+
+
+def _write(final: Path, weights: dict, moments: dict, rng_states: list, recipe: Recipe, base_name_or_path: str,
+           state: TrainState, meta: dict, adam_step: int, needed: int) -> None:
+    _check_shapes(weights, recipe, "in memory")
+    temporary = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    free = shutil.disk_usage(temporary).free
+    if free < needed:
+        raise CheckpointError(f"not enough space for checkpoint {final}: it needs about {needed / 2**20:.1f} MiB, "
+                              f"{free / 2**20:.1f} MiB are free. The previous checkpoint is intact: free space "
+                              f"or point output_dir elsewhere, then resume=auto.")
+    (temporary / "adapter_config.json").write_text(json.dumps(adapter_config(recipe, base_name_or_path), indent=2))
+    save_file(weights, str(temporary / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _slow_write_for_tests()
+    if moments:
+        save_file(moments, str(temporary / "optimizer.safetensors"))
+    trainer_state = {**asdict(state), "adam_step": adam_step}
+    (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    (temporary / "rng_state.json").write_text(json.dumps(rng_states))
+    (temporary / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    (temporary / "meta.json").write_text(json.dumps({"step": state.step, **meta}, indent=2))
+    # Read back what was written: an empty or misshapen tensor must never become a checkpoint.
+    _check_shapes(load_file(str(temporary / "adapter_model.safetensors")), recipe, "on disk")
+    (temporary / COMPLETE).write_text("")
+    _fsync_tree(temporary)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+    _prune(final.parent, recipe.train.keep_last, keep=final)
 
 
 def _check_shapes(weights: dict[str, torch.Tensor], recipe: Recipe, where: str) -> None:

@@ -1,7 +1,7 @@
-"""Command-line entry shared by the launch scripts: `SCRIPT RECIPE [section.key=value ...]`.
+"""Command-line entry shared by the launch scripts: `SCRIPT RECIPE [section.key=value ...] [--dry-run]`.
 
-Known failures (bad recipe, data, model, checkpoint) print one clear message and exit 2;
-`--debug` or QLORA_DEBUG=1 shows the full traceback instead.
+Known failures (bad recipe, data, model, checkpoint, run health, a lost rank) print one clear
+message and exit 2; `--debug` or QLORA_DEBUG=1 shows the full traceback instead.
 """
 from __future__ import annotations
 
@@ -12,29 +12,54 @@ from typing import Callable
 from trainer.checkpoint import CheckpointError
 from trainer.config import Recipe, RecipeError, load_recipe
 from trainer.data import DataError
+from trainer.health import TrainingHealthError
 from trainer.model import ModelLoadError
 
-KNOWN_ERRORS = (RecipeError, DataError, ModelLoadError, CheckpointError)
+KNOWN_ERRORS = (RecipeError, DataError, ModelLoadError, CheckpointError, TrainingHealthError)
+FLAGS = ("--dry-run", "--debug")
 
 
 def parse(argv: list[str]) -> tuple[Recipe, list[str]]:
     # deepspeed's launcher appends --local_rank=N; LOCAL_RANK in the environment carries the same.
     args = [a for a in argv if not a.startswith("--local_rank")]
     flags = [a for a in args if a.startswith("--")]
+    unknown = [f for f in flags if f not in FLAGS]
+    if unknown:
+        raise RecipeError(f"unknown flag {unknown[0]}; known flags: {', '.join(FLAGS)}")
     positional = [a for a in args if not a.startswith("--")]
     if not positional:
-        raise RecipeError("usage: SCRIPT RECIPE.yaml [section.key=value ...]")
+        raise RecipeError("usage: SCRIPT RECIPE.yaml [section.key=value ...] [--dry-run] [--debug]")
     return load_recipe(positional[0], positional[1:]), flags
 
 
-def main(run: Callable[[Recipe], object], argv: list[str] | None = None) -> None:
+def main(run: Callable[..., object], argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("QLORA_DEBUG") == "1"
     try:
-        recipe, _ = parse(argv)
-        run(recipe)
+        recipe, flags = parse(argv)
+        run(recipe, dry_run=True) if "--dry-run" in flags else run(recipe)
     except KNOWN_ERRORS as error:
         if debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(error))
+    except RuntimeError as error:
+        if debug or not _is_lost_peer(error):
+            raise
+        fail(f"lost contact with another rank ({str(error).splitlines()[0][:300]}).\n"
+             f"A rank or node died or the network dropped; this rank stops too. The last complete "
+             f"checkpoint is intact: relaunch with resume=auto.")
+
+
+def fail(message: str) -> None:
+    rank = os.environ.get("RANK")
+    prefix = f"error (rank {rank}): " if rank not in (None, "0") else "error: "
+    # Start on a fresh line: a progress bar may hold the current one.
+    print("\n" + prefix + message, file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _is_lost_peer(error: RuntimeError) -> bool:
+    text = str(error)
+    markers = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out",
+               "DistBackendError", "NCCL", "Gloo", "gloo", "Broken pipe")
+    return type(error).__name__ == "DistBackendError" or any(marker in text for marker in markers)

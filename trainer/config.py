@@ -46,16 +46,32 @@ class LoraConfig:
 
 
 @dataclass
+class DataSource:
+    """One dataset of `data.mixture`."""
+    path: str = ""  # as data.path
+    weight: float = 1.0  # train rows used = weight x its train rows: 0.5 a seeded half, 2 every row twice
+    split: str = "train"  # as data.split
+    format: str = "auto"  # as data.format
+    columns: dict[str, str] = field(default_factory=dict)  # as data.columns
+
+
+@dataclass
 class DataConfig:
-    path: str = "builtin:tasks"  # local json/jsonl, hub dataset id, or builtin:<name>
+    path: str = "builtin:tasks"  # json/jsonl/csv/parquet file, saved `datasets` dir, hub id, or builtin:<name>
     split: str = "train"  # split of a hub dataset
-    template: str = "alpaca"  # alpaca | plain
+    format: str = "auto"  # auto (from the columns) | alpaca | instances | chat
+    columns: dict[str, str] = field(default_factory=dict)  # dataset column -> our field, e.g. {response: output}
+    mixture: list[DataSource] = field(default_factory=list)  # several datasets; replaces path/split/format/columns
+    template: str = "alpaca"  # alpaca | plain | chat | a string with {instruction} and {input}
     max_seq_len: int = 512
+    on_too_long: str = "truncate_prompt"  # truncate_prompt (cut the prompt's start) | drop | error
+    on_bad_row: str = "error"  # error | skip (skipped rows are counted in the stats)
     eval_fraction: float = 0.05  # held-out fraction, used when eval_path is empty
     eval_path: str | None = None  # separate held-out file
     max_eval_rows: int = 500
     train_on_prompt: bool = False  # False: labels are -100 on prompt tokens
-    max_rows: int | None = None  # cap on rows read (debugging, benchmarks)
+    max_rows: int | None = None  # cap on rows read per dataset (debugging, benchmarks)
+    cache: bool = True  # reuse tokenised datasets from <cache dir>/tokenized
 
 
 @dataclass
@@ -73,6 +89,11 @@ class TrainConfig:
     eval_every: int = 100
     save_every: int = 200
     keep_last: int | None = None  # prune older checkpoints, keeping the newest K
+    activation_checkpointing: bool = False  # recompute decoder layers in backward (non-reentrant)
+    sample_every: int = 0  # log a few held-out generations every N steps (0: only at the end)
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
+    max_consecutive_skips: int = 5  # with on_nonfinite=skip, stop after this many skipped steps in a row
+    collective_timeout_minutes: float = 30.0  # a lost rank ends the run after this long, not never
 
 
 @dataclass
@@ -103,7 +124,16 @@ class Recipe:
         _check(self.lora.r > 0, "lora.r", "must be positive")
         _check(0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
         _check(len(self.lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
-        _check(self.data.template in ("alpaca", "plain"), "data.template", "must be alpaca or plain")
+        _check(self.data.template in ("alpaca", "plain", "chat") or "{instruction}" in self.data.template,
+               "data.template", "must be alpaca, plain, chat, or a template string with {instruction}")
+        _check(self.data.on_too_long in ("truncate_prompt", "drop", "error"), "data.on_too_long",
+               "must be truncate_prompt, drop or error")
+        _check(self.data.on_bad_row in ("error", "skip"), "data.on_bad_row", "must be error or skip")
+        formats = [self.data.format, *(source.format for source in self.data.mixture)]
+        _check(all(f in ("auto", "alpaca", "instances", "chat") for f in formats), "data.format",
+               "must be auto, alpaca, instances or chat (in data.mixture too)")
+        for index, source in enumerate(self.data.mixture):
+            _check(bool(source.path) and source.weight > 0, f"data.mixture[{index}]", "needs a path and a weight > 0")
         _check(0.0 <= self.data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
         _check(self.data.max_seq_len >= 8, "data.max_seq_len", "must be at least 8")
         t = self.train
@@ -113,6 +143,8 @@ class Recipe:
         _check(t.save_every > 0 and t.eval_every > 0 and t.log_every > 0, "train.save_every",
                "save_every, eval_every and log_every must be positive")
         _check(t.keep_last is None or t.keep_last > 0, "train.keep_last", "must be positive or null")
+        _check(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", "must be stop or skip")
+        _check(t.collective_timeout_minutes > 0, "train.collective_timeout_minutes", "must be positive")
         if self.quant.bits == 8 and self.deepspeed.zero_stage == 3:
             raise RecipeError(
                 "quant.bits=8 with deepspeed.zero_stage=3 is not supported: ZeRO-3 partitions the int8 "

@@ -1,175 +1,141 @@
-"""Instruction data: rows -> prompt template -> token ids with labels masked on the prompt.
+"""Instruction data: datasets -> validated rows -> token ids with labels -> train and held-out
+examples, checked and summarised before training.
 
-A row is `{"instruction", "input", "output"}` (Alpaca). Examples keep the row id they came from,
+    data_formats.py   reading files and hub datasets, formats, column mapping, bad rows
+    data_tokenize.py  prompt and chat templates, BOS/EOS, the length policy
+    data_cache.py     tokenised datasets on disk, keyed by everything they depend on
+    data_stats.py     label checks and the per-dataset table
+
+Examples keep the row id they came from (rows of a mixture numbered one dataset after another),
 so a bad batch can be traced back to the rows in it.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from trainer import builtin
-from trainer.config import DataConfig
+from trainer import data_cache
+from trainer.config import DataConfig, DataSource
+from trainer.data_formats import DataError, locate, read_source
+from trainer.data_stats import DataStats, check_labels, dataset_summary, format_stats
+from trainer.data_tokenize import (IGNORE_INDEX, TEMPLATES, Example, chat_template, check_tokenizer,
+                                   render_prompt, tokenize_rows)
 
-IGNORE_INDEX = -100
-
-TEMPLATES = {
-    "alpaca": (
-        "Below is an instruction that describes a task, paired with an input that provides further context. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
-        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Response:\n",
-    ),
-    "plain": ("{instruction}\n{input}\n", "{instruction}\n"),
-}
+__all__ = ["IGNORE_INDEX", "TEMPLATES", "BatchPlan", "DataError", "DataStats", "Example", "build_datasets",
+           "collate", "format_stats", "load_source", "read_rows", "render_prompt", "split_rows"]
 
 
-class DataError(ValueError):
-    """Input data that cannot be trained on; the message names the file, the row and the problem."""
+def read_rows(path: str, split: str = "train", max_rows: int | None = None, *, format: str = "auto",
+              columns: dict[str, str] | None = None, on_bad_row: str = "error") -> list[dict[str, Any]]:
+    """Validated rows of one dataset: {instruction, input, output} or {messages}."""
+    return [row.fields for row in read_source(locate(path, split), format, columns, max_rows, on_bad_row).rows]
 
 
 @dataclass
-class Example:
-    row_id: int
-    input_ids: list[int]
-    labels: list[int]
+class LoadedSource:
+    name: str
+    format: str
+    records: int  # records read; example row ids are positions among them
+    outcomes: dict[str, int]  # "truncated", "dropped: ...", "skipped: ..." -> rows
+    examples: list[Example]
+    cache: str  # hit | miss | off
 
 
-# ------------------------------------------------------------------------------ reading
+def load_source(source: DataSource, config: DataConfig, tokenizer) -> LoadedSource:
+    """One dataset read, validated and tokenised, or taken from the cache."""
+    located = locate(source.path, source.split)
+    settings = {"split": source.split, "format": source.format, "columns": source.columns,
+                "template": config.template, "max_seq_len": config.max_seq_len, "on_too_long": config.on_too_long,
+                "on_bad_row": config.on_bad_row, "train_on_prompt": config.train_on_prompt,
+                "max_rows": config.max_rows}
+    key = data_cache.cache_key(located.identity, tokenizer, settings) if config.cache else None
+    cached = data_cache.load(key) if key else None
+    if cached is not None:
+        examples, info = cached
+        return LoadedSource(**info, examples=examples, cache="hit")
+    rows = read_source(located, source.format, source.columns, config.max_rows, config.on_bad_row)
+    examples, counts = tokenize_rows(tokenizer, rows.rows, rows.format, config, rows.name)
+    info = {"name": rows.name, "format": rows.format, "records": rows.records,
+            "outcomes": {**{f"skipped: {why}": n for why, n in rows.bad.items()}, **counts}}
+    if key:
+        data_cache.save(key, examples, info)
+    return LoadedSource(**info, examples=examples, cache="miss" if key else "off")
 
 
-def read_rows(path: str, split: str = "train", max_rows: int | None = None) -> list[dict[str, str]]:
-    """Rows from a local .json/.jsonl file, a `builtin:` set, or a hub dataset through `datasets`."""
-    path = builtin.resolve(path)
-    local = Path(path)
-    if local.suffix in (".json", ".jsonl") or local.exists():
-        raw = _read_local(local)
-        source = str(local)
-    else:
-        raw = _read_hub(path, split)
-        source = f"{path} (split {split})"
-    if max_rows is not None:
-        raw = raw[:max_rows]
-    return [_validate_row(row, source, number) for number, row in enumerate(raw, start=1)]
+def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[list[Example], list[Example], DataStats]:
+    """Train and held-out examples, and the stats printed before training (str() is a table).
 
-
-def _read_local(path: Path) -> list[Any]:
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found (data.path should be a .json/.jsonl file or a hub id)")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}: line {number}: not valid JSON ({error.msg})") from None
-        return rows
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON at line {error.lineno} ({error.msg})") from None
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
-    return rows
-
-
-def _read_hub(name: str, split: str) -> list[Any]:
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(name, split=split)
-    except Exception as error:  # datasets raises many types for "not found / offline"
-        raise DataError(f"could not load dataset {name!r} (split {split}) from a local path or the hub: "
-                        f"{str(error).splitlines()[0] if str(error) else type(error).__name__}. "
-                        f"Point data.path at a local .json/.jsonl file.") from None
-    return list(dataset)
-
-
-def _validate_row(row: Any, source: str, number: int) -> dict[str, str]:
-    if not isinstance(row, dict):
-        raise DataError(f"{source}: row {number}: expected an object, got {type(row).__name__}")
-    clean = {}
-    for key, required in (("instruction", True), ("input", False), ("output", True)):
-        value = row.get(key, None if required else "")
-        if value is None and not required:
-            value = ""
-        if not isinstance(value, str):
-            problem = "is missing" if value is None else f"is {type(value).__name__}, not a string"
-            raise DataError(f"{source}: row {number}: field {key!r} {problem} (row keys: {sorted(row)})")
-        if required and not value.strip():
-            raise DataError(f"{source}: row {number}: field {key!r} is empty")
-        clean[key] = value
-    return clean
-
-
-# ------------------------------------------------------------------------------ tokenising
-
-
-def render_prompt(row: dict[str, str], template: str) -> str:
-    with_input, without_input = TEMPLATES[template]
-    if row["input"].strip():
-        return with_input.format(instruction=row["instruction"], input=row["input"])
-    return without_input.format(instruction=row["instruction"])
-
-
-def tokenize_row(tokenizer, row: dict[str, str], row_id: int, config: DataConfig) -> Example | None:
-    """BOS + prompt + response + EOS. Prompt and response are tokenised apart so the mask boundary
-    is exact. Too long: the prompt is cut from its start, keeping the response. Returns None when
-    no response token would survive (never train silently on a prompt-only row)."""
-    prompt = tokenizer(render_prompt(row, config.template), add_special_tokens=False)["input_ids"]
-    response = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    room_for_prompt = config.max_seq_len - len(bos) - len(response)
-    if room_for_prompt < 0:
-        return None
-    prompt = prompt[len(prompt) - room_for_prompt:] if len(prompt) > room_for_prompt else prompt
-    input_ids = bos + prompt + response
-    prompt_labels = bos + prompt if config.train_on_prompt else [IGNORE_INDEX] * (len(bos) + len(prompt))
-    return Example(row_id, input_ids, prompt_labels + response)
-
-
-def tokenize_rows(tokenizer, rows: list[dict[str, str]], config: DataConfig,
-                  row_ids: list[int] | None = None) -> tuple[list[Example], int]:
-    """Returns the examples and the number of rows dropped because their response does not fit.
-    `row_ids` are the rows' positions in their source file (0-based), kept for error messages."""
-    row_ids = row_ids if row_ids is not None else list(range(len(rows)))
-    examples = [tokenize_row(tokenizer, row, row_id, config) for row_id, row in zip(row_ids, rows)]
-    kept = [e for e in examples if e is not None]
-    return kept, len(examples) - len(kept)
-
-
-def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[list[Example], list[Example], dict]:
-    """Train and held-out examples, and counts for the preflight summary."""
-    rows = read_rows(config.path, config.split, config.max_rows)
+    Each dataset is split into train and held-out rows by a seeded permutation of its rows (all
+    instances of a task on the same side), then its train rows are weighted; held-out rows never are."""
+    notes = check_tokenizer(tokenizer)
+    sources = config.mixture or [DataSource(config.path, 1.0, config.split, config.format, config.columns)]
+    loaded = [load_source(source, config, tokenizer) for source in sources]
+    separate_eval = None
     if config.eval_path:
-        eval_rows = read_rows(config.eval_path, config.split)
-        train_ids, eval_ids = list(range(len(rows))), list(range(len(eval_rows)))
-        train_rows = rows
-    else:
-        train_ids, eval_ids = split_rows(rows, config.eval_fraction, seed)
-        train_rows, eval_rows = [rows[i] for i in train_ids], [rows[i] for i in eval_ids]
-    eval_rows, eval_ids = eval_rows[:config.max_eval_rows], eval_ids[:config.max_eval_rows]
-    train, dropped_train = tokenize_rows(tokenizer, train_rows, config, train_ids)
-    held_out, dropped_eval = tokenize_rows(tokenizer, eval_rows, config, eval_ids)
-    stats = {"train_rows": len(train_rows), "eval_rows": len(eval_rows), "train_examples": len(train),
-             "eval_examples": len(held_out), "dropped_too_long": dropped_train + dropped_eval}
+        eval_source = DataSource(config.eval_path, 1.0, config.split, config.format, config.columns)
+        separate_eval = load_source(eval_source, config, tokenizer)
+    train, held_out, summaries, offset = [], [], [], 0
+    for index, (source, part) in enumerate(zip(sources, loaded)):
+        examples = _numbered(part, offset, tokenizer)
+        if separate_eval is not None:
+            part_train, part_eval = examples, []
+        else:
+            _, eval_records = split_rows(part.records, config.eval_fraction, [seed, index])
+            held = {record + offset for record in eval_records}
+            part_train = [e for e in examples if e.row_id not in held]
+            part_eval = [e for e in examples if e.row_id in held]
+        part_train = weighted(part_train, source.weight, [seed, index])
+        train += part_train
+        held_out += part_eval
+        summaries.append(_summary(part, source.weight, len(part_train), len(part_eval)))
+        offset += part.records
+    if separate_eval is not None:
+        held_out = _numbered(separate_eval, offset, tokenizer)
+        summaries.append(_summary(separate_eval, None, 0, len(held_out)))
+    if len(held_out) > config.max_eval_rows:
+        keep = np.random.default_rng([seed, len(loaded)]).choice(len(held_out), config.max_eval_rows, replace=False)
+        held_out = [held_out[i] for i in sorted(keep.tolist())]
+    if any(part.format == "chat" for part in loaded) or config.template == "chat":
+        notes.append(chat_template(tokenizer)[1])
+        if config.template != "chat":
+            notes.append("chat rows are rendered with the chat template, whatever data.template says")
+    caches = {summary["cache"] for summary in summaries}
+    stats = DataStats(
+        train_examples=len(train), eval_examples=len(held_out),
+        template=config.template if config.template in (*TEMPLATES, "chat") else "custom",
+        max_seq_len=config.max_seq_len, cache=caches.pop() if len(caches) == 1 else "partial",
+        dropped=sum(n for s in summaries for why, n in s["outcomes"].items() if why.startswith("dropped")),
+        skipped=sum(n for s in summaries for why, n in s["outcomes"].items() if why.startswith("skipped")),
+        datasets=summaries, notes=notes)
     return train, held_out, stats
 
 
-def split_rows(rows: list[dict[str, str]], eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Deterministic train/held-out split of row ids."""
-    order = np.random.default_rng(seed).permutation(len(rows)).tolist()
-    n_eval = int(round(len(rows) * eval_fraction))
+def _numbered(part: LoadedSource, offset: int, tokenizer) -> list[Example]:
+    """The dataset's examples, checked, with row ids counted on from the datasets before it."""
+    check_labels(part.examples, tokenizer, lambda row_id: f"{part.name}: row {row_id + 1}")
+    return [Example(e.row_id + offset, e.input_ids, e.labels) for e in part.examples]
+
+
+def _summary(part: LoadedSource, weight: float | None, train: int, held_out: int) -> dict[str, Any]:
+    summary = dataset_summary(part.name, part.format, part.records, part.outcomes, part.examples)
+    return {**summary, "weight": weight, "train": train, "eval": held_out, "cache": part.cache}
+
+
+def split_rows(count: int, eval_fraction: float, seed: int | list[int]) -> tuple[list[int], list[int]]:
+    """Deterministic train/held-out split of row positions 0..count-1."""
+    order = np.random.default_rng(seed).permutation(count).tolist()
+    n_eval = int(round(count * eval_fraction))
     return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+def weighted(examples: list[Example], weight: float, seed: list[int]) -> list[Example]:
+    """`weight` x the examples: every one floor(weight) times, plus a seeded sample for the fraction."""
+    whole, fraction = divmod(weight, 1.0)
+    extra = np.random.default_rng(seed).choice(len(examples), int(round(fraction * len(examples))), replace=False)
+    return examples * int(whole) + [examples[i] for i in sorted(extra.tolist())]
 
 
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -9,7 +9,8 @@ import torch.distributed as dist
 
 
 def init(timeout_minutes: float = 30.0) -> torch.device:
-    """Start the process group (gloo on CPU, NCCL on GPU) and return this rank's device."""
+    """Start the process group (gloo on CPU, NCCL on GPU) and return this rank's device.
+    `timeout_minutes` bounds every collective: if a rank dies, the others fail after it, never hang."""
     import deepspeed
 
     use_cuda = torch.cuda.is_available()
@@ -19,9 +20,16 @@ def init(timeout_minutes: float = 30.0) -> torch.device:
         # A plain `python launch/train.py` run: a world of one on a free local port.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    timeout = timedelta(minutes=timeout_minutes)
+    # DeepSpeed makes its own groups (ZeRO reduces over a clone of the world group) with
+    # dist.new_group() and no timeout, i.e. torch's 30-minute default: make ours the default.
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if use_cuda and hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
-                                   timeout=timedelta(minutes=timeout_minutes), verbose=False)
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", timeout=timeout, verbose=False)
     return torch.device("cuda", local_rank()) if use_cuda else torch.device("cpu")
 
 
@@ -79,15 +87,16 @@ def broadcast_object(value, source: int = 0):
 
 
 def main_first():
-    """Context manager: rank 0 runs the body first (e.g. builds a cache), the others after it."""
+    """Context manager: each node's local rank 0 runs the body first (e.g. builds a cache on that
+    node's disk), the node's other ranks after it. Nodes need not share a filesystem."""
     from contextlib import contextmanager
 
     @contextmanager
     def ordered():
-        if not is_main():
+        if local_rank() != 0:
             barrier()
         yield
-        if is_main():
+        if local_rank() == 0:
             barrier()
 
     return ordered()

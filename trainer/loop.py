@@ -4,16 +4,17 @@ from __future__ import annotations
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer import checkpoint, distributed, resume
+from trainer import builtin, checkpoint, distributed, health, preflight, resume
 from trainer.checkpoint import TrainState
 from trainer.config import Recipe, TrainConfig, deepspeed_config
-from trainer.data import BatchPlan, build_datasets, collate
+from trainer.data import BatchPlan, Example, build_datasets, collate
 from trainer.evaluate import evaluate_loss
 from trainer.lora import adapter_parameters, apply_lora, parameter_summary
 from trainer.loss import CausalLMLoss
@@ -37,16 +38,88 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(recipe: Recipe) -> TrainState:
+@dataclass
+class Run:
+    """Everything the steps need, built once by `setup`."""
+    recipe: Recipe
+    device: torch.device
+    model: torch.nn.Module  # the transformers model with our LoRA layers
+    loss_model: torch.nn.Module  # what DeepSpeed wraps
+    engine: object
+    optimizer: torch.optim.Optimizer
+    tokenizer: object
+    train_set: list[Example]
+    eval_set: list[Example]
+    plan: BatchPlan
+    token_counts: list[int]
+    base_name_or_path: str
+    meta: dict
+
+
+def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
+    run, state = setup(recipe, dry_run)
+    if run is None:
+        return None
+    rank, world = distributed.rank(), distributed.world_size()
+    metrics = MetricsLog(Path(recipe.output_dir))
+    progress = tqdm(total=recipe.train.max_steps, initial=state.step, disable=rank != 0, desc="train",
+                    dynamic_ncols=True)
+    say = progress.write if rank == 0 else (lambda *_: None)
+    stop_request = StopRequest()  # SIGTERM / SIGINT: save at the next step boundary, exit cleanly
+    skips = 0
+    run.engine.train()
+    while state.step < recipe.train.max_steps:
+        started = time.perf_counter()
+        lr = learning_rate(state.step, recipe.train)
+        snapshot = (health.UpdateSnapshot(run.model, run.optimizer, run.engine.optimizer)
+                    if recipe.train.on_nonfinite == "skip" else None)
+        loss, grad_norm, stops, bad_rows = train_step(run, state.step, lr, stop_request.requested)
+        if not (health.is_finite(loss) and health.is_finite(grad_norm)):
+            skips += 1
+            if snapshot is None or skips > recipe.train.max_consecutive_skips:
+                raise health.TrainingHealthError(health.nonfinite_message(
+                    state.step + 1, lr, loss, grad_norm, bad_rows, builtin.resolve(recipe.data.path),
+                    skips=skips - 1 if snapshot is not None else None))
+            snapshot.restore()
+            say(f"step {state.step + 1}: non-finite loss/gradient, update skipped ({skips} in a row)")
+        else:
+            skips = 0
+        state.step += 1
+        record = advance(state, run, loss, lr, started, skipped=skips > 0)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+
+        last = state.step == recipe.train.max_steps
+        if state.step % recipe.train.eval_every == 0 or last:
+            record.update(evaluate(run, state))
+            if "eval_loss" in record:
+                say(f"step {state.step}: loss {loss:.4f}  eval_loss {record['eval_loss']:.4f}  "
+                    f"eval_ppl {record['eval_ppl']:.2f}")
+        if state.step % recipe.train.log_every == 0 or "eval_loss" in record or last:
+            metrics.write(record)
+        if state.step % recipe.train.save_every == 0 or last or stops:
+            saved = checkpoint.save(Path(recipe.output_dir), run.model, run.optimizer, recipe,
+                                    run.base_name_or_path, state, run.meta)
+            say(f"saved {saved}")
+        if stops and not last:
+            say(f"stopping at step {state.step} as asked ({stop_request.signal_name or 'signal on another rank'}); "
+                f"continue with resume=auto")
+            break
+    progress.close()
+    metrics.close()
+    stop_request.restore()
+    return state
+
+
+def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
     import deepspeed
 
-    device = distributed.init()
-    rank, world = distributed.rank(), distributed.world_size()
-    output_dir = Path(recipe.output_dir)
+    device = distributed.init(recipe.train.collective_timeout_minutes)
+    world = distributed.world_size()
     log = print if distributed.is_main() else (lambda *a, **k: None)
     seed_everything(recipe.train.seed)
 
-    # Base and tokenizer. Rank 0 goes first so a built-in base is created once.
+    # Base and tokenizer. Each node's first rank goes first, so a built-in base is created once.
     with distributed.main_first():
         base_name_or_path = resolve_base(recipe)
         tokenizer = load_tokenizer(base_name_or_path, recipe)
@@ -59,15 +132,22 @@ def train(recipe: Recipe) -> TrainState:
     torch.manual_seed(recipe.train.seed)
     apply_lora(model, recipe.lora.target_modules, recipe.lora.r, recipe.lora.alpha,
                recipe.lora.dropout, recipe.lora.rslora)
+    if recipe.train.activation_checkpointing:
+        from trainer.loss import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     log(parameter_summary(model))
 
     with distributed.main_first():
         train_set, eval_set, data_stats = build_datasets(recipe.data, tokenizer, recipe.train.seed)
-    log(f"data: {data_stats}")
-    plan = BatchPlan(len(train_set), recipe.train.global_batch_size, recipe.train.seed)
     token_counts = [sum(label != -100 for label in e.labels[1:]) for e in train_set]
-
     resume_dir = resume.find_resume_dir(recipe)
+    mean_tokens = sum(len(e.input_ids) for e in train_set) / max(len(train_set), 1)
+    log(str(data_stats))
+    log(preflight.summary(recipe, model, data_stats, world, dtype, base_name_or_path, resume_dir, mean_tokens))
+    if dry_run:
+        log("dry run: recipe, model and data are valid; not training")
+        return None, TrainState()
     if resume_dir is not None:
         resume.check_compatible(resume_dir, recipe)
         resume.load_into_model(model, resume_dir)
@@ -79,71 +159,75 @@ def train(recipe: Recipe) -> TrainState:
                                   weight_decay=recipe.train.weight_decay)
     ds_config = deepspeed_config(recipe, world, str(dtype).removeprefix("torch."))
     engine, *_ = deepspeed.initialize(model=loss_model, optimizer=optimizer, config=ds_config)
-    accumulation = recipe.gradient_accumulation_steps(world)
 
     state = TrainState(global_batch_size=recipe.train.global_batch_size, world_size=world)
     if resume_dir is not None:
         state = resume.restore_training_state(resume_dir, model, optimizer, engine.optimizer)
         log(f"resumed from {resume_dir} at step {state.step} (epoch {state.epoch}, "
             f"example {state.position_in_epoch} of {len(train_set)})")
+    meta = {"base_model": base_name_or_path, "quant_bits": recipe.quant.bits, "template": recipe.data.template,
+            "world_size": world, "zero_stage": recipe.deepspeed.zero_stage}
+    plan = BatchPlan(len(train_set), recipe.train.global_batch_size, recipe.train.seed)
+    run = Run(recipe, device, model, loss_model, engine, optimizer, tokenizer, train_set, eval_set, plan,
+              token_counts, base_name_or_path, meta)
+    return run, state
 
-    metrics = MetricsLog(output_dir)
-    meta = {"base_model": base_name_or_path, "quant_bits": recipe.quant.bits,
-            "template": recipe.data.template, "world_size": world, "zero_stage": recipe.deepspeed.zero_stage}
-    progress = tqdm(total=recipe.train.max_steps, initial=state.step, disable=rank != 0,
-                    desc="train", dynamic_ncols=True)
-    stop_request = StopRequest()  # SIGTERM / SIGINT: save at the next step boundary, exit cleanly
-    engine.train()
-    while state.step < recipe.train.max_steps:
-        started = time.perf_counter()
-        lr = learning_rate(state.step, recipe.train)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # The loss is the token-weighted mean over the whole global batch: each micro-batch's sum
-        # is divided by the step's total trained tokens (known from the plan on every rank), and
-        # rescaled by what DeepSpeed divides by (accumulation x world size) when it averages.
-        step_tokens = sum(token_counts[i] for i in plan.indices(state.step))
-        step_loss = 0.0
-        for micro_batch in plan.rank_micro_batches(state.step, rank, world, recipe.train.micro_batch_size):
-            batch = {k: v.to(device) for k, v in collate([train_set[i] for i in micro_batch],
-                                                          tokenizer.pad_token_id).items()}
+
+def train_step(run: Run, step: int, lr: float, stop_requested: bool) -> tuple[float, float | None, bool, list[int]]:
+    """One optimizer step over the global batch. Returns the global loss, gradient norm, whether any
+    rank asked to stop, and (when the loss is not finite) the row ids of the offending micro-batches."""
+    recipe, engine, rank, world = run.recipe, run.engine, distributed.rank(), distributed.world_size()
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    accumulation = recipe.gradient_accumulation_steps(world)
+    # The loss is the token-weighted mean over the whole global batch: each micro-batch's sum is
+    # divided by the step's total trained tokens (known from the plan on every rank), and rescaled
+    # by what DeepSpeed divides by (accumulation x world size) when it averages gradients.
+    step_tokens = sum(run.token_counts[i] for i in run.plan.indices(step))
+    step_loss, bad_rows = 0.0, []
+    for micro_batch in run.plan.rank_micro_batches(step, rank, world, recipe.train.micro_batch_size):
+        batch = {k: v.to(run.device) for k, v in collate([run.train_set[i] for i in micro_batch],
+                                                         run.tokenizer.pad_token_id).items()}
+        try:
             loss_sum, _ = engine(**batch)
+            if health.poisoned_for_tests(step + 1):
+                loss_sum = loss_sum * float("nan")
             engine.backward(loss_sum * (accumulation * world / step_tokens))
             engine.step()
-            step_loss += loss_sum.item()
-        state.step += 1
-        state.tokens_seen += step_tokens
-        state.examples_seen = state.step * recipe.train.global_batch_size
-        state.epoch, state.position_in_epoch = divmod(state.examples_seen, len(train_set))
-        state.global_batch_size, state.world_size = recipe.train.global_batch_size, world
-        # One reduction carries the loss and whether any rank was asked to stop, so all ranks agree.
-        total_loss, stops = distributed.sum_across_ranks([step_loss, float(stop_request.requested)], device)
-        loss = total_loss / step_tokens
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        record = {"step": state.step, "loss": loss, "lr": lr, "epoch": round(plan.epoch(state.step), 4),
-                  "tokens_seen": state.tokens_seen, "step_time": round(time.perf_counter() - started, 4)}
+        except (RuntimeError, MemoryError) as error:
+            if health.is_out_of_memory(error):
+                raise health.TrainingHealthError(health.out_of_memory_message(error, step + 1)) from error
+            raise
+        value = loss_sum.item()
+        if not math.isfinite(value):
+            bad_rows += [run.train_set[i].row_id for i in micro_batch]
+        step_loss += value
+    # One reduction carries the loss and whether any rank was asked to stop, so all ranks agree.
+    total_loss, stops = distributed.sum_across_ranks([step_loss, float(stop_requested)], run.device)
+    grad_norm = engine.get_global_grad_norm()
+    grad_norm = float(grad_norm) if grad_norm is not None else None
+    if not math.isfinite(total_loss):
+        bad_rows = [row for rows in distributed.gather_objects(bad_rows) for row in rows]
+    return total_loss / step_tokens, grad_norm, bool(stops), bad_rows
 
-        last = state.step == recipe.train.max_steps
-        if state.step % recipe.train.eval_every == 0 or last:
-            record.update(evaluate_loss(loss_model, eval_set, recipe.train.micro_batch_size,
-                                        tokenizer.pad_token_id, device) if eval_set else {})
-            if "eval_loss" in record and (state.best_eval_loss is None or record["eval_loss"] < state.best_eval_loss):
-                state.best_eval_loss, state.best_step = record["eval_loss"], state.step
-            if "eval_loss" in record:
-                progress.write(f"step {state.step}: loss {loss:.4f}  eval_loss {record['eval_loss']:.4f}  "
-                               f"eval_ppl {record['eval_ppl']:.2f}") if rank == 0 else None
-        if state.step % recipe.train.log_every == 0 or "eval_loss" in record or last:
-            metrics.write(record)
-        if state.step % recipe.train.save_every == 0 or last or stops:
-            saved = checkpoint.save(output_dir, model, optimizer, recipe, base_name_or_path, state, meta)
-            if saved is not None:
-                progress.write(f"saved {saved}")
-        if stops and not last:
-            progress.write(f"stopping at step {state.step} as asked ({stop_request.signal_name}); "
-                           f"continue with resume=auto") if rank == 0 else None
-            break
-    progress.close()
-    metrics.close()
-    stop_request.restore()
-    return state
+
+def advance(state: TrainState, run: Run, loss: float, lr: float, started: float, skipped: bool) -> dict:
+    """Move the counters and the data cursor past the step just taken; return its metrics record."""
+    recipe = run.recipe
+    state.tokens_seen += sum(run.token_counts[i] for i in run.plan.indices(state.step - 1))
+    state.examples_seen = state.step * recipe.train.global_batch_size
+    state.epoch, state.position_in_epoch = divmod(state.examples_seen, len(run.train_set))
+    state.global_batch_size, state.world_size = recipe.train.global_batch_size, distributed.world_size()
+    record = {"step": state.step, "loss": loss, "lr": lr, "epoch": round(run.plan.epoch(state.step), 4),
+              "tokens_seen": state.tokens_seen, "step_time": round(time.perf_counter() - started, 4)}
+    return {**record, "skipped": True} if skipped else record
+
+
+def evaluate(run: Run, state: TrainState) -> dict:
+    if not run.eval_set:
+        return {}
+    result = evaluate_loss(run.loss_model, run.eval_set, run.recipe.train.micro_batch_size,
+                           run.tokenizer.pad_token_id, run.device)
+    if state.best_eval_loss is None or result["eval_loss"] < state.best_eval_loss:
+        state.best_eval_loss, state.best_step = result["eval_loss"], state.step
+    return result

@@ -11,11 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from trainer import packing
 from trainer.data import IGNORE_INDEX
 
 
 class CausalLMLoss(nn.Module):
-    """Wraps a causal LM; forward returns (sum of token losses, number of trained tokens)."""
+    """Wraps a causal LM; forward returns (sum of token losses, number of trained tokens).
+
+    Takes `trainer.data.collate`'s batch, or `trainer.packing.collate_packed`'s: a [rows, 1, L, L]
+    boolean mask, per-example `position_ids`, and `segment_lengths`."""
 
     def __init__(self, model: nn.Module, chunk_tokens: int = 4096):
         super().__init__()
@@ -23,9 +27,18 @@ class CausalLMLoss(nn.Module):
         self.chunk_tokens = chunk_tokens
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None, segment_lengths: torch.Tensor | None = None,
                 **_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        decoder = self.model.get_decoder()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        attention = self.model.config._attn_implementation
+        if segment_lengths is not None and attention == packing.PACKED_ATTENTION:
+            # Attention per example reads the examples from position_ids: no mask, no padding.
+            input_ids, position_ids, labels = packing.unpad(segment_lengths, input_ids, position_ids, labels)
+            attention_mask = None
+        elif attention_mask.dim() == 4 and attention == "eager":
+            # Eager attention adds the mask to the scores; SDPA takes the boolean mask as is.
+            attention_mask = additive_mask(attention_mask, self.model.get_input_embeddings().weight.dtype)
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                          position_ids=position_ids, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         trained = targets != IGNORE_INDEX
         return chunked_cross_entropy(self.model.get_output_embeddings(), hidden[:, :-1][trained],
@@ -46,3 +59,16 @@ def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.
 
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean mask (True = attend) -> 0 where attended, the dtype's minimum elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in the backward instead of keeping its activations.
+
+    Non-reentrant: the frozen base's inputs never require grad, and reentrant checkpointing would
+    then return no gradient for the adapters inside the layer (silently training nothing)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -99,7 +99,12 @@ def load_base(recipe: Recipe, device: torch.device) -> tuple[nn.Module, torch.dt
 
 def _not_found_message(what: str, name_or_path: str, error: Exception) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    where = "a local directory" if Path(name_or_path).exists() else "the Hugging Face hub (or its local cache)"
+    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).exists()
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        return (f"could not load the {what}: the local directory {name_or_path!r} does not exist.\n"
+                f"Point model.name_or_path at a directory with config.json, *.safetensors and the tokenizer "
+                f"files, or at a hub id.")
+    where = "a local directory" if looks_local else "the Hugging Face hub (or its local cache)"
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (f"could not load the {what} {name_or_path!r} from {where}: {first_line}\n"
             f"Point model.name_or_path at a local copy (a directory with config.json and *.safetensors), "

@@ -1,0 +1,70 @@
+"""A LoRA checkpoint made directly (no training run): the tiny base, our LoRA with random non-zero
+B, written in the layout trainer/checkpoint.py writes, with a meta.json carrying the base's
+fingerprint. Used by tests/test_eval.py and tests/test_export.py."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from trainer.adapter import base_fingerprint
+from trainer.checkpoint import COMPLETE, adapter_config, peft_key
+from trainer.config import Recipe, load_recipe
+from trainer.lora import adapter_parameters, apply_lora, lora_layers
+from trainer.model import load_base, resolve_base
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "tiny_alpaca.yaml"
+
+
+def tiny_recipe(*overrides: str) -> Recipe:
+    return load_recipe(RECIPE, list(overrides))
+
+
+def make_checkpoint(directory: Path, *overrides: str, seed: int = 0, b_std: float = 0.05) -> Path:
+    """checkpoints/step-1 under `directory` for tiny_alpaca.yaml with `overrides`; returns its path."""
+    recipe = tiny_recipe(f"output_dir={directory}", *overrides)
+    model, _ = load_base(recipe, torch.device("cpu"))
+    torch.manual_seed(seed)
+    apply_lora(model, recipe.lora.target_modules, recipe.lora.r, recipe.lora.alpha, 0.0, recipe.lora.rslora)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(std=b_std)
+    base = resolve_base(recipe)
+    target = directory / "checkpoints" / "step-1"
+    target.mkdir(parents=True)
+    weights = {peft_key(name): p.detach().float().clone() for name, p in adapter_parameters(model).items()}
+    save_file(weights, str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (target / "adapter_config.json").write_text(json.dumps(adapter_config(recipe, base), indent=2))
+    (target / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    meta = {"step": 1, "base_model": base, "base_fingerprint": base_fingerprint(base),
+            "quant_bits": recipe.quant.bits, "template": recipe.data.template, "world_size": 1,
+            "zero_stage": recipe.deepspeed.zero_stage}
+    (target / "meta.json").write_text(json.dumps(meta, indent=2))
+    (target / COMPLETE).write_text("")
+    return target
+
+
+def our_model(recipe: Recipe, adapter_dir: Path) -> torch.nn.Module:
+    """Base (quantised per the recipe) + our LoRA + the adapter, as evaluation loads it."""
+    from trainer.adapter import add_adapter
+
+    model, _ = load_base(recipe, torch.device("cpu"))
+    add_adapter(model, adapter_dir)
+    return model.eval()
+
+
+# On a small shared CPU machine two intra-op threads spin-wait on each other whenever another
+# process holds a core, and decoding gets ~100x slower; one thread per process avoids that.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def one_thread():
+    """Generator for a fixture: torch on one thread for the tests of a module, restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,213 @@
+"""Generation-based evaluation: batched greedy decoding, the same answers and held-out loss on 1 and 2
+ZeRO-3 ranks with a 4-bit base, the files and table it writes, and adapters trained on another base
+refused."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from _checkpoints import ONE_THREAD, make_checkpoint, one_thread, our_model, tiny_recipe
+from conftest import free_port, run_cli
+from trainer.adapter import AdapterMismatchError, base_fingerprint, check_adapter
+from trainer.config import RecipeError
+from trainer.data import build_datasets
+from trainer.eval_generation import EvalOptions, evaluation_rows
+from trainer.evaluate import evaluate_loss
+from trainer.generate import generate, greedy_batch, prompt_ids
+from trainer.loss import CausalLMLoss
+from trainer.model import load_tokenizer, resolve_base
+from trainer.options import parse_options, split_argv
+
+EVAL_ARGS = ["eval.max_rows=24", "eval.batch_size=8", "eval.max_new_tokens=8", "deepspeed.zero_stage=3"]
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_base) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(adapter):
+    recipe = tiny_recipe()
+    return our_model(recipe, adapter), load_tokenizer(resolve_base(recipe), recipe)
+
+
+def test_batched_left_padded_decoding_equals_one_prompt_at_a_time_and_a_plain_reforward(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    recipe = tiny_recipe()
+    rows, _ = evaluation_rows(recipe, tokenizer, None, 6)
+    prompts = [prompt_ids(tokenizer, row, "alpaca") for row in rows]
+    assert len({len(p) for p in prompts}) > 1  # the batch really is padded
+    assert all(p[0] == tokenizer.bos_token_id for p in prompts)
+    cpu = torch.device("cpu")
+    batched = greedy_batch(model, prompts, 6, tokenizer.eos_token_id, tokenizer.pad_token_id, cpu)
+    alone = [greedy_batch(model, [p], 6, tokenizer.eos_token_id, tokenizer.pad_token_id, cpu)[0] for p in prompts]
+    assert batched == alone
+
+    def reforward(prompt: list[int]) -> list[int]:  # no cache, no padding: the definition of greedy
+        ids = list(prompt)
+        for _ in range(6):
+            with torch.no_grad():
+                token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            ids.append(token)
+        return ids[len(prompt):]
+
+    assert batched == [reforward(p) for p in prompts]
+    texts = generate(model, tokenizer, prompts, 6, 4, cpu)
+    assert texts == [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in batched]
+
+
+def test_decoding_stops_at_eos(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompt = [tokenizer.bos_token_id, 45, 67]
+    with torch.no_grad():
+        first = int(model(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())
+    # Pretend the first greedy token is EOS: nothing is generated after it.
+    out = greedy_batch(model, [prompt], 5, first, tokenizer.pad_token_id, torch.device("cpu"))
+    assert out == [[]]
+
+
+def test_held_out_loss_does_not_depend_on_the_micro_batch(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    _, held_out, _ = build_datasets(tiny_recipe().data, tokenizer, 42)
+    held_out = held_out[:20]
+    cpu = torch.device("cpu")
+    losses = [evaluate_loss(CausalLMLoss(model), held_out, micro_batch, tokenizer.pad_token_id, cpu)
+              for micro_batch in (3, 8, 20)]
+    for other in losses[1:]:
+        assert other["eval_tokens"] == losses[0]["eval_tokens"]
+        assert other["eval_loss"] == pytest.approx(losses[0]["eval_loss"], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def zero3_runs(adapter, tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """The same evaluation on 2 ZeRO-3 ranks (micro-batch 8) and 1 rank (micro-batch 4)."""
+    out = tmp_path_factory.mktemp("eval")
+    two = run_cli(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/eval.py",
+                   "recipes/tiny_alpaca.yaml", f"adapter={adapter}", f"out={out / 'two'}", *EVAL_ARGS,
+                   "train.micro_batch_size=8"], env=ONE_THREAD)
+    one = run_cli(["launch/eval.py", "recipes/tiny_alpaca.yaml", f"adapter={adapter}", f"out={out / 'one'}",
+                   *EVAL_ARGS, "train.micro_batch_size=4"], env=ONE_THREAD)
+    return {"two": (out / "two", two.stdout), "one": (out / "one", one.stdout)}
+
+
+def read_predictions(directory: Path) -> list[dict]:
+    return [json.loads(line) for line in (directory / "predictions.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.distributed
+def test_two_zero3_ranks_with_a_4bit_base_give_the_one_rank_predictions_and_loss(zero3_runs):
+    (two_dir, _), (one_dir, _) = zero3_runs["two"], zero3_runs["one"]
+    two, one = read_predictions(two_dir), read_predictions(one_dir)
+    assert len(two) == len(one) == 24
+    assert [r["prediction"] for r in two] == [r["prediction"] for r in one]
+    assert any(r["prediction"] for r in one)
+    two_metrics, one_metrics = (json.loads((d / "metrics.json").read_text()) for d in (two_dir, one_dir))
+    assert two_metrics["eval_tokens"] == one_metrics["eval_tokens"] > 0
+    assert two_metrics["eval_loss"] == pytest.approx(one_metrics["eval_loss"], rel=1e-6)
+
+
+@pytest.mark.distributed
+def test_predictions_file_and_metric_table(zero3_runs, tiny_base):
+    directory, stdout = zero3_runs["two"]
+    rows = read_predictions(directory)
+    for row in rows:
+        assert {"instruction", "input", "reference", "prediction", "exact_match", "token_f1", "rouge_l"} <= set(row)
+    # The rows are the held-out split training evaluates on, in its order.
+    recipe = tiny_recipe()
+    expected, _ = evaluation_rows(recipe, load_tokenizer(str(tiny_base), recipe), None, 24)
+    assert [(r["instruction"], r["input"], r["reference"]) for r in rows] == [
+        (e["instruction"], e["input"], e["output"]) for e in expected]
+    for label in ("exact match", "token F1", "ROUGE-L", "final-number accuracy", "held-out loss"):
+        assert label in stdout
+    metrics = json.loads((directory / "metrics.json").read_text())
+    assert metrics["rows"] == 24 and 0 <= metrics["exact_match"] <= 1
+
+
+def with_meta(adapter: Path, target: Path, **changes) -> Path:
+    shutil.copytree(adapter, target)
+    meta = json.loads((target / "meta.json").read_text())
+    meta.update(changes)
+    meta = {key: value for key, value in meta.items() if value is not None}
+    (target / "meta.json").write_text(json.dumps(meta))
+    return target
+
+
+def test_adapters_of_another_base_or_quantisation_are_refused(adapter, tmp_path, tiny_base):
+    recipe = tiny_recipe()
+    fingerprint = base_fingerprint(str(tiny_base))
+    assert check_adapter(recipe, adapter) == []  # matching meta: no warning at all
+
+    other = with_meta(adapter, tmp_path / "fingerprint", base_model="/models/llama-2-7b",
+                      base_fingerprint="sha256:0123456789abcdef")
+    with pytest.raises(AdapterMismatchError) as refused:
+        check_adapter(recipe, other)
+    for name in ("/models/llama-2-7b", "sha256:0123456789abcdef", str(tiny_base), fingerprint):
+        assert name in str(refused.value)
+
+    with pytest.raises(AdapterMismatchError, match="4-bit.*16-bit"):
+        check_adapter(tiny_recipe("quant.bits=16"), adapter)
+
+    older = with_meta(adapter, tmp_path / "older", base_fingerprint=None)
+    assert any("no base_fingerprint" in warning for warning in check_adapter(recipe, older))
+    older_elsewhere = with_meta(adapter, tmp_path / "older_elsewhere", base_fingerprint=None,
+                                base_model="/models/llama-2-7b")
+    with pytest.raises(AdapterMismatchError, match="/models/llama-2-7b"):
+        check_adapter(recipe, older_elsewhere)
+
+    moved = with_meta(adapter, tmp_path / "moved", base_model="/old/place/tiny-llama")
+    assert any("same fingerprint" in warning for warning in check_adapter(recipe, moved))
+
+    result = run_cli(["launch/eval.py", "recipes/tiny_alpaca.yaml", f"adapter={other}", f"out={tmp_path / 'x'}"],
+                     env=ONE_THREAD, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error:" in result.stderr and "sha256:0123456789abcdef" in result.stderr and fingerprint in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_fingerprint_changes_with_the_weights_not_with_a_copy(tiny_base, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_base, copy)
+    assert base_fingerprint(str(copy)) == base_fingerprint(str(tiny_base))
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(copy / "model.safetensors"))
+    weights["model.layers.0.self_attn.q_proj.weight"] *= 1.01
+    save_file(weights, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    assert base_fingerprint(str(copy)) != base_fingerprint(str(tiny_base))
+
+
+def test_script_options_are_separated_from_recipe_overrides_and_checked():
+    given, rest = split_argv(["r.yaml", "adapter=a", "out=o", "eval.batch_size=4", "train.seed=1", "--debug"],
+                             EvalOptions, "eval")
+    assert given == {"adapter": "a", "out": "o", "eval.batch_size": "4"}
+    assert rest == ["r.yaml", "train.seed=1", "--debug"]
+    options = parse_options(EvalOptions, {**given, "eval.max_rows": "null", "eval.loss": "false"}, "eval")
+    assert (options.adapter, options.batch_size, options.max_rows, options.loss) == ("a", 4, None, False)
+    with pytest.raises(RecipeError, match="did you mean eval.max_new_tokens"):
+        parse_options(EvalOptions, {"eval.max_new_token": "5"}, "eval")
+    with pytest.raises(RecipeError, match="expected an integer"):
+        parse_options(EvalOptions, {"eval.batch_size": "four"}, "eval")
+    with pytest.raises(RecipeError, match="did you mean adapter="):
+        split_argv(["r.yaml", "adpter=a"], EvalOptions, "eval")
+    with pytest.raises(RecipeError, match="did you mean eval."):
+        split_argv(["r.yaml", "evl.batch_size=3"], EvalOptions, "eval")
+
+
+def test_an_unknown_recipe_key_still_errors_through_the_script(capsys, adapter):
+    from trainer.eval_generation import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["recipes/tiny_alpaca.yaml", f"adapter={adapter}", "train.max_stepz=3"])
+    assert exit_info.value.code == 2
+    assert "unknown key train.max_stepz; did you mean train.max_steps?" in capsys.readouterr().err

@@ -1,0 +1,122 @@
+"""Run health: NaNs, a full disk, unreachable models and data, and the preflight / --dry-run."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli
+
+SHORT = ["data.max_rows=40", "train.global_batch_size=8", "train.micro_batch_size=4", "train.max_steps=6",
+         "train.warmup_steps=2", "train.save_every=2", "train.eval_every=100", "train.log_every=1",
+         "data.max_eval_rows=8"]
+
+
+def train(output_dir: Path, *overrides: str, env: dict | None = None, check: bool = True):
+    return run_cli(["launch/train.py", "recipes/tiny_alpaca.yaml", f"output_dir={output_dir}", *SHORT, *overrides],
+                   env=env, check=check)
+
+
+def records(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_nan_stops_the_run_at_that_step_naming_step_lr_and_rows(tmp_path, tiny_base):
+    result = train(tmp_path, env={"QLORA_TEST_NAN_AT_STEP": "4"}, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "non-finite training values at step 4 (learning rate" in result.stderr
+    assert "The batch held rows" in result.stderr and "tasks.jsonl" in result.stderr
+    assert (tmp_path / "checkpoints/step-2/COMPLETE").exists()
+    assert not (tmp_path / "checkpoints/step-4").exists()
+    assert max(r["step"] for r in records(tmp_path)) == 3
+    # The checkpoint before the fault resumes.
+    resumed = train(tmp_path, "resume=auto")
+    assert "at step 2" in resumed.stdout and (tmp_path / "checkpoints/step-6/COMPLETE").exists()
+
+
+def test_skip_mode_undoes_the_update_counts_it_and_continues(tmp_path, tiny_base):
+    clean, skipping = tmp_path / "clean", tmp_path / "skip"
+    train(clean, "train.max_steps=2", "train.save_every=100")
+    train(skipping, "train.on_nonfinite=skip", "train.max_steps=3", "train.save_every=100",
+          env={"QLORA_TEST_NAN_AT_STEP": "3"})
+    skipped = [r for r in records(skipping) if r.get("skipped")]
+    assert [r["step"] for r in skipped] == [3]
+    # Undoing step 3 restores exactly the state after step 2.
+    from safetensors.torch import load_file
+
+    before = load_file(str(clean / "checkpoints/step-2/adapter_model.safetensors"))
+    after = load_file(str(skipping / "checkpoints/step-3/adapter_model.safetensors"))
+    assert all(bool((before[k] == after[k]).all()) for k in before)
+
+
+def test_skip_mode_stops_after_too_many_consecutive_skips(tmp_path, tiny_base):
+    result = train(tmp_path, "train.on_nonfinite=skip", "train.max_consecutive_skips=0",
+                   env={"QLORA_TEST_NAN_AT_STEP": "3"}, check=False)
+    assert result.returncode == 2 and "consecutive skipped steps" in result.stderr
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    # Room for one checkpoint of the tiny adapter (~2 MiB with its Adam state), not two.
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_names_the_path(small_filesystem, tiny_base):
+    output_dir = small_filesystem / "run"
+    result = train(output_dir, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "checkpoint" in result.stderr and str(output_dir / "checkpoints" / "step-4") in result.stderr
+    assert "MiB" in result.stderr
+    assert (output_dir / "checkpoints/step-2/COMPLETE").exists()
+    assert not list((output_dir / "checkpoints").glob(".tmp-*"))
+    # The intact checkpoint resumes elsewhere.
+    elsewhere = small_filesystem.parent / "elsewhere"
+    shutil.copytree(output_dir / "checkpoints", elsewhere / "checkpoints")
+    resumed = train(elsewhere, "resume=auto", "train.max_steps=3")
+    assert "at step 2" in resumed.stdout
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.name_or_path=/nonexistent/base", "the local directory '/nonexistent/base' does not exist"),
+    ("model.name_or_path=meta-llama/Llama-2-7b-hf", "could not load the tokenizer 'meta-llama/Llama-2-7b-hf'"),
+    ("model.name_or_path=nobody/no-such-model", "Point model.name_or_path at a local copy"),
+    ("data.path=/nonexistent/data.json", "/nonexistent/data.json"),
+    ("data.path=tatsu-lab/alpaca", "tatsu-lab/alpaca"),
+])
+def test_unreachable_model_or_data_is_one_clear_message(tmp_path, tiny_base, override, expected):
+    result = train(tmp_path, override, "--dry-run", env={"HF_HUB_OFFLINE": "1"}, check=False)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    debug = train(tmp_path, override, "--dry-run", "--debug", env={"HF_HUB_OFFLINE": "1"}, check=False)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_dry_run_prints_the_preflight_summary_and_trains_nothing(tmp_path, tiny_base):
+    result = train(tmp_path, "--dry-run")
+    for field in ("preflight", "quantisation", "4-bit nf4", "trainable parameters", "ZeRO-2, world size 1",
+                  "global 8 = micro 4 x accumulation 2", "tokens per step", "memory per rank", "resume from"):
+        assert field in result.stdout, field
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_dry_run_on_a_broken_recipe_exits_non_zero_naming_the_problem(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text((ROOT / "recipes/tiny_alpaca.yaml").read_text().replace("  max_steps:", "  max_stepz:"))
+    result = run_cli(["launch/train.py", str(broken), "--dry-run"], check=False)
+    assert result.returncode == 2 and "unknown key train.max_stepz; did you mean train.max_steps" in result.stderr
+
+
+def test_an_unknown_flag_is_refused(tmp_path):
+    result = run_cli(["launch/train.py", "recipes/tiny_alpaca.yaml", "--dryrun"], check=False)
+    assert result.returncode == 2 and "unknown flag --dryrun" in result.stderr

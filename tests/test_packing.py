@@ -1,0 +1,141 @@
+"""Packing: several examples per row must give exactly the loss and gradients of the same examples
+padded one per row, with positions reset per example and no attention across examples."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.builtin import demo_rows, ensure_tiny_base
+from trainer.config import recipe_from_dict
+from trainer.data import IGNORE_INDEX, Example, collate
+from trainer.lora import adapter_parameters, apply_lora, lora_layers
+from trainer.loss import CausalLMLoss
+from trainer.model import load_base, load_tokenizer
+from trainer.packing import collate_packed, pack_rows, use_packed_attention
+
+MAX_SEQ_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def base_path(session_cache) -> str:
+    return str(ensure_tiny_base("bench-tiny", hidden_size=64, intermediate_size=176, num_hidden_layers=2))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_path):
+    return load_tokenizer(base_path, recipe_from_dict({"model": {"name_or_path": base_path}}))
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer) -> list[Example]:
+    """Short prompt/response pairs (BOS + prompt masked, response + EOS trained): 2-4 fit in a row."""
+    examples = []
+    for row_id, row in enumerate(demo_rows(10, seed=7)):
+        prompt = tokenizer(f"{row['instruction']}\n{row['input']}\n", add_special_tokens=False)["input_ids"]
+        response = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prompt = [tokenizer.bos_token_id] + prompt
+        examples.append(Example(100 + row_id, prompt + response, [IGNORE_INDEX] * len(prompt) + response))
+    return examples
+
+
+def lora_model(base_path: str, attention: str = "sdpa") -> torch.nn.Module:
+    recipe = recipe_from_dict({"model": {"name_or_path": base_path, "attn_implementation": attention},
+                               "quant": {"bits": 16}})
+    model, _ = load_base(recipe, torch.device("cpu"))
+    torch.manual_seed(0)
+    apply_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj"], r=4, alpha=8.0)
+    for layer in lora_layers(model).values():  # B != 0, so the adapters change the output
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    return model
+
+
+def loss_and_grads(loss_model: CausalLMLoss, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    loss_model.zero_grad()
+    loss_sum, tokens = loss_model(**batch)
+    loss_sum.backward()
+    return loss_sum.detach(), tokens, {n: p.grad.clone() for n, p in adapter_parameters(loss_model.model).items()}
+
+
+def test_pack_rows_places_every_example_once_within_capacity():
+    lengths = [50, 10, 90, 40, 40, 5, 96, 30]
+    rows = pack_rows(lengths, 96)
+    assert rows == [[6], [2, 5], [0, 3], [4, 7, 1]]  # first-fit decreasing
+    assert pack_rows([120, 3], 96) == [[0], [1]]  # too long for a row: a row of its own
+
+
+def test_collate_packed_lays_out_examples_with_positions_reset(examples):
+    batch = collate_packed(examples, MAX_SEQ_LEN, pad_token_id=0)
+    rows, length = batch["input_ids"].shape
+    assert rows < len(examples) and length <= MAX_SEQ_LEN
+    assert batch["attention_mask"].shape == (rows, 1, length, length) and batch["attention_mask"].dtype == torch.bool
+    by_row_id = {e.row_id: e for e in examples}
+    placed = iter(by_row_id[i] for i in batch["row_ids"].tolist())
+    for r in range(rows):
+        lengths = [n for n in batch["segment_lengths"][r].tolist() if n]
+        tail = length - sum(lengths)
+        start = 0
+        for n in lengths + ([tail] if tail else []):
+            span = slice(start, start + n)
+            assert batch["position_ids"][r, span].tolist() == list(range(n))
+            assert batch["labels"][r, start] == IGNORE_INDEX  # never trained across a boundary
+            block = batch["attention_mask"][r, 0, span]
+            assert block[:, span].equal(torch.ones(n, n, dtype=torch.bool).tril())
+            assert block.sum() == n * (n + 1) // 2  # nothing outside its own block
+            start += n
+        start = 0
+        for n in lengths:
+            example = next(placed)
+            assert batch["input_ids"][r, start:start + n].tolist() == example.input_ids
+            assert batch["labels"][r, start + 1:start + n].tolist() == example.labels[1:]
+            start += n
+        assert batch["input_ids"][r, start:].eq(0).all() and batch["labels"][r, start:].eq(IGNORE_INDEX).all()
+    assert next(placed, None) is None and sorted(batch["row_ids"].tolist()) == sorted(by_row_id)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "packed"])
+def test_packed_loss_and_gradients_equal_unpacked(base_path, tokenizer, examples, attention):
+    model = lora_model(base_path, "eager" if attention == "eager" else "sdpa")
+    loss_model = CausalLMLoss(model)
+    unpacked = loss_and_grads(loss_model, collate(examples, tokenizer.pad_token_id))
+    if attention == "packed":  # rows joined without padding, attention per example
+        use_packed_attention(model)
+    packed_batch = collate_packed(examples, MAX_SEQ_LEN, tokenizer.pad_token_id)
+    packed = loss_and_grads(loss_model, packed_batch)
+    assert packed_batch["input_ids"].shape[0] < len(examples)
+    assert packed[1] == unpacked[1]  # the same trained tokens
+    torch.testing.assert_close(packed[0], unpacked[0], rtol=1e-5, atol=1e-4)
+    for name in unpacked[2]:
+        torch.testing.assert_close(packed[2][name], unpacked[2][name], rtol=1e-4, atol=1e-5,
+                                   msg=lambda message, name=name: f"{name}: {message}")
+
+
+def test_packed_attention_leaves_padded_batches_unchanged(base_path, tokenizer, examples):
+    model = lora_model(base_path)
+    batch = collate(examples, tokenizer.pad_token_id)
+    before = CausalLMLoss(model)(**batch)[0]
+    use_packed_attention(model)
+    assert torch.equal(CausalLMLoss(model)(**batch)[0], before)
+
+
+@pytest.mark.parametrize("attention", ["mask", "packed"])
+def test_changing_one_example_leaves_the_next_one_in_its_row_unchanged(base_path, tokenizer, examples, attention):
+    model = lora_model(base_path)
+    batch = collate_packed(examples, MAX_SEQ_LEN, tokenizer.pad_token_id)
+    row = next(r for r in range(len(batch["input_ids"])) if batch["segment_lengths"][r, 1] > 0)  # 2+ examples
+    first, second = batch["segment_lengths"][row, :2].tolist()
+    mask = batch["attention_mask"][row:row + 1]
+    if attention == "packed":  # no mask: the examples are found where position_ids restart
+        use_packed_attention(model)
+        mask = None
+
+    def logits(input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=input_ids[None], attention_mask=mask,
+                         position_ids=batch["position_ids"][row:row + 1]).logits[0]
+
+    original = batch["input_ids"][row]
+    changed = original.clone()
+    changed[1:first] = (changed[1:first] + 7) % 1000  # rewrite example 1 after its BOS
+    before, after = logits(original), logits(changed)
+    assert not torch.allclose(before[:first], after[:first])
+    assert torch.equal(after[first:first + second], before[first:first + second])

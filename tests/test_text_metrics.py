@@ -1,0 +1,86 @@
+from decimal import Decimal
+
+import pytest
+
+from trainer.text_metrics import (exact_match, final_number_correct, format_table, longest_common_subsequence,
+                                  normalise, prediction_number, reference_number, rouge_l, score, summarise,
+                                  token_f1)
+
+
+def test_exact_match_ignores_case_punctuation_and_spacing_but_not_signs():
+    assert exact_match("  The CAT sat.", "the cat sat") == 1.0
+    assert exact_match("GNIR", "gnir") == 1.0
+    assert exact_match("cat", "cats") == 0.0
+    assert exact_match("-3", "3") == 0.0
+    assert exact_match("1,234", "1234.") == 1.0
+    assert exact_match("a", "") == 0.0
+    assert normalise("covid-19, 3-5!") == "covid 19 3 5"
+
+
+def test_token_f1_counts_shared_tokens_as_a_multiset():
+    assert token_f1("the cat sat", "the cat sat") == 1.0
+    assert token_f1("dog", "cat") == 0.0
+    # prediction "cat cat dog" vs reference "cat dog": 2 shared, precision 2/3, recall 1
+    assert token_f1("cat cat dog", "cat dog") == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
+    assert token_f1("", "") == 1.0 and token_f1("", "cat") == 0.0
+
+
+def test_rouge_l_is_the_lcs_f_measure_over_tokens():
+    assert longest_common_subsequence("a b c d e".split(), "a x c y e".split()) == 3
+    assert longest_common_subsequence([], ["a"]) == 0
+    # LCS("a b c d", "a c d e") = "a c d" = 3: precision 3/4, recall 3/4
+    assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)
+    # order matters for ROUGE-L, not for token F1
+    assert token_f1("d c b a", "a b c d") == 1.0
+    assert rouge_l("d c b a", "a b c d") == pytest.approx(0.25)
+    assert rouge_l("The Cat.", "the cat") == 1.0
+
+
+@pytest.mark.parametrize("reference, expected", [
+    ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips.\n#### 72", Decimal(72)),
+    ("#### 1,234", Decimal(1234)),
+    ("The answer is 1,234.", Decimal(1234)),
+    ("so the total is -3.5", Decimal("-3.5")),
+    ("#### -12", Decimal(-12)),
+    ("It costs $1,200.50!", Decimal("1200.50")),
+    ("The answer is 72", Decimal(72)),
+    ("Version 2 is out", None),  # a number, but not at the end
+    ("no number here", None),
+    ("covid-19", Decimal(19)),  # a hyphen, not a minus
+])
+def test_reference_final_number(reference, expected):
+    assert reference_number(reference) == expected
+
+
+def test_prediction_number_takes_the_gsm8k_marker_else_the_last_number():
+    assert prediction_number("3 + 4 = 7, then 7 * 2 = 14. #### 14") == Decimal(14)
+    assert prediction_number("First 3, then 4, so the answer is 12.") == Decimal(12)
+    assert prediction_number("It is 72.0") == Decimal(72)
+    assert prediction_number("no idea") is None
+
+
+def test_final_number_correct_compares_values_not_text():
+    assert final_number_correct("The answer is 72.", "#### 72") is True
+    assert final_number_correct("72.0", "The answer is 72") is True
+    assert final_number_correct("1234", "The answer is 1,234.") is True
+    assert final_number_correct("-3.5", "so -3.5") is True
+    assert final_number_correct("3.5", "so -3.5") is False
+    assert final_number_correct("anything", "gnir") is None  # not a numeric reference
+
+
+def test_summary_averages_and_counts_numeric_rows_only():
+    scores = [score("gnir", "gnir"), score("7", "12"), score("The answer is 12", "#### 12")]
+    summary = summarise(scores)
+    assert summary["rows"] == 3
+    assert summary["exact_match"] == pytest.approx(1 / 3)
+    assert summary["final_number_rows"] == 2 and summary["final_number_accuracy"] == 0.5
+    table = format_table({**summary, "eval_loss": 1.5, "eval_ppl": 4.48})
+    for label in ("exact match", "token F1", "ROUGE-L", "final-number accuracy (2 rows)", "held-out loss"):
+        assert label in table
+    assert "33.33%" in table
+
+
+def test_summary_without_numeric_references_leaves_the_accuracy_out():
+    summary = summarise([score("cat", "cat")])
+    assert summary["final_number_accuracy"] is None
+    assert "final-number" not in format_table(summary)

@@ -1,0 +1,103 @@
+"""Script options given beside recipe overrides, as in
+
+    python launch/eval.py RECIPE adapter=DIR out=DIR eval.max_new_tokens=32 train.micro_batch_size=4
+
+`adapter=`, `out=` and `<section>.*` (eval. or export.) are the script's own; they are taken out of
+argv first and the rest go to the recipe loader, which rejects unknown keys. An unknown key of our
+own, or a near miss of one (`adpter=`), is an error that names the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import typing
+from typing import Any, TypeVar
+
+from trainer import cli
+from trainer.config import Recipe, RecipeError
+
+Options = TypeVar("Options")
+
+
+def split_argv(argv: list[str], options_class: type, section: str) -> tuple[dict[str, str], list[str]]:
+    """Our `key=value` pairs (by command-line name) and the rest of argv, in order."""
+    top_level = _top_level_names(options_class)
+    ours, rest = {}, []
+    for arg in argv:
+        key, has_value, value = arg.partition("=")
+        if has_value and (key in top_level or key.startswith(f"{section}.")):
+            ours[key] = value
+        else:
+            rest.append(arg)
+    recipe_keys = [field.name for field in dataclasses.fields(Recipe)]
+    for arg in rest:
+        key, has_value, _ = arg.partition("=")
+        head = key.split(".")[0]
+        if not has_value or arg.startswith("-") or head in recipe_keys:
+            continue
+        close = difflib.get_close_matches(head, [*top_level, section], n=1, cutoff=0.6)
+        if close:
+            raise RecipeError(f"unknown option {key}=; did you mean {close[0]}{'.' if close[0] == section else '='}?")
+    return ours, rest
+
+
+def parse_options(options_class: type[Options], given: dict[str, str], section: str) -> Options:
+    """Build the options dataclass; `given` maps command-line names (`out`, `eval.batch_size`) to text."""
+    top_level = _top_level_names(options_class)
+    hints = typing.get_type_hints(options_class)
+    names = [field.name for field in dataclasses.fields(options_class)]
+    valid = [name if name in top_level else f"{section}.{name}" for name in names]
+    values = {}
+    for key, text in given.items():
+        name = key if key in top_level else key.removeprefix(f"{section}.")
+        if name not in names or (name not in top_level and key == name):
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]}?" if close else f"valid: {', '.join(valid)}"
+            raise RecipeError(f"unknown option {key}; {hint}")
+        values[name] = _convert(hints[name], text, key)
+    return options_class(**values)
+
+
+def _top_level_names(options_class: type) -> tuple[str, ...]:
+    return getattr(options_class, "TOP_LEVEL", ())
+
+
+def _convert(kind: Any, text: str, key: str) -> Any:
+    arguments = typing.get_args(kind)
+    if type(None) in arguments:
+        if text.strip().lower() in ("", "null"):
+            return None
+        kind = next(argument for argument in arguments if argument is not type(None))
+    if kind is str:
+        return text
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise RecipeError(f"{key}: expected an integer, got {text!r}") from None
+    if kind is bool:
+        if text.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return text.lower() in ("true", "yes", "1", "on")
+        raise RecipeError(f"{key}: expected true or false, got {text!r}")
+    raise TypeError(f"option {key}: unsupported type {kind}")
+
+
+def main(run: typing.Callable[[Recipe, Any], object], options_class: type, section: str,
+         argv: list[str] | None = None) -> None:
+    """`trainer.cli.main` for scripts with their own options: one clear message and exit 2 on a
+    known error; `--debug` or QLORA_DEBUG=1 shows the traceback instead."""
+
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("QLORA_DEBUG") == "1"
+    try:
+        given, rest = split_argv(argv, options_class, section)
+        options = parse_options(options_class, given, section)
+        recipe, _ = cli.parse(rest)
+        run(recipe, options)
+    except cli.KNOWN_ERRORS as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
