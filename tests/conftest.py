@@ -20,6 +20,9 @@ def session_cache(tmp_path_factory) -> Path:
     os.environ["QLORA_TRAINER_CACHE"] = str(cache)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # One torch thread per process: the suite runs several ranks at once on 2 cores, and
+    # oversubscribed thread pools make small ops orders of magnitude slower.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     return cache
 
 

@@ -14,12 +14,15 @@ from tqdm import tqdm
 from trainer import builtin, checkpoint, distributed, health, preflight, resume
 from trainer.checkpoint import TrainState
 from trainer.config import Recipe, TrainConfig, deepspeed_config
-from trainer.data import BatchPlan, Example, build_datasets, collate
+from trainer.data import BatchPlan, Example, build_datasets
 from trainer.evaluate import evaluate_loss
 from trainer.lora import adapter_parameters, apply_lora, parameter_summary
 from trainer.loss import CausalLMLoss
 from trainer.metrics import MetricsLog
 from trainer.model import load_base, load_tokenizer, resolve_base
+from trainer.packing import training_collate
+from trainer.adapter import base_fingerprint
+from trainer.report import TensorBoardLog, write_report
 from trainer.signals import StopRequest
 
 
@@ -48,6 +51,7 @@ class Run:
     engine: object
     optimizer: torch.optim.Optimizer
     tokenizer: object
+    collate: object  # micro-batch -> tensors (packed rows when data.packing)
     train_set: list[Example]
     eval_set: list[Example]
     plan: BatchPlan
@@ -62,6 +66,7 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
         return None
     rank, world = distributed.rank(), distributed.world_size()
     metrics = MetricsLog(Path(recipe.output_dir))
+    tensorboard = TensorBoardLog(Path(recipe.output_dir))  # rank 0, when tensorboard is installed
     progress = tqdm(total=recipe.train.max_steps, initial=state.step, disable=rank != 0, desc="train",
                     dynamic_ncols=True)
     say = progress.write if rank == 0 else (lambda *_: None)
@@ -97,6 +102,7 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
                     f"eval_ppl {record['eval_ppl']:.2f}")
         if state.step % recipe.train.log_every == 0 or "eval_loss" in record or last:
             metrics.write(record)
+            tensorboard.write(record)
         if state.step % recipe.train.save_every == 0 or last or stops:
             saved = checkpoint.save(Path(recipe.output_dir), run.model, run.optimizer, recipe,
                                     run.base_name_or_path, state, run.meta)
@@ -107,6 +113,11 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
             break
     progress.close()
     metrics.close()
+    tensorboard.close()
+    if distributed.is_main():
+        report = write_report(Path(recipe.output_dir))
+        if report is not None:
+            print(f"report: {report}")
     stop_request.restore()
     return state
 
@@ -165,11 +176,14 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
         state = resume.restore_training_state(resume_dir, model, optimizer, engine.optimizer)
         log(f"resumed from {resume_dir} at step {state.step} (epoch {state.epoch}, "
             f"example {state.position_in_epoch} of {len(train_set)})")
-    meta = {"base_model": base_name_or_path, "quant_bits": recipe.quant.bits, "template": recipe.data.template,
-            "world_size": world, "zero_stage": recipe.deepspeed.zero_stage}
+    meta = {"base_model": base_name_or_path, "base_fingerprint": base_fingerprint(base_name_or_path,
+                                                                                  recipe.model.revision),
+            "quant_bits": recipe.quant.bits, "template": recipe.data.template, "world_size": world,
+            "zero_stage": recipe.deepspeed.zero_stage}
     plan = BatchPlan(len(train_set), recipe.train.global_batch_size, recipe.train.seed)
-    run = Run(recipe, device, model, loss_model, engine, optimizer, tokenizer, train_set, eval_set, plan,
-              token_counts, base_name_or_path, meta)
+    batch_collate = training_collate(recipe, model, tokenizer.pad_token_id)
+    run = Run(recipe, device, model, loss_model, engine, optimizer, tokenizer, batch_collate, train_set, eval_set,
+              plan, token_counts, base_name_or_path, meta)
     return run, state
 
 
@@ -186,8 +200,7 @@ def train_step(run: Run, step: int, lr: float, stop_requested: bool) -> tuple[fl
     step_tokens = sum(run.token_counts[i] for i in run.plan.indices(step))
     step_loss, bad_rows = 0.0, []
     for micro_batch in run.plan.rank_micro_batches(step, rank, world, recipe.train.micro_batch_size):
-        batch = {k: v.to(run.device) for k, v in collate([run.train_set[i] for i in micro_batch],
-                                                         run.tokenizer.pad_token_id).items()}
+        batch = {k: v.to(run.device) for k, v in run.collate([run.train_set[i] for i in micro_batch]).items()}
         try:
             loss_sum, _ = engine(**batch)
             if health.poisoned_for_tests(step + 1):
