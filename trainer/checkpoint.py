@@ -124,6 +124,8 @@ def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -
     """Consolidated Adam moments of the adapter (not tied to the number of ranks), and the Adam step."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
+    if not optimizer.state:  # before the first step Adam has no state yet (and ZeRO has linked none)
+        return {}, 0
     moments = {}
     for name, parameter in adapter_parameters(model).items():
         for key in ADAM_KEYS:
