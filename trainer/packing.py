@@ -28,7 +28,7 @@ def training_collate(recipe: Recipe, model: torch.nn.Module,
                      pad_token_id: int) -> Callable[[list[Example]], dict[str, torch.Tensor]]:
     """The loop's micro-batch collate. With data.packing: packed rows, and an SDPA model switched to
     packed attention; without: `trainer.data.collate` (one example per row, padded)."""
-    if not getattr(recipe.data, "packing", True):
+    if not recipe.data.packing:
         return lambda examples: collate(examples, pad_token_id)
     attention = model.config._attn_implementation
     if attention in ("sdpa", PACKED_ATTENTION):
