@@ -33,6 +33,22 @@ def tiny_base(session_cache) -> Path:
     return ensure_tiny_base("tiny-llama")
 
 
+@pytest.fixture(scope="session")
+def small_base_path(session_cache) -> str:
+    """A 2-layer, width-64 built-in base for unit tests of the loss and packing."""
+    from trainer.builtin import ensure_tiny_base
+
+    return str(ensure_tiny_base("bench-tiny", hidden_size=64, intermediate_size=176, num_hidden_layers=2))
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(small_base_path):
+    from trainer.config import recipe_from_dict
+    from trainer.model import load_tokenizer
+
+    return load_tokenizer(small_base_path, recipe_from_dict({"model": {"name_or_path": small_base_path}}))
+
+
 def run_cli(args: list[str], timeout: int = 600, env: dict | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
     """Run a launch script or the deepspeed launcher from the repository root."""

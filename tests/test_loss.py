@@ -7,43 +7,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.builtin import demo_rows, ensure_tiny_base
+from trainer.builtin import demo_rows
 from trainer.config import recipe_from_dict
 from trainer.data import IGNORE_INDEX, Example, collate
 from trainer.lora import adapter_parameters, apply_lora, lora_layers
 from trainer.loss import CausalLMLoss, chunked_cross_entropy, enable_activation_checkpointing
-from trainer.model import load_base, load_tokenizer
+from trainer.model import load_base
 from trainer.packing import collate_packed, use_packed_attention
 
 
 @pytest.fixture(scope="module")
-def base_path(session_cache) -> str:
-    return str(ensure_tiny_base("bench-tiny", hidden_size=64, intermediate_size=176, num_hidden_layers=2))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(base_path):
-    return load_tokenizer(base_path, recipe_from_dict({"model": {"name_or_path": base_path}}))
-
-
-@pytest.fixture(scope="module")
-def examples(tokenizer) -> list[Example]:
+def examples(small_tokenizer) -> list[Example]:
     examples = []
     for row_id, row in enumerate(demo_rows(6, seed=3)):
-        prompt = [tokenizer.bos_token_id] + tokenizer(f"{row['instruction']}\n{row['input']}\n",
+        prompt = [small_tokenizer.bos_token_id] + small_tokenizer(f"{row['instruction']}\n{row['input']}\n",
                                                       add_special_tokens=False)["input_ids"]
-        response = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        response = small_tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [small_tokenizer.eos_token_id]
         examples.append(Example(row_id, prompt + response, [IGNORE_INDEX] * len(prompt) + response))
     return examples
 
 
 @pytest.fixture(scope="module")
-def batch(tokenizer, examples) -> dict[str, torch.Tensor]:
-    return collate(examples, tokenizer.pad_token_id)
+def batch(small_tokenizer, examples) -> dict[str, torch.Tensor]:
+    return collate(examples, small_tokenizer.pad_token_id)
 
 
-def lora_model(base_path: str, bits: int) -> nn.Module:
-    model, _ = load_base(recipe_from_dict({"model": {"name_or_path": base_path}, "quant": {"bits": bits}}),
+def lora_model(small_base_path: str, bits: int) -> nn.Module:
+    model, _ = load_base(recipe_from_dict({"model": {"name_or_path": small_base_path}, "quant": {"bits": bits}}),
                          torch.device("cpu"))
     torch.manual_seed(0)
     apply_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj"], r=4, alpha=8.0)
@@ -70,8 +60,8 @@ def test_chunked_cross_entropy_equals_full_in_value_and_gradients(chunk_tokens):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_loss_is_the_models_own_loss_on_trained_tokens(base_path, batch):
-    model = lora_model(base_path, bits=16)
+def test_loss_is_the_models_own_loss_on_trained_tokens(small_base_path, batch):
+    model = lora_model(small_base_path, bits=16)
     loss_sum, tokens = CausalLMLoss(model, chunk_tokens=5)(**batch)
     with torch.no_grad():
         reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -81,13 +71,13 @@ def test_loss_is_the_models_own_loss_on_trained_tokens(base_path, batch):
 
 
 @pytest.mark.parametrize("bits,packed", [(16, False), (4, False), (16, True)])
-def test_activation_checkpointing_keeps_adapter_gradients(base_path, tokenizer, examples, bits, packed):
-    plain = lora_model(base_path, bits)
-    checkpointed = lora_model(base_path, bits)
+def test_activation_checkpointing_keeps_adapter_gradients(small_base_path, small_tokenizer, examples, bits, packed):
+    plain = lora_model(small_base_path, bits)
+    checkpointed = lora_model(small_base_path, bits)
     enable_activation_checkpointing(checkpointed)
-    batch = collate(examples, tokenizer.pad_token_id)
+    batch = collate(examples, small_tokenizer.pad_token_id)
     if packed:  # attention per example is recomputed in the backward too
-        batch = collate_packed(examples, 64, tokenizer.pad_token_id)
+        batch = collate_packed(examples, 64, small_tokenizer.pad_token_id)
         use_packed_attention(plain)
         use_packed_attention(checkpointed)
     results = []

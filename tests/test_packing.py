@@ -5,41 +5,31 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.builtin import demo_rows, ensure_tiny_base
+from trainer.builtin import demo_rows
 from trainer.config import recipe_from_dict
 from trainer.data import IGNORE_INDEX, Example, collate
 from trainer.lora import adapter_parameters, apply_lora, lora_layers
 from trainer.loss import CausalLMLoss
-from trainer.model import load_base, load_tokenizer
+from trainer.model import load_base
 from trainer.packing import collate_packed, pack_rows, use_packed_attention
 
 MAX_SEQ_LEN = 64
 
 
 @pytest.fixture(scope="module")
-def base_path(session_cache) -> str:
-    return str(ensure_tiny_base("bench-tiny", hidden_size=64, intermediate_size=176, num_hidden_layers=2))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(base_path):
-    return load_tokenizer(base_path, recipe_from_dict({"model": {"name_or_path": base_path}}))
-
-
-@pytest.fixture(scope="module")
-def examples(tokenizer) -> list[Example]:
+def examples(small_tokenizer) -> list[Example]:
     """Short prompt/response pairs (BOS + prompt masked, response + EOS trained): 2-4 fit in a row."""
     examples = []
     for row_id, row in enumerate(demo_rows(10, seed=7)):
-        prompt = tokenizer(f"{row['instruction']}\n{row['input']}\n", add_special_tokens=False)["input_ids"]
-        response = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        prompt = [tokenizer.bos_token_id] + prompt
+        prompt = small_tokenizer(f"{row['instruction']}\n{row['input']}\n", add_special_tokens=False)["input_ids"]
+        response = small_tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [small_tokenizer.eos_token_id]
+        prompt = [small_tokenizer.bos_token_id] + prompt
         examples.append(Example(100 + row_id, prompt + response, [IGNORE_INDEX] * len(prompt) + response))
     return examples
 
 
-def lora_model(base_path: str, attention: str = "sdpa") -> torch.nn.Module:
-    recipe = recipe_from_dict({"model": {"name_or_path": base_path, "attn_implementation": attention},
+def lora_model(small_base_path: str, attention: str = "sdpa") -> torch.nn.Module:
+    recipe = recipe_from_dict({"model": {"name_or_path": small_base_path, "attn_implementation": attention},
                                "quant": {"bits": 16}})
     model, _ = load_base(recipe, torch.device("cpu"))
     torch.manual_seed(0)
@@ -93,13 +83,13 @@ def test_collate_packed_lays_out_examples_with_positions_reset(examples):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager", "packed"])
-def test_packed_loss_and_gradients_equal_unpacked(base_path, tokenizer, examples, attention):
-    model = lora_model(base_path, "eager" if attention == "eager" else "sdpa")
+def test_packed_loss_and_gradients_equal_unpacked(small_base_path, small_tokenizer, examples, attention):
+    model = lora_model(small_base_path, "eager" if attention == "eager" else "sdpa")
     loss_model = CausalLMLoss(model)
-    unpacked = loss_and_grads(loss_model, collate(examples, tokenizer.pad_token_id))
+    unpacked = loss_and_grads(loss_model, collate(examples, small_tokenizer.pad_token_id))
     if attention == "packed":  # rows joined without padding, attention per example
         use_packed_attention(model)
-    packed_batch = collate_packed(examples, MAX_SEQ_LEN, tokenizer.pad_token_id)
+    packed_batch = collate_packed(examples, MAX_SEQ_LEN, small_tokenizer.pad_token_id)
     packed = loss_and_grads(loss_model, packed_batch)
     assert packed_batch["input_ids"].shape[0] < len(examples)
     assert packed[1] == unpacked[1]  # the same trained tokens
@@ -109,18 +99,18 @@ def test_packed_loss_and_gradients_equal_unpacked(base_path, tokenizer, examples
                                    msg=lambda message, name=name: f"{name}: {message}")
 
 
-def test_packed_attention_leaves_padded_batches_unchanged(base_path, tokenizer, examples):
-    model = lora_model(base_path)
-    batch = collate(examples, tokenizer.pad_token_id)
+def test_packed_attention_leaves_padded_batches_unchanged(small_base_path, small_tokenizer, examples):
+    model = lora_model(small_base_path)
+    batch = collate(examples, small_tokenizer.pad_token_id)
     before = CausalLMLoss(model)(**batch)[0]
     use_packed_attention(model)
     assert torch.equal(CausalLMLoss(model)(**batch)[0], before)
 
 
 @pytest.mark.parametrize("attention", ["mask", "packed"])
-def test_changing_one_example_leaves_the_next_one_in_its_row_unchanged(base_path, tokenizer, examples, attention):
-    model = lora_model(base_path)
-    batch = collate_packed(examples, MAX_SEQ_LEN, tokenizer.pad_token_id)
+def test_changing_one_example_leaves_the_next_one_in_its_row_unchanged(small_base_path, small_tokenizer, examples, attention):
+    model = lora_model(small_base_path)
+    batch = collate_packed(examples, MAX_SEQ_LEN, small_tokenizer.pad_token_id)
     row = next(r for r in range(len(batch["input_ids"])) if batch["segment_lengths"][r, 1] > 0)  # 2+ examples
     first, second = batch["segment_lengths"][row, :2].tolist()
     mask = batch["attention_mask"][row:row + 1]

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from trainer import builtin, distributed
-from trainer.checkpoint import PEFT_PREFIX, CheckpointError
+from trainer.checkpoint import CheckpointError
 from trainer.config import Recipe
-from trainer.lora import adapter_parameters, apply_lora
+from trainer.lora import apply_lora
+from trainer.resume import load_into_model
 from trainer.model import ModelLoadError, load_base, load_tokenizer, resolve_base
 
 # Fields a re-save changes without changing the model.
@@ -182,22 +181,7 @@ def add_adapter(model: nn.Module, adapter_dir: Path) -> None:
     config = read_adapter_config(adapter_dir)
     apply_lora(model, config["target_modules"], config["r"], config["lora_alpha"], 0.0,
                bool(config.get("use_rslora", False)))
-    path = adapter_dir / "adapter_model.safetensors"
-    try:
-        weights = load_file(str(path))
-    except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{path}: unreadable or truncated ({error})") from None
-    parameters = {PEFT_PREFIX + name: parameter for name, parameter in adapter_parameters(model).items()}
-    missing, unexpected = sorted(set(parameters) - set(weights)), sorted(set(weights) - set(parameters))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: adapter keys do not match the model built from adapter_config.json "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    with torch.no_grad():
-        for key, parameter in parameters.items():
-            if weights[key].shape != parameter.shape:
-                raise CheckpointError(f"{path}: {key} has shape {tuple(weights[key].shape)}, the model expects "
-                                      f"{tuple(parameter.shape)}")
-            parameter.copy_(weights[key].to(parameter.dtype))
+    load_into_model(model, adapter_dir)
 
 
 def load_adapted_model(recipe: Recipe, adapter_dir: Path | None,
