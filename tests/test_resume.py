@@ -51,9 +51,7 @@ def assert_same_tensors(first: Path, second: Path, name: str) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", [
-    pytest.param(0, marks=[pytest.mark.slow, pytest.mark.xfail(
-        strict=True, reason="known: ZeRO-0 resume differs in the 4th significant digit (optimizer state "
-                            "restore path for DeepSpeed's stage-0 engine); ZeRO-2/3 are bitwise")]),
+    pytest.param(0, marks=pytest.mark.slow),
     2, pytest.param(3, marks=pytest.mark.slow)])
 def test_resumed_run_is_bitwise_equal_to_the_straight_run(tmp_path, tiny_base, stage):
     # Dropout on, so the restored RNG streams matter too.
