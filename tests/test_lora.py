@@ -104,3 +104,21 @@ def test_unknown_target_module_is_an_error_listing_the_real_names():
     model.add_module("q_proj", nn.Linear(4, 4))
     with pytest.raises(ValueError, match="matched no linear layer.*q_proj"):
         apply_lora(model, ["query"], r=2, alpha=4)
+
+
+def test_dropout_drops_at_the_asked_rate_and_leaves_the_update_unbiased():
+    from trainer.lora import dropout_keep_mask
+
+    torch.manual_seed(0)
+    keep, keep_probability = dropout_keep_mask(torch.empty(1000, 1000), 0.1)
+    assert keep.dtype == torch.bool and abs(keep_probability - 0.9) < 1 / 65536
+    assert abs(keep.float().mean().item() - keep_probability) < 2e-3  # 1e6 draws: std 3e-4
+    layer = LoRALinear(nn.Linear(32, 16, bias=False).requires_grad_(False), r=4, alpha=8, dropout=0.25)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(6, 32)
+    layer.eval()
+    expected = layer(x)
+    assert not torch.equal(layer.train()(x), expected)  # training draws a mask
+    mean = torch.stack([layer(x) for _ in range(4000)]).mean(0)
+    update = expected - layer.base_layer(x)
+    assert (mean - expected).norm() / update.norm() < 0.03  # inverted dropout: unbiased in expectation

@@ -9,9 +9,26 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ADAPTER_MARKERS = (".lora_A.", ".lora_B.")
+# Dropout masks are drawn 16 bits at a time (four per 64-bit random word, not one word each):
+# the drop probability is rounded to a multiple of 1/65536.
+MASK_LEVELS = 65536
+
+
+class _LoRAUp(nn.Linear):
+    """lora_B: with `base` given, returns base + alpha * (h @ B^T) in one matrix multiply (no
+    separate scale and add over the layer's output). A module of its own, so ZeRO-3 gathers B
+    when it runs."""
+
+    def forward(self, h: torch.Tensor, base: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
+        if base is None:
+            return F.linear(h, self.weight)
+        out = torch.addmm(base.reshape(-1, self.out_features), h.reshape(-1, self.in_features), self.weight.t(),
+                          alpha=alpha)
+        return out.view(base.shape)
 
 
 class LoRALinear(nn.Module):
@@ -23,10 +40,10 @@ class LoRALinear(nn.Module):
         self.r = r
         self.alpha = alpha
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
         # Adapters train in fp32 whatever the base's storage: their optimizer state is tiny.
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=_device_of(base_layer), dtype=torch.float32)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=_device_of(base_layer), dtype=torch.float32)
+        self.lora_B = _LoRAUp(r, self.out_features, bias=False, device=_device_of(base_layer), dtype=torch.float32)
         self.merged = False
         self.reset_adapter()
 
@@ -39,9 +56,16 @@ class LoRALinear(nn.Module):
         result = self.base_layer(x)
         if self.merged:
             return result
-        adapter_dtype = self.lora_A.weight.dtype
-        update = self.lora_B(self.lora_A(self.dropout(x.to(adapter_dtype))))
-        return result + (update * self.scaling).to(result.dtype)
+        adapter_dtype, scaling = self.lora_A.weight.dtype, self.scaling
+        x = x.to(adapter_dtype)
+        if self.training and self.dropout > 0:
+            # Inverted dropout, its 1 / keep-probability folded into the scaling.
+            keep, keep_probability = dropout_keep_mask(x, self.dropout)
+            x, scaling = x * keep, scaling / keep_probability
+        h = self.lora_A(x)
+        if result.dtype == adapter_dtype:
+            return self.lora_B(h, base=result, alpha=scaling)
+        return result + (self.lora_B(h) * scaling).to(result.dtype)  # e.g. a bf16 base, fp32 adapters
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
@@ -68,7 +92,16 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout:g}, merged={self.merged}"
+
+
+def dropout_keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """A boolean mask shaped like x, True with probability 1 - p (p rounded to 1/65536), from
+    torch's generator; and that keep probability."""
+    dropped_levels = round(p * MASK_LEVELS)
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, 2**63 - 1)
+    levels = words.view(torch.int16)[:x.numel()].view(x.shape)  # uniform over -32768 .. 32767
+    return levels >= dropped_levels - MASK_LEVELS // 2, 1 - dropped_levels / MASK_LEVELS
 
 
 def _device_of(layer: nn.Module) -> torch.device:
