@@ -55,19 +55,26 @@ def test_mistyped_value_names_the_key(tmp_path):
         load_recipe(write(tmp_path, "train: {max_steps: many}\n"))
     with pytest.raises(RecipeError, match=r"quant\.bits: must be 4, 8 or 16"):
         load_recipe(write(tmp_path, "quant: {bits: 3}\n"))
+    with pytest.raises(RecipeError, match=r"train\.sample_every: sample_every and sample_count must be 0 or more"):
+        load_recipe(write(tmp_path, "train: {sample_count: -1}\n"))
+    with pytest.raises(RecipeError, match=r"unknown key data\.drop_leak; did you mean data\.drop_leaked"):
+        load_recipe(write(tmp_path, "data: {drop_leak: false}\n"))
 
 
 def test_overrides_are_coerced_to_the_field_type(tmp_path):
     path = write(tmp_path, "train: {max_steps: 5}\n")
     recipe = load_recipe(path, ["train.max_steps=7", "train.learning_rate=1e-3", "quant.double_quant=false",
                                 "lora.target_modules=q_proj,v_proj", "output_dir=/tmp/x", "resume=auto",
-                                "deepspeed.zero_stage=3", "data.path=some/file.json", "train.keep_last=null"])
+                                "deepspeed.zero_stage=3", "data.path=some/file.json", "train.keep_last=null",
+                                "data.drop_leaked=false", "train.sample_count=0"])
     assert recipe.train.max_steps == 7 and isinstance(recipe.train.max_steps, int)
     assert recipe.train.learning_rate == 1e-3 and isinstance(recipe.train.learning_rate, float)
     assert recipe.quant.double_quant is False
     assert recipe.lora.target_modules == ["q_proj", "v_proj"]
     assert (recipe.output_dir, recipe.resume, recipe.deepspeed.zero_stage) == ("/tmp/x", "auto", 3)
     assert recipe.train.keep_last is None
+    assert recipe.data.drop_leaked is False and recipe.train.sample_count == 0
+    assert Recipe().data.drop_leaked is True  # leaked rows are dropped unless a recipe says otherwise
     with pytest.raises(RecipeError, match="train.max_stepz"):
         load_recipe(path, ["train.max_stepz=3"])
     with pytest.raises(RecipeError, match="section.key=value"):

@@ -116,9 +116,9 @@ def test_real_datasets_give_their_row_counts_and_clean_masks(llama2):
     for summary in stats["datasets"]:
         assert summary["examples"] == summary["rows"] - sum(summary["outcomes"].values()) + \
             summary["outcomes"].get("truncated", 0)
-        assert summary["train"] + summary["eval"] == summary["examples"]
+        assert summary["train"] + summary["leaked"] + summary["eval"] == summary["examples"]
         assert 0.05 < summary["trained_fraction"] < 0.9 and summary["max_tokens"] <= 1024
-    assert len(train) + len(held_out) == sum(s["examples"] for s in stats["datasets"]) > 5_000
+    assert len(train) + stats["leaked"] + len(held_out) == sum(s["examples"] for s in stats["datasets"]) > 5_000
     check_labels(train + held_out, llama2, describe=str)  # BOS once, trained EOS last, a trained token each
     assert all(e.labels[1] == IGNORE_INDEX for e in train), "the prompt is never trained"
 
@@ -304,8 +304,9 @@ def test_label_checks_stop_on_pad_eos_missing_eos_and_untrained_rows(tokenizer, 
 
 
 def test_mixture_weights_are_deterministic_and_seeded(tokenizer, tmp_path):
-    first = write_jsonl(tmp_path / "a.jsonl", [{**ROWS[0], "output": str(i)} for i in range(40)])
-    second = write_jsonl(tmp_path / "b.jsonl", [{**ROWS[1], "output": f"w{i}"} for i in range(10)])
+    # Distinct questions: a training row repeating a held-out one would be dropped (tests/test_leakage.py).
+    first = write_jsonl(tmp_path / "a.jsonl", [{**ROWS[0], "input": f"{i} + 12", "output": str(i)} for i in range(40)])
+    second = write_jsonl(tmp_path / "b.jsonl", [{**ROWS[1], "input": f"w{i}", "output": f"w{i}"} for i in range(10)])
     mixed = DataConfig(mixture=[DataSource(str(first), weight=0.5), DataSource(str(second), weight=2.0)],
                        eval_fraction=0.1, cache=False)
     train, held_out, stats = build_datasets(mixed, tokenizer, seed=3)

@@ -1,5 +1,6 @@
 """The real CLI, end to end: `deepspeed --num_gpus 2 launch/train.py recipes/tiny_alpaca.yaml` on 2 CPU
-ranks (gloo), a 4-bit base, then PEFT loads the adapter and gives our logits."""
+ranks (gloo), a 4-bit base, then PEFT loads the adapter and gives our logits; sample generations in
+the log, and checkpoints/best."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import torch
 import yaml
 
 from conftest import free_port, run_cli
-from trainer import resume
+from trainer import checkpoint, resume
 from trainer.config import recipe_from_dict
 from trainer.lora import apply_lora
 from trainer.model import load_base
@@ -32,7 +33,8 @@ def read_metrics(output_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def zero2_run(tmp_path_factory, tiny_base) -> Path:
     output_dir = tmp_path_factory.mktemp("zero2")
-    train_2_ranks(output_dir, "deepspeed.zero_stage=2")
+    result = train_2_ranks(output_dir, "deepspeed.zero_stage=2")
+    (output_dir / "train.log").write_text(result.stdout)
     return output_dir
 
 
@@ -55,6 +57,22 @@ def test_two_rank_zero2_run_learns_and_writes_metrics_and_checkpoints(zero2_run,
     config = json.loads((zero2_run / "checkpoints/step-6/adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_base) and config["r"] == 16
     assert not list((zero2_run / "checkpoints").glob(".tmp-*"))
+    # The eval loss fell, so the best checkpoint is the last one; the link is relative.
+    best = zero2_run / "checkpoints" / "best"
+    assert best.is_symlink() and str(best.readlink()) == "step-6" and (best / "COMPLETE").is_file()
+    assert json.loads((best / "meta.json").read_text())["eval_loss"] == evals[1]
+    assert json.loads((zero2_run / "checkpoints/step-3/meta.json").read_text())["eval_loss"] == evals[0]
+
+
+@pytest.mark.distributed
+def test_sample_generations_are_printed_once_and_logged_at_the_end(zero2_run):
+    # train.sample_every is 50 in the tiny recipe: a 6-step run samples at the end only.
+    samples = [json.loads(line) for line in (zero2_run / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [6, 6, 6]
+    assert all({"instruction", "input", "reference", "prediction"} <= set(s) for s in samples)
+    log = (zero2_run / "train.log").read_text()
+    assert log.count("samples at step 6 (greedy, held-out):") == 1  # rank 0 prints, both ranks decode
+    assert "  [3] question:" in log and "      prediction: " in log
 
 
 def our_model(adapter_dir: Path) -> torch.nn.Module:
@@ -114,3 +132,47 @@ def test_single_process_run_and_plain_resume_continue_the_same_losses(tmp_path, 
     final_straight = resume.load_adapter_weights(straight / "checkpoints/step-6")
     final_resumed = resume.load_adapter_weights(stopped / "checkpoints/step-6")
     assert all(torch.equal(final_straight[k], final_resumed[k]) for k in final_straight)
+
+
+@pytest.mark.distributed
+def test_eval_takes_the_best_link_and_names_its_results_after_the_checkpoint(zero2_run):
+    run_cli(["launch/eval.py", "recipes/tiny_alpaca.yaml", f"adapter={zero2_run / 'checkpoints' / 'best'}",
+             f"output_dir={zero2_run}", "eval.max_rows=4", "eval.max_new_tokens=4", "eval.loss=false"])
+    metrics = json.loads((zero2_run / "eval" / "step-6" / "metrics.json").read_text())
+    assert metrics["adapter_resolved"] == str((zero2_run / "checkpoints" / "step-6").resolve())
+
+
+def fake_checkpoint(checkpoints: Path, step: int, eval_loss: float | None) -> Path:
+    directory = checkpoints / f"step-{step}"
+    directory.mkdir(parents=True)
+    (directory / "meta.json").write_text(json.dumps({"step": step, "eval_loss": eval_loss}))
+    (directory / checkpoint.COMPLETE).write_text("")
+    return directory
+
+
+def test_pruning_keeps_the_best_checkpoint_and_resume_auto_still_takes_the_newest(tmp_path, monkeypatch):
+    checkpoints = tmp_path / "checkpoints"
+    for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0)]:
+        checkpoint.mark_best_and_prune(fake_checkpoint(checkpoints, step, loss), keep_last=1)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best", "step-2", "step-3"]
+    assert str((checkpoints / "best").readlink()) == "step-2"
+    # A checkpoint saved off an evaluation step (no eval loss) is never the best, and a better one moves the link.
+    checkpoint.mark_best_and_prune(fake_checkpoint(checkpoints, 4, None), keep_last=1)
+    checkpoint.mark_best_and_prune(fake_checkpoint(checkpoints, 5, 0.5), keep_last=1)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best", "step-5"]
+    assert str((checkpoints / "best").readlink()) == "step-5"
+    recipe = recipe_from_dict({"output_dir": str(tmp_path), "resume": "auto"})
+    fake_checkpoint(checkpoints, 6, 4.0)
+    checkpoint.mark_best_and_prune(checkpoints / "step-6", keep_last=2)
+    assert resume.find_resume_dir(recipe) == checkpoints / "step-6"
+    assert str((checkpoints / "best").readlink()) == "step-5"
+
+    def no_symlinks(*args, **kwargs):
+        raise OSError("symlinks not supported")
+
+    monkeypatch.setattr("os.symlink", no_symlinks)
+    fake_checkpoint(checkpoints, 7, 0.25)
+    checkpoint.mark_best_and_prune(checkpoints / "step-7", keep_last=2)
+    assert json.loads((checkpoints / "best.json").read_text()) == {"best": "step-7", "eval_loss": 0.25}
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.json", "step-6", "step-7"]  # no stale link
+    assert not list(checkpoints.glob(".tmp-*"))

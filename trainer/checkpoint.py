@@ -5,12 +5,15 @@
         optimizer.safetensors                            Adam moments of the adapter, consolidated (any world size)
         trainer_state.json                               step, tokens seen, Adam step, data cursor
         rng_state.json                                   per-rank python / numpy / torch (CPU, CUDA) RNG
-        recipe.yaml, meta.json                           what produced it
+        recipe.yaml, meta.json                           what produced it (meta: step, eval_loss if evaluated there)
         COMPLETE                                         written last; a directory without it is ignored
+    checkpoints/best -> step-<N>                         the saved checkpoint with the lowest held-out loss
 
 Everything is gathered to full tensors on every rank (collectives), then rank 0 writes into a
 temporary directory and renames it into place, so a crash mid-write never leaves a
-half-checkpoint that `resume=auto` would pick.
+half-checkpoint that `resume=auto` would pick. `best` is a relative symlink swapped atomically
+(best.json names the checkpoint where symlinks are not allowed); `keep_last` pruning never removes
+the checkpoint it points at, and `resume=auto` never follows it (it takes the newest).
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from trainer.lora import adapter_parameters
 
 PEFT_PREFIX = "base_model.model."
 COMPLETE = "COMPLETE"
+BEST = "best"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
@@ -148,8 +152,9 @@ def _adam_step(optimizer: torch.optim.Optimizer) -> int:
 
 
 def save(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, recipe: Recipe,
-         base_name_or_path: str, state: TrainState, meta: dict) -> Path | None:
-    """Write checkpoints/step-<N>/ atomically. Call on every rank; returns the path on rank 0."""
+         base_name_or_path: str, state: TrainState, meta: dict, eval_loss: float | None = None) -> Path | None:
+    """Write checkpoints/step-<N>/ atomically and refresh checkpoints/best. Call on every rank;
+    returns the path on rank 0. `eval_loss`: the held-out loss at this step, if evaluated."""
     weights = gather_adapter(model)
     moments, adam_step = gather_optimizer_state(model, optimizer)
     rng_states = distributed.gather_objects(rng_state())
@@ -158,7 +163,8 @@ def save(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, r
     if distributed.is_main():
         needed = sum(t.numel() * t.element_size() for t in [*weights.values(), *moments.values()]) + 2**20
         try:
-            _write(final, weights, moments, rng_states, recipe, base_name_or_path, state, meta, adam_step, needed)
+            _write(final, weights, moments, rng_states, recipe, base_name_or_path, state,
+                   {**meta, "eval_loss": eval_loss}, adam_step, needed)
         except (OSError, CheckpointError) as failure:
             shutil.rmtree(final.with_name(f".tmp-{final.name}"), ignore_errors=True)
             error = (str(failure) if isinstance(failure, CheckpointError) else
@@ -200,7 +206,7 @@ def _write(final: Path, weights: dict, moments: dict, rng_states: list, recipe: 
     if final.exists():
         shutil.rmtree(final)
     os.replace(temporary, final)
-    _prune(final.parent, recipe.train.keep_last, keep=final)
+    mark_best_and_prune(final, recipe.train.keep_last)
 
 
 def _check_shapes(weights: dict[str, torch.Tensor], recipe: Recipe, where: str) -> None:
@@ -227,12 +233,56 @@ def _fsync_tree(directory: Path) -> None:
             os.fsync(handle.fileno())
 
 
-def _prune(checkpoints: Path, keep_last: int | None, keep: Path) -> None:
+def mark_best_and_prune(newest: Path, keep_last: int | None) -> None:
+    """After `newest` is in place: point checkpoints/best at the best checkpoint, then remove all
+    but the newest `keep_last` and that best one. The link moves first, so it never dangles."""
+    checkpoints = newest.parent
+    best = best_checkpoint(checkpoints)
+    if best is not None:
+        mark_best(best)
     if not keep_last:
         return
     for old in complete_checkpoints(checkpoints)[:-keep_last]:
-        if old != keep:
+        if old not in (newest, best):
             shutil.rmtree(old, ignore_errors=True)
+
+
+def saved_eval_loss(checkpoint: Path) -> float | None:
+    """The held-out loss recorded in a checkpoint's meta.json; None if it was not evaluated there."""
+    try:
+        loss = json.loads((checkpoint / "meta.json").read_text()).get("eval_loss")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return float(loss) if isinstance(loss, (int, float)) else None
+
+
+def best_checkpoint(checkpoints: Path) -> Path | None:
+    """The complete checkpoint with the lowest held-out loss (the earliest on a tie); None when no
+    checkpoint was saved at an evaluation step."""
+    scored = [(loss, int(path.name.split("-")[1]), path) for path in complete_checkpoints(checkpoints)
+              if (loss := saved_eval_loss(path)) is not None]
+    return min(scored)[2] if scored else None
+
+
+def mark_best(checkpoint: Path) -> None:
+    """Point checkpoints/best at `checkpoint`: a relative symlink (the run directory can move),
+    replaced atomically so a reader sees the old target or the new one. Where symlinks are not
+    allowed, checkpoints/best.json names it instead."""
+    checkpoints = checkpoint.parent
+    temporary = checkpoints / f".tmp-{BEST}-{os.getpid()}"
+    temporary.unlink(missing_ok=True)
+    try:
+        os.symlink(checkpoint.name, temporary, target_is_directory=True)
+        os.replace(temporary, checkpoints / BEST)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        if (checkpoints / BEST).is_symlink():  # an older link would soon dangle
+            (checkpoints / BEST).unlink()
+        note = {"best": checkpoint.name, "eval_loss": saved_eval_loss(checkpoint)}
+        temporary.write_text(json.dumps(note, indent=2) + "\n")
+        os.replace(temporary, checkpoints / f"{BEST}.json")
+        return
+    (checkpoints / f"{BEST}.json").unlink(missing_ok=True)  # left by an earlier fallback
 
 
 def complete_checkpoints(checkpoints: Path) -> list[Path]:

@@ -69,6 +69,7 @@ class DataConfig:
     eval_fraction: float = 0.05  # held-out fraction, used when eval_path is empty
     eval_path: str | None = None  # separate held-out file
     max_eval_rows: int = 500
+    drop_leaked: bool = True  # drop training rows whose instruction + input (normalised) is a held-out one
     train_on_prompt: bool = False  # False: labels are -100 on prompt tokens
     max_rows: int | None = None  # cap on rows read per dataset (debugging, benchmarks)
     cache: bool = True  # reuse tokenised datasets from <cache dir>/tokenized
@@ -91,7 +92,8 @@ class TrainConfig:
     save_every: int = 200
     keep_last: int | None = None  # prune older checkpoints, keeping the newest K
     activation_checkpointing: bool = False  # recompute decoder layers in backward (non-reentrant)
-    sample_every: int = 0  # log a few held-out generations every N steps (0: only at the end)
+    sample_every: int = 100  # log greedy answers to a few held-out questions every N steps (0: only at the end)
+    sample_count: int = 3  # held-out questions answered in that log (0: no samples)
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
     max_consecutive_skips: int = 5  # with on_nonfinite=skip, stop after this many skipped steps in a row
     collective_timeout_minutes: float = 30.0  # a lost rank ends the run after this long, not never
@@ -144,6 +146,8 @@ class Recipe:
         _check(t.save_every > 0 and t.eval_every > 0 and t.log_every > 0, "train.save_every",
                "save_every, eval_every and log_every must be positive")
         _check(t.keep_last is None or t.keep_last > 0, "train.keep_last", "must be positive or null")
+        _check(t.sample_every >= 0 and t.sample_count >= 0, "train.sample_every",
+               "sample_every and sample_count must be 0 or more")
         _check(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", "must be stop or skip")
         _check(t.collective_timeout_minutes > 0, "train.collective_timeout_minutes", "must be positive")
         if self.quant.bits == 8 and self.deepspeed.zero_stage == 3:

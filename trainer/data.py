@@ -23,6 +23,7 @@ from trainer.data_formats import DataError, locate, read_source
 from trainer.data_stats import DataStats, check_labels, dataset_summary, format_stats
 from trainer.data_tokenize import (IGNORE_INDEX, TEMPLATES, Example, chat_template, check_tokenizer,
                                    render_prompt, tokenize_rows)
+from trainer.leakage import leakage_note
 
 __all__ = ["IGNORE_INDEX", "TEMPLATES", "BatchPlan", "DataError", "DataStats", "Example", "build_datasets",
            "collate", "format_stats", "load_source", "read_rows", "render_prompt", "split_rows"]
@@ -69,7 +70,9 @@ def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[list[Examp
     """Train and held-out examples, and the stats printed before training (str() is a table).
 
     Each dataset is split into train and held-out rows by a seeded permutation of its rows (all
-    instances of a task on the same side), then its train rows are weighted; held-out rows never are."""
+    instances of a task on the same side). Training rows asking a held-out question (of any
+    dataset, or of eval_path) are counted as leaked and, with data.drop_leaked, dropped; then the
+    train rows are weighted. Held-out rows never are."""
     notes = check_tokenizer(tokenizer)
     sources = config.mixture or [DataSource(config.path, 1.0, config.split, config.format, config.columns)]
     loaded = [load_source(source, config, tokenizer) for source in sources]
@@ -77,24 +80,32 @@ def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[list[Examp
     if config.eval_path:
         eval_source = DataSource(config.eval_path, 1.0, config.split, config.format, config.columns)
         separate_eval = load_source(eval_source, config, tokenizer)
-    train, held_out, summaries, offset = [], [], [], 0
-    for index, (source, part) in enumerate(zip(sources, loaded)):
+    splits, offset = [], 0
+    for index, part in enumerate(loaded):
         examples = _numbered(part, offset, tokenizer)
         if separate_eval is not None:
-            part_train, part_eval = examples, []
+            splits.append((examples, []))
         else:
             _, eval_records = split_rows(part.records, config.eval_fraction, [seed, index])
             held = {record + offset for record in eval_records}
-            part_train = [e for e in examples if e.row_id not in held]
-            part_eval = [e for e in examples if e.row_id in held]
+            splits.append(([e for e in examples if e.row_id not in held], [e for e in examples if e.row_id in held]))
+        offset += part.records
+    held_out = (_numbered(separate_eval, offset, tokenizer) if separate_eval is not None
+                else [e for _, part_eval in splits for e in part_eval])
+    held_questions = {e.question for e in held_out}
+    train, summaries = [], []
+    for index, (source, part, (part_train, part_eval)) in enumerate(zip(sources, loaded, splits)):
+        leaked = sum(e.question in held_questions for e in part_train)
+        if config.drop_leaked:
+            part_train = [e for e in part_train if e.question not in held_questions]
         part_train = weighted(part_train, source.weight, [seed, index])
         train += part_train
-        held_out += part_eval
-        summaries.append(_summary(part, source.weight, len(part_train), len(part_eval)))
-        offset += part.records
+        summaries.append(_summary(part, source.weight, len(part_train), len(part_eval), leaked))
     if separate_eval is not None:
-        held_out = _numbered(separate_eval, offset, tokenizer)
-        summaries.append(_summary(separate_eval, None, 0, len(held_out)))
+        summaries.append(_summary(separate_eval, None, 0, len(held_out), 0))
+    n_leaked = sum(summary["leaked"] for summary in summaries)
+    n_train = sum(len(part_train) for part_train, _ in splits)
+    leakage = leakage_note(n_leaked, n_train, len(held_out), dropped=config.drop_leaked)
     if len(held_out) > config.max_eval_rows:
         keep = np.random.default_rng([seed, len(loaded)]).choice(len(held_out), config.max_eval_rows, replace=False)
         held_out = [held_out[i] for i in sorted(keep.tolist())]
@@ -102,6 +113,8 @@ def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[list[Examp
         notes.append(chat_template(tokenizer)[1])
         if config.template != "chat":
             notes.append("chat rows are rendered with the chat template, whatever data.template says")
+    if leakage is not None:
+        notes.append(leakage)
     caches = {summary["cache"] for summary in summaries}
     stats = DataStats(
         train_examples=len(train), eval_examples=len(held_out),
@@ -109,19 +122,19 @@ def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[list[Examp
         max_seq_len=config.max_seq_len, cache=caches.pop() if len(caches) == 1 else "partial",
         dropped=sum(n for s in summaries for why, n in s["outcomes"].items() if why.startswith("dropped")),
         skipped=sum(n for s in summaries for why, n in s["outcomes"].items() if why.startswith("skipped")),
-        datasets=summaries, notes=notes)
+        leaked=n_leaked, datasets=summaries, notes=notes)
     return train, held_out, stats
 
 
 def _numbered(part: LoadedSource, offset: int, tokenizer) -> list[Example]:
     """The dataset's examples, checked, with row ids counted on from the datasets before it."""
     check_labels(part.examples, tokenizer, lambda row_id: f"{part.name}: row {row_id + 1}")
-    return [Example(e.row_id + offset, e.input_ids, e.labels) for e in part.examples]
+    return [Example(e.row_id + offset, e.input_ids, e.labels, e.question) for e in part.examples]
 
 
-def _summary(part: LoadedSource, weight: float | None, train: int, held_out: int) -> dict[str, Any]:
+def _summary(part: LoadedSource, weight: float | None, train: int, held_out: int, leaked: int) -> dict[str, Any]:
     summary = dataset_summary(part.name, part.format, part.records, part.outcomes, part.examples)
-    return {**summary, "weight": weight, "train": train, "eval": held_out, "cache": part.cache}
+    return {**summary, "weight": weight, "train": train, "eval": held_out, "leaked": leaked, "cache": part.cache}
 
 
 def split_rows(count: int, eval_fraction: float, seed: int | list[int]) -> tuple[list[int], list[int]]:
@@ -162,7 +175,8 @@ class BatchPlan:
 
     def __init__(self, n_examples: int, global_batch: int, seed: int):
         if n_examples == 0:
-            raise DataError("no training examples left after splitting and length filtering")
+            raise DataError("no training examples left after splitting, length filtering and dropping rows "
+                            "that repeat a held-out question")
         self.n_examples = n_examples
         self.global_batch = global_batch
         self.seed = seed

@@ -22,7 +22,9 @@ from trainer import builtin
 from trainer.data_tokenize import Example
 
 # The modules whose code decides the examples: editing any of them invalidates the cache.
-CODE_FILES = ("data_formats.py", "data_tokenize.py", "data_cache.py")
+CODE_FILES = ("data_formats.py", "data_tokenize.py", "data_cache.py", "leakage.py")
+# What a cache file holds; a file missing one (written by older code) is a miss.
+ARRAYS = ("input_ids", "labels", "lengths", "row_ids", "questions")
 
 
 def cache_key(source_identity: str, tokenizer, settings: dict[str, Any]) -> str:
@@ -57,13 +59,14 @@ def load(key: str) -> tuple[list[Example], dict[str, Any]] | None:
     try:
         with safe_open(str(path), framework="np") as handle:
             info = json.loads(handle.metadata()["info"])
-            arrays = {name: handle.get_tensor(name) for name in ("input_ids", "labels", "lengths", "row_ids")}
+            arrays = {name: handle.get_tensor(name) for name in ARRAYS}
     except Exception:  # a corrupt or foreign file is a miss, not a crash
         return None
     bounds = np.cumsum(arrays["lengths"])[:-1]
     input_ids, labels = np.split(arrays["input_ids"], bounds), np.split(arrays["labels"], bounds)
-    examples = [Example(int(row_id), ids.tolist(), row_labels.tolist())
-                for row_id, ids, row_labels in zip(arrays["row_ids"], input_ids, labels)]
+    examples = [Example(int(row_id), ids.tolist(), row_labels.tolist(), int(question))
+                for row_id, ids, row_labels, question in zip(arrays["row_ids"], input_ids, labels,
+                                                             arrays["questions"])]
     return examples, info
 
 
@@ -75,6 +78,7 @@ def save(key: str, examples: list[Example], info: dict[str, Any]) -> Path | None
         "labels": np.array([t for e in examples for t in e.labels], dtype=np.int32),
         "lengths": np.array([len(e.input_ids) for e in examples], dtype=np.int64),
         "row_ids": np.array([e.row_id for e in examples], dtype=np.int64),
+        "questions": np.array([e.question for e in examples], dtype=np.int64),
     }
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

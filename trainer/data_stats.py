@@ -92,13 +92,13 @@ class DataStats(dict):
 def format_stats(stats: dict[str, Any]) -> str:
     header = (f"{stats['train_examples']:,} train / {stats['eval_examples']:,} held-out examples, "
               f"template {stats['template']}, max_seq_len {stats['max_seq_len']}, cache {stats['cache']}")
-    columns = ("dataset", "format", "rows", "skipped", "cut", "dropped", "weight", "train", "eval",
+    columns = ("dataset", "format", "rows", "skipped", "cut", "dropped", "leaked", "weight", "train", "eval",
                "mean tok", "max tok", "trained")
     lines = []
     for d in stats["datasets"]:
         outcomes = d["outcomes"]
         lines.append((_short(d["name"]), d["format"], f"{d['rows']:,}", _count(outcomes, "skipped"),
-                      f"{outcomes.get('truncated', 0):,}", _count(outcomes, "dropped"),
+                      f"{outcomes.get('truncated', 0):,}", _count(outcomes, "dropped"), f"{d['leaked']:,}",
                       "eval" if d["weight"] is None else f"{d['weight']:g}",
                       f"{d['train']:,}", f"{d['eval']:,}", f"{d['mean_tokens']:.1f}", f"{d['max_tokens']:,}",
                       f"{100 * d['trained_fraction']:.1f}%"))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from trainer.config import DataConfig
 from trainer.data_formats import DataError, Row
+from trainer.leakage import question_id
 
 IGNORE_INDEX = -100
 
@@ -46,6 +47,7 @@ class Example:
     row_id: int
     input_ids: list[int]
     labels: list[int]
+    question: int = 0  # leakage.question_id of the row: equal for rows asking the same question
 
 
 def check_tokenizer(tokenizer) -> list[str]:
@@ -135,7 +137,7 @@ def tokenize_rows(tokenizer, rows: list[Row], format: str, config: DataConfig,
         if outcome != "kept":
             counts[outcome] += 1
         if example is not None:
-            examples.append(Example(row.record, *example))
+            examples.append(Example(row.record, *example, question_id(row.fields)))
     return examples, counts
 
 

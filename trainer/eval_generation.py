@@ -51,6 +51,13 @@ def evaluation_rows(recipe: Recipe, tokenizer, file: str | None,
         return rows, load_source(source, replace(data, max_rows=max_rows), tokenizer).examples
     _, held_out, _ = build_datasets(data, tokenizer, recipe.train.seed)
     held_out = held_out[:max_rows] if max_rows is not None else held_out
+    return held_out_rows(data, held_out), held_out
+
+
+def held_out_rows(data: DataConfig, held_out: list[Example]) -> list[dict]:
+    """The rows held-out examples of `build_datasets(data, ...)` were made from, in their order."""
+    if not held_out:
+        return []
     by_id = _rows_by_id(data)
     taken: Counter = Counter()
     rows = []
@@ -59,7 +66,7 @@ def evaluation_rows(recipe: Recipe, tokenizer, file: str | None,
         candidates = by_id[example.row_id]
         rows.append(candidates[min(taken[example.row_id], len(candidates) - 1)])
         taken[example.row_id] += 1
-    return rows, held_out
+    return rows
 
 
 def _rows_by_id(data: DataConfig) -> dict[int, list[dict]]:
@@ -117,10 +124,12 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
                                      device))
 
     if distributed.is_main():
+        # checkpoints/best resolves to the step-<N> it points at: results are named by what was scored.
         out = Path(opts.out) if opts.out else Path(recipe.output_dir) / "eval" / (
-            adapter_dir.name if adapter_dir is not None else "no-adapter")
+            adapter_dir.resolve().name if adapter_dir is not None else "no-adapter")
         write_results(out, texts, predictions, scores, summary, {
-            "adapter": str(adapter_dir) if adapter_dir else None, "options": asdict(opts)})
+            "adapter": str(adapter_dir) if adapter_dir else None,
+            "adapter_resolved": str(adapter_dir.resolve()) if adapter_dir else None, "options": asdict(opts)})
         log(text_metrics.format_table(summary))
         log(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
     distributed.barrier()

@@ -129,9 +129,10 @@ def _all_gather(value: dict) -> list[dict]:
 
 
 def sample_generations(model: nn.Module, tokenizer, rows: list[dict[str, str]], template: str,
-                       max_new_tokens: int, device: torch.device, batch_size: int = 8) -> list[dict[str, str]]:
+                       max_new_tokens: int, device: torch.device, batch_size: int = 8,
+                       max_prompt_tokens: int | None = None) -> list[dict[str, str]]:
     """A few held-out answers for the training log. Call on every rank with the same rows (it is
     a collective under ZeRO-3); returns [{instruction, input, reference, prediction}] on every rank."""
-    prompts = [prompt_ids(tokenizer, row, template) for row in rows]
+    prompts = [prompt_ids(tokenizer, row, template, max_prompt_tokens) for row in rows]
     predictions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, device)
     return [{**row_texts(row), "prediction": prediction} for row, prediction in zip(rows, predictions)]

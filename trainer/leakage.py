@@ -1,8 +1,14 @@
 """Train/held-out leakage: a held-out instruction that also appears in the training rows measures
 memory, not generalisation. Rows are compared on their normalised instruction + input
-(lowercase, whitespace collapsed, stripped); exact duplicates are dropped from train by default.
+(lowercase, whitespace collapsed, stripped); exact duplicates are dropped from train by default
+(data.drop_leaked).
+
+Tokenised examples carry `question_id(row)`, a number standing for the row's key, so the check
+runs on examples (and on examples read back from the tokenised cache) as well as on rows.
 """
 from __future__ import annotations
+
+import hashlib
 
 
 def row_key(row: dict) -> str:
@@ -13,6 +19,11 @@ def row_key(row: dict) -> str:
     else:
         text = f"{row['instruction']}\n{row.get('input', '')}"
     return " ".join(text.lower().split())
+
+
+def question_id(row: dict) -> int:
+    """`row_key` as a 63-bit number (fits an int64 array in the cache); collisions are negligible."""
+    return int.from_bytes(hashlib.blake2b(row_key(row).encode(), digest_size=8).digest(), "big") >> 1
 
 
 def leaked_train_indices(train_rows: list[dict], eval_rows: list[dict]) -> list[int]:
@@ -27,9 +38,10 @@ def drop_leaked(train_rows: list[dict], eval_rows: list[dict]) -> tuple[list[dic
     return [row for index, row in enumerate(train_rows) if index not in leaked], len(leaked)
 
 
-def leakage_note(n_dropped: int, n_train: int, n_eval: int) -> str | None:
+def leakage_note(n_leaked: int, n_train: int, n_eval: int, dropped: bool = True) -> str | None:
     """The line to print before training, or None when nothing leaked."""
-    if n_dropped == 0:
+    if n_leaked == 0:
         return None
-    return (f"leakage: {n_dropped} of {n_train} training rows repeat one of the {n_eval} held-out questions "
-            f"(normalised instruction + input); dropped from train")
+    outcome = "dropped from train" if dropped else "kept in train (data.drop_leaked: false)"
+    return (f"leakage: {n_leaked:,} of {n_train:,} training rows repeat one of the {n_eval:,} held-out questions "
+            f"(normalised instruction + input); {outcome}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,15 +16,19 @@ from trainer import builtin, checkpoint, distributed, health, preflight, resume
 from trainer.checkpoint import TrainState
 from trainer.config import Recipe, TrainConfig, deepspeed_config
 from trainer.data import BatchPlan, Example, build_datasets
+from trainer.eval_generation import held_out_rows
 from trainer.evaluate import evaluate_loss
+from trainer.generate import sample_generations
 from trainer.lora import adapter_parameters, apply_lora, parameter_summary
 from trainer.loss import CausalLMLoss
 from trainer.metrics import MetricsLog
 from trainer.model import load_base, load_tokenizer, resolve_base
 from trainer.packing import training_collate
 from trainer.adapter import base_fingerprint
-from trainer.report import TensorBoardLog, write_report
+from trainer.report import TensorBoardLog, append_samples, format_samples, samples_markdown, write_report
 from trainer.signals import StopRequest
+
+SAMPLE_MAX_NEW_TOKENS = 48  # sample answers in the training log stay short: a glance, not an evaluation
 
 
 def learning_rate(step: int, train: TrainConfig) -> float:
@@ -54,6 +59,7 @@ class Run:
     collate: object  # micro-batch -> tensors (packed rows when data.packing)
     train_set: list[Example]
     eval_set: list[Example]
+    sample_rows: list[dict]  # held-out rows answered in the training log (train.sample_count)
     plan: BatchPlan
     token_counts: list[int]
     base_name_or_path: str
@@ -100,12 +106,15 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
             if "eval_loss" in record:
                 say(f"step {state.step}: loss {loss:.4f}  eval_loss {record['eval_loss']:.4f}  "
                     f"eval_ppl {record['eval_ppl']:.2f}")
+        sample_every = recipe.train.sample_every
+        if run.sample_rows and ((sample_every and state.step % sample_every == 0) or last):
+            sample(run, state.step, say, tensorboard)
         if state.step % recipe.train.log_every == 0 or "eval_loss" in record or last:
             metrics.write(record)
             tensorboard.write(record)
         if state.step % recipe.train.save_every == 0 or last or stops:
             saved = checkpoint.save(Path(recipe.output_dir), run.model, run.optimizer, recipe,
-                                    run.base_name_or_path, state, run.meta)
+                                    run.base_name_or_path, state, run.meta, record.get("eval_loss"))
             say(f"saved {saved}")
         if stops and not last:
             say(f"stopping at step {state.step} as asked ({stop_request.signal_name or 'signal on another rank'}); "
@@ -151,6 +160,8 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
 
     with distributed.main_first():
         train_set, eval_set, data_stats = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+        # The rows behind the first held-out examples, for the sample generations in the log.
+        sample_rows = held_out_rows(recipe.data, eval_set[:recipe.train.sample_count])
     token_counts = [sum(label != -100 for label in e.labels[1:]) for e in train_set]
     resume_dir = resume.find_resume_dir(recipe)
     mean_tokens = sum(len(e.input_ids) for e in train_set) / max(len(train_set), 1)
@@ -183,7 +194,7 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
     plan = BatchPlan(len(train_set), recipe.train.global_batch_size, recipe.train.seed)
     batch_collate = training_collate(recipe, model, tokenizer.pad_token_id)
     run = Run(recipe, device, model, loss_model, engine, optimizer, tokenizer, batch_collate, train_set, eval_set,
-              plan, token_counts, base_name_or_path, meta)
+              sample_rows, plan, token_counts, base_name_or_path, meta)
     return run, state
 
 
@@ -244,3 +255,19 @@ def evaluate(run: Run, state: TrainState) -> dict:
     if state.best_eval_loss is None or result["eval_loss"] < state.best_eval_loss:
         state.best_eval_loss, state.best_step = result["eval_loss"], state.step
     return result
+
+
+def sample(run: Run, step: int, say: Callable[[str], None], tensorboard: TensorBoardLog) -> None:
+    """Greedy answers to a few held-out questions: printed, appended to samples.jsonl, and in
+    TensorBoard (rank 0). Every rank decodes, since under ZeRO-3 each forward pass is a collective."""
+    # Decoding runs in eval mode (no dropout) and greedy draws no random numbers; the fork keeps
+    # the training RNG streams exactly where they were regardless, so runs stay bitwise resumable.
+    devices = [run.device] if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        samples = sample_generations(run.model, run.tokenizer, run.sample_rows, run.recipe.data.template,
+                                     SAMPLE_MAX_NEW_TOKENS, run.device,
+                                     max_prompt_tokens=max(run.recipe.data.max_seq_len - SAMPLE_MAX_NEW_TOKENS, 1))
+    if distributed.is_main():
+        append_samples(Path(run.recipe.output_dir), step, samples)
+        say(format_samples(step, samples))
+        tensorboard.write_text("samples", samples_markdown(samples), step)

@@ -2,9 +2,10 @@
 
     write_report(output_dir)             <output_dir>/report.png: loss (train, held-out) and LR vs step
     TensorBoardLog(output_dir).write(r)  <output_dir>/tensorboard/: every number of a metrics record
+    append_samples(output_dir, step, s)  <output_dir>/samples.jsonl: held-out generations during training
 
 TensorBoard is optional (`pip install .[report]`): without it the log is a no-op, noted once.
-Both write on rank 0 only.
+All write on rank 0 only.
 """
 from __future__ import annotations
 
@@ -78,6 +79,42 @@ def write_report(output_dir: str | Path) -> Path | None:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def append_samples(output_dir: str | Path, step: int, samples: list[dict[str, str]]) -> Path:
+    """One line per sample: step, instruction, input, reference, prediction."""
+    path = Path(output_dir) / "samples.jsonl"
+    with open(path, "a", encoding="utf-8") as handle:
+        for sample in samples:
+            handle.write(json.dumps({"step": step, **sample}, ensure_ascii=False) + "\n")
+    return path
+
+
+def format_samples(step: int, samples: list[dict[str, str]], width: int = 100) -> str:
+    """The block printed during training: each question, its reference and the model's answer, one
+    line each, cut to `width` characters."""
+    lines = [f"samples at step {step} (greedy, held-out):"]
+    for number, sample in enumerate(samples, start=1):
+        question = sample["instruction"] + (f" | input: {sample['input']}" if sample["input"].strip() else "")
+        lines += [f"  [{number}] question:   {_one_line(question, width)}",
+                  f"      reference:  {_one_line(sample['reference'], width)}",
+                  f"      prediction: {_one_line(sample['prediction'], width)}"]
+    return "\n".join(lines)
+
+
+def samples_markdown(samples: list[dict[str, str]]) -> str:
+    """The samples as TensorBoard text (markdown)."""
+    blocks = []
+    for sample in samples:
+        question = sample["instruction"] + (f"\n\n{sample['input']}" if sample["input"].strip() else "")
+        blocks.append(f"**question**\n\n{question}\n\n**reference**\n\n{sample['reference']}\n\n"
+                      f"**prediction**\n\n{sample['prediction'] or '(empty)'}")
+    return "\n\n---\n\n".join(blocks)
+
+
+def _one_line(text: str, width: int) -> str:
+    text = " ".join(text.split()) or "(empty)"
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 class TensorBoardLog:
