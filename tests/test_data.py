@@ -58,7 +58,7 @@ def config(path, **overrides) -> DataConfig:
 def trained_runs(example: Example) -> list[list[int]]:
     """The label ids of each contiguous trained stretch (the loss never predicts position 0)."""
     runs, current = [], []
-    for label in example.labels[1:] + [IGNORE_INDEX]:
+    for label in [*example.labels[1:], IGNORE_INDEX]:
         if label != IGNORE_INDEX:
             current.append(label)
         elif current:
@@ -75,8 +75,8 @@ def test_prompt_is_masked_and_the_response_with_eos_is_trained(tokenizer, tmp_pa
     for example, row in zip(train, ROWS):
         prompt = tokenizer(render_prompt({"input": "", **row}, "alpaca"), add_special_tokens=False)["input_ids"]
         response = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
-        assert example.input_ids == [tokenizer.bos_token_id] + prompt + response + [tokenizer.eos_token_id]
-        assert example.labels == [IGNORE_INDEX] * (1 + len(prompt)) + response + [tokenizer.eos_token_id]
+        assert list(example.input_ids) == [tokenizer.bos_token_id] + prompt + response + [tokenizer.eos_token_id]
+        assert list(example.labels) == [IGNORE_INDEX] * (1 + len(prompt)) + response + [tokenizer.eos_token_id]
     batch = collate(train, tokenizer.pad_token_id)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert batch["row_ids"].tolist() == [0, 1, 2]
@@ -91,7 +91,7 @@ def test_llama2_encodings_bos_once_eos_trained_and_the_boundary_exact(llama2, tm
     train, _, stats = build_datasets(config(path, max_seq_len=512), llama2, seed=0)
     assert len(train) == len(rows) and stats["notes"][0].startswith("pad token was missing")
     for example, row in zip(train, rows):
-        ids, labels = example.input_ids, example.labels
+        ids, labels = list(example.input_ids), list(example.labels)
         assert ids[0] == 1 and ids.count(1) == 1, "BOS once, at the start (the '<s>' in the text stays text)"
         assert ids[-1] == labels[-1] == 2 and ids.count(2) == 1, "EOS once, at the end, trained"
         first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
@@ -221,8 +221,8 @@ def test_chat_rows_train_only_on_assistant_turns(tiny_base, tmp_path):
     for text, trained in [("<|system|>Be brief.<|user|>Reverse cat.<|assistant|>", False), ("tac", True),
                           ("<|user|>And dog?<|assistant|>", False), ("god", True)]:
         expected += [(token, trained) for token in piece(text)] + ([(eos, True)] if trained else [])
-    assert example.input_ids == [token for token, _ in expected]
-    assert example.labels == [token if trained else IGNORE_INDEX for token, trained in expected]
+    assert list(example.input_ids) == [token for token, _ in expected]
+    assert list(example.labels) == [token if trained else IGNORE_INDEX for token, trained in expected]
     assert [tokenizer.decode(run) for run in trained_runs(example)] == ["tac</s>", "god</s>"]
 
     # A template that writes BOS itself: BOS stays single.
@@ -260,7 +260,7 @@ def test_too_long_rows_truncate_the_prompt_drop_or_stop(tokenizer, tmp_path):
     cut = train[1]
     assert len(cut.input_ids) == 64 and cut.input_ids[0] == tokenizer.bos_token_id
     response = tokenizer("tac", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert cut.input_ids[-len(response):] == response == [t for t in cut.labels if t != IGNORE_INDEX]
+    assert list(cut.input_ids[-len(response):]) == response == [t for t in cut.labels if t != IGNORE_INDEX]
     assert stats["datasets"][0]["outcomes"] == {"truncated": 1, "dropped: response alone too long": 1}
     assert stats["dropped"] == 1
 

@@ -75,8 +75,8 @@ def test_collate_packed_lays_out_examples_with_positions_reset(examples):
         start = 0
         for n in lengths:
             example = next(placed)
-            assert batch["input_ids"][r, start:start + n].tolist() == example.input_ids
-            assert batch["labels"][r, start + 1:start + n].tolist() == example.labels[1:]
+            assert batch["input_ids"][r, start:start + n].tolist() == list(example.input_ids)
+            assert batch["labels"][r, start + 1:start + n].tolist() == list(example.labels[1:])
             start += n
         assert batch["input_ids"][r, start:].eq(0).all() and batch["labels"][r, start:].eq(IGNORE_INDEX).all()
     assert next(placed, None) is None and sorted(batch["row_ids"].tolist()) == sorted(by_row_id)

@@ -64,7 +64,7 @@ def load(key: str) -> tuple[list[Example], dict[str, Any]] | None:
         return None
     bounds = np.cumsum(arrays["lengths"])[:-1]
     input_ids, labels = np.split(arrays["input_ids"], bounds), np.split(arrays["labels"], bounds)
-    examples = [Example(int(row_id), ids.tolist(), row_labels.tolist(), int(question))
+    examples = [Example(int(row_id), ids, row_labels, int(question))
                 for row_id, ids, row_labels, question in zip(arrays["row_ids"], input_ids, labels,
                                                              arrays["questions"])]
     return examples, info
@@ -74,8 +74,8 @@ def save(key: str, examples: list[Example], info: dict[str, Any]) -> Path | None
     """Write the cache file; a cache that cannot be written costs time, not the run."""
     path = path_for(key)
     arrays = {
-        "input_ids": np.array([t for e in examples for t in e.input_ids], dtype=np.int32),
-        "labels": np.array([t for e in examples for t in e.labels], dtype=np.int32),
+        "input_ids": _joined([e.input_ids for e in examples]),
+        "labels": _joined([e.labels for e in examples]),
         "lengths": np.array([len(e.input_ids) for e in examples], dtype=np.int64),
         "row_ids": np.array([e.row_id for e in examples], dtype=np.int64),
         "questions": np.array([e.question for e in examples], dtype=np.int64),
@@ -90,3 +90,8 @@ def save(key: str, examples: list[Example], info: dict[str, Any]) -> Path | None
         print(f"warning: could not cache the tokenised data at {path}: {error}", flush=True)
         return None
     return path
+
+
+def _joined(sequences: list) -> np.ndarray:
+    """The examples' int32 token arrays end to end."""
+    return np.concatenate([np.frombuffer(s, dtype=np.int32) for s in sequences if len(s)] + [np.zeros(0, np.int32)])

@@ -8,7 +8,9 @@ pieces apart makes the mask boundary exact. Every example ends in a trained EOS.
 from __future__ import annotations
 
 import re
+from array import array
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from trainer.config import DataConfig
@@ -44,10 +46,26 @@ class TemplateRefused(DataError):
 
 @dataclass
 class Example:
+    """One tokenised row. Token ids are stored as int32 arrays (`array.array`, list-like): 4 bytes a
+    token where a list of Python ints takes about 36, which is most of a large dataset's memory."""
     row_id: int
-    input_ids: list[int]
-    labels: list[int]
+    input_ids: Sequence[int]
+    labels: Sequence[int]
     question: int = 0  # leakage.question_id of the row: equal for rows asking the same question
+
+    def __post_init__(self):
+        self.input_ids, self.labels = token_array(self.input_ids), token_array(self.labels)
+
+
+def token_array(values) -> array:
+    """Token ids (a list, an int32 numpy array or an array already) as an int32 `array.array`."""
+    if isinstance(values, array) and values.typecode == "i":
+        return values
+    if hasattr(values, "tobytes"):  # numpy: copy the buffer, no Python ints in between
+        packed = array("i")
+        packed.frombytes(values.astype("int32", copy=False).tobytes())
+        return packed
+    return array("i", values)
 
 
 def check_tokenizer(tokenizer) -> list[str]:
@@ -126,8 +144,7 @@ def tokenize_rows(tokenizer, rows: list[Row], format: str, config: DataConfig,
     # Row text is tokenised literally ("<s>" in an answer is text, not BOS); a chat template's
     # rendering is not, since it writes the special tokens itself.
     texts = [text for row_pieces in pieces if row_pieces for text, _ in row_pieces]
-    ids = iter(tokenizer(texts, add_special_tokens=False, split_special_tokens=not use_chat)["input_ids"]
-               if texts else [])
+    ids = _token_ids(tokenizer, texts, literal=not use_chat)
     examples = []
     for row, row_pieces in zip(rows, pieces):
         if row_pieces is None:
@@ -139,6 +156,14 @@ def tokenize_rows(tokenizer, rows: list[Row], format: str, config: DataConfig,
         if example is not None:
             examples.append(Example(row.record, *example, question_id(row.fields)))
     return examples, counts
+
+
+def _token_ids(tokenizer, texts: list[str], literal: bool, batch: int = 2048):
+    """Each text's token ids, tokenised a batch at a time: the Python lists of a whole large dataset
+    at once would take ~36 bytes a token before they become compact Examples."""
+    for start in range(0, len(texts), batch):
+        yield from tokenizer(texts[start:start + batch], add_special_tokens=False,
+                             split_special_tokens=literal)["input_ids"]
 
 
 def chat_pieces(tokenizer, template: str, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
