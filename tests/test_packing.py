@@ -129,3 +129,16 @@ def test_changing_one_example_leaves_the_next_one_in_its_row_unchanged(small_bas
     before, after = logits(original), logits(changed)
     assert not torch.allclose(before[:first], after[:first])
     assert torch.equal(after[first:first + second], before[first:first + second])
+
+
+def test_packing_is_the_default_and_falls_back_where_attention_cannot_isolate_examples(examples, capsys):
+    from types import SimpleNamespace
+
+    from trainer.packing import training_collate
+
+    recipe = recipe_from_dict({"data": {"max_seq_len": MAX_SEQ_LEN}})
+    assert recipe.data.packing
+    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    batch = training_collate(recipe, flash, pad_token_id=0)(examples[:4])
+    assert "segment_lengths" not in batch and batch["input_ids"].shape[0] == 4  # one example per row
+    assert "training with one example per row" in capsys.readouterr().out

@@ -73,7 +73,7 @@ class DataConfig:
     train_on_prompt: bool = False  # False: labels are -100 on prompt tokens
     max_rows: int | None = None  # cap on rows read per dataset (debugging, benchmarks)
     cache: bool = True  # reuse tokenised datasets from <cache dir>/tokenized
-    packing: bool = False  # pack several examples per row (attention isolated); loss unchanged
+    packing: bool = True  # pack several examples per row (attention isolated); loss unchanged
 
 
 @dataclass

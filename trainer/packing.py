@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from trainer import distributed
 from trainer.config import Recipe
 from trainer.data import IGNORE_INDEX, Example, collate
 
@@ -26,16 +27,19 @@ PACKED_ATTENTION = "packed_sdpa"
 
 def training_collate(recipe: Recipe, model: torch.nn.Module,
                      pad_token_id: int) -> Callable[[list[Example]], dict[str, torch.Tensor]]:
-    """The loop's micro-batch collate. With data.packing: packed rows, and an SDPA model switched to
-    packed attention; without: `trainer.data.collate` (one example per row, padded)."""
+    """The loop's micro-batch collate. With data.packing (the default): packed rows, and an SDPA model
+    switched to packed attention; without, or with an attention that cannot isolate the examples
+    of a row: `trainer.data.collate` (one example per row, padded)."""
     if not recipe.data.packing:
         return lambda examples: collate(examples, pad_token_id)
     attention = model.config._attn_implementation
     if attention in ("sdpa", PACKED_ATTENTION):
         use_packed_attention(model)
     elif attention != "eager":  # eager takes the 4D mask (made additive by CausalLMLoss)
-        raise ValueError(f"data.packing needs model.attn_implementation sdpa or eager, not {attention!r}; "
-                         f"set data.packing=false to train with it")
+        if distributed.is_main():
+            print(f"note: data.packing needs model.attn_implementation sdpa or eager, not {attention!r}; "
+                  f"training with one example per row", flush=True)
+        return lambda examples: collate(examples, pad_token_id)
     return lambda examples: collate_packed(examples, recipe.data.max_seq_len, pad_token_id)
 
 
