@@ -42,8 +42,9 @@ def lora_model(small_base_path: str, bits: int) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("chunk_tokens", [1, 7, 64, 1000])
-def test_chunked_cross_entropy_equals_full_in_value_and_gradients(chunk_tokens):
+@pytest.mark.parametrize("chunk_tokens,keep_logits_up_to", [(1, 0), (7, 0), (64, 0), (1000, 0), (7, 10**6)])
+def test_chunked_cross_entropy_equals_full_in_value_and_gradients(chunk_tokens, keep_logits_up_to):
+    # keep_logits_up_to=0: chunks recomputed in the backward; 10**6: small logits kept in one go.
     torch.manual_seed(0)
     head = nn.Linear(16, 50, bias=False)
     hidden = torch.randn(37, 16, requires_grad=True)
@@ -51,7 +52,7 @@ def test_chunked_cross_entropy_equals_full_in_value_and_gradients(chunk_tokens):
 
     full = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
     full_grads = torch.autograd.grad(full, [hidden, head.weight])
-    chunked, count = chunked_cross_entropy(head, hidden, targets, chunk_tokens)
+    chunked, count = chunked_cross_entropy(head, hidden, targets, chunk_tokens, keep_logits_up_to)
     chunked_grads = torch.autograd.grad(chunked, [hidden, head.weight])
 
     assert count == 37

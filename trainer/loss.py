@@ -1,8 +1,9 @@
 """The training objective: next-token cross-entropy on trained (label != -100) positions only.
 
-Hidden states of the trained positions are picked out before the vocabulary projection, and the
-projection + cross-entropy run in chunks under activation checkpointing, so the full
-[tokens x vocab] fp32 logits tensor is never held at once (for the forward or the backward).
+Hidden states of the trained positions are picked out before the vocabulary projection. When
+their logits would be large (a 32k vocabulary, thousands of tokens), the projection +
+cross-entropy run in chunks under activation checkpointing, so the full [tokens x vocab] fp32
+logits tensor is never held at once; small logits are computed in one go and kept for the backward.
 """
 from __future__ import annotations
 
@@ -45,8 +46,15 @@ class CausalLMLoss(nn.Module):
                                      targets[trained], self.chunk_tokens)
 
 
-def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                          chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+# Logits up to this many elements (64 MiB in fp32) are kept rather than recomputed in chunks.
+KEEP_LOGITS_UP_TO = 2**24
+
+
+def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
+                          keep_logits_up_to: int = KEEP_LOGITS_UP_TO) -> tuple[torch.Tensor, torch.Tensor]:
+    count = torch.tensor(targets.numel(), device=hidden.device)
+    if hidden.shape[0] * head.out_features <= keep_logits_up_to:
+        return _chunk_loss(head, hidden, targets), count
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
         chunk, chunk_targets = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
@@ -54,7 +62,7 @@ def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.
             total = total + checkpoint(_chunk_loss, head, chunk, chunk_targets, use_reentrant=False)
         else:
             total = total + _chunk_loss(head, chunk, chunk_targets)
-    return total, torch.tensor(targets.numel(), device=hidden.device)
+    return total, count
 
 
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
