@@ -55,7 +55,7 @@ def test_mistyped_value_names_the_key(tmp_path):
         load_recipe(write(tmp_path, "train: {max_steps: many}\n"))
     with pytest.raises(RecipeError, match=r"quant\.bits: must be 4, 8 or 16"):
         load_recipe(write(tmp_path, "quant: {bits: 3}\n"))
-    with pytest.raises(RecipeError, match=r"train\.sample_every: sample_every and sample_count must be 0 or more"):
+    with pytest.raises(RecipeError, match=r"train\.sample_count: must be 0 or more"):
         load_recipe(write(tmp_path, "train: {sample_count: -1}\n"))
     with pytest.raises(RecipeError, match=r"unknown key data\.drop_leak; did you mean data\.drop_leaked"):
         load_recipe(write(tmp_path, "data: {drop_leak: false}\n"))

@@ -8,7 +8,7 @@ import pytest
 
 from trainer.config import DataConfig, DataSource
 from trainer.data import build_datasets
-from trainer.leakage import drop_leaked, leakage_note, leaked_train_indices, question_id, row_key
+from trainer.leakage import leakage_note, question_id, row_key
 
 
 def row(instruction, input_="", output="x"):
@@ -24,14 +24,10 @@ def test_questions_are_compared_normalised_and_answers_ignored():
     assert question_id(row("Add the numbers.", "1 + 2")) != question_id(row("Add the numbers.", "1 + 3"))
 
 
-def test_drop_leaked_removes_train_duplicates_of_held_out_questions():
-    train = [row("Reverse the word.", "cat"), row("Add the two numbers.", "1 + 2"), row("REVERSE the word.", " cat ")]
-    held_out = [row("reverse the word.", "cat", "tac"), row("Count the words.", "a b")]
-    assert leaked_train_indices(train, held_out) == [0, 2]
-    kept, dropped = drop_leaked(train, held_out)
-    assert kept == [train[1]] and dropped == 2
-    assert "2 of 3 training rows" in leakage_note(dropped, len(train), len(held_out))
-    assert drop_leaked(train, []) == (train, 0) and leakage_note(0, 3, 0) is None
+def test_the_leakage_note_counts_and_says_what_happened():
+    assert "2 of 3 training rows" in leakage_note(2, 3, 5) and "dropped from train" in leakage_note(2, 3, 5)
+    assert "kept in train" in leakage_note(2, 3, 5, dropped=False)
+    assert leakage_note(0, 3, 5) is None
 
 
 # ------------------------------------------------------------------------------ in build_datasets

@@ -122,3 +122,17 @@ def test_dropout_drops_at_the_asked_rate_and_leaves_the_update_unbiased():
     mean = torch.stack([layer(x) for _ in range(4000)]).mean(0)
     update = expected - layer.base_layer(x)
     assert (mean - expected).norm() / update.norm() < 0.03  # inverted dropout: unbiased in expectation
+
+
+def test_a_bf16_base_with_fp32_adapters_gives_the_update_and_gradients():
+    torch.manual_seed(0)
+    base = nn.Linear(32, 16, bias=False).to(torch.bfloat16).requires_grad_(False)
+    layer = LoRALinear(base, r=4, alpha=8)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    expected = base(x).float() + 2.0 * (x.float() @ layer.lora_A.weight.t() @ layer.lora_B.weight.t())
+    torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=5e-2)
+    y.float().sum().backward()
+    assert layer.lora_A.weight.grad.abs().sum() > 0 and layer.lora_B.weight.grad.dtype == torch.float32

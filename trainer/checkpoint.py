@@ -18,6 +18,7 @@ the checkpoint it points at, and `resume=auto` never follows it (it takes the ne
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -55,6 +56,7 @@ class TrainState:
     position_in_epoch: int = 0  # examples_seen % training examples
     global_batch_size: int = 0
     world_size: int = 1
+    train_examples: int = 0  # size of the training set the cursor counts in (a resume checks it)
     best_eval_loss: float | None = None
     best_step: int | None = None
 
@@ -164,7 +166,7 @@ def save(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, r
         needed = sum(t.numel() * t.element_size() for t in [*weights.values(), *moments.values()]) + 2**20
         try:
             _write(final, weights, moments, rng_states, recipe, base_name_or_path, state,
-                   {**meta, "eval_loss": eval_loss}, adam_step, needed)
+                   {**meta, "eval_loss": eval_loss if eval_loss is not None and math.isfinite(eval_loss) else None}, adam_step, needed)
         except (OSError, CheckpointError) as failure:
             shutil.rmtree(final.with_name(f".tmp-{final.name}"), ignore_errors=True)
             error = (str(failure) if isinstance(failure, CheckpointError) else
@@ -206,7 +208,11 @@ def _write(final: Path, weights: dict, moments: dict, rng_states: list, recipe: 
     if final.exists():
         shutil.rmtree(final)
     os.replace(temporary, final)
-    mark_best_and_prune(final, recipe.train.keep_last)
+    try:
+        mark_best_and_prune(final, recipe.train.keep_last)
+    except OSError as error:  # the checkpoint itself is complete: keep training
+        print(f"warning: checkpoint {final} is saved, but marking the best one or pruning old ones failed "
+              f"({error})", flush=True)
 
 
 def _check_shapes(weights: dict[str, torch.Tensor], recipe: Recipe, where: str) -> None:
@@ -253,7 +259,7 @@ def saved_eval_loss(checkpoint: Path) -> float | None:
         loss = json.loads((checkpoint / "meta.json").read_text()).get("eval_loss")
     except (OSError, json.JSONDecodeError, AttributeError):
         return None
-    return float(loss) if isinstance(loss, (int, float)) else None
+    return float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
 
 
 def best_checkpoint(checkpoints: Path) -> Path | None:
@@ -271,6 +277,10 @@ def mark_best(checkpoint: Path) -> None:
     checkpoints = checkpoint.parent
     temporary = checkpoints / f".tmp-{BEST}-{os.getpid()}"
     temporary.unlink(missing_ok=True)
+    if (checkpoints / BEST).is_dir() and not (checkpoints / BEST).is_symlink():
+        # A copy made by a tool that followed the link (cp -r, rsync -L): stale, and in the way.
+        print(f"note: {checkpoints / BEST} was a directory (a copied link), not a link; replacing it", flush=True)
+        shutil.rmtree(checkpoints / BEST)
     try:
         os.symlink(checkpoint.name, temporary, target_is_directory=True)
         os.replace(temporary, checkpoints / BEST)

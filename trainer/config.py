@@ -125,7 +125,7 @@ class Recipe:
         _check(self.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
                "must be auto, float32, bfloat16 or float16")
         _check(self.lora.r > 0, "lora.r", "must be positive")
-        _check(0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        _check(0.0 <= self.lora.dropout <= 0.99, "lora.dropout", "must be in [0, 0.99]")
         _check(len(self.lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
         _check(self.data.template in ("alpaca", "plain", "chat") or "{instruction}" in self.data.template,
                "data.template", "must be alpaca, plain, chat, or a template string with {instruction}")
@@ -146,8 +146,8 @@ class Recipe:
         _check(t.save_every > 0 and t.eval_every > 0 and t.log_every > 0, "train.save_every",
                "save_every, eval_every and log_every must be positive")
         _check(t.keep_last is None or t.keep_last > 0, "train.keep_last", "must be positive or null")
-        _check(t.sample_every >= 0 and t.sample_count >= 0, "train.sample_every",
-               "sample_every and sample_count must be 0 or more")
+        _check(t.sample_every >= 0, "train.sample_every", "must be 0 or more")
+        _check(t.sample_count >= 0, "train.sample_count", "must be 0 or more")
         _check(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", "must be stop or skip")
         _check(t.collective_timeout_minutes > 0, "train.collective_timeout_minutes", "must be positive")
         if self.quant.bits == 8 and self.deepspeed.zero_stage == 3:

@@ -26,7 +26,7 @@ from trainer.data_tokenize import (IGNORE_INDEX, TEMPLATES, Example, chat_templa
 from trainer.leakage import leakage_note
 
 __all__ = ["IGNORE_INDEX", "TEMPLATES", "BatchPlan", "DataError", "DataStats", "Example", "build_datasets",
-           "collate", "format_stats", "load_source", "read_rows", "render_prompt", "split_rows"]
+           "collate", "format_stats", "load_source", "read_rows", "render_prompt", "split_rows", "token_tensor"]
 
 
 def read_rows(path: str, split: str = "train", max_rows: int | None = None, *, format: str = "auto",
@@ -151,6 +151,11 @@ def weighted(examples: list[Example], weight: float, seed: list[int]) -> list[Ex
     return examples * int(whole) + [examples[i] for i in sorted(extra.tolist())]
 
 
+def token_tensor(ids) -> torch.Tensor:
+    """An example's int32 token array as a tensor, sharing its memory (no element-wise copy)."""
+    return torch.frombuffer(ids, dtype=torch.int32) if len(ids) else torch.zeros(0, dtype=torch.int32)
+
+
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
     length = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
@@ -158,8 +163,8 @@ def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tenso
     attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
     for i, example in enumerate(examples):
         n = len(example.input_ids)
-        input_ids[i, :n] = torch.tensor(example.input_ids)
-        labels[i, :n] = torch.tensor(example.labels)
+        input_ids[i, :n] = token_tensor(example.input_ids)
+        labels[i, :n] = token_tensor(example.labels)
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
             "row_ids": torch.tensor([e.row_id for e in examples])}

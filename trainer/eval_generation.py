@@ -58,7 +58,7 @@ def held_out_rows(data: DataConfig, held_out: list[Example]) -> list[dict]:
     """The rows held-out examples of `build_datasets(data, ...)` were made from, in their order."""
     if not held_out:
         return []
-    by_id = _rows_by_id(data)
+    by_id = _rows_by_id(data, {example.row_id for example in held_out})
     taken: Counter = Counter()
     rows = []
     for example in held_out:
@@ -69,9 +69,9 @@ def held_out_rows(data: DataConfig, held_out: list[Example]) -> list[dict]:
     return rows
 
 
-def _rows_by_id(data: DataConfig) -> dict[int, list[dict]]:
-    """Rows by the id `build_datasets` gives their examples: the record's position, counted on
-    across the datasets of a mixture, then the separate held-out file."""
+def _rows_by_id(data: DataConfig, wanted: set[int]) -> dict[int, list[dict]]:
+    """The `wanted` rows by the id `build_datasets` gives their examples: the record's position,
+    counted on across the datasets of a mixture, then the separate held-out file."""
     sources = data.mixture or [DataSource(data.path, 1.0, data.split, data.format, data.columns)]
     if data.eval_path:
         sources = [*sources, DataSource(data.eval_path, 1.0, data.split, data.format, data.columns)]
@@ -81,7 +81,8 @@ def _rows_by_id(data: DataConfig) -> dict[int, list[dict]]:
         read = read_source(locate(source.path, source.split), source.format, source.columns, data.max_rows,
                            data.on_bad_row)
         for row in read.rows:
-            by_id[offset + row.record].append(row.fields)
+            if offset + row.record in wanted:
+                by_id[offset + row.record].append(row.fields)
         offset += read.records
     return by_id
 
@@ -93,7 +94,8 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
         raise RecipeError("eval.batch_size and eval.max_new_tokens must be positive")
     device = distributed.init()
     log = print if distributed.is_main() else (lambda *a, **k: None)
-    adapter_dir = None if opts.adapter.lower() == "none" else Path(opts.adapter)
+    # Resolved once: a `best` link that moves while this runs must not change what is evaluated.
+    adapter_dir = None if opts.adapter.lower() == "none" else Path(opts.adapter).resolve()
     if adapter_dir is not None:
         for warning in check_adapter(recipe, adapter_dir):
             log(f"warning: {warning}")
@@ -126,10 +128,10 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
     if distributed.is_main():
         # checkpoints/best resolves to the step-<N> it points at: results are named by what was scored.
         out = Path(opts.out) if opts.out else Path(recipe.output_dir) / "eval" / (
-            adapter_dir.resolve().name if adapter_dir is not None else "no-adapter")
+            adapter_dir.name if adapter_dir is not None else "no-adapter")
         write_results(out, texts, predictions, scores, summary, {
-            "adapter": str(adapter_dir) if adapter_dir else None,
-            "adapter_resolved": str(adapter_dir.resolve()) if adapter_dir else None, "options": asdict(opts)})
+            "adapter": opts.adapter if adapter_dir else None,
+            "adapter_resolved": str(adapter_dir) if adapter_dir else None, "options": asdict(opts)})
         log(text_metrics.format_table(summary))
         log(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
     distributed.barrier()

@@ -26,18 +26,6 @@ def question_id(row: dict) -> int:
     return int.from_bytes(hashlib.blake2b(row_key(row).encode(), digest_size=8).digest(), "big") >> 1
 
 
-def leaked_train_indices(train_rows: list[dict], eval_rows: list[dict]) -> list[int]:
-    """Positions of the training rows whose question is also a held-out one."""
-    held_out = {row_key(row) for row in eval_rows}
-    return [index for index, row in enumerate(train_rows) if row_key(row) in held_out]
-
-
-def drop_leaked(train_rows: list[dict], eval_rows: list[dict]) -> tuple[list[dict], int]:
-    """The training rows without those that duplicate a held-out question, and how many went."""
-    leaked = set(leaked_train_indices(train_rows, eval_rows))
-    return [row for index, row in enumerate(train_rows) if index not in leaked], len(leaked)
-
-
 def leakage_note(n_leaked: int, n_train: int, n_eval: int, dropped: bool = True) -> str | None:
     """The line to print before training, or None when nothing leaked."""
     if n_leaked == 0:

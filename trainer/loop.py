@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +108,7 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
                 say(f"step {state.step}: loss {loss:.4f}  eval_loss {record['eval_loss']:.4f}  "
                     f"eval_ppl {record['eval_ppl']:.2f}")
         sample_every = recipe.train.sample_every
-        if run.sample_rows and ((sample_every and state.step % sample_every == 0) or last):
+        if run.sample_rows and not stops and ((sample_every and state.step % sample_every == 0) or last):
             sample(run, state.step, say, tensorboard)
         if state.step % recipe.train.log_every == 0 or "eval_loss" in record or last:
             metrics.write(record)
@@ -185,6 +186,10 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
     state = TrainState(global_batch_size=recipe.train.global_batch_size, world_size=world)
     if resume_dir is not None:
         state = resume.restore_training_state(resume_dir, model, optimizer, engine.optimizer)
+        if state.train_examples and state.train_examples != len(train_set) and distributed.is_main():
+            warnings.warn(f"{resume_dir} was trained on {state.train_examples:,} examples, this run has "
+                          f"{len(train_set):,}: the data order from here differs from an uninterrupted run",
+                          stacklevel=2)
         log(f"resumed from {resume_dir} at step {state.step} (epoch {state.epoch}, "
             f"example {state.position_in_epoch} of {len(train_set)})")
     meta = {"base_model": base_name_or_path, "base_fingerprint": base_fingerprint(base_name_or_path,
@@ -242,6 +247,7 @@ def advance(state: TrainState, run: Run, loss: float, lr: float, started: float,
     state.examples_seen = state.step * recipe.train.global_batch_size
     state.epoch, state.position_in_epoch = divmod(state.examples_seen, len(run.train_set))
     state.global_batch_size, state.world_size = recipe.train.global_batch_size, distributed.world_size()
+    state.train_examples = len(run.train_set)
     record = {"step": state.step, "loss": loss, "lr": lr, "epoch": round(run.plan.epoch(state.step), 4),
               "tokens_seen": state.tokens_seen, "step_time": round(time.perf_counter() - started, 4)}
     return {**record, "skipped": True} if skipped else record

@@ -41,7 +41,8 @@ class LoRALinear(nn.Module):
         self.alpha = alpha
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.dropout = dropout
-        # Adapters train in fp32 whatever the base's storage: their optimizer state is tiny.
+        # Adapters are created in fp32. Under DeepSpeed with bf16 on, the engine casts them to bf16 for
+        # compute and keeps an fp32 master copy in the optimizer; outside it they compute in fp32.
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=_device_of(base_layer), dtype=torch.float32)
         self.lora_B = _LoRAUp(r, self.out_features, bias=False, device=_device_of(base_layer), dtype=torch.float32)
         self.merged = False
@@ -65,7 +66,7 @@ class LoRALinear(nn.Module):
         h = self.lora_A(x)
         if result.dtype == adapter_dtype:
             return self.lora_B(h, base=result, alpha=scaling)
-        return result + (self.lora_B(h) * scaling).to(result.dtype)  # e.g. a bf16 base, fp32 adapters
+        return result + (self.lora_B(h) * scaling).to(result.dtype)  # e.g. a bf16 base, fp32 adapters (no DeepSpeed)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling

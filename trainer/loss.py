@@ -46,7 +46,8 @@ class CausalLMLoss(nn.Module):
                                      targets[trained], self.chunk_tokens)
 
 
-# Logits up to this many elements (64 MiB in fp32) are kept rather than recomputed in chunks.
+# Logits up to this many elements are kept rather than recomputed in chunks: 64 MiB in fp32, and
+# about as much again for the log-softmax the backward keeps (plus the compute-dtype logits).
 KEEP_LOGITS_UP_TO = 2**24
 
 

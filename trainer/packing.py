@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from trainer import distributed
 from trainer.config import Recipe
-from trainer.data import IGNORE_INDEX, Example, collate
+from trainer.data import IGNORE_INDEX, Example, collate, token_tensor
 
 PACKED_ATTENTION = "packed_sdpa"
 
@@ -79,8 +79,8 @@ def collate_packed(examples: list[Example], max_seq_len: int, pad_token_id: int)
         for segment, index in enumerate(row):
             example = examples[index]
             n = len(example.input_ids)
-            input_ids[r, start:start + n] = torch.tensor(example.input_ids)
-            labels[r, start + 1:start + n] = torch.tensor(example.labels[1:])
+            input_ids[r, start:start + n] = token_tensor(example.input_ids)
+            labels[r, start + 1:start + n] = token_tensor(example.labels[1:])
             position_ids[r, start:start + n] = torch.arange(n)
             segment_ids[r, start:start + n] = segment
             start += n

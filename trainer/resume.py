@@ -29,7 +29,7 @@ MUST_MATCH = ("model.name_or_path", "quant.bits", "quant.quant_type", "quant.dou
 # Fields that change how training continues: allowed, with a warning.
 WARN_IF_CHANGED = ("train.learning_rate", "train.max_steps", "train.warmup_steps", "train.min_lr_ratio",
                    "train.weight_decay", "train.global_batch_size", "data.path", "data.max_seq_len",
-                   "lora.dropout", "train.seed")
+                   "lora.dropout", "train.seed", "data.drop_leaked", "data.packing", "data.eval_fraction")
 
 
 def on_main(read):
