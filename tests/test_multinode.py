@@ -189,6 +189,7 @@ def network_namespaces():
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # `make test-slow` (CI runs it after `make test`)
 def test_two_nodes_in_separate_network_namespaces_train_and_resume(tmp_path, one_node_reference,
                                                                    network_namespaces):
     (namespace0, interface0), (namespace1, interface1) = network_namespaces
@@ -339,6 +340,7 @@ def test_slurm_script_refuses_to_start_without_a_recipe(tmp_path):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # `make test-slow` (CI runs it after `make test`)
 def test_slurm_script_trains_on_two_nodes_with_a_shared_output_dir(tmp_path, one_node_reference):
     output_dir = tmp_path / "shared_out"
     result = subprocess.run(["bash", "launch/slurm.sbatch", "recipes/tiny_alpaca.yaml", f"output_dir={output_dir}",
