@@ -66,6 +66,10 @@ class Run:
     base_name_or_path: str
     meta: dict
 
+    def trained_tokens(self, step: int) -> int:
+        """Response tokens the loss is taken on in optimizer step `step` (0-based), over all ranks."""
+        return sum(self.token_counts[i] for i in self.plan.indices(step))
+
 
 def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
     run, state = setup(recipe, dry_run)
@@ -85,7 +89,8 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
         lr = learning_rate(state.step, recipe.train)
         snapshot = (health.UpdateSnapshot(run.model, run.optimizer, run.engine.optimizer)
                     if recipe.train.on_nonfinite == "skip" else None)
-        loss, grad_norm, stops, bad_rows = train_step(run, state.step, lr, stop_request.requested)
+        step_tokens = run.trained_tokens(state.step)
+        loss, grad_norm, stops, bad_rows = train_step(run, state.step, lr, stop_request.requested, step_tokens)
         if not (health.is_finite(loss) and health.is_finite(grad_norm)):
             skips += 1
             if snapshot is None or skips > recipe.train.max_consecutive_skips:
@@ -97,7 +102,7 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
         else:
             skips = 0
         state.step += 1
-        record = advance(state, run, loss, lr, started, skipped=skips > 0)
+        record = advance(state, run, loss, lr, started, step_tokens, skipped=skips > 0)
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
 
@@ -203,7 +208,8 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
     return run, state
 
 
-def train_step(run: Run, step: int, lr: float, stop_requested: bool) -> tuple[float, float | None, bool, list[int]]:
+def train_step(run: Run, step: int, lr: float, stop_requested: bool,
+               step_tokens: int) -> tuple[float, float | None, bool, list[int]]:
     """One optimizer step over the global batch. Returns the global loss, gradient norm, whether any
     rank asked to stop, and (when the loss is not finite) the row ids of the offending micro-batches."""
     recipe, engine, rank, world = run.recipe, run.engine, distributed.rank(), distributed.world_size()
@@ -213,7 +219,6 @@ def train_step(run: Run, step: int, lr: float, stop_requested: bool) -> tuple[fl
     # The loss is the token-weighted mean over the whole global batch: each micro-batch's sum is
     # divided by the step's total trained tokens (known from the plan on every rank), and rescaled
     # by what DeepSpeed divides by (accumulation x world size) when it averages gradients.
-    step_tokens = sum(run.token_counts[i] for i in run.plan.indices(step))
     step_loss, bad_rows = 0.0, []
     for micro_batch in run.plan.rank_micro_batches(step, rank, world, recipe.train.micro_batch_size):
         batch = {k: v.to(run.device) for k, v in run.collate([run.train_set[i] for i in micro_batch]).items()}
@@ -240,10 +245,11 @@ def train_step(run: Run, step: int, lr: float, stop_requested: bool) -> tuple[fl
     return total_loss / step_tokens, grad_norm, bool(stops), bad_rows
 
 
-def advance(state: TrainState, run: Run, loss: float, lr: float, started: float, skipped: bool) -> dict:
+def advance(state: TrainState, run: Run, loss: float, lr: float, started: float, step_tokens: int,
+            skipped: bool) -> dict:
     """Move the counters and the data cursor past the step just taken; return its metrics record."""
     recipe = run.recipe
-    state.tokens_seen += sum(run.token_counts[i] for i in run.plan.indices(state.step - 1))
+    state.tokens_seen += step_tokens
     state.examples_seen = state.step * recipe.train.global_batch_size
     state.epoch, state.position_in_epoch = divmod(state.examples_seen, len(run.train_set))
     state.global_batch_size, state.world_size = recipe.train.global_batch_size, distributed.world_size()
