@@ -125,10 +125,14 @@ def test_single_process_run_and_plain_resume_continue_the_same_losses(tmp_path, 
     run_cli(["launch/train.py", "recipes/tiny_alpaca.yaml", f"output_dir={straight}", *SHORT])
     # A run stopped after step 3 is the straight run's step-3 checkpoint in a directory of its own.
     shutil.copytree(straight / "checkpoints" / "step-3", stopped / "checkpoints" / "step-3")
-    run_cli(["launch/train.py", "recipes/tiny_alpaca.yaml", f"output_dir={stopped}", *SHORT, "resume=auto"])
+    run_cli(["launch/train.py", "recipes/tiny_alpaca.yaml", f"output_dir={stopped}", *SHORT, "resume=auto",
+             "train.report=false"])
     expected = {m["step"]: m["loss"] for m in read_metrics(straight) if m["step"] > 3}
     resumed = {m["step"]: m["loss"] for m in read_metrics(stopped)}
     assert resumed == expected
+    # train.report=false: metrics.jsonl only, no TensorBoard events or report.png.
+    assert (straight / "report.png").is_file() and (straight / "tensorboard").is_dir()
+    assert not (stopped / "report.png").exists() and not (stopped / "tensorboard").exists()
     final_straight = resume.load_adapter_weights(straight / "checkpoints/step-6")
     final_resumed = resume.load_adapter_weights(stopped / "checkpoints/step-6")
     assert all(torch.equal(final_straight[k], final_resumed[k]) for k in final_straight)

@@ -57,6 +57,7 @@ class Job:
             "train.weight_decay=0", "train.warmup_steps=2", "train.grad_clip=1.0", "train.log_every=1",
             f"train.eval_every={10 ** 6}", f"train.save_every={10 ** 6}",
             f"train.activation_checkpointing={str(self.activation_checkpointing).lower()}",
+            "train.report=false",  # no TensorBoard events or report.png: theirs runs with report_to="none"
         ]
 
 

@@ -19,6 +19,7 @@ from trainer.config import Recipe, TrainConfig, deepspeed_config
 from trainer.data import BatchPlan, Example, build_datasets
 from trainer.eval_generation import held_out_rows
 from trainer.evaluate import evaluate_loss
+from trainer.fused import use_fused_mlp
 from trainer.generate import sample_generations
 from trainer.lora import adapter_parameters, apply_lora, parameter_summary
 from trainer.loss import CausalLMLoss
@@ -77,7 +78,7 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
         return None
     rank, world = distributed.rank(), distributed.world_size()
     metrics = MetricsLog(Path(recipe.output_dir))
-    tensorboard = TensorBoardLog(Path(recipe.output_dir))  # rank 0, when tensorboard is installed
+    tensorboard = TensorBoardLog(Path(recipe.output_dir), recipe.train.report)  # rank 0, when installed
     progress = tqdm(total=recipe.train.max_steps, initial=state.step, disable=rank != 0, desc="train",
                     dynamic_ncols=True)
     say = progress.write if rank == 0 else (lambda *_: None)
@@ -129,7 +130,7 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
     progress.close()
     metrics.close()
     tensorboard.close()
-    if distributed.is_main():
+    if distributed.is_main() and recipe.train.report:
         report = write_report(Path(recipe.output_dir))
         if report is not None:
             print(f"report: {report}")
@@ -158,6 +159,8 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
     torch.manual_seed(recipe.train.seed)
     apply_lora(model, recipe.lora.target_modules, recipe.lora.r, recipe.lora.alpha,
                recipe.lora.dropout, recipe.lora.rslora)
+    if recipe.train.fused_mlp:
+        use_fused_mlp(model)
     if recipe.train.activation_checkpointing:
         from trainer.loss import enable_activation_checkpointing
 

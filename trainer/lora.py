@@ -18,6 +18,38 @@ ADAPTER_MARKERS = (".lora_A.", ".lora_B.")
 MASK_LEVELS = 65536
 
 
+class _MaskedLinear(torch.autograd.Function):
+    """where(keep, x, 0) @ W^T. Saves x and the boolean mask, not the masked copy of x: q, k and v
+    read the same x, so it is held once. `where` also avoids multiplying by a bool tensor, which
+    takes a type-promoting path about 20x slower than a float multiply on CPU."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, keep, weight)
+        return F.linear(torch.where(keep, x, 0.0), weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+        x, keep, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.where(keep, grad @ weight, 0.0)
+        if ctx.needs_input_grad[2]:
+            kept = torch.where(keep, x, 0.0)
+            grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ kept.reshape(-1, kept.shape[-1])
+        return grad_x, None, grad_weight
+
+
+class _LoRADown(nn.Linear):
+    """lora_A, with dropout given as a boolean keep mask (see `_MaskedLinear`). A module of its own,
+    so ZeRO-3 gathers A when it runs."""
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        if keep is None:
+            return F.linear(x, self.weight)
+        return _MaskedLinear.apply(x, keep, self.weight)
+
+
 class _LoRAUp(nn.Linear):
     """lora_B: with `base` given, returns base + alpha * (h @ B^T) in one matrix multiply (no
     separate scale and add over the layer's output). A module of its own, so ZeRO-3 gathers B
@@ -43,7 +75,7 @@ class LoRALinear(nn.Module):
         self.dropout = dropout
         # Adapters are created in fp32. Under DeepSpeed with bf16 on, the engine casts them to bf16 for
         # compute and keeps an fp32 master copy in the optimizer; outside it they compute in fp32.
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=_device_of(base_layer), dtype=torch.float32)
+        self.lora_A = _LoRADown(self.in_features, r, bias=False, device=_device_of(base_layer), dtype=torch.float32)
         self.lora_B = _LoRAUp(r, self.out_features, bias=False, device=_device_of(base_layer), dtype=torch.float32)
         self.merged = False
         self.reset_adapter()
@@ -58,12 +90,12 @@ class LoRALinear(nn.Module):
         if self.merged:
             return result
         adapter_dtype, scaling = self.lora_A.weight.dtype, self.scaling
-        x = x.to(adapter_dtype)
+        x, keep = x.to(adapter_dtype), None
         if self.training and self.dropout > 0:
             # Inverted dropout, its 1 / keep-probability folded into the scaling.
             keep, keep_probability = dropout_keep_mask(x, self.dropout)
-            x, scaling = x * keep, scaling / keep_probability
-        h = self.lora_A(x)
+            scaling = scaling / keep_probability
+        h = self.lora_A(x, keep)
         if result.dtype == adapter_dtype:
             return self.lora_B(h, base=result, alpha=scaling)
         return result + (self.lora_B(h) * scaling).to(result.dtype)  # e.g. a bf16 base, fp32 adapters (no DeepSpeed)

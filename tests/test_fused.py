@@ -1,0 +1,118 @@
+"""The memory-lean training ops give the same numbers as plain autograd, and hold less for the
+backward: the fused SwiGLU MLP (trainer/fused.py) and LoRA-A with its dropout mask (trainer/lora.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.config import recipe_from_dict
+from trainer.fused import SiluMul, use_fused_mlp
+from trainer.lora import LoRALinear, adapter_parameters, apply_lora, lora_layers
+from trainer.loss import CausalLMLoss
+from trainer.model import load_base
+from trainer.packing import collate_packed, use_packed_attention
+from tests.test_loss import examples  # noqa: F401  (a fixture)
+
+
+def saved_bytes(run) -> int:
+    """Bytes of distinct storages autograd keeps for the backward while `run()` builds the graph."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = run()
+    return result, sum(storages.values())
+
+
+def test_silu_mul_is_autograds_silu_times_up_in_value_and_gradients():
+    torch.manual_seed(0)
+    gate, up = torch.randn(3, 5, 7, requires_grad=True), torch.randn(3, 5, 7, requires_grad=True)
+    grad = torch.randn(3, 5, 7)
+    (expected_gate, expected_up), expected = torch.autograd.grad(F.silu(gate) * up, (gate, up), grad), F.silu(gate) * up
+    out = SiluMul.apply(gate, up)
+    fused_gate, fused_up = torch.autograd.grad(out, (gate, up), grad)
+    assert torch.equal(out, expected)
+    assert torch.equal(fused_gate, expected_gate) and torch.equal(fused_up, expected_up)
+
+
+def lora_model(small_base_path: str, fused: bool, dropout: float = 0.0) -> nn.Module:
+    model, _ = load_base(recipe_from_dict({"model": {"name_or_path": small_base_path}, "quant": {"bits": 4}}),
+                         torch.device("cpu"))
+    torch.manual_seed(0)
+    apply_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj"], r=4, alpha=8.0, dropout=dropout)
+    for layer in lora_layers(model).values():  # B != 0: gradients reach A as well as B
+        nn.init.normal_(layer.lora_B.weight, std=0.1)
+    if fused:
+        assert use_fused_mlp(model) == model.config.num_hidden_layers
+    use_packed_attention(model)
+    return model.train()
+
+
+def test_fused_mlp_keeps_loss_and_adapter_gradients_and_saves_less(small_base_path, small_tokenizer, examples):  # noqa: F811
+    batch = collate_packed(examples, 64, small_tokenizer.pad_token_id)
+    results = {}
+    for fused in (False, True):
+        model = lora_model(small_base_path, fused)
+        (loss_sum, _), saved = saved_bytes(lambda model=model: CausalLMLoss(model)(**batch))
+        loss_sum.backward()
+        results[fused] = loss_sum.detach(), adapter_parameters(model), saved
+    (plain_loss, plain_params, plain_saved), (fused_loss, fused_params, fused_saved) = results[False], results[True]
+    assert torch.equal(fused_loss, plain_loss)
+    for name, parameter in plain_params.items():
+        torch.testing.assert_close(fused_params[name].grad, parameter.grad, rtol=1e-5, atol=1e-7,
+                                   msg=lambda message, name=name: f"{name}: {message}")
+    # One [tokens x intermediate] fp32 tensor less per layer.
+    config = model.config
+    tokens = int(batch["segment_lengths"].sum())
+    expected_saving = config.num_hidden_layers * tokens * config.intermediate_size * 4
+    assert plain_saved - fused_saved >= 0.9 * expected_saving, (plain_saved, fused_saved, expected_saving)
+
+
+def test_mlps_without_silu_are_left_alone():
+    class GeluMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 4)
+            self.act_fn = nn.GELU()
+
+    assert use_fused_mlp(nn.Sequential(GeluMLP())) == 0
+
+
+@pytest.mark.parametrize("x_needs_grad", [True, False])
+def test_lora_a_with_a_dropout_mask_is_autograds_masked_linear(x_needs_grad):
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 12, bias=False).requires_grad_(False), r=4, alpha=8, dropout=0.3).train()
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 5, 16, requires_grad=x_needs_grad)
+    torch.manual_seed(1)
+    out = layer(x)
+    out.square().sum().backward()
+    got = [layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()] + ([x.grad.clone()] if x_needs_grad else [])
+
+    from trainer.lora import dropout_keep_mask
+    torch.manual_seed(1)
+    keep, keep_probability = dropout_keep_mask(x, 0.3)
+    a, b = (layer.lora_A.weight.detach().clone().requires_grad_(), layer.lora_B.weight.detach().clone().requires_grad_())
+    x2 = x.detach().clone().requires_grad_(x_needs_grad)
+    expected = layer.base_layer(x2) + (layer.scaling / keep_probability) * ((x2 * keep) @ a.t() @ b.t())
+    torch.testing.assert_close(out, expected)
+    expected.square().sum().backward()
+    for value, reference in zip(got, [a.grad, b.grad] + ([x2.grad] if x_needs_grad else [])):
+        torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_q_k_v_adapters_keep_one_copy_of_their_shared_input():
+    torch.manual_seed(0)
+    x = torch.randn(64, 32, requires_grad=True)
+    layers = [LoRALinear(nn.Linear(32, 32, bias=False).requires_grad_(False), r=4, alpha=8, dropout=0.1).train()
+              for _ in range(3)]
+    _, saved = saved_bytes(lambda: [layer(x) for layer in layers])
+    # x once (fp32) and a bool mask per adapter, plus each layer's base weight, A, B and h = A(x):
+    # not a masked fp32 copy of x per adapter (that alone would be 3 x 8 KiB).
+    per_adapter = x.numel() + 32 * 32 * 4 + 2 * 4 * 32 * 4 + 64 * 4 * 4
+    assert saved == x.numel() * 4 + 3 * per_adapter
