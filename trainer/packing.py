@@ -150,6 +150,9 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         lengths = [end - start for start, end in zip(bounds, bounds[1:])]
         # split, not slicing: its backward is one concatenation, not a zero-filled copy per example.
         pieces = zip(*(t[row:row + 1].split(lengths, dim=2) for t in (query, key, value)))
+        # Each output goes to [1, length, heads, head_dim] as a view; one concatenation then writes
+        # the row in the layout the output projection reads (no second, transposing copy).
         rows.append(torch.cat([F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
-                                                              scale=scaling) for q, k, v in pieces], dim=2))
-    return torch.cat(rows).transpose(1, 2).contiguous(), None
+                                                              scale=scaling).transpose(1, 2)
+                               for q, k, v in pieces], dim=1))
+    return torch.cat(rows) if len(rows) > 1 else rows[0], None
