@@ -5,8 +5,12 @@
 """
 import _bootstrap  # noqa: F401  (puts the repository root on sys.path)
 
-from trainer.cli import main
-from trainer.loop import train
+from trainer import malloc
+
+malloc.apply()  # before torch is imported: re-executes once with glibc malloc settings (trainer/malloc.py)
+
+from trainer.cli import main  # noqa: E402
+from trainer.loop import train  # noqa: E402
 
 if __name__ == "__main__":
     main(train)
