@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer import bench_job
+from trainer import bench_job, malloc
 from trainer.bench_job import ROOT, Job
 
 FRAMEWORKS = ("ours", "theirs")
@@ -44,6 +44,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: torch's)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="on for both frameworks")
     parser.add_argument("--no-packing", action="store_true", help="ours without data.packing")
+    parser.add_argument("--same-allocator", action="store_true",
+                        help="theirs also runs with the glibc malloc tunables ours' launch/train.py sets")
     parser.add_argument("--out", default="runs/bench")
     return parser.parse_args()
 
@@ -75,12 +77,13 @@ def main() -> None:
             scratch = out / f"{name}-{repeat}"
             shutil.rmtree(scratch, ignore_errors=True)
             scratch.mkdir(parents=True)
-            run = run_ours(job, ours_overrides, scratch) if name == "ours" else run_theirs(job, scratch)
+            run = (run_ours(job, ours_overrides, scratch) if name == "ours"
+                   else run_theirs(job, scratch, tuned_malloc=args.same_allocator))
             runs[name].append(summarise(run, tokens, job))
             print(f"[bench]   {runs[name][-1]['tokens_per_s_median_step']:,.0f} useful tokens/s (median step), "
                   f"peak RSS {runs[name][-1]['peak_rss_mib']:,.0f} MiB", flush=True)
 
-    table = markdown_table(job, runs, tokens, device, packing, gpu)
+    table = markdown_table(job, runs, tokens, device, packing, gpu, args.same_allocator)
     print("\n" + table)
     (out / "results.json").write_text(json.dumps({"job": vars(job), "device": device, "packing": packing,
                                                   "runs": runs}, indent=2) + "\n")
@@ -105,7 +108,10 @@ def ours_packing(wanted: bool) -> tuple[str, list[str]]:
 
 def run_ours(job: Job, overrides: list[str], scratch: Path) -> dict:
     output_dir = scratch / "run"
-    wall = run_child(["launch/train.py", str(bench_job.RECIPE), *overrides, f"output_dir={output_dir}"], scratch)
+    # Under the memory probe, launch/train.py runs inside the probe's process and does not re-execute
+    # itself; the probe gets the allocator settings it would have applied (trainer/malloc.py).
+    wall = run_child(["launch/train.py", str(bench_job.RECIPE), *overrides, f"output_dir={output_dir}"], scratch,
+                     tuned_malloc=True)
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "step_time" in r]
     if [r["step"] for r in records] != list(range(1, job.total_steps + 1)):
@@ -119,19 +125,22 @@ def run_ours(job: Job, overrides: list[str], scratch: Path) -> dict:
     return {"step_ends": ends, "wall_s": wall, **json.loads((scratch / "memory.json").read_text())}
 
 
-def run_theirs(job: Job, scratch: Path) -> dict:
+def run_theirs(job: Job, scratch: Path, tuned_malloc: bool) -> dict:
     times = scratch / "step_ends.json"
     wall = run_child(["-m", "trainer.bench_hf", str(bench_job.RECIPE), *job.overrides(), "--times", str(times)],
-                     scratch)
+                     scratch, tuned_malloc)
     ends = json.loads(times.read_text())
     if len(ends) != job.total_steps:
         raise RuntimeError(f"HF Trainer ran {len(ends)} steps, expected {job.total_steps}")
     return {"step_ends": ends, "wall_s": wall, **json.loads((scratch / "memory.json").read_text())}
 
 
-def run_child(command: list[str], scratch: Path) -> float:
+def run_child(command: list[str], scratch: Path, tuned_malloc: bool) -> float:
     """Run `python COMMAND` under the memory probe, output to scratch/log.txt; returns wall seconds."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    tunables = malloc.tunables_for(env) if tuned_malloc else None
+    if tunables is not None:
+        env["GLIBC_TUNABLES"] = tunables
     log = scratch / "log.txt"
     started = time.perf_counter()
     with open(log, "w") as handle:
@@ -157,7 +166,7 @@ def summarise(run: dict, tokens: list[dict], job: Job) -> dict:
 
 
 def markdown_table(job: Job, runs: dict[str, list[dict]], tokens: list[dict], device: str, packing: str,
-                   gpu: bool) -> str:
+                   gpu: bool, same_allocator: bool) -> str:
     def median(name: str, key: str) -> float:
         return statistics.median(run[key] for run in runs[name])
 
@@ -175,7 +184,8 @@ def markdown_table(job: Job, runs: dict[str, list[dict]], tokens: list[dict], de
         f"data `{Path(job.data).name}`, max length {job.max_seq_len}, global batch {job.global_batch} "
         f"(micro {job.micro_batch}), {job.timed_steps} timed steps after {job.warmup_steps} warmup, "
         f"{sum(t['useful'] for t in timed) / len(timed):,.0f} useful tokens per step. "
-        f"Activation checkpointing {'on' if job.activation_checkpointing else 'off'} (both); ours' packing {packing}. "
+        f"Activation checkpointing {'on' if job.activation_checkpointing else 'off'} (both); ours' packing {packing}; "
+        f"glibc malloc tunables (trainer/malloc.py) for {'both' if same_allocator else 'ours only'}. "
         f"Device: {device}; median of {len(runs['ours'])} run(s) each.",
         "",
         f"| metric | {TITLES['ours']} | {TITLES['theirs']} | ours / theirs |",

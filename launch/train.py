@@ -7,7 +7,7 @@ import _bootstrap  # noqa: F401  (puts the repository root on sys.path)
 
 from trainer import malloc
 
-malloc.apply()  # before torch is imported: re-executes once with glibc malloc settings (trainer/malloc.py)
+malloc.apply(__file__)  # before torch is imported: re-executes once with glibc malloc settings
 
 from trainer.cli import main  # noqa: E402
 from trainer.loop import train  # noqa: E402

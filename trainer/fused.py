@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
+# MLPs whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)). Matching by class, not by
+# attribute names: other MLPs with the same parts also scale or clamp (Falcon-H1, DeepSeek-V4, ...).
+PLAIN_SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP", "GraniteMLP")
 
 
 class SiluMul(torch.autograd.Function):
@@ -36,16 +38,16 @@ def _swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def use_fused_mlp(model: nn.Module) -> int:
-    """Give every gate/up/down MLP with a SiLU activation (Llama, Mistral, Qwen2, ...) the fused
-    forward. Other MLPs are left as they are. Returns how many were changed."""
+    """Give every plain SwiGLU MLP (`PLAIN_SWIGLU_MLPS` with a SiLU activation) the fused forward.
+    Other MLPs are left as they are. Returns how many were changed."""
     changed = 0
     for module in model.modules():
-        if all(hasattr(module, part) for part in MLP_PARTS) and _is_silu(module.act_fn):
+        if type(module).__name__ in PLAIN_SWIGLU_MLPS and _is_silu(getattr(module, "act_fn", None)):
             module.forward = types.MethodType(_swiglu_forward, module)
             changed += 1
     return changed
 
 
-def _is_silu(activation: nn.Module) -> bool:
+def _is_silu(activation: nn.Module | None) -> bool:
     # transformers' ACT2FN["silu"] is its own SiLUActivation (F.silu), or torch's nn.SiLU.
     return isinstance(activation, nn.SiLU) or type(activation).__name__ == "SiLUActivation"

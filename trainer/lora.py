@@ -20,7 +20,8 @@ MASK_LEVELS = 65536
 
 class _MaskedLinear(torch.autograd.Function):
     """(x * keep) @ W^T for a boolean keep mask. Saves x and the mask, not the masked copy of x: q, k
-    and v read the same x, so it is held once. The mask is widened to x's dtype through uint8 before
+    and v read the same x, so it is held once (when base and adapters share a dtype; otherwise each
+    adapter converts x, and keeps its own copy). The mask is widened to x's dtype through uint8 before
     multiplying: multiplying by a bool tensor, or `where` on it, takes a type-promoting path several
     times slower on CPU."""
 
