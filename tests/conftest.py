@@ -3,9 +3,9 @@ every subprocess the tests start sees the same cache through QLORA_TRAINER_CACHE
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,33 +13,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 VENV_BIN = Path(sys.executable).parent
-
-
-SHARED_MEMORY = Path("/dev/shm")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def no_leaked_shared_memory():
-    """DeepSpeed's CPU all-reduce keeps 69 MB buffers in /dev/shm, and ranks the tests kill (kill -9,
-    hung nodes) never unlink theirs; on a machine that runs the suite often they fill its memory.
-    At the end, remove the ones created during this session that no live process still maps."""
-    started = time.time()
-    yield
-    if not SHARED_MEMORY.is_dir():
-        return
-    mapped = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
-        try:
-            mapped.update(line.split(maxsplit=5)[-1].strip() for line in maps.read_text().splitlines()
-                          if "/dev/shm/" in line)
-        except OSError:  # the process ended, or is not ours to read
-            continue
-    for buffer in SHARED_MEMORY.glob("deepspeed_*"):
-        try:
-            if buffer.stat().st_mtime >= started - 1 and str(buffer) not in mapped:
-                buffer.unlink()
-        except OSError:
-            continue
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -83,7 +56,17 @@ def run_cli(args: list[str], timeout: int = 600, env: dict | None = None,
     program = str(VENV_BIN / "deepspeed") if args[0] == "deepspeed" else sys.executable
     command = [program, *args[1:]] if args[0] in ("deepspeed", "python") else [sys.executable, *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    result = subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    # Its own session, so that a timeout kills the launcher's ranks too, not the launcher alone.
+    with subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            raise AssertionError(f"{' '.join(command)} did not finish in {timeout} s\n"
+                                 f"--- stdout ---\n{stdout[-4000:]}\n--- stderr ---\n{stderr[-6000:]}") from None
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n"
                              f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-6000:]}")

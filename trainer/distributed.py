@@ -29,8 +29,27 @@ def init(timeout_minutes: float = 30.0) -> torch.device:
     if use_cuda and hasattr(c10d, "default_pg_nccl_timeout"):
         c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
+        _skip_shared_memory_op()
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", timeout=timeout, verbose=False)
     return torch.device("cuda", local_rank()) if use_cuda else torch.device("cpu")
+
+
+def _skip_shared_memory_op() -> None:
+    """Keep DeepSpeed from building and starting its CPU shared-memory all-reduce.
+
+    That op serves DeepSpeed's inference tensor parallelism only (training reduces through
+    torch.distributed). Loading it JIT-compiles a C++ extension under a lock file in
+    ~/.cache/torch_extensions that every process takes, even when the build is up to date: a rank
+    killed while holding it (a failed sibling, a timeout, Ctrl-C) leaves the lock behind, and from
+    then on every run on that machine waits for it forever at start-up. Its /dev/shm buffers also
+    outlive killed ranks. DeepSpeed reads the op's availability from the dict edited here.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def _free_port() -> int:
