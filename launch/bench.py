@@ -86,7 +86,7 @@ def main() -> None:
     table = markdown_table(job, runs, tokens, device, packing, gpu, args.same_allocator)
     print("\n" + table)
     (out / "results.json").write_text(json.dumps({"job": vars(job), "device": device, "packing": packing,
-                                                  "runs": runs}, indent=2) + "\n")
+                                                  "same_allocator": args.same_allocator, "runs": runs}, indent=2) + "\n")
     (out / "table.md").write_text(table + "\n")
 
 
