@@ -28,8 +28,8 @@ def init(timeout_minutes: float = 30.0) -> torch.device:
     c10d.default_pg_timeout = timeout
     if use_cuda and hasattr(c10d, "default_pg_nccl_timeout"):
         c10d.default_pg_nccl_timeout = timeout
+    _skip_shared_memory_op()  # also for deepspeed.initialize on a process group made elsewhere
     if not dist.is_initialized():
-        _skip_shared_memory_op()
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", timeout=timeout, verbose=False)
     return torch.device("cuda", local_rank()) if use_cuda else torch.device("cpu")
 
