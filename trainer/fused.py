@@ -1,10 +1,17 @@
-"""A leaner SwiGLU MLP for training: silu(gate) * up as one autograd operation.
+"""Leaner training ops for the Llama family's SwiGLU MLP and RMSNorm: one autograd operation each,
+with a hand-written backward that keeps less and runs fewer elementwise passes than autograd's.
 
-transformers' Llama-family MLP computes down(act(gate(x)) * up(x)), and autograd then keeps three
-[tokens x intermediate] tensors for the backward: gate(x), act(gate(x)) and up(x). `SiluMul` keeps
-gate(x) and up(x) and recomputes the SiLU in the backward (one elementwise pass), so each layer
-holds one intermediate-sized activation less. The result and the gradients are the same numbers:
-the backward runs the same kernels autograd would.
+SwiGLU: transformers' Llama-family MLP computes down(act(gate(x)) * up(x)), and autograd then keeps
+three [tokens x intermediate] tensors for the backward: gate(x), act(gate(x)) and up(x). `SiluMul`
+keeps gate(x) and up(x) and recomputes the SiLU in the backward (one elementwise pass), so each
+layer holds one intermediate-sized activation less. The result and the gradients are the same
+numbers: the backward runs the same kernels autograd would.
+
+RMSNorm: weight * (x * rsqrt(mean(x^2) + eps)), as transformers' `LlamaRMSNorm` computes it (in
+fp32, the result cast back to x's dtype before the weight). It keeps what autograd keeps (x and one
+number per token), but autograd's backward of those six operations takes about a dozen passes over
+[tokens x hidden] (expanded and accumulated gradients included); `RMSNormFunction`'s takes six.
+Same forward numbers; gradients equal up to float rounding (the backward sums in another order).
 """
 from __future__ import annotations
 
@@ -17,6 +24,10 @@ from torch import nn
 # MLPs whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)). Matching by class, not by
 # attribute names: other MLPs with the same parts also scale or clamp (Falcon-H1, DeepSeek-V4, ...).
 PLAIN_SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP", "GraniteMLP")
+# Norms whose forward is exactly LlamaRMSNorm's. Not Gemma's (1 + weight), Olmo2's (weight before the
+# cast) or Cohere's (a mean-centred LayerNorm).
+PLAIN_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm", "Qwen2MoeRMSNorm",
+                  "Qwen3RMSNorm", "GraniteRMSNorm", "Phi3RMSNorm")
 
 
 class SiluMul(torch.autograd.Function):
@@ -33,6 +44,29 @@ class SiluMul(torch.autograd.Function):
         return grad_gate, grad_up
 
 
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.float() * rstd
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[1]:  # a trained norm weight (never the frozen base's)
+            grad_weight = (grad * normed.to(x.dtype)).reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            # d/dx of x * rstd(x), applied to g = grad * weight: rstd * (g - normed * mean(g * normed)).
+            scaled = (grad * weight).float()
+            projection = (scaled * normed).mean(-1, keepdim=True)
+            grad_x = scaled.sub_(normed.mul_(projection)).mul_(rstd).to(x.dtype)
+        return grad_x, grad_weight, None
+
+
 def _swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
 
@@ -44,6 +78,20 @@ def use_fused_mlp(model: nn.Module) -> int:
     for module in model.modules():
         if type(module).__name__ in PLAIN_SWIGLU_MLPS and _is_silu(getattr(module, "act_fn", None)):
             module.forward = types.MethodType(_swiglu_forward, module)
+            changed += 1
+    return changed
+
+
+def _rms_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return RMSNormFunction.apply(x, self.weight, self.variance_epsilon)
+
+
+def use_fused_norm(model: nn.Module) -> int:
+    """Give every `PLAIN_RMSNORMS` module the one-op forward. Returns how many were changed."""
+    changed = 0
+    for module in model.modules():
+        if type(module).__name__ in PLAIN_RMSNORMS and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_rms_norm_forward, module)
             changed += 1
     return changed
 
