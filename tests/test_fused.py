@@ -156,3 +156,42 @@ def test_only_norms_computed_as_llamas_are_changed():
     # Gemma scales by (1 + weight) and Olmo2 applies the weight before the cast: not LlamaRMSNorm's numbers.
     assert use_fused_norm(nn.Sequential(GemmaRMSNorm(8), Olmo2RMSNorm(8))) == 0
     assert use_fused_norm(nn.Sequential(LlamaRMSNorm(8), nn.LayerNorm(8))) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_is_transformers_rotary_bit_for_bit(dtype):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as transformers_rotary
+
+    from trainer.fused import apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    # q, k as the attention makes them: [batch, heads, tokens, head_dim] views of [batch, tokens, heads x head_dim].
+    projections = [torch.randn(2, 7, 3 * 16, dtype=dtype, requires_grad=True) for _ in range(2)]
+    angles = torch.randn(2, 7, 8)
+    cos, sin = (torch.cat((f(angles),) * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+    grads = [torch.randn(2, 3, 7, 16, dtype=dtype) for _ in range(2)]
+    results = []
+    for rotary in (transformers_rotary, apply_rotary_pos_emb):
+        q, k = (p.view(2, 7, 3, 16).transpose(1, 2) for p in projections)
+        out = rotary(q, k, cos, sin)
+        results.append((*out, *torch.autograd.grad(out, projections, grads)))
+    for expected, got in zip(*results):
+        assert got.dtype == dtype and torch.equal(got, expected)
+
+
+def test_fused_rotary_goes_only_where_it_gives_the_same_numbers(small_base_path, monkeypatch):
+    import transformers.models.llama.modeling_llama as llama
+    import transformers.models.phi3.modeling_phi3 as phi3
+
+    from trainer.fused import apply_rotary_pos_emb, use_fused_rotary
+
+    # The swap is process-wide; put the originals back after the test.
+    monkeypatch.setattr(llama, "apply_rotary_pos_emb", llama.apply_rotary_pos_emb)
+    monkeypatch.setattr(phi3, "apply_rotary_pos_emb", phi3.apply_rotary_pos_emb)
+    model, _ = load_base(recipe_from_dict({"model": {"name_or_path": small_base_path}, "quant": {"bits": 16}}),
+                         torch.device("cpu"))
+    assert use_fused_rotary(model) == 1 and llama.apply_rotary_pos_emb is apply_rotary_pos_emb
+    assert use_fused_rotary(model) == 0
+    # Phi-3's rotates only part of the head when asked to: the probe tells, and it stays.
+    phi3_attention = type("Phi3Attention", (nn.Module,), {"__module__": phi3.__name__})()
+    assert use_fused_rotary(phi3_attention) == 0 and phi3.apply_rotary_pos_emb is not apply_rotary_pos_emb

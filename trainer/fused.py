@@ -1,5 +1,5 @@
-"""Leaner training ops for the Llama family's SwiGLU MLP and RMSNorm: one autograd operation each,
-with a hand-written backward that keeps less and runs fewer elementwise passes than autograd's.
+"""Leaner training ops for the Llama family's SwiGLU MLP, RMSNorm and rotary embeddings: fewer
+elementwise passes over the activations, and less kept for the backward, than autograd's.
 
 SwiGLU: transformers' Llama-family MLP computes down(act(gate(x)) * up(x)), and autograd then keeps
 three [tokens x intermediate] tensors for the backward: gate(x), act(gate(x)) and up(x). `SiluMul`
@@ -12,9 +12,17 @@ fp32, the result cast back to x's dtype before the weight). It keeps what autogr
 number per token), but autograd's backward of those six operations takes about a dozen passes over
 [tokens x hidden] (expanded and accumulated gradients included); `RMSNormFunction`'s takes six.
 Same forward numbers; gradients equal up to float rounding (the backward sums in another order).
+
+Rotary embeddings: transformers' `apply_rotary_pos_emb` computes x * cos + rotate_half(x) * sin with
+rotate_half(x) = cat(-x2, x1); in the backward each half-slice becomes a zero-filled full-size
+gradient, then both are added. `rotate_half(x) * sin` is also roll(x, half) * cat(-sin1, sin2): a
+roll's backward is one roll, and the sign moves onto the small [positions x head_dim] table. The
+same numbers, bit for bit, forward and backward; `use_fused_rotary` swaps the function into a
+model's modeling module only after checking exactly that on a probe.
 """
 from __future__ import annotations
 
+import sys
 import types
 
 import torch
@@ -99,3 +107,52 @@ def use_fused_norm(model: nn.Module) -> int:
 def _is_silu(activation: nn.Module | None) -> bool:
     # transformers' ACT2FN["silu"] is its own SiLUActivation (F.silu), or torch's nn.SiLU.
     return isinstance(activation, nn.SiLU) or type(activation).__name__ == "SiLUActivation"
+
+
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' Llama `apply_rotary_pos_emb`, same arguments and numbers (see the module docstring)."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    half = sin.shape[-1] // 2
+    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return _rotate(q, cos, signed_sin), _rotate(k, cos, signed_sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def use_fused_rotary(model: nn.Module) -> int:
+    """Use `apply_rotary_pos_emb` in the modeling modules of `model`'s layers whose own function gives
+    exactly its numbers on a probe, values and gradients (partial or interleaved rotary do not, and
+    are left alone). The swap is by module, so it holds for every model of that family in this
+    process; the numbers being identical, nothing else notices. Returns how many modules changed."""
+    changed = 0
+    for name in sorted({type(module).__module__ for module in model.modules()}):
+        namespace = sys.modules.get(name)
+        original = getattr(namespace, "apply_rotary_pos_emb", None)
+        if original is None or original is apply_rotary_pos_emb or not _same_rotary(original):
+            continue
+        namespace.apply_rotary_pos_emb = apply_rotary_pos_emb
+        changed += 1
+    return changed
+
+
+def _same_rotary(original) -> bool:
+    """Same values and gradients as ours on a probe with cos/sin over the whole head, and the same on
+    one over half of it (a partial-rotary function rotates part of the head where ours fails)."""
+    return all(_rotary_outcome(original, rotary_dim) == _rotary_outcome(apply_rotary_pos_emb, rotary_dim)
+               for rotary_dim in (8, 4))
+
+
+def _rotary_outcome(function, rotary_dim: int) -> tuple | str:
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, 5, 8, generator=generator, requires_grad=True) for _ in range(2))
+    angles = torch.randn(2, 5, rotary_dim // 2, generator=generator)
+    cos, sin = torch.cat((angles.cos(),) * 2, dim=-1), torch.cat((angles.sin(),) * 2, dim=-1)
+    grads = tuple(torch.randn(2, 2, 3, 5, 8, generator=generator))
+    try:
+        out = function(q, k, cos, sin)
+        return tuple(tuple(t.flatten().tolist()) for t in (*out, *torch.autograd.grad(out, (q, k), grads)))
+    except Exception:  # another signature, or shapes it does not take
+        return "fails"
