@@ -148,18 +148,14 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     for row, row_starts in enumerate(starts):
         bounds = row_starts.nonzero().flatten().tolist() + [length]
         lengths = [end - start for start, end in zip(bounds, bounds[1:])]
-        # One row (always, after `unpad`): the tensors themselves; a slice's backward would zero-fill
-        # and copy each of q, k and v.
+        # One row (always, after `unpad`): the tensors themselves, since a slice's backward would
+        # zero-fill and copy each of q, k and v. Split, not slicing, per example: its backward is one
+        # concatenation, not a zero-filled copy per example.
         row_tensors = (query, key, value) if len(starts) == 1 else (t[row:row + 1] for t in (query, key, value))
-        # Split along the sequence in [1, length, heads, head_dim] order, the projections' own layout:
-        # the split's backward (one concatenation) then writes the gradient in that layout, and it
-        # reaches the projections as a view, not through another transposing copy. Split, not
-        # slicing: its backward is that one concatenation, not a zero-filled copy per example.
-        pieces = zip(*(t.transpose(1, 2).split(lengths, dim=1) for t in row_tensors))
+        pieces = zip(*(t.split(lengths, dim=2) for t in row_tensors))
         # Each output goes to [1, length, heads, head_dim] as a view; one concatenation then writes
         # the row in the layout the output projection reads (no second, transposing copy).
-        rows.append(torch.cat([F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                              dropout_p=dropout, is_causal=True,
+        rows.append(torch.cat([F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
                                                               scale=scaling).transpose(1, 2)
                                for q, k, v in pieces], dim=1))
     return torch.cat(rows) if len(rows) > 1 else rows[0], None
