@@ -97,3 +97,43 @@ def test_activation_checkpointing_keeps_adapter_gradients(small_base_path, small
         assert gradient is not None and gradient.abs().sum() > 0, name  # reentrant would give None here
         torch.testing.assert_close(gradient, parameter.grad, rtol=1e-5, atol=1e-7,
                                    msg=lambda message, name=name: f"{name}: {message}")
+
+
+@pytest.mark.parametrize("bits,packed", [(16, False), (4, False), (16, True)])
+def test_last_mlp_on_trained_positions_only_keeps_loss_and_gradients(small_base_path, small_tokenizer, examples,
+                                                                      bits, packed):
+    batch = collate(examples, small_tokenizer.pad_token_id)
+    if packed:
+        batch = collate_packed(examples, 64, small_tokenizer.pad_token_id)
+    trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    results = []
+    for restricted in (False, True):
+        model = lora_model(small_base_path, bits)
+        if packed:
+            use_packed_attention(model)
+        loss_model = CausalLMLoss(model)
+        assert loss_model.last_mlp is not None
+        if not restricted:
+            loss_model.last_mlp = None
+        rows = []
+        model.model.layers[-1].mlp.down_proj.register_forward_hook(
+            lambda module, args, output: rows.append(args[0].shape[:-1].numel()))
+        loss_sum, _ = loss_model(**batch)
+        loss_sum.backward()
+        results.append((loss_sum.detach(), adapter_parameters(model), rows))
+    (full_loss, full_params, full_rows), (loss, params, rows) = results
+    assert rows == [trained] and full_rows[0] > 1.3 * trained  # the prompts and padding are skipped
+    torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)
+    for name, parameter in full_params.items():
+        assert params[name].grad.abs().sum() > 0, name
+        torch.testing.assert_close(params[name].grad, parameter.grad, rtol=1e-5, atol=1e-7,
+                                   msg=lambda message, name=name: f"{name}: {message}")
+
+
+def test_the_model_outside_the_loss_runs_its_last_mlp_on_every_position(small_base_path, batch):
+    model = lora_model(small_base_path, bits=16)
+    with torch.no_grad():
+        before = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        CausalLMLoss(model)(**batch)  # installs the hooks, and runs them
+        after = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(before, after)
