@@ -137,3 +137,15 @@ def test_the_model_outside_the_loss_runs_its_last_mlp_on_every_position(small_ba
         CausalLMLoss(model)(**batch)  # installs the hooks, and runs them
         after = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.equal(before, after)
+
+
+def test_under_activation_checkpointing_the_last_mlp_runs_on_every_position(small_base_path, batch):
+    model = lora_model(small_base_path, bits=16)
+    enable_activation_checkpointing(model)
+    rows = []
+    # up_proj's output is kept for the backward, so the recomputation goes at least that far.
+    model.model.layers[-1].mlp.up_proj.register_forward_hook(
+        lambda module, args, output: rows.append(args[0].shape[:-1].numel()))
+    model.train()
+    CausalLMLoss(model)(**batch)[0].backward()  # the recomputation in the backward runs outside the loss
+    assert rows == [batch["input_ids"].numel()] * 2

@@ -46,7 +46,7 @@ class CausalLMLoss(nn.Module):
             attention_mask = additive_mask(attention_mask, self.model.get_input_embeddings().weight.dtype)
         targets = labels[:, 1:]
         trained = targets != IGNORE_INDEX
-        with self.last_mlp.only(trained, self.model) if self.last_mlp else nullcontext():
+        with self.last_mlp.only(trained) if self.last_mlp else nullcontext():
             hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                               position_ids=position_ids, use_cache=False).last_hidden_state
         return chunked_cross_entropy(self.model.get_output_embeddings(), hidden[:, :-1][trained],
@@ -63,7 +63,8 @@ class LastMLPAtTrainedPositions:
     other call (generation) runs the MLP as it is. Off under activation checkpointing, whose
     recomputation in the backward would run outside `only`."""
 
-    def __init__(self, mlp: nn.Module):
+    def __init__(self, layer: nn.Module, mlp: nn.Module):
+        self.layer = layer
         self.index: torch.Tensor | None = None
         self.shape: torch.Size | None = None
         mlp.register_forward_pre_hook(self._gather)
@@ -77,13 +78,13 @@ class LastMLPAtTrainedPositions:
         if not isinstance(mlp, nn.Module):
             return None
         if not isinstance(getattr(mlp, "_trained_positions_hooks", None), cls):
-            mlp._trained_positions_hooks = cls(mlp)
+            mlp._trained_positions_hooks = cls(layers[-1], mlp)
         return mlp._trained_positions_hooks
 
     @contextmanager
-    def only(self, trained: torch.Tensor, model: nn.Module) -> Iterator[None]:
+    def only(self, trained: torch.Tensor) -> Iterator[None]:
         """trained: [rows, L - 1] bool, whether position t's prediction of token t + 1 is trained."""
-        if not getattr(model, "is_gradient_checkpointing", False) and trained.any():
+        if not getattr(self.layer, "gradient_checkpointing", False) and trained.any():
             self.index = F.pad(trained, (0, 1)).flatten().nonzero().squeeze(1)
         try:
             yield
