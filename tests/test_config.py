@@ -11,8 +11,16 @@ RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.ya
 def test_every_shipped_recipe_loads(path):
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe)
-    config = deepspeed_config(recipe, world_size=1, precision="float32")
+    config = deepspeed_config(recipe, world_size=2, precision="float32")
     assert config["zero_optimization"]["stage"] == recipe.deepspeed.zero_stage
+
+
+@pytest.mark.parametrize("stage,world,offload,runs", [
+    (2, 1, False, 0), (1, 1, False, 0), (2, 2, False, 2), (2, 1, True, 2), (3, 1, False, 3), (0, 1, False, 0)])
+def test_zero_1_and_2_on_one_rank_run_as_stage_0(tmp_path, stage, world, offload, runs):
+    recipe = load_recipe(write(tmp_path, f"deepspeed: {{zero_stage: {stage}, offload_optimizer: {str(offload).lower()}}}\n"))
+    assert deepspeed_config(recipe, world_size=world, precision="float32")["zero_optimization"]["stage"] == runs
+    assert recipe.deepspeed.zero_stage == stage  # the recipe (and what checkpoints record) is unchanged
 
 
 def test_shipped_recipes_cover_the_required_variants():
