@@ -104,7 +104,8 @@ def test_unreachable_model_or_data_is_one_clear_message(tmp_path, tiny_base, ove
 
 def test_dry_run_prints_the_preflight_summary_and_trains_nothing(tmp_path, tiny_base):
     result = train(tmp_path, "--dry-run")
-    for field in ("preflight", "quantisation", "4-bit nf4", "trainable parameters", "ZeRO-2, world size 1",
+    for field in ("preflight", "quantisation", "4-bit nf4", "trainable parameters",
+                  "ZeRO-2 asked, run as ZeRO-0 (one rank: nothing to shard), world size 1",
                   "global 8 = micro 4 x accumulation 2", "tokens per step", "memory per rank", "resume from"):
         assert field in result.stdout, field
     assert not (tmp_path / "checkpoints").exists()

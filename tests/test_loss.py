@@ -100,7 +100,7 @@ def test_activation_checkpointing_keeps_adapter_gradients(small_base_path, small
 
 
 @pytest.mark.parametrize("bits,packed", [(16, False), (4, False), (16, True)])
-def test_last_mlp_on_trained_positions_only_keeps_loss_and_gradients(small_base_path, small_tokenizer, examples,
+def test_last_layer_on_trained_positions_only_keeps_loss_and_gradients(small_base_path, small_tokenizer, examples,
                                                                       bits, packed):
     batch = collate(examples, small_tokenizer.pad_token_id)
     if packed:
@@ -112,17 +112,18 @@ def test_last_mlp_on_trained_positions_only_keeps_loss_and_gradients(small_base_
         if packed:
             use_packed_attention(model)
         loss_model = CausalLMLoss(model)
-        assert loss_model.last_mlp is not None
+        assert loss_model.last_layer is not None
         if not restricted:
-            loss_model.last_mlp = None
+            loss_model.last_layer = None
         rows = []
-        model.model.layers[-1].mlp.down_proj.register_forward_hook(
-            lambda module, args, output: rows.append(args[0].shape[:-1].numel()))
+        last = model.model.layers[-1]
+        for module in (last.self_attn.o_proj.base_layer, last.mlp.down_proj):
+            module.register_forward_hook(lambda module, args, output: rows.append(args[0].shape[:-1].numel()))
         loss_sum, _ = loss_model(**batch)
         loss_sum.backward()
         results.append((loss_sum.detach(), adapter_parameters(model), rows))
     (full_loss, full_params, full_rows), (loss, params, rows) = results
-    assert rows == [trained] and full_rows[0] > 1.3 * trained  # the prompts and padding are skipped
+    assert rows == [trained] * 2 and full_rows[0] > 1.3 * trained  # the prompts and padding are skipped
     torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)
     for name, parameter in full_params.items():
         assert params[name].grad.abs().sum() > 0, name
@@ -130,7 +131,7 @@ def test_last_mlp_on_trained_positions_only_keeps_loss_and_gradients(small_base_
                                    msg=lambda message, name=name: f"{name}: {message}")
 
 
-def test_the_model_outside_the_loss_runs_its_last_mlp_on_every_position(small_base_path, batch):
+def test_the_model_outside_the_loss_runs_its_last_layer_on_every_position(small_base_path, batch):
     model = lora_model(small_base_path, bits=16)
     with torch.no_grad():
         before = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -139,7 +140,7 @@ def test_the_model_outside_the_loss_runs_its_last_mlp_on_every_position(small_ba
     assert torch.equal(before, after)
 
 
-def test_under_activation_checkpointing_the_last_mlp_runs_on_every_position(small_base_path, batch):
+def test_under_activation_checkpointing_the_last_layer_runs_on_every_position(small_base_path, batch):
     model = lora_model(small_base_path, bits=16)
     enable_activation_checkpointing(model)
     rows = []

@@ -87,9 +87,14 @@ def test_packed_loss_and_gradients_equal_unpacked(small_base_path, small_tokeniz
     model = lora_model(small_base_path, "eager" if attention == "eager" else "sdpa")
     loss_model = CausalLMLoss(model)
     unpacked = loss_and_grads(loss_model, collate(examples, small_tokenizer.pad_token_id))
-    if attention == "packed":  # rows joined without padding, attention per example
-        use_packed_attention(model)
-    packed_batch = collate_packed(examples, MAX_SEQ_LEN, small_tokenizer.pad_token_id)
+    if attention == "packed":  # rows joined without padding, attention per example: the loop's collate
+        from trainer.packing import training_collate
+
+        recipe = recipe_from_dict({"data": {"max_seq_len": MAX_SEQ_LEN}})
+        packed_batch = training_collate(recipe, model, small_tokenizer.pad_token_id)(examples)
+        assert model.config._attn_implementation == "packed_sdpa" and "attention_mask" not in packed_batch
+    else:
+        packed_batch = collate_packed(examples, MAX_SEQ_LEN, small_tokenizer.pad_token_id)
     packed = loss_and_grads(loss_model, packed_batch)
     assert packed_batch["input_ids"].shape[0] < len(examples)
     assert packed[1] == unpacked[1]  # the same trained tokens

@@ -1,7 +1,7 @@
 """The training objective: next-token cross-entropy on trained (label != -100) positions only.
 
-Only trained positions ever reach the loss, so the last decoder layer runs its MLP on those alone
-(the other positions' final hidden states are never read), and their hidden states are picked out
+Only trained positions ever reach the loss, so the last decoder layer runs its output projection
+and MLP on those alone (the other positions' final hidden states are never read), and their hidden states are picked out
 before the vocabulary projection. When
 their logits would be large (a 32k vocabulary, thousands of tokens), the projection +
 cross-entropy run in chunks under activation checkpointing, so the full [tokens x vocab] fp32
@@ -24,16 +24,17 @@ from trainer.data import IGNORE_INDEX
 class CausalLMLoss(nn.Module):
     """Wraps a causal LM; forward returns (sum of token losses, number of trained tokens).
 
-    Takes `trainer.data.collate`'s batch, or `trainer.packing.collate_packed`'s: a [rows, 1, L, L]
-    boolean mask, per-example `position_ids`, and `segment_lengths`."""
+    Takes `trainer.data.collate`'s batch, or `trainer.packing.collate_packed`'s: per-example
+    `position_ids`, `segment_lengths`, and (unless attention runs per example) a [rows, 1, L, L]
+    boolean mask."""
 
     def __init__(self, model: nn.Module, chunk_tokens: int = 4096):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
-        self.last_mlp = LastMLPAtTrainedPositions.attach(model)
+        self.last_layer = LastLayerAtTrainedPositions.attach(model)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, segment_lengths: torch.Tensor | None = None,
                 **_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         attention = self.model.config._attn_implementation
@@ -41,45 +42,51 @@ class CausalLMLoss(nn.Module):
             # Attention per example reads the examples from position_ids: no mask, no padding.
             input_ids, position_ids, labels = packing.unpad(segment_lengths, input_ids, position_ids, labels)
             attention_mask = None
-        elif attention_mask.dim() == 4 and attention == "eager":
+        elif attention_mask is not None and attention_mask.dim() == 4 and attention == "eager":
             # Eager attention adds the mask to the scores; SDPA takes the boolean mask as is.
             attention_mask = additive_mask(attention_mask, self.model.get_input_embeddings().weight.dtype)
         targets = labels[:, 1:]
         trained = targets != IGNORE_INDEX
-        with self.last_mlp.only(trained) if self.last_mlp else nullcontext():
+        with self.last_layer.only(trained) if self.last_layer else nullcontext():
             hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                               position_ids=position_ids, use_cache=False).last_hidden_state
         return chunked_cross_entropy(self.model.get_output_embeddings(), hidden[:, :-1][trained],
                                      targets[trained], self.chunk_tokens)
 
 
-class LastMLPAtTrainedPositions:
-    """Hooks on the last decoder layer's MLP that run it on the trained positions only.
+class LastLayerAtTrainedPositions:
+    """Hooks that run the last decoder layer's attention output projection and MLP on the trained
+    positions only.
 
-    The MLP is per position, and after the last layer a position's hidden state feeds only its own
-    logits, so at positions the loss does not read its output is left out (zero) instead of computed:
-    the same loss and gradients for less work (about half of the last MLP on instruction data,
-    where prompts are not trained). Active only inside `only(...)`, i.e. inside `CausalLMLoss`; any
-    other call (generation) runs the MLP as it is. Off under activation checkpointing, whose
-    recomputation in the backward would run outside `only`."""
+    Both are per position, and after the last layer a position's hidden state feeds only its own
+    logits, so at positions the loss does not read their output is left out (zero) instead of
+    computed: the same loss and gradients for less work (about half of each on instruction data,
+    where prompts are not trained). Attention itself still runs everywhere (its keys and values are
+    every position's). Active only inside `only(...)`, i.e. inside `CausalLMLoss`; any other call
+    (generation) runs the layer as it is. Off under activation checkpointing, whose recomputation in
+    the backward would run outside `only`."""
 
-    def __init__(self, layer: nn.Module, mlp: nn.Module):
+    def __init__(self, layer: nn.Module, modules: list[nn.Module]):
         self.layer = layer
         self.index: torch.Tensor | None = None
         self.shape: torch.Size | None = None
-        mlp.register_forward_pre_hook(self._gather)
-        mlp.register_forward_hook(self._scatter)
+        for module in modules:
+            module.register_forward_pre_hook(self._gather)
+            module.register_forward_hook(self._scatter)
 
     @classmethod
-    def attach(cls, model: nn.Module) -> "LastMLPAtTrainedPositions | None":
-        """The hooks on `model`'s last MLP (installed once per model); None without such an MLP."""
+    def attach(cls, model: nn.Module) -> "LastLayerAtTrainedPositions | None":
+        """The hooks on `model`'s last layer (installed once per model); None without an MLP there."""
         layers = getattr(model.get_decoder(), "layers", None)
-        mlp = getattr(layers[-1], "mlp", None) if layers else None
+        layer = layers[-1] if layers else None
+        mlp = getattr(layer, "mlp", None)
         if not isinstance(mlp, nn.Module):
             return None
-        if not isinstance(getattr(mlp, "_trained_positions_hooks", None), cls):
-            mlp._trained_positions_hooks = cls(layers[-1], mlp)
-        return mlp._trained_positions_hooks
+        if not isinstance(getattr(layer, "_trained_positions_hooks", None), cls):
+            output_projection = getattr(getattr(layer, "self_attn", None), "o_proj", None)
+            modules = [output_projection] if isinstance(output_projection, nn.Module) else []
+            layer._trained_positions_hooks = cls(layer, modules + [mlp])
+        return layer._trained_positions_hooks
 
     @contextmanager
     def only(self, trained: torch.Tensor) -> Iterator[None]:

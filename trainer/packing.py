@@ -35,6 +35,8 @@ def training_collate(recipe: Recipe, model: torch.nn.Module,
     attention = model.config._attn_implementation
     if attention in ("sdpa", PACKED_ATTENTION):
         use_packed_attention(model)
+        # Attention per example reads position_ids: the [rows, 1, L, L] mask would go unused.
+        return lambda examples: collate_packed(examples, recipe.data.max_seq_len, pad_token_id, with_mask=False)
     elif attention != "eager":  # eager takes the 4D mask (made additive by CausalLMLoss)
         if distributed.is_main():
             print(f"note: data.packing needs model.attn_implementation sdpa or eager, not {attention!r}; "
@@ -59,8 +61,10 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(examples: list[Example], max_seq_len: int, pad_token_id: int) -> dict[str, torch.Tensor]:
-    """`trainer.data.collate`'s keys for packed rows, plus `position_ids` and `segment_lengths`.
+def collate_packed(examples: list[Example], max_seq_len: int, pad_token_id: int,
+                   with_mask: bool = True) -> dict[str, torch.Tensor]:
+    """`trainer.data.collate`'s keys for packed rows, plus `position_ids` and `segment_lengths`
+    (`attention_mask` only `with_mask`: packed attention does not read it).
 
     input_ids, labels, position_ids: [rows, L], L the longest packed row (at most max_seq_len);
     attention_mask: [rows, 1, L, L] bool; segment_lengths: [rows, S], each row's example lengths,
@@ -88,14 +92,16 @@ def collate_packed(examples: list[Example], max_seq_len: int, pad_token_id: int)
         position_ids[r, start:] = torch.arange(length - start)
         segment_ids[r, start:] = len(row)
         segments.append(lengths)
-    causal = torch.ones((length, length), dtype=torch.bool).tril()
-    attention_mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
     segment_lengths = torch.zeros((len(rows), max(len(s) for s in segments)), dtype=torch.long)
     for r, lengths in enumerate(segments):
         segment_lengths[r, :len(lengths)] = torch.tensor(lengths)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask[:, None],
-            "position_ids": position_ids, "segment_lengths": segment_lengths,
-            "row_ids": torch.tensor([examples[i].row_id for row in rows for i in row])}
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+             "segment_lengths": segment_lengths,
+             "row_ids": torch.tensor([examples[i].row_id for row in rows for i in row])}
+    if with_mask:
+        causal = torch.ones((length, length), dtype=torch.bool).tril()
+        batch["attention_mask"] = ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal)[:, None]
+    return batch
 
 
 def use_packed_attention(model: torch.nn.Module) -> None:
