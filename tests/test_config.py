@@ -15,11 +15,13 @@ def test_every_shipped_recipe_loads(path):
     assert config["zero_optimization"]["stage"] == recipe.deepspeed.zero_stage
 
 
-@pytest.mark.parametrize("stage,world,offload,runs", [
-    (2, 1, False, 0), (1, 1, False, 0), (2, 2, False, 2), (2, 1, True, 2), (3, 1, False, 3), (0, 1, False, 0)])
-def test_zero_1_and_2_on_one_rank_run_as_stage_0(tmp_path, stage, world, offload, runs):
+@pytest.mark.parametrize("stage,world,offload,precision,runs", [
+    (2, 1, False, "float32", 0), (1, 1, False, "float32", 0), (2, 2, False, "float32", 2),
+    (2, 1, True, "float32", 2), (3, 1, False, "float32", 3), (0, 1, False, "float32", 0),
+    (2, 1, False, "bfloat16", 2)])  # DeepSpeed's bf16 stage 0 keeps fp32 masters our checkpoints do not read
+def test_zero_1_and_2_on_one_rank_in_fp32_run_as_stage_0(tmp_path, stage, world, offload, precision, runs):
     recipe = load_recipe(write(tmp_path, f"deepspeed: {{zero_stage: {stage}, offload_optimizer: {str(offload).lower()}}}\n"))
-    assert deepspeed_config(recipe, world_size=world, precision="float32")["zero_optimization"]["stage"] == runs
+    assert deepspeed_config(recipe, world_size=world, precision=precision)["zero_optimization"]["stage"] == runs
     assert recipe.deepspeed.zero_stage == stage  # the recipe (and what checkpoints record) is unchanged
 
 

@@ -37,6 +37,17 @@ def test_a_nan_stops_the_run_at_that_step_naming_step_lr_and_rows(tmp_path, tiny
     assert "at step 2" in resumed.stdout and (tmp_path / "checkpoints/step-6/COMPLETE").exists()
 
 
+def test_nan_gradients_under_a_finite_loss_stop_the_run_on_one_rank(tmp_path, tiny_base):
+    # One rank runs ZeRO-2 as stage 0, where DeepSpeed keeps no gradient norm: the loop measures it.
+    result = train(tmp_path, env={"QLORA_TEST_NAN_GRAD_AT_STEP": "3"}, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "run as ZeRO-0" in result.stdout
+    assert "non-finite training values at step 3" in result.stderr and "gradient norm nan" in result.stderr
+    held = result.stderr.split("The batch held rows ")[1].split(" of ")[0].split(", ")
+    assert len(held) == 8  # the whole global batch: which micro-batch went wrong is not known
+    assert max(r["step"] for r in records(tmp_path)) == 2
+
+
 def test_skip_mode_undoes_the_update_counts_it_and_continues(tmp_path, tiny_base):
     clean, skipping = tmp_path / "clean", tmp_path / "skip"
     train(clean, "train.max_steps=2", "train.save_every=100")

@@ -177,12 +177,15 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise RecipeError(f"{key}: {message}")
 
 
-def zero_stage_to_run(recipe: Recipe, world_size: int) -> int:
-    """The recipe's ZeRO stage, except 1 and 2 on a single rank without offloading: they have nothing
-    to shard there, and stage 0 skips their per-gradient bucket hooks (same numbers, ~2% faster on the
-    CPU bench). Stage 3 stays (its loading and gathering is what a one-rank run may be testing)."""
+def zero_stage_to_run(recipe: Recipe, world_size: int, precision: str) -> int:
+    """The recipe's ZeRO stage, except 1 and 2 on a single rank in fp32 without offloading: they have
+    nothing to shard there, and stage 0 skips their per-gradient bucket hooks (same numbers, ~2%
+    faster on the CPU bench). Not in bf16/fp16, where DeepSpeed's stage 0 keeps its own fp32 master
+    weights that our checkpoints do not read; not stage 3 (its loading and gathering is what a
+    one-rank run may be testing). `precision` is the compute dtype name."""
     ds = recipe.deepspeed
-    if world_size == 1 and ds.zero_stage in (1, 2) and not (ds.offload_optimizer or ds.offload_param):
+    if (world_size == 1 and ds.zero_stage in (1, 2) and precision == "float32"
+            and not (ds.offload_optimizer or ds.offload_param)):
         return 0
     return ds.zero_stage
 
@@ -190,7 +193,7 @@ def zero_stage_to_run(recipe: Recipe, world_size: int) -> int:
 def deepspeed_config(recipe: Recipe, world_size: int, precision: str) -> dict[str, Any]:
     """The DeepSpeed config dict, derived from the recipe once. `precision` is the compute dtype name."""
     ds = recipe.deepspeed
-    zero: dict[str, Any] = {"stage": zero_stage_to_run(recipe, world_size)}
+    zero: dict[str, Any] = {"stage": zero_stage_to_run(recipe, world_size, precision)}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if ds.offload_param:

@@ -24,6 +24,7 @@ from trainer.data_formats import locate, read_source
 from trainer.evaluate import evaluate_loss
 from trainer.generate import generate, prompt_ids, row_texts
 from trainer.loss import CausalLMLoss
+from trainer.model import dtype_name
 
 
 @dataclass
@@ -111,7 +112,7 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
 
         # Partition the base over the ranks as in training; forward hooks gather each layer's
         # weights when it runs, so the decoding below calls the model as usual.
-        config = deepspeed_config(recipe, distributed.world_size(), str(dtype).removeprefix("torch."))
+        config = deepspeed_config(recipe, distributed.world_size(), dtype_name(dtype))
         deepspeed.initialize(model=loss_model, config=config)
 
     # A prompt keeps room for the answer within the training length.

@@ -24,7 +24,7 @@ from trainer.generate import sample_generations
 from trainer.lora import adapter_parameters, apply_lora, parameter_summary
 from trainer.loss import CausalLMLoss
 from trainer.metrics import MetricsLog
-from trainer.model import load_base, load_tokenizer, resolve_base
+from trainer.model import dtype_name, load_base, load_tokenizer, resolve_base
 from trainer.packing import training_collate
 from trainer.adapter import base_fingerprint
 from trainer.report import TensorBoardLog, append_samples, format_samples, samples_markdown, write_report
@@ -188,7 +188,7 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
     loss_model = CausalLMLoss(model)
     optimizer = torch.optim.AdamW(list(adapter_parameters(model).values()), lr=recipe.train.learning_rate,
                                   weight_decay=recipe.train.weight_decay)
-    ds_config = deepspeed_config(recipe, world, str(dtype).removeprefix("torch."))
+    ds_config = deepspeed_config(recipe, world, dtype_name(dtype))
     engine, *_ = deepspeed.initialize(model=loss_model, optimizer=optimizer, config=ds_config)
 
     state = TrainState(global_batch_size=recipe.train.global_batch_size, world_size=world)
@@ -222,14 +222,16 @@ def train_step(run: Run, step: int, lr: float, stop_requested: bool,
     # The loss is the token-weighted mean over the whole global batch: each micro-batch's sum is
     # divided by the step's total trained tokens (known from the plan on every rank), and rescaled
     # by what DeepSpeed divides by (accumulation x world size) when it averages gradients.
-    step_loss, bad_rows = 0.0, []
+    step_loss, bad_rows, own_grad_norm = 0.0, [], None
     for micro_batch in run.plan.rank_micro_batches(step, rank, world, recipe.train.micro_batch_size):
         batch = {k: v.to(run.device) for k, v in run.collate([run.train_set[i] for i in micro_batch]).items()}
         try:
             loss_sum, _ = engine(**batch)
-            if health.poisoned_for_tests(step + 1):
-                loss_sum = loss_sum * float("nan")
+            loss_sum = health.poisoned_for_tests(step + 1, loss_sum)
             engine.backward(loss_sum * (accumulation * world / step_tokens))
+            if engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
+                # Without ZeRO, DeepSpeed clips the (already averaged) gradients but keeps no norm.
+                own_grad_norm = adapter_gradient_norm(run.model)
             engine.step()
         except (RuntimeError, MemoryError) as error:
             if health.is_out_of_memory(error):
@@ -242,10 +244,19 @@ def train_step(run: Run, step: int, lr: float, stop_requested: bool,
     # One reduction carries the loss and whether any rank was asked to stop, so all ranks agree.
     total_loss, stops = distributed.sum_across_ranks([step_loss, float(stop_requested)], run.device)
     grad_norm = engine.get_global_grad_norm()
-    grad_norm = float(grad_norm) if grad_norm is not None else None
+    grad_norm = float(grad_norm) if grad_norm is not None else own_grad_norm
     if not math.isfinite(total_loss):
         bad_rows = [row for rows in distributed.gather_objects(bad_rows) for row in rows]
+    elif grad_norm is not None and not math.isfinite(grad_norm):  # which micro-batch is not known
+        bad_rows = [run.train_set[i].row_id for i in run.plan.indices(step)]
     return total_loss / step_tokens, grad_norm, bool(stops), bad_rows
+
+
+def adapter_gradient_norm(model: torch.nn.Module) -> float:
+    """The 2-norm of the adapters' gradients held in `.grad` (no ZeRO: whole on every rank)."""
+    grads = [p.grad for p in adapter_parameters(model).values() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
+        if grads else 0.0
 
 
 def advance(state: TrainState, run: Run, loss: float, lr: float, started: float, step_tokens: int,

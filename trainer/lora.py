@@ -143,22 +143,27 @@ def dropout_keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     With p * 2^24 = boundary * 2^16 + rest, an element is dropped when its random byte is below
     `boundary`, or equal to it and 16 further random bits are below `rest`. On CPU the comparisons
     run in numpy, which does them about ten times faster than torch does on one thread."""
-    dropped = round(p * 2**MASK_BITS)
+    dropped = round(p * 2**MASK_BITS)  # p <= 0.99 (the recipe's limit): boundary stays below 256
     boundary, rest = divmod(dropped, 2**16)
     levels = _random_bytes(x.numel(), x.device)
-    tie_threshold = rest - 2**15  # the 16 further bits come as int16: below it is below `rest`
-    if x.device.type == "cpu":
-        byte = levels.numpy()
-        keep = byte >= boundary
-        ties = np.flatnonzero(byte == boundary) if rest else ()
-        if len(ties):
-            keep[ties] = _random_int16(len(ties), x.device).numpy() >= tie_threshold
-        keep = torch.from_numpy(keep)
-    else:
-        keep = levels >= boundary
-        if rest:
-            keep &= (levels != boundary) | (_random_int16(x.numel(), x.device) >= tie_threshold)
+    keep = (_keep_in_numpy if x.device.type == "cpu" else _keep_in_torch)(levels, boundary, rest)
     return keep.view(x.shape), 1 - dropped / 2**MASK_BITS
+
+
+def _keep_in_numpy(levels: torch.Tensor, boundary: int, rest: int) -> torch.Tensor:
+    byte = levels.numpy()
+    keep = byte >= boundary
+    ties = np.flatnonzero(byte == boundary) if rest else ()
+    if len(ties):  # the 16 further bits come as int16: at or above rest - 2^15 is at or above `rest`
+        keep[ties] = _random_int16(len(ties), levels.device).numpy() >= rest - 2**15
+    return torch.from_numpy(keep)
+
+
+def _keep_in_torch(levels: torch.Tensor, boundary: int, rest: int) -> torch.Tensor:
+    keep = levels >= boundary
+    if rest:
+        keep &= (levels != boundary) | (_random_int16(levels.numel(), levels.device) >= rest - 2**15)
+    return keep
 
 
 def _random_bytes(count: int, device: torch.device) -> torch.Tensor:

@@ -36,7 +36,7 @@ def quantization_config(recipe: Recipe, dtype: torch.dtype):
     if storage == "auto":
         # ZeRO-3 shards parameters by dtype; 4-bit weights stored as uint8 cannot be partitioned
         # alongside the compute-dtype ones, so store them in the model's dtype there.
-        storage = _dtype_name(dtype) if recipe.deepspeed.zero_stage == 3 else "uint8"
+        storage = dtype_name(dtype) if recipe.deepspeed.zero_stage == 3 else "uint8"
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
@@ -46,7 +46,7 @@ def quantization_config(recipe: Recipe, dtype: torch.dtype):
     )
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 

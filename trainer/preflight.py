@@ -8,6 +8,7 @@ from torch import nn
 
 from trainer.config import Recipe, zero_stage_to_run
 from trainer.lora import adapter_parameters, lora_layers
+from trainer.model import dtype_name
 
 def memory_estimate(recipe: Recipe, model: nn.Module, world: int, dtype: torch.dtype) -> dict[str, float]:
     """A rough per-rank estimate in GiB: base weights, adapter training state, activations."""
@@ -19,7 +20,7 @@ def memory_estimate(recipe: Recipe, model: nn.Module, world: int, dtype: torch.d
         base /= world
     adapter = sum(p.numel() for p in adapter_parameters(model).values())
     # fp32 weight + gradient + two Adam moments; ZeRO-1/2/3 shard the optimizer state (and 2/3 gradients).
-    optimizer_share = 1 / world if zero_stage_to_run(recipe, world) >= 1 else 1
+    optimizer_share = 1 / world if zero_stage_to_run(recipe, world, dtype_name(dtype)) >= 1 else 1
     adapter_bytes = adapter * 4 * (1 + 1 + 2 * optimizer_share)
     # Per token and layer, a decoder keeps roughly 34 x hidden activations for backward (fewer with
     # activation checkpointing, which keeps only the layer inputs).
@@ -41,12 +42,12 @@ def summary(recipe: Recipe, model: nn.Module, data_stats: dict, world: int, dtyp
     accumulation = recipe.gradient_accumulation_steps(world)
     lines = [
         ("model", f"{recipe.model.name_or_path} -> {base_name_or_path}"),
-        ("compute dtype", str(dtype).removeprefix("torch.")),
+        ("compute dtype", dtype_name(dtype)),
         ("quantisation", quantisation),
         ("LoRA", f"r={recipe.lora.r} alpha={recipe.lora.alpha:g} dropout={recipe.lora.dropout:g} on "
                  f"{', '.join(recipe.lora.target_modules)} ({len(lora_layers(model))} layers)"),
         ("trainable parameters", f"{trainable:,}"),
-        ("DeepSpeed", _zero_line(recipe, world)),
+        ("DeepSpeed", _zero_line(recipe, world, dtype_name(dtype))),
         ("batch", f"global {recipe.train.global_batch_size} = micro {recipe.train.micro_batch_size} x "
                   f"accumulation {accumulation} x {world} ranks"),
         ("tokens per step", f"~{mean_tokens * recipe.train.global_batch_size:,.0f} "
@@ -63,8 +64,8 @@ def summary(recipe: Recipe, model: nn.Module, data_stats: dict, world: int, dtyp
     return "preflight\n" + "\n".join(f"  {key:<{width}}  {value}" for key, value in lines)
 
 
-def _zero_line(recipe: Recipe, world: int) -> str:
-    stage, running = recipe.deepspeed.zero_stage, zero_stage_to_run(recipe, world)
+def _zero_line(recipe: Recipe, world: int, precision: str) -> str:
+    stage, running = recipe.deepspeed.zero_stage, zero_stage_to_run(recipe, world, precision)
     if running != stage:
         return f"ZeRO-{stage} asked, run as ZeRO-{running} (one rank: nothing to shard), world size {world}"
     return f"ZeRO-{stage}, world size {world}"
