@@ -112,7 +112,7 @@ def test_both_mask_comparisons_drop_at_the_boundary_rate(mask):
 
     torch.manual_seed(0)
     boundary, rest = 25, 39322  # p = 0.1: (25 * 2^16 + 39322) / 2^24
-    keep = getattr(lora, mask)(lora._random_bytes(4_000_000, torch.device("cpu")), boundary, rest)
+    keep = getattr(lora, mask)(lora._random(4_000_000, torch.uint8, torch.device("cpu")), boundary, rest)
     assert keep.dtype == torch.bool and keep.shape == (4_000_000,)
     assert abs((~keep).float().mean().item() - (boundary * 2**16 + rest) / 2**24) < 4e-4
 

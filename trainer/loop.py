@@ -254,9 +254,8 @@ def train_step(run: Run, step: int, lr: float, stop_requested: bool,
 
 def adapter_gradient_norm(model: torch.nn.Module) -> float:
     """The 2-norm of the adapters' gradients held in `.grad` (no ZeRO: whole on every rank)."""
-    grads = [p.grad for p in adapter_parameters(model).values() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
-        if grads else 0.0
+    return float(torch.nn.utils.get_total_norm([p.grad for p in adapter_parameters(model).values()
+                                                if p.grad is not None]))
 
 
 def advance(state: TrainState, run: Run, loss: float, lr: float, started: float, step_tokens: int,

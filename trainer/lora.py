@@ -145,7 +145,7 @@ def dropout_keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     run in numpy, which does them about ten times faster than torch does on one thread."""
     dropped = round(p * 2**MASK_BITS)  # p <= 0.99 (the recipe's limit): boundary stays below 256
     boundary, rest = divmod(dropped, 2**16)
-    levels = _random_bytes(x.numel(), x.device)
+    levels = _random(x.numel(), torch.uint8, x.device)
     keep = (_keep_in_numpy if x.device.type == "cpu" else _keep_in_torch)(levels, boundary, rest)
     return keep.view(x.shape), 1 - dropped / 2**MASK_BITS
 
@@ -155,30 +155,23 @@ def _keep_in_numpy(levels: torch.Tensor, boundary: int, rest: int) -> torch.Tens
     keep = byte >= boundary
     ties = np.flatnonzero(byte == boundary) if rest else ()
     if len(ties):  # the 16 further bits come as int16: at or above rest - 2^15 is at or above `rest`
-        keep[ties] = _random_int16(len(ties), levels.device).numpy() >= rest - 2**15
+        keep[ties] = _random(len(ties), torch.int16, levels.device).numpy() >= rest - 2**15
     return torch.from_numpy(keep)
 
 
 def _keep_in_torch(levels: torch.Tensor, boundary: int, rest: int) -> torch.Tensor:
     keep = levels >= boundary
     if rest:
-        keep &= (levels != boundary) | (_random_int16(levels.numel(), levels.device) >= rest - 2**15)
+        keep &= (levels != boundary) | (_random(levels.numel(), torch.int16, levels.device) >= rest - 2**15)
     return keep
 
 
-def _random_bytes(count: int, device: torch.device) -> torch.Tensor:
-    """`count` uniform uint8 from torch's generator, eight per 64-bit draw."""
-    return _random_words(count, 8, device).view(torch.uint8)[:count]
-
-
-def _random_int16(count: int, device: torch.device) -> torch.Tensor:
-    """`count` uniform int16 from torch's generator, four per 64-bit draw."""
-    return _random_words(count, 4, device).view(torch.int16)[:count]
-
-
-def _random_words(count: int, per_word: int, device: torch.device) -> torch.Tensor:
+def _random(count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`count` uniform integers of `dtype` (uint8 or int16) from torch's generator, several per
+    64-bit draw."""
+    per_word = 8 // dtype.itemsize
     words = torch.empty((count + per_word - 1) // per_word, dtype=torch.int64, device=device)
-    return words.random_(-2**63, 2**63 - 1)
+    return words.random_(-2**63, 2**63 - 1).view(dtype)[:count]
 
 
 def _device_of(layer: nn.Module) -> torch.device:

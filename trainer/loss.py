@@ -9,6 +9,7 @@ logits tensor is never held at once; small logits are computed in one go and kep
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -68,8 +69,8 @@ class LastLayerAtTrainedPositions:
 
     def __init__(self, layer: nn.Module, modules: list[nn.Module]):
         self.layer = layer
-        self.index: torch.Tensor | None = None
-        self.shape: torch.Size | None = None
+        self.index: torch.Tensor | None = None  # trained positions in the flattened [rows x L]
+        self.positions: tuple[int, int] | None = None  # (rows, L)
         for module in modules:
             module.register_forward_pre_hook(self._gather)
             module.register_forward_hook(self._scatter)
@@ -93,24 +94,24 @@ class LastLayerAtTrainedPositions:
         """trained: [rows, L - 1] bool, whether position t's prediction of token t + 1 is trained."""
         if not getattr(self.layer, "gradient_checkpointing", False) and trained.any():
             self.index = F.pad(trained, (0, 1)).flatten().nonzero().squeeze(1)
+            self.positions = (trained.shape[0], trained.shape[1] + 1)
         try:
             yield
         finally:
-            self.index = self.shape = None
+            self.index = self.positions = None
 
     def _gather(self, module: nn.Module, args: tuple) -> tuple | None:
         if self.index is None:
             return None
         x = args[0]
-        self.shape = x.shape
         return (x.reshape(-1, x.shape[-1]).index_select(0, self.index)[None], *args[1:])
 
     def _scatter(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if self.index is None:
             return None
         rows = output.reshape(-1, output.shape[-1])
-        full = rows.new_zeros((self.shape[:-1].numel(), rows.shape[-1]))
-        return full.index_copy(0, self.index, rows).view(*self.shape[:-1], rows.shape[-1])
+        full = rows.new_zeros((math.prod(self.positions), rows.shape[-1]))
+        return full.index_copy(0, self.index, rows).view(*self.positions, rows.shape[-1])
 
 
 # Logits up to this many elements are kept rather than recomputed in chunks: 64 MiB in fp32, and

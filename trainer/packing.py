@@ -37,7 +37,7 @@ def training_collate(recipe: Recipe, model: torch.nn.Module,
         use_packed_attention(model)
         # Attention per example reads position_ids: the [rows, 1, L, L] mask would go unused.
         return lambda examples: collate_packed(examples, recipe.data.max_seq_len, pad_token_id, with_mask=False)
-    elif attention != "eager":  # eager takes the 4D mask (made additive by CausalLMLoss)
+    if attention != "eager":  # eager takes the 4D mask (made additive by CausalLMLoss)
         if distributed.is_main():
             print(f"note: data.packing needs model.attn_implementation sdpa or eager, not {attention!r}; "
                   f"training with one example per row", flush=True)
