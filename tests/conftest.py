@@ -36,10 +36,14 @@ def tiny_base(session_cache) -> Path:
 
 @pytest.fixture(scope="session")
 def small_base_path(session_cache) -> str:
-    """A 2-layer, width-64 built-in base for unit tests of the loss and packing."""
+    """A 2-layer, width-64 built-in base for unit tests of the loss, packing and fused ops, with
+    grouped-query attention (4 query heads sharing 2 key/value heads, as in Llama 3, Mistral and
+    TinyLlama): k_proj and v_proj are narrower than q_proj, and attention repeats their heads.
+    The end-to-end tests' built-in base has one key/value head per query head."""
     from trainer.builtin import ensure_tiny_base
 
-    return str(ensure_tiny_base("bench-tiny", hidden_size=64, intermediate_size=176, num_hidden_layers=2))
+    return str(ensure_tiny_base("small-gqa", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                num_key_value_heads=2))
 
 
 @pytest.fixture(scope="session")

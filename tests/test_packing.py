@@ -85,6 +85,7 @@ def test_collate_packed_lays_out_examples_with_positions_reset(examples):
 @pytest.mark.parametrize("attention", ["sdpa", "eager", "packed"])
 def test_packed_loss_and_gradients_equal_unpacked(small_base_path, small_tokenizer, examples, attention):
     model = lora_model(small_base_path, "eager" if attention == "eager" else "sdpa")
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped-query attention
     loss_model = CausalLMLoss(model)
     unpacked = loss_and_grads(loss_model, collate(examples, small_tokenizer.pad_token_id))
     if attention == "packed":  # rows joined without padding, attention per example: the loop's collate

@@ -1,10 +1,19 @@
-"""A leaner SwiGLU MLP for training: silu(gate) * up as one autograd operation.
+"""Leaner training ops for the Llama family's SwiGLU MLP and RMSNorm: less kept for the backward,
+and fewer passes over the activations, than autograd's.
 
-transformers' Llama-family MLP computes down(act(gate(x)) * up(x)), and autograd then keeps three
-[tokens x intermediate] tensors for the backward: gate(x), act(gate(x)) and up(x). `SiluMul` keeps
-gate(x) and up(x) and recomputes the SiLU in the backward (one elementwise pass), so each layer
-holds one intermediate-sized activation less. The result and the gradients are the same numbers:
-the backward runs the same kernels autograd would.
+SwiGLU: transformers' Llama-family MLP computes down(act(gate(x)) * up(x)), and autograd then keeps
+three [tokens x intermediate] tensors for the backward: gate(x), act(gate(x)) and up(x). `SiluMul`
+keeps gate(x) and up(x) and recomputes the SiLU in the backward (one elementwise pass), so each
+layer holds one intermediate-sized activation less. The result and the gradients are the same
+numbers: the backward runs the same kernels autograd would.
+
+RMSNorm: weight * (x * rsqrt(mean(x^2) + eps)), computed as transformers' `LlamaRMSNorm` does (in
+fp32, cast back to x's dtype before the weight), so the forward gives the same numbers bit for bit.
+It keeps what autograd keeps (x and one number per token). Autograd's backward of those operations
+takes about a dozen passes over [tokens x hidden] (pow, mean, rsqrt and two products, each with
+expanded and accumulated gradients); `RMSNormFunction`'s takes four: g = grad * weight, the dot
+product g . x per token, g * rstd, and x times one number per token subtracted from it. Gradients
+equal autograd's up to float rounding (the sums run in another order).
 """
 from __future__ import annotations
 
@@ -17,6 +26,10 @@ from torch import nn
 # MLPs whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)). Matching by class, not by
 # attribute names: other MLPs with the same parts also scale or clamp (Falcon-H1, DeepSeek-V4, ...).
 PLAIN_SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP", "GraniteMLP")
+# Norms whose forward is exactly LlamaRMSNorm's (tests/test_fused.py compares the source). Not Gemma's
+# (1 + weight), Olmo2's (the weight applied before the cast) or Cohere's (a mean-centred LayerNorm).
+PLAIN_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm", "Qwen2MoeRMSNorm",
+                  "Qwen3RMSNorm", "GraniteRMSNorm", "Phi3RMSNorm")
 
 
 class SiluMul(torch.autograd.Function):
@@ -33,6 +46,30 @@ class SiluMul(torch.autograd.Function):
         return grad_gate, grad_up
 
 
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, weight, rstd = ctx.saved_tensors
+        x32 = x.float()
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[1]:  # a trained norm weight (never the frozen base's)
+            normed = (x32 * rstd).to(x.dtype)
+            grad_weight = (grad * normed).reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            # d/dx of x * rstd(x), applied to g = grad * weight: g * rstd - x * rstd^3 * (g . x) / hidden.
+            g = (grad * weight).float()
+            per_token = torch.linalg.vecdot(g, x32).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.shape[-1])
+            grad_x = g.mul_(rstd).addcmul_(x32, per_token, value=-1).to(x.dtype)
+        return grad_x, grad_weight, None
+
+
 def _swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
 
@@ -44,6 +81,20 @@ def use_fused_mlp(model: nn.Module) -> int:
     for module in model.modules():
         if type(module).__name__ in PLAIN_SWIGLU_MLPS and _is_silu(getattr(module, "act_fn", None)):
             module.forward = types.MethodType(_swiglu_forward, module)
+            changed += 1
+    return changed
+
+
+def _rms_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return RMSNormFunction.apply(x, self.weight, self.variance_epsilon)
+
+
+def use_fused_norm(model: nn.Module) -> int:
+    """Give every `PLAIN_RMSNORMS` module the one-op forward. Returns how many were changed."""
+    changed = 0
+    for module in model.modules():
+        if type(module).__name__ in PLAIN_RMSNORMS and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_rms_norm_forward, module)
             changed += 1
     return changed
 
