@@ -9,10 +9,13 @@ numbers: the backward runs the same kernels autograd would.
 
 RMSNorm: weight * (x * rsqrt(mean(x^2) + eps)), computed as transformers' `LlamaRMSNorm` does (in
 fp32, cast back to x's dtype before the weight), so the forward gives the same numbers bit for bit.
-It keeps what autograd keeps (x and one number per token). Autograd's backward of those operations
-takes about a dozen passes over [tokens x hidden] (pow, mean, rsqrt and two products, each with
-expanded and accumulated gradients); `RMSNormFunction`'s takes four: g = grad * weight, the dot
-product g . x per token, g * rstd, and x times one number per token subtracted from it. Gradients
+It keeps x and one number per token (in fp32 what autograd keeps; in bf16/fp16 half of it, since
+autograd also keeps x's fp32 copy). In fp32, autograd's backward of those operations takes about a
+dozen passes over [tokens x hidden] (pow, mean, rsqrt and two products, each with expanded and
+accumulated gradients); `RMSNormFunction`'s takes four: g = grad * weight, the dot product g . x per
+token, g * rstd, and x times one number per token subtracted from it (16-bit inputs add the casts).
+Only the classes named in `PLAIN_*` and defined by transformers are changed: a model's own code
+(`trust_remote_code`) may reuse a name for something else. Gradients
 equal autograd's up to float rounding (the sums run in another order).
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 # MLPs whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)). Matching by class, not by
 # attribute names: other MLPs with the same parts also scale or clamp (Falcon-H1, DeepSeek-V4, ...).
@@ -55,6 +59,7 @@ class RMSNormFunction(torch.autograd.Function):
         return weight * (x32 * rstd).to(x.dtype)
 
     @staticmethod
+    @once_differentiable  # rstd is saved without a graph: no second derivative through this backward
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, weight, rstd = ctx.saved_tensors
         x32 = x.float()
@@ -79,7 +84,7 @@ def use_fused_mlp(model: nn.Module) -> int:
     Other MLPs are left as they are. Returns how many were changed."""
     changed = 0
     for module in model.modules():
-        if type(module).__name__ in PLAIN_SWIGLU_MLPS and _is_silu(getattr(module, "act_fn", None)):
+        if _is_transformers_class(module, PLAIN_SWIGLU_MLPS) and _is_silu(getattr(module, "act_fn", None)):
             module.forward = types.MethodType(_swiglu_forward, module)
             changed += 1
     return changed
@@ -93,10 +98,15 @@ def use_fused_norm(model: nn.Module) -> int:
     """Give every `PLAIN_RMSNORMS` module the one-op forward. Returns how many were changed."""
     changed = 0
     for module in model.modules():
-        if type(module).__name__ in PLAIN_RMSNORMS and hasattr(module, "variance_epsilon"):
+        if _is_transformers_class(module, PLAIN_RMSNORMS) and hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(_rms_norm_forward, module)
             changed += 1
     return changed
+
+
+def _is_transformers_class(module: nn.Module, names: tuple[str, ...]) -> bool:
+    cls = type(module)
+    return cls.__name__ in names and cls.__module__.startswith("transformers.models.")
 
 
 def _is_silu(activation: nn.Module | None) -> bool:
