@@ -15,12 +15,13 @@ dozen passes over [tokens x hidden] (pow, mean, rsqrt and two products, each wit
 accumulated gradients); `RMSNormFunction`'s takes four: g = grad * weight, the dot product g . x per
 token, g * rstd, and x times one number per token subtracted from it (16-bit inputs add the casts).
 Only the classes named in `PLAIN_*` and defined by transformers are changed: a model's own code
-(`trust_remote_code`) may reuse a name for something else. Gradients
-equal autograd's up to float rounding (the sums run in another order).
+(`trust_remote_code`) may reuse a name for something else. Gradients equal autograd's up to float
+rounding (the sums run in another order).
 """
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -82,12 +83,8 @@ def _swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def use_fused_mlp(model: nn.Module) -> int:
     """Give every plain SwiGLU MLP (`PLAIN_SWIGLU_MLPS` with a SiLU activation) the fused forward.
     Other MLPs are left as they are. Returns how many were changed."""
-    changed = 0
-    for module in model.modules():
-        if _is_transformers_class(module, PLAIN_SWIGLU_MLPS) and _is_silu(getattr(module, "act_fn", None)):
-            module.forward = types.MethodType(_swiglu_forward, module)
-            changed += 1
-    return changed
+    return _replace_forward(model, PLAIN_SWIGLU_MLPS, _swiglu_forward,
+                            lambda module: _is_silu(getattr(module, "act_fn", None)))
 
 
 def _rms_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -96,17 +93,21 @@ def _rms_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def use_fused_norm(model: nn.Module) -> int:
     """Give every `PLAIN_RMSNORMS` module the one-op forward. Returns how many were changed."""
+    return _replace_forward(model, PLAIN_RMSNORMS, _rms_norm_forward,
+                            lambda module: hasattr(module, "variance_epsilon"))
+
+
+def _replace_forward(model: nn.Module, names: tuple[str, ...], forward: Callable,
+                     applies: Callable[[nn.Module], bool]) -> int:
+    """Bind `forward` to every module of `model` whose class is transformers' own (not a same-named
+    one from a model's remote code), named in `names`, and for which `applies(module)`."""
     changed = 0
     for module in model.modules():
-        if _is_transformers_class(module, PLAIN_RMSNORMS) and hasattr(module, "variance_epsilon"):
-            module.forward = types.MethodType(_rms_norm_forward, module)
+        cls = type(module)
+        if cls.__name__ in names and cls.__module__.startswith("transformers.models.") and applies(module):
+            module.forward = types.MethodType(forward, module)
             changed += 1
     return changed
-
-
-def _is_transformers_class(module: nn.Module, names: tuple[str, ...]) -> bool:
-    cls = type(module)
-    return cls.__name__ in names and cls.__module__.startswith("transformers.models.")
 
 
 def _is_silu(activation: nn.Module | None) -> bool:
