@@ -152,3 +152,26 @@ def test_a_bf16_base_with_fp32_adapters_gives_the_update_and_gradients():
     torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=5e-2)
     y.float().sum().backward()
     assert layer.lora_A.weight.grad.abs().sum() > 0 and layer.lora_B.weight.grad.dtype == torch.float32
+
+
+def test_a_4bit_base_keeps_its_layout_and_gradients_after_an_evaluation(small_base_path):
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight the first time the layer runs in
+    eval mode without gradients; afterwards the layer passed no gradient to its input and
+    dequantize_4bit misread the weight. load_base turns that repacking off (elsewhere this is a no-op)."""
+    from trainer.config import recipe_from_dict
+    from trainer.model import load_base
+
+    model, _ = load_base(recipe_from_dict({"model": {"name_or_path": small_base_path}, "quant": {"bits": 4}}),
+                         torch.device("cpu"))
+    layer = model.model.layers[0].mlp.up_proj
+    weight = dequantised_weight(layer)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 100, (2, 70)))
+    model.train()
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    assert torch.equal(dequantised_weight(layer), weight)
+    x = torch.randn(70, layer.in_features, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, torch.ones(70, layer.out_features) @ weight, rtol=1e-5, atol=1e-5)

@@ -94,7 +94,24 @@ def load_base(recipe: Recipe, device: torch.device) -> tuple[nn.Module, torch.dt
     model.config.use_cache = False
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    keep_4bit_layout(model)
     return model, dtype
+
+
+def keep_4bit_layout(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU AVX512-BF16 kernel.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a `Linear4bit`'s weight in place the first
+    time the layer runs in eval mode without gradients (an evaluation during training, a sample
+    generation). From then on the layer computes in bf16, passes no gradient to its input (training
+    would go on with the base's path cut at every layer), and `dequantize_4bit` misreads the new
+    layout (merging, export). Returns how many layers were changed."""
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def _not_found_message(what: str, name_or_path: str, error: Exception) -> str:
