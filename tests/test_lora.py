@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from trainer.lora import LoRALinear, adapter_parameters, apply_lora, dequantised_weight
+from trainer.model import keep_4bit_layout
 
 
 def quantised_linear(bits: int, source: nn.Linear) -> nn.Module:
@@ -19,6 +20,7 @@ def quantised_linear(bits: int, source: nn.Linear) -> nn.Module:
         layer = bnb.nn.Linear8bitLt(source.in_features, source.out_features, bias=True, has_fp16_weights=False)
         layer.weight = bnb.nn.Int8Params(source.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
     layer.bias = nn.Parameter(source.bias.data.clone(), requires_grad=False)
+    keep_4bit_layout(layer)  # as load_base does: no bf16 repacking in eval mode on AVX512-BF16 CPUs
     return layer.to("cpu")
 
 

@@ -23,6 +23,7 @@ from trainer.config import Recipe
 from trainer.lora import apply_lora
 from trainer.resume import load_into_model
 from trainer.model import ModelLoadError, load_base, load_tokenizer, resolve_base
+from trainer.onednn import use_onednn_linear
 
 # Fields a re-save changes without changing the model.
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash")
@@ -193,4 +194,6 @@ def load_adapted_model(recipe: Recipe, adapter_dir: Path | None,
     model, dtype = load_base(recipe, device)
     if adapter_dir is not None:
         add_adapter(model, adapter_dir)
+    if recipe.train.onednn_matmul and device.type == "cpu":
+        use_onednn_linear(model)
     return model.eval(), tokenizer, dtype

@@ -94,6 +94,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute decoder layers in backward (non-reentrant)
     fused_mlp: bool = True  # SwiGLU MLPs keep gate and up for the backward, not silu(gate) too (trainer/fused.py)
     fused_norm: bool = True  # RMSNorm as one autograd op with a four-pass backward (trainer/fused.py)
+    onednn_matmul: bool = True  # fp32 CPU matrix multiplies through oneDNN, not MKL (trainer/onednn.py)
     report: bool = True  # TensorBoard events and report.png (metrics.jsonl is always written)
     sample_every: int = 100  # log greedy answers to a few held-out questions every N steps (0: only at the end)
     sample_count: int = 3  # held-out questions answered in that log (0: no samples)

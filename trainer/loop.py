@@ -20,6 +20,7 @@ from trainer.data import BatchPlan, Example, build_datasets
 from trainer.eval_generation import held_out_rows
 from trainer.evaluate import evaluate_loss
 from trainer.fused import use_fused_mlp, use_fused_norm
+from trainer.onednn import use_onednn_linear
 from trainer.generate import sample_generations
 from trainer.lora import adapter_parameters, apply_lora, parameter_summary
 from trainer.loss import CausalLMLoss
@@ -163,6 +164,8 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
         use_fused_mlp(model)
     if recipe.train.fused_norm:
         use_fused_norm(model)
+    if recipe.train.onednn_matmul and device.type == "cpu":
+        use_onednn_linear(model)
     if recipe.train.activation_checkpointing:
         from trainer.loss import enable_activation_checkpointing
 

@@ -1,0 +1,115 @@
+"""The frozen layers' products through oneDNN (trainer/onednn.py) give torch's numbers up to float
+rounding, with the same gradients, and step aside wherever they do not apply."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer import onednn
+from trainer.lora import adapter_parameters
+from trainer.loss import CausalLMLoss
+from trainer.packing import collate_packed
+from tests.test_fused import lora_model
+from tests.test_loss import examples  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN")
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[tuple]:
+    """Shapes of the products that went to oneDNN."""
+    seen, real = [], torch.ops.mkldnn._linear_pointwise
+
+    class Spy:
+        @staticmethod
+        def _linear_pointwise(x, weight, *args):
+            seen.append((tuple(x.shape), tuple(weight.shape)))
+            return real(x, weight, *args)
+
+    monkeypatch.setattr(torch.ops, "mkldnn", Spy)
+    return seen
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_is_f_linear(calls, transposed, bias):
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, 24)
+    weight = torch.randn(24, 36).t() if transposed else torch.randn(36, 24)
+    b = torch.randn(36) if bias else None
+    out = onednn.linear(x, weight, b)
+    assert out.shape == (3, 40, 36) and calls == [((120, 24), (36, 24))]
+    torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_leaves_small_and_non_fp32_products_to_torch(calls):
+    torch.manual_seed(0)
+    weight = torch.randn(36, 24)
+    small = torch.randn(onednn.MIN_ROWS - 1, 24)
+    assert torch.equal(onednn.linear(small, weight), F.linear(small, weight))
+    half = torch.randn(100, 24, dtype=torch.bfloat16)
+    assert torch.equal(onednn.linear(half, weight.bfloat16()), F.linear(half, weight.bfloat16()))
+    assert calls == []
+
+
+def test_frozen_layers_keep_loss_and_adapter_gradients(small_base_path, small_tokenizer, examples, calls,  # noqa: F811
+                                                      monkeypatch):
+    monkeypatch.setattr(onednn, "MIN_ROWS", 1)  # this batch trains fewer tokens than the threshold
+    batch = collate_packed(examples, 64, small_tokenizer.pad_token_id)
+    results = {}
+    for routed in (False, True):
+        model = lora_model(small_base_path, ("mlp", "norm"))
+        if routed:
+            layers = model.config.num_hidden_layers
+            assert onednn.use_onednn_linear(model) == 7 * layers + 1  # q, k, v, o, gate, up, down; the head
+        loss_sum, _ = CausalLMLoss(model)(**batch)
+        loss_sum.backward()
+        results[routed] = loss_sum.detach(), adapter_parameters(model)
+        if not routed:
+            assert calls == []
+    # Forward: the 4-bit layers and the vocabulary projection. Backward: the same, but for the first
+    # layer's q, k and v, whose input (the embeddings) needs no gradient.
+    hidden, vocab = model.config.hidden_size, model.config.vocab_size
+    assert len(calls) == 2 * (7 * layers + 1) - 3
+    assert [w for _, w in calls].count((vocab, hidden)) == 1 and [w for _, w in calls].count((hidden, vocab)) == 1
+    (plain_loss, plain_params), (loss, params) = results[False], results[True]
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=0)
+    for name, parameter in plain_params.items():
+        scale = float(parameter.grad.abs().max())
+        torch.testing.assert_close(params[name].grad, parameter.grad, rtol=1e-4, atol=1e-5 * scale,
+                                   msg=lambda message, name=name: f"{name}: {message}")
+
+
+def test_frozen_linear_gradient_is_the_inputs_only():
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 36).requires_grad_(False)
+    assert onednn.use_onednn_linear(layer) == 1
+    x = torch.randn(2, 50, 24, requires_grad=True)
+    grad = torch.randn(2, 50, 36)
+    out = layer(x)
+    (got,) = torch.autograd.grad(out, x, grad)
+    x2 = x.detach().clone().requires_grad_()
+    expected = F.linear(x2, layer.weight, layer.bias)
+    (reference,) = torch.autograd.grad(expected, x2, grad)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_trained_partitioned_or_unfitting_layers_keep_their_own_path(calls):
+    torch.manual_seed(0)
+    trained, frozen = nn.Linear(24, 36), nn.Linear(24, 36).requires_grad_(False)
+    assert onednn.use_onednn_linear(nn.Sequential(trained, frozen)) == 1  # a trained weight is left alone
+    x = torch.randn(100, 24)
+    frozen.weight.ds_id = 7  # a ZeRO-3 parameter: DeepSpeed gathers it around the layer's own forward
+    frozen(x)
+    del frozen.weight.ds_id
+    frozen.bias.requires_grad_(True)  # a trained bias needs its gradient
+    out = frozen(x)
+    out.sum().backward()
+    assert frozen.bias.grad is not None
+    assert calls == []
+    frozen.bias.requires_grad_(False)
+    frozen(x)
+    assert len(calls) == 1
