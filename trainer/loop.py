@@ -20,12 +20,12 @@ from trainer.data import BatchPlan, Example, build_datasets
 from trainer.eval_generation import held_out_rows
 from trainer.evaluate import evaluate_loss
 from trainer.fused import use_fused_mlp, use_fused_norm
-from trainer.onednn import use_onednn_linear
 from trainer.generate import sample_generations
 from trainer.lora import adapter_parameters, apply_lora, parameter_summary
 from trainer.loss import CausalLMLoss
 from trainer.metrics import MetricsLog
 from trainer.model import dtype_name, load_base, load_tokenizer, resolve_base
+from trainer.onednn import use_onednn_linear
 from trainer.packing import training_collate
 from trainer.adapter import base_fingerprint
 from trainer.report import TensorBoardLog, append_samples, format_samples, samples_markdown, write_report
