@@ -2,8 +2,8 @@
 vocabulary projection.
 
 torch's x86 CPU wheels run `mm`/`linear` through MKL. On an AMD EPYC with AVX-512 it runs the bench
-job's products at 70-95 GFLOP/s on one thread, the rate of AVX2 kernels (MKL picks its kernels by
-vendor as well as by instruction set). oneDNN, which the same wheels carry (`torch.ops.mkldnn`), picks
+job's products at 70-95 GFLOP/s on one thread, the rate of AVX2 kernels (MKL's dispatch favours Intel
+processors). oneDNN, which the same wheels carry (`torch.ops.mkldnn`), picks
 them from the instruction set alone: the same shapes ([2600 x 128] by [128 x 352], [1300 x 128] by
 [128 x 1001], and their backward products) run 2.3-2.7x faster, small ones ([48 x 128] by
 [128 x 352]) ~1.3x. Same fp32 arithmetic; the sums run in another order, so results differ from
@@ -30,8 +30,11 @@ from torch.autograd.function import once_differentiable
 # shape, ~0.3 MB apiece, and their default capacity is 1024. Packed micro-batches give every step
 # new row counts, so with the defaults a run grew by ~13 MB per step (300 MB in the bench's 23
 # steps). One micro-step uses ~14 shapes (7 products forward, 7 backward), reused across its
-# layers: 16 entries keep that reuse and hold the memory flat. Read at oneDNN's first use.
+# layers: 16 entries keep that reuse and hold the memory flat. Both are read at oneDNN's first use
+# in the process, hence set on import (a value already in the environment wins).
 CACHE_CAPACITY = 16
+for _name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_name, str(CACHE_CAPACITY))
 # Below this many rows the call costs more than the kernel saves (and bitsandbytes' own fused 4-bit
 # product wins): single-token decoding stays on the layers' own paths.
 MIN_ROWS = 64
@@ -111,8 +114,6 @@ def use_onednn_linear(model: nn.Module) -> int:
     Returns how many layers were changed; 0 when this torch build has no oneDNN."""
     if not available():
         return 0
-    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
-        os.environ.setdefault(name, str(CACHE_CAPACITY))
     changed = 0
     for module in model.modules():
         if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes."):
