@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer import bench_job, malloc
+from trainer import bench_job, malloc, onednn
 from trainer.bench_job import ROOT, Job
 
 FRAMEWORKS = ("ours", "theirs")
@@ -137,7 +137,10 @@ def run_theirs(job: Job, scratch: Path, tuned_malloc: bool) -> dict:
 
 def run_child(command: list[str], scratch: Path, tuned_malloc: bool) -> float:
     """Run `python COMMAND` under the memory probe, output to scratch/log.txt; returns wall seconds."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # Not the oneDNN cache caps that importing our trainer (for ours_packing) put in this environment:
+    # ours sets them again itself, theirs runs as it would on its own.
+    env = {**{k: v for k, v in os.environ.items() if k not in onednn.SET_ON_IMPORT},
+           "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     tunables = malloc.tunables_for(env) if tuned_malloc else None
     if tunables is not None:
         env["GLIBC_TUNABLES"] = tunables

@@ -115,6 +115,53 @@ def test_trained_partitioned_or_unfitting_layers_keep_their_own_path(calls):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("rows", [onednn.MIN_ROWS - 1, onednn.MIN_ROWS])
+def test_a_4bit_layer_with_a_bias_gives_bitsandbytes_value_and_input_gradient(calls, rows):
+    from tests.test_lora import quantised_linear
+
+    torch.manual_seed(0)
+    layer = quantised_linear(4, nn.Linear(64, 48))  # NF4, double quant, fp32 compute, a frozen bias
+    x, grad = torch.randn(rows, 64, requires_grad=True), torch.randn(rows, 48)
+    expected = layer(x)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad)
+    assert onednn.use_onednn_linear(layer) == 1 and calls == []
+    out = layer(x)
+    (got,) = torch.autograd.grad(out, x, grad)
+    assert len(calls) == (2 if rows >= onednn.MIN_ROWS else 0)  # forward and backward, or neither
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_4bit_layers_zero3_parameters_other_compute_dtypes_and_autocast_keep_their_own_path(calls):
+    from tests.test_lora import quantised_linear
+
+    torch.manual_seed(0)
+    partitioned, bf16_compute = quantised_linear(4, nn.Linear(64, 48)), quantised_linear(4, nn.Linear(64, 48))
+    bf16_compute.compute_dtype = torch.bfloat16
+    frozen = nn.Linear(64, 48).requires_grad_(False)
+    assert onednn.use_onednn_linear(nn.Sequential(partitioned, bf16_compute, frozen)) == 3
+    x = torch.randn(100, 64)
+    partitioned.weight.ds_id = 3
+    partitioned(x)
+    assert bf16_compute(x).dtype == torch.float32  # bitsandbytes computes in bf16 and casts back
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert frozen(x).dtype == torch.bfloat16
+    assert calls == []
+    frozen(x)
+    assert len(calls) == 1
+
+
+def test_a_model_with_routed_layers_pickles(calls):
+    import pickle
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 36), nn.Linear(36, 8)).requires_grad_(False)
+    onednn.use_onednn_linear(model)
+    copy = pickle.loads(pickle.dumps(model))
+    x = torch.randn(100, 24)
+    assert torch.equal(copy(x), model(x)) and len(calls) == 4  # the copy is routed too
+
+
 def test_products_of_ever_new_shapes_do_not_grow_memory():
     # oneDNN keeps cache entries per product shape, and packed batches change shapes every step: with
     # the default capacities a training run grew by ~13 MB per step. trainer.onednn caps them on import.

@@ -20,7 +20,7 @@ rounding (the sums run in another order).
 """
 from __future__ import annotations
 
-import types
+import functools
 from collections.abc import Callable
 
 import torch
@@ -105,7 +105,7 @@ def _replace_forward(model: nn.Module, names: tuple[str, ...], forward: Callable
     for module in model.modules():
         cls = type(module)
         if cls.__name__ in names and cls.__module__.startswith("transformers.models.") and applies(module):
-            module.forward = types.MethodType(forward, module)
+            module.forward = functools.partial(forward, module)  # a bound method would not pickle
             changed += 1
     return changed
 
