@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer import bench_job, malloc, onednn
+from trainer import bench_job, malloc
 from trainer.bench_job import ROOT, Job
 
 FRAMEWORKS = ("ours", "theirs")
@@ -137,6 +137,8 @@ def run_theirs(job: Job, scratch: Path, tuned_malloc: bool) -> dict:
 
 def run_child(command: list[str], scratch: Path, tuned_malloc: bool) -> float:
     """Run `python COMMAND` under the memory probe, output to scratch/log.txt; returns wall seconds."""
+    from trainer import onednn  # here, not on top: it imports torch, which must see --threads first
+
     # Not the oneDNN cache caps that importing our trainer (for ours_packing) put in this environment:
     # ours sets them again itself, theirs runs as it would on its own.
     env = {**{k: v for k, v in os.environ.items() if k not in onednn.SET_ON_IMPORT},
