@@ -181,7 +181,7 @@ for rows in range(100, 700):
     onednn.linear(torch.randn(rows, 64), weight)
 print(rss() - before)
 """
-    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    env = {k: v for k, v in os.environ.items() if k not in onednn.CACHE_VARIABLES}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=root)
     assert float(out.stdout) < 20, f"RSS grew by {float(out.stdout):.0f} MB over 400 new shapes"

@@ -3,8 +3,8 @@ vocabulary projection.
 
 torch's x86 CPU wheels run `mm`/`linear` through MKL. On an AMD EPYC with AVX-512 it runs the bench
 job's products at 70-95 GFLOP/s on one thread, the rate of AVX2 kernels (MKL's dispatch favours Intel
-processors). oneDNN, which the same wheels carry (`torch.ops.mkldnn`), picks
-them from the instruction set alone: the same shapes ([2600 x 128] by [128 x 352], [1300 x 128] by
+processors). oneDNN, which the same wheels carry (`torch.ops.mkldnn`), picks them from the
+instruction set alone: the same shapes ([2600 x 128] by [128 x 352], [1300 x 128] by
 [128 x 1001], and their backward products) run 2.3-2.7x faster, small ones ([48 x 128] by
 [128 x 352]) ~1.3x. Same fp32 arithmetic; the sums run in another order, so results differ from
 MKL's by float rounding. The adapters stay on torch's own products: at rank 16 oneDNN wins little
@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from trainer.lora import dequantised_weight
 
 
 # oneDNN's primitive cache and ideep's (torch's oneDNN wrapper) each keep an entry per product
@@ -81,7 +83,7 @@ class FrozenLinear(torch.autograd.Function):
 
 
 def _frozen_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if _takes(x, self.weight.dtype) and not self.weight.requires_grad and _frozen(self.weight, self.bias):
+    if _takes(x, self.weight.dtype) and _frozen(self.weight, self.bias):
         return FrozenLinear.apply(x, lambda: self.weight, self.bias)
     return F.linear(x, self.weight, self.bias)
 
@@ -95,20 +97,15 @@ def _linear4bit_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # which turns that off) is in a layout dequantize_4bit misreads: bitsandbytes' forward keeps it.
     if (_takes(x, state.dtype) and self.compute_dtype in (None, torch.float32) and _frozen(self.weight, self.bias)
             and not getattr(state, "packing_format_for_cpu", False)):
-        return FrozenLinear.apply(x, lambda: _dequantised(self), self.bias)
+        return FrozenLinear.apply(x, lambda: dequantised_weight(self), self.bias)
     return type(self).forward(self, x)
 
 
-def _dequantised(layer: nn.Module) -> torch.Tensor:
-    import bitsandbytes.functional as bnb_functional
-
-    return bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-
-
 def _frozen(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Not a ZeRO-3 parameter (DeepSpeed gathers those around the layer's own forward and backward),
-    and a bias, if any, that is fp32 and not trained."""
-    return not hasattr(weight, "ds_id") and (bias is None or (bias.dtype == torch.float32 and not bias.requires_grad))
+    """A weight that is not trained and not a ZeRO-3 parameter (DeepSpeed gathers those around the
+    layer's own forward and backward), and a bias, if any, that is fp32 and not trained."""
+    return (not weight.requires_grad and not hasattr(weight, "ds_id")
+            and (bias is None or (bias.dtype == torch.float32 and not bias.requires_grad)))
 
 
 def use_onednn_linear(model: nn.Module) -> int:
