@@ -132,3 +132,31 @@ def test_dry_run_on_a_broken_recipe_exits_non_zero_naming_the_problem(tmp_path):
 def test_an_unknown_flag_is_refused(tmp_path):
     result = run_cli(["launch/train.py", "recipes/tiny_alpaca.yaml", "--dryrun"], check=False)
     assert result.returncode == 2 and "unknown flag --dryrun" in result.stderr
+
+
+# The run is the real process-group start (distributed.init, a world of one over gloo); the
+# script prints whether a group is still up once the entry point has returned.
+ENTRY_POINT = """
+import sys
+import torch.distributed as dist
+from trainer import cli, distributed, options
+from trainer.eval_generation import EvalOptions
+
+def run(recipe, *_):
+    distributed.init()
+    assert dist.is_initialized()
+
+if sys.argv[1] == "cli":
+    cli.main(run, ["recipes/tiny_alpaca.yaml"])
+else:
+    options.main(run, EvalOptions, "eval", ["recipes/tiny_alpaca.yaml"])
+print("process group still up:", dist.is_initialized())
+"""
+
+
+@pytest.mark.parametrize("entry", ["cli", "options"])
+def test_a_successful_run_ends_its_process_group_before_exit(entry):
+    # Left to interpreter exit, gloo's worker threads can abort the rank after a good run
+    # ("terminate called without an active exception"), and the launcher fails the job.
+    result = run_cli(["python", "-c", ENTRY_POINT, entry])
+    assert "process group still up: False" in result.stdout

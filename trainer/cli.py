@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Callable
 
+from trainer import distributed
 from trainer.checkpoint import CheckpointError
 from trainer.config import Recipe, RecipeError, load_recipe
 from trainer.data import DataError
@@ -38,6 +39,7 @@ def main(run: Callable[..., object], argv: list[str] | None = None) -> None:
     try:
         recipe, flags = parse(argv)
         run(recipe, dry_run=True) if "--dry-run" in flags else run(recipe)
+        distributed.shutdown()
     except KNOWN_ERRORS as error:
         if debug:
             raise

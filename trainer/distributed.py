@@ -34,6 +34,17 @@ def init(timeout_minutes: float = 30.0) -> torch.device:
     return torch.device("cuda", local_rank()) if use_cuda else torch.device("cpu")
 
 
+def shutdown() -> None:
+    """End the process group (all of them, DeepSpeed's too) after a run that succeeded on this rank.
+
+    Left to interpreter exit, gloo's C++ worker threads can outlive the objects they use: the rank
+    then dies with "terminate called without an active exception" (SIGABRT) after a run that did
+    everything right, and the launcher reports the whole job failed. Not called after an error: a
+    peer may still be inside a collective with this rank, and tearing down under it can hang."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _skip_shared_memory_op() -> None:
     """Keep DeepSpeed from building and starting its CPU shared-memory all-reduce.
 

@@ -15,7 +15,7 @@ import sys
 import typing
 from typing import Any, TypeVar
 
-from trainer import cli
+from trainer import cli, distributed
 from trainer.config import Recipe, RecipeError
 
 Options = TypeVar("Options")
@@ -96,6 +96,7 @@ def main(run: typing.Callable[[Recipe, Any], object], options_class: type, secti
         options = parse_options(options_class, given, section)
         recipe, _ = cli.parse(rest)
         run(recipe, options)
+        distributed.shutdown()
     except cli.KNOWN_ERRORS as error:
         if debug:
             raise
