@@ -134,29 +134,35 @@ def test_an_unknown_flag_is_refused(tmp_path):
     assert result.returncode == 2 and "unknown flag --dryrun" in result.stderr
 
 
-# The run is the real process-group start (distributed.init, a world of one over gloo); the
-# script prints whether a group is still up once the entry point has returned.
+# The run is the real process-group start (distributed.init, a world of one over gloo), then
+# succeeds or raises a known error; at exit the script says whether a group is still up.
 ENTRY_POINT = """
+import atexit
 import sys
 import torch.distributed as dist
 from trainer import cli, distributed, options
+from trainer.config import RecipeError
 from trainer.eval_generation import EvalOptions
 
 def run(recipe, *_):
     distributed.init()
     assert dist.is_initialized()
+    if sys.argv[2] == "error":
+        raise RecipeError("as asked")
 
+atexit.register(lambda: print("process group still up:", dist.is_initialized()))
 if sys.argv[1] == "cli":
     cli.main(run, ["recipes/tiny_alpaca.yaml"])
 else:
     options.main(run, EvalOptions, "eval", ["recipes/tiny_alpaca.yaml"])
-print("process group still up:", dist.is_initialized())
 """
 
 
+@pytest.mark.parametrize("outcome", ["success", "error"])
 @pytest.mark.parametrize("entry", ["cli", "options"])
-def test_a_successful_run_ends_its_process_group_before_exit(entry):
+def test_a_run_ends_its_process_group_before_exit(entry, outcome):
     # Left to interpreter exit, gloo's worker threads can abort the rank after a good run
     # ("terminate called without an active exception"), and the launcher fails the job.
-    result = run_cli(["python", "-c", ENTRY_POINT, entry])
+    result = run_cli(["python", "-c", ENTRY_POINT, entry, outcome], check=False)
+    assert result.returncode == (2 if outcome == "error" else 0), result.stderr[-2000:]
     assert "process group still up: False" in result.stdout

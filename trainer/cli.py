@@ -43,6 +43,7 @@ def main(run: Callable[..., object], argv: list[str] | None = None) -> None:
     except KNOWN_ERRORS as error:
         if debug:
             raise
+        distributed.shutdown(failed=True)
         fail(str(error))
     except RuntimeError as error:
         if debug or not _is_lost_peer(error):

@@ -34,14 +34,15 @@ def init(timeout_minutes: float = 30.0) -> torch.device:
     return torch.device("cuda", local_rank()) if use_cuda else torch.device("cpu")
 
 
-def shutdown() -> None:
-    """End the process group (all of them, DeepSpeed's too) after a run that succeeded on this rank.
+def shutdown(failed: bool = False) -> None:
+    """End the process group (all of them, DeepSpeed's too) before the process exits.
 
     Left to interpreter exit, gloo's C++ worker threads can outlive the objects they use: the rank
     then dies with "terminate called without an active exception" (SIGABRT) after a run that did
-    everything right, and the launcher reports the whole job failed. Not called after an error: a
-    peer may still be inside a collective with this rank, and tearing down under it can hang."""
-    if dist.is_available() and dist.is_initialized():
+    everything right, and the launcher reports the whole job failed. After an error (`failed`) only
+    a world of one is ended: a peer may still be inside a collective with this rank, and tearing the
+    group down under it can hang until the collective timeout."""
+    if dist.is_available() and dist.is_initialized() and not (failed and world_size() > 1):
         dist.destroy_process_group()
 
 

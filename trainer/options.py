@@ -100,5 +100,6 @@ def main(run: typing.Callable[[Recipe, Any], object], options_class: type, secti
     except cli.KNOWN_ERRORS as error:
         if debug:
             raise
+        distributed.shutdown(failed=True)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
