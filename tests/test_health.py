@@ -134,8 +134,9 @@ def test_an_unknown_flag_is_refused(tmp_path):
     assert result.returncode == 2 and "unknown flag --dryrun" in result.stderr
 
 
-# The run is the real process-group start (distributed.init, a world of one over gloo), then
-# succeeds or raises a known error; at exit the script says whether a group is still up.
+# The run starts the real process group (distributed.init: a world of one over gloo) or none,
+# then succeeds or raises a known error. An exit handler reports whether a group is still up; an
+# object's finaliser reports whether the interpreter's finalisation ran.
 ENTRY_POINT = """
 import atexit
 import sys
@@ -144,25 +145,41 @@ from trainer import cli, distributed, options
 from trainer.config import RecipeError
 from trainer.eval_generation import EvalOptions
 
+entry, group, outcome = sys.argv[1:]
+
 def run(recipe, *_):
-    distributed.init()
-    assert dist.is_initialized()
-    if sys.argv[2] == "error":
+    if group == "group":
+        distributed.init()
+        assert dist.is_initialized()
+    print("ran", flush=False)
+    if outcome == "error":
         raise RecipeError("as asked")
 
-atexit.register(lambda: print("process group still up:", dist.is_initialized()))
-if sys.argv[1] == "cli":
+class Finalised:
+    def __del__(self):
+        print("interpreter finalisation ran")
+
+witness = Finalised()
+atexit.register(lambda: print("exit handlers ran; process group still up:", dist.is_initialized()))
+if entry == "cli":
     cli.main(run, ["recipes/tiny_alpaca.yaml"])
 else:
     options.main(run, EvalOptions, "eval", ["recipes/tiny_alpaca.yaml"])
 """
 
 
+@pytest.mark.parametrize("group", ["group", "no-group"])
 @pytest.mark.parametrize("outcome", ["success", "error"])
 @pytest.mark.parametrize("entry", ["cli", "options"])
-def test_a_run_ends_its_process_group_before_exit(entry, outcome):
-    # Left to interpreter exit, gloo's worker threads can abort the rank after a good run
-    # ("terminate called without an active exception"), and the launcher fails the job.
-    result = run_cli(["python", "-c", ENTRY_POINT, entry, outcome], check=False)
+def test_a_rank_leaves_without_interpreter_finalisation(entry, outcome, group):
+    # In finalisation, a gloo worker thread still releasing the last collective's tensors is
+    # stopped inside a C++ destructor: the rank aborts ("terminate called without an active
+    # exception") after a good run, and the launcher fails the job. A rank that started a process
+    # group leaves with os._exit instead, after the exit handlers and with its output flushed.
+    result = run_cli(["python", "-c", ENTRY_POINT, entry, group, outcome], check=False)
     assert result.returncode == (2 if outcome == "error" else 0), result.stderr[-2000:]
-    assert "process group still up: False" in result.stdout
+    assert "ran" in result.stdout
+    assert "exit handlers ran; process group still up: False" in result.stdout
+    if outcome == "error":
+        assert "error: as asked" in result.stderr
+    assert ("interpreter finalisation ran" in result.stdout) == (group == "no-group")

@@ -34,16 +34,15 @@ def parse(argv: list[str]) -> tuple[Recipe, list[str]]:
 
 
 def main(run: Callable[..., object], argv: list[str] | None = None) -> None:
+    """Run a script; its process ends here (trainer.distributed.finish) when it started a process group."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("QLORA_DEBUG") == "1"
     try:
         recipe, flags = parse(argv)
         run(recipe, dry_run=True) if "--dry-run" in flags else run(recipe)
-        distributed.shutdown()
     except KNOWN_ERRORS as error:
         if debug:
             raise
-        distributed.shutdown(failed=True)
         fail(str(error))
     except RuntimeError as error:
         if debug or not _is_lost_peer(error):
@@ -51,14 +50,16 @@ def main(run: Callable[..., object], argv: list[str] | None = None) -> None:
         fail(f"lost contact with another rank ({str(error).splitlines()[0][:300]}).\n"
              f"A rank or node died or the network dropped; this rank stops too. The last complete "
              f"checkpoint is intact: relaunch with resume=auto.")
+    distributed.finish(0)
 
 
 def fail(message: str) -> None:
+    """Print one clear error line and end the process with exit code 2."""
     rank = os.environ.get("RANK")
     prefix = f"error (rank {rank}): " if rank not in (None, "0") else "error: "
     # Start on a fresh line: a progress bar may hold the current one.
     print("\n" + prefix + message, file=sys.stderr, flush=True)
-    sys.exit(2)
+    distributed.finish(2)
 
 
 def _is_lost_peer(error: RuntimeError) -> bool:

@@ -1,11 +1,15 @@
 """Process-group helpers: one code path whether launched by `deepspeed` or as a single process."""
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+_started = False  # whether this process ever started a process group (see finish)
 
 
 def init(timeout_minutes: float = 30.0) -> torch.device:
@@ -29,21 +33,37 @@ def init(timeout_minutes: float = 30.0) -> torch.device:
     if use_cuda and hasattr(c10d, "default_pg_nccl_timeout"):
         c10d.default_pg_nccl_timeout = timeout
     _skip_shared_memory_op()  # also for deepspeed.initialize on a process group made elsewhere
+    global _started
+    _started = True  # before the start itself: a rank that fails in it leaves through finish too
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", timeout=timeout, verbose=False)
     return torch.device("cuda", local_rank()) if use_cuda else torch.device("cpu")
 
 
-def shutdown(failed: bool = False) -> None:
-    """End the process group (all of them, DeepSpeed's too) before the process exits.
+def finish(code: int = 0) -> None:
+    """End a script's process the way its run ended: `code` 0 for success, else its exit code.
 
-    Left to interpreter exit, gloo's C++ worker threads can outlive the objects they use: the rank
-    then dies with "terminate called without an active exception" (SIGABRT) after a run that did
-    everything right, and the launcher reports the whole job failed. After an error (`failed`) only
-    a world of one is ended: a peer may still be inside a collective with this rank, and tearing the
-    group down under it can hang until the collective timeout."""
-    if dist.is_available() and dist.is_initialized() and not (failed and world_size() > 1):
+    A process that started a process group leaves through os._exit, after the exit handlers
+    (atexit: logging, ...) and with its standard streams flushed, skipping the interpreter's
+    finalisation. Gloo's worker threads release the tensors of the last collectives after the
+    collectives complete, which takes the GIL; one still doing so when finalisation starts is
+    stopped inside a C++ destructor, and the rank dies with "terminate called without an active
+    exception" (SIGABRT) after a run that did everything right, failing the whole job at the
+    launcher. destroy_process_group alone does not prevent it: DeepSpeed keeps its groups.
+
+    The groups are ended first after a success, or in a world of one; not after an error with
+    peers, which may still be inside a collective with this rank (tearing down under them hangs
+    until the collective timeout). Without a process group: a plain return, or sys.exit(code)."""
+    if dist.is_available() and dist.is_initialized() and (code == 0 or world_size() == 1):
         dist.destroy_process_group()
+    if not _started:
+        if code:
+            sys.exit(code)
+        return
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def _skip_shared_memory_op() -> None:

@@ -87,7 +87,8 @@ def _convert(kind: Any, text: str, key: str) -> Any:
 def main(run: typing.Callable[[Recipe, Any], object], options_class: type, section: str,
          argv: list[str] | None = None) -> None:
     """`trainer.cli.main` for scripts with their own options: one clear message and exit 2 on a
-    known error; `--debug` or QLORA_DEBUG=1 shows the traceback instead."""
+    known error; `--debug` or QLORA_DEBUG=1 shows the traceback instead. Ends the process as
+    cli.main does."""
 
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("QLORA_DEBUG") == "1"
@@ -96,10 +97,8 @@ def main(run: typing.Callable[[Recipe, Any], object], options_class: type, secti
         options = parse_options(options_class, given, section)
         recipe, _ = cli.parse(rest)
         run(recipe, options)
-        distributed.shutdown()
     except cli.KNOWN_ERRORS as error:
         if debug:
             raise
-        distributed.shutdown(failed=True)
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(error))
+    distributed.finish(0)
