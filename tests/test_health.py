@@ -135,7 +135,7 @@ def test_an_unknown_flag_is_refused(tmp_path):
 
 
 # The run starts the real process group (distributed.init: a world of one over gloo) or none,
-# then succeeds or raises a known error. An exit handler reports whether a group is still up; an
+# then succeeds, raises a known error, or crashes. An exit handler reports whether a group is still up; an
 # object's finaliser reports whether the interpreter's finalisation ran.
 ENTRY_POINT = """
 import atexit
@@ -154,6 +154,8 @@ def run(recipe, *_):
     print("ran", flush=False)
     if outcome == "error":
         raise RecipeError("as asked")
+    if outcome == "crash":
+        raise ValueError("a bug")
 
 class Finalised:
     def __del__(self):
@@ -169,7 +171,7 @@ else:
 
 
 @pytest.mark.parametrize("group", ["group", "no-group"])
-@pytest.mark.parametrize("outcome", ["success", "error"])
+@pytest.mark.parametrize("outcome", ["success", "error", "crash"])
 @pytest.mark.parametrize("entry", ["cli", "options"])
 def test_a_rank_leaves_without_interpreter_finalisation(entry, outcome, group):
     # In finalisation, a gloo worker thread still releasing the last collective's tensors is
@@ -177,9 +179,11 @@ def test_a_rank_leaves_without_interpreter_finalisation(entry, outcome, group):
     # exception") after a good run, and the launcher fails the job. A rank that started a process
     # group leaves with os._exit instead, after the exit handlers and with its output flushed.
     result = run_cli(["python", "-c", ENTRY_POINT, entry, group, outcome], check=False)
-    assert result.returncode == (2 if outcome == "error" else 0), result.stderr[-2000:]
+    assert result.returncode == {"success": 0, "error": 2, "crash": 1}[outcome], result.stderr[-2000:]
     assert "ran" in result.stdout
     assert "exit handlers ran; process group still up: False" in result.stdout
     if outcome == "error":
-        assert "error: as asked" in result.stderr
+        assert "error: as asked" in result.stderr and "Traceback" not in result.stderr
+    if outcome == "crash":  # the traceback, as Python prints it
+        assert "Traceback" in result.stderr and "ValueError: a bug" in result.stderr
     assert ("interpreter finalisation ran" in result.stdout) == (group == "no-group")

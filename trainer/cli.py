@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from typing import Callable
 
 from trainer import distributed
@@ -34,22 +35,31 @@ def parse(argv: list[str]) -> tuple[Recipe, list[str]]:
 
 
 def main(run: Callable[..., object], argv: list[str] | None = None) -> None:
-    """Run a script; its process ends here (trainer.distributed.finish) when it started a process group."""
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv or os.environ.get("QLORA_DEBUG") == "1"
-    try:
+
+    def body() -> None:
         recipe, flags = parse(argv)
         run(recipe, dry_run=True) if "--dry-run" in flags else run(recipe)
-    except KNOWN_ERRORS as error:
-        if debug:
+
+    run_script(body, argv)
+
+
+def run_script(body: Callable[[], object], argv: list[str]) -> None:
+    """Run a script's body and end its process: exit 0 after success; one clear message and exit 2
+    on a known error or a lost peer (`--debug` or QLORA_DEBUG=1: the traceback instead); a traceback
+    and exit 1 on anything else. A process that started a process group ends here, through
+    trainer.distributed.finish; one that did not returns, or raises SystemExit or the error."""
+    debug = "--debug" in argv or os.environ.get("QLORA_DEBUG") == "1"
+    try:
+        body()
+    except Exception as error:
+        message = None if debug else _one_message(error)
+        if message is not None:
+            fail(message)
+        if not distributed.started():
             raise
-        fail(str(error))
-    except RuntimeError as error:
-        if debug or not _is_lost_peer(error):
-            raise
-        fail(f"lost contact with another rank ({str(error).splitlines()[0][:300]}).\n"
-             f"A rank or node died or the network dropped; this rank stops too. The last complete "
-             f"checkpoint is intact: relaunch with resume=auto.")
+        traceback.print_exc()
+        distributed.finish(1)
     distributed.finish(0)
 
 
@@ -60,6 +70,17 @@ def fail(message: str) -> None:
     # Start on a fresh line: a progress bar may hold the current one.
     print("\n" + prefix + message, file=sys.stderr, flush=True)
     distributed.finish(2)
+
+
+def _one_message(error: Exception) -> str | None:
+    """The message a known error or a lost peer is reported with; None for anything else."""
+    if isinstance(error, KNOWN_ERRORS):
+        return str(error)
+    if isinstance(error, RuntimeError) and _is_lost_peer(error):
+        return (f"lost contact with another rank ({str(error).splitlines()[0][:300]}).\n"
+                f"A rank or node died or the network dropped; this rank stops too. The last complete "
+                f"checkpoint is intact: relaunch with resume=auto.")
+    return None
 
 
 def _is_lost_peer(error: RuntimeError) -> bool:

@@ -40,6 +40,11 @@ def init(timeout_minutes: float = 30.0) -> torch.device:
     return torch.device("cuda", local_rank()) if use_cuda else torch.device("cpu")
 
 
+def started() -> bool:
+    """Whether this process ever started a process group (it then ends through finish)."""
+    return _started
+
+
 def finish(code: int = 0) -> None:
     """End a script's process the way its run ended: `code` 0 for success, else its exit code.
 

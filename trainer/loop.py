@@ -77,7 +77,7 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
     run, state = setup(recipe, dry_run)
     if run is None:
         return None
-    rank, world = distributed.rank(), distributed.world_size()
+    rank = distributed.rank()
     metrics = MetricsLog(Path(recipe.output_dir))
     tensorboard = TensorBoardLog(Path(recipe.output_dir), recipe.train.report)  # rank 0, when installed
     progress = tqdm(total=recipe.train.max_steps, initial=state.step, disable=rank != 0, desc="train",

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import sys
 import typing
 from typing import Any, TypeVar
 
-from trainer import cli, distributed
+from trainer import cli
 from trainer.config import Recipe, RecipeError
 
 Options = TypeVar("Options")
@@ -86,19 +85,13 @@ def _convert(kind: Any, text: str, key: str) -> Any:
 
 def main(run: typing.Callable[[Recipe, Any], object], options_class: type, section: str,
          argv: list[str] | None = None) -> None:
-    """`trainer.cli.main` for scripts with their own options: one clear message and exit 2 on a
-    known error; `--debug` or QLORA_DEBUG=1 shows the traceback instead. Ends the process as
-    cli.main does."""
-
+    """`trainer.cli.main` for scripts with their own options (errors and the process's end: cli.run_script)."""
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv or os.environ.get("QLORA_DEBUG") == "1"
-    try:
+
+    def body() -> None:
         given, rest = split_argv(argv, options_class, section)
         options = parse_options(options_class, given, section)
         recipe, _ = cli.parse(rest)
         run(recipe, options)
-    except cli.KNOWN_ERRORS as error:
-        if debug:
-            raise
-        cli.fail(str(error))
-    distributed.finish(0)
+
+    cli.run_script(body, argv)
