@@ -27,6 +27,16 @@ def session_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(autouse=True)
+def no_process_group_in_pytest():
+    """Process groups belong in subprocesses: once this process has started one, a script entry
+    point called here (cli.main, options.main) would end pytest itself through os._exit."""
+    yield
+    from trainer import distributed
+
+    assert not distributed.started(), "this test started a process group in pytest's process"
+
+
 @pytest.fixture(scope="session")
 def tiny_base(session_cache) -> Path:
     from trainer.builtin import ensure_tiny_base

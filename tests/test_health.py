@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -135,11 +136,16 @@ def test_an_unknown_flag_is_refused(tmp_path):
 
 
 # The run starts the real process group (distributed.init: a world of one over gloo) or none,
-# then succeeds, raises a known error, or crashes. An exit handler reports whether a group is still up; an
+# then succeeds, raises a known error, crashes, or is interrupted (Ctrl-C). An exit handler reports whether a group is still up; an
 # object's finaliser reports whether the interpreter's finalisation ran.
 ENTRY_POINT = """
 import atexit
 import sys
+
+# Registered before anything imports logging, so it runs last (exit handlers run in reverse):
+# after logging's own handler, which flushes stdout through DeepSpeed's stream handler.
+atexit.register(lambda: print("exit handlers ran; process group still up:", dist.is_initialized()))
+
 import torch.distributed as dist
 from trainer import cli, distributed, options
 from trainer.config import RecipeError
@@ -151,18 +157,19 @@ def run(recipe, *_):
     if group == "group":
         distributed.init()
         assert dist.is_initialized()
-    print("ran", flush=False)
+    print("body done")  # buffered: stdout is a pipe and PYTHONUNBUFFERED is off
     if outcome == "error":
         raise RecipeError("as asked")
     if outcome == "crash":
         raise ValueError("a bug")
+    if outcome == "interrupt":
+        raise KeyboardInterrupt
 
 class Finalised:
     def __del__(self):
         print("interpreter finalisation ran")
 
 witness = Finalised()
-atexit.register(lambda: print("exit handlers ran; process group still up:", dist.is_initialized()))
 if entry == "cli":
     cli.main(run, ["recipes/tiny_alpaca.yaml"])
 else:
@@ -171,19 +178,25 @@ else:
 
 
 @pytest.mark.parametrize("group", ["group", "no-group"])
-@pytest.mark.parametrize("outcome", ["success", "error", "crash"])
+@pytest.mark.parametrize("outcome", ["success", "error", "crash", "interrupt"])
 @pytest.mark.parametrize("entry", ["cli", "options"])
 def test_a_rank_leaves_without_interpreter_finalisation(entry, outcome, group):
     # In finalisation, a gloo worker thread still releasing the last collective's tensors is
     # stopped inside a C++ destructor: the rank aborts ("terminate called without an active
     # exception") after a good run, and the launcher fails the job. A rank that started a process
     # group leaves with os._exit instead, after the exit handlers and with its output flushed.
-    result = run_cli(["python", "-c", ENTRY_POINT, entry, group, outcome], check=False)
-    assert result.returncode == {"success": 0, "error": 2, "crash": 1}[outcome], result.stderr[-2000:]
-    assert "ran" in result.stdout
+    result = run_cli(["python", "-c", ENTRY_POINT, entry, group, outcome], check=False,
+                     env={"PYTHONUNBUFFERED": ""})
+    expected = {"success": 0, "error": 2, "crash": 1, "interrupt": 130}[outcome]
+    if outcome == "interrupt" and group == "no-group":
+        expected = -signal.SIGINT  # Python's own ending for an uncaught Ctrl-C
+    assert result.returncode == expected, result.stderr[-2000:]
+    assert "body done\n" in result.stdout
     assert "exit handlers ran; process group still up: False" in result.stdout
     if outcome == "error":
         assert "error: as asked" in result.stderr and "Traceback" not in result.stderr
     if outcome == "crash":  # the traceback, as Python prints it
         assert "Traceback" in result.stderr and "ValueError: a bug" in result.stderr
+    if outcome == "interrupt":
+        assert "KeyboardInterrupt" in result.stderr
     assert ("interpreter finalisation ran" in result.stdout) == (group == "no-group")

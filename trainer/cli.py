@@ -47,8 +47,8 @@ def main(run: Callable[..., object], argv: list[str] | None = None) -> None:
 def run_script(body: Callable[[], object], argv: list[str]) -> None:
     """Run a script's body and end its process: exit 0 after success; one clear message and exit 2
     on a known error or a lost peer (`--debug` or QLORA_DEBUG=1: the traceback instead); a traceback
-    and exit 1 on anything else. A process that started a process group ends here, through
-    trainer.distributed.finish; one that did not returns, or raises SystemExit or the error."""
+    and exit 1 on anything else (130 on Ctrl-C). A process that started a process group ends here,
+    through trainer.distributed.finish; one that did not returns, or raises SystemExit or the error."""
     debug = "--debug" in argv or os.environ.get("QLORA_DEBUG") == "1"
     try:
         body()
@@ -60,6 +60,15 @@ def run_script(body: Callable[[], object], argv: list[str]) -> None:
             raise
         traceback.print_exc()
         distributed.finish(1)
+    except BaseException as error:  # Ctrl-C before the loop's own handler, or sys.exit in the run
+        if not distributed.started():
+            raise
+        if isinstance(error, SystemExit):
+            if error.code is not None and not isinstance(error.code, int):
+                print(error.code, file=sys.stderr)
+            distributed.finish(error.code if isinstance(error.code, int) else int(error.code is not None))
+        traceback.print_exc()
+        distributed.finish(130 if isinstance(error, KeyboardInterrupt) else 1)
     distributed.finish(0)
 
 
@@ -76,7 +85,7 @@ def _one_message(error: Exception) -> str | None:
     """The message a known error or a lost peer is reported with; None for anything else."""
     if isinstance(error, KNOWN_ERRORS):
         return str(error)
-    if isinstance(error, RuntimeError) and _is_lost_peer(error):
+    if isinstance(error, RuntimeError) and distributed.world_size() > 1 and _is_lost_peer(error):
         return (f"lost contact with another rank ({str(error).splitlines()[0][:300]}).\n"
                 f"A rank or node died or the network dropped; this rank stops too. The last complete "
                 f"checkpoint is intact: relaunch with resume=auto.")

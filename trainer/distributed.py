@@ -56,18 +56,27 @@ def finish(code: int = 0) -> None:
     exception" (SIGABRT) after a run that did everything right, failing the whole job at the
     launcher. destroy_process_group alone does not prevent it: DeepSpeed keeps its groups.
 
-    The groups are ended first after a success, or in a world of one; not after an error with
+    Gloo groups are ended first after a success, or in a world of one; not after an error with
     peers, which may still be inside a collective with this rank (tearing down under them hangs
-    until the collective timeout). Without a process group: a plain return, or sys.exit(code)."""
-    if dist.is_available() and dist.is_initialized() and (code == 0 or world_size() == 1):
-        dist.destroy_process_group()
+    until the collective timeout). NCCL groups are left to os._exit: NCCL's teardown expects every
+    rank of a node to take part, and a peer may have failed after the last collective. Without a
+    process group: a plain return, or sys.exit(code)."""
+    if (dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo"
+            and (code == 0 or world_size() == 1)):
+        try:
+            dist.destroy_process_group()
+        except Exception as error:  # the exit code says how the run ended; this does not change it
+            print(f"warning: ending the process group failed: {error}", file=sys.stderr)
     if not _started:
         if code:
             sys.exit(code)
         return
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+        try:
+            stream.flush()
+        except (AttributeError, ValueError, OSError):  # None, closed, or a pipe whose reader left
+            pass
     os._exit(code)
 
 
