@@ -63,10 +63,12 @@ def run_script(body: Callable[[], object], argv: list[str]) -> None:
     except BaseException as error:  # Ctrl-C before the loop's own handler, or sys.exit in the run
         if not distributed.started():
             raise
-        if isinstance(error, SystemExit):
-            if error.code is not None and not isinstance(error.code, int):
-                print(error.code, file=sys.stderr)
-            distributed.finish(error.code if isinstance(error.code, int) else int(error.code is not None))
+        if isinstance(error, SystemExit):  # its code; a message is printed and exits 1, as in Python
+            code = error.code
+            if code is not None and not isinstance(code, int):
+                print(code, file=sys.stderr)
+                code = 1
+            distributed.finish(code or 0)
         traceback.print_exc()
         distributed.finish(130 if isinstance(error, KeyboardInterrupt) else 1)
     distributed.finish(0)
