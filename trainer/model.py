@@ -51,7 +51,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def resolve_base(recipe: Recipe) -> str:
-    return builtin.resolve(recipe.model.name_or_path)
+    """The base's local directory or hub id: built-ins are built and GGUF files converted on first use."""
+    from trainer.gguf_base import GGUFError
+
+    try:
+        return builtin.resolve(recipe.model.name_or_path)
+    except GGUFError as error:
+        raise ModelLoadError(str(error)) from None
 
 
 def load_tokenizer(name_or_path: str, recipe: Recipe):
