@@ -17,7 +17,7 @@ from trainer.config import RecipeError
 from trainer.data import build_datasets
 from trainer.eval_generation import EvalOptions, evaluation_rows
 from trainer.evaluate import evaluate_loss
-from trainer.generate import generate, greedy_batch, prompt_ids
+from trainer.generate import decoding_mask, generate, greedy_batch, prompt_ids
 from trainer.loss import CausalLMLoss
 from trainer.model import load_tokenizer, resolve_base
 from trainer.options import parse_options, split_argv
@@ -65,6 +65,33 @@ def test_batched_left_padded_decoding_equals_one_prompt_at_a_time_and_a_plain_re
     assert batched == [reforward(p) for p in prompts]
     texts = generate(model, tokenizer, prompts, 6, 4, cpu)
     assert texts == [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in batched]
+
+
+def test_left_padded_mask_has_no_fully_masked_row_and_padding_never_reaches_a_real_token():
+    real = torch.tensor([[False, False, True, True], [True, True, True, True], [False, False, False, True]])
+    mask = decoding_mask(real, 4)[:, 0]
+    assert mask.any(-1).all()  # CUDA SDPA returns NaN for a row with nothing to attend to
+    assert not (mask & ~real[:, None, :] & real[:, :, None]).any()  # real queries see only real keys
+    torch.testing.assert_close(mask[0, :2], torch.tensor([[True, False, False, False], [False, True, False, False]]))
+    assert torch.equal(mask[1], torch.ones(4, 4, dtype=torch.bool).tril())
+    step = decoding_mask(torch.cat([real, torch.ones(3, 1, dtype=torch.bool)], 1), 1)  # one new token
+    assert step.shape == (3, 1, 1, 5) and torch.equal(step[:, 0, 0], torch.cat([real, torch.ones(3, 1, dtype=torch.bool)], 1))
+
+
+def test_the_model_gets_no_fully_masked_row_and_decodes_the_same_through_the_loss_wrapper(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompts = [[tokenizer.bos_token_id, 45, 67, 89, 12], [tokenizer.bos_token_id, 33], [tokenizer.bos_token_id, 7, 8]]
+    masks = []
+    hook = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True)
+    try:
+        cpu = torch.device("cpu")
+        direct = greedy_batch(model, prompts, 4, tokenizer.eos_token_id, tokenizer.pad_token_id, cpu)
+        wrapped = greedy_batch(CausalLMLoss(model), prompts, 4, tokenizer.eos_token_id, tokenizer.pad_token_id, cpu)
+    finally:
+        hook.remove()
+    assert direct == wrapped
+    assert masks and all(mask.dim() == 4 and mask.any(-1).all() for mask in masks)
 
 
 def test_decoding_stops_at_eos(model_and_tokenizer):

@@ -148,3 +148,48 @@ def test_packing_is_the_default_and_falls_back_where_attention_cannot_isolate_ex
     batch = training_collate(recipe, flash, pad_token_id=0)(examples[:4])
     assert "segment_lengths" not in batch and batch["input_ids"].shape[0] == 4  # one example per row
     assert "training with one example per row" in capsys.readouterr().out
+
+
+# Operations whose result size or value the host must read: on a GPU each makes the CPU wait for it.
+HOST_READS = ("aten.nonzero", "aten._local_scalar_dense", "aten.item", "aten.masked_select")
+
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operations in HOST_READS (and boolean-mask indexing, which hides a nonzero)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        boolean_index = name == "aten.index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []) or [])
+        if name in HOST_READS or boolean_index:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_packed_training_reads_nothing_back_from_the_device_inside_the_model(small_base_path, small_tokenizer,
+                                                                             examples):
+    """The collate knows the examples' lengths and trained positions on the host: no layer waits
+    on a device value, forward or backward. One read per forward is transformers' own (its mask
+    preparation checks position_ids for packed sequences, once, before the layers)."""
+    batch = collate_packed(examples, 64, small_tokenizer.pad_token_id, with_mask=False)
+    model = lora_model(small_base_path)
+    use_packed_attention(model)
+    loss_model = CausalLMLoss(model)
+    counter = HostReads()
+    decoder = model.get_decoder()
+    decoder.register_forward_pre_hook(lambda *_: [counter.__enter__(), None][1])
+    decoder.register_forward_hook(lambda *_: [counter.__exit__(None, None, None), None][1])
+    loss_sum, _ = loss_model(**batch)
+    assert counter.seen == ["aten._local_scalar_dense"]
+    counter.seen.clear()
+    with counter:
+        loss_sum.backward()
+    assert counter.seen == []
+    # Without the lengths (a caller with position_ids only), every layer looks for the examples' starts.
+    with counter, torch.no_grad():
+        model(input_ids=batch["input_ids"][:1], position_ids=batch["position_ids"][:1])
+    assert counter.seen.count("aten.nonzero") >= model.config.num_hidden_layers

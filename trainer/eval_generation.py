@@ -118,7 +118,8 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
     # A prompt keeps room for the answer within the training length.
     max_prompt = max(recipe.data.max_seq_len - opts.max_new_tokens, 1)
     prompts = [prompt_ids(tokenizer, row, recipe.data.template, max_prompt) for row in rows]
-    predictions = generate(model, tokenizer, prompts, opts.max_new_tokens, opts.batch_size, device)
+    # Through the loss wrapper: under ZeRO-3 it is the module DeepSpeed's hooks expect every forward to enter.
+    predictions = generate(loss_model, tokenizer, prompts, opts.max_new_tokens, opts.batch_size, device)
     texts = [row_texts(row) for row in rows]
     scores = [text_metrics.score(prediction, text["reference"]) for text, prediction in zip(texts, predictions)]
     summary = text_metrics.summarise(scores)

@@ -16,25 +16,15 @@ from torch import nn
 from transformers import DynamicCache
 
 from trainer import distributed
-from trainer.data_tokenize import as_messages, chat_pieces, chat_template, render_prompt
+from trainer.loss import CausalLMLoss, additive_mask
+from trainer.data_tokenize import prompt_tokens
 
 
 def prompt_ids(tokenizer, row: dict, template: str, max_prompt_tokens: int | None = None) -> list[int]:
-    """BOS + the prompt training puts before the response, rendered by the training code: the
-    instruction template, or for chat (rows or data.template=chat) the conversation up to the
-    first assistant turn. A prompt too long keeps its end, as training does."""
-    if "messages" in row or template == "chat":
-        messages = row["messages"] if "messages" in row else as_messages(row)
-        first_answer = next(i for i, message in enumerate(messages) if message["role"] == "assistant")
-        text = chat_pieces(tokenizer, chat_template(tokenizer)[0], messages[:first_answer + 1])[0][0]
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        # Row text is tokenised literally, as in training ("<s>" in an instruction is text).
-        ids = tokenizer(render_prompt(row, template), add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id] else []
-    if max_prompt_tokens is not None and len(bos) + len(ids) > max_prompt_tokens:
-        ids = ids[len(bos) + len(ids) - max_prompt_tokens:]
-    return bos + ids
+    """The prompt training puts before the response (instruction template, or for chat rows and
+    data.template=chat the conversation up to the first assistant turn), tokenised and cut to
+    `max_prompt_tokens` exactly as training does (trainer.data_tokenize.prompt_tokens)."""
+    return prompt_tokens(tokenizer, row, template, max_prompt_tokens)
 
 
 def row_texts(row: dict) -> dict[str, str]:
@@ -50,22 +40,31 @@ def row_texts(row: dict) -> dict[str, str]:
 def greedy_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int,
                  pad_token_id: int, device: torch.device, lockstep: bool = False) -> list[list[int]]:
     """Greedy continuations of `prompts` (token ids, no padding), EOS excluded. With `lockstep`,
-    decoding goes on until every rank's batch is done (call it on every rank)."""
+    decoding goes on until every rank's batch is done (call it on every rank).
+
+    `model` is the causal LM, or the `CausalLMLoss` around it (what DeepSpeed wraps): under ZeRO-3
+    each forward must enter through that top module, whose hook resets DeepSpeed's per-forward
+    parameter bookkeeping."""
     length = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    real = torch.zeros((len(prompts), length), dtype=torch.bool)
     for i, prompt in enumerate(prompts):  # left padding: every prompt ends at the last column
         input_ids[i, length - len(prompt):] = torch.tensor(prompt)
-        attention_mask[i, length - len(prompt):] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        real[i, length - len(prompt):] = True
+    input_ids, real = input_ids.to(device), real.to(device)
+    additive = _attention_implementation(model) == "eager"  # eager adds the mask to the scores
+    mask_dtype = next(model.parameters()).dtype if additive else None
     cache = DynamicCache()
     generated = torch.empty((len(prompts), 0), dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     step_ids = input_ids
     for _ in range(max_new_tokens):
         # Positions count real tokens only, so a left-padded prompt sees the positions it was trained with.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
-        output = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,
+        position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+        mask = decoding_mask(real, step_ids.shape[1])
+        if additive:
+            mask = additive_mask(mask, mask_dtype)
+        output = model(input_ids=step_ids, attention_mask=mask, position_ids=position_ids,
                        past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = output.past_key_values
         next_token = output.logits[:, -1].argmax(-1)
@@ -75,8 +74,28 @@ def greedy_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int
         if _all_done(done, lockstep):
             break
         step_ids = next_token[:, None]
-        attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=1)
+        real = torch.cat([real, torch.ones_like(step_ids, dtype=torch.bool)], dim=1)
     return [_until_eos(row, eos_token_id) for row in generated.tolist()]
+
+
+def decoding_mask(real: torch.Tensor, query_length: int) -> torch.Tensor:
+    """[batch, 1, query_length, keys] boolean attention mask (True = attend) for the last
+    `query_length` of `real`'s [batch, keys] positions (True = a real token, False = left padding).
+
+    Causal over the real tokens; a padding position attends to itself only, as in the packed
+    collate. With a 2D mask the padding rows would have nothing to attend to: CUDA's SDPA returns
+    NaN for such rows, and transformers 5 no longer repairs them (0 * NaN then reaches real tokens)."""
+    keys = real.shape[1]
+    queries = torch.arange(keys - query_length, keys, device=real.device)[:, None]
+    columns = torch.arange(keys, device=real.device)[None, :]
+    attend = (columns <= queries)[None] & real[:, None, :]
+    itself = (columns == queries)[None] & ~real[:, -query_length:, None]
+    return (attend | itself)[:, None]
+
+
+def _attention_implementation(model: nn.Module) -> str:
+    inner = model.model if isinstance(model, CausalLMLoss) else model
+    return inner.config._attn_implementation
 
 
 def _all_done(done: torch.Tensor, lockstep: bool) -> bool:

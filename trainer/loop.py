@@ -227,9 +227,10 @@ def train_step(run: Run, step: int, lr: float, stop_requested: bool,
     # The loss is the token-weighted mean over the whole global batch: each micro-batch's sum is
     # divided by the step's total trained tokens (known from the plan on every rank), and rescaled
     # by what DeepSpeed divides by (accumulation x world size) when it averages gradients.
-    step_loss, bad_rows, own_grad_norm = 0.0, [], None
+    micro_losses, micro_batches, own_grad_norm = [], [], None
     for micro_batch in run.plan.rank_micro_batches(step, rank, world, recipe.train.micro_batch_size):
-        batch = {k: v.to(run.device) for k, v in run.collate([run.train_set[i] for i in micro_batch]).items()}
+        # On the CPU: CausalLMLoss reads what it needs there, then moves the tensors to the device.
+        batch = run.collate([run.train_set[i] for i in micro_batch])
         try:
             loss_sum, _ = engine(**batch)
             loss_sum = health.poisoned_for_tests(step + 1, loss_sum)
@@ -242,10 +243,13 @@ def train_step(run: Run, step: int, lr: float, stop_requested: bool,
             if health.is_out_of_memory(error):
                 raise health.TrainingHealthError(health.out_of_memory_message(error, step + 1)) from error
             raise
-        value = loss_sum.item()
-        if not math.isfinite(value):
-            bad_rows += [run.train_set[i].row_id for i in micro_batch]
-        step_loss += value
+        micro_losses.append(loss_sum.detach())
+        micro_batches.append(micro_batch)
+    # The losses are read once per step, not per micro-batch: each read waits for the device.
+    values = torch.stack(micro_losses).double().tolist() if micro_losses else []
+    step_loss = sum(values)
+    bad_rows = [run.train_set[i].row_id for value, micro_batch in zip(values, micro_batches)
+                if not math.isfinite(value) for i in micro_batch]
     # One reduction carries the loss and whether any rank was asked to stop, so all ranks agree.
     total_loss, stops = distributed.sum_across_ranks([step_loss, float(stop_requested)], run.device)
     grad_norm = engine.get_global_grad_norm()
@@ -294,7 +298,9 @@ def sample(run: Run, step: int, say: Callable[[str], None], tensorboard: TensorB
     # the training RNG streams exactly where they were regardless, so runs stay bitwise resumable.
     devices = [run.device] if run.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        samples = sample_generations(run.model, run.tokenizer, run.sample_rows, run.recipe.data.template,
+        # Through the loss wrapper, which DeepSpeed wraps: under ZeRO-3 its hook resets the per-forward
+        # parameter bookkeeping.
+        samples = sample_generations(run.loss_model, run.tokenizer, run.sample_rows, run.recipe.data.template,
                                      SAMPLE_MAX_NEW_TOKENS, run.device,
                                      max_prompt_tokens=max(run.recipe.data.max_seq_len - SAMPLE_MAX_NEW_TOKENS, 1))
     if distributed.is_main():

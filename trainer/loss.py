@@ -27,7 +27,13 @@ class CausalLMLoss(nn.Module):
 
     Takes `trainer.data.collate`'s batch, or `trainer.packing.collate_packed`'s: per-example
     `position_ids`, `segment_lengths`, and (unless attention runs per example) a [rows, 1, L, L]
-    boolean mask."""
+    boolean mask. Give the batch on the CPU (as the collate makes it): what needs reading on the
+    host (segment lengths, which positions are trained) is read there, and only then do the
+    tensors go to the model's device, so a GPU never waits on the CPU inside a forward pass.
+
+    Without `labels` it is the wrapped model's forward (decoding): under ZeRO-3 every forward must
+    enter through this module, the one DeepSpeed wraps, whose hook resets DeepSpeed's per-forward
+    parameter bookkeeping."""
 
     def __init__(self, model: nn.Module, chunk_tokens: int = 4096):
         super().__init__()
@@ -35,24 +41,38 @@ class CausalLMLoss(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.last_layer = LastLayerAtTrainedPositions.attach(model)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, segment_lengths: torch.Tensor | None = None,
-                **_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                segment_lengths: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if labels is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              **kwargs)
+        device = self.model.get_input_embeddings().weight.device
         attention = self.model.config._attn_implementation
+        extra = {}
         if segment_lengths is not None and attention == packing.PACKED_ATTENTION:
-            # Attention per example reads the examples from position_ids: no mask, no padding.
-            input_ids, position_ids, labels = packing.unpad(segment_lengths, input_ids, position_ids, labels)
+            # Attention per example reads the examples' lengths: no mask, no padding.
+            lengths = segment_lengths.tolist()  # on the CPU, from the collate: no device sync
+            input_ids, position_ids, labels = packing.unpad(lengths, input_ids, position_ids, labels)
             attention_mask = None
+            extra["packed_lengths"] = [n for row in lengths for n in row if n]
         elif attention_mask is not None and attention_mask.dim() == 4 and attention == "eager":
             # Eager attention adds the mask to the scores; SDPA takes the boolean mask as is.
             attention_mask = additive_mask(attention_mask, self.model.get_input_embeddings().weight.dtype)
         targets = labels[:, 1:]
         trained = targets != IGNORE_INDEX
-        with self.last_layer.only(trained) if self.last_layer else nullcontext():
+        # Trained positions in the flattened [rows x L]: position t predicts token t + 1.
+        index = F.pad(trained, (0, 1)).flatten().nonzero().squeeze(1)
+        targets = targets[trained]
+        positions = (trained.shape[0], trained.shape[1] + 1)
+        input_ids, attention_mask, position_ids, index, targets = (
+            None if t is None else t.to(device, non_blocking=True)
+            for t in (input_ids, attention_mask, position_ids, index, targets))
+        with self.last_layer.only(index, positions) if self.last_layer else nullcontext():
             hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                              position_ids=position_ids, use_cache=False).last_hidden_state
-        return chunked_cross_entropy(self.model.get_output_embeddings(), hidden[:, :-1][trained],
-                                     targets[trained], self.chunk_tokens)
+                                              position_ids=position_ids, use_cache=False, **extra).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+        return chunked_cross_entropy(self.model.get_output_embeddings(), hidden, targets, self.chunk_tokens)
 
 
 class LastLayerAtTrainedPositions:
@@ -90,11 +110,11 @@ class LastLayerAtTrainedPositions:
         return layer._trained_positions_hooks
 
     @contextmanager
-    def only(self, trained: torch.Tensor) -> Iterator[None]:
-        """trained: [rows, L - 1] bool, whether position t's prediction of token t + 1 is trained."""
-        if not getattr(self.layer, "gradient_checkpointing", False) and trained.any():
-            self.index = F.pad(trained, (0, 1)).flatten().nonzero().squeeze(1)
-            self.positions = (trained.shape[0], trained.shape[1] + 1)
+    def only(self, index: torch.Tensor, positions: tuple[int, int]) -> Iterator[None]:
+        """index: the trained positions in the flattened [rows x L] (`positions` = (rows, L)),
+        those whose prediction of the next token is trained."""
+        if not getattr(self.layer, "gradient_checkpointing", False) and index.numel():
+            self.index, self.positions = index, positions
         try:
             yield
         finally:

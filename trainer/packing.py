@@ -7,9 +7,11 @@ which transformers passes to SDPA as is. The first label of every example is -10
 token of one example is never trained to predict the first token of the next.
 
 With `use_packed_attention(model)` the mask is not used: `CausalLMLoss` joins the rows end to end
-without their padding (`unpad`) and attention runs per example, found where `position_ids`
-restart. Attention then costs the sum of the examples' squared lengths under a causal kernel,
-instead of rows x L^2 through a mask (SDPA on CPU computes every masked-out block).
+without their padding (`unpad`) and attention runs per example: the examples' lengths come
+from the collate's `segment_lengths`, read on the host (a caller without them: found where
+`position_ids` restart, which makes the device wait on the host in every layer). Attention then
+costs the sum of the examples' squared lengths under a causal kernel, instead of rows x L^2
+through a mask (SDPA on CPU computes every masked-out block).
 """
 from __future__ import annotations
 
@@ -119,12 +121,12 @@ def use_packed_attention(model: torch.nn.Module) -> None:
     model.set_attn_implementation(PACKED_ATTENTION)
 
 
-def unpad(segment_lengths: torch.Tensor, *rows: torch.Tensor) -> list[torch.Tensor]:
+def unpad(segment_lengths: list[list[int]], *rows: torch.Tensor) -> list[torch.Tensor]:
     """[rows, L] tensors -> [1, tokens]: the packed rows end to end, without their padding tails.
-    With attention per example, the row layout no longer matters, and padding would cost compute."""
-    length = rows[0].shape[1]
-    keep = torch.arange(length, device=rows[0].device) < segment_lengths.sum(dim=1, keepdim=True)
-    return [tensor[keep][None] for tensor in rows]
+    With attention per example, the row layout no longer matters, and padding would cost compute.
+    `segment_lengths`: each row's example lengths (host integers, so slicing needs no device sync)."""
+    kept = [sum(lengths) for lengths in segment_lengths]
+    return [torch.cat([tensor[r, :n] for r, n in enumerate(kept)])[None] for tensor in rows]
 
 
 def _packed_sdpa_mask(attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
@@ -146,18 +148,23 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     key, value = (repeat_kv(t, getattr(module, "num_key_value_groups", 1)) for t in (key, value))
-    position_ids = position_ids.expand(query.shape[0], -1)
-    # An example starts wherever the position does not follow the previous one.
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    packed_lengths = kwargs.get("packed_lengths")
+    if packed_lengths is not None and query.shape[0] == 1:  # from CausalLMLoss: known on the host
+        per_row = [packed_lengths]
+    else:  # an example starts wherever the position does not follow the previous one (a device sync)
+        position_ids = position_ids.expand(query.shape[0], -1)
+        starts = torch.ones_like(position_ids, dtype=torch.bool)
+        starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+        per_row = []
+        for row_starts in starts:
+            bounds = row_starts.nonzero().flatten().tolist() + [length]
+            per_row.append([end - start for start, end in zip(bounds, bounds[1:])])
     rows = []
-    for row, row_starts in enumerate(starts):
-        bounds = row_starts.nonzero().flatten().tolist() + [length]
-        lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+    for row, lengths in enumerate(per_row):
         # One row (always, after `unpad`): the tensors themselves, since a slice's backward would
         # zero-fill and copy each of q, k and v. Split, not slicing, per example: its backward is one
         # concatenation, not a zero-filled copy per example.
-        row_tensors = (query, key, value) if len(starts) == 1 else (t[row:row + 1] for t in (query, key, value))
+        row_tensors = (query, key, value) if len(per_row) == 1 else (t[row:row + 1] for t in (query, key, value))
         pieces = zip(*(t.split(lengths, dim=2) for t in row_tensors))
         # Each output goes to [1, length, heads, head_dim] as a view; one concatenation then writes
         # the row in the layout the output projection reads (no second, transposing copy).
