@@ -164,7 +164,7 @@ def test_resolve(cache: Path) -> None:
     model_dir = builtin.resolve("builtin:tiny-llama")
     assert model_dir == str(cache / "models" / f"tiny-llama-v{builtin.BUILD_VERSION}")
     assert AutoModelForCausalLM.from_pretrained(model_dir).config.hidden_size == 128
-    with pytest.raises(ValueError, match="builtin:tiny-llama, builtin:tasks"):
+    with pytest.raises(ValueError, match="builtin:tiny-llama, builtin:smollm2-135m, builtin:tasks"):
         builtin.resolve("builtin:nope")
 
 

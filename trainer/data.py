@@ -82,7 +82,7 @@ def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[list[Examp
         separate_eval = load_source(eval_source, config, tokenizer)
     splits, offset = [], 0
     for index, part in enumerate(loaded):
-        examples = _numbered(part, offset, tokenizer)
+        examples = _numbered(part, offset, tokenizer, config.template)
         if separate_eval is not None:
             splits.append((examples, []))
         else:
@@ -90,7 +90,7 @@ def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[list[Examp
             held = {record + offset for record in eval_records}
             splits.append(([e for e in examples if e.row_id not in held], [e for e in examples if e.row_id in held]))
         offset += part.records
-    held_out = (_numbered(separate_eval, offset, tokenizer) if separate_eval is not None
+    held_out = (_numbered(separate_eval, offset, tokenizer, config.template) if separate_eval is not None
                 else [e for _, part_eval in splits for e in part_eval])
     held_questions = {e.question for e in held_out}
     train, summaries = [], []
@@ -126,9 +126,10 @@ def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[list[Examp
     return train, held_out, stats
 
 
-def _numbered(part: LoadedSource, offset: int, tokenizer) -> list[Example]:
+def _numbered(part: LoadedSource, offset: int, tokenizer, template: str) -> list[Example]:
     """The dataset's examples, checked, with row ids counted on from the datasets before it."""
-    check_labels(part.examples, tokenizer, lambda row_id: f"{part.name}: row {row_id + 1}")
+    use_chat = part.format == "chat" or template == "chat"
+    check_labels(part.examples, tokenizer, lambda row_id: f"{part.name}: row {row_id + 1}", use_chat)
     return [Example(e.row_id + offset, e.input_ids, e.labels, e.question) for e in part.examples]
 
 

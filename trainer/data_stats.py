@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 
 from trainer.data_formats import DataError
-from trainer.data_tokenize import IGNORE_INDEX, Example
+from trainer.data_tokenize import IGNORE_INDEX, Example, document_bos, expected_first_token
 
 
-def check_labels(examples: list[Example], tokenizer, describe: Callable[[int], str]) -> None:
-    """Raise DataError naming the first offending row. `describe(row_id)` says where a row came from."""
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+def check_labels(examples: list[Example], tokenizer, describe: Callable[[int], str], use_chat: bool = False) -> None:
+    """Raise DataError naming the first offending row. `describe(row_id)` says where a row came from;
+    `use_chat`: the examples are rendered with the chat template."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if pad is None or pad == eos:
         raise DataError(f"the pad token is {'missing' if pad is None else 'EOS'}: padding and the EOS "
                         f"label would be the same token, and the model would never learn to stop")
@@ -42,9 +43,12 @@ def check_labels(examples: list[Example], tokenizer, describe: Callable[[int], s
     ]
     if pad != tokenizer.unk_token_id:  # unk doubles as pad on some tokenizers, and may appear in text
         checks.append((f"the pad token (id {pad}) is a trained label", _per_example(trained & (labels == pad), starts)))
-    if bos is not None:
-        checks.append((f"does not start with exactly one BOS (id {bos})",
-                       (ids[starts] != bos) | ((lengths > 1) & (ids[second] == bos))))
+    first, first_name = expected_first_token(tokenizer, use_chat)
+    if first is not None:
+        bad_start = ids[starts] != first
+        if first == document_bos(tokenizer):  # a document BOS must not be doubled either
+            bad_start |= (lengths > 1) & (ids[second] == first)
+        checks.append((f"does not start with {first_name}", bad_start))
     for problem, bad in checks:
         if bad.any():
             raise DataError(f"{describe(examples[int(np.argmax(bad))].row_id)}: {problem}")

@@ -1,9 +1,16 @@
 """Rows -> token ids with labels: prompt templates, chat templates rendered turn by turn, BOS and
 EOS hygiene, and the length policy.
 
-Every example is BOS + text pieces, each piece tokenised on its own and either trained (the
-response, or an assistant turn plus its end-of-turn) or masked with IGNORE_INDEX. Tokenising the
-pieces apart makes the mask boundary exact. Every example ends in a trained EOS.
+Every example is [document BOS] + text pieces, each piece tokenised on its own and either trained
+(the response, or an assistant turn plus its end-of-turn), masked prompt text that the length
+policy may cut (an instruction, a user turn's content), or masked chat markup that is never cut (a
+chat template's turn headers, its default system prompt). Tokenising the pieces apart makes the
+mask boundary exact, and cutting only prompt text keeps a truncated conversation well formed.
+Every example ends in a trained EOS.
+
+A tokenizer's BOS is a document start (Llama's <s>) unless its chat template writes the BOS token
+as a turn marker (ChatML bases such as SmolLM2, whose BOS is <|im_start|>): then no BOS is
+prepended, and chat examples start with the template's own first token.
 """
 from __future__ import annotations
 
@@ -18,6 +25,10 @@ from trainer.data_formats import DataError, Row
 from trainer.leakage import question_id
 
 IGNORE_INDEX = -100
+
+# What a piece of an example is: trained, masked prompt text the length policy may cut from its
+# start, or masked markup that is kept whole.
+ANSWER, PROMPT, MARKUP = "answer", "prompt", "markup"
 
 TEMPLATES = {
     "alpaca": (
@@ -71,22 +82,69 @@ def token_array(values) -> array:
 def check_tokenizer(tokenizer) -> list[str]:
     """Refuse a tokenizer that cannot mark the end of a response; give one a pad distinct from EOS.
     Returns notes for the stats."""
-    eos, pad, unk = tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id
-    if eos is None:
+    if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token: responses cannot end in one, so the model "
                         "would never learn to stop")
     notes = []
-    if pad is None or pad == eos:
-        # Padding with EOS hides EOS wherever padding is masked: the model would never learn to stop.
-        was = "missing" if pad is None else f"EOS ({tokenizer.eos_token!r})"
-        if unk is None or unk == eos:
-            raise DataError(f"the tokenizer's pad token is {was} and it has no unk token to pad with: "
-                            f"add a distinct pad token (trainer.model.load_tokenizer adds <pad>)")
-        tokenizer.pad_token = tokenizer.unk_token
-        notes.append(f"pad token was {was}: padding with {tokenizer.unk_token!r} (id {unk}) instead")
+    replaced = choose_pad(tokenizer)
+    if replaced is not None:
+        notes.append(replaced)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise DataError(f"the tokenizer's pad token is {_pad_was(tokenizer)} and it has no unk token to pad "
+                        f"with: add a distinct pad token (trainer.model.load_tokenizer adds <pad>)")
     if tokenizer.bos_token_id is None:
         notes.append("the tokenizer has no BOS token: examples start without one")
+    elif document_bos(tokenizer) is None:
+        notes.append(f"BOS {tokenizer.bos_token!r} is the chat template's turn marker: not prepended to examples")
     return notes
+
+
+def choose_pad(tokenizer) -> str | None:
+    """The one pad rule: a pad that is missing or equal to EOS becomes the unk token when there is a
+    distinct one (SmolLM2's config pads with EOS; its unk is <|endoftext|>). Padding with EOS would
+    hide EOS wherever padding is masked, and the model would never learn to stop. Returns a note
+    when the pad changed, None when it was fine or nothing could replace it."""
+    eos, pad, unk = tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id
+    if pad is not None and pad != eos:
+        return None
+    if unk is None or unk == eos:
+        return None
+    was = _pad_was(tokenizer)
+    tokenizer.pad_token = tokenizer.unk_token
+    return f"pad token was {was}: padding with {tokenizer.unk_token!r} (id {unk}) instead"
+
+
+def _pad_was(tokenizer) -> str:
+    return "missing" if tokenizer.pad_token_id is None else f"EOS ({tokenizer.eos_token!r})"
+
+
+def document_bos(tokenizer) -> int | None:
+    """The BOS id to start every example with, or None: the tokenizer has no BOS, or its chat
+    template writes the BOS token at every turn (ChatML's <|im_start|>), so it is a turn marker and
+    an instruction-template example must not start with one."""
+    bos = tokenizer.bos_token_id
+    template = getattr(tokenizer, "chat_template", None)
+    if bos is None or not isinstance(template, str) or not template:
+        return bos
+    probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+             {"role": "user", "content": "c"}]
+    try:
+        rendered = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # a template that refuses this conversation says nothing about its BOS
+        return bos
+    return None if rendered.count(tokenizer.bos_token) > 1 else bos
+
+
+def expected_first_token(tokenizer, use_chat: bool) -> tuple[int | None, str]:
+    """The token every example must start with, and what it is called in a message: the document
+    BOS, or for chat examples under a turn-marker BOS the template's opening token."""
+    bos = document_bos(tokenizer)
+    if bos is not None or not use_chat or tokenizer.bos_token_id is None:
+        return bos, f"exactly one BOS (id {bos})"
+    template = chat_template(tokenizer)[0]
+    opening = _render(tokenizer, template, [{"role": "user", "content": "a"}], generation_prompt=True)
+    first = (tokenizer(opening, add_special_tokens=False)["input_ids"] or [None])[0]
+    return first, f"the chat template's opening token (id {first}): the conversation's markup was cut"
 
 
 def render_prompt(row: dict[str, str], template: str) -> str:
@@ -124,16 +182,10 @@ def tokenize_rows(tokenizer, rows: list[Row], format: str, config: DataConfig,
     template, with on_bad_row=skip). `name` is the dataset, for messages."""
     counts: Counter = Counter()
     use_chat = format == "chat" or config.template == "chat"
-    template = chat_template(tokenizer)[0] if use_chat else None
-    pieces: list[list[tuple[str, bool]] | None] = []
+    pieces: list[list[tuple[str, str]] | None] = []
     for row in rows:
         try:
-            if use_chat:
-                messages = row.fields["messages"] if format == "chat" else as_messages(row.fields)
-                pieces.append(chat_pieces(tokenizer, template, messages))
-            else:
-                prompt = render_prompt(row.fields, config.template)
-                pieces.append([(prompt, False), (row.fields["output"], True)])
+            pieces.append(row_pieces(tokenizer, row.fields, config.template, use_chat))
         except TemplateRefused as error:
             if config.on_bad_row != "skip":
                 raise DataError(f"{name}: {row.where}: {error}") from None
@@ -141,21 +193,71 @@ def tokenize_rows(tokenizer, rows: list[Row], format: str, config: DataConfig,
             pieces.append(None)
         except DataError as error:
             raise DataError(f"{name}: {row.where}: {error}") from None
-    # Row text is tokenised literally ("<s>" in an answer is text, not BOS); a chat template's
-    # rendering is not, since it writes the special tokens itself.
-    texts = [text for row_pieces in pieces if row_pieces for text, _ in row_pieces]
-    ids = _token_ids(tokenizer, texts, literal=not use_chat)
+    # Each row's masked text between answers is tokenised as one piece, as it is rendered; only a
+    # row over max_seq_len is tokenised again piece by piece, so that its cut can spare the markup.
+    coarse = [_joined(one_row) if one_row else None for one_row in pieces]
+    ids = _token_ids(tokenizer, [text for one_row in coarse if one_row for text, _ in one_row], literal=not use_chat)
+    head = int(document_bos(tokenizer) is not None)
     examples = []
-    for row, row_pieces in zip(rows, pieces):
-        if row_pieces is None:
+    for row, one_row, joined in zip(rows, pieces, coarse):
+        if one_row is None:
             continue
-        example, outcome = assemble(tokenizer, [(next(ids), trained) for _, trained in row_pieces], config,
-                                    f"{name}: {row.where}")
+        tokenised = [(next(ids), kind) for _, kind in joined]
+        if len(joined) < len(one_row) and head + _length(tokenised) > config.max_seq_len:
+            fine = _token_ids(tokenizer, [text for text, _ in one_row], literal=not use_chat)
+            tokenised = [(next(fine), kind) for _, kind in one_row]
+        example, outcome = assemble(tokenizer, tokenised, config, f"{name}: {row.where}")
         if outcome != "kept":
             counts[outcome] += 1
         if example is not None:
             examples.append(Example(row.record, *example, question_id(row.fields)))
     return examples, counts
+
+
+def _joined(pieces: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Consecutive masked pieces as one (prompt, unless all markup)."""
+    joined: list[tuple[str, str]] = []
+    for text, kind in pieces:
+        if joined and kind != ANSWER and joined[-1][1] != ANSWER:
+            previous, previous_kind = joined[-1]
+            joined[-1] = (previous + text, MARKUP if previous_kind == kind == MARKUP else PROMPT)
+        else:
+            joined.append((text, kind))
+    return joined
+
+
+def _length(tokenised: list[tuple[list[int], str]]) -> int:
+    return sum(len(piece) for piece, _ in tokenised)
+
+
+def row_pieces(tokenizer, fields: dict, template: str, use_chat: bool) -> list[tuple[str, str]]:
+    """A row as (text, kind) pieces: the rendered conversation for chat rows or data.template=chat,
+    else the instruction template's prompt and the response."""
+    if use_chat:
+        messages = fields["messages"] if "messages" in fields else as_messages(fields)
+        return chat_pieces(tokenizer, chat_template(tokenizer)[0], messages)
+    return [(render_prompt(fields, template), PROMPT), (fields["output"], ANSWER)]
+
+
+def prompt_tokens(tokenizer, fields: dict, template: str, max_tokens: int | None = None) -> list[int]:
+    """The tokens training puts before the (first) response, for generation: the same pieces,
+    tokenised the same way, with a document BOS, and cut by the same rule when longer than
+    `max_tokens` (prompt text from its start, never the chat markup; the markup alone is kept)."""
+    use_chat = "messages" in fields or template == "chat"
+    pieces = row_pieces(tokenizer, fields, template, use_chat)
+    prompt = pieces[:next(i for i, (_, kind) in enumerate(pieces) if kind == ANSWER)]
+    bos = document_bos(tokenizer)
+    tokenised = []
+    for candidate in (_joined(prompt), prompt):  # the whole prompt at once unless it must be cut
+        ids = _token_ids(tokenizer, [text for text, _ in candidate], literal=not use_chat)
+        tokenised = [(next(ids), kind) for _, kind in candidate]
+        head = [bos] if bos is not None and not _starts_with(tokenised, bos) else []
+        excess = len(head) + _length(tokenised) - max_tokens if max_tokens is not None else 0
+        if excess <= 0:
+            break
+    if excess > 0:
+        tokenised = _cut_prompt(tokenised, excess)[0]
+    return head + [token for piece, _ in tokenised for token in piece]
 
 
 def _token_ids(tokenizer, texts: list[str], literal: bool, batch: int = 2048):
@@ -166,10 +268,11 @@ def _token_ids(tokenizer, texts: list[str], literal: bool, batch: int = 2048):
                              split_special_tokens=literal)["input_ids"]
 
 
-def chat_pieces(tokenizer, template: str, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
-    """The rendered conversation cut into (text, trained) pieces: each assistant turn's text, from
-    where the generation prompt ends to where the turn's rendering ends, is trained."""
-    pieces, rendered = [], ""
+def chat_pieces(tokenizer, template: str, messages: list[dict[str, str]]) -> list[tuple[str, str]]:
+    """The rendered conversation cut into (text, kind) pieces: each assistant turn's text, from
+    where the generation prompt ends to where the turn's rendering ends, is trained; the text
+    before it is markup, except the other messages' contents, which are prompt text."""
+    pieces, rendered, since = [], "", 0
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -179,9 +282,25 @@ def chat_pieces(tokenizer, template: str, messages: list[dict[str, str]]) -> lis
             raise DataError("the chat template does not render turn by turn (a shorter conversation's "
                             "text is not a prefix of the longer one's), so assistant turns cannot be "
                             "masked exactly; use a template that does, or data.template: alpaca")
-        pieces += [(before[len(rendered):], False), (after[len(before):], True)]
-        rendered = after
+        contents = [m["content"] for m in messages[since:index]]
+        pieces += _split_contents(before[len(rendered):], contents)
+        pieces.append((after[len(before):], ANSWER))
+        rendered, since = after, index + 1
     return pieces
+
+
+def _split_contents(text: str, contents: list[str]) -> list[tuple[str, str]]:
+    """`text` as markup pieces around the given message contents (prompt pieces), found in order.
+    A content the template changed (and so is not found verbatim) stays inside the markup."""
+    pieces, cursor = [], 0
+    for content in contents:
+        start = text.find(content, cursor) if content else -1
+        if start < 0:
+            continue
+        pieces += [(text[cursor:start], MARKUP), (content, PROMPT)]
+        cursor = start + len(content)
+    pieces.append((text[cursor:], MARKUP))
+    return [(piece, kind) for piece, kind in pieces if piece]
 
 
 def _render(tokenizer, template: str, messages: list[dict[str, str]], generation_prompt: bool) -> str:
@@ -192,40 +311,53 @@ def _render(tokenizer, template: str, messages: list[dict[str, str]], generation
         raise TemplateRefused(f"the chat template refused the conversation: {error}") from None
 
 
-def assemble(tokenizer, pieces: list[tuple[list[int], bool]], config: DataConfig,
+def assemble(tokenizer, pieces: list[tuple[list[int], str]], config: DataConfig,
              where: str) -> tuple[tuple[list[int], list[int]] | None, str]:
-    """BOS + pieces, ending in a trained EOS, fitted to max_seq_len. Returns ((input_ids, labels),
-    "kept" | "truncated"), or (None, why it was dropped)."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    """[document BOS] + pieces, ending in a trained EOS, fitted to max_seq_len by cutting prompt
+    pieces from their start. Returns ((input_ids, labels), "kept" | "truncated"), or (None, why it
+    was dropped)."""
+    eos = tokenizer.eos_token_id
     # The final response ends at its EOS: cut what a template writes after it (a newline), or add one.
     final_ids, _ = pieces[-1]
     if eos in final_ids:
         final_ids = final_ids[:len(final_ids) - final_ids[::-1].index(eos)]
     else:
         final_ids = final_ids + [eos]
-    pieces = pieces[:-1] + [(final_ids, True)]
+    pieces = pieces[:-1] + [(final_ids, ANSWER)]
     # BOS exactly once: a chat template may already write it.
-    first_piece = next((piece for piece, _ in pieces if piece), [])
-    starts_with_bos = bos is not None and first_piece[:1] == [bos]
-    ids = [bos] if bos is not None and not starts_with_bos else []
-    labels = [IGNORE_INDEX] * len(ids)
-    for piece, trained in pieces:
-        ids += piece
-        labels += piece if trained or config.train_on_prompt else [IGNORE_INDEX] * len(piece)
-    head = 1 if bos is not None else 0
-    labels[:head] = [IGNORE_INDEX] * head  # BOS is never a target
-    response_start = len(ids) - len(final_ids)
+    bos = document_bos(tokenizer)
+    head = [bos] if bos is not None and not _starts_with(pieces, bos) else []
     outcome = "kept"
-    excess = len(ids) - config.max_seq_len
+    excess = len(head) + _length(pieces) - config.max_seq_len
     if excess > 0:
         if config.on_too_long == "error":
-            raise DataError(f"{where}: {len(ids)} tokens, over data.max_seq_len={config.max_seq_len} "
-                            f"(data.on_too_long: truncate_prompt or drop handle such rows)")
+            raise DataError(f"{where}: {excess + config.max_seq_len} tokens, over data.max_seq_len="
+                            f"{config.max_seq_len} (data.on_too_long: truncate_prompt or drop handle such rows)")
         if config.on_too_long == "drop":
             return None, "dropped: too long"
-        if excess > response_start - head:
+        pieces, cut = _cut_prompt(pieces, excess)
+        if cut < excess:
             return None, "dropped: response alone too long"
-        # Cut the prompt from its start, keeping BOS and the whole response.
-        ids, labels = ids[:head] + ids[head + excess:], labels[:head] + labels[head + excess:]
         outcome = "truncated"
+    ids, labels = list(head), [IGNORE_INDEX] * len(head)  # a document BOS is never a target
+    for piece, kind in pieces:
+        ids += piece
+        labels += piece if kind == ANSWER or config.train_on_prompt else [IGNORE_INDEX] * len(piece)
     return (ids, labels), outcome
+
+
+def _starts_with(pieces: list[tuple[list[int], str]], token: int) -> bool:
+    first_piece = next((piece for piece, _ in pieces if piece), [])
+    return first_piece[:1] == [token]
+
+
+def _cut_prompt(pieces: list[tuple[list[int], str]], excess: int) -> tuple[list[tuple[list[int], str]], int]:
+    """Remove up to `excess` tokens from the prompt pieces, earliest first, each from its start
+    (markup and answers are kept whole). Returns the pieces and how many tokens were removed."""
+    cut, kept = 0, []
+    for piece, kind in pieces:
+        if kind == PROMPT and cut < excess:
+            taken = min(len(piece), excess - cut)
+            piece, cut = piece[taken:], cut + taken
+        kept.append((piece, kind))
+    return kept, cut

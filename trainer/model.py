@@ -9,6 +9,7 @@ from torch import nn
 
 from trainer import builtin
 from trainer.config import Recipe
+from trainer.data_tokenize import choose_pad
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,13 +69,10 @@ def load_tokenizer(name_or_path: str, recipe: Recipe):
             name_or_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
     except (OSError, ValueError) as error:
         raise ModelLoadError(_not_found_message("tokenizer", name_or_path, error)) from error
+    choose_pad(tokenizer)  # the unk token, where the pad is missing or EOS (SmolLM2's config pads with EOS)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        # pad == EOS would mask EOS out of the labels, and the model would never learn to stop.
-        candidate = tokenizer.unk_token if tokenizer.unk_token_id not in (None, tokenizer.eos_token_id) else None
-        if candidate is None:
-            tokenizer.add_special_tokens({"pad_token": "<pad>"})
-        else:
-            tokenizer.pad_token = candidate
+        # Nothing to pad with: a new token (the base's embedding must have room for it).
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
     return tokenizer
 
 
