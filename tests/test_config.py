@@ -18,7 +18,7 @@ def test_every_shipped_recipe_loads(path):
 @pytest.mark.parametrize("stage,world,offload,precision,runs", [
     (2, 1, False, "float32", 0), (1, 1, False, "float32", 0), (2, 2, False, "float32", 2),
     (2, 1, True, "float32", 2), (3, 1, False, "float32", 3), (0, 1, False, "float32", 0),
-    (2, 1, False, "bfloat16", 2)])  # DeepSpeed's bf16 stage 0 keeps fp32 masters our checkpoints do not read
+    (2, 1, False, "bfloat16", 2), (1, 1, False, "float16", 1)])  # bf16/fp16 stage 0: see below
 def test_zero_1_and_2_on_one_rank_in_fp32_run_as_stage_0(tmp_path, stage, world, offload, precision, runs):
     recipe = load_recipe(write(tmp_path, f"deepspeed: {{zero_stage: {stage}, offload_optimizer: {str(offload).lower()}}}\n"))
     assert deepspeed_config(recipe, world_size=world, precision=precision)["zero_optimization"]["stage"] == runs
@@ -110,3 +110,34 @@ def test_deepspeed_dict_is_derived_and_extra_passes_through(tmp_path):
     assert config["communication_data_type"] == "fp32"
     with pytest.raises(RecipeError, match="not a multiple"):
         deepspeed_config(recipe, world_size=3, precision="float32")
+
+
+@pytest.mark.parametrize("device, bf16, expected", [("cpu", True, "float32"), ("cuda", True, "bfloat16"),
+                                                    ("cuda", False, "float16")])
+def test_auto_dtype_is_bf16_only_where_the_gpu_has_it(monkeypatch, device, bf16, expected):
+    import torch
+
+    from trainer.model import compute_dtype, dtype_name
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+    assert dtype_name(compute_dtype(Recipe(), torch.device(device))) == expected
+    assert dtype_name(compute_dtype(load_recipe(RECIPES[0].parent / "tiny_alpaca.yaml", ["model.dtype=bfloat16"]),
+                                    torch.device(device))) == "bfloat16"
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_zero_0_in_half_precision_is_refused_with_the_reason(tmp_path, precision):
+    recipe = load_recipe(write(tmp_path, "deepspeed: {zero_stage: 0}\n"))
+    with pytest.raises(RecipeError, match="zero_stage=0 with a .* cannot resume exactly.*zero_stage=1 or 2"):
+        deepspeed_config(recipe, world_size=2, precision=precision)
+    assert deepspeed_config(recipe, world_size=2, precision="float32")["zero_optimization"]["stage"] == 0
+
+
+@pytest.mark.parametrize("stage, accumulation", [(1, None), (2, "fp32"), (3, "fp32")])
+def test_bf16_reduces_adapter_gradients_in_fp32(tmp_path, stage, accumulation):
+    recipe = load_recipe(write(tmp_path, f"deepspeed: {{zero_stage: {stage}}}\n"))
+    config = deepspeed_config(recipe, world_size=2, precision="bfloat16")
+    assert config["communication_data_type"] == "fp32"
+    assert config.get("data_types", {}).get("grad_accum_dtype") == accumulation
+    fp32 = deepspeed_config(recipe, world_size=2, precision="float32")
+    assert "communication_data_type" not in fp32 and "data_types" not in fp32

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -200,3 +201,17 @@ def test_a_rank_leaves_without_interpreter_finalisation(entry, outcome, group):
     if outcome == "interrupt":
         assert "KeyboardInterrupt" in result.stderr
     assert ("interpreter finalisation ran" in result.stdout) == (group == "no-group")
+
+
+def test_fp16_overflow_skipped_steps_are_counted_and_the_run_goes_on(tmp_path, tiny_base):
+    """In fp16, inf/NaN gradients are what DeepSpeed's loss scaler expects now and then (the scale
+    starts high): it skips the update and lowers the scale. The run counts it and goes on."""
+    result = train(tmp_path, "model.dtype=float16", "quant.bits=16", "train.max_steps=4", "train.save_every=100",
+                   env={"QLORA_TEST_NAN_GRAD_AT_STEP": "2"}, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    logged = {r["step"]: r for r in records(tmp_path)}
+    skipped = [step for step, r in logged.items() if r.get("skipped")]
+    assert 2 in skipped and logged[4]["overflow_skips"] == len(skipped)  # the first steps overflow too
+    assert "step 2: fp16 gradient overflow, update skipped and loss scale lowered" in result.stdout
+    assert all(math.isfinite(r["loss"]) for r in logged.values()) and not logged[4].get("skipped")
+    assert (tmp_path / "checkpoints/step-4/COMPLETE").exists()

@@ -22,7 +22,7 @@ class RecipeError(ValueError):
 @dataclass
 class ModelConfig:
     name_or_path: str = "builtin:tiny-llama"  # hub id, local dir, or builtin:<name>
-    dtype: str = "auto"  # compute dtype: auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # compute dtype: auto (fp32 on CPU; bf16 on a GPU that has it, else fp16) | float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
     revision: str | None = None
@@ -195,7 +195,16 @@ def zero_stage_to_run(recipe: Recipe, world_size: int, precision: str) -> int:
 def deepspeed_config(recipe: Recipe, world_size: int, precision: str) -> dict[str, Any]:
     """The DeepSpeed config dict, derived from the recipe once. `precision` is the compute dtype name."""
     ds = recipe.deepspeed
-    zero: dict[str, Any] = {"stage": zero_stage_to_run(recipe, world_size, precision)}
+    stage = zero_stage_to_run(recipe, world_size, precision)
+    if stage == 0 and precision != "float32":
+        # Checked here, where `auto` has become a dtype (bf16 or fp16 on a GPU).
+        raise RecipeError(
+            f"deepspeed.zero_stage=0 with a {precision} compute dtype cannot resume exactly: DeepSpeed then "
+            f"keeps the fp32 adapter weights and Adam moments inside its own mixed-precision optimizer, "
+            f"where checkpoints cannot read them (they would hold adapters rounded to {precision} and no "
+            f"optimizer moments). Use deepspeed.zero_stage=1 or 2 (on one rank they cost the same), or "
+            f"model.dtype=float32.")
+    zero: dict[str, Any] = {"stage": stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if ds.offload_param:
@@ -217,6 +226,14 @@ def deepspeed_config(recipe: Recipe, world_size: int, precision: str) -> dict[st
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
     }
+    if precision == "bfloat16":
+        # Adapter gradients are reduced across ranks in fp32 rather than bf16 (8 bits of mantissa
+        # would round away small gradients when summed over ranks); the adapters are small, so it
+        # costs little. ZeRO-2/3 also accumulate them over micro-batches in fp32. Not ZeRO-1: there
+        # fp32 accumulation swaps in DeepSpeed's BF16_Optimizer, which our checkpoints do not read.
+        config["communication_data_type"] = "fp32"
+        if stage in (2, 3):
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
     return _deep_merge(config, ds.extra)
 
 

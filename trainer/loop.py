@@ -85,6 +85,7 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
     say = progress.write if rank == 0 else (lambda *_: None)
     stop_request = StopRequest()  # SIGTERM / SIGINT: save at the next step boundary, exit cleanly
     skips = 0
+    overflow_skips = 0  # fp16 steps DeepSpeed's loss scaler skipped
     run.engine.train()
     while state.step < recipe.train.max_steps:
         started = time.perf_counter()
@@ -92,8 +93,16 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
         snapshot = (health.UpdateSnapshot(run.model, run.optimizer, run.engine.optimizer)
                     if recipe.train.on_nonfinite == "skip" else None)
         step_tokens = run.trained_tokens(state.step)
-        loss, grad_norm, stops, bad_rows = train_step(run, state.step, lr, stop_request.requested, step_tokens)
-        if not (health.is_finite(loss) and health.is_finite(grad_norm)):
+        loss, grad_norm, stops, bad_rows, overflowed = train_step(run, state.step, lr, stop_request.requested,
+                                                                  step_tokens)
+        if overflowed and health.is_finite(loss):
+            # fp16 loss scaling: DeepSpeed found inf/NaN gradients, skipped this update and lowered the
+            # scale. Normal in the first steps (the scale starts high on purpose); counted, not fatal.
+            # DeepSpeed itself stops a run whose scale reaches its minimum.
+            overflow_skips += 1
+            say(f"step {state.step + 1}: fp16 gradient overflow, update skipped and loss scale lowered "
+                f"({overflow_skips} so far)")
+        elif not (health.is_finite(loss) and health.is_finite(grad_norm)):
             skips += 1
             if snapshot is None or skips > recipe.train.max_consecutive_skips:
                 raise health.TrainingHealthError(health.nonfinite_message(
@@ -104,7 +113,9 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
         else:
             skips = 0
         state.step += 1
-        record = advance(state, run, loss, lr, started, step_tokens, skipped=skips > 0)
+        record = advance(state, run, loss, lr, started, step_tokens, skipped=skips > 0 or overflowed)
+        if overflow_skips:
+            record["overflow_skips"] = overflow_skips
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
 
@@ -217,10 +228,12 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
 
 
 def train_step(run: Run, step: int, lr: float, stop_requested: bool,
-               step_tokens: int) -> tuple[float, float | None, bool, list[int]]:
+               step_tokens: int) -> tuple[float, float | None, bool, list[int], bool]:
     """One optimizer step over the global batch. Returns the global loss, gradient norm, whether any
-    rank asked to stop, and (when the loss is not finite) the row ids of the offending micro-batches."""
+    rank asked to stop, (when the loss is not finite) the row ids of the offending micro-batches,
+    and whether fp16 loss scaling skipped the update (an overflow)."""
     recipe, engine, rank, world = run.recipe, run.engine, distributed.rank(), distributed.world_size()
+    skipped_before = engine.skipped_steps
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     accumulation = recipe.gradient_accumulation_steps(world)
@@ -258,7 +271,9 @@ def train_step(run: Run, step: int, lr: float, stop_requested: bool,
         bad_rows = [row for rows in distributed.gather_objects(bad_rows) for row in rows]
     elif grad_norm is not None and not math.isfinite(grad_norm):  # which micro-batch is not known
         bad_rows = [run.train_set[i].row_id for i in run.plan.indices(step)]
-    return total_loss / step_tokens, grad_norm, bool(stops), bad_rows
+    # DeepSpeed's scaler decides on all ranks together, so every rank sees the same skip.
+    overflowed = engine.fp16_enabled() and engine.skipped_steps > skipped_before
+    return total_loss / step_tokens, grad_norm, bool(stops), bad_rows, overflowed
 
 
 def adapter_gradient_norm(model: torch.nn.Module) -> float:

@@ -19,10 +19,13 @@ class ModelLoadError(RuntimeError):
 
 
 def compute_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
-    # bf16 backward on CPU is ~100x slower than fp32, so `auto` means fp32 there.
+    """`auto`: fp32 on CPU (bf16 backward there is ~100x slower than fp32); on a GPU bf16 where it
+    computes bf16 natively (Ampere and later), else fp16 (V100, T4: loss-scaled by DeepSpeed)."""
     if recipe.model.dtype != "auto":
         return DTYPES[recipe.model.dtype]
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def quantization_config(recipe: Recipe, dtype: torch.dtype):
