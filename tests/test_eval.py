@@ -240,3 +240,16 @@ def test_an_unknown_recipe_key_still_errors_through_the_script(capsys, adapter):
         main(["recipes/tiny_alpaca.yaml", f"adapter={adapter}", "train.max_stepz=3"])
     assert exit_info.value.code == 2
     assert "unknown key train.max_stepz; did you mean train.max_steps?" in capsys.readouterr().err
+
+
+def test_eval_gives_the_held_out_loss_training_logged_in_bf16(tmp_path, tiny_base):
+    """Training runs the adapters in bf16 (DeepSpeed casts them); eval.py loads them in that dtype
+    too, so it scores the model training scored: the same held-out loss for the same checkpoint."""
+    data = ["data.max_rows=60", "data.max_eval_rows=16", "train.micro_batch_size=4", "model.dtype=bfloat16"]
+    run_cli(["launch/train.py", "recipes/tiny_alpaca.yaml", f"output_dir={tmp_path}", *data,
+             "train.global_batch_size=8", "train.max_steps=3", "train.warmup_steps=1", "train.save_every=3",
+             "train.eval_every=3", "train.sample_count=0"], env=ONE_THREAD)
+    logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["eval_loss"]
+    run_cli(["launch/eval.py", "recipes/tiny_alpaca.yaml", f"adapter={tmp_path / 'checkpoints/step-3'}",
+             f"out={tmp_path / 'eval'}", "eval.max_new_tokens=2", *data], env=ONE_THREAD)
+    assert json.loads((tmp_path / "eval/metrics.json").read_text())["eval_loss"] == pytest.approx(logged, rel=1e-6)

@@ -20,7 +20,7 @@ from torch import nn
 from trainer import builtin, distributed
 from trainer.checkpoint import CheckpointError
 from trainer.config import Recipe
-from trainer.lora import apply_lora
+from trainer.lora import adapter_parameters, apply_lora
 from trainer.resume import load_into_model
 from trainer.model import ModelLoadError, load_base, load_tokenizer, resolve_base
 from trainer.onednn import use_onednn_linear
@@ -194,6 +194,11 @@ def load_adapted_model(recipe: Recipe, adapter_dir: Path | None,
     model, dtype = load_base(recipe, device)
     if adapter_dir is not None:
         add_adapter(model, adapter_dir)
+        # Training ran the adapters in the compute dtype (DeepSpeed casts every parameter to bf16/fp16
+        # and keeps the fp32 masters in the optimizer): evaluate them as they ran, so the held-out
+        # loss is the one training logged. (Export merges the fp32 weights instead.)
+        for parameter in adapter_parameters(model).values():
+            parameter.data = parameter.data.to(dtype)
     if recipe.train.onednn_matmul and device.type == "cpu":
         use_onednn_linear(model)
     return model.eval(), tokenizer, dtype
