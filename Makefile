@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-all bench clean
+.PHONY: install demo test test-slow test-all bench parity clean
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ test-all: $(STAMP)
 # Ours against transformers Trainer + peft on the same QLoRA job; BENCH_ARGS="--repeats 3" etc.
 bench: $(STAMP)
 	$(PY) launch/bench.py $(BENCH_ARGS)
+
+# Held-out loss curves of ours and transformers Trainer + peft on the same job (SmolLM2-135M, GSM8K,
+# 50 steps), and their relative difference; PARITY_ARGS="--dequantised" etc.
+parity: $(STAMP)
+	$(PY) launch/parity.py $(PARITY_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .cache
