@@ -136,3 +136,26 @@ def test_bfloat16_export_and_a_bad_option_are_handled(tmp_path, tiny_base):
 
     with pytest.raises(RecipeError, match="export.base must be"):
         export(tiny_recipe("quant.bits=16"), ExportOptions(adapter=str(adapter), out=str(tmp_path / "x"), base="raw"))
+
+
+def test_export_dequantises_one_layer_at_a_time(tmp_path, tiny_base, monkeypatch):
+    """Each layer is dequantised, merged, cast and moved before the next one is dequantised: at most
+    one float32 layer is alive at once (on a GPU, all of them at once is ~26 GB for 7B)."""
+    import trainer.export as export_module
+
+    made, alive_at_creation = [], []
+    original = export_module.dequantised_linear
+
+    def tracked(layer, dtype=None):
+        alive_at_creation.append(sum(weight.dtype == torch.float32 for weight in made))
+        linear = original(layer, dtype)
+        made.append(linear.weight)  # the Parameter; a cast swaps its data, so its dtype says which copy is held
+        return linear
+
+    monkeypatch.setattr(export_module, "dequantised_linear", tracked)
+    adapter = make_checkpoint(tmp_path / "run", "lora.target_modules=[q_proj,v_proj]")
+    export(tiny_recipe("lora.target_modules=[q_proj,v_proj]"),
+           ExportOptions(adapter=str(adapter), out=str(tmp_path / "out"), dtype="bfloat16"))
+    assert len(made) >= 7 * 2  # every linear layer of every decoder layer (LoRA-wrapped or not)
+    assert alive_at_creation == [0] * len(made)
+    assert all(weight.dtype == torch.bfloat16 and weight.device.type == "cpu" for weight in made)

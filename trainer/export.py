@@ -41,18 +41,25 @@ class ExportOptions:
     base: str = "dequantised"  # dequantised (what training saw) | original (full-precision weights from disk)
 
 
-def merge_to_plain(model: nn.Module) -> nn.Module:
+def merge_to_plain(model: nn.Module, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu") -> nn.Module:
     """In place: every LoRA layer merged in float32 and replaced by its base nn.Linear, every other
-    quantised linear layer dequantised, the quantisation config removed."""
-    for path, layer in lora_layers(model).items():
+    quantised linear layer dequantised, the quantisation config removed; the model ends in `dtype`
+    on `device`.
+
+    A layer at a time: each is dequantised (on the device the base was loaded on), merged, cast and
+    moved to `device` before the next one is dequantised, so at most one float32 layer exists besides
+    the quantised model (dequantising every layer first would hold a 7B model in fp32, ~26 GB, on the GPU)."""
+    for path in list(lora_layers(model)):
+        layer = model.get_submodule(path)
         base = layer.base_layer
         # Dequantise (or upcast) first, so B @ A * scaling is added in float32, never in 4/8/16 bits.
         layer.base_layer = dequantised_linear(base, torch.float32) if _is_quantised(base) else base.float()
         layer.merge()
-        _replace(model, path, layer.base_layer)
-    for path, module in list(model.named_modules()):
-        if _is_quantised(module):
-            _replace(model, path, dequantised_linear(module, torch.float32))
+        _replace(model, path, layer.base_layer.to(device=device, dtype=dtype))
+        del layer, base
+    for path in [path for path, module in model.named_modules() if _is_quantised(module)]:
+        _replace(model, path, dequantised_linear(model.get_submodule(path), torch.float32).to(device=device, dtype=dtype))
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         quantizer.remove_quantization_config(model)
@@ -60,7 +67,7 @@ def merge_to_plain(model: nn.Module) -> nn.Module:
         model.config.__dict__.pop(name, None)
     if hasattr(model, "is_loaded_in_4bit"):
         del model.is_loaded_in_4bit
-    return model
+    return model.to(device=device, dtype=dtype)
 
 
 def _is_quantised(module: nn.Module) -> bool:
@@ -72,9 +79,10 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
 
 
-def load_merged(recipe: Recipe, adapter_dir: Path, base: str = "dequantised",
-                device: torch.device | None = None) -> nn.Module:
-    """Base + adapter, merged into a plain float32 model (see the module docstring for `base`)."""
+def load_merged(recipe: Recipe, adapter_dir: Path, base: str = "dequantised", device: torch.device | None = None,
+                dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Base + adapter, merged into a plain model on the CPU in `dtype` (merged in float32; see the
+    module docstring for `base`). `device`: where the base is loaded and dequantised."""
     if base not in ("dequantised", "original"):
         raise RecipeError(f"export.base must be dequantised or original, got {base!r}")
     device = device or torch.device("cpu")
@@ -84,7 +92,7 @@ def load_merged(recipe: Recipe, adapter_dir: Path, base: str = "dequantised",
         recipe = replace(recipe, quant=replace(recipe.quant, bits=16), model=replace(recipe.model, dtype="float32"))
     model, _ = load_base(recipe, device)
     add_adapter(model, adapter_dir)
-    return merge_to_plain(model.eval())
+    return merge_to_plain(model.eval(), dtype)
 
 
 def export(recipe: Recipe, opts: ExportOptions) -> Path:
@@ -95,7 +103,7 @@ def export(recipe: Recipe, opts: ExportOptions) -> Path:
         raise RecipeError(f"export.dtype must be auto, {', '.join(DTYPES)}; got {opts.dtype!r}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype(recipe, device) if opts.dtype == "auto" else DTYPES[opts.dtype]
-    model = load_merged(recipe, Path(opts.adapter), opts.base, device).to(device="cpu", dtype=dtype)
+    model = load_merged(recipe, Path(opts.adapter), opts.base, device, dtype)
     model.config.use_cache = True  # training turned it off; a user of the export generates
     out = Path(opts.out)
     model.save_pretrained(out)
