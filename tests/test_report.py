@@ -64,3 +64,22 @@ def test_tensorboard_missing_is_one_note_and_a_no_op(tmp_path, monkeypatch, caps
     log.close()
     assert not log.active and not (tmp_path / "tensorboard").exists()
     assert capsys.readouterr().out.count("tensorboard is not installed") == 1
+
+
+def test_missing_matplotlib_is_a_warning_not_a_failure(tmp_path, monkeypatch, capsys):
+    import builtins
+    import sys
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    for name in [n for n in sys.modules if n.startswith("matplotlib")]:
+        monkeypatch.delitem(sys.modules, name)
+    write_metrics(tmp_path, RECORDS)
+    assert write_report(tmp_path) is None and not (tmp_path / "report.png").exists()
+    assert "warning: matplotlib is not installed" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from trainer import distributed
@@ -41,8 +42,13 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def write_report(output_dir: str | Path) -> Path | None:
     """Draw <output_dir>/report.png from <output_dir>/metrics.jsonl; None (and a note) if there is
-    nothing to draw."""
-    import matplotlib
+    nothing to draw or no matplotlib (a finished run does not fail for want of a figure)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("warning: matplotlib is not installed, so no report.png (pip install matplotlib, or "
+              "train.report: false); metrics.jsonl has every number", file=sys.stderr)
+        return None
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
