@@ -350,3 +350,14 @@ def test_slurm_script_trains_on_two_nodes_with_a_shared_output_dir(tmp_path, one
     # Both nodes see the one output_dir (a shared filesystem): still only rank 0 writes into it.
     assert losses(output_dir) == {step: one_node_reference[step] for step in (1, 2, 3, 4)}
     assert checkpoint_steps(output_dir) == [2, 4]
+
+
+def test_nccl_async_error_handling_is_on_unless_the_environment_says_otherwise(monkeypatch):
+    from trainer.distributed import nccl_error_handling
+
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    nccl_error_handling()
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    nccl_error_handling()
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"

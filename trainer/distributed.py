@@ -14,12 +14,14 @@ _started = False  # whether this process ever started a process group (see finis
 
 def init(timeout_minutes: float = 30.0) -> torch.device:
     """Start the process group (gloo on CPU, NCCL on GPU) and return this rank's device.
-    `timeout_minutes` bounds every collective: if a rank dies, the others fail after it, never hang."""
+    `timeout_minutes` bounds every collective: if a rank dies, the others fail after it, never hang
+    (gloo: a Python error, reported as a lost rank; NCCL: see `nccl_error_handling`)."""
     import deepspeed
 
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank())
+        nccl_error_handling()
     if "RANK" not in os.environ:
         # A plain `python launch/train.py` run: a world of one on a free local port.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
@@ -38,6 +40,14 @@ def init(timeout_minutes: float = 30.0) -> torch.device:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", timeout=timeout, verbose=False)
     return torch.device("cuda", local_rank()) if use_cuda else torch.device("cpu")
+
+
+def nccl_error_handling() -> None:
+    """Before the NCCL group starts: a failed or timed-out collective ends the process (torch's
+    watchdog aborts NCCL and the process with SIGABRT) instead of leaving it hung in a kernel.
+    This is not a Python error: a rank ended that way prints torch's watchdog message, not ours,
+    and exits with SIGABRT (134), not 2. A value set in the environment is kept."""
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
 
 
 def started() -> bool:
