@@ -61,6 +61,10 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     device = (torch.cuda.get_device_name(0) if gpu
               else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads per process)")
+    # MFU against the rate this device multiplies bf16 matrices at today, measured before either run.
+    peak = bench_job.measured_bf16_matmul_flops() if gpu else None
+    if peak:
+        print(f"[bench] measured dense bf16 matmul peak: {peak / 1e12:,.0f} TFLOP/s", flush=True)
     job = Job(base=bench_job.ensure_bench_base(gpu), data=args.data or bench_job.default_data(),
               max_seq_len=args.max_seq_len, global_batch=args.global_batch, micro_batch=args.micro_batch,
               warmup_steps=args.warmup, timed_steps=args.steps, activation_checkpointing=args.activation_checkpointing,
@@ -83,9 +87,10 @@ def main() -> None:
             print(f"[bench]   {runs[name][-1]['tokens_per_s_median_step']:,.0f} useful tokens/s (median step), "
                   f"peak RSS {runs[name][-1]['peak_rss_mib']:,.0f} MiB", flush=True)
 
-    table = markdown_table(job, runs, tokens, device, packing, gpu, args.same_allocator)
+    table = markdown_table(job, runs, tokens, device, packing, gpu, args.same_allocator, peak)
     print("\n" + table)
     (out / "results.json").write_text(json.dumps({"job": vars(job), "device": device, "packing": packing,
+                                                  "measured_bf16_matmul_flops": peak,
                                                   "same_allocator": args.same_allocator, "runs": runs}, indent=2) + "\n")
     (out / "table.md").write_text(table + "\n")
 
@@ -143,6 +148,9 @@ def run_child(command: list[str], scratch: Path, tuned_malloc: bool) -> float:
     # ours sets them again itself, theirs runs as it would on its own.
     env = {**{k: v for k, v in os.environ.items() if k not in onednn.SET_ON_IMPORT},
            "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # One GPU each: on a multi-GPU machine HF Trainer would wrap the model in DataParallel over all
+    # of them (a batch of micro x GPUs), while ours runs one rank.
+    env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     tunables = malloc.tunables_for(env) if tuned_malloc else None
     if tunables is not None:
         env["GLIBC_TUNABLES"] = tunables
@@ -171,7 +179,7 @@ def summarise(run: dict, tokens: list[dict], job: Job) -> dict:
 
 
 def markdown_table(job: Job, runs: dict[str, list[dict]], tokens: list[dict], device: str, packing: str,
-                   gpu: bool, same_allocator: bool) -> str:
+                   gpu: bool, same_allocator: bool, peak: float | None = None) -> str:
     def median(name: str, key: str) -> float:
         return statistics.median(run[key] for run in runs[name])
 
@@ -199,11 +207,10 @@ def markdown_table(job: Job, runs: dict[str, list[dict]], tokens: list[dict], de
     for title, key, fmt in rows:
         ours, theirs = median("ours", key), median("theirs", key)
         lines.append(f"| {title} | {fmt.format(ours)} | {fmt.format(theirs)} | {ours / theirs:.2f}x |")
-    peak = bench_job.peak_flops(device) if gpu else None
     if peak:
         flops = bench_job.flops_per_token(job.base, sum(t["squared"] for t in timed), sum(t["useful"] for t in timed))
         mfu = {name: median(name, "tokens_per_s_median_step") * flops / peak for name in FRAMEWORKS}
-        lines.append(f"| MFU (4N + attention FLOPs per token, dense bf16 peak) | {mfu['ours']:.1%} "
+        lines.append(f"| MFU (4N + attention FLOPs per token; bf16 matmul peak measured: {peak / 1e12:,.0f} TFLOP/s) | {mfu['ours']:.1%} "
                      f"| {mfu['theirs']:.1%} | {mfu['ours'] / mfu['theirs']:.2f}x |")
     if len(runs["ours"]) > 1:
         # Runs alternate ours, theirs, ours, ...: a pair shares the machine's state at the time, so the

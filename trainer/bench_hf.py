@@ -126,6 +126,8 @@ def step_end_times(recipe: Recipe, device: torch.device, callbacks: tuple[Traine
             self.times: list[float] = []
 
         def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():  # the step's kernels have finished, not merely been queued
+                torch.cuda.synchronize()
             self.times.append(time.time())
 
     train = recipe.train

@@ -2,8 +2,8 @@
 written as overrides of `recipes/tiny_alpaca.yaml` that `launch/train.py` (ours) and
 `trainer.bench_hf` (transformers Trainer + peft) both read.
 
-CPU: the built-in tiny Llama. GPU: a 1B-class Llama (TinyLlama's shape) with random weights,
-built once into the cache. Data: GSM8K from `../shared/data` when present, else `builtin:tasks`.
+CPU: the built-in tiny Llama. GPU: a 1B-class Llama (TinyLlama's shape) with random weights and
+at least a 32k vocabulary, built once into the cache. Data: GSM8K from `../shared/data` when present, else `builtin:tasks`.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ GSM8K = ROOT.parent / "shared" / "data" / "gsm8k_train.json"
 LLAMA2_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "llama2" / "tokenizer.model"
 ONE_B_SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16,
                "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 2048}
-# Dense bf16 peak (no sparsity), for MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+# The GPU job's output head is at least this wide (Llama 2's vocabulary), whatever tokenizer it has.
+MIN_VOCAB = 32000
 
 
 @dataclass
@@ -69,7 +69,7 @@ def ensure_bench_base(gpu: bool) -> str:
     """The built-in tiny Llama on CPU; on GPU a 1B-class Llama built once (random weights, bf16)."""
     if not gpu:
         return str(builtin.ensure_tiny_base())
-    final = builtin.cache_dir() / "models" / "bench-llama-1b-v1"
+    final = builtin.cache_dir() / "models" / "bench-llama-1b-v2"
     if (final / builtin.MARKER).exists():
         return str(final)
     staging = final.parent / f".{final.name}.building"
@@ -94,7 +94,9 @@ def _build_one_b(directory: Path) -> None:
     else:
         tokenizer = AutoTokenizer.from_pretrained(builtin.ensure_tiny_base())
     tokenizer.save_pretrained(directory)
-    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+    # Without Llama 2's tokenizer the tiny base's (1,001 tokens) is used, and the vocabulary padded to
+    # 32k: the output projection and loss then cost what a real model's do.
+    config = LlamaConfig(vocab_size=max(len(tokenizer), MIN_VOCAB), tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **ONE_B_SHAPE)
     torch.manual_seed(builtin.SEED)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
@@ -138,5 +140,25 @@ def flops_per_token(base: str, sum_squared_lengths: float, sum_lengths: float) -
     return 4 * n + attention
 
 
-def peak_flops(device_name: str) -> float | None:
-    return next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in device_name), None)
+def measured_bf16_matmul_flops(size: int = 8192, repeats: int = 20) -> float:
+    """The device's dense bf16 matrix-multiply rate, measured now (FLOP/s): the best of `repeats`
+    timed [size x size] products, after a warm-up. MFU is taken against this, not a datasheet
+    number: clocks, power limits and the card's variant (SXM, PCIe, NVL) differ from one machine to
+    the next."""
+    import torch
+
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1000)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * size ** 3 / best
