@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-all bench parity clean
+.PHONY: install demo test test-slow test-all bench parity gpu-check gpu-wheels clean
 
 install: $(STAMP)
 
@@ -45,6 +45,16 @@ bench: $(STAMP)
 # 50 steps), and their relative difference; PARITY_ARGS="--dequantised" etc.
 parity: $(STAMP)
 	$(PY) launch/parity.py $(PARITY_ARGS)
+
+# The CUDA path checked on one GPU in one go (at most ~10 minutes; prints one table). Needs torch with
+# CUDA, transformers, peft and accelerate; deepspeed and bitsandbytes installed, or carried as wheels
+# in .whl/ (`make gpu-wheels` writes them where pip works; GPU_CUDA=130 picks bitsandbytes' library).
+# Without CUDA it says so and exits 0. This .venv's python if present, else the machine's python3.
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),python3) launch/gpu_check.py
+
+gpu-wheels: $(STAMP)
+	$(PY) launch/gpu_check.py --prepare-wheels --cuda $(or $(GPU_CUDA),130)
 
 clean:
 	rm -rf $(VENV) runs .cache

