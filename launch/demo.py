@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
         return 2
     bin_dir = Path(sys.executable).parent
     train = [str(bin_dir / "deepspeed"), "--num_gpus", "2", "launch/train.py", recipe_path, *overrides]
-    print("$ " + " ".join(train[1:]), flush=True)
+    print("$ deepspeed " + " ".join(train[1:]), flush=True)
     code = subprocess.call(train)
     if code != 0:
         return code
