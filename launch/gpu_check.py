@@ -42,8 +42,10 @@ SHORT = ["train.max_steps=20", "train.log_every=1", "train.eval_every=20", "trai
          "train.sample_every=0", "train.sample_count=2", "data.max_eval_rows=32", "train.warmup_steps=5"]
 # Carried alongside deepspeed and bitsandbytes: what they (and the versions of transformers this
 # checkout is tested with) need that the GPU image lacks or has at another version.
+# transformers 5.25 needs huggingface-hub 2.x, which needs httpx2 (the image has hub 1.x and httpx).
 CARRIED = ["hjson", "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "gguf",
-           "transformers", "huggingface-hub", "tokenizers", "peft", "accelerate"]
+           "transformers", "huggingface-hub", "tokenizers", "peft", "accelerate", "kernels", "tomlkit",
+           "httpx2", "httpcore2", "truststore", "hf-xet", "click"]
 
 
 def main(argv: list[str]) -> int:
