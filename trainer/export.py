@@ -2,6 +2,10 @@
 
     python launch/export.py RECIPE adapter=<checkpoint dir> out=<dir> [export.dtype=auto|float32|bfloat16|float16]
         [export.base=dequantised|original] [section.key=value ...]
+    python launch/export.py RECIPE adapter=<checkpoint dir> out=<file>.gguf [format=f16|q8_0|f32]
+
+A `.gguf` out (or format=f16|q8_0|f32) writes one GGUF file for llama.cpp and ollama instead
+(trainer/gguf_export.py); the merge is the same.
 
 export.base=dequantised (default) loads the base quantised as in training, dequantises every
 quantised linear layer (LoRA-wrapped or not) and adds B @ A * scaling: the result computes what
@@ -23,7 +27,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from trainer import options
+from trainer import gguf_export, options
 from trainer.adapter import add_adapter, check_adapter
 from trainer.config import Recipe, RecipeError
 from trainer.lora import dequantised_linear, lora_layers
@@ -34,9 +38,10 @@ QUANTISED_LAYERS = ("Linear4bit", "Linear8bitLt")
 
 @dataclass
 class ExportOptions:
-    TOP_LEVEL: ClassVar[tuple[str, ...]] = ("adapter", "out")
+    TOP_LEVEL: ClassVar[tuple[str, ...]] = ("adapter", "out", "format")
     adapter: str = ""  # checkpoint directory
-    out: str = ""  # where the merged model goes
+    out: str = ""  # where the merged model goes: a directory, or a .gguf file
+    format: str = "auto"  # auto (a .gguf out: f16, else hf) | hf (transformers directory) | f16 | q8_0 | f32 (GGUF)
     dtype: str = "auto"  # auto (the compute dtype: float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16
     base: str = "dequantised"  # dequantised (what training saw) | original (full-precision weights from disk)
 
@@ -101,9 +106,18 @@ def export(recipe: Recipe, opts: ExportOptions) -> Path:
                           "[export.dtype=auto|float32|bfloat16|float16] [export.base=dequantised|original]")
     if opts.dtype != "auto" and opts.dtype not in DTYPES:
         raise RecipeError(f"export.dtype must be auto, {', '.join(DTYPES)}; got {opts.dtype!r}")
+    file_type = gguf_export.output_format(opts.out, opts.format)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype(recipe, device) if opts.dtype == "auto" else DTYPES[opts.dtype]
+    if file_type != "hf":
+        dtype = torch.float32  # each tensor is cast or quantised to the file type as it is written
     model = load_merged(recipe, Path(opts.adapter), opts.base, device, dtype)
+    if file_type != "hf":
+        gguf_export.write_gguf(model, load_tokenizer(resolve_base(recipe), recipe), Path(opts.out), file_type,
+                               tokenizer_pre=gguf_export.source_tokenizer_pre(recipe))
+        print(f"exported {opts.adapter} merged into {resolve_base(recipe)} ({opts.base} base) to {opts.out} "
+              f"(GGUF, {file_type})")
+        return Path(opts.out)
     model.config.use_cache = True  # training turned it off; a user of the export generates
     out = Path(opts.out)
     model.save_pretrained(out)

@@ -1,0 +1,155 @@
+"""GGUF export, checked through a reader we did not write: transformers' own GGUF loader
+(`from_pretrained(dir, gguf_file=...)`) reads the file back, and its logits and tokenizer are
+compared with the merged model's.
+
+Two comparisons per file type:
+- exact: against the merged model with each matrix rounded the way the file stores it (f16, or
+  gguf's own q8_0 quantise + dequantise; norms stay float32). Any mistake in names, the rotary row
+  order, shapes, tying or metadata shows here as a large difference; float summation order is all
+  that is left (1e-4).
+- against the float32 merged model: f16 keeps ~11 significant bits, so logits move by ~1e-3 of
+  their spread. q8_0 stores each block of 32 weights as int8 times one f16 scale (absmax / 127),
+  an error of at most half a step, ~0.4% of the block's largest weight; summed over the layers the
+  logits move by a few percent of their spread at most. Bound: max |difference| <= 0.25 x the
+  logits' standard deviation, and the greedy (top-1) token agrees at >= 90% of positions.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _checkpoints import make_checkpoint, one_thread, tiny_recipe
+from trainer.config import load_recipe
+from trainer.export import ExportOptions, export, load_merged
+from trainer.gguf_export import GGUFExportError, gguf_tensor_name, output_format, write_gguf
+from trainer.model import load_tokenizer, resolve_base
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXTS = [
+    "Below is an instruction that describes a task.\n\n### Response:\n19",
+    "Hello, world!  Two  spaces, a tab\tand 1234567 digits.",
+    "Accents: café, naïve, Ærøskøbing, señor, Straße, Ελληνικά, русский.",
+    "CJK: 日本語のテキスト, 中文句子, 한국어 문장.",
+    "Emoji: 🙂🚀👍🏽 and a family 👨‍👩‍👧.",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n",
+    "<s> [INST] markup [/INST] </s>",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    yield from one_thread()
+
+
+def read_back(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def rounded_like_file(model: torch.nn.Module, file_type: str) -> torch.nn.Module:
+    import gguf
+
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, parameter in rounded.named_parameters():
+            if parameter.dim() != 2:
+                continue  # norms are written in float32
+            weight = parameter.detach().float().numpy()
+            if file_type == "q8_0" and weight.shape[-1] % 32 == 0:
+                q8 = gguf.GGMLQuantizationType.Q8_0
+                weight = gguf.quants.dequantize(gguf.quants.quantize(weight, q8), q8).reshape(weight.shape)
+            else:
+                weight = weight.astype(np.float16).astype(np.float32)
+            parameter.copy_(torch.from_numpy(weight))
+    return rounded
+
+
+def logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+def check_file(path: Path, merged: torch.nn.Module, tokenizer, file_type: str) -> dict[str, float]:
+    back, back_tokenizer = read_back(path)
+    for text in TEXTS:
+        assert back_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"], text
+        assert back_tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == \
+            tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert back_tokenizer.chat_template == tokenizer.chat_template
+    for name in ("bos_token_id", "eos_token_id", "unk_token_id", "pad_token_id"):
+        assert getattr(back_tokenizer, name) == getattr(tokenizer, name), name
+    assert back.config.vocab_size == merged.config.vocab_size
+    assert back.config.tie_word_embeddings == merged.config.tie_word_embeddings
+
+    ids = tokenizer(TEXTS[0] + " " + TEXTS[2] + " " + TEXTS[3])["input_ids"]
+    got, exact, full = logits(back, ids), logits(rounded_like_file(merged, file_type), ids), logits(merged, ids)
+    torch.testing.assert_close(got, exact, rtol=0, atol=1e-4)
+    difference = (got - full).abs().max().item()
+    agreement = (got.argmax(-1) == full.argmax(-1)).float().mean().item()
+    if file_type == "f16":
+        assert difference <= 1e-2 * full.std().item()
+    else:
+        assert difference <= 0.25 * full.std().item()
+        assert agreement >= 0.9
+    return {"max_abs_difference": difference, "logit_std": full.std().item(), "top1_agreement": agreement}
+
+
+def test_tiny_base_adapter_exports_to_f16_and_q8_0_gguf_that_transformers_reads_back(tmp_path, tiny_base):
+    adapter = make_checkpoint(tmp_path / "run")
+    recipe = tiny_recipe()
+    merged = load_merged(recipe, adapter)
+    tokenizer = load_tokenizer(resolve_base(recipe), recipe)
+    for file_type in ("f16", "q8_0"):
+        out = tmp_path / "gguf" / f"tiny-{file_type}.gguf"
+        export(recipe, ExportOptions(adapter=str(adapter), out=str(out), format=file_type))
+        numbers = check_file(out, merged, tokenizer, file_type)
+        print(file_type, numbers)
+
+
+def test_grouped_query_attention_rows_are_ordered_for_llama_cpp(tmp_path, small_base_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(small_base_path, dtype=torch.float32).eval()
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    tokenizer = AutoTokenizer.from_pretrained(small_base_path)
+    path = write_gguf(model, tokenizer, tmp_path / "gqa.gguf", "f16")
+    check_file(path, model, tokenizer, "f16")
+
+
+def test_format_names_and_refusals():
+    assert output_format("out/merged", "auto") == "hf"
+    assert output_format("model.gguf", "auto") == "f16"
+    assert output_format("model.GGUF", "q8_0") == "q8_0"
+    for out, given in (("model.gguf", "hf"), ("merged_dir", "q8_0"), ("model.gguf", "q4_k")):
+        with pytest.raises(GGUFExportError):
+            output_format(out, given)
+    assert gguf_tensor_name("model.layers.3.self_attn.k_proj.weight") == "blk.3.attn_k.weight"
+    assert gguf_tensor_name("lm_head.weight") == "output.weight"
+    with pytest.raises(GGUFExportError, match="no llama.cpp name"):
+        gguf_tensor_name("model.layers.0.mlp.experts.0.weight")
+
+
+@pytest.mark.slow
+def test_real_gguf_base_round_trips_gguf_fine_tune_gguf(tmp_path, smollm2_base):
+    """SmolLM2-135M (read from a GGUF file): byte-level BPE, tied embeddings, 9 query heads on 3
+    key/value heads, ChatML. Reading a GGUF back through transformers takes ~1 minute here."""
+    overrides = ["model.name_or_path=builtin:smollm2-135m", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"]
+    adapter = make_checkpoint(tmp_path / "run", *overrides, b_std=0.02)
+    recipe = load_recipe(ROOT / "recipes" / "tiny_alpaca.yaml", overrides)
+    merged = load_merged(recipe, adapter)
+    tokenizer = load_tokenizer(resolve_base(recipe), recipe)
+    for file_type in ("f16", "q8_0"):
+        out = tmp_path / f"smollm2-{file_type}.gguf"
+        export(recipe, ExportOptions(adapter=str(adapter), out=str(out), format=file_type))
+        from gguf import GGUFReader
+
+        fields = GGUFReader(out).fields
+        assert fields["tokenizer.ggml.pre"].contents() == "smollm"  # kept from the original file
+        assert "output.weight" not in {tensor.name for tensor in GGUFReader(out).tensors}  # tied
+        print(file_type, check_file(out, merged, tokenizer, file_type))
