@@ -8,6 +8,7 @@ ranks compute the same tokens.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -65,8 +66,7 @@ def greedy_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int
         if additive:
             mask = additive_mask(mask, mask_dtype)
         output = model(input_ids=step_ids, attention_mask=mask, position_ids=position_ids,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = output.past_key_values
+                       use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
         next_token = output.logits[:, -1].argmax(-1)
         next_token = torch.where(done, torch.full_like(next_token, pad_token_id), next_token)
         generated = torch.cat([generated, next_token[:, None]], dim=1)
@@ -91,6 +91,14 @@ def decoding_mask(real: torch.Tensor, query_length: int) -> torch.Tensor:
     attend = (columns <= queries)[None] & real[:, None, :]
     itself = (columns == queries)[None] & ~real[:, -query_length:, None]
     return (attend | itself)[:, None]
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name the model's forward takes the KV cache by: `cache` from transformers 5.25 (which
+    warns on every call given the older `past_key_values`), `past_key_values` before. The
+    DynamicCache is updated in place, so the output's copy is never read back."""
+    inner = model.model if isinstance(model, CausalLMLoss) else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def _attention_implementation(model: nn.Module) -> str:

@@ -76,6 +76,11 @@ def _convert(kind: Any, text: str, key: str) -> Any:
             return int(text)
         except ValueError:
             raise RecipeError(f"{key}: expected an integer, got {text!r}") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise RecipeError(f"{key}: expected a number, got {text!r}") from None
     if kind is bool:
         if text.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
             return text.lower() in ("true", "yes", "1", "on")

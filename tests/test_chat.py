@@ -1,0 +1,139 @@
+"""launch/chat.py: prompts written as training wrote them, greedy answers equal to evaluation's
+decoding, streamed text, sampling knobs, and a real terminal session (a pseudo-terminal)."""
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _checkpoints import ONE_THREAD, make_checkpoint, one_thread, tiny_recipe
+from conftest import ROOT, run_cli
+from trainer.adapter import load_adapted_model
+from trainer.chat import ChatOptions, conversation_ids, sample, split_prompt, stream_text
+from trainer.data_tokenize import prompt_tokens
+from trainer.generate import greedy_batch
+from trainer.model import load_tokenizer, resolve_base
+
+QUESTION = "Add the two numbers. 7 + 12"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_base) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("chat") / "run", b_std=0.2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_base):
+    recipe = tiny_recipe()
+    return load_tokenizer(resolve_base(recipe), recipe)
+
+
+def test_first_turn_prompt_is_evaluations_and_later_turns_carry_the_history(tokenizer):
+    user = {"role": "user", "content": QUESTION}
+    assert conversation_ids(tokenizer, [user], "alpaca") == prompt_tokens(
+        tokenizer, {"instruction": QUESTION, "input": "", "output": ""}, "alpaca")
+    assert conversation_ids(tokenizer, [user], "chat") == prompt_tokens(
+        tokenizer, {"messages": [user, {"role": "assistant", "content": "19"}]}, "chat")
+    for template in ("alpaca", "chat"):
+        first = conversation_ids(tokenizer, [user], template)
+        history = [user, {"role": "assistant", "content": "19"}, {"role": "user", "content": "And 1 + 1?"}]
+        second = conversation_ids(tokenizer, history, template)
+        assert second[:len(first)] == first
+        decoded = tokenizer.decode(second, skip_special_tokens=True)
+        assert QUESTION in decoded and "19" in decoded and "And 1 + 1?" in decoded
+
+
+def test_sampling_knobs():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0])
+    generator = torch.Generator().manual_seed(0)
+    assert {sample(logits, 1.0, 1e-6, generator) for _ in range(20)} == {0}  # the nucleus is the top token
+    draws = [sample(logits, 1.0, 1.0, torch.Generator().manual_seed(seed)) for seed in range(200)]
+    assert set(draws) == {0, 1, 2, 3}
+    assert [sample(logits, 0.7, 0.9, torch.Generator().manual_seed(5)) for _ in range(3)] == \
+        [sample(logits, 0.7, 0.9, torch.Generator().manual_seed(5)) for _ in range(3)]
+
+
+def test_streamed_text_holds_partial_characters(tokenizer):
+    text = "café 日本 🙂 done"
+    pieces: list[str] = []
+    answer = stream_text(tokenizer, iter(tokenizer(text, add_special_tokens=False)["input_ids"]), pieces.append)
+    assert answer == text and "".join(pieces) == text
+    assert len([p for p in pieces if p]) > 3
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_prompt_answers_once_with_evaluations_greedy_tokens(adapter):
+    result = run_cli(["launch/chat.py", "recipes/tiny_alpaca.yaml", f"adapter={adapter}", "chat.greedy=true",
+                      "chat.max_new_tokens=12", "--prompt", QUESTION], env=ONE_THREAD, timeout=300)
+    recipe = tiny_recipe()
+    model, tokenizer, _ = load_adapted_model(recipe, adapter, torch.device("cpu"))
+    prompt = prompt_tokens(tokenizer, {"instruction": QUESTION, "input": "", "output": ""}, "alpaca")
+    expected = greedy_batch(model, [prompt], 12, tokenizer.eos_token_id, tokenizer.pad_token_id, torch.device("cpu"))
+    expected_text = tokenizer.decode(expected[0], skip_special_tokens=True)
+    assert expected_text.strip()
+    assert result.stdout.strip() == expected_text.strip()
+
+
+def test_prompt_flag_and_bad_options():
+    assert split_prompt(["r.yaml", "--prompt", "hi there", "chat.greedy=true"]) == ("hi there", ["r.yaml", "chat.greedy=true"])
+    assert split_prompt(["r.yaml", "--prompt=hi"]) == ("hi", ["r.yaml"])
+    result = run_cli(["launch/chat.py", "recipes/tiny_alpaca.yaml", "adapter=none", "chat.top_p=1.5", "--prompt", "x"],
+                     env=ONE_THREAD, check=False)
+    assert result.returncode == 2 and "chat.top_p" in result.stderr
+    assert ChatOptions().temperature > 0 and not ChatOptions().greedy
+
+
+def _expect(master: int, pattern: str, seen: list[str], limit_s: float = 180) -> str:
+    """Read the terminal until `pattern` appears after what was already consumed (a generous limit
+    only so that a hang fails instead of blocking the suite)."""
+    buffer = ""
+    while pattern not in buffer:
+        ready, _, _ = select.select([master], [], [], limit_s)
+        if not ready:
+            raise AssertionError(f"no {pattern!r} on the terminal; got {''.join(seen)[-2000:]!r}")
+        chunk = os.read(master, 4096).decode(errors="replace")
+        if not chunk:
+            raise AssertionError(f"terminal closed before {pattern!r}; got {''.join(seen)[-2000:]!r}")
+        buffer += chunk
+        seen.append(chunk)
+    return buffer
+
+
+def test_interactive_session_in_a_pseudo_terminal(adapter):
+    master, slave = pty.openpty()
+    command = [sys.executable, "launch/chat.py", "recipes/tiny_alpaca.yaml", f"adapter={adapter}",
+               "chat.max_new_tokens=8", "chat.temperature=0.8", "chat.top_p=0.95"]
+    process = subprocess.Popen(command, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave,
+                               env={**os.environ, **ONE_THREAD}, start_new_session=True)
+    os.close(slave)
+    seen: list[str] = []
+    try:
+        banner = _expect(master, "you> ", seen)
+        assert "/reset" in banner and "temperature 0.8" in banner
+        os.write(master, (QUESTION + "\n").encode())
+        answer = _expect(master, "you> ", seen)
+        assert "assistant> " in answer
+        os.write(master, b"And 1 + 1?\n")
+        _expect(master, "you> ", seen)
+        os.write(master, b"/reset\n")
+        assert "(conversation cleared)" in _expect(master, "you> ", seen)
+        os.write(master, b"/exit\n")
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
+    transcript = "".join(seen)
+    assert "Traceback" not in transcript
