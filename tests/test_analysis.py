@@ -134,6 +134,29 @@ def test_independent_adapters_look_like_random_subspaces(tmp_path):
     assert max(max(max(row) for row in result["phi"]) for result in similarity.values()) < 0.5
 
 
+def test_shared_output_directions_show_in_phi_output_not_in_phi(tmp_path):
+    # The same output directions (B's side), independent input directions (A's side): what a short run
+    # on a pretrained base shows, where each adapter's A is still mostly its random initialisation.
+    generator = torch.Generator().manual_seed(3)
+    left = orthonormal(48, 3, generator)
+    first = {module_name(0): planted_pair(48, 256, PLANTED, r=8, seed=1, left=left)}
+    second = {module_name(0): planted_pair(48, 256, PLANTED, r=8, seed=2, left=left)}
+    result = analyze([write_adapter(tmp_path / "one", first),
+                      write_adapter(tmp_path / "two", second)])["similarity"][module_name(0)]
+    assert result["phi_11_output"] == pytest.approx(1.0, abs=1e-5)
+    assert result["phi_11"] < 0.2
+    assert torch.tensor(result["phi_output"]).shape == (8, 8)
+
+
+def test_phi_output_is_none_where_the_output_widths_differ(tmp_path):
+    first = {module_name(0): random_pair(32, 64, r=4, seed=0)}
+    second = {module_name(0): random_pair(16, 64, r=4, seed=1)}
+    result = analyze([write_adapter(tmp_path / "one", first),
+                      write_adapter(tmp_path / "two", second)])["similarity"][module_name(0)]
+    assert result["phi_output"] is None and result["phi_11_output"] is None
+    assert torch.tensor(result["phi"]).shape == (4, 4)
+
+
 def test_amplification_is_larger_for_directions_w_does_not_emphasise(tmp_path):
     size, generator = 64, torch.Generator().manual_seed(7)
     left, right = orthonormal(size, size, generator), orthonormal(size, size, generator)

@@ -289,17 +289,25 @@ def _find_base(name: str, revision: str | None) -> Path | None:
 
 
 def compare_adapters(first: Adapter, second: Adapter) -> dict[str, Any]:
-    """phi(i, j) between the right singular directions of two adapters' dW, for modules they share."""
+    """phi(i, j) between the right singular directions of two adapters' dW (the input directions
+    they read, as in the paper's Figure 3), for modules they share; and phi_output, the same for
+    the left singular directions (the output directions they write).
+
+    Both views matter after a short run: dW's input directions lie in A's row space, and A starts
+    random (Kaiming) and moves slowly, while B starts at zero, so dW's output directions are
+    learned from scratch."""
     result = {}
     for name in sorted(first.modules.keys() & second.modules.keys(), key=_natural_key):
-        right_1 = decompose(*first.modules[name]).right
-        right_2 = decompose(*second.modules[name]).right
-        if right_1.shape[0] != right_2.shape[0]:
+        decomposition_1, decomposition_2 = decompose(*first.modules[name]), decompose(*second.modules[name])
+        if decomposition_1.right.shape[0] != decomposition_2.right.shape[0]:
             continue  # different input spaces: no common subspace to compare
-        phi = subspace_similarity(right_1, right_2)
+        phi = subspace_similarity(decomposition_1.right, decomposition_2.right)
         common = min(phi.shape)
         result[name] = {"phi": phi.tolist(), "phi_11": float(phi[0, 0]),
-                        "mean_phi": float(phi[:common, :common].mean())}
+                        "mean_phi": float(phi[:common, :common].mean()), "phi_output": None, "phi_11_output": None}
+        if decomposition_1.left.shape[0] == decomposition_2.left.shape[0]:
+            phi_output = subspace_similarity(decomposition_1.left, decomposition_2.left)
+            result[name].update(phi_output=phi_output.tolist(), phi_11_output=float(phi_output[0, 0]))
     return result
 
 

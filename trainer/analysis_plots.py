@@ -32,7 +32,7 @@ def print_report(report: dict[str, Any]) -> None:
 def format_table(adapter_report: dict[str, Any], similarity: dict[str, Any] | None = None) -> str:
     headers = ["module", "r", "eff-rank@90%", "eff-rank@99%", "||dW||/||W||", "amplification"]
     if similarity is not None:
-        headers += ["phi(1,1)", "mean phi"]
+        headers += ["phi(1,1)", "mean phi", "output phi(1,1)"]
     rows = []
     for name, entry in adapter_report["modules"].items():
         ranks, amplified = entry["effective_rank"], entry["amplification"]
@@ -41,7 +41,8 @@ def format_table(adapter_report: dict[str, Any], similarity: dict[str, Any] | No
                f"{amplified['factor']:.3g}x" if amplified and amplified["factor"] else "-"]
         if similarity is not None:
             shared = similarity.get(name)
-            row += [_number(shared and shared["phi_11"]), _number(shared and shared["mean_phi"])]
+            row += [_number(shared and shared["phi_11"]), _number(shared and shared["mean_phi"]),
+                    _number(shared and shared["phi_11_output"])]
         rows.append(row)
     widths = [max(len(line[column]) for line in [headers, *rows]) for column in range(len(headers))]
     lines = ["  ".join(cell.ljust(width) if column == 0 else cell.rjust(width)
