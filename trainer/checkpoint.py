@@ -102,6 +102,7 @@ def adapter_config(recipe: Recipe, base_name_or_path: str) -> dict:
         "lora_dropout": lora.dropout,
         "target_modules": sorted(lora.target_modules),
         "use_rslora": lora.rslora,
+        "use_dora": lora.dora,
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -220,7 +221,12 @@ def _check_shapes(weights: dict[str, torch.Tensor], recipe: Recipe, where: str) 
     if not weights:
         raise CheckpointError(f"no adapter tensors {where}; refusing to write an empty adapter")
     for key, tensor in weights.items():
-        rank_dim = 0 if ".lora_A." in key else 1
+        if key.endswith(".lora_magnitude_vector"):  # DoRA: one magnitude per output row
+            if tensor.dim() != 1 or tensor.numel() == 0:
+                raise CheckpointError(f"adapter tensor {key} {where} has shape {tuple(tensor.shape)}, expected a "
+                                      f"non-empty vector; refusing to write a broken adapter")
+            continue
+        rank_dim = 0 if ".lora_A." in key or key.endswith(".lora_embedding_A") else 1
         if tensor.dim() != 2 or tensor.numel() == 0 or tensor.shape[rank_dim] != recipe.lora.r:
             raise CheckpointError(f"adapter tensor {key} {where} has shape {tuple(tensor.shape)}, expected "
                                   f"rank {recipe.lora.r} along dim {rank_dim}; refusing to write a broken adapter")

@@ -43,6 +43,8 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
+    dora: bool = False  # DoRA: a trained magnitude per output row times the normalised W + scaling * B @ A
+    plus_ratio: float = 1.0  # LoRA+: B's learning rate = plus_ratio x A's (the paper suggests 16); 1 = plain
 
 
 @dataclass
@@ -131,6 +133,7 @@ class Recipe:
         _check(self.lora.r > 0, "lora.r", "must be positive")
         _check(0.0 <= self.lora.dropout <= 0.99, "lora.dropout", "must be in [0, 0.99]")
         _check(len(self.lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
+        _check(self.lora.plus_ratio > 0, "lora.plus_ratio", "must be positive (1 = plain LoRA)")
         _check(self.data.template in ("alpaca", "plain", "chat") or "{instruction}" in self.data.template,
                "data.template", "must be alpaca, plain, chat, or a template string with {instruction}")
         _check(self.data.on_too_long in ("truncate_prompt", "drop", "error"), "data.on_too_long",

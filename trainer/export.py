@@ -30,7 +30,7 @@ from torch import nn
 from trainer import gguf_export, options
 from trainer.adapter import add_adapter, check_adapter
 from trainer.config import Recipe, RecipeError
-from trainer.lora import dequantised_linear, lora_layers
+from trainer.lora import dequantised_linear, lora_layers, ties_adapted_embedding
 from trainer.model import DTYPES, compute_dtype, load_base, load_tokenizer, resolve_base
 
 QUANTISED_LAYERS = ("Linear4bit", "Linear8bitLt")
@@ -54,7 +54,15 @@ def merge_to_plain(model: nn.Module, dtype: torch.dtype = torch.float32,
 
     A layer at a time: each is dequantised (on the device the base was loaded on), merged, cast and
     moved to `device` before the next one is dequantised, so at most one float32 layer exists besides
-    the quantised model (dequantising every layer first would hold a 7B model in fp32, ~26 GB, on the GPU)."""
+    the quantised model (dequantising every layer first would hold a 7B model in fp32, ~26 GB, on the GPU).
+
+    An adapted input embedding tied to the output projection is merged into a copy: lm_head keeps
+    the base weight, as in training, and the saved config says tie_word_embeddings=false."""
+    if ties_adapted_embedding(model):
+        model.config.tie_word_embeddings = False
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+        if text_config is not None:
+            text_config.tie_word_embeddings = False
     for path in list(lora_layers(model)):
         layer = model.get_submodule(path)
         base = layer.base_layer

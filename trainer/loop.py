@@ -21,7 +21,7 @@ from trainer.eval_generation import held_out_rows
 from trainer.evaluate import evaluate_loss
 from trainer.fused import use_fused_mlp, use_fused_norm
 from trainer.generate import sample_generations
-from trainer.lora import adapter_parameters, apply_lora, parameter_summary
+from trainer.lora import adapter_parameters, apply_lora, optimizer_groups, parameter_summary
 from trainer.loss import CausalLMLoss
 from trainer.metrics import MetricsLog
 from trainer.model import dtype_name, load_base, load_tokenizer, resolve_base
@@ -170,7 +170,7 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
     # Adapters: same seed on every rank, so every rank starts from identical A matrices.
     torch.manual_seed(recipe.train.seed)
     apply_lora(model, recipe.lora.target_modules, recipe.lora.r, recipe.lora.alpha,
-               recipe.lora.dropout, recipe.lora.rslora)
+               recipe.lora.dropout, recipe.lora.rslora, recipe.lora.dora)
     if recipe.train.fused_mlp:
         use_fused_mlp(model)
     if recipe.train.fused_norm:
@@ -202,7 +202,7 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
     # Only adapter parameters go to the optimizer: ZeRO then shards just their (small) state, and
     # the frozen quantised base is replicated on every rank (stages 0-2) or partitioned (stage 3).
     loss_model = CausalLMLoss(model)
-    optimizer = torch.optim.AdamW(list(adapter_parameters(model).values()), lr=recipe.train.learning_rate,
+    optimizer = torch.optim.AdamW(optimizer_groups(model, recipe.lora.plus_ratio), lr=recipe.train.learning_rate,
                                   weight_decay=recipe.train.weight_decay)
     ds_config = deepspeed_config(recipe, world, dtype_name(dtype))
     engine, *_ = deepspeed.initialize(model=loss_model, optimizer=optimizer, config=ds_config)
@@ -235,7 +235,7 @@ def train_step(run: Run, step: int, lr: float, stop_requested: bool,
     recipe, engine, rank, world = run.recipe, run.engine, distributed.rank(), distributed.world_size()
     skipped_before = engine.skipped_steps
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+: B's group runs at plus_ratio x lr
     accumulation = recipe.gradient_accumulation_steps(world)
     # The loss is the token-weighted mean over the whole global batch: each micro-batch's sum is
     # divided by the step's total trained tokens (known from the plan on every rank), and rescaled

@@ -3,6 +3,10 @@
 One adapter per wrapped layer. The wrapped layer may be a plain `nn.Linear`, a bitsandbytes
 `Linear4bit` or `Linear8bitLt`; it stays frozen and is kept under the name `base_layer`, so the
 adapter's parameter names (`<path>.lora_A.weight`, `<path>.lora_B.weight`) are PEFT's.
+
+Variants: `dora=True` (DoRA, see trainer/dora.py) adds `<path>.lora_magnitude_vector`; an
+`nn.Embedding` target is wrapped by `LoRAEmbedding` (trainer/lora_embedding.py); LoRA+ is only an
+optimizer setting (`optimizer_groups`).
 """
 from __future__ import annotations
 
@@ -13,7 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ADAPTER_MARKERS = (".lora_A.", ".lora_B.")
+from trainer.dora import full_parameters
+from trainer.lora_embedding import LoRAEmbedding
+
+ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector")
+# LoRA+: the parameters that learn `plus_ratio` times faster (B of linear and embedding adapters).
+PLUS_MARKERS = (".lora_B.", ".lora_embedding_B")
 # Dropout masks take one random byte per element, and 16 more bits only for the 1 in 256 elements
 # whose byte falls on the drop probability's boundary: the probability is rounded to 1/2^24.
 MASK_BITS = 24
@@ -72,7 +81,8 @@ class _LoRAUp(nn.Linear):
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 dora: bool = False):
         super().__init__()
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
@@ -86,7 +96,11 @@ class LoRALinear(nn.Module):
         self.lora_A = _LoRADown(self.in_features, r, bias=False, device=_device_of(base_layer), dtype=torch.float32)
         self.lora_B = _LoRAUp(r, self.out_features, bias=False, device=_device_of(base_layer), dtype=torch.float32)
         self.merged = False
+        self._merged_norm: torch.Tensor | None = None
         self.reset_adapter()
+        self.register_parameter("lora_magnitude_vector", None)
+        if dora:  # B = 0: m = ||W||_row makes the layer start exactly at the base
+            self.lora_magnitude_vector = nn.Parameter(self.weight_norm())
 
     def reset_adapter(self) -> None:
         # B = 0 makes the adapted layer start exactly at the base layer.
@@ -104,9 +118,30 @@ class LoRALinear(nn.Module):
             keep, keep_probability = dropout_keep_mask(x, self.dropout)
             scaling = scaling / keep_probability
         h = self.lora_A(x, keep)
+        if self.lora_magnitude_vector is not None:
+            return self._dora(result, h, scaling)
         if result.dtype == adapter_dtype:
             return self.lora_B(h, base=result, alpha=scaling)
         return result + (self.lora_B(h) * scaling).to(result.dtype)  # e.g. a bf16 base, fp32 adapters (no DeepSpeed)
+
+    def _dora(self, result: torch.Tensor, h: torch.Tensor, scaling: float) -> torch.Tensor:
+        """m / ||W + s B A|| * (W x + s B A x) + bias, written as a correction to the base output:
+        result + (m / norm - 1) * (W x) + m / norm * s * B A x. Dropout acts on the adapter's input
+        only (the base output is reused, not recomputed on dropped-out x as peft does in training)."""
+        dtype = h.dtype
+        scale = self.lora_magnitude_vector / self.weight_norm().to(dtype)
+        bias = self.base_layer.bias
+        base = (result if bias is None else result - bias).to(dtype)
+        return result + ((scale - 1) * base + scale * (self.lora_B(h) * scaling)).to(result.dtype)
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """DoRA's ||W + scaling * B @ A|| per output row: float32, from the dequantised base weight,
+        outside autograd (a constant in backward)."""
+        with full_parameters(self.base_layer, self.lora_A, self.lora_B):
+            weight = dequantised_weight(self.base_layer).float()
+            weight = weight.addmm(self.lora_B.weight.float(), self.lora_A.weight.float(), alpha=self.scaling)
+        return torch.linalg.vector_norm(weight, dim=1)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
@@ -120,7 +155,12 @@ class LoRALinear(nn.Module):
         if not isinstance(self.base_layer, nn.Linear) or _is_quantised(self.base_layer):
             self.base_layer = dequantised_linear(self.base_layer)
         weight = self.base_layer.weight
-        weight.data += self.delta_weight().to(weight.dtype)
+        if self.lora_magnitude_vector is not None:  # W' = m / ||W + dW|| * (W + dW), per row
+            self._merged_norm = self.weight_norm()
+            factor = (self.lora_magnitude_vector.float() / self._merged_norm)[:, None]
+            weight.data = (factor * (weight.float() + self.delta_weight().float())).to(weight.dtype)
+        else:
+            weight.data += self.delta_weight().to(weight.dtype)
         self.merged = True
 
     @torch.no_grad()
@@ -129,11 +169,16 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         weight = self.base_layer.weight
-        weight.data -= self.delta_weight().to(weight.dtype)
+        if self.lora_magnitude_vector is not None:
+            factor = (self.lora_magnitude_vector.float() / self._merged_norm)[:, None]
+            weight.data = (weight.float() / factor - self.delta_weight().float()).to(weight.dtype)
+        else:
+            weight.data -= self.delta_weight().to(weight.dtype)
         self.merged = False
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout:g}, merged={self.merged}"
+        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
+                f"dora={self.lora_magnitude_vector is not None}, merged={self.merged}")
 
 
 def dropout_keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
@@ -212,36 +257,63 @@ def dequantised_linear(layer: nn.Module, dtype: torch.dtype | None = None) -> nn
 
 
 def apply_lora(model: nn.Module, target_modules: list[str], r: int, alpha: float,
-               dropout: float = 0.0, rslora: bool = False) -> list[str]:
-    """Freeze `model` and wrap every linear layer whose last name is in `target_modules`.
+               dropout: float = 0.0, rslora: bool = False, dora: bool = False) -> list[str]:
+    """Freeze `model` and wrap every linear or embedding layer whose last name is in `target_modules`.
     Returns the wrapped module paths; raises if nothing matched (a typo would train nothing)."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     wrapped = []
     for path, module in list(model.named_modules()):
         leaf = path.rsplit(".", 1)[-1]
-        if leaf not in target_modules or isinstance(module, LoRALinear):
+        if leaf not in target_modules or isinstance(module, (LoRALinear, LoRAEmbedding)):
             continue
-        if not hasattr(module, "in_features") or not hasattr(module, "out_features"):
+        if isinstance(module, nn.Embedding):
+            adapted = LoRAEmbedding(module, r, alpha, rslora, dora)
+        elif hasattr(module, "in_features") and hasattr(module, "out_features"):
+            adapted = LoRALinear(module, r, alpha, dropout, rslora, dora)
+        else:
             continue
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, child, LoRALinear(module, r, alpha, dropout, rslora))
+        setattr(parent, child, adapted)
         wrapped.append(path)
     if not wrapped:
-        leaves = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if hasattr(m, "in_features")})
+        leaves = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules()
+                         if hasattr(m, "in_features") or isinstance(m, nn.Embedding)})
         raise ValueError(f"lora.target_modules={target_modules} matched no linear layer; "
                          f"the model's linear layers are named: {', '.join(leaves)}")
     return wrapped
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {path: module for path, module in model.named_modules() if isinstance(module, LoRALinear)}
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
+    return {path: module for path, module in model.named_modules()
+            if isinstance(module, (LoRALinear, LoRAEmbedding))}
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Adapter parameters by name, selected by structure (never the base)."""
     return {name: p for name, p in model.named_parameters() if any(m in name for m in ADAPTER_MARKERS)}
+
+
+def optimizer_groups(model: nn.Module, plus_ratio: float = 1.0) -> list[dict]:
+    """The adapter parameters as optimizer groups. LoRA+ (Hayou et al. 2024): B learns `plus_ratio`
+    times faster than A. Each group carries its `lr_ratio`; the loop sets lr = schedule x lr_ratio
+    every step, so the ratio holds through warmup and decay. plus_ratio 1: one group, plain LoRA."""
+    parameters = adapter_parameters(model)
+    if plus_ratio == 1.0:
+        return [{"params": list(parameters.values()), "lr_ratio": 1.0}]
+    faster = {name for name in parameters if any(marker in name for marker in PLUS_MARKERS)}
+    return [{"params": [p for name, p in parameters.items() if name not in faster], "lr_ratio": 1.0},
+            {"params": [p for name, p in parameters.items() if name in faster], "lr_ratio": float(plus_ratio)}]
+
+
+def ties_adapted_embedding(model: nn.Module) -> bool:
+    """Whether an adapted input embedding shares its weight with the output projection: merging
+    then unties them (see trainer/lora_embedding.py)."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(output, "weight", None)
+    return weight is not None and any(isinstance(layer, LoRAEmbedding) and layer.base_layer.weight is weight
+                                      for layer in lora_layers(model).values())
 
 
 def merge_all(model: nn.Module) -> None:

@@ -25,11 +25,11 @@ from trainer.lora import adapter_parameters
 
 # Fields that change what the adapter means: resuming across them is refused.
 MUST_MATCH = ("model.name_or_path", "quant.bits", "quant.quant_type", "quant.double_quant", "lora.r",
-              "lora.alpha", "lora.rslora", "lora.target_modules", "data.template")
+              "lora.alpha", "lora.rslora", "lora.dora", "lora.target_modules", "data.template")
 # Fields that change how training continues: allowed, with a warning.
 WARN_IF_CHANGED = ("train.learning_rate", "train.max_steps", "train.warmup_steps", "train.min_lr_ratio",
                    "train.weight_decay", "train.global_batch_size", "data.path", "data.max_seq_len",
-                   "lora.dropout", "train.seed", "data.drop_leaked", "data.packing", "data.eval_fraction")
+                   "lora.dropout", "lora.plus_ratio", "train.seed", "data.drop_leaked", "data.packing", "data.eval_fraction")
 
 
 def on_main(read):

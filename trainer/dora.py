@@ -1,0 +1,27 @@
+"""DoRA's shared piece: its weight norm reads whole weights, which ZeRO-3 keeps partitioned.
+
+DoRA (Liu et al. 2024) writes the adapted weight as W' = m * V / ||V||, with V = W + scaling * B @ A,
+the norm taken per output row and the magnitude m trained. The norm is computed from the
+dequantised base weight without autograd (section 4.3 of the paper, and peft, treat it as a
+constant in backward), so backward keeps no dequantised copy of W and memory stays that of LoRA.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+
+@contextlib.contextmanager
+def full_parameters(*modules: nn.Module) -> Iterator[None]:
+    """The modules' own parameters whole while inside. Under ZeRO-3 they are partitioned outside
+    the module's own forward; gathering is a collective, and every rank runs the same forward."""
+    parameters = [p for module in modules for p in module.parameters(recurse=False)]
+    if not any(hasattr(p, "ds_id") for p in parameters):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(parameters, modifier_rank=None):
+        yield
