@@ -9,9 +9,11 @@ Two comparisons per file type:
   that is left (1e-4).
 - against the float32 merged model: f16 keeps ~11 significant bits, so logits move by ~1e-3 of
   their spread. q8_0 stores each block of 32 weights as int8 times one f16 scale (absmax / 127),
-  an error of at most half a step, ~0.4% of the block's largest weight; summed over the layers the
-  logits move by a few percent of their spread at most. Bound: max |difference| <= 0.25 x the
-  logits' standard deviation, and the greedy (top-1) token agrees at >= 90% of positions.
+  an error of at most half a step, ~0.4% of the block's largest weight, ~0.1% on average (uniform
+  rounding: step / sqrt(12)); through 4-30 layers that moves the logits by a few percent of their
+  spread. Bounds: root-mean-square difference <= 5% of the logits' standard deviation, and the
+  greedy (top-1) token agrees at >= 90% of positions (measured: tiny base 1.7% and 97%; SmolLM2
+  see the README). The maximum over ~10^6 logits is reported, not bounded: it is an extreme value.
 """
 from __future__ import annotations
 
@@ -91,13 +93,15 @@ def check_file(path: Path, merged: torch.nn.Module, tokenizer, file_type: str) -
     got, exact, full = logits(back, ids), logits(rounded_like_file(merged, file_type), ids), logits(merged, ids)
     torch.testing.assert_close(got, exact, rtol=0, atol=1e-4)
     difference = (got - full).abs().max().item()
+    rms = (got - full).pow(2).mean().sqrt().item()
     agreement = (got.argmax(-1) == full.argmax(-1)).float().mean().item()
     if file_type == "f16":
         assert difference <= 1e-2 * full.std().item()
     else:
-        assert difference <= 0.25 * full.std().item()
+        assert rms <= 0.05 * full.std().item()
         assert agreement >= 0.9
-    return {"max_abs_difference": difference, "logit_std": full.std().item(), "top1_agreement": agreement}
+    return {"max_abs_difference": difference, "rms_difference": rms, "logit_std": full.std().item(),
+            "top1_agreement": agreement}
 
 
 def test_tiny_base_adapter_exports_to_f16_and_q8_0_gguf_that_transformers_reads_back(tmp_path, tiny_base):
