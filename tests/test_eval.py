@@ -184,8 +184,11 @@ def test_adapters_of_another_base_or_quantisation_are_refused(adapter, tmp_path,
     for name in ("/models/llama-2-7b", "sha256:0123456789abcdef", str(tiny_base), fingerprint):
         assert name in str(refused.value)
 
-    with pytest.raises(AdapterMismatchError, match="4-bit.*16-bit"):
-        check_adapter(tiny_recipe("quant.bits=16"), adapter)
+    # A 4-bit adapter on the original 16-bit weights is allowed, with a warning naming the difference;
+    # the other way round (a 16-bit adapter on a quantised base) is still refused.
+    assert any("original 16-bit weights" in warning for warning in check_adapter(tiny_recipe("quant.bits=16"), adapter))
+    with pytest.raises(AdapterMismatchError, match="16-bit.*4-bit"):
+        check_adapter(recipe, with_meta(adapter, tmp_path / "sixteen", quant_bits=16))
 
     older = with_meta(adapter, tmp_path / "older", base_fingerprint=None)
     assert any("no base_fingerprint" in warning for warning in check_adapter(recipe, older))

@@ -101,9 +101,11 @@ def check_adapter(recipe: Recipe, adapter_dir: Path) -> list[str]:
     meta = read_meta(adapter_dir)
     if meta is None:
         return [f"{adapter_dir} has no meta.json: cannot check that it was trained on {base}"]
-    warnings = []
+    warnings: list[str] = []
     trained_bits = meta.get("quant_bits")
-    if trained_bits is not None and trained_bits != recipe.quant.bits:
+    if trained_bits in (4, 8) and recipe.quant.bits == 16:
+        warnings.append(original_weights_warning(trained_bits))
+    elif trained_bits is not None and trained_bits != recipe.quant.bits:
         raise AdapterMismatchError(
             f"{adapter_dir} was trained on a {_bits(trained_bits)} base, the recipe loads a "
             f"{_bits(recipe.quant.bits)} one (quant.bits={recipe.quant.bits}); set quant.bits={trained_bits}")
@@ -138,6 +140,15 @@ def check_adapter(recipe: Recipe, adapter_dir: Path) -> list[str]:
         warnings.append(f"the adapter was trained with data.template={trained_template}, the recipe uses "
                         f"{recipe.data.template}: prompts will not look like the training ones")
     return warnings
+
+
+def original_weights_warning(trained_bits: int) -> str:
+    """quant.bits=16 on an adapter trained on a quantised base: allowed (how most QLoRA adapters are
+    deployed, peft's merge_and_unload on a 16-bit base), but not what training measured."""
+    return (f"the adapter was trained on the {trained_bits}-bit quantised base; quant.bits=16 applies it to the "
+            f"original 16-bit weights instead, without the quantisation error it was trained against, so "
+            f"outputs and scores differ slightly from training's. Leave quant.bits={trained_bits} to merge into "
+            f"the dequantised base, which reproduces what was trained")
 
 
 def _require_adapter_files(adapter_dir: Path) -> None:
