@@ -14,6 +14,7 @@ from trainer.adapter import base_fingerprint
 from trainer.checkpoint import COMPLETE, adapter_config, peft_key
 from trainer.config import Recipe, load_recipe
 from trainer.lora import adapter_parameters, apply_lora, lora_layers
+from trainer.lora_embedding import LoRAEmbedding
 from trainer.model import load_base, resolve_base
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,10 +30,16 @@ def make_checkpoint(directory: Path, *overrides: str, seed: int = 0, b_std: floa
     recipe = tiny_recipe(f"output_dir={directory}", *overrides)
     model, _ = load_base(recipe, torch.device("cpu"))
     torch.manual_seed(seed)
-    apply_lora(model, recipe.lora.target_modules, recipe.lora.r, recipe.lora.alpha, 0.0, recipe.lora.rslora)
+    apply_lora(model, recipe.lora.target_modules, recipe.lora.r, recipe.lora.alpha, 0.0, recipe.lora.rslora,
+               recipe.lora.dora)
     with torch.no_grad():
         for layer in lora_layers(model).values():
-            layer.lora_B.weight.normal_(std=b_std)
+            if isinstance(layer, LoRAEmbedding):  # its B is the random one; A starts at zero
+                layer.lora_embedding_A.normal_(std=b_std)
+            else:
+                layer.lora_B.weight.normal_(std=b_std)
+            if layer.lora_magnitude_vector is not None:  # DoRA: magnitudes away from ||W||
+                layer.lora_magnitude_vector.mul_(1 + 0.2 * torch.rand_like(layer.lora_magnitude_vector))
     base = resolve_base(recipe)
     target = directory / "checkpoints" / "step-1"
     target.mkdir(parents=True)

@@ -1,0 +1,97 @@
+"""What each adapter variant buys, measured: LoRA, rsLoRA, DoRA and LoRA+ trained one after another
+on the same recipe (same data, steps, rank and targets), each then scored by launch/eval.py on the
+same held-out rows. Prints one table: trainable parameters, held-out loss, exact match,
+final-number accuracy and the median step time.
+
+    python launch/variants.py                         (recipes/smollm2_tasks.yaml, 40 steps, 64 held-out rows)
+    python launch/variants.py RECIPE [section.key=value ...] [--ranks N] [--only lora,dora]
+
+Every run writes under <output_dir>/<name>/ (metrics.jsonl, checkpoints, eval/).
+"""
+import _bootstrap  # noqa: F401  (puts the repository root on sys.path)
+
+import argparse
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from trainer.config import load_recipe
+
+DEFAULT_RECIPE = "recipes/smollm2_tasks.yaml"
+DEFAULTS = ["train.max_steps=40", "train.eval_every=40", "train.save_every=40", "data.max_eval_rows=64",
+            "train.sample_count=0", "train.report=false", "train.log_every=1"]
+VARIANTS = {  # name -> overrides on top of the recipe's plain LoRA
+    "lora": [],
+    "rslora": ["lora.rslora=true"],
+    "dora": ["lora.dora=true"],
+    "lora+": ["lora.plus_ratio=16"],
+}
+EVAL_OPTIONS = ["eval.max_new_tokens=32"]  # the built-in tasks' answers are under 12 characters
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE)
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--only", default=",".join(VARIANTS))
+    args = parser.parse_args(argv)
+    overrides = [*DEFAULTS, *args.overrides]
+    base_dir = Path(load_recipe(args.recipe, overrides).output_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    bin_dir = Path(sys.executable).parent
+    results = {}
+    for name in args.only.split(","):
+        run_dir = base_dir / name
+        run_overrides = [*overrides, *VARIANTS[name], f"output_dir={run_dir}"]
+        launcher = ([str(bin_dir / "deepspeed"), "--num_gpus", str(args.ranks), "--master_port", str(free_port())]
+                    if args.ranks > 1 else [sys.executable])
+        train = [*launcher, "launch/train.py", args.recipe, *run_overrides]
+        print("$ " + ("deepspeed " if args.ranks > 1 else "python ") + " ".join(train[1:]), flush=True)
+        log = subprocess.run(train, env=env, capture_output=True, text=True)
+        if log.returncode != 0:
+            print(log.stdout[-3000:], log.stderr[-3000:], sep="\n", file=sys.stderr)
+            return log.returncode
+        checkpoint = max((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        evaluation = [sys.executable, "launch/eval.py", args.recipe, *run_overrides, f"adapter={checkpoint}",
+                      f"out={run_dir / 'eval'}", *EVAL_OPTIONS]
+        print("$ python " + " ".join(evaluation[1:]), flush=True)
+        subprocess.run(evaluation, env=env, check=True, capture_output=True)
+        results[name] = summary(run_dir, log.stdout)
+        print(json.dumps({name: results[name]}), flush=True)
+    print(table(results))
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:  # another job on this machine may hold DeepSpeed's default 29500
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def summary(run_dir: Path, train_output: str) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    scores = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    found = re.search(r"trainable parameters: ([\d,]+)", train_output)
+    trainable = found.group(1) if found else "?"
+    step_times = [r["step_time"] for r in records if "step_time" in r and r["step"] > 1]
+    return {"trainable": trainable, "eval_loss": scores.get("eval_loss"), "exact_match": scores.get("exact_match"),
+            "final_number_accuracy": scores.get("final_number_accuracy"),
+            "step_time": statistics.median(step_times) if step_times else None}
+
+
+def table(results: dict) -> str:
+    lines = ["variant   trainable     held-out loss   exact match   final number   step time (median)"]
+    for name, r in results.items():
+        lines.append(f"{name:<9} {r['trainable']:>10}    {r['eval_loss']:>13.4f}   {100 * r['exact_match']:>10.1f}%"
+                     f"   {100 * r['final_number_accuracy']:>11.1f}%   {r['step_time']:>8.2f} s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
