@@ -181,21 +181,32 @@ def ensure_tiny_base(name: str = "tiny-llama", **size: int) -> Path:
     spec = {"version": BUILD_VERSION, "size": {**DEFAULT_SIZE, **size}}
     # The build version is part of the path: a cache from an older generator is never reused.
     final = cache_dir() / "models" / f"{name}-v{BUILD_VERSION}"
-    if (final / MARKER).exists():
-        return _checked(final, spec)
-    with exclusive(f"model-{name}"):
-        if (final / MARKER).exists():  # another rank finished it while we waited
-            return _checked(final, spec)
+    built = build_once(final, f"model-{name}", lambda: (final / MARKER).exists(),
+                       lambda staging: _build_tiny_base(staging, spec["size"]), MARKER, spec,
+                       f"building the built-in tiny Llama base into {final} (first use)")
+    return _checked(built, spec)
+
+
+def build_once(final: Path, lock_name: str, done: Callable[[], bool], build: Callable[[Path], None],
+               marker: str, spec: dict, message: str) -> Path:
+    """`final`, built by `build(staging)` unless `done()`: one process at a time (every rank may
+    ask at start-up; the others wait and reuse it), into a staging directory renamed into place
+    with `marker` (holding `spec`) written last, so readers see nothing or a complete directory."""
+    if done():
+        return final
+    with exclusive(lock_name):
+        if done():  # another process built it while we waited
+            return final
         # Holding the lock, whatever sits at these paths is debris from a crashed or older build.
         staging = final.parent / f".{final.name}.building"
         for debris in (final, staging):
             shutil.rmtree(debris, ignore_errors=True)
         staging.mkdir(parents=True)
-        print(f"building the built-in tiny Llama base into {final} (first use)", flush=True)
+        print(message, flush=True)
         try:
-            _build_tiny_base(staging, spec["size"])
-            (staging / MARKER).write_text(json.dumps(spec, indent=2) + "\n")
-            os.rename(staging, final)  # atomic: readers see nothing or a complete model
+            build(staging)
+            (staging / marker).write_text(json.dumps(spec, indent=2) + "\n")
+            os.rename(staging, final)  # atomic
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 MARKER = "gguf-complete.json"
@@ -51,7 +50,7 @@ def content_hash(path: Path) -> str:
 def converted_dir(gguf_path: str | Path) -> Path:
     """The transformers directory for `gguf_path`, converting it on first use (one process at a
     time; the others wait and reuse it)."""
-    from trainer.builtin import cache_dir, exclusive
+    from trainer.builtin import build_once, cache_dir
 
     path = Path(gguf_path).expanduser()
     if not path.is_file():
@@ -60,24 +59,9 @@ def converted_dir(gguf_path: str | Path) -> Path:
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)[:60]
     final = cache_dir() / "models" / f"gguf-{stem}-{digest[:16]}"
     spec = {"version": CONVERSION_VERSION, "sha256": digest, "source": path.name}
-    if _complete(final, spec):
-        return final
-    with exclusive(f"gguf-{digest[:16]}"):
-        if _complete(final, spec):  # another rank converted it while we waited
-            return final
-        staging = final.parent / f".{final.name}.building"
-        for debris in (final, staging):
-            shutil.rmtree(debris, ignore_errors=True)
-        staging.mkdir(parents=True)
-        print(f"converting {path} into a transformers directory at {final} (first use)", flush=True)
-        try:
-            convert(path, staging)
-            (staging / MARKER).write_text(json.dumps(spec, indent=2) + "\n")
-            os.rename(staging, final)  # atomic: readers see nothing or a complete directory
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return final
+    return build_once(final, f"gguf-{digest[:16]}", lambda: _complete(final, spec),
+                      lambda staging: convert(path, staging), MARKER, spec,
+                      f"converting {path} into a transformers directory at {final} (first use)")
 
 
 def _complete(directory: Path, spec: dict) -> bool:
