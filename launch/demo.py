@@ -20,7 +20,7 @@ from trainer.config import RecipeError, load_recipe
 DEFAULT_RECIPE = "recipes/smollm2_tasks.yaml"
 ROWS = (("exact_match", "exact match", "%"), ("final_number_accuracy", "final-number accuracy", "%"),
         ("token_f1", "token F1", "%"), ("rouge_l", "ROUGE-L", "%"), ("eval_loss", "held-out loss", ""))
-EVAL_OPTIONS = ["eval.max_new_tokens=32"]  # the built-in tasks' answers are under 12 characters
+EVAL_OPTIONS = ["eval.max_new_tokens=16"]  # the built-in tasks' answers are at most 7 tokens (SmolLM2) + EOS
 
 
 def main(argv: list[str]) -> int:
