@@ -8,12 +8,13 @@ Two comparisons per file type:
   order, shapes, tying or metadata shows here as a large difference; float summation order is all
   that is left (1e-4).
 - against the float32 merged model: f16 keeps ~11 significant bits, so logits move by ~1e-3 of
-  their spread. q8_0 stores each block of 32 weights as int8 times one f16 scale (absmax / 127),
-  an error of at most half a step, ~0.4% of the block's largest weight, ~0.1% on average (uniform
+  their spread: root-mean-square difference <= 0.5% of the logits' standard deviation, maximum
+  <= 5% (measured: tiny base 0.07% and 0.35%, SmolLM2 0.18% and 0.9%). q8_0 stores each block
+  of 32 weights as int8 times one f16 scale (absmax / 127), an error of at most half a step, ~0.4% of the block's largest weight, ~0.1% on average (uniform
   rounding: step / sqrt(12)); through 4-30 layers that moves the logits by a few percent of their
   spread. Bounds: root-mean-square difference <= 5% of the logits' standard deviation, and the
-  greedy (top-1) token agrees at >= 90% of positions (measured: tiny base 1.7% and 97%; SmolLM2
-  see the README). The maximum over ~10^6 logits is reported, not bounded: it is an extreme value.
+  greedy (top-1) token agrees at >= 90% of positions (measured: tiny base 1.7% and 97%, SmolLM2
+  2.8% and 98%). The maximum over ~10^6 logits is reported, not bounded: it is an extreme value.
 """
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ def check_file(path: Path, merged: torch.nn.Module, tokenizer, file_type: str) -
     rms = (got - full).pow(2).mean().sqrt().item()
     agreement = (got.argmax(-1) == full.argmax(-1)).float().mean().item()
     if file_type == "f16":
-        assert difference <= 1e-2 * full.std().item()
+        assert rms <= 5e-3 * full.std().item() and difference <= 0.05 * full.std().item()
     else:
         assert rms <= 0.05 * full.std().item()
         assert agreement >= 0.9

@@ -97,7 +97,11 @@ class TrainConfig:
     fused_mlp: bool = True  # SwiGLU MLPs keep gate and up for the backward, not silu(gate) too (trainer/fused.py)
     fused_norm: bool = True  # RMSNorm as one autograd op with a four-pass backward (trainer/fused.py)
     onednn_matmul: bool = True  # fp32 CPU matrix multiplies through oneDNN, not MKL (trainer/onednn.py)
-    report: bool = True  # TensorBoard events and report.png (metrics.jsonl is always written)
+    report: bool = True  # report.png and the dashboards in report_to (false: neither; metrics.jsonl is always written)
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard and/or wandb
+    wandb_project: str = "qlora-trainer"  # Weights & Biases project
+    wandb_run_name: str | None = None  # W&B run name (null: output_dir's name)
+    wandb_mode: str = "offline"  # offline (files under output_dir/wandb; `wandb sync` uploads) | online
     sample_every: int = 100  # log greedy answers to a few held-out questions every N steps (0: only at the end)
     sample_count: int = 3  # held-out questions answered in that log (0: no samples)
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
@@ -156,6 +160,10 @@ class Recipe:
         _check(t.sample_every >= 0, "train.sample_every", "must be 0 or more")
         _check(t.sample_count >= 0, "train.sample_count", "must be 0 or more")
         _check(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", "must be stop or skip")
+        _check(set(t.report_to) <= {"tensorboard", "wandb"}, "train.report_to",
+               f"must list tensorboard and/or wandb, got {t.report_to}")
+        _check(t.wandb_mode in ("offline", "online"), "train.wandb_mode", "must be offline or online")
+        _check(bool(t.wandb_project.strip()), "train.wandb_project", "must not be empty")
         _check(t.collective_timeout_minutes > 0, "train.collective_timeout_minutes", "must be positive")
         if self.quant.bits == 8 and self.deepspeed.zero_stage == 3:
             raise RecipeError(

@@ -28,7 +28,8 @@ from trainer.model import dtype_name, load_base, load_tokenizer, resolve_base
 from trainer.onednn import use_onednn_linear
 from trainer.packing import training_collate
 from trainer.adapter import base_fingerprint
-from trainer.report import TensorBoardLog, append_samples, format_samples, samples_markdown, write_report
+from trainer.report import append_samples, format_samples, write_report
+from trainer.wandb_log import Dashboards
 from trainer.signals import StopRequest
 
 SAMPLE_MAX_NEW_TOKENS = 48  # sample answers in the training log stay short: a glance, not an evaluation
@@ -79,7 +80,7 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
         return None
     rank = distributed.rank()
     metrics = MetricsLog(Path(recipe.output_dir))
-    tensorboard = TensorBoardLog(Path(recipe.output_dir), recipe.train.report)  # rank 0, when installed
+    dashboards = Dashboards(recipe)  # train.report_to: TensorBoard and/or W&B, rank 0, when installed
     progress = tqdm(total=recipe.train.max_steps, initial=state.step, disable=rank != 0, desc="train",
                     dynamic_ncols=True)
     say = progress.write if rank == 0 else (lambda *_: None)
@@ -127,10 +128,10 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
                     f"eval_ppl {record['eval_ppl']:.2f}")
         sample_every = recipe.train.sample_every
         if run.sample_rows and not stops and ((sample_every and state.step % sample_every == 0) or last):
-            sample(run, state.step, say, tensorboard)
+            sample(run, state.step, say, dashboards)
         if state.step % recipe.train.log_every == 0 or "eval_loss" in record or last:
             metrics.write(record)
-            tensorboard.write(record)
+            dashboards.write(record)
         if state.step % recipe.train.save_every == 0 or last or stops:
             saved = checkpoint.save(Path(recipe.output_dir), run.model, run.optimizer, recipe,
                                     run.base_name_or_path, state, run.meta, record.get("eval_loss"))
@@ -141,7 +142,7 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
             break
     progress.close()
     metrics.close()
-    tensorboard.close()
+    dashboards.close()
     if distributed.is_main() and recipe.train.report:
         report = write_report(Path(recipe.output_dir))
         if report is not None:
@@ -306,9 +307,9 @@ def evaluate(run: Run, state: TrainState) -> dict:
     return result
 
 
-def sample(run: Run, step: int, say: Callable[[str], None], tensorboard: TensorBoardLog) -> None:
+def sample(run: Run, step: int, say: Callable[[str], None], dashboards: Dashboards) -> None:
     """Greedy answers to a few held-out questions: printed, appended to samples.jsonl, and in
-    TensorBoard (rank 0). Every rank decodes, since under ZeRO-3 each forward pass is a collective."""
+    the dashboards (rank 0). Every rank decodes, since under ZeRO-3 each forward pass is a collective."""
     # Decoding runs in eval mode (no dropout) and greedy draws no random numbers; the fork keeps
     # the training RNG streams exactly where they were regardless, so runs stay bitwise resumable.
     devices = [run.device] if run.device.type == "cuda" else []
@@ -321,4 +322,4 @@ def sample(run: Run, step: int, say: Callable[[str], None], tensorboard: TensorB
     if distributed.is_main():
         append_samples(Path(run.recipe.output_dir), step, samples)
         say(format_samples(step, samples))
-        tensorboard.write_text("samples", samples_markdown(samples), step)
+        dashboards.write_samples(step, samples)

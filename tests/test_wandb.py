@@ -1,0 +1,90 @@
+"""Weights & Biases in offline mode: a tiny run with train.report_to: [tensorboard, wandb] leaves an
+offline W&B run directory holding every metric, the recipe as the run's config and the sample
+generations as tables. The run file is read back record by record (its framing is LevelDB's log
+format; each record is a wandb_internal_pb2.Record)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from _checkpoints import ONE_THREAD
+from conftest import run_cli
+from trainer.config import RecipeError, load_recipe
+
+wandb = pytest.importorskip("wandb")
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = 32768  # bytes per log block
+HEADER = 7  # ":W&B", magic, version; and every record's crc32, length, type
+
+
+def wandb_records(path: Path):
+    from wandb.proto import wandb_internal_pb2
+
+    data, position, pieces = path.read_bytes(), HEADER, b""
+    while position + HEADER <= len(data):
+        left = BLOCK - position % BLOCK
+        length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
+        if left < HEADER or (length == 0 and kind == 0):  # the rest of the block is padding
+            position += left
+            continue
+        pieces += data[position + HEADER:position + HEADER + length]
+        position += HEADER + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            yield record
+            pieces = b""
+
+
+def test_offline_wandb_run_holds_metrics_config_and_samples(tmp_path, tiny_base):
+    out = tmp_path / "run"
+    result = run_cli(["launch/train.py", "recipes/tiny_alpaca.yaml", "train.max_steps=2", "train.eval_every=2",
+                      "train.save_every=2", "train.sample_every=1", "train.sample_count=2", "train.log_every=1",
+                      "train.report_to=[tensorboard,wandb]", "train.wandb_project=issue22",
+                      "train.wandb_run_name=tiny-offline", f"output_dir={out}"],
+                     env=ONE_THREAD, timeout=300)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and f"wandb sync {runs[0]}" in result.stdout
+    assert (out / "tensorboard").is_dir()  # both dashboards
+
+    history, config, project = {}, {}, None
+    for record in wandb_records(next(runs[0].glob("run-*.wandb"))):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            items = {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
+            history[int(items["_step"])] = items
+        elif kind == "run":
+            config = {item.key: json.loads(item.value_json) for item in record.run.config.update}
+            project, name = record.run.project, record.run.display_name
+    assert (project, name) == ("issue22", "tiny-offline")
+    assert config["lora"]["r"] == 16 and config["train"]["report_to"] == ["tensorboard", "wandb"]
+
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for record in metrics:
+        logged = history[record["step"]]
+        assert json.loads(logged["train/loss"]) == pytest.approx(record["loss"])
+    assert json.loads(history[2]["eval/loss"]) == pytest.approx(metrics[-1]["eval_loss"])
+
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    for step in (1, 2):
+        table = json.loads((runs[0] / "files" / json.loads(history[step]["samples/path"])).read_text())
+        assert table["columns"] == ["step", "question", "input", "reference", "prediction"]
+        expected = [row for row in samples if row["step"] == step]
+        assert [row[4] for row in table["data"]] == [row["prediction"] for row in expected]
+
+
+def test_report_to_is_validated_and_report_false_still_turns_dashboards_off(tmp_path):
+    recipe_path = ROOT / "recipes" / "tiny_alpaca.yaml"
+    assert load_recipe(recipe_path).train.report_to == ["tensorboard"]
+    with pytest.raises(RecipeError, match="train.report_to"):
+        load_recipe(recipe_path, ["train.report_to=[tensorboard,comet]"])
+    with pytest.raises(RecipeError, match="train.wandb_mode"):
+        load_recipe(recipe_path, ["train.wandb_mode=sometimes"])
+    from trainer.wandb_log import Dashboards
+
+    quiet = Dashboards(load_recipe(recipe_path, ["train.report=false", "train.report_to=[tensorboard,wandb]",
+                                                 f"output_dir={tmp_path}"]))
+    assert not quiet.tensorboard.active and quiet.wandb is None
+    quiet.close()
