@@ -10,8 +10,8 @@ Two comparisons per file type:
 - against the float32 merged model: f16 keeps ~11 significant bits, so logits move by ~1e-3 of
   their spread: root-mean-square difference <= 0.5% of the logits' standard deviation, maximum
   <= 5% (measured: tiny base 0.07% and 0.35%, SmolLM2 0.18% and 0.9%). q8_0 stores each block
-  of 32 weights as int8 times one f16 scale (absmax / 127), an error of at most half a step, ~0.4% of the block's largest weight, ~0.1% on average (uniform
-  rounding: step / sqrt(12)); through 4-30 layers that moves the logits by a few percent of their
+  of 32 weights as int8 times one f16 scale (absmax / 127), an error of at most half a step,
+  ~0.4% of the block's largest weight, ~0.1% on average (uniform rounding: step / sqrt(12)); through 4-30 layers that moves the logits by a few percent of their
   spread. Bounds: root-mean-square difference <= 5% of the logits' standard deviation, and the
   greedy (top-1) token agrees at >= 90% of positions (measured: tiny base 1.7% and 97%, SmolLM2
   2.8% and 98%). The maximum over ~10^6 logits is reported, not bounded: it is an extreme value.
