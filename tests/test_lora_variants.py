@@ -248,3 +248,40 @@ def test_a_variant_adapter_on_a_quantised_base_exports_to_the_model_it_trained(t
     merged = load_merged(recipe, adapter)
     assert not any(isinstance(m, (LoRALinear, LoRAEmbedding)) for m in merged.modules())
     torch.testing.assert_close(logits_of(merged), logits_of(our_model(recipe, adapter)), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ 2 ranks, resume
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), 2, pytest.param(3, marks=pytest.mark.slow)])
+def test_dora_lora_plus_and_embedding_lora_resume_bitwise_on_two_ranks(tmp_path, tiny_base, stage):
+    """All three variants at once on the 4-bit base: ZeRO shards the magnitudes and the embedding
+    adapter, LoRA+ makes two optimizer groups, and a resumed run continues bitwise."""
+    from test_resume import assert_same_tensors, losses, resume_from_copy, train
+
+    settings = (f"deepspeed.zero_stage={stage}", "lora.dropout=0.1", "lora.dora=true", "lora.plus_ratio=16",
+                VARIANT_TARGETS)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(straight, *settings)
+    resume_from_copy(straight, 3, resumed)
+    result = train(resumed, *settings, "resume=auto")
+    assert "at step 3" in result.stdout
+    assert losses(resumed) == {step: loss for step, loss in losses(straight).items() if step > 3}
+    final = straight / "checkpoints" / "step-6"
+    assert_same_tensors(final, resumed / "checkpoints" / "step-6", "adapter_model.safetensors")
+    assert_same_tensors(final, resumed / "checkpoints" / "step-6", "optimizer.safetensors")
+    from safetensors.torch import load_file
+
+    weights = load_file(str(final / "adapter_model.safetensors"))
+    moments = load_file(str(final / "optimizer.safetensors"))  # both groups' Adam state, every parameter
+    assert set(moments) == {f"{key}.{moment}" for key in weights for moment in ("exp_avg", "exp_avg_sq")}
+    magnitude = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    assert weights[magnitude].shape == (128,) and "base_model.model.model.embed_tokens.lora_embedding_A" in weights
+    # Trained: the magnitudes moved away from the base's row norms and the embedding's A from zero.
+    from trainer.model import load_base
+
+    base, _ = load_base(tiny_recipe(), torch.device("cpu"))
+    initial = LoRALinear(base.model.layers[0].self_attn.q_proj, r=16, alpha=32, dora=True)
+    assert (weights[magnitude] - initial.lora_magnitude_vector).abs().max() > 1e-4
+    assert weights["base_model.model.model.embed_tokens.lora_embedding_A"].abs().max() > 0

@@ -186,7 +186,8 @@ def resume_with(checkpoint_run: Path, tmp_path: Path, *overrides: str, check: bo
 
 @pytest.mark.parametrize("override, field", [("lora.r=8", "lora.r"), ("quant.bits=16", "quant.bits"),
                                              ("lora.target_modules=q_proj,v_proj", "lora.target_modules"),
-                                             ("quant.quant_type=fp4", "quant.quant_type")])
+                                             ("quant.quant_type=fp4", "quant.quant_type"),
+                                             ("lora.dora=true", "lora.dora")])
 def test_resuming_with_a_different_adapter_or_base_is_refused_naming_the_field(small_checkpoint, tmp_path,
                                                                                 override, field):
     result, _ = resume_with(small_checkpoint, tmp_path, override)

@@ -21,7 +21,7 @@ from trainer.eval_generation import held_out_rows
 from trainer.evaluate import evaluate_loss
 from trainer.fused import use_fused_mlp, use_fused_norm
 from trainer.generate import sample_generations
-from trainer.lora import adapter_parameters, apply_lora, optimizer_groups, parameter_summary
+from trainer.lora import adapter_parameters, apply_lora, link_group_states, optimizer_groups, parameter_summary
 from trainer.loss import CausalLMLoss
 from trainer.metrics import MetricsLog
 from trainer.model import dtype_name, load_base, load_tokenizer, resolve_base
@@ -259,6 +259,7 @@ def train_step(run: Run, step: int, lr: float, stop_requested: bool,
             raise
         micro_losses.append(loss_sum.detach())
         micro_batches.append(micro_batch)
+    link_group_states(engine.optimizer)  # LoRA+: DeepSpeed links the second group's Adam state too early
     # The losses are read once per step, not per micro-batch: each read waits for the device.
     values = torch.stack(micro_losses).double().tolist() if micro_losses else []
     step_loss = sum(values)

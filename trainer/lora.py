@@ -307,6 +307,17 @@ def optimizer_groups(model: nn.Module, plus_ratio: float = 1.0) -> list[dict]:
             {"params": [p for name, p in parameters.items() if name in faster], "lr_ratio": float(plus_ratio)}]
 
 
+def link_group_states(engine_optimizer) -> None:
+    """With several groups (LoRA+), DeepSpeed ZeRO-1/2 links each parameter's view of the Adam state
+    right after the *first* group's first step, before the others have any state, and never again:
+    saving then finds no moments for B. Linking is cheap (views), so link again after every step."""
+    if getattr(engine_optimizer, "_hp_optimizer_states_linked", None) is None:
+        return  # ZeRO-0 or ZeRO-3: nothing linked lazily
+    if len(engine_optimizer.optimizer.param_groups) > 1 and engine_optimizer.optimizer.state:
+        engine_optimizer._hp_optimizer_states_linked = False
+        engine_optimizer._lazy_init_hp_params_optimizer_state()
+
+
 def ties_adapted_embedding(model: nn.Module) -> bool:
     """Whether an adapted input embedding shares its weight with the output projection: merging
     then unties them (see trainer/lora_embedding.py)."""
