@@ -17,8 +17,11 @@ from torch import nn
 def full_parameters(*modules: nn.Module) -> Iterator[None]:
     """The modules' own parameters whole while inside. Under ZeRO-3 they are partitioned outside
     the module's own forward; gathering is a collective, and every rank runs the same forward."""
-    parameters = [p for module in modules for p in module.parameters(recurse=False)]
-    if not any(hasattr(p, "ds_id") for p in parameters):
+    # Only the partitioned ones: a parameter already whole (its module is running, or it is small
+    # enough for ZeRO-3 to keep it whole) must not be re-partitioned on the way out.
+    parameters = [p for module in modules for p in module.parameters(recurse=False)
+                  if hasattr(p, "ds_id") and p.ds_status.name == "NOT_AVAILABLE"]
+    if not parameters:
         yield
         return
     import deepspeed
