@@ -45,7 +45,9 @@ def summary(recipe: Recipe, model: nn.Module, data_stats: dict, world: int, dtyp
         ("compute dtype", dtype_name(dtype)),
         ("quantisation", quantisation),
         ("LoRA", f"r={recipe.lora.r} alpha={recipe.lora.alpha:g} dropout={recipe.lora.dropout:g} on "
-                 f"{', '.join(recipe.lora.target_modules)} ({len(lora_layers(model))} layers)"),
+                 f"{', '.join(recipe.lora.target_modules)} ({len(lora_layers(model))} layers)"
+                 + (" rsLoRA" if recipe.lora.rslora else "") + (" DoRA" if recipe.lora.dora else "")
+                 + (f" LoRA+ (B at {recipe.lora.plus_ratio:g}x lr)" if recipe.lora.plus_ratio != 1 else "")),
         ("trainable parameters", f"{trainable:,}"),
         ("DeepSpeed", _zero_line(recipe, world, dtype_name(dtype))),
         ("batch", f"global {recipe.train.global_batch_size} = micro {recipe.train.micro_batch_size} x "
