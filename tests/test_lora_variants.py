@@ -285,3 +285,11 @@ def test_dora_lora_plus_and_embedding_lora_resume_bitwise_on_two_ranks(tmp_path,
     initial = LoRALinear(base.model.layers[0].self_attn.q_proj, r=16, alpha=32, dora=True)
     assert (weights[magnitude] - initial.lora_magnitude_vector).abs().max() > 1e-4
     assert weights["base_model.model.model.embed_tokens.lora_embedding_A"].abs().max() > 0
+
+
+def test_the_analysis_reads_a_dora_and_embedding_adapter_as_its_linear_b_a(tmp_path, tiny_base):
+    from trainer.analysis import load_adapter
+
+    adapter = make_checkpoint(tmp_path / "run", VARIANT_TARGETS, "lora.dora=true")
+    modules = load_adapter(adapter).modules
+    assert len(modules) == 8 and not any("embed_tokens" in name for name in modules)  # q, v in 4 layers
