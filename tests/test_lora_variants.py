@@ -247,7 +247,17 @@ def test_a_variant_adapter_on_a_quantised_base_exports_to_the_model_it_trained(t
     recipe = tiny_recipe(*overrides)
     merged = load_merged(recipe, adapter)
     assert not any(isinstance(m, (LoRALinear, LoRAEmbedding)) for m in merged.modules())
-    torch.testing.assert_close(logits_of(merged), logits_of(our_model(recipe, adapter)), rtol=1e-4, atol=1e-4)
+    difference = (logits_of(merged) - logits_of(our_model(recipe, adapter))).abs().max().item()
+    if bits == 4:
+        assert difference < 1e-4
+    else:  # bitsandbytes' int8 matmul rounds the activations: the base alone differs from its merge as much
+        from trainer.export import merge_to_plain
+        from trainer.model import load_base
+
+        base, _ = load_base(recipe, torch.device("cpu"))
+        base_logits = logits_of(base.eval())
+        base_difference = (logits_of(merge_to_plain(base)) - base_logits).abs().max().item()
+        assert difference < 2 * base_difference + 1e-4, (difference, base_difference)
 
 
 # ------------------------------------------------------------------------------ 2 ranks, resume
