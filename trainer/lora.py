@@ -106,6 +106,9 @@ class LoRALinear(nn.Module):
         # B = 0 makes the adapted layer start exactly at the base layer.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        if getattr(self, "lora_magnitude_vector", None) is not None:
+            with torch.no_grad():
+                self.lora_magnitude_vector.copy_(self.weight_norm())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
