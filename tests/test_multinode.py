@@ -361,3 +361,26 @@ def test_nccl_async_error_handling_is_on_unless_the_environment_says_otherwise(m
     monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
     nccl_error_handling()
     assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+
+
+def test_cpu_ranks_of_one_machine_split_its_cores_unless_omp_num_threads_is_set(monkeypatch):
+    import torch
+
+    from trainer.distributed import share_cores
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        monkeypatch.setenv("LOCAL_SIZE", "2")  # what the deepspeed launcher sets
+        cores = len(os.sched_getaffinity(0))
+        assert share_cores() == max(1, cores // 2) == torch.get_num_threads()
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores * 2))  # torchrun's name; more ranks than cores
+        assert share_cores() == 1 == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
+        assert share_cores() is None
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        assert share_cores() is None
+    finally:
+        torch.set_num_threads(before)
