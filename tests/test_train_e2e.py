@@ -12,11 +12,12 @@ import pytest
 import torch
 import yaml
 
+from _checkpoints import peft_on_4bit_base
 from conftest import free_port, run_cli
 from trainer import checkpoint, resume
 from trainer.config import recipe_from_dict
 from trainer.lora import apply_lora
-from trainer.model import keep_4bit_layout, load_base
+from trainer.model import load_base
 
 SHORT = ["train.max_steps=6", "train.warmup_steps=2", "train.eval_every=3", "train.save_every=3",
          "train.log_every=1", "data.max_eval_rows=32"]
@@ -86,25 +87,8 @@ def our_model(adapter_dir: Path) -> torch.nn.Module:
 
 @pytest.mark.distributed
 def test_peft_loads_our_adapter_with_no_missing_keys_and_the_same_logits(zero2_run, tiny_base):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     adapter_dir = zero2_run / "checkpoints" / "step-6"
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(tiny_base, quantization_config=quant, dtype=torch.float32,
-                                                device_map={"": "cpu"})
-    # On an AVX512-BF16 CPU, bitsandbytes would repack the 4-bit weights for a bf16 kernel in eval mode
-    # (and fails to for this base's shapes): compare in fp32, as our load_base does.
-    keep_4bit_layout(base)
-    peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    # PEFT warns and leaves a B at zero when a key is missing: check every adapter weight arrived.
-    saved = resume.load_adapter_weights(adapter_dir)
-    loaded = {k.replace(".default", ""): v for k, v in peft_model.state_dict().items() if "lora_" in k}
-    assert set(saved) == set(loaded)
-    for key, value in saved.items():
-        assert torch.equal(loaded[key], value), key
-    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
+    peft_model = peft_on_4bit_base(tiny_base, adapter_dir)
 
     ids = torch.tensor([[1, 45, 67, 89, 120, 300, 13, 13, 500]])
     with torch.no_grad():
