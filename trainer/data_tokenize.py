@@ -197,7 +197,8 @@ def tokenize_rows(tokenizer, rows: list[Row], format: str, config: DataConfig,
     # row over max_seq_len is tokenised again piece by piece, so that its cut can spare the markup.
     coarse = [_joined(one_row) if one_row else None for one_row in pieces]
     ids = _token_ids(tokenizer, [text for one_row in coarse if one_row for text, _ in one_row], literal=not use_chat)
-    head = int(document_bos(tokenizer) is not None)
+    bos = document_bos(tokenizer)  # renders the chat template: once, not per row
+    head = int(bos is not None)
     examples = []
     for row, one_row, joined in zip(rows, pieces, coarse):
         if one_row is None:
@@ -206,7 +207,7 @@ def tokenize_rows(tokenizer, rows: list[Row], format: str, config: DataConfig,
         if len(joined) < len(one_row) and head + _length(tokenised) > config.max_seq_len:
             fine = _token_ids(tokenizer, [text for text, _ in one_row], literal=not use_chat)
             tokenised = [(next(fine), kind) for _, kind in one_row]
-        example, outcome = assemble(tokenizer, tokenised, config, f"{name}: {row.where}")
+        example, outcome = assemble(tokenizer, tokenised, config, f"{name}: {row.where}", bos)
         if outcome != "kept":
             counts[outcome] += 1
         if example is not None:
@@ -312,9 +313,9 @@ def _render(tokenizer, template: str, messages: list[dict[str, str]], generation
 
 
 def assemble(tokenizer, pieces: list[tuple[list[int], str]], config: DataConfig,
-             where: str) -> tuple[tuple[list[int], list[int]] | None, str]:
-    """[document BOS] + pieces, ending in a trained EOS, fitted to max_seq_len by cutting prompt
-    pieces from their start. Returns ((input_ids, labels), "kept" | "truncated"), or (None, why it
+             where: str, bos: int | None) -> tuple[tuple[list[int], list[int]] | None, str]:
+    """[`bos`] + pieces, ending in a trained EOS, fitted to max_seq_len by cutting prompt pieces from
+    their start. `bos` is `document_bos(tokenizer)`, computed once by the caller. Returns ((input_ids, labels), "kept" | "truncated"), or (None, why it
     was dropped)."""
     eos = tokenizer.eos_token_id
     # The final response ends at its EOS: cut what a template writes after it (a newline), or add one.
@@ -325,7 +326,6 @@ def assemble(tokenizer, pieces: list[tuple[list[int], str]], config: DataConfig,
         final_ids = final_ids + [eos]
     pieces = pieces[:-1] + [(final_ids, ANSWER)]
     # BOS exactly once: a chat template may already write it.
-    bos = document_bos(tokenizer)
     head = [bos] if bos is not None and not _starts_with(pieces, bos) else []
     outcome = "kept"
     excess = len(head) + _length(pieces) - config.max_seq_len
