@@ -107,23 +107,19 @@ def load_base(recipe: Recipe, device: torch.device) -> tuple[nn.Module, torch.dt
     return model, dtype
 
 
-class _DropInt8CastWarning:
-    """A logging filter for bitsandbytes' "MatMul8bitLt: inputs will be cast from ... to float16"."""
-
-    def filter(self, record) -> bool:
-        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
-
-
 def quiet_int8_cast_warning() -> None:
-    """bitsandbytes logs that warning on every 8-bit matrix multiply whose input is not fp16: on a
-    GPU in bf16, every LLM.int8 layer of every forward (hundreds of lines per micro-batch per rank).
-    The cast is how LLM.int8 works (its int8 kernels quantise fp16 inputs), not something to act on;
-    the recipe says what 8-bit costs. Only that message is dropped."""
+    """bitsandbytes logs "MatMul8bitLt: inputs will be cast from ... to float16" on every 8-bit matrix
+    multiply whose input is not fp16: on a GPU in bf16, every LLM.int8 layer of every forward
+    (hundreds of lines per micro-batch per rank). The cast is how LLM.int8 works (its int8 kernels
+    quantise fp16 inputs), not something to act on; the recipe says what 8-bit costs. Only that
+    message is dropped (trainer/quiet.py's filter, applied here even with --debug)."""
     import logging
 
+    from trainer.quiet import DropNoise
+
     logger = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _DropInt8CastWarning) for f in logger.filters):
-        logger.addFilter(_DropInt8CastWarning())
+    if not any(isinstance(f, DropNoise) for f in logger.filters):
+        logger.addFilter(DropNoise(("MatMul8bitLt: inputs will be cast",)))
 
 
 def keep_4bit_layout(model: nn.Module) -> int:
