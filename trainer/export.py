@@ -30,10 +30,8 @@ from torch import nn
 from trainer import gguf_export, options
 from trainer.adapter import add_adapter, check_adapter
 from trainer.config import Recipe, RecipeError
-from trainer.lora import dequantised_linear, lora_layers, ties_adapted_embedding
+from trainer.lora import dequantised_linear, is_quantised, lora_layers, ties_adapted_embedding
 from trainer.model import DTYPES, compute_dtype, load_base, load_tokenizer, resolve_base
-
-QUANTISED_LAYERS = ("Linear4bit", "Linear8bitLt")
 
 
 @dataclass
@@ -67,11 +65,11 @@ def merge_to_plain(model: nn.Module, dtype: torch.dtype = torch.float32,
         layer = model.get_submodule(path)
         base = layer.base_layer
         # Dequantise (or upcast) first, so B @ A * scaling is added in float32, never in 4/8/16 bits.
-        layer.base_layer = dequantised_linear(base, torch.float32) if _is_quantised(base) else base.float()
+        layer.base_layer = dequantised_linear(base, torch.float32) if is_quantised(base) else base.float()
         layer.merge()
         _replace(model, path, layer.base_layer.to(device=device, dtype=dtype))
         del layer, base
-    for path in [path for path, module in model.named_modules() if _is_quantised(module)]:
+    for path in [path for path, module in model.named_modules() if is_quantised(module)]:
         _replace(model, path, dequantised_linear(model.get_submodule(path), torch.float32).to(device=device, dtype=dtype))
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
@@ -81,10 +79,6 @@ def merge_to_plain(model: nn.Module, dtype: torch.dtype = torch.float32,
     if hasattr(model, "is_loaded_in_4bit"):
         del model.is_loaded_in_4bit
     return model.to(device=device, dtype=dtype)
-
-
-def _is_quantised(module: nn.Module) -> bool:
-    return type(module).__name__ in QUANTISED_LAYERS
 
 
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -155,7 +155,7 @@ class LoRALinear(nn.Module):
         kept in 16/32-bit afterwards: re-quantising would throw the adapter's update away."""
         if self.merged:
             return
-        if not isinstance(self.base_layer, nn.Linear) or _is_quantised(self.base_layer):
+        if not isinstance(self.base_layer, nn.Linear) or is_quantised(self.base_layer):
             self.base_layer = dequantised_linear(self.base_layer)
         weight = self.base_layer.weight
         if self.lora_magnitude_vector is not None:  # W' = m / ||W + dW|| * (W + dW), per row
@@ -226,7 +226,8 @@ def _device_of(layer: nn.Module) -> torch.device:
     return next(layer.parameters()).device
 
 
-def _is_quantised(layer: nn.Module) -> bool:
+def is_quantised(layer: nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear layer."""
     return type(layer).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
