@@ -14,8 +14,8 @@ from typing import Any
 
 import _bootstrap  # noqa: F401  (puts the repository root on sys.path)
 
-from trainer.analysis import AnalysisError, analyze
-from trainer.analysis_plots import print_report, write_outputs
+from trainer.analysis.ranks import AnalysisError, analyze
+from trainer.analysis.figures import print_report, write_outputs
 
 OPTIONS = ("out", "threshold", "base", "seed")
 USAGE = ("usage: python launch/analyze.py <adapter dir> [<second adapter dir>] "

@@ -4,7 +4,7 @@
 
 Each framework trains in its own process (peak memory is per process), one after the other,
 `--repeats` times alternating. Ours runs through the real CLI (`launch/train.py`) and is timed
-from its metrics.jsonl; theirs is `trainer.bench_hf`. Both see the same examples in the same
+from its metrics.jsonl; theirs is `launch.benchmarks.hf_trainer`. Both see the same examples in the same
 order and are timed the same way, from the wall clock at the end of every optimizer step; the
 warmup steps are left out. Prints a markdown table; writes runs/bench/{results.json,table.md}.
 
@@ -24,8 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from trainer import bench_job, malloc
-from trainer.bench_job import ROOT, Job
+from launch.benchmarks import job as bench_job
+from trainer.speedups import malloc
+from launch.benchmarks.job import ROOT, Job
 
 FRAMEWORKS = ("ours", "theirs")
 TITLES = {"ours": "ours", "theirs": "HF Trainer + peft"}
@@ -132,7 +133,7 @@ def run_ours(job: Job, overrides: list[str], scratch: Path) -> dict:
 
 def run_theirs(job: Job, scratch: Path, tuned_malloc: bool) -> dict:
     times = scratch / "step_ends.json"
-    wall = run_child(["-m", "trainer.bench_hf", str(bench_job.RECIPE), *job.overrides(), "--times", str(times)],
+    wall = run_child(["-m", "launch.benchmarks.hf_trainer", str(bench_job.RECIPE), *job.overrides(), "--times", str(times)],
                      scratch, tuned_malloc)
     ends = json.loads(times.read_text())
     if len(ends) != job.total_steps:
@@ -142,7 +143,7 @@ def run_theirs(job: Job, scratch: Path, tuned_malloc: bool) -> dict:
 
 def run_child(command: list[str], scratch: Path, tuned_malloc: bool) -> float:
     """Run `python COMMAND` under the memory probe, output to scratch/log.txt; returns wall seconds."""
-    from trainer import onednn  # here, not on top: it imports torch, which must see --threads first
+    from trainer.speedups import onednn  # here, not on top: it imports torch, which must see --threads first
 
     # Not the oneDNN cache caps that importing our trainer (for ours_packing) put in this environment:
     # ours sets them again itself, theirs runs as it would on its own.
@@ -157,7 +158,7 @@ def run_child(command: list[str], scratch: Path, tuned_malloc: bool) -> float:
     log = scratch / "log.txt"
     started = time.perf_counter()
     with open(log, "w") as handle:
-        result = subprocess.run([sys.executable, "-m", "trainer.bench_probe", str(scratch / "memory.json"), *command],
+        result = subprocess.run([sys.executable, "-m", "launch.benchmarks.probe", str(scratch / "memory.json"), *command],
                                 cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} exited {result.returncode}; {log}:\n{log.read_text()[-3000:]}")

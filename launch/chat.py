@@ -7,7 +7,7 @@ history, /reset and /exit; --prompt answers once and exits.
 """
 import _bootstrap  # noqa: F401  (puts the repository root on sys.path)
 
-from trainer.chat import main
+from trainer.evaluation.chat import main
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,7 @@ final-number accuracy, held-out loss; writes predictions.jsonl and metrics.json.
 """
 import _bootstrap  # noqa: F401  (puts the repository root on sys.path)
 
-from trainer.eval_generation import main
+from trainer.evaluation.eval_command import main
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,7 @@
 """
 import _bootstrap  # noqa: F401  (puts the repository root on sys.path)
 
-from trainer.export import main
+from trainer.evaluation.export import main
 
 if __name__ == "__main__":
     main()

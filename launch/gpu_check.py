@@ -256,10 +256,10 @@ def check_zero3_resume(env, left):
 DECODE = r"""
 import json, sys, torch
 from pathlib import Path
-from trainer.adapter import load_adapted_model
+from trainer.evaluation.adapter import load_adapted_model
 from trainer.config import load_recipe
-from trainer.eval_generation import evaluation_rows
-from trainer.generate import greedy_batch, prompt_ids
+from trainer.evaluation.eval_command import evaluation_rows
+from trainer.evaluation.generate import greedy_batch, prompt_ids
 recipe = load_recipe("recipes/tiny_alpaca.yaml", ["data.max_eval_rows=32"])
 device = torch.device("cuda", 0)
 model, tokenizer, dtype = load_adapted_model(recipe, Path(sys.argv[1]), device)
@@ -323,10 +323,10 @@ EXPORT = r"""
 import json, sys, torch
 from pathlib import Path
 from transformers import AutoModelForCausalLM
-from trainer.adapter import load_adapted_model
+from trainer.evaluation.adapter import load_adapted_model
 from trainer.config import load_recipe
-from trainer.export import ExportOptions, export
-from trainer.generate import prompt_ids
+from trainer.evaluation.export import ExportOptions, export
+from trainer.evaluation.generate import prompt_ids
 recipe = load_recipe("recipes/tiny_alpaca.yaml")
 adapter, out = Path(sys.argv[1]), Path(sys.argv[2])
 torch.cuda.reset_peak_memory_stats()

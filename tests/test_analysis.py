@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import run_cli
-from trainer.analysis import AnalysisError, analyze, load_adapter
+from trainer.analysis.ranks import AnalysisError, analyze, load_adapter
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Planted singular values: 82% of the energy in the top 1, 95% in the top 2, 100% in the top 3, so the
@@ -270,7 +270,7 @@ def test_runs_without_deepspeed(tmp_path):
     # The analysis reads adapter files only; it must work where DeepSpeed is not installed.
     adapter = write_adapter(tmp_path / "adapter", {module_name(0): planted_pair(16, 16, PLANTED, 8, 0)})
     script = ("import sys; sys.modules['deepspeed'] = None\n"  # any `import deepspeed` now fails
-              "from trainer.analysis import analyze; from trainer.analysis_plots import write_outputs\n"
+              "from trainer.analysis.ranks import analyze; from trainer.analysis.figures import write_outputs\n"
               f"write_outputs(analyze([{str(adapter)!r}]), __import__('pathlib').Path({str(tmp_path / 'out')!r}))")
     run_cli(["python", "-c", script], timeout=300)
     assert (tmp_path / "out" / "spectra.png").is_file()

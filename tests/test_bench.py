@@ -12,7 +12,7 @@ def test_bench_gives_theirs_one_gpu_and_a_real_vocabulary(tmp_path, monkeypatch)
     sys.path.insert(0, str(ROOT / "launch"))
     import bench
 
-    from trainer import bench_job
+    from launch.benchmarks import job as bench_job
 
     seen = {}
 
@@ -22,9 +22,9 @@ def test_bench_gives_theirs_one_gpu_and_a_real_vocabulary(tmp_path, monkeypatch)
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5")
-    bench.run_child(["-m", "trainer.bench_hf"], tmp_path, tuned_malloc=False)
+    bench.run_child(["-m", "launch.benchmarks.hf_trainer"], tmp_path, tuned_malloc=False)
     assert seen["CUDA_VISIBLE_DEVICES"] == "2"
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    bench.run_child(["-m", "trainer.bench_hf"], tmp_path, tuned_malloc=False)
+    bench.run_child(["-m", "launch.benchmarks.hf_trainer"], tmp_path, tuned_malloc=False)
     assert seen["CUDA_VISIBLE_DEVICES"] == "0"
     assert bench_job.MIN_VOCAB == 32000

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer import builtin
+from trainer.model import builtin
 
 # Small enough to build in well under a second; the default size is only built by the resolve test.
 SMALL = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2}
@@ -197,8 +197,8 @@ def test_a_missing_gguf_file_or_package_is_one_message_naming_what_to_do(cache: 
     import importlib.util
 
     from trainer.config import recipe_from_dict
-    from trainer.gguf_base import GGUFError
-    from trainer.model import ModelLoadError, resolve_base
+    from trainer.model.gguf import GGUFError
+    from trainer.model.base import ModelLoadError, resolve_base
 
     with pytest.raises(GGUFError, match=r"the GGUF file '/no/such/model.gguf' does not exist"):
         builtin.resolve("/no/such/model.gguf")
@@ -211,16 +211,16 @@ def test_a_missing_gguf_file_or_package_is_one_message_naming_what_to_do(cache: 
 
 
 def test_a_gguf_conversion_is_keyed_by_content(cache: Path, tmp_path: Path, monkeypatch) -> None:
-    from trainer import gguf_base
+    from trainer.model import gguf
 
     converted = []
-    monkeypatch.setattr(gguf_base, "convert", lambda path, out: converted.append(path.read_bytes()))
+    monkeypatch.setattr(gguf, "convert", lambda path, out: converted.append(path.read_bytes()))
     first, second = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
     for path, content in ((first, b"one"), (second, b"one")):
         path.parent.mkdir()
         path.write_bytes(content)
-    assert gguf_base.converted_dir(first) == gguf_base.converted_dir(second)  # same bytes, one directory
+    assert gguf.converted_dir(first) == gguf.converted_dir(second)  # same bytes, one directory
     assert converted == [b"one"]
     second.write_bytes(b"other")
-    assert gguf_base.converted_dir(second) != gguf_base.converted_dir(first)
+    assert gguf.converted_dir(second) != gguf.converted_dir(first)
     assert converted == [b"one", b"other"]

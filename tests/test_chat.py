@@ -14,11 +14,11 @@ import torch
 
 from _checkpoints import ONE_THREAD, make_checkpoint, one_thread, tiny_recipe
 from conftest import ROOT, run_cli
-from trainer.adapter import load_adapted_model
-from trainer.chat import ChatOptions, conversation_ids, sample, split_prompt, stream_text
-from trainer.data_tokenize import prompt_tokens
-from trainer.generate import greedy_batch
-from trainer.model import load_tokenizer, resolve_base
+from trainer.evaluation.adapter import load_adapted_model
+from trainer.evaluation.chat import ChatOptions, conversation_ids, sample, split_prompt, stream_text
+from trainer.data.encoding import prompt_tokens
+from trainer.evaluation.generate import greedy_batch
+from trainer.model.base import load_tokenizer, resolve_base
 
 QUESTION = "Add the two numbers. 7 + 12"
 

@@ -117,7 +117,7 @@ def test_deepspeed_dict_is_derived_and_extra_passes_through(tmp_path):
 def test_auto_dtype_is_bf16_only_where_the_gpu_has_it(monkeypatch, device, bf16, expected):
     import torch
 
-    from trainer.model import compute_dtype, dtype_name
+    from trainer.model.base import compute_dtype, dtype_name
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
     assert dtype_name(compute_dtype(Recipe(), torch.device(device))) == expected

@@ -9,10 +9,10 @@ import pytest
 
 from conftest import SHARED
 from trainer.config import DataConfig
-from trainer.data import build_datasets
-from trainer.data_formats import DataError
-from trainer.data_stats import check_labels
-from trainer.data_tokenize import IGNORE_INDEX, Example, document_bos, prompt_tokens
+from trainer.data.datasets import build_datasets
+from trainer.data.formats import DataError
+from trainer.data.stats import check_labels
+from trainer.data.encoding import IGNORE_INDEX, Example, document_bos, prompt_tokens
 
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 

@@ -12,14 +12,14 @@ import torch
 
 from _checkpoints import ONE_THREAD, make_checkpoint, one_thread, our_model, tiny_recipe
 from conftest import free_port, run_cli
-from trainer.adapter import AdapterMismatchError, base_fingerprint, check_adapter
+from trainer.evaluation.adapter import AdapterMismatchError, base_fingerprint, check_adapter
 from trainer.config import RecipeError
-from trainer.data import build_datasets
-from trainer.eval_generation import EvalOptions, evaluation_rows
-from trainer.evaluate import evaluate_loss
-from trainer.generate import decoding_mask, generate, greedy_batch, prompt_ids
+from trainer.data.datasets import build_datasets
+from trainer.evaluation.eval_command import EvalOptions, evaluation_rows
+from trainer.evaluation.held_out_loss import evaluate_loss
+from trainer.evaluation.generate import decoding_mask, generate, greedy_batch, prompt_ids
 from trainer.loss import CausalLMLoss
-from trainer.model import load_tokenizer, resolve_base
+from trainer.model.base import load_tokenizer, resolve_base
 from trainer.options import parse_options, split_argv
 
 EVAL_ARGS = ["eval.max_rows=24", "eval.batch_size=8", "eval.max_new_tokens=8", "deepspeed.zero_stage=3"]
@@ -237,7 +237,7 @@ def test_script_options_are_separated_from_recipe_overrides_and_checked():
 
 
 def test_an_unknown_recipe_key_still_errors_through_the_script(capsys, adapter):
-    from trainer.eval_generation import main
+    from trainer.evaluation.eval_command import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["recipes/tiny_alpaca.yaml", f"adapter={adapter}", "train.max_stepz=3"])

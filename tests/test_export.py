@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from _checkpoints import ONE_THREAD, make_checkpoint, one_thread, our_model, tiny_recipe
 from conftest import run_cli
-from trainer.export import ExportOptions, export
+from trainer.evaluation.export import ExportOptions, export
 
 IDS = [1, 45, 67, 89, 120, 300, 13, 13, 500, 7]
 
@@ -141,7 +141,7 @@ def test_bfloat16_export_and_a_bad_option_are_handled(tmp_path, tiny_base):
 def test_export_dequantises_one_layer_at_a_time(tmp_path, tiny_base, monkeypatch):
     """Each layer is dequantised, merged, cast and moved before the next one is dequantised: at most
     one float32 layer is alive at once (on a GPU, all of them at once is ~26 GB for 7B)."""
-    import trainer.export as export_module
+    import trainer.evaluation.export as export_module
 
     made, alive_at_creation = [], []
     original = export_module.dequantised_linear

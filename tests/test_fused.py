@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import recipe_from_dict
-from trainer.data import IGNORE_INDEX
-from trainer.fused import PLAIN_RMSNORMS, RMSNormFunction, SiluMul, use_fused_mlp, use_fused_norm
-from trainer.lora import LoRALinear, adapter_parameters, apply_lora, lora_layers
+from trainer.data.datasets import IGNORE_INDEX
+from trainer.speedups.fused import PLAIN_RMSNORMS, RMSNormFunction, SiluMul, use_fused_mlp, use_fused_norm
+from trainer.model.lora import LoRALinear, adapter_parameters, apply_lora, lora_layers
 from trainer.loss import CausalLMLoss
-from trainer.model import load_base
-from trainer.packing import collate_packed, use_packed_attention
+from trainer.model.base import load_base
+from trainer.data.packing import collate_packed, use_packed_attention
 from tests.test_loss import examples  # noqa: F401  (a fixture)
 
 
@@ -160,7 +160,7 @@ def test_lora_a_with_a_dropout_mask_is_autograds_masked_linear(x_needs_grad):
     out.square().sum().backward()
     got = [layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()] + ([x.grad.clone()] if x_needs_grad else [])
 
-    from trainer.lora import dropout_keep_mask
+    from trainer.model.lora import dropout_keep_mask
     torch.manual_seed(1)
     keep, keep_probability = dropout_keep_mask(x, 0.3)
     a, b = (layer.lora_A.weight.detach().clone().requires_grad_(), layer.lora_B.weight.detach().clone().requires_grad_())

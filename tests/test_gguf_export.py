@@ -27,9 +27,9 @@ import torch
 
 from _checkpoints import make_checkpoint, one_thread, tiny_recipe
 from trainer.config import load_recipe
-from trainer.export import ExportOptions, export, load_merged
-from trainer.gguf_export import GGUFExportError, gguf_tensor_name, output_format, write_gguf
-from trainer.model import load_tokenizer, resolve_base
+from trainer.evaluation.export import ExportOptions, export, load_merged
+from trainer.evaluation.gguf_export import GGUFExportError, gguf_tensor_name, output_format, write_gguf
+from trainer.model.base import load_tokenizer, resolve_base
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = [

@@ -148,9 +148,10 @@ import sys
 atexit.register(lambda: print("exit handlers ran; process group still up:", dist.is_initialized()))
 
 import torch.distributed as dist
-from trainer import cli, distributed, options
+from trainer import cli, options
+from trainer.runtime import distributed
 from trainer.config import RecipeError
-from trainer.eval_generation import EvalOptions
+from trainer.evaluation.eval_command import EvalOptions
 
 entry, group, outcome = sys.argv[1:]
 

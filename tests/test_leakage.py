@@ -7,8 +7,8 @@ import json
 import pytest
 
 from trainer.config import DataConfig, DataSource
-from trainer.data import build_datasets
-from trainer.leakage import leakage_note, question_id, row_key
+from trainer.data.datasets import build_datasets
+from trainer.data.leakage import leakage_note, question_id, row_key
 
 
 def row(instruction, input_="", output="x"):

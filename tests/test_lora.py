@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.lora import LoRALinear, adapter_parameters, apply_lora, dequantised_weight
-from trainer.model import keep_4bit_layout
+from trainer.model.lora import LoRALinear, adapter_parameters, apply_lora, dequantised_weight
+from trainer.model.base import keep_4bit_layout
 
 
 def quantised_linear(bits: int, source: nn.Linear) -> nn.Module:
@@ -110,7 +110,7 @@ def test_unknown_target_module_is_an_error_listing_the_real_names():
 
 @pytest.mark.parametrize("mask", ["_keep_in_numpy", "_keep_in_torch"])  # CPU's, and other devices'
 def test_both_mask_comparisons_drop_at_the_boundary_rate(mask):
-    import trainer.lora as lora
+    import trainer.model.lora as lora
 
     torch.manual_seed(0)
     boundary, rest = 25, 39322  # p = 0.1: (25 * 2^16 + 39322) / 2^24
@@ -120,7 +120,7 @@ def test_both_mask_comparisons_drop_at_the_boundary_rate(mask):
 
 
 def test_dropout_drops_at_the_asked_rate_and_leaves_the_update_unbiased():
-    from trainer.lora import dropout_keep_mask
+    from trainer.model.lora import dropout_keep_mask
 
     torch.manual_seed(0)
     # 0.1 needs the 16 further bits for bytes on its boundary (25 + 0.6 in 256); 0.25 does not (64 in 256).
@@ -161,7 +161,7 @@ def test_a_4bit_base_keeps_its_layout_and_gradients_after_an_evaluation(small_ba
     eval mode without gradients; afterwards the layer passed no gradient to its input and
     dequantize_4bit misread the weight. load_base turns that repacking off (elsewhere this is a no-op)."""
     from trainer.config import recipe_from_dict
-    from trainer.model import load_base
+    from trainer.model.base import load_base
 
     model, _ = load_base(recipe_from_dict({"model": {"name_or_path": small_base_path}, "quant": {"bits": 4}}),
                          torch.device("cpu"))

@@ -13,9 +13,9 @@ from torch import nn
 
 from _checkpoints import make_checkpoint, one_thread, our_model, tiny_recipe
 from test_lora import KINDS, base_layer
-from trainer.lora import (LoRALinear, adapter_parameters, apply_lora, dequantised_weight, lora_layers,
+from trainer.model.lora import (LoRALinear, adapter_parameters, apply_lora, dequantised_weight, lora_layers,
                           optimizer_groups)
-from trainer.lora_embedding import LoRAEmbedding
+from trainer.model.lora_embedding import LoRAEmbedding
 
 IDS = [1, 45, 67, 89, 120, 300, 13, 13, 500, 7]
 VARIANT_TARGETS = "lora.target_modules=[q_proj,v_proj,embed_tokens]"
@@ -147,8 +147,8 @@ def test_tied_embeddings_adapt_the_input_side_only_and_merge_unties_them_for_exp
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from trainer.checkpoint import peft_key
-    from trainer.export import merge_to_plain
+    from trainer.checkpoint.saving import peft_key
+    from trainer.evaluation.export import merge_to_plain
 
     model = tied_model()
     base_dir = tmp_path / "base"
@@ -168,7 +168,7 @@ def test_tied_embeddings_adapt_the_input_side_only_and_merge_unties_them_for_exp
     adapter_dir.mkdir()
     recipe = tiny_recipe("lora.target_modules=[embed_tokens,q_proj]", "lora.r=4", "lora.alpha=8", "lora.dropout=0",
                          f"lora.dora={str(dora).lower()}")
-    from trainer.checkpoint import adapter_config
+    from trainer.checkpoint.saving import adapter_config
 
     (adapter_dir / "adapter_config.json").write_text(json.dumps(adapter_config(recipe, str(base_dir))))
     save_file({peft_key(n): p.detach().clone() for n, p in adapter_parameters(model).items()},
@@ -240,7 +240,7 @@ def test_peft_loads_a_variant_adapter_with_equal_logits(tmp_path, tiny_base, dor
 
 @pytest.mark.parametrize("bits", [4, pytest.param(8, marks=pytest.mark.slow)])
 def test_a_variant_adapter_on_a_quantised_base_exports_to_the_model_it_trained(tmp_path, tiny_base, bits):
-    from trainer.export import load_merged
+    from trainer.evaluation.export import load_merged
 
     overrides = [f"quant.bits={bits}", VARIANT_TARGETS, "lora.dora=true"]
     adapter = make_checkpoint(tmp_path / "run", *overrides)
@@ -251,8 +251,8 @@ def test_a_variant_adapter_on_a_quantised_base_exports_to_the_model_it_trained(t
     if bits == 4:
         assert difference < 1e-4
     else:  # bitsandbytes' int8 matmul rounds the activations: the base alone differs from its merge as much
-        from trainer.export import merge_to_plain
-        from trainer.model import load_base
+        from trainer.evaluation.export import merge_to_plain
+        from trainer.model.base import load_base
 
         base, _ = load_base(recipe, torch.device("cpu"))
         base_logits = logits_of(base.eval())
@@ -289,7 +289,7 @@ def test_dora_lora_plus_and_embedding_lora_resume_bitwise_on_two_ranks(tmp_path,
     magnitude = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
     assert weights[magnitude].shape == (128,) and "base_model.model.model.embed_tokens.lora_embedding_A" in weights
     # Trained: the magnitudes moved away from the base's row norms and the embedding's A from zero.
-    from trainer.model import load_base
+    from trainer.model.base import load_base
 
     base, _ = load_base(tiny_recipe(), torch.device("cpu"))
     initial = LoRALinear(base.model.layers[0].self_attn.q_proj, r=16, alpha=32, dora=True)
@@ -298,7 +298,7 @@ def test_dora_lora_plus_and_embedding_lora_resume_bitwise_on_two_ranks(tmp_path,
 
 
 def test_the_analysis_reads_a_dora_and_embedding_adapter_as_its_linear_b_a(tmp_path, tiny_base):
-    from trainer.analysis import load_adapter
+    from trainer.analysis.ranks import load_adapter
 
     adapter = make_checkpoint(tmp_path / "run", VARIANT_TARGETS, "lora.dora=true")
     modules = load_adapter(adapter).modules

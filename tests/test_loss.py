@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.builtin import demo_rows
+from trainer.model.builtin import demo_rows
 from trainer.config import recipe_from_dict
-from trainer.data import IGNORE_INDEX, Example, collate
-from trainer.lora import adapter_parameters, apply_lora, lora_layers
+from trainer.data.datasets import IGNORE_INDEX, Example, collate
+from trainer.model.lora import adapter_parameters, apply_lora, lora_layers
 from trainer.loss import CausalLMLoss, chunked_cross_entropy, enable_activation_checkpointing
-from trainer.model import load_base
-from trainer.packing import collate_packed, use_packed_attention
+from trainer.model.base import load_base
+from trainer.data.packing import collate_packed, use_packed_attention
 
 
 @pytest.fixture(scope="module")

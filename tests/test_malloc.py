@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer import malloc
+from trainer.speedups import malloc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = (
@@ -37,7 +37,7 @@ def test_tunables_are_added_to_the_users_unless_they_set_malloc_or_opt_out():
 def test_only_a_process_started_to_run_the_script_is_re_executed():
     assert malloc.started_script(["python", "-u", "launch/train.py", "--local_rank=0", "r.yaml"]) == "launch/train.py"
     assert malloc.started_script(["python", "-X", "dev", "-W", "ignore", "t.py"]) == "t.py"
-    assert malloc.started_script(["python", "-m", "trainer.bench_probe", "m.json", "launch/train.py"]) is None
+    assert malloc.started_script(["python", "-m", "launch.benchmarks.probe", "m.json", "launch/train.py"]) is None
     assert malloc.started_script(["python", "-c", "import runpy"]) is None
     assert malloc.started_script(["python"]) is None
 

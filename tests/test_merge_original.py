@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from _checkpoints import ONE_THREAD, make_checkpoint, one_thread, tiny_recipe
 from conftest import run_cli
-from trainer.export import ExportOptions, export
+from trainer.evaluation.export import ExportOptions, export
 
 import pytest
 

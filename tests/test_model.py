@@ -6,7 +6,7 @@ import logging
 import torch
 
 from trainer.config import recipe_from_dict
-from trainer.model import load_base
+from trainer.model.base import load_base
 
 
 def test_the_int8_cast_warning_is_silenced_and_nothing_else(small_base_path, caplog):

@@ -353,7 +353,7 @@ def test_slurm_script_trains_on_two_nodes_with_a_shared_output_dir(tmp_path, one
 
 
 def test_nccl_async_error_handling_is_on_unless_the_environment_says_otherwise(monkeypatch):
-    from trainer.distributed import nccl_error_handling
+    from trainer.runtime.distributed import nccl_error_handling
 
     monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
     nccl_error_handling()
@@ -366,7 +366,7 @@ def test_nccl_async_error_handling_is_on_unless_the_environment_says_otherwise(m
 def test_cpu_ranks_of_one_machine_split_its_cores_unless_omp_num_threads_is_set(monkeypatch):
     import torch
 
-    from trainer.distributed import share_cores
+    from trainer.runtime.distributed import share_cores
 
     before = torch.get_num_threads()
     try:

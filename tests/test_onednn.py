@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer import onednn
-from trainer.lora import adapter_parameters
+from trainer.speedups import onednn
+from trainer.model.lora import adapter_parameters
 from trainer.loss import CausalLMLoss
-from trainer.packing import collate_packed
+from trainer.data.packing import collate_packed
 from tests.test_fused import lora_model
 from tests.test_loss import examples  # noqa: F401  (a fixture)
 
@@ -164,13 +164,13 @@ def test_a_model_with_routed_layers_pickles(calls):
 
 def test_products_of_ever_new_shapes_do_not_grow_memory():
     # oneDNN keeps cache entries per product shape, and packed batches change shapes every step: with
-    # the default capacities a training run grew by ~13 MB per step. trainer.onednn caps them on import.
+    # the default capacities a training run grew by ~13 MB per step. trainer.speedups.onednn caps them on import.
     import os
     import subprocess
     import sys
 
     code = """
-import torch, trainer.onednn as onednn
+import torch, trainer.speedups.onednn as onednn
 torch.set_num_threads(1)
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20

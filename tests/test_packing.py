@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.builtin import demo_rows
+from trainer.model.builtin import demo_rows
 from trainer.config import recipe_from_dict
-from trainer.data import IGNORE_INDEX, Example, collate
-from trainer.lora import adapter_parameters, apply_lora, lora_layers
+from trainer.data.datasets import IGNORE_INDEX, Example, collate
+from trainer.model.lora import adapter_parameters, apply_lora, lora_layers
 from trainer.loss import CausalLMLoss
-from trainer.model import load_base
-from trainer.packing import collate_packed, pack_rows, use_packed_attention
+from trainer.model.base import load_base
+from trainer.data.packing import collate_packed, pack_rows, use_packed_attention
 
 MAX_SEQ_LEN = 64
 
@@ -89,7 +89,7 @@ def test_packed_loss_and_gradients_equal_unpacked(small_base_path, small_tokeniz
     loss_model = CausalLMLoss(model)
     unpacked = loss_and_grads(loss_model, collate(examples, small_tokenizer.pad_token_id))
     if attention == "packed":  # rows joined without padding, attention per example: the loop's collate
-        from trainer.packing import training_collate
+        from trainer.data.packing import training_collate
 
         recipe = recipe_from_dict({"data": {"max_seq_len": MAX_SEQ_LEN}})
         packed_batch = training_collate(recipe, model, small_tokenizer.pad_token_id)(examples)
@@ -140,7 +140,7 @@ def test_changing_one_example_leaves_the_next_one_in_its_row_unchanged(small_bas
 def test_packing_is_the_default_and_falls_back_where_attention_cannot_isolate_examples(examples, capsys):
     from types import SimpleNamespace
 
-    from trainer.packing import training_collate
+    from trainer.data.packing import training_collate
 
     recipe = recipe_from_dict({"data": {"max_seq_len": MAX_SEQ_LEN}})
     assert recipe.data.packing

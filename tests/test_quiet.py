@@ -8,7 +8,7 @@ import sys
 
 from _checkpoints import ONE_THREAD
 from conftest import ROOT, run_cli
-from trainer.quiet import DropNoise, install
+from trainer.runtime.quiet import DropNoise, install
 
 NOISE = ("gemm_4bit_forward", "kernels-community", "past_key_values", "Loading weights", "[INFO]",
          "Setting accelerator", "FutureWarning", "is deprecated", "Writing model shards")
@@ -27,7 +27,7 @@ def test_a_tiny_run_prints_only_our_lines(tmp_path, tiny_base):
 # In a fresh interpreter: what a launch script does before the libraries load, then the libraries.
 SCRIPT = """
 import logging, sys
-from trainer.quiet import install
+from trainer.runtime.quiet import install
 install(debug=sys.argv[1] == "debug")
 import bitsandbytes  # its CPU backend logs the kernels-community line at import where the hub kernel is refused
 import deepspeed

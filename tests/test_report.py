@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from trainer.report import TensorBoardLog, read_metrics, write_report
+from trainer.runtime.report import TensorBoardLog, read_metrics, write_report
 
 
 def write_metrics(directory, records, torn_tail=True):

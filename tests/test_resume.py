@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, free_port, run_cli
-from trainer import resume
+from trainer.checkpoint import resume
 
 # 38 training rows with a global batch of 16: epochs end inside steps 3 and 5, and the resumed part
 # (steps 4-6) crosses one. 2 ranks x micro-batch 4 x accumulation 2 = 16.

@@ -17,10 +17,11 @@ from safetensors import safe_open
 
 from _checkpoints import peft_on_4bit_base
 from conftest import free_port, run_cli
-from trainer import builtin, gguf_base, resume
+from trainer.model import builtin, gguf
+from trainer.checkpoint import resume
 from trainer.config import recipe_from_dict
-from trainer.lora import apply_lora
-from trainer.model import load_base, load_tokenizer
+from trainer.model.lora import apply_lora
+from trainer.model.base import load_base, load_tokenizer
 
 NAME = "builtin:smollm2-135m"
 # A chat turn, and a few ordinary token ids: enough to exercise every layer, short enough for CPU.
@@ -36,9 +37,9 @@ def test_a_second_resolve_reuses_the_conversion(smollm2_base, monkeypatch):
     def convert_again(*args):
         raise AssertionError("converted the GGUF file a second time")
 
-    monkeypatch.setattr(gguf_base, "convert", convert_again)
+    monkeypatch.setattr(gguf, "convert", convert_again)
     assert Path(builtin.resolve(NAME)) == smollm2_base
-    assert json.loads((smollm2_base / gguf_base.MARKER).read_text())["source"] == builtin.SMOLLM2_FILE
+    assert json.loads((smollm2_base / gguf.MARKER).read_text())["source"] == builtin.SMOLLM2_FILE
 
 
 def test_the_converted_base_is_a_gqa_llama_with_tied_embeddings(smollm2_base):

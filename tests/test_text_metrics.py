@@ -2,7 +2,7 @@ from decimal import Decimal
 
 import pytest
 
-from trainer.text_metrics import (exact_match, final_number_correct, format_table, longest_common_subsequence,
+from trainer.evaluation.scores import (exact_match, final_number_correct, format_table, longest_common_subsequence,
                                   normalise, prediction_number, reference_number, rouge_l, score, summarise,
                                   token_f1)
 

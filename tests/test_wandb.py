@@ -82,7 +82,7 @@ def test_report_to_is_validated_and_report_false_still_turns_dashboards_off(tmp_
         load_recipe(recipe_path, ["train.report_to=[tensorboard,comet]"])
     with pytest.raises(RecipeError, match="train.wandb_mode"):
         load_recipe(recipe_path, ["train.wandb_mode=sometimes"])
-    from trainer.wandb_log import Dashboards
+    from trainer.runtime.dashboards import Dashboards
 
     quiet = Dashboards(load_recipe(recipe_path, ["train.report=false", "train.report_to=[tensorboard,wandb]",
                                                  f"output_dir={tmp_path}"]))

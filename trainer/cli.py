@@ -11,12 +11,12 @@ import sys
 import traceback
 from typing import Callable
 
-from trainer import distributed, quiet
-from trainer.checkpoint import CheckpointError
+from trainer.runtime import distributed, quiet
+from trainer.checkpoint.saving import CheckpointError
 from trainer.config import Recipe, RecipeError, load_recipe
-from trainer.data import DataError
-from trainer.health import TrainingHealthError
-from trainer.model import ModelLoadError
+from trainer.data.datasets import DataError
+from trainer.runtime.health import TrainingHealthError
+from trainer.model.base import ModelLoadError
 
 KNOWN_ERRORS = (RecipeError, DataError, ModelLoadError, CheckpointError, TrainingHealthError)
 FLAGS = ("--dry-run", "--debug")
@@ -49,7 +49,7 @@ def run_script(body: Callable[[], object], argv: list[str]) -> None:
     """Run a script's body and end its process: exit 0 after success; one clear message and exit 2
     on a known error or a lost peer (`--debug` or QLORA_DEBUG=1: the traceback instead); a traceback
     and exit 1 on anything else (130 on Ctrl-C). A process that started a process group ends here,
-    through trainer.distributed.finish; one that did not returns, or raises SystemExit or the error."""
+    through trainer.runtime.distributed.finish; one that did not returns, or raises SystemExit or the error."""
     debug = "--debug" in argv or os.environ.get("QLORA_DEBUG") == "1"
     quiet.install(debug)  # the libraries' routine lines (trainer/quiet.py); --debug shows them
     try:

@@ -13,24 +13,26 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer import builtin, checkpoint, distributed, health, preflight, resume
-from trainer.checkpoint import TrainState
+from trainer.model import builtin
+from trainer.checkpoint import saving, resume
+from trainer.runtime import distributed, health, preflight
+from trainer.checkpoint.saving import TrainState
 from trainer.config import Recipe, TrainConfig, deepspeed_config
-from trainer.data import BatchPlan, Example, build_datasets
-from trainer.eval_generation import held_out_rows
-from trainer.evaluate import evaluate_loss
-from trainer.fused import use_fused_mlp, use_fused_norm
-from trainer.generate import sample_generations
-from trainer.lora import adapter_parameters, apply_lora, link_group_states, optimizer_groups, parameter_summary
+from trainer.data.datasets import BatchPlan, Example, build_datasets
+from trainer.evaluation.eval_command import held_out_rows
+from trainer.evaluation.held_out_loss import evaluate_loss
+from trainer.speedups.fused import use_fused_mlp, use_fused_norm
+from trainer.evaluation.generate import sample_generations
+from trainer.model.lora import adapter_parameters, apply_lora, link_group_states, optimizer_groups, parameter_summary
 from trainer.loss import CausalLMLoss
-from trainer.metrics import MetricsLog
-from trainer.model import dtype_name, load_base, load_tokenizer, resolve_base
-from trainer.onednn import use_onednn_linear
-from trainer.packing import training_collate
-from trainer.adapter import base_fingerprint
-from trainer.report import append_samples, format_samples, write_report
-from trainer.wandb_log import Dashboards
-from trainer.signals import StopRequest
+from trainer.runtime.metrics_log import MetricsLog
+from trainer.model.base import dtype_name, load_base, load_tokenizer, resolve_base
+from trainer.speedups.onednn import use_onednn_linear
+from trainer.data.packing import training_collate
+from trainer.evaluation.adapter import base_fingerprint
+from trainer.runtime.report import append_samples, format_samples, write_report
+from trainer.runtime.dashboards import Dashboards
+from trainer.runtime.signals import StopRequest
 
 SAMPLE_MAX_NEW_TOKENS = 48  # sample answers in the training log stay short: a glance, not an evaluation
 
@@ -133,7 +135,7 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
             metrics.write(record)
             dashboards.write(record)
         if state.step % recipe.train.save_every == 0 or last or stops:
-            saved = checkpoint.save(Path(recipe.output_dir), run.model, run.optimizer, recipe,
+            saved = saving.save(Path(recipe.output_dir), run.model, run.optimizer, recipe,
                                     run.base_name_or_path, state, run.meta, record.get("eval_loss"))
             say(f"saved {saved}")
         if stops and not last:

@@ -1,0 +1,1 @@
+"""The benchmark's pieces (not installed with the trainer): the shared job, the transformers Trainer + peft side, the memory probe."""

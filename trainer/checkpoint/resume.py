@@ -1,0 +1,217 @@
+"""Resuming from a checkpoint: find it, check it matches the recipe, restore every piece of state.
+
+The saved state is consolidated (full adapter tensors and full Adam moments), so a checkpoint
+written by N ranks resumes on M ranks with no conversion: each rank takes what its ZeRO
+partition needs from the full tensors. Only global rank 0 reads the checkpoint and broadcasts
+it, so resuming works when other nodes cannot see rank 0's disk.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from trainer.runtime import distributed
+from trainer.checkpoint.saving import (ADAM_KEYS, COMPLETE, CheckpointError, TrainState, complete_checkpoints,
+                                peft_key, set_rng_state)
+from trainer.config import Recipe
+from trainer.model.lora import adapter_parameters
+
+# Fields that change what the adapter means: resuming across them is refused.
+MUST_MATCH = ("model.name_or_path", "quant.bits", "quant.quant_type", "quant.double_quant", "lora.r",
+              "lora.alpha", "lora.rslora", "lora.dora", "lora.target_modules", "data.template")
+# Fields that change how training continues: allowed, with a warning.
+WARN_IF_CHANGED = ("train.learning_rate", "train.max_steps", "train.warmup_steps", "train.min_lr_ratio",
+                   "train.weight_decay", "train.global_batch_size", "data.path", "data.max_seq_len",
+                   "lora.dropout", "lora.plus_ratio", "train.seed", "data.drop_leaked", "data.packing", "data.eval_fraction")
+
+
+def on_main(read):
+    """Run `read()` on rank 0 only and hand its result (or its CheckpointError) to every rank."""
+    outcome = None
+    if distributed.is_main():
+        try:
+            outcome = ("ok", read())
+        except CheckpointError as error:
+            outcome = ("error", str(error))
+    status, value = distributed.broadcast_object(outcome)
+    if status == "error":
+        raise CheckpointError(value)
+    return value
+
+
+def find_resume_dir(recipe: Recipe) -> Path | None:
+    return on_main(lambda: _find_resume_dir(recipe))
+
+
+def _find_resume_dir(recipe: Recipe) -> Path | None:
+    if recipe.resume in (None, "", "none"):
+        return None
+    if recipe.resume == "auto":
+        found = complete_checkpoints(Path(recipe.output_dir) / "checkpoints")
+        return found[-1] if found else None
+    path = Path(recipe.resume)
+    if not (path / COMPLETE).exists():
+        raise CheckpointError(f"resume={path}: not a complete checkpoint directory (no {COMPLETE} marker); "
+                              f"use resume=auto to pick the newest complete one")
+    return path
+
+
+def check_compatible(directory: Path, recipe: Recipe) -> None:
+    """Refuse a checkpoint whose adapter means something else; warn on changed training settings."""
+    saved = on_main(lambda: _read_yaml(directory / "recipe.yaml"))
+    current = recipe.to_dict()
+    for dotted in MUST_MATCH:
+        before, now = _lookup(saved, dotted), _lookup(current, dotted)
+        if _normalise(before) != _normalise(now):
+            raise CheckpointError(f"cannot resume from {directory}: {dotted} was {before!r} there, the recipe "
+                                  f"says {now!r}. Resume with the original value, or start a new output_dir.")
+    for dotted in WARN_IF_CHANGED:
+        before, now = _lookup(saved, dotted), _lookup(current, dotted)
+        if before != now and distributed.is_main():
+            warnings.warn(f"resuming from {directory} with {dotted} changed from {before!r} to {now!r}",
+                          stacklevel=2)
+
+
+def _normalise(value):
+    return sorted(value) if isinstance(value, list) else value
+
+
+def _lookup(tree: dict, dotted: str):
+    for key in dotted.split("."):
+        tree = tree.get(key, {}) if isinstance(tree, dict) else {}
+    return tree if tree != {} else None
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise CheckpointError(f"{path}: unreadable ({error})") from None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: unreadable or truncated ({error})") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({error})") from None
+
+
+def load_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
+    return _read_tensors(directory / "adapter_model.safetensors")
+
+
+def load_into_model(model: nn.Module, directory: Path) -> None:
+    """Copy adapter weights into the (not yet DeepSpeed-wrapped) model; every key must match."""
+    weights = on_main(lambda: load_adapter_weights(directory))
+    parameters = adapter_parameters(model)
+    expected = {peft_key(name) for name in parameters}
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{directory / 'adapter_model.safetensors'}: keys do not match the model "
+                              f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            value = weights[peft_key(name)]
+            if value.shape != parameter.shape:
+                raise CheckpointError(f"{directory}: {peft_key(name)} has shape {tuple(value.shape)}, "
+                                      f"the model expects {tuple(parameter.shape)}")
+            parameter.copy_(value.to(parameter.dtype))
+
+
+def restore_training_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                           engine_optimizer) -> TrainState:
+    """After deepspeed.initialize, on every rank: fp32 master weights, Adam moments and step, RNG."""
+    raw, weights, moments, rng_states = on_main(lambda: _read_training_state(directory))
+    adam_step = raw.pop("adam_step", 0)
+    state = TrainState(**raw)
+    apply_training_state(model, optimizer, engine_optimizer, weights, moments, adam_step)
+    _restore_rng(directory, rng_states)
+    return state
+
+
+def apply_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, engine_optimizer,
+                         weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], adam_step: int) -> None:
+    """Set the fp32 master weights, Adam moments and Adam step from full (consolidated) tensors."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    _materialise_adam_state(optimizer, engine_optimizer, adam_step)
+    # ZeRO-1/2 link each parameter's slice of the flat Adam state lazily at the first step; link now.
+    link = getattr(engine_optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
+    for name, parameter in adapter_parameters(model).items():
+        key = peft_key(name)
+        value = weights[key].to(parameter.device)
+        _set_model_copy(parameter, value)
+        safe_set_full_fp32_param(parameter, value)  # the fp32 master, where ZeRO or bf16 keeps one
+        for moment in ADAM_KEYS:
+            if f"{key}.{moment}" not in moments:
+                continue
+            value = moments[f"{key}.{moment}"].to(parameter.device)
+            if hasattr(parameter, "ds_id") or hasattr(parameter, "_hp_mapping"):
+                safe_set_full_optimizer_state(parameter, value, moment)
+            else:
+                optimizer.state[parameter][moment].copy_(value)
+
+
+def _set_model_copy(parameter: nn.Parameter, value: torch.Tensor) -> None:
+    """The copy forward passes use; under ZeRO-3 it is partitioned, so gather, set, re-partition."""
+    import deepspeed
+
+    with torch.no_grad():
+        if hasattr(parameter, "ds_id"):
+            with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0):
+                if distributed.is_main():
+                    parameter.copy_(value.to(parameter.dtype))
+        else:
+            parameter.copy_(value.to(parameter.dtype))
+
+
+def _read_training_state(directory: Path) -> tuple[dict, dict, dict, list]:
+    moments_path, rng_path = directory / "optimizer.safetensors", directory / "rng_state.json"
+    return (_read_json(directory / "trainer_state.json"), load_adapter_weights(directory),
+            _read_tensors(moments_path) if moments_path.exists() else {},
+            _read_json(rng_path) if rng_path.exists() else [])
+
+
+def _materialise_adam_state(optimizer: torch.optim.Optimizer, engine_optimizer, adam_step: int) -> None:
+    """torch's Adam creates its state lazily at the first step; create it now (zeros) so saved
+    moments can be copied in, with the step count that drives Adam's bias correction. The tensors
+    Adam steps are the parameters (stage 0) or ZeRO's flat fp32 partitions: ZeRO-3 swaps its
+    partitions into the optimizer's param_groups only while stepping, so ask it for them."""
+    flat_tensors = [p for group in optimizer.param_groups for p in group["params"]]
+    flat_tensors += list(getattr(engine_optimizer, "fp32_partitioned_groups_flat", []))
+    for flat in flat_tensors:
+        state = optimizer.state[flat]
+        state["step"] = torch.tensor(float(adam_step))
+        for moment in ADAM_KEYS:
+            state.setdefault(moment, torch.zeros_like(flat, memory_format=torch.preserve_format))
+
+
+def _restore_rng(directory: Path, per_rank: list) -> None:
+    if not per_rank:
+        return
+    path = directory / "rng_state.json"
+    rank = distributed.rank()
+    if rank < len(per_rank):
+        set_rng_state(per_rank[rank])
+    elif distributed.is_main() or rank == len(per_rank):
+        # New ranks have no saved stream: they keep the seeded one (only dropout draws from it).
+        warnings.warn(f"{path} holds RNG states for {len(per_rank)} ranks; rank {rank} and above keep "
+                      f"their seeded RNG", stacklevel=2)

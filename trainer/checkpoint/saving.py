@@ -1,0 +1,309 @@
+"""Adapter-only checkpoints in PEFT's layout, plus the state needed to resume.
+
+    checkpoints/step-<N>/
+        adapter_config.json, adapter_model.safetensors   PEFT layout: loads with PeftModel.from_pretrained
+        optimizer.safetensors                            Adam moments of the adapter, consolidated (any world size)
+        trainer_state.json                               step, tokens seen, Adam step, data cursor
+        rng_state.json                                   per-rank python / numpy / torch (CPU, CUDA) RNG
+        recipe.yaml, meta.json                           what produced it (meta: step, eval_loss if evaluated there)
+        COMPLETE                                         written last; a directory without it is ignored
+    checkpoints/best -> step-<N>                         the saved checkpoint with the lowest held-out loss
+
+Everything is gathered to full tensors on every rank (collectives), then rank 0 writes into a
+temporary directory and renames it into place, so a crash mid-write never leaves a
+half-checkpoint that `resume=auto` would pick. `best` is a relative symlink swapped atomically
+(best.json names the checkpoint where symlinks are not allowed); `keep_last` pruning never removes
+the checkpoint it points at, and `resume=auto` never follows it (it takes the newest).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from trainer.runtime import distributed
+from trainer.config import Recipe
+from trainer.model.lora import adapter_parameters
+
+PEFT_PREFIX = "base_model.model."
+COMPLETE = "COMPLETE"
+BEST = "best"
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupt, or does not match the recipe."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0  # trained (response) tokens, all ranks
+    examples_seen: int = 0  # the data cursor: position in the endless stream of shuffled epochs
+    epoch: int = 0  # examples_seen // training examples
+    position_in_epoch: int = 0  # examples_seen % training examples
+    global_batch_size: int = 0
+    world_size: int = 1
+    train_examples: int = 0  # size of the training set the cursor counts in (a resume checks it)
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+
+
+def rng_state() -> dict:
+    """This rank's RNG states as plain JSON (no pickle)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+# ------------------------------------------------------------------------------ naming
+
+
+def peft_key(parameter_name: str) -> str:
+    """`model.layers.0.self_attn.q_proj.lora_A.weight` -> PEFT's saved key."""
+    return PEFT_PREFIX + parameter_name
+
+
+def adapter_config(recipe: Recipe, base_name_or_path: str) -> dict:
+    lora = recipe.lora
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name_or_path,
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": sorted(lora.target_modules),
+        "use_rslora": lora.rslora,
+        "use_dora": lora.dora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+
+
+# ------------------------------------------------------------------------------ gathering
+
+
+def gather_adapter(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full fp32 adapter weights by PEFT key. A collective under ZeRO: call on every rank."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    weights = {}
+    for name, parameter in adapter_parameters(model).items():
+        value = safe_get_full_fp32_param(parameter)  # ZeRO 1-3 / bf16: the fp32 master copy
+        if value is None:  # stage 0 in fp32: the parameter is the master copy
+            value = parameter.detach()
+        weights[peft_key(name)] = value.float().cpu().clone()
+    return weights
+
+
+def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], int]:
+    """Consolidated Adam moments of the adapter (not tied to the number of ranks), and the Adam step."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    if not optimizer.state:  # before the first step Adam has no state yet (and ZeRO has linked none)
+        return {}, 0
+    moments = {}
+    for name, parameter in adapter_parameters(model).items():
+        for key in ADAM_KEYS:
+            value = safe_get_full_optimizer_state(parameter, key)
+            if value is None:
+                value = optimizer.state.get(parameter, {}).get(key)
+            if value is not None:
+                moments[f"{peft_key(name)}.{key}"] = value.float().cpu().clone()
+    return moments, _adam_step(optimizer)
+
+
+def _adam_step(optimizer: torch.optim.Optimizer) -> int:
+    for state in optimizer.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+# ------------------------------------------------------------------------------ saving
+
+
+def save(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, recipe: Recipe,
+         base_name_or_path: str, state: TrainState, meta: dict, eval_loss: float | None = None) -> Path | None:
+    """Write checkpoints/step-<N>/ atomically and refresh checkpoints/best. Call on every rank;
+    returns the path on rank 0. `eval_loss`: the held-out loss at this step, if evaluated."""
+    weights = gather_adapter(model)
+    moments, adam_step = gather_optimizer_state(model, optimizer)
+    rng_states = distributed.gather_objects(rng_state())
+    final = output_dir / "checkpoints" / f"step-{state.step}"
+    error = None
+    if distributed.is_main():
+        needed = sum(t.numel() * t.element_size() for t in [*weights.values(), *moments.values()]) + 2**20
+        try:
+            _write(final, weights, moments, rng_states, recipe, base_name_or_path, state,
+                   {**meta, "eval_loss": eval_loss if eval_loss is not None and math.isfinite(eval_loss) else None}, adam_step, needed)
+        except (OSError, CheckpointError) as failure:
+            shutil.rmtree(final.with_name(f".tmp-{final.name}"), ignore_errors=True)
+            error = (str(failure) if isinstance(failure, CheckpointError) else
+                     f"could not write checkpoint {final} ({failure.strerror or failure}); it needs about "
+                     f"{needed / 2**20:.1f} MiB. The previous checkpoint is intact: free space or point "
+                     f"output_dir elsewhere, then resume=auto.")
+    # Every rank learns the outcome, so a failed save stops all of them instead of hanging one.
+    error = distributed.broadcast_object(error)
+    if error:
+        raise CheckpointError(error)
+    return final if distributed.is_main() else None
+
+
+def _write(final: Path, weights: dict, moments: dict, rng_states: list, recipe: Recipe, base_name_or_path: str,
+           state: TrainState, meta: dict, adam_step: int, needed: int) -> None:
+    _check_shapes(weights, recipe, "in memory")
+    temporary = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    free = shutil.disk_usage(temporary).free
+    if free < needed:
+        raise CheckpointError(f"not enough space for checkpoint {final}: it needs about {needed / 2**20:.1f} MiB, "
+                              f"{free / 2**20:.1f} MiB are free. The previous checkpoint is intact: free space "
+                              f"or point output_dir elsewhere, then resume=auto.")
+    (temporary / "adapter_config.json").write_text(json.dumps(adapter_config(recipe, base_name_or_path), indent=2))
+    save_file(weights, str(temporary / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _slow_write_for_tests()
+    if moments:
+        save_file(moments, str(temporary / "optimizer.safetensors"))
+    trainer_state = {**asdict(state), "adam_step": adam_step}
+    (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    (temporary / "rng_state.json").write_text(json.dumps(rng_states))
+    (temporary / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    (temporary / "meta.json").write_text(json.dumps({"step": state.step, **meta}, indent=2))
+    # Read back what was written: an empty or misshapen tensor must never become a checkpoint.
+    _check_shapes(load_file(str(temporary / "adapter_model.safetensors")), recipe, "on disk")
+    (temporary / COMPLETE).write_text("")
+    _fsync_tree(temporary)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+    try:
+        mark_best_and_prune(final, recipe.train.keep_last)
+    except OSError as error:  # the checkpoint itself is complete: keep training
+        print(f"warning: checkpoint {final} is saved, but marking the best one or pruning old ones failed "
+              f"({error})", flush=True)
+
+
+def _check_shapes(weights: dict[str, torch.Tensor], recipe: Recipe, where: str) -> None:
+    # Under ZeRO-3 an ungathered parameter is an empty tensor: never write such a file.
+    if not weights:
+        raise CheckpointError(f"no adapter tensors {where}; refusing to write an empty adapter")
+    for key, tensor in weights.items():
+        if key.endswith(".lora_magnitude_vector"):  # DoRA: one magnitude per output row
+            if tensor.dim() != 1 or tensor.numel() == 0:
+                raise CheckpointError(f"adapter tensor {key} {where} has shape {tuple(tensor.shape)}, expected a "
+                                      f"non-empty vector; refusing to write a broken adapter")
+            continue
+        rank_dim = 0 if ".lora_A." in key or key.endswith(".lora_embedding_A") else 1
+        if tensor.dim() != 2 or tensor.numel() == 0 or tensor.shape[rank_dim] != recipe.lora.r:
+            raise CheckpointError(f"adapter tensor {key} {where} has shape {tuple(tensor.shape)}, expected "
+                                  f"rank {recipe.lora.r} along dim {rank_dim}; refusing to write a broken adapter")
+
+
+def _slow_write_for_tests() -> None:
+    # Lets the crash-safety test kill a process while a checkpoint is half written.
+    delay = float(os.environ.get("QLORA_TEST_SLOW_SAVE", "0"))
+    if delay:
+        time.sleep(delay)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def mark_best_and_prune(newest: Path, keep_last: int | None) -> None:
+    """After `newest` is in place: point checkpoints/best at the best checkpoint, then remove all
+    but the newest `keep_last` and that best one. The link moves first, so it never dangles."""
+    checkpoints = newest.parent
+    best = best_checkpoint(checkpoints)
+    if best is not None:
+        mark_best(best)
+    if not keep_last:
+        return
+    for old in complete_checkpoints(checkpoints)[:-keep_last]:
+        if old not in (newest, best):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def saved_eval_loss(checkpoint: Path) -> float | None:
+    """The held-out loss recorded in a checkpoint's meta.json; None if it was not evaluated there."""
+    try:
+        loss = json.loads((checkpoint / "meta.json").read_text()).get("eval_loss")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
+
+
+def best_checkpoint(checkpoints: Path) -> Path | None:
+    """The complete checkpoint with the lowest held-out loss (the earliest on a tie); None when no
+    checkpoint was saved at an evaluation step."""
+    scored = [(loss, int(path.name.split("-")[1]), path) for path in complete_checkpoints(checkpoints)
+              if (loss := saved_eval_loss(path)) is not None]
+    return min(scored)[2] if scored else None
+
+
+def mark_best(checkpoint: Path) -> None:
+    """Point checkpoints/best at `checkpoint`: a relative symlink (the run directory can move),
+    replaced atomically so a reader sees the old target or the new one. Where symlinks are not
+    allowed, checkpoints/best.json names it instead."""
+    checkpoints = checkpoint.parent
+    temporary = checkpoints / f".tmp-{BEST}-{os.getpid()}"
+    temporary.unlink(missing_ok=True)
+    if (checkpoints / BEST).is_dir() and not (checkpoints / BEST).is_symlink():
+        # A copy made by a tool that followed the link (cp -r, rsync -L): stale, and in the way.
+        print(f"note: {checkpoints / BEST} was a directory (a copied link), not a link; replacing it", flush=True)
+        shutil.rmtree(checkpoints / BEST)
+    try:
+        os.symlink(checkpoint.name, temporary, target_is_directory=True)
+        os.replace(temporary, checkpoints / BEST)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        if (checkpoints / BEST).is_symlink():  # an older link would soon dangle
+            (checkpoints / BEST).unlink()
+        note = {"best": checkpoint.name, "eval_loss": saved_eval_loss(checkpoint)}
+        temporary.write_text(json.dumps(note, indent=2) + "\n")
+        os.replace(temporary, checkpoints / f"{BEST}.json")
+        return
+    (checkpoints / f"{BEST}.json").unlink(missing_ok=True)  # left by an earlier fallback
+
+
+def complete_checkpoints(checkpoints: Path) -> list[Path]:
+    """Complete checkpoints (with their COMPLETE marker), oldest first."""
+    if not checkpoints.is_dir():
+        return []
+    found = [p for p in checkpoints.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / COMPLETE).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))

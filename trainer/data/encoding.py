@@ -1,0 +1,363 @@
+"""Rows -> token ids with labels: prompt templates, chat templates rendered turn by turn, BOS and
+EOS hygiene, and the length policy.
+
+Every example is [document BOS] + text pieces, each piece tokenised on its own and either trained
+(the response, or an assistant turn plus its end-of-turn), masked prompt text that the length
+policy may cut (an instruction, a user turn's content), or masked chat markup that is never cut (a
+chat template's turn headers, its default system prompt). Tokenising the pieces apart makes the
+mask boundary exact, and cutting only prompt text keeps a truncated conversation well formed.
+Every example ends in a trained EOS.
+
+A tokenizer's BOS is a document start (Llama's <s>) unless its chat template writes the BOS token
+as a turn marker (ChatML bases such as SmolLM2, whose BOS is <|im_start|>): then no BOS is
+prepended, and chat examples start with the template's own first token.
+"""
+from __future__ import annotations
+
+import re
+from array import array
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from trainer.config import DataConfig
+from trainer.data.formats import DataError, Row
+from trainer.data.leakage import question_id
+
+IGNORE_INDEX = -100
+
+# What a piece of an example is: trained, masked prompt text the length policy may cut from its
+# start, or masked markup that is kept whole.
+ANSWER, PROMPT, MARKUP = "answer", "prompt", "markup"
+
+TEMPLATES = {
+    "alpaca": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:\n",
+    ),
+    "plain": ("{instruction}\n{input}\n", "{instruction}\n"),
+}
+
+# Used when data.template is chat (or rows are chat) and the tokenizer has no chat template.
+BUILTIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+class TemplateRefused(DataError):
+    """The chat template raised on one conversation (a row problem, not a template problem)."""
+
+
+@dataclass
+class Example:
+    """One tokenised row. Token ids are stored as int32 arrays (`array.array`, list-like): 4 bytes a
+    token where a list of Python ints takes about 36, which is most of a large dataset's memory."""
+    row_id: int
+    input_ids: Sequence[int]
+    labels: Sequence[int]
+    question: int = 0  # leakage.question_id of the row: equal for rows asking the same question
+
+    def __post_init__(self):
+        self.input_ids, self.labels = token_array(self.input_ids), token_array(self.labels)
+
+
+def token_array(values) -> array:
+    """Token ids (a list, an int32 numpy array or an array already) as an int32 `array.array`."""
+    if isinstance(values, array) and values.typecode == "i":
+        return values
+    if hasattr(values, "tobytes"):  # numpy: copy the buffer, no Python ints in between
+        packed = array("i")
+        packed.frombytes(values.astype("int32", copy=False).tobytes())
+        return packed
+    return array("i", values)
+
+
+def check_tokenizer(tokenizer) -> list[str]:
+    """Refuse a tokenizer that cannot mark the end of a response; give one a pad distinct from EOS.
+    Returns notes for the stats."""
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token: responses cannot end in one, so the model "
+                        "would never learn to stop")
+    notes = []
+    replaced = choose_pad(tokenizer)
+    if replaced is not None:
+        notes.append(replaced)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise DataError(f"the tokenizer's pad token is {_pad_was(tokenizer)} and it has no unk token to pad "
+                        f"with: add a distinct pad token (trainer.model.base.load_tokenizer adds <pad>)")
+    if tokenizer.bos_token_id is None:
+        notes.append("the tokenizer has no BOS token: examples start without one")
+    elif document_bos(tokenizer) is None:
+        notes.append(f"BOS {tokenizer.bos_token!r} is the chat template's turn marker: not prepended to examples")
+    return notes
+
+
+def choose_pad(tokenizer) -> str | None:
+    """The one pad rule: a pad that is missing or equal to EOS becomes the unk token when there is a
+    distinct one (SmolLM2's config pads with EOS; its unk is <|endoftext|>). Padding with EOS would
+    hide EOS wherever padding is masked, and the model would never learn to stop. Returns a note
+    when the pad changed, None when it was fine or nothing could replace it."""
+    eos, pad, unk = tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id
+    if pad is not None and pad != eos:
+        return None
+    if unk is None or unk == eos:
+        return None
+    was = _pad_was(tokenizer)
+    tokenizer.pad_token = tokenizer.unk_token
+    return f"pad token was {was}: padding with {tokenizer.unk_token!r} (id {unk}) instead"
+
+
+def _pad_was(tokenizer) -> str:
+    return "missing" if tokenizer.pad_token_id is None else f"EOS ({tokenizer.eos_token!r})"
+
+
+def document_bos(tokenizer) -> int | None:
+    """The BOS id to start every example with, or None: the tokenizer has no BOS, or its chat
+    template writes the BOS token at every turn (ChatML's <|im_start|>), so it is a turn marker and
+    an instruction-template example must not start with one."""
+    bos = tokenizer.bos_token_id
+    template = getattr(tokenizer, "chat_template", None)
+    if bos is None or not isinstance(template, str) or not template:
+        return bos
+    probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+             {"role": "user", "content": "c"}]
+    try:
+        rendered = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # a template that refuses this conversation says nothing about its BOS
+        return bos
+    return None if rendered.count(tokenizer.bos_token) > 1 else bos
+
+
+def expected_first_token(tokenizer, use_chat: bool) -> tuple[int | None, str]:
+    """The token every example must start with, and what it is called in a message: the document
+    BOS, or for chat examples under a turn-marker BOS the template's opening token."""
+    bos = document_bos(tokenizer)
+    if bos is not None or not use_chat or tokenizer.bos_token_id is None:
+        return bos, f"exactly one BOS (id {bos})"
+    template = chat_template(tokenizer)[0]
+    opening = _render(tokenizer, template, [{"role": "user", "content": "a"}], generation_prompt=True)
+    first = (tokenizer(opening, add_special_tokens=False)["input_ids"] or [None])[0]
+    return first, f"the chat template's opening token (id {first}): the conversation's markup was cut"
+
+
+def render_prompt(row: dict[str, str], template: str) -> str:
+    """The prompt of an instruction row: a named template (alpaca, plain) or a custom string in
+    which {instruction} and {input} are replaced."""
+    if template in TEMPLATES:
+        with_input, without_input = TEMPLATES[template]
+        chosen = with_input if row["input"].strip() else without_input
+        return chosen.format(instruction=row["instruction"], input=row["input"])
+    if row["input"].strip() and "{input}" not in template:
+        raise DataError(f"data.template has no {{input}} placeholder but a row has an input: {row['input']!r:.60}")
+    # One pass, so braces inside the row's text are never taken for placeholders.
+    return re.sub(r"\{(instruction|input)\}", lambda match: row[match.group(1)], template)
+
+
+def chat_template(tokenizer) -> tuple[str, str]:
+    """The template chat rows are rendered with, and a note saying which it is."""
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, str) and own:
+        return own, "chat template: the tokenizer's"
+    return BUILTIN_CHAT_TEMPLATE, "chat template: built-in <|role|> (the tokenizer has none)"
+
+
+def as_messages(row: dict[str, str]) -> list[dict[str, str]]:
+    user = row["instruction"] + (f"\n\n{row['input']}" if row["input"].strip() else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+
+
+# ------------------------------------------------------------------------------ tokenising
+
+
+def tokenize_rows(tokenizer, rows: list[Row], format: str, config: DataConfig,
+                  name: str = "data") -> tuple[list[Example], Counter]:
+    """Examples, and counts of rows cut or dropped by the length policy (or refused by the chat
+    template, with on_bad_row=skip). `name` is the dataset, for messages."""
+    counts: Counter = Counter()
+    use_chat = format == "chat" or config.template == "chat"
+    pieces: list[list[tuple[str, str]] | None] = []
+    for row in rows:
+        try:
+            pieces.append(row_pieces(tokenizer, row.fields, config.template, use_chat))
+        except TemplateRefused as error:
+            if config.on_bad_row != "skip":
+                raise DataError(f"{name}: {row.where}: {error}") from None
+            counts["skipped: refused by the chat template"] += 1
+            pieces.append(None)
+        except DataError as error:
+            raise DataError(f"{name}: {row.where}: {error}") from None
+    # Each row's masked text between answers is tokenised as one piece, as it is rendered; only a
+    # row over max_seq_len is tokenised again piece by piece, so that its cut can spare the markup.
+    coarse = [_joined(one_row) if one_row else None for one_row in pieces]
+    ids = _token_ids(tokenizer, [text for one_row in coarse if one_row for text, _ in one_row], literal=not use_chat)
+    bos = document_bos(tokenizer)  # renders the chat template: once, not per row
+    head = int(bos is not None)
+    examples = []
+    for row, one_row, joined in zip(rows, pieces, coarse):
+        if one_row is None:
+            continue
+        tokenised = [(next(ids), kind) for _, kind in joined]
+        if len(joined) < len(one_row) and head + _length(tokenised) > config.max_seq_len:
+            fine = _token_ids(tokenizer, [text for text, _ in one_row], literal=not use_chat)
+            tokenised = [(next(fine), kind) for _, kind in one_row]
+        example, outcome = assemble(tokenizer, tokenised, config, f"{name}: {row.where}", bos)
+        if outcome != "kept":
+            counts[outcome] += 1
+        if example is not None:
+            examples.append(Example(row.record, *example, question_id(row.fields)))
+    return examples, counts
+
+
+def _joined(pieces: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Consecutive masked pieces as one (prompt, unless all markup)."""
+    joined: list[tuple[str, str]] = []
+    for text, kind in pieces:
+        if joined and kind != ANSWER and joined[-1][1] != ANSWER:
+            previous, previous_kind = joined[-1]
+            joined[-1] = (previous + text, MARKUP if previous_kind == kind == MARKUP else PROMPT)
+        else:
+            joined.append((text, kind))
+    return joined
+
+
+def _length(tokenised: list[tuple[list[int], str]]) -> int:
+    return sum(len(piece) for piece, _ in tokenised)
+
+
+def row_pieces(tokenizer, fields: dict, template: str, use_chat: bool) -> list[tuple[str, str]]:
+    """A row as (text, kind) pieces: the rendered conversation for chat rows or data.template=chat,
+    else the instruction template's prompt and the response."""
+    if use_chat:
+        messages = fields["messages"] if "messages" in fields else as_messages(fields)
+        return chat_pieces(tokenizer, chat_template(tokenizer)[0], messages)
+    return [(render_prompt(fields, template), PROMPT), (fields["output"], ANSWER)]
+
+
+def prompt_tokens(tokenizer, fields: dict, template: str, max_tokens: int | None = None) -> list[int]:
+    """The tokens training puts before the (first) response, for generation: the same pieces,
+    tokenised the same way, with a document BOS, and cut by the same rule when longer than
+    `max_tokens` (prompt text from its start, never the chat markup; the markup alone is kept)."""
+    use_chat = "messages" in fields or template == "chat"
+    pieces = row_pieces(tokenizer, fields, template, use_chat)
+    prompt = pieces[:next(i for i, (_, kind) in enumerate(pieces) if kind == ANSWER)]
+    bos = document_bos(tokenizer)
+    tokenised = []
+    for candidate in (_joined(prompt), prompt):  # the whole prompt at once unless it must be cut
+        ids = _token_ids(tokenizer, [text for text, _ in candidate], literal=not use_chat)
+        tokenised = [(next(ids), kind) for _, kind in candidate]
+        head = [bos] if bos is not None and not _starts_with(tokenised, bos) else []
+        excess = len(head) + _length(tokenised) - max_tokens if max_tokens is not None else 0
+        if excess <= 0:
+            break
+    if excess > 0:
+        tokenised = _cut_prompt(tokenised, excess)[0]
+    return head + [token for piece, _ in tokenised for token in piece]
+
+
+def _token_ids(tokenizer, texts: list[str], literal: bool, batch: int = 2048):
+    """Each text's token ids, tokenised a batch at a time: the Python lists of a whole large dataset
+    at once would take ~36 bytes a token before they become compact Examples."""
+    for start in range(0, len(texts), batch):
+        yield from tokenizer(texts[start:start + batch], add_special_tokens=False,
+                             split_special_tokens=literal)["input_ids"]
+
+
+def chat_pieces(tokenizer, template: str, messages: list[dict[str, str]]) -> list[tuple[str, str]]:
+    """The rendered conversation cut into (text, kind) pieces: each assistant turn's text, from
+    where the generation prompt ends to where the turn's rendering ends, is trained; the text
+    before it is markup, except the other messages' contents, which are prompt text."""
+    pieces, rendered, since = [], "", 0
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, template, messages[:index], generation_prompt=True)
+        after = _render(tokenizer, template, messages[:index + 1], generation_prompt=False)
+        if not before.startswith(rendered) or not after.startswith(before):
+            raise DataError("the chat template does not render turn by turn (a shorter conversation's "
+                            "text is not a prefix of the longer one's), so assistant turns cannot be "
+                            "masked exactly; use a template that does, or data.template: alpaca")
+        contents = [m["content"] for m in messages[since:index]]
+        pieces += _split_contents(before[len(rendered):], contents)
+        pieces.append((after[len(before):], ANSWER))
+        rendered, since = after, index + 1
+    return pieces
+
+
+def _split_contents(text: str, contents: list[str]) -> list[tuple[str, str]]:
+    """`text` as markup pieces around the given message contents (prompt pieces), found in order.
+    A content the template changed (and so is not found verbatim) stays inside the markup."""
+    pieces, cursor = [], 0
+    for content in contents:
+        start = text.find(content, cursor) if content else -1
+        if start < 0:
+            continue
+        pieces += [(text[cursor:start], MARKUP), (content, PROMPT)]
+        cursor = start + len(content)
+    pieces.append((text[cursor:], MARKUP))
+    return [(piece, kind) for piece, kind in pieces if piece]
+
+
+def _render(tokenizer, template: str, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as error:  # jinja raises TemplateError, templates raise their own exceptions
+        raise TemplateRefused(f"the chat template refused the conversation: {error}") from None
+
+
+def assemble(tokenizer, pieces: list[tuple[list[int], str]], config: DataConfig,
+             where: str, bos: int | None) -> tuple[tuple[list[int], list[int]] | None, str]:
+    """[`bos`] + pieces, ending in a trained EOS, fitted to max_seq_len by cutting prompt pieces from
+    their start. `bos` is `document_bos(tokenizer)`, computed once by the caller. Returns ((input_ids, labels), "kept" | "truncated"), or (None, why it
+    was dropped)."""
+    eos = tokenizer.eos_token_id
+    # The final response ends at its EOS: cut what a template writes after it (a newline), or add one.
+    final_ids, _ = pieces[-1]
+    if eos in final_ids:
+        final_ids = final_ids[:len(final_ids) - final_ids[::-1].index(eos)]
+    else:
+        final_ids = final_ids + [eos]
+    pieces = pieces[:-1] + [(final_ids, ANSWER)]
+    # BOS exactly once: a chat template may already write it.
+    head = [bos] if bos is not None and not _starts_with(pieces, bos) else []
+    outcome = "kept"
+    excess = len(head) + _length(pieces) - config.max_seq_len
+    if excess > 0:
+        if config.on_too_long == "error":
+            raise DataError(f"{where}: {excess + config.max_seq_len} tokens, over data.max_seq_len="
+                            f"{config.max_seq_len} (data.on_too_long: truncate_prompt or drop handle such rows)")
+        if config.on_too_long == "drop":
+            return None, "dropped: too long"
+        pieces, cut = _cut_prompt(pieces, excess)
+        if cut < excess:
+            return None, "dropped: response alone too long"
+        outcome = "truncated"
+    ids, labels = list(head), [IGNORE_INDEX] * len(head)  # a document BOS is never a target
+    for piece, kind in pieces:
+        ids += piece
+        labels += piece if kind == ANSWER or config.train_on_prompt else [IGNORE_INDEX] * len(piece)
+    return (ids, labels), outcome
+
+
+def _starts_with(pieces: list[tuple[list[int], str]], token: int) -> bool:
+    first_piece = next((piece for piece, _ in pieces if piece), [])
+    return first_piece[:1] == [token]
+
+
+def _cut_prompt(pieces: list[tuple[list[int], str]], excess: int) -> tuple[list[tuple[list[int], str]], int]:
+    """Remove up to `excess` tokens from the prompt pieces, earliest first, each from its start
+    (markup and answers are kept whole). Returns the pieces and how many tokens were removed."""
+    cut, kept = 0, []
+    for piece, kind in pieces:
+        if kind == PROMPT and cut < excess:
+            taken = min(len(piece), excess - cut)
+            piece, cut = piece[taken:], cut + taken
+        kept.append((piece, kind))
+    return kept, cut

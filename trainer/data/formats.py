@@ -1,0 +1,239 @@
+"""Reading a dataset into validated rows, before any tokenising.
+
+Formats: Alpaca (`instruction`, `input`, `output`), nested `instances` (one row per instance), and
+chat `messages` (`role`/`content`). Sources: .json/.jsonl read here, so a bad line can be named;
+.csv/.parquet files, saved `datasets` folders and hub ids through `datasets`. `columns` renames a
+source's columns to ours. A bad row is a DataError naming the file, the row and the problem, or,
+with on_bad_row=skip, left out and counted by reason.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.model import builtin
+
+FORMATS = ("alpaca", "instances", "chat")
+FIELDS = ("instruction", "input", "output", "messages", "instances")
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """Input data that cannot be trained on; the message names the file, the row and the problem."""
+
+
+@dataclass
+class Row:
+    record: int  # 0-based position of the source record; a task's instances share it
+    where: str  # "row 12", "row 3, instance 2": for messages
+    fields: dict[str, Any]  # {"instruction", "input", "output"} or {"messages": [{"role", "content"}]}
+
+
+@dataclass
+class SourceRows:
+    name: str  # the file or dataset, as messages and stats name it
+    format: str
+    records: int  # records read, bad ones included
+    rows: list[Row] = field(default_factory=list)
+    bad: Counter = field(default_factory=Counter)  # reason -> rows skipped
+
+
+@dataclass
+class Located:
+    """A dataset found but not yet read: `identity` changes whenever its content may have."""
+    name: str
+    identity: str
+    read: Callable[[int | None], list[tuple[str, Any]]]  # max_rows -> [(where, record or _Malformed)]
+
+
+class _Malformed(str):
+    """A record that could not be parsed; the string says why."""
+
+
+# ------------------------------------------------------------------------------ finding and reading
+
+
+def locate(path: str, split: str = "train") -> Located:
+    resolved = builtin.resolve(path)
+    local = Path(resolved)
+    if local.suffix in (".json", ".jsonl"):
+        try:
+            stat = local.stat()
+        except OSError as error:
+            raise DataError(f"{local}: cannot read the data file ({error.strerror})") from None
+        return Located(str(local), f"{local.resolve()}:{stat.st_size}:{stat.st_mtime_ns}",
+                       lambda max_rows: _read_json(local)[:max_rows])
+    dataset = _load_with_datasets(resolved, split)
+    name = resolved if local.exists() else f"{resolved} (split {split})"
+
+    def read(max_rows: int | None) -> list[tuple[str, Any]]:
+        chosen = dataset if max_rows is None else dataset.select(range(min(max_rows, len(dataset))))
+        return [(f"row {number}", record) for number, record in enumerate(chosen, start=1)]
+
+    # A dataset's fingerprint changes with its files (local) or revision (hub).
+    return Located(name, f"datasets:{resolved}:{split}:{dataset._fingerprint}", read)
+
+
+def _read_json(path: Path) -> list[tuple[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: cannot read the data file ({getattr(error, 'strerror', None) or error})") from None
+    if path.suffix == ".jsonl":
+        records, number = [], 0
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            number += 1
+            where = f"row {number}" + (f" (line {line_number})" if line_number != number else "")
+            try:
+                records.append((where, json.loads(line)))
+            except json.JSONDecodeError as error:
+                records.append((where, _Malformed(f"not valid JSON ({error.msg} at column {error.colno})")))
+        return records
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON at line {error.lineno} ({error.msg}); "
+                        f"a file of one JSON object per line should be named .jsonl") from None
+    if not isinstance(rows, list):
+        keys = f" with keys {sorted(rows)[:10]}" if isinstance(rows, dict) else ""
+        raise DataError(f"{path}: expected a JSON list of rows, got a {type(rows).__name__}{keys}")
+    return [(f"row {number}", row) for number, row in enumerate(rows, start=1)]
+
+
+def _load_with_datasets(name: str, split: str):
+    import datasets
+
+    local = Path(name)
+    try:
+        if local.is_dir() and ((local / "state.json").exists() or (local / "dataset_dict.json").exists()):
+            dataset = datasets.load_from_disk(str(local))
+        elif local.suffix in (".csv", ".parquet", ".arrow"):
+            builder = local.suffix.lstrip(".")
+            dataset = datasets.load_dataset(builder, data_files=str(local), split="train")
+        else:
+            dataset = datasets.load_dataset(name, split=split)
+    except Exception as error:  # datasets raises many types for "not found / offline / bad file"
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"{name}: could not load as a file, a saved dataset or a hub dataset "
+                        f"(split {split}): {first_line}") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise DataError(f"{name}: no split {split!r}; it has {sorted(dataset)} (set data.split)")
+        dataset = dataset[split]
+    return dataset
+
+
+# ------------------------------------------------------------------------------ validating
+
+
+def read_source(located: Located, format: str = "auto", columns: dict[str, str] | None = None,
+                max_rows: int | None = None, on_bad_row: str = "error") -> SourceRows:
+    """Every record validated; bad ones raise or are counted, per on_bad_row."""
+    records = located.read(max_rows)
+    columns = columns or {}
+    present = sorted({key for _, record in records if isinstance(record, dict) for key in record})
+    missing = [column for column in columns if column not in present]
+    if missing or any(target not in FIELDS for target in columns.values()):
+        raise DataError(f"{located.name}: data.columns {columns} does not fit: "
+                        + (f"no column {missing}; " if missing else "")
+                        + f"the file has columns {present}, and our fields are {list(FIELDS)}")
+    renamed = [columns.get(column, column) for column in present]
+    format = _detect_format(located.name, renamed) if format == "auto" else format
+    source = SourceRows(located.name, format, len(records))
+    for record_index, (where, record) in enumerate(records):
+        if isinstance(record, dict) and columns:
+            record = {columns.get(key, key): value for key, value in record.items()}
+        for row_where, fields, problem in _validate(format, where, record):
+            if problem is None:
+                source.rows.append(Row(record_index, row_where, fields))
+            elif on_bad_row == "skip":
+                source.bad[problem[0]] += 1
+            else:
+                raise DataError(f"{located.name}: {row_where}: {problem[1]} "
+                                f"(data.on_bad_row: skip leaves such rows out and counts them)")
+    return source
+
+
+def _detect_format(name: str, columns: list[str]) -> str:
+    if "messages" in columns:
+        return "chat"
+    if "instances" in columns:
+        return "instances"
+    if "instruction" in columns and "output" in columns:
+        return "alpaca"
+    raise DataError(f"{name}: cannot tell the format from its columns {columns}: expected instruction/input/"
+                    f"output, instruction/instances or messages. Map yours with data.columns, "
+                    f"e.g. data.columns={{prompt: instruction, response: output}}")
+
+
+Problem = tuple[str, str]  # (reason counted in the stats, message)
+
+
+def _validate(format: str, where: str, record: Any) -> list[tuple[str, dict, Problem | None]]:
+    if isinstance(record, _Malformed):
+        return [(where, {}, ("invalid JSON", str(record)))]
+    if not isinstance(record, dict):
+        return [(where, {}, ("not an object", f"expected an object, got {type(record).__name__}"))]
+    if format == "chat":
+        messages, problem = _chat(record)
+        return [(where, {"messages": messages}, problem)]
+    problem = _text(record, "instruction", required=True)
+    if format == "alpaca":
+        problem = problem or _text(record, "input", required=False) or _text(record, "output", required=True)
+        return [(where, _alpaca(record) if problem is None else {}, problem)]
+    instances = record.get("instances")
+    if problem is None and (not isinstance(instances, list) or not instances):
+        problem = ("bad instances", f"field 'instances' should be a non-empty list, got {instances!r:.60}")
+    if problem is not None:
+        return [(where, {}, problem)]
+    rows = []
+    for number, instance in enumerate(instances, start=1):
+        row = {**instance, "instruction": record["instruction"]} if isinstance(instance, dict) else None
+        problem = (("bad instances", f"instance is {type(instance).__name__}, not an object") if row is None
+                   else _text(row, "input", required=False) or _text(row, "output", required=True))
+        rows.append((f"{where}, instance {number}", _alpaca(row) if problem is None else {}, problem))
+    return rows
+
+
+def _text(record: dict, key: str, required: bool) -> Problem | None:
+    value = record.get(key)
+    if value is None and not required:
+        return None
+    if value is None:
+        return (f"missing {key}", f"field {key!r} is missing (row keys: {sorted(record)})")
+    if not isinstance(value, str):
+        return (f"{key} not a string", f"field {key!r} is {type(value).__name__}, not a string: {value!r:.60}")
+    if required and not value.strip():
+        return (f"empty {key}", f"field {key!r} is empty")
+    return None
+
+
+def _alpaca(record: dict) -> dict[str, str]:
+    return {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}
+
+
+def _chat(record: dict) -> tuple[list[dict[str, str]], Problem | None]:
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return [], ("bad messages", f"field 'messages' should be a non-empty list, got {messages!r:.60}")
+    for number, message in enumerate(messages, start=1):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            return [], ("bad messages", f"message {number} should be an object with role in {list(ROLES)}, "
+                                        f"got {message!r:.80}")
+        if not isinstance(message.get("content"), str):
+            return [], ("bad messages", f"message {number}: 'content' is not a string: {message.get('content')!r:.60}")
+        if message["role"] == "assistant" and not message["content"].strip():
+            return [], ("empty output", f"message {number}: the assistant's content is empty")
+    # Turns after the last assistant message have nothing to train on.
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        return [], ("bad messages", "no assistant message: nothing to train on")
+    if messages[0]["role"] == "assistant":
+        return [], ("bad messages", "the conversation opens with the assistant: no prompt to answer")
+    return [{"role": m["role"], "content": m["content"]} for m in messages[:last + 1]], None

@@ -1,0 +1,124 @@
+"""What the model will be trained on, per dataset, checked before the first step.
+
+`check_labels` stops the run on labels that would train the wrong thing silently: padding that is
+EOS, no trained EOS (the model never learns to stop), an example with no trained token, a BOS
+missing or doubled. `DataStats` prints as a table, one line per dataset.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer.data.formats import DataError
+from trainer.data.encoding import IGNORE_INDEX, Example, document_bos, expected_first_token
+
+
+def check_labels(examples: list[Example], tokenizer, describe: Callable[[int], str], use_chat: bool = False) -> None:
+    """Raise DataError naming the first offending row. `describe(row_id)` says where a row came from;
+    `use_chat`: the examples are rendered with the chat template."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if pad is None or pad == eos:
+        raise DataError(f"the pad token is {'missing' if pad is None else 'EOS'}: padding and the EOS "
+                        f"label would be the same token, and the model would never learn to stop")
+    if not examples:
+        return
+    for example in examples:
+        if len(example.labels) != len(example.input_ids) or not example.input_ids:
+            raise DataError(f"{describe(example.row_id)}: labels and input ids differ in length, or are empty")
+    ids, labels, starts, lengths = flatten(examples)
+    trained = trained_mask(labels, starts)
+    ends = starts + lengths - 1
+    if not (labels[ends] == eos).any():
+        raise DataError(f"EOS (id {eos}) is never a trained label: the model would never learn to stop")
+    second = np.minimum(starts + 1, len(ids) - 1)  # a one-token example has no second token
+    not_input = (labels != IGNORE_INDEX) & (labels != ids)
+    checks = [
+        ("labels are not the input ids (masked or equal)", _per_example(not_input, starts)),
+        ("no trained token", ~_per_example(trained, starts)),
+        (f"does not end in a trained EOS (id {eos})", labels[ends] != eos),
+    ]
+    if pad != tokenizer.unk_token_id:  # unk doubles as pad on some tokenizers, and may appear in text
+        checks.append((f"the pad token (id {pad}) is a trained label", _per_example(trained & (labels == pad), starts)))
+    first, first_name = expected_first_token(tokenizer, use_chat)
+    if first is not None:
+        bad_start = ids[starts] != first
+        if first == document_bos(tokenizer):  # a document BOS must not be doubled either
+            bad_start |= (lengths > 1) & (ids[second] == first)
+        checks.append((f"does not start with {first_name}", bad_start))
+    for problem, bad in checks:
+        if bad.any():
+            raise DataError(f"{describe(examples[int(np.argmax(bad))].row_id)}: {problem}")
+
+
+def flatten(examples: list[Example]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """All examples' ids and labels end to end, with each example's start and length."""
+    lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    ids = np.fromiter(chain.from_iterable(e.input_ids for e in examples), dtype=np.int64, count=int(lengths.sum()))
+    labels = np.fromiter(chain.from_iterable(e.labels for e in examples), dtype=np.int64, count=int(lengths.sum()))
+    return ids, labels, starts, lengths
+
+
+def trained_mask(labels: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    # An example's first label is never a target: the loss predicts token t from tokens before it.
+    trained = labels != IGNORE_INDEX
+    trained[starts] = False
+    return trained
+
+
+def _per_example(flags: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    return np.logical_or.reduceat(flags, starts)
+
+
+def dataset_summary(name: str, format: str, records: int, outcomes: dict[str, int],
+                    examples: list[Example]) -> dict[str, Any]:
+    """Token counts over a dataset's examples (train and held out, before weighting)."""
+    summary = {"name": name, "format": format, "rows": records, "examples": len(examples),
+               "outcomes": dict(outcomes), "mean_tokens": 0.0, "max_tokens": 0, "trained_fraction": 0.0}
+    if examples:
+        _, labels, starts, lengths = flatten(examples)
+        summary.update(mean_tokens=round(float(lengths.mean()), 1), max_tokens=int(lengths.max()),
+                       trained_fraction=round(float(trained_mask(labels, starts).mean()), 4))
+    return summary
+
+
+class DataStats(dict):
+    """The stats dict; str() is the table (the loop prints f"data: {stats}")."""
+
+    def __str__(self) -> str:
+        return format_stats(self)
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    header = (f"{stats['train_examples']:,} train / {stats['eval_examples']:,} held-out examples, "
+              f"template {stats['template']}, max_seq_len {stats['max_seq_len']}, cache {stats['cache']}")
+    columns = ("dataset", "format", "rows", "skipped", "cut", "dropped", "leaked", "weight", "train", "eval",
+               "mean tok", "max tok", "trained")
+    lines = []
+    for d in stats["datasets"]:
+        outcomes = d["outcomes"]
+        lines.append((_short(d["name"]), d["format"], f"{d['rows']:,}", _count(outcomes, "skipped"),
+                      f"{outcomes.get('truncated', 0):,}", _count(outcomes, "dropped"), f"{d['leaked']:,}",
+                      "eval" if d["weight"] is None else f"{d['weight']:g}",
+                      f"{d['train']:,}", f"{d['eval']:,}", f"{d['mean_tokens']:.1f}", f"{d['max_tokens']:,}",
+                      f"{100 * d['trained_fraction']:.1f}%"))
+    widths = [max(len(row[i]) for row in [columns, *lines]) for i in range(len(columns))]
+    table = ["  " + "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w)
+                              in enumerate(zip(row, widths))) for row in [columns, *lines]]
+    reasons = [f"  {_short(d['name'])}: {why}: {n:,}" for d in stats["datasets"]
+               for why, n in sorted(d["outcomes"].items()) if why != "truncated"]
+    notes = [f"  note: {note}" for note in stats["notes"]]
+    return "\n".join([header, *table, *reasons, *notes])
+
+
+def _count(outcomes: dict[str, int], prefix: str) -> str:
+    return f"{sum(n for why, n in outcomes.items() if why.startswith(prefix)):,}"
+
+
+def _short(name: str) -> str:
+    local = Path(name)
+    return local.name if local.exists() else name

@@ -1,0 +1,230 @@
+"""Talk to a trained adapter (or a merged export, or the base alone) in the terminal.
+
+    python launch/chat.py RECIPE adapter=DIR [chat.temperature=0.7] [chat.top_p=0.9]
+        [chat.max_new_tokens=256] [chat.greedy=true] [chat.seed=0] [--prompt "..."]
+
+`adapter=` takes a checkpoint (base + adapter, quantised as in training, checked like eval's), a
+merged export directory, a .gguf file, or `none` (the base alone). The conversation is written the
+way training wrote it: with data.template: chat, the tokenizer's chat template (or the built-in
+one) over the whole history; with an instruction template (alpaca), each turn is that template's
+prompt and the answer ends with EOS. Tokens are printed as they are generated. `/reset` clears the
+history, `/exit` (or end of input) leaves. `--prompt "..."` answers one message on stdout and exits.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar, Iterator
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from trainer import options
+from trainer.config import Recipe, RecipeError
+from trainer.data.encoding import chat_template, document_bos, prompt_tokens
+from trainer.evaluation.generate import cache_argument
+
+COMMANDS = "/reset clears the conversation, /exit leaves"
+
+
+@dataclass
+class ChatOptions:
+    TOP_LEVEL: ClassVar[tuple[str, ...]] = ("adapter",)
+    adapter: str = ""  # checkpoint dir | merged export dir | .gguf file | none
+    temperature: float = 0.7  # sampling temperature (0: greedy)
+    top_p: float = 0.9  # nucleus sampling: the smallest set of tokens holding this much probability
+    max_new_tokens: int = 256  # per answer
+    greedy: bool = False  # always the most likely token (same answer every time)
+    seed: int = 0  # sampling seed
+
+
+# ------------------------------------------------------------------------------ prompts
+
+
+def conversation_ids(tokenizer, history: list[dict[str, str]], template: str) -> list[int]:
+    """The tokens before the next assistant answer. `history` alternates user and assistant
+    messages and ends with a user message."""
+    if template == "chat":
+        text = tokenizer.apply_chat_template(history, chat_template=chat_template(tokenizer)[0],
+                                             add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        bos = document_bos(tokenizer)
+        return ([bos] if bos is not None and ids[:1] != [bos] else []) + ids
+    ids: list[int] = []
+    for index in range(0, len(history), 2):  # an instruction template: one prompt per turn
+        ids += prompt_tokens(tokenizer, {"instruction": history[index]["content"], "input": "", "output": ""},
+                             template)
+        if index + 1 < len(history):
+            ids += tokenizer(history[index + 1]["content"], add_special_tokens=False)["input_ids"]
+            ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+# ------------------------------------------------------------------------------ decoding
+
+
+@torch.no_grad()
+def stream_tokens(model: nn.Module, prompt: list[int], opts: ChatOptions, eos_ids: set[int],
+                  generator: torch.Generator | None = None) -> Iterator[int]:
+    """Token ids of one answer, as they are generated (EOS not included), with a KV cache."""
+    device = next(model.parameters()).device
+    cache = DynamicCache()
+    step = torch.tensor([prompt], device=device)
+    greedy = opts.greedy or opts.temperature <= 0
+    for _ in range(opts.max_new_tokens):
+        output = model(input_ids=step, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
+        logits = output.logits[0, -1].float()
+        token = int(logits.argmax()) if greedy else sample(logits, opts.temperature, opts.top_p, generator)
+        if token in eos_ids:
+            return
+        yield token
+        step = torch.tensor([[token]], device=device)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """One token from softmax(logits / temperature), keeping only the most likely tokens whose
+    probabilities add up to `top_p` (always at least one)."""
+    probabilities = torch.softmax(logits / temperature, dim=-1)
+    ordered, order = probabilities.sort(descending=True)
+    outside = ordered.cumsum(0) - ordered >= top_p  # tokens after the nucleus is already full
+    ordered[outside] = 0.0
+    choice = torch.multinomial(ordered.cpu(), 1, generator=generator).item()
+    return int(order[choice])
+
+
+def stream_text(tokenizer, tokens: Iterator[int], write: Callable[[str], None]) -> str:
+    """Decode `tokens` as they come, writing each new piece of text; returns the whole answer.
+    A token that ends inside a multi-byte character (byte-level BPE, byte fallback) is held
+    until the character is complete."""
+    ids: list[int] = []
+    shown = ""
+    for token in tokens:
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue
+        write(text[len(shown):])
+        shown = text
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    write(text[len(shown):])
+    return text
+
+
+# ------------------------------------------------------------------------------ the session
+
+
+class Chat:
+    def __init__(self, model: nn.Module, tokenizer, template: str, opts: ChatOptions):
+        self.model, self.tokenizer, self.template, self.opts = model, tokenizer, template, opts
+        self.history: list[dict[str, str]] = []
+        self.generator = torch.Generator().manual_seed(opts.seed)
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        configured = configured if isinstance(configured, list) else [configured]
+        self.eos_ids = {i for i in (tokenizer.eos_token_id, *configured) if isinstance(i, int)}
+
+    def reply(self, message: str, write: Callable[[str], None]) -> str:
+        self.history.append({"role": "user", "content": message})
+        prompt = conversation_ids(self.tokenizer, self.history, self.template)
+        answer = stream_text(self.tokenizer, stream_tokens(self.model, prompt, self.opts, self.eos_ids,
+                                                           self.generator), write)
+        self.history.append({"role": "assistant", "content": answer.strip()})
+        return answer
+
+    def reset(self) -> None:
+        self.history.clear()
+
+
+def load_for_chat(recipe: Recipe, adapter: str, device: torch.device) -> tuple[nn.Module, object]:
+    from trainer.evaluation.adapter import check_adapter, load_adapted_model
+    from trainer.model.base import compute_dtype, load_tokenizer
+
+    if not adapter:
+        raise RecipeError("usage: python launch/chat.py RECIPE adapter=<checkpoint dir | merged export | "
+                          "file.gguf | none> [chat.temperature=0.7] [--prompt \"...\"]")
+    path = Path(adapter)
+    if adapter.lower().endswith(".gguf") or (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        gguf = {"gguf_file": path.name} if adapter.lower().endswith(".gguf") else {}
+        directory = str(path.parent if gguf else path)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=compute_dtype(recipe, device), **gguf)
+        if gguf:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(directory, **gguf)
+        else:
+            tokenizer = load_tokenizer(directory, recipe)
+        return model.to(device).eval(), tokenizer
+    adapter_dir = None if adapter == "none" else path
+    if adapter_dir is not None:
+        for warning in check_adapter(recipe, adapter_dir):
+            print(f"warning: {warning}", file=sys.stderr)
+    model, tokenizer, _ = load_adapted_model(recipe, adapter_dir, device)
+    return model, tokenizer
+
+
+def chat(recipe: Recipe, opts: ChatOptions, prompt: str | None = None) -> None:
+    if not 0 < opts.top_p <= 1 or opts.temperature < 0 or opts.max_new_tokens < 1:
+        raise RecipeError("chat.top_p must be in (0, 1], chat.temperature 0 or more, chat.max_new_tokens 1 or more")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_for_chat(recipe, opts.adapter, device)
+    session = Chat(model, tokenizer, recipe.data.template, opts)
+    if prompt is not None:
+        session.reply(prompt, _write)
+        print(flush=True)
+        return
+    mode = "greedy" if opts.greedy or opts.temperature <= 0 else f"temperature {opts.temperature}, top-p {opts.top_p}"
+    print(f"chatting with {opts.adapter} ({mode}, up to {opts.max_new_tokens} tokens); {COMMANDS}", flush=True)
+    while True:
+        try:
+            message = input("you> ")
+        except EOFError:
+            print()
+            return
+        command = message.strip()
+        if command == "/exit":
+            return
+        if command == "/reset":
+            session.reset()
+            print("(conversation cleared)", flush=True)
+            continue
+        if not command:
+            continue
+        _write("assistant> ")
+        session.reply(message, _write)
+        print(flush=True)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def split_prompt(argv: list[str]) -> tuple[str | None, list[str]]:
+    """`--prompt TEXT` or `--prompt=TEXT` taken out of argv."""
+    prompt, rest, index = None, [], 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg == "--prompt":
+            if index + 1 >= len(argv):
+                raise RecipeError("--prompt needs a message: --prompt \"...\"")
+            prompt, index = argv[index + 1], index + 2
+            continue
+        if arg.startswith("--prompt="):
+            prompt = arg.removeprefix("--prompt=")
+        else:
+            rest.append(arg)
+        index += 1
+    return prompt, rest
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        prompt, rest = split_prompt(argv)
+    except RecipeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    options.main(lambda recipe, opts: chat(recipe, opts, prompt), ChatOptions, "chat", rest)

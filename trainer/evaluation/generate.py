@@ -1,0 +1,165 @@
+"""Batched greedy decoding, written out: left padding, a KV cache, stop at EOS or max_new_tokens.
+
+Under ZeRO-3 every forward pass gathers the partitioned weights with a collective, so all ranks
+must run the same number of forward passes. Work is dealt out as whole batches (batch k to rank
+k mod world); a rank with fewer batches decodes a dummy one, and a batch stops only when every
+rank's batch is done. A batch holds the same prompts whatever the world size, so 1 rank and N
+ranks compute the same tokens.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import DynamicCache
+
+from trainer.runtime import distributed
+from trainer.loss import CausalLMLoss, additive_mask
+from trainer.data.encoding import prompt_tokens
+
+
+def prompt_ids(tokenizer, row: dict, template: str, max_prompt_tokens: int | None = None) -> list[int]:
+    """The prompt training puts before the response (instruction template, or for chat rows and
+    data.template=chat the conversation up to the first assistant turn), tokenised and cut to
+    `max_prompt_tokens` exactly as training does (trainer.data.encoding.prompt_tokens)."""
+    return prompt_tokens(tokenizer, row, template, max_prompt_tokens)
+
+
+def row_texts(row: dict) -> dict[str, str]:
+    """instruction, input and reference of a row; a chat row's first user and assistant turns."""
+    if "messages" not in row:
+        return {"instruction": row["instruction"], "input": row.get("input", ""), "reference": row["output"]}
+    user = next((m["content"] for m in row["messages"] if m["role"] == "user"), "")
+    answer = next((m["content"] for m in row["messages"] if m["role"] == "assistant"), "")
+    return {"instruction": user, "input": "", "reference": answer}
+
+
+@torch.no_grad()
+def greedy_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int,
+                 pad_token_id: int, device: torch.device, lockstep: bool = False) -> list[list[int]]:
+    """Greedy continuations of `prompts` (token ids, no padding), EOS excluded. With `lockstep`,
+    decoding goes on until every rank's batch is done (call it on every rank).
+
+    `model` is the causal LM, or the `CausalLMLoss` around it (what DeepSpeed wraps): under ZeRO-3
+    each forward must enter through that top module, whose hook resets DeepSpeed's per-forward
+    parameter bookkeeping."""
+    length = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
+    real = torch.zeros((len(prompts), length), dtype=torch.bool)
+    for i, prompt in enumerate(prompts):  # left padding: every prompt ends at the last column
+        input_ids[i, length - len(prompt):] = torch.tensor(prompt)
+        real[i, length - len(prompt):] = True
+    input_ids, real = input_ids.to(device), real.to(device)
+    additive = _attention_implementation(model) == "eager"  # eager adds the mask to the scores
+    mask_dtype = next(model.parameters()).dtype if additive else None
+    cache = DynamicCache()
+    generated = torch.empty((len(prompts), 0), dtype=torch.long, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    step_ids = input_ids
+    for _ in range(max_new_tokens):
+        # Positions count real tokens only, so a left-padded prompt sees the positions it was trained with.
+        position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+        mask = decoding_mask(real, step_ids.shape[1])
+        if additive:
+            mask = additive_mask(mask, mask_dtype)
+        output = model(input_ids=step_ids, attention_mask=mask, position_ids=position_ids,
+                       use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
+        next_token = output.logits[:, -1].argmax(-1)
+        next_token = torch.where(done, torch.full_like(next_token, pad_token_id), next_token)
+        generated = torch.cat([generated, next_token[:, None]], dim=1)
+        done |= next_token == eos_token_id
+        if _all_done(done, lockstep):
+            break
+        step_ids = next_token[:, None]
+        real = torch.cat([real, torch.ones_like(step_ids, dtype=torch.bool)], dim=1)
+    return [_until_eos(row, eos_token_id) for row in generated.tolist()]
+
+
+def decoding_mask(real: torch.Tensor, query_length: int) -> torch.Tensor:
+    """[batch, 1, query_length, keys] boolean attention mask (True = attend) for the last
+    `query_length` of `real`'s [batch, keys] positions (True = a real token, False = left padding).
+
+    Causal over the real tokens; a padding position attends to itself only, as in the packed
+    collate. With a 2D mask the padding rows would have nothing to attend to: CUDA's SDPA returns
+    NaN for such rows, and transformers 5 no longer repairs them (0 * NaN then reaches real tokens)."""
+    keys = real.shape[1]
+    queries = torch.arange(keys - query_length, keys, device=real.device)[:, None]
+    columns = torch.arange(keys, device=real.device)[None, :]
+    attend = (columns <= queries)[None] & real[:, None, :]
+    itself = (columns == queries)[None] & ~real[:, -query_length:, None]
+    return (attend | itself)[:, None]
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name the model's forward takes the KV cache by: `cache` from transformers 5.25 (which
+    warns on every call given the older `past_key_values`), `past_key_values` before. The
+    DynamicCache is updated in place, so the output's copy is never read back."""
+    inner = model.model if isinstance(model, CausalLMLoss) else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def _attention_implementation(model: nn.Module) -> str:
+    inner = model.model if isinstance(model, CausalLMLoss) else model
+    return inner.config._attn_implementation
+
+
+def _all_done(done: torch.Tensor, lockstep: bool) -> bool:
+    finished = torch.tensor([int(bool(done.all()))], device=done.device)
+    if lockstep and dist.is_initialized() and distributed.world_size() > 1:
+        dist.all_reduce(finished, op=dist.ReduceOp.MIN)
+    return bool(finished.item())
+
+
+def _until_eos(tokens: list[int], eos_token_id: int) -> list[int]:
+    return tokens[:tokens.index(eos_token_id)] if eos_token_id in tokens else tokens
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+             device: torch.device) -> list[str]:
+    """Greedy answers to `prompts`, in order, on every rank. A collective: call it on every rank
+    with the same prompts. Prompts are sorted by length first so a batch carries little padding."""
+    if not prompts:
+        return []
+    rank, world = distributed.rank(), distributed.world_size()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    rounds = math.ceil(len(batches) / world)
+    was_training = model.training
+    model.eval()
+    mine: dict[int, str] = {}
+    for round_index in range(rounds):
+        batch_index = round_index * world + rank
+        # A rank without a batch this round decodes a dummy one, to keep the collectives in step.
+        batch = batches[batch_index] if batch_index < len(batches) else batches[0][:1]
+        outputs = greedy_batch(model, [prompts[i] for i in batch], max_new_tokens, tokenizer.eos_token_id,
+                               tokenizer.pad_token_id, device, lockstep=world > 1)
+        if batch_index < len(batches):
+            for i, tokens in zip(batch, outputs):
+                mine[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    model.train(was_training)
+    answers: dict[int, str] = {}
+    for part in _all_gather(mine):
+        answers.update(part)
+    return [answers[i] for i in range(len(prompts))]
+
+
+def _all_gather(value: dict) -> list[dict]:
+    if not (dist.is_initialized() and distributed.world_size() > 1):
+        return [value]
+    parts: list = [None] * distributed.world_size()
+    dist.all_gather_object(parts, value)
+    return parts
+
+
+def sample_generations(model: nn.Module, tokenizer, rows: list[dict[str, str]], template: str,
+                       max_new_tokens: int, device: torch.device, batch_size: int = 8,
+                       max_prompt_tokens: int | None = None) -> list[dict[str, str]]:
+    """A few held-out answers for the training log. Call on every rank with the same rows (it is
+    a collective under ZeRO-3); returns [{instruction, input, reference, prediction}] on every rank."""
+    prompts = [prompt_ids(tokenizer, row, template, max_prompt_tokens) for row in rows]
+    predictions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, device)
+    return [{**row_texts(row), "prediction": prediction} for row, prediction in zip(rows, predictions)]

@@ -1,0 +1,259 @@
+"""A merged Llama-family model written as one GGUF file, for llama.cpp, ollama and anything else
+that reads GGUF.
+
+    python launch/export.py RECIPE adapter=DIR out=model.gguf            # f16 (the suffix picks GGUF)
+    python launch/export.py RECIPE adapter=DIR out=model.gguf format=q8_0
+
+The `gguf` package writes the container; what goes in it is decided here, by llama.cpp's
+conventions:
+- tensors under llama.cpp's names (`blk.N.attn_q.weight`, ...; no `output.weight` when the
+  embeddings are tied), q and k with their rows reordered for llama.cpp's rotary embedding (it
+  rotates adjacent pairs, transformers rotates the two halves of each head);
+- one-dimensional tensors (the norms) in float32 whatever the file type; every matrix in f32, f16
+  or q8_0 (q8_0 needs rows that split into blocks of 32; a matrix whose rows do not stays f16);
+- the architecture (`llama.*` keys) from the transformers config;
+- the tokenizer: SentencePiece-style vocabularies (Metaspace + byte fallback, the tiny base) as
+  `llama` with per-token scores that reproduce the BPE merge order; byte-level BPE (SmolLM2) as
+  `gpt2` with its merges; token types, BOS/EOS/UNK/pad ids, whether BOS/EOS are added, and the
+  chat template.
+transformers' own GGUF reader (`from_pretrained(dir, gguf_file=...)`) reads the file back, and the
+tests compare its logits and its tokenizer with the merged model's.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainer.config import Recipe, RecipeError
+
+FORMATS = ("f32", "f16", "q8_0")
+Q8_BLOCK = 32  # values per q8_0 block (one f16 scale + 32 int8)
+
+# transformers' Llama layer paths -> llama.cpp's tensor names
+_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_BLOCK_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+_LAYER_PATTERN = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+
+
+class GGUFExportError(RecipeError):
+    """A model or tokenizer this exporter cannot write faithfully."""
+
+
+def output_format(out: str, given: str) -> str:
+    """`hf` (a transformers directory) or a GGUF file type, from `format=` or the suffix of `out`."""
+    if given not in ("auto", "hf", *FORMATS):
+        raise GGUFExportError(f"format must be auto, hf, {', '.join(FORMATS)}; got {given!r}")
+    is_file = out.lower().endswith(".gguf")
+    if given == "auto":
+        return "f16" if is_file else "hf"
+    if (given == "hf") == is_file:
+        raise GGUFExportError(f"format={given} but out={out}: a GGUF format writes a .gguf file, hf a directory")
+    return given
+
+
+def gguf_tensor_name(name: str) -> str:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    match = _LAYER_PATTERN.fullmatch(name)
+    if match is None or match.group(2) not in _BLOCK_NAMES:
+        raise GGUFExportError(f"no llama.cpp name for tensor {name}")
+    return f"blk.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}.weight"
+
+
+def rope_rows_for_llama_cpp(weight: np.ndarray, heads: int) -> np.ndarray:
+    """q/k rows reordered per head from transformers' rotary layout (first half, second half) to
+    llama.cpp's (interleaved pairs): row i of half h goes to row 2i + h."""
+    rows = weight.shape[0]
+    return (weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def write_gguf(model: nn.Module, tokenizer, path: Path, file_type: str = "f16", name: str = "",
+               tokenizer_pre: str | None = None) -> Path:
+    """Write `model` (a plain, unquantised transformers Llama) and `tokenizer` to `path`."""
+    import gguf
+
+    if file_type not in FORMATS:
+        raise GGUFExportError(f"GGUF file type must be one of {', '.join(FORMATS)}; got {file_type!r}")
+    config = model.config
+    _check_architecture(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.partial")
+    writer = gguf.GGUFWriter(staging, "llama")
+    writer.add_name(name or path.stem)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[file_type])
+    if file_type == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_architecture(writer, config)
+    for key, value in tokenizer_metadata(tokenizer, config.vocab_size, tokenizer_pre).items():
+        getattr(writer, f"add_{key}")(value)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    state = model.state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # llama.cpp reuses token_embd when output.weight is absent
+    for hf_name, tensor in state.items():
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        weight = tensor.detach().to("cpu", torch.float32).numpy()
+        if ".self_attn.q_proj." in hf_name:
+            weight = rope_rows_for_llama_cpp(weight, heads)
+        elif ".self_attn.k_proj." in hf_name:
+            weight = rope_rows_for_llama_cpp(weight, kv_heads)
+        _add_tensor(writer, gguf_tensor_name(hf_name), weight, file_type)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    staging.replace(path)  # a reader never sees a half-written file
+    return path
+
+
+def _add_tensor(writer, name: str, weight: np.ndarray, file_type: str) -> None:
+    import gguf
+
+    if weight.ndim == 1 or file_type == "f32":
+        writer.add_tensor(name, np.ascontiguousarray(weight, dtype=np.float32))
+    elif file_type == "q8_0" and weight.shape[-1] % Q8_BLOCK == 0:
+        packed = gguf.quants.quantize(np.ascontiguousarray(weight), gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(name, packed, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    else:
+        writer.add_tensor(name, np.ascontiguousarray(weight, dtype=np.float16))
+
+
+def _check_architecture(config) -> None:
+    problems = []
+    if config.model_type != "llama":
+        problems.append(f"model_type {config.model_type!r} (only llama is mapped)")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        problems.append("biases in attention or MLP")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {config.hidden_act!r}")
+    if _rope(config).get("rope_type", "default") != "default":
+        problems.append(f"rope scaling {_rope(config)}")
+    if problems:
+        raise GGUFExportError("cannot write this model as llama GGUF: " + "; ".join(problems))
+
+
+def _rope(config) -> dict:
+    parameters = getattr(config, "rope_parameters", None) or {}
+    if not parameters and getattr(config, "rope_theta", None) is not None:  # transformers 4
+        parameters = {"rope_theta": config.rope_theta, **(getattr(config, "rope_scaling", None) or {})}
+    return parameters
+
+
+def _add_architecture(writer, config) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(float(_rope(config).get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    if head_dim * config.num_attention_heads != config.hidden_size:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+
+# ------------------------------------------------------------------------------ tokenizer
+
+
+def tokenizer_metadata(tokenizer, vocab_size: int, pre: str | None = None) -> dict:
+    """The `tokenizer.*` keys as {GGUFWriter method suffix: value}."""
+    import gguf
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise GGUFExportError(f"tokenizer model {model.get('type')!r}: only BPE vocabularies are mapped")
+    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) or "ByteLevel" in json.dumps(spec.get("decoder"))
+    metaspace = "Metaspace" in json.dumps(spec.get("pre_tokenizer"))
+    if byte_level == metaspace:
+        raise GGUFExportError("tokenizer is neither byte-level BPE nor SentencePiece-style (Metaspace) BPE")
+    added = {entry["id"]: entry for entry in spec.get("added_tokens", [])}
+    by_id = {index: token for token, index in tokenizer.get_vocab().items()}
+    if len(by_id) > vocab_size:
+        raise GGUFExportError(f"the tokenizer has {len(by_id)} tokens, the model's vocabulary {vocab_size}")
+    tokens, types = [], []
+    for index in range(vocab_size):
+        token = by_id.get(index)
+        if token is None:  # the embedding has rows past the tokenizer (padded vocabulary)
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif index == tokenizer.unk_token_id and not byte_level:
+            tokens.append(token)
+            types.append(gguf.TokenType.UNKNOWN)
+        elif index in added:
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL if added[index]["special"] else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(token)
+            byte = model.get("byte_fallback") and re.fullmatch(r"<0x[0-9A-F]{2}>", token)
+            types.append(gguf.TokenType.BYTE if byte else gguf.TokenType.NORMAL)
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model.get("merges", [])]
+    metadata: dict = {"tokenizer_model": "gpt2" if byte_level else "llama",
+                      "tokenizer_pre": pre or ("gpt-2" if byte_level else "default"),
+                      "token_list": tokens, "token_types": [int(t) for t in types]}
+    if byte_level:
+        metadata["token_merges"] = merges
+    else:
+        # llama.cpp's SentencePiece tokenizer merges the adjacent pair whose result scores highest:
+        # a token made by the r-th merge scores -r, so it merges in the BPE's order.
+        rank = {}
+        for position, merge in enumerate(merges):
+            rank.setdefault(merge.replace(" ", ""), position)
+        metadata["token_scores"] = [-float(rank.get(token, len(merges))) for token in tokens]
+    for key, token_id in (("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id),
+                          ("unk_token_id", tokenizer.unk_token_id), ("pad_token_id", tokenizer.pad_token_id)):
+        if token_id is not None:
+            metadata[key] = int(token_id)
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    with_special = tokenizer("a")["input_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    metadata["add_bos_token"] = bos is not None and with_special[:1] == [bos] and plain[:1] != [bos]
+    metadata["add_eos_token"] = eos is not None and with_special[-1:] == [eos] and plain[-1:] != [eos]
+    prepend = (spec.get("pre_tokenizer") or {}).get("prepend_scheme", "never")
+    metadata["add_space_prefix"] = (not byte_level) and prepend in ("first", "always")
+    if isinstance(getattr(tokenizer, "chat_template", None), str):
+        metadata["chat_template"] = tokenizer.chat_template
+    return metadata
+
+
+def source_tokenizer_pre(recipe: Recipe) -> str | None:
+    """`tokenizer.ggml.pre` of the GGUF file the recipe's base was converted from (None for other
+    bases): llama.cpp picks its pre-tokenizer by this name, which a transformers tokenizer does
+    not record, so GGUF -> fine-tune -> GGUF keeps the original's."""
+    from gguf import GGUFReader
+
+    from trainer.model import builtin
+
+    name = recipe.model.name_or_path
+    if name.lower().endswith(".gguf"):
+        gguf_file = Path(name).expanduser()
+    elif name == "builtin:smollm2-135m":
+        gguf_file = builtin.smollm2_gguf()
+    else:
+        return None
+
+    field = GGUFReader(gguf_file).fields.get("tokenizer.ggml.pre")
+    return None if field is None else field.contents()

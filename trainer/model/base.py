@@ -1,0 +1,153 @@
+"""The frozen base: loaded through transformers' `from_pretrained`, quantised by bitsandbytes."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer.model import builtin
+from trainer.config import Recipe
+from trainer.data.encoding import choose_pad
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The base model or tokenizer could not be found or loaded."""
+
+
+def compute_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
+    """`auto`: fp32 on CPU (bf16 backward there is ~100x slower than fp32); on a GPU bf16 where it
+    computes bf16 natively (Ampere and later), else fp16 (V100, T4: loss-scaled by DeepSpeed)."""
+    if recipe.model.dtype != "auto":
+        return DTYPES[recipe.model.dtype]
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def quantization_config(recipe: Recipe, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    quant = recipe.quant
+    if quant.bits == 16:
+        return None
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    storage = quant.quant_storage
+    if storage == "auto":
+        # ZeRO-3 shards parameters by dtype; 4-bit weights stored as uint8 cannot be partitioned
+        # alongside the compute-dtype ones, so store them in the model's dtype there.
+        storage = dtype_name(dtype) if recipe.deepspeed.zero_stage == 3 else "uint8"
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=storage,
+    )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_base(recipe: Recipe) -> str:
+    """The base's local directory or hub id: built-ins are built and GGUF files converted on first use."""
+    from trainer.model.gguf import GGUFError
+
+    try:
+        return builtin.resolve(recipe.model.name_or_path)
+    except GGUFError as error:
+        raise ModelLoadError(str(error)) from None
+
+
+def load_tokenizer(name_or_path: str, recipe: Recipe):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name_or_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(_not_found_message("tokenizer", name_or_path, error)) from error
+    choose_pad(tokenizer)  # the unk token, where the pad is missing or EOS (SmolLM2's config pads with EOS)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # Nothing to pad with: a new token (the base's embedding must have room for it).
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return tokenizer
+
+
+def load_base(recipe: Recipe, device: torch.device) -> tuple[nn.Module, torch.dtype]:
+    """Load the base frozen and quantised per the recipe. Returns the model and its compute dtype."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = compute_dtype(recipe, device)
+    name_or_path = resolve_base(recipe)
+    quant = quantization_config(recipe, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            revision=recipe.model.revision,
+            trust_remote_code=recipe.model.trust_remote_code,
+            quantization_config=quant,
+            dtype=dtype,
+            attn_implementation=recipe.model.attn_implementation,
+            device_map={"": device},
+        )
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(_not_found_message("model", name_or_path, error)) from error
+    model.config.use_cache = False
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    keep_4bit_layout(model)
+    if recipe.quant.bits == 8:
+        quiet_int8_cast_warning()
+    return model, dtype
+
+
+def quiet_int8_cast_warning() -> None:
+    """bitsandbytes logs "MatMul8bitLt: inputs will be cast from ... to float16" on every 8-bit matrix
+    multiply whose input is not fp16: on a GPU in bf16, every LLM.int8 layer of every forward
+    (hundreds of lines per micro-batch per rank). The cast is how LLM.int8 works (its int8 kernels
+    quantise fp16 inputs), not something to act on; the recipe says what 8-bit costs. Only that
+    message is dropped (trainer/quiet.py's filter, applied here even with --debug)."""
+    import logging
+
+    from trainer.runtime.quiet import DropNoise
+
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, DropNoise) for f in logger.filters):
+        logger.addFilter(DropNoise(("MatMul8bitLt: inputs will be cast",)))
+
+
+def keep_4bit_layout(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU AVX512-BF16 kernel.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a `Linear4bit`'s weight in place the first
+    time the layer runs in eval mode without gradients (an evaluation during training, a sample
+    generation). From then on the layer computes in bf16, passes no gradient to its input (training
+    would go on with the base's path cut at every layer), and `dequantize_4bit` misreads the new
+    layout (merging, export). Returns how many layers were changed."""
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+def _not_found_message(what: str, name_or_path: str, error: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).exists()
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        return (f"could not load the {what}: the local directory {name_or_path!r} does not exist.\n"
+                f"Point model.name_or_path at a directory with config.json, *.safetensors and the tokenizer "
+                f"files, or at a hub id.")
+    where = "a local directory" if looks_local else "the Hugging Face hub (or its local cache)"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"could not load the {what} {name_or_path!r} from {where}: {first_line}\n"
+            f"Point model.name_or_path at a local copy (a directory with config.json and *.safetensors), "
+            f"e.g. `model.name_or_path=/models/llama-2-7b`"
+            + (" (HF_HUB_OFFLINE=1 is set, so the hub was not asked)." if offline else "."))

@@ -1,0 +1,99 @@
+"""A GGUF file as a base: converted once into a plain transformers directory in the cache.
+
+transformers reads GGUF itself (`from_pretrained(dir, gguf_file=...)`, dequantising every tensor),
+but a model loaded that way cannot be saved, quantised by bitsandbytes, fingerprinted or handed to
+peft like an ordinary checkpoint. So the file is converted once into safetensors + config +
+tokenizer (with its chat template) under <cache dir>/models/gguf-<name>-<content hash>, and every
+part of the project (training, eval, export, analyze, resume's fingerprint, peft) sees that
+directory. The directory is keyed by the file's content: a changed file is a new base.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+MARKER = "gguf-complete.json"
+# Bump when what a conversion writes changes: older conversions are then made again, not reused.
+CONVERSION_VERSION = 1
+
+
+class GGUFError(RuntimeError):
+    """A GGUF file that cannot be found, read or converted."""
+
+
+def is_gguf(name_or_path: str) -> bool:
+    return name_or_path.lower().endswith(".gguf")
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of the file, remembered per (path, size, mtime) so a multi-GB file is read once."""
+    from trainer.model.builtin import cache_dir
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    memo = cache_dir() / "gguf-hashes" / key
+    if memo.exists():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    staging = memo.with_name(f".{memo.name}.{os.getpid()}")
+    staging.write_text(digest.hexdigest() + "\n")
+    os.replace(staging, memo)
+    return digest.hexdigest()
+
+
+def converted_dir(gguf_path: str | Path) -> Path:
+    """The transformers directory for `gguf_path`, converting it on first use (one process at a
+    time; the others wait and reuse it)."""
+    from trainer.model.builtin import build_once, cache_dir
+
+    path = Path(gguf_path).expanduser()
+    if not path.is_file():
+        raise GGUFError(f"model.name_or_path: the GGUF file {str(gguf_path)!r} does not exist")
+    digest = content_hash(path)
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)[:60]
+    final = cache_dir() / "models" / f"gguf-{stem}-{digest[:16]}"
+    spec = {"version": CONVERSION_VERSION, "sha256": digest, "source": path.name}
+    return build_once(final, f"gguf-{digest[:16]}", lambda: _complete(final, spec),
+                      lambda staging: convert(path, staging), MARKER, spec,
+                      f"converting {path} into a transformers directory at {final} (first use)")
+
+
+def _complete(directory: Path, spec: dict) -> bool:
+    marker = directory / MARKER
+    return marker.exists() and json.loads(marker.read_text()) == spec
+
+
+def convert(path: Path, out: Path) -> None:
+    """Dequantise `path` through transformers' GGUF reader and save it as an ordinary checkpoint."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF reader needs it; say so before it does)
+    except ImportError:
+        raise GGUFError("reading a GGUF base needs the `gguf` package: pip install gguf "
+                        "(`make install` installs it)") from None
+    directory, name = str(path.parent), path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as error:
+        raise GGUFError(f"could not read the GGUF file {path}: {error}") from error
+    # A model loaded from GGUF refuses save_pretrained (its config says quant_method gguf); the
+    # same weights in a fresh model of the same architecture save as a plain checkpoint.
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)

@@ -1,0 +1,355 @@
+"""LoRA, ours: y = base(x) + scaling * B(A(dropout(x))), with A Kaiming-uniform and B zero.
+
+One adapter per wrapped layer. The wrapped layer may be a plain `nn.Linear`, a bitsandbytes
+`Linear4bit` or `Linear8bitLt`; it stays frozen and is kept under the name `base_layer`, so the
+adapter's parameter names (`<path>.lora_A.weight`, `<path>.lora_B.weight`) are PEFT's.
+
+Variants: `dora=True` (DoRA, see trainer/dora.py) adds `<path>.lora_magnitude_vector`; an
+`nn.Embedding` target is wrapped by `LoRAEmbedding` (trainer/lora_embedding.py); LoRA+ is only an
+optimizer setting (`optimizer_groups`).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.model.dora import full_parameters
+from trainer.model.lora_embedding import LoRAEmbedding
+
+ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector")
+# LoRA+: the parameters that learn `plus_ratio` times faster (B of linear and embedding adapters).
+PLUS_MARKERS = (".lora_B.", ".lora_embedding_B")
+# Dropout masks take one random byte per element, and 16 more bits only for the 1 in 256 elements
+# whose byte falls on the drop probability's boundary: the probability is rounded to 1/2^24.
+MASK_BITS = 24
+
+
+class _MaskedLinear(torch.autograd.Function):
+    """(x * keep) @ W^T for a boolean keep mask. Saves x and the mask, not the masked copy of x: q, k
+    and v read the same x, so it is held once (when base and adapters share a dtype; otherwise each
+    adapter converts x, and keeps its own copy). The mask is widened to x's dtype through uint8 before
+    multiplying: multiplying by a bool tensor, or `where` on it, takes a type-promoting path several
+    times slower on CPU."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, keep, weight)
+        return F.linear(x * _widened(keep, x.dtype), weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+        x, keep, weight = ctx.saved_tensors
+        mask = _widened(keep, x.dtype)
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight).mul_(mask)
+        if ctx.needs_input_grad[2]:
+            kept = x * mask
+            grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ kept.reshape(-1, kept.shape[-1])
+        return grad_x, None, grad_weight
+
+
+def _widened(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return keep.view(torch.uint8).to(dtype)
+
+
+class _LoRADown(nn.Linear):
+    """lora_A, with dropout given as a boolean keep mask (see `_MaskedLinear`). A module of its own,
+    so ZeRO-3 gathers A when it runs."""
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        if keep is None:
+            return F.linear(x, self.weight)
+        return _MaskedLinear.apply(x, keep, self.weight)
+
+
+class _LoRAUp(nn.Linear):
+    """lora_B: with `base` given, returns base + alpha * (h @ B^T) in one matrix multiply (no
+    separate scale and add over the layer's output). A module of its own, so ZeRO-3 gathers B
+    when it runs."""
+
+    def forward(self, h: torch.Tensor, base: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
+        if base is None:
+            return F.linear(h, self.weight)
+        out = torch.addmm(base.reshape(-1, self.out_features), h.reshape(-1, self.in_features), self.weight.t(),
+                          alpha=alpha)
+        return out.view(base.shape)
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 dora: bool = False):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.r = r
+        self.alpha = alpha
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.dropout = dropout
+        # Adapters are created in fp32. Under DeepSpeed with bf16 on, the engine casts them to bf16 for
+        # compute and keeps an fp32 master copy in the optimizer; outside it they compute in fp32.
+        self.lora_A = _LoRADown(self.in_features, r, bias=False, device=_device_of(base_layer), dtype=torch.float32)
+        self.lora_B = _LoRAUp(r, self.out_features, bias=False, device=_device_of(base_layer), dtype=torch.float32)
+        self.merged = False
+        self._merged_norm: torch.Tensor | None = None
+        self.reset_adapter()
+        self.register_parameter("lora_magnitude_vector", None)
+        if dora:  # B = 0: m = ||W||_row makes the layer start exactly at the base
+            self.lora_magnitude_vector = nn.Parameter(self.weight_norm())
+
+    def reset_adapter(self) -> None:
+        # B = 0 makes the adapted layer start exactly at the base layer.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        if getattr(self, "lora_magnitude_vector", None) is not None:
+            with torch.no_grad():
+                self.lora_magnitude_vector.copy_(self.weight_norm())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        adapter_dtype, scaling = self.lora_A.weight.dtype, self.scaling
+        x, keep = x.to(adapter_dtype), None
+        if self.training and self.dropout > 0:
+            # Inverted dropout, its 1 / keep-probability folded into the scaling.
+            keep, keep_probability = dropout_keep_mask(x, self.dropout)
+            scaling = scaling / keep_probability
+        h = self.lora_A(x, keep)
+        if self.lora_magnitude_vector is not None:
+            return self._dora(result, h, scaling)
+        if result.dtype == adapter_dtype:
+            return self.lora_B(h, base=result, alpha=scaling)
+        return result + (self.lora_B(h) * scaling).to(result.dtype)  # e.g. a bf16 base, fp32 adapters (no DeepSpeed)
+
+    def _dora(self, result: torch.Tensor, h: torch.Tensor, scaling: float) -> torch.Tensor:
+        """m / ||W + s B A|| * (W x + s B A x) + bias, written as a correction to the base output:
+        result + (m / norm - 1) * (W x) + m / norm * s * B A x. Dropout acts on the adapter's input
+        only (the base output is reused, not recomputed on dropped-out x as peft does in training)."""
+        dtype = h.dtype
+        scale = self.lora_magnitude_vector / self.weight_norm().to(dtype)
+        bias = self.base_layer.bias
+        base = (result if bias is None else result - bias).to(dtype)
+        return result + ((scale - 1) * base + scale * (self.lora_B(h) * scaling)).to(result.dtype)
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """DoRA's ||W + scaling * B @ A|| per output row: float32, from the dequantised base weight,
+        outside autograd (a constant in backward)."""
+        with full_parameters(self.base_layer, self.lora_A, self.lora_B):
+            weight = dequantised_weight(self.base_layer).float()
+            weight = weight.addmm(self.lora_B.weight.float(), self.lora_A.weight.float(), alpha=self.scaling)
+        return torch.linalg.vector_norm(weight, dim=1)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold B @ A * scaling into the base weight. A quantised base is dequantised first and
+        kept in 16/32-bit afterwards: re-quantising would throw the adapter's update away."""
+        if self.merged:
+            return
+        if not isinstance(self.base_layer, nn.Linear) or is_quantised(self.base_layer):
+            self.base_layer = dequantised_linear(self.base_layer)
+        weight = self.base_layer.weight
+        if self.lora_magnitude_vector is not None:  # W' = m / ||W + dW|| * (W + dW), per row
+            self._merged_norm = self.weight_norm()
+            factor = (self.lora_magnitude_vector.float() / self._merged_norm)[:, None]
+            weight.data = (factor * (weight.float() + self.delta_weight().float())).to(weight.dtype)
+        else:
+            weight.data += self.delta_weight().to(weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update again. A base that was quantised stays dequantised."""
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        if self.lora_magnitude_vector is not None:
+            factor = (self.lora_magnitude_vector.float() / self._merged_norm)[:, None]
+            weight.data = (weight.float() / factor - self.delta_weight().float()).to(weight.dtype)
+        else:
+            weight.data -= self.delta_weight().to(weight.dtype)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
+                f"dora={self.lora_magnitude_vector is not None}, merged={self.merged}")
+
+
+def dropout_keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """A boolean mask shaped like x, True with probability 1 - p (p rounded to 1/2^24), from
+    torch's generator; and that keep probability.
+
+    With p * 2^24 = boundary * 2^16 + rest, an element is dropped when its random byte is below
+    `boundary`, or equal to it and 16 further random bits are below `rest`. On CPU the comparisons
+    run in numpy, which does them about ten times faster than torch does on one thread."""
+    dropped = round(p * 2**MASK_BITS)  # p <= 0.99 (the recipe's limit): boundary stays below 256
+    boundary, rest = divmod(dropped, 2**16)
+    levels = _random(x.numel(), torch.uint8, x.device)
+    keep = (_keep_in_numpy if x.device.type == "cpu" else _keep_in_torch)(levels, boundary, rest)
+    return keep.view(x.shape), 1 - dropped / 2**MASK_BITS
+
+
+def _keep_in_numpy(levels: torch.Tensor, boundary: int, rest: int) -> torch.Tensor:
+    byte = levels.numpy()
+    keep = byte >= boundary
+    ties = np.flatnonzero(byte == boundary) if rest else ()
+    if len(ties):  # the 16 further bits come as int16: at or above rest - 2^15 is at or above `rest`
+        keep[ties] = _random(len(ties), torch.int16, levels.device).numpy() >= rest - 2**15
+    return torch.from_numpy(keep)
+
+
+def _keep_in_torch(levels: torch.Tensor, boundary: int, rest: int) -> torch.Tensor:
+    keep = levels >= boundary
+    if rest:
+        keep &= (levels != boundary) | (_random(levels.numel(), torch.int16, levels.device) >= rest - 2**15)
+    return keep
+
+
+def _random(count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`count` uniform integers of `dtype` (uint8 or int16) from torch's generator, several per
+    64-bit draw."""
+    per_word = 8 // dtype.itemsize
+    words = torch.empty((count + per_word - 1) // per_word, dtype=torch.int64, device=device)
+    return words.random_(-2**63, 2**63 - 1).view(dtype)[:count]
+
+
+def _device_of(layer: nn.Module) -> torch.device:
+    return next(layer.parameters()).device
+
+
+def is_quantised(layer: nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear layer."""
+    return type(layer).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def dequantised_weight(layer: nn.Module) -> torch.Tensor:
+    """The base layer's weight as a float tensor, whatever its storage."""
+    name = type(layer).__name__
+    if name == "Linear4bit":
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    if name == "Linear8bitLt":
+        import bitsandbytes.functional as bnb_functional
+
+        scales = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+        return bnb_functional.int8_vectorwise_dequant(layer.weight.data, scales)
+    return layer.weight.data
+
+
+def dequantised_linear(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
+    weight = dequantised_weight(layer)
+    dtype = dtype or getattr(layer, "compute_dtype", None) or torch.float32
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                       device=weight.device, dtype=dtype)
+    linear.weight.data.copy_(weight.to(dtype))
+    if layer.bias is not None:
+        linear.bias.data.copy_(layer.bias.data.to(dtype))
+    linear.weight.requires_grad_(False)
+    if linear.bias is not None:
+        linear.bias.requires_grad_(False)
+    return linear
+
+
+def apply_lora(model: nn.Module, target_modules: list[str], r: int, alpha: float,
+               dropout: float = 0.0, rslora: bool = False, dora: bool = False) -> list[str]:
+    """Freeze `model` and wrap every linear or embedding layer whose last name is in `target_modules`.
+    Returns the wrapped module paths; raises if nothing matched (a typo would train nothing)."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    wrapped = []
+    for path, module in list(model.named_modules()):
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf not in target_modules or isinstance(module, (LoRALinear, LoRAEmbedding)):
+            continue
+        if isinstance(module, nn.Embedding):
+            adapted = LoRAEmbedding(module, r, alpha, rslora, dora)
+        elif hasattr(module, "in_features") and hasattr(module, "out_features"):
+            adapted = LoRALinear(module, r, alpha, dropout, rslora, dora)
+        else:
+            continue
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, adapted)
+        wrapped.append(path)
+    if not wrapped:
+        leaves = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules()
+                         if hasattr(m, "in_features") or isinstance(m, nn.Embedding)})
+        raise ValueError(f"lora.target_modules={target_modules} matched no linear layer; "
+                         f"the model's linear layers are named: {', '.join(leaves)}")
+    return wrapped
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
+    return {path: module for path, module in model.named_modules()
+            if isinstance(module, (LoRALinear, LoRAEmbedding))}
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Adapter parameters by name, selected by structure (never the base)."""
+    return {name: p for name, p in model.named_parameters() if any(m in name for m in ADAPTER_MARKERS)}
+
+
+def optimizer_groups(model: nn.Module, plus_ratio: float = 1.0) -> list[dict]:
+    """The adapter parameters as optimizer groups. LoRA+ (Hayou et al. 2024): B learns `plus_ratio`
+    times faster than A. Each group carries its `lr_ratio`; the loop sets lr = schedule x lr_ratio
+    every step, so the ratio holds through warmup and decay. plus_ratio 1: one group, plain LoRA."""
+    parameters = adapter_parameters(model)
+    if plus_ratio == 1.0:
+        return [{"params": list(parameters.values()), "lr_ratio": 1.0}]
+    faster = {name for name in parameters if any(marker in name for marker in PLUS_MARKERS)}
+    return [{"params": [p for name, p in parameters.items() if name not in faster], "lr_ratio": 1.0},
+            {"params": [p for name, p in parameters.items() if name in faster], "lr_ratio": float(plus_ratio)}]
+
+
+def link_group_states(engine_optimizer) -> None:
+    """With several groups (LoRA+), DeepSpeed ZeRO-1/2 links each parameter's view of the Adam state
+    right after the *first* group's first step, before the others have any state, and never again:
+    saving then finds no moments for B. Linking is cheap (views), so link again after every step."""
+    if getattr(engine_optimizer, "_hp_optimizer_states_linked", None) is None:
+        return  # ZeRO-0 or ZeRO-3: nothing linked lazily
+    if len(engine_optimizer.optimizer.param_groups) > 1 and engine_optimizer.optimizer.state:
+        engine_optimizer._hp_optimizer_states_linked = False
+        engine_optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def ties_adapted_embedding(model: nn.Module) -> bool:
+    """Whether an adapted input embedding shares its weight with the output projection: merging
+    then unties them (see trainer/lora_embedding.py)."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(output, "weight", None)
+    return weight is not None and any(isinstance(layer, LoRAEmbedding) and layer.base_layer.weight is weight
+                                      for layer in lora_layers(model).values())
+
+
+def merge_all(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        layer.merge()
+
+
+def unmerge_all(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+
+
+def parameter_summary(model: nn.Module) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(_logical_numel(p) for p in model.parameters())
+    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
+
+
+def _logical_numel(parameter: torch.Tensor) -> int:
+    # A 4-bit weight is stored packed two values per byte; count the weights it stands for.
+    quant_state = getattr(parameter, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return math.prod(quant_state.shape)
+    return parameter.numel()

@@ -1,0 +1,105 @@
+"""LoRA on a token embedding (`embed_tokens` in lora.target_modules), as loralib and peft have it:
+y = E[x] + scaling * A^T[x] @ B^T, with A [r, vocab] starting at zero and B [dim, r] normal. (A
+linear layer's A is the random one; here A is a lookup table, one column per token, and starts
+at zero so the model starts at the base.) No dropout: peft applies none to embeddings either.
+
+Tied input/output embeddings (SmolLM2): the adapter changes the vectors the model *reads* for
+each token; the output projection (lm_head) keeps the base weight. That is peft's meaning too
+(LoraConfig's default ensure_weight_tying=False), so peft loads our adapter with equal logits.
+Merging therefore unties the two: the merged embedding is a new tensor, lm_head keeps the old
+one, and an export saves both (tie_word_embeddings=false), see trainer/export.py.
+
+With DoRA the magnitude runs over the embedding dimension (peft's layout): row d of
+V = W^T + scaling * B @ A [dim, vocab] is rescaled to magnitude m_d, its norm over the vocabulary
+treated as a constant in backward.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.model.dora import full_parameters
+
+
+class LoRAEmbedding(nn.Module):
+    def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, rslora: bool = False, dora: bool = False):
+        super().__init__()
+        self.base_layer = base_layer
+        self.num_embeddings, self.embedding_dim = base_layer.num_embeddings, base_layer.embedding_dim
+        self.r, self.alpha = r, alpha
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        device = base_layer.weight.device
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, self.num_embeddings, device=device, dtype=torch.float32))
+        self.lora_embedding_B = nn.Parameter(torch.empty(self.embedding_dim, r, device=device, dtype=torch.float32))
+        nn.init.normal_(self.lora_embedding_B)
+        self.register_parameter("lora_magnitude_vector", None)
+        if dora:  # A = 0: m = ||W^T||_row makes the layer start exactly at the base
+            self.lora_magnitude_vector = nn.Parameter(self.weight_norm())
+        self.merged = False
+        self._merged_norm: torch.Tensor | None = None
+
+    # The wrapped embedding's attributes, for code that reads them from get_input_embeddings().
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def padding_idx(self) -> int | None:
+        return self.base_layer.padding_idx
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * (B @ A)^T, shaped like the embedding weight [vocab, dim]."""
+        return (self.lora_embedding_B @ self.lora_embedding_A).t() * self.scaling
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """DoRA's ||W^T + scaling * B @ A|| per embedding dimension, in float32, outside autograd."""
+        with full_parameters(self.base_layer, self):
+            update = self.lora_embedding_B.float() @ self.lora_embedding_A.float()
+            weight = self.base_layer.weight.float().t() + self.scaling * update
+        return torch.linalg.vector_norm(weight, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        base = self.base_layer
+        after_a = F.embedding(x, self.lora_embedding_A.t(), padding_idx=base.padding_idx, max_norm=base.max_norm,
+                              norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq)
+        update = (after_a @ self.lora_embedding_B.t()) * self.scaling
+        if self.lora_magnitude_vector is None:
+            return result + update.to(result.dtype)
+        scale = self.lora_magnitude_vector / self.weight_norm().to(update.dtype)
+        return (scale * (result.to(update.dtype) + update)).to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into a *new* weight tensor, so an output projection tied to the old one
+        keeps the base weight (as it did in training)."""
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        merged = weight.float() + self.delta_weight().float()
+        if self.lora_magnitude_vector is not None:
+            self._merged_norm = self.weight_norm()
+            merged *= (self.lora_magnitude_vector.float() / self._merged_norm)[None, :]
+        self.base_layer.weight = nn.Parameter(merged.to(weight.dtype), requires_grad=False)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        restored = weight.float()
+        if self.lora_magnitude_vector is not None:
+            restored = restored / (self.lora_magnitude_vector.float() / self._merged_norm)[None, :]
+        weight.data = (restored - self.delta_weight().float()).to(weight.dtype)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, "
+                f"dora={self.lora_magnitude_vector is not None}, merged={self.merged}")

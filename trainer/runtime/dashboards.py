@@ -1,0 +1,100 @@
+"""Weights & Biases for a training run, beside TensorBoard: `train.report_to: [tensorboard, wandb]`.
+
+    train.wandb_project: qlora-trainer   train.wandb_run_name: null (output_dir's name)
+    train.wandb_mode: offline            (online streams to wandb.ai; needs `wandb login`)
+
+Rank 0 logs every metrics.jsonl record under the TensorBoard tags (train/loss, eval/loss, ...),
+the resolved recipe as the run's config, and each round of sample generations as a table
+(step, question, input, reference, prediction). Offline, the run is written under
+<output_dir>/wandb/offline-run-*/ with no network; `wandb sync <that dir>` uploads it later.
+A resumed run (same output_dir) continues the same W&B run. wandb is optional
+(`pip install wandb`, or `.[report]`): without it, a note and nothing else.
+"""
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from trainer.runtime import distributed
+from trainer.config import Recipe
+from trainer.runtime.report import SKIPPED, TAGS, samples_markdown
+
+SAMPLE_COLUMNS = ["step", "question", "input", "reference", "prediction"]
+RUN_ID_FILE = "wandb-run-id"
+
+
+class WandbLog:
+    def __init__(self, recipe: Recipe):
+        self._run = None
+        if not distributed.is_main():
+            return
+        try:
+            import wandb
+        except ImportError:
+            print("note: wandb is not installed (pip install wandb, or .[report]); train.report_to lists "
+                  "wandb, so nothing goes to Weights & Biases")
+            return
+        output_dir = Path(recipe.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        id_file = output_dir / RUN_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+        self._run = wandb.init(
+            project=recipe.train.wandb_project, name=recipe.train.wandb_run_name or output_dir.resolve().name,
+            mode=recipe.train.wandb_mode, dir=str(output_dir), config=recipe.to_dict(), id=run_id, resume="allow",
+            # Our own line says where the run is; wandb's banner, console capture and summary stay out.
+            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+        id_file.write_text(run_id + "\n")
+        self.directory = Path(self._run.dir).parent
+        where = (f"{self.directory} (offline: `wandb sync {self.directory}` uploads it)"
+                 if recipe.train.wandb_mode == "offline" else self._run.url)
+        print(f"wandb: run {self._run.name} in project {recipe.train.wandb_project}: {where}")
+
+    @property
+    def active(self) -> bool:
+        return self._run is not None
+
+    def write(self, record: dict) -> None:
+        if self._run is None:
+            return
+        values = {TAGS.get(key, f"train/{key}"): value for key, value in record.items()
+                  if key not in SKIPPED and not isinstance(value, bool) and isinstance(value, (int, float))}
+        self._run.log(values, step=record["step"])
+
+    def write_samples(self, step: int, samples: list[dict[str, str]]) -> None:
+        if self._run is None:
+            return
+        import wandb
+
+        rows = [[step, s["instruction"], s.get("input", ""), s["reference"], s["prediction"]] for s in samples]
+        self._run.log({"samples": wandb.Table(columns=SAMPLE_COLUMNS, data=rows)}, step=step)
+
+    def close(self) -> None:
+        if self._run is not None:
+            self._run.finish()
+            self._run = None
+
+
+class Dashboards:
+    """The dashboards `train.report_to` names (none with `train.report: false`), written together."""
+
+    def __init__(self, recipe: Recipe):
+        from trainer.runtime.report import TensorBoardLog
+
+        wanted = recipe.train.report_to if recipe.train.report else []
+        self.tensorboard = TensorBoardLog(Path(recipe.output_dir), "tensorboard" in wanted)
+        self.wandb = WandbLog(recipe) if "wandb" in wanted else None
+
+    def write(self, record: dict) -> None:
+        self.tensorboard.write(record)
+        if self.wandb is not None:
+            self.wandb.write(record)
+
+    def write_samples(self, step: int, samples: list[dict[str, str]]) -> None:
+        self.tensorboard.write_text("samples", samples_markdown(samples), step)
+        if self.wandb is not None:
+            self.wandb.write_samples(step, samples)
+
+    def close(self) -> None:
+        self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.close()

@@ -1,0 +1,92 @@
+"""Run health: faults end with a clear message and a resumable state, never a silent death.
+
+- Non-finite loss or gradient norm: detected every step on all ranks together (the loss rides on
+  the step's one all-reduce). Default: stop, naming the step, the learning rate and the rows.
+  `train.on_nonfinite=skip`: undo the update from an in-memory snapshot and go on, stopping after
+  `train.max_consecutive_skips` skips in a row.
+- Out of memory: a message with the numbers and the levers this framework has.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import nn
+
+from trainer.runtime import distributed
+
+
+class TrainingHealthError(RuntimeError):
+    """Training cannot go on; the message says why and what to do. Checkpoints are left intact."""
+
+
+def is_finite(value: float | None) -> bool:
+    return value is None or math.isfinite(value)
+
+
+def poisoned_for_tests(step: int, loss: torch.Tensor) -> torch.Tensor:
+    """How the tests inject a fault: QLORA_TEST_NAN_AT_STEP=k makes step k's loss NaN;
+    QLORA_TEST_NAN_GRAD_AT_STEP=k leaves the loss finite and makes its gradients NaN."""
+    if os.environ.get("QLORA_TEST_NAN_AT_STEP") == str(step):
+        return loss * float("nan")
+    if os.environ.get("QLORA_TEST_NAN_GRAD_AT_STEP") == str(step) and loss.requires_grad:
+        loss.register_hook(lambda grad: grad * float("nan"))
+    return loss
+
+
+def nonfinite_message(step: int, lr: float, loss: float, grad_norm: float | None, row_ids: list[int],
+                      data_path: str, skips: int | None = None) -> str:
+    rows = ", ".join(str(r + 1) for r in sorted(set(row_ids))[:32])
+    what = f"loss {loss}" + (f", gradient norm {grad_norm}" if grad_norm is not None else "")
+    tail = (f" after {skips} consecutive skipped steps (train.max_consecutive_skips)" if skips is not None else "")
+    return (f"non-finite training values at step {step} (learning rate {lr:.3g}): {what}{tail}.\n"
+            f"The batch held rows {rows} of {data_path} (1-based).\n"
+            f"The last complete checkpoint is untouched; resume with resume=auto after fixing the cause "
+            f"(inspect those rows, lower train.learning_rate, or set train.on_nonfinite=skip).")
+
+
+class UpdateSnapshot:
+    """The adapter's fp32 weights and Adam state before a step, to undo a non-finite update.
+    Used only with on_nonfinite=skip: it costs a gather of the (small) adapter state per step."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, engine_optimizer):
+        from trainer.checkpoint.saving import gather_adapter, gather_optimizer_state
+
+        self.model, self.optimizer, self.engine_optimizer = model, optimizer, engine_optimizer
+        self.weights = gather_adapter(model)
+        self.moments, self.adam_step = gather_optimizer_state(model, optimizer)
+
+    def restore(self) -> None:
+        from trainer.checkpoint.resume import apply_training_state
+
+        apply_training_state(self.model, self.optimizer, self.engine_optimizer, self.weights,
+                             self.moments, self.adam_step)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def out_of_memory_message(error: BaseException, step: int) -> str:
+    if torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(device).total_memory
+        numbers = (f"GPU {device}: {torch.cuda.memory_allocated(device) / 2**30:.2f} GiB allocated, "
+                   f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB of {total / 2**30:.2f} GiB")
+    else:
+        import psutil
+
+        memory = psutil.virtual_memory()
+        rss = psutil.Process().memory_info().rss
+        numbers = (f"host: this rank uses {rss / 2**30:.2f} GiB, {memory.available / 2**30:.2f} GiB available "
+                   f"of {memory.total / 2**30:.2f} GiB")
+    return (f"out of memory at step {step} on rank {distributed.rank()} ({numbers}).\n"
+            f"Levers, cheapest first: lower train.micro_batch_size (the global batch stays, accumulation "
+            f"grows); lower data.max_seq_len; train.activation_checkpointing=true; quant.bits=4; "
+            f"deepspeed.zero_stage=3 (partitions the base); deepspeed.offload_optimizer=true / "
+            f"deepspeed.offload_param=true.\nCheckpoints written so far are intact: resume=auto continues.\n"
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")

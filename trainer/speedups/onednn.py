@@ -1,0 +1,126 @@
+"""fp32 matrix multiplies on CPU through oneDNN, for the frozen base's linear layers and the
+vocabulary projection.
+
+torch's x86 CPU wheels run `mm`/`linear` through MKL. On an AMD EPYC with AVX-512 it runs the bench
+job's products at 70-95 GFLOP/s on one thread, the rate of AVX2 kernels (MKL's dispatch favours Intel
+processors). oneDNN, which the same wheels carry (`torch.ops.mkldnn`), picks them from the
+instruction set alone: the same shapes ([2600 x 128] by [128 x 352], [1300 x 128] by
+[128 x 1001], and their backward products) run 2.3-2.7x faster, small ones ([48 x 128] by
+[128 x 352]) ~1.3x. Same fp32 arithmetic; the sums run in another order, so results differ from
+MKL's by float rounding. The adapters stay on torch's own products: at rank 16 oneDNN wins little
+there, and loses on the weight gradient and on addmm.
+
+Only float32 CPU tensors take this path; anything else (GPU, bf16, a ZeRO-3 partitioned weight, a
+weight that is being trained outside the adapters) falls back to what the layer does without it.
+`train.onednn_matmul=false` turns it off.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from trainer.model.lora import dequantised_weight
+
+
+# oneDNN's primitive cache and ideep's (torch's oneDNN wrapper) each keep an entry per product
+# shape, ~0.3 MB apiece, and their default capacity is 1024. Packed micro-batches give every step
+# new row counts, so with the defaults a run grew by ~13 MB per step (300 MB in the bench's 23
+# steps). One micro-step uses ~14 shapes (7 products forward, 7 backward), reused across its
+# layers: 16 entries keep that reuse and hold the memory flat. Both are read at oneDNN's first use
+# in the process, hence set on import (a value already in the environment wins).
+CACHE_CAPACITY = 16
+CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+SET_ON_IMPORT = tuple(name for name in CACHE_VARIABLES if name not in os.environ)  # the ones this module set
+for _name in SET_ON_IMPORT:
+    os.environ[_name] = str(CACHE_CAPACITY)
+# Below this many rows, dequantising and calling oneDNN costs more than bitsandbytes' own fused 4-bit
+# op (48 rows without gradients: 166 against 103 us): decoding stays on the layers' own paths.
+MIN_ROWS = 64
+
+
+def available() -> bool:
+    """Whether this torch build has oneDNN's linear op and oneDNN is enabled."""
+    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _takes(x: torch.Tensor, weight_dtype: torch.dtype) -> bool:
+    return (torch.backends.mkldnn.enabled and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight_dtype == torch.float32 and 0 < x.numel() and x.numel() >= MIN_ROWS * x.shape[-1]
+            and not torch.is_autocast_enabled("cpu"))  # autocast decides the dtype itself
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T (+ bias), like F.linear but without autograd: through oneDNN for fp32 CPU
+    tensors, F.linear otherwise. `weight` may be a transposed view."""
+    if not _takes(x, weight.dtype):
+        return F.linear(x, weight, bias)
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+class FrozenLinear(torch.autograd.Function):
+    """y = x @ W^T + b for a weight and bias that are not trained: the backward returns the input's
+    gradient only. `weight_of()` gives W; it is called again in the backward instead of keeping W, so
+    a dequantised 4-bit weight is not held between the forward and the backward (as bitsandbytes'
+    own matmul does)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight_of: Callable[[], torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.weight_of = weight_of
+        return linear(x, weight_of(), bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return linear(grad, ctx.weight_of().t()), None, None
+
+
+def _frozen_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if _takes(x, self.weight.dtype) and _frozen(self.weight, self.bias):
+        return FrozenLinear.apply(x, lambda: self.weight, self.bias)
+    return F.linear(x, self.weight, self.bias)
+
+
+def _linear4bit_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    fix_4bit_weight_quant_state_from_module(self)
+    state = self.weight.quant_state
+    # A weight bitsandbytes has repacked for its AVX512-BF16 kernel (not in a model from load_base,
+    # which turns that off) is in a layout dequantize_4bit misreads: bitsandbytes' forward keeps it.
+    if (_takes(x, state.dtype) and self.compute_dtype in (None, torch.float32) and _frozen(self.weight, self.bias)
+            and not getattr(state, "packing_format_for_cpu", False)):
+        return FrozenLinear.apply(x, lambda: dequantised_weight(self), self.bias)
+    return type(self).forward(self, x)
+
+
+def _frozen(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """A weight that is not trained and not a ZeRO-3 parameter (DeepSpeed gathers those around the
+    layer's own forward and backward), and a bias, if any, that is fp32 and not trained."""
+    return (not weight.requires_grad and not hasattr(weight, "ds_id")
+            and (bias is None or (bias.dtype == torch.float32 and not bias.requires_grad)))
+
+
+def use_onednn_linear(model: nn.Module) -> int:
+    """Route the frozen linear layers of `model` (bitsandbytes 4-bit ones and plain `nn.Linear`s
+    whose weight is not trained, e.g. the vocabulary projection) through oneDNN for fp32 CPU inputs.
+    Returns how many layers were changed; 0 when this torch build has no oneDNN."""
+    if not available():
+        return 0
+    changed = 0
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes."):
+            module.forward = functools.partial(_linear4bit_forward, module)
+        elif type(module) is nn.Linear and not module.weight.requires_grad:
+            module.forward = functools.partial(_frozen_linear_forward, module)
+        else:
+            continue
+        changed += 1
+    return changed
