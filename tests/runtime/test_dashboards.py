@@ -14,7 +14,7 @@ from conftest import run_cli
 from trainer.config import RecipeError, load_recipe
 
 wandb = pytest.importorskip("wandb")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BLOCK = 32768  # bytes per log block
 HEADER = 7  # ":W&B", magic, version; and every record's crc32, length, type
 

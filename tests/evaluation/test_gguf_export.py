@@ -31,7 +31,7 @@ from trainer.evaluation.export import ExportOptions, export, load_merged
 from trainer.evaluation.gguf_export import GGUFExportError, gguf_tensor_name, output_format, write_gguf
 from trainer.model.base import load_tokenizer, resolve_base
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TEXTS = [
     "Below is an instruction that describes a task.\n\n### Response:\n19",
     "Hello, world!  Two  spaces, a tab\tand 1234567 digits.",

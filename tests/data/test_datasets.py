@@ -16,7 +16,7 @@ from trainer.data.datasets import (IGNORE_INDEX, BatchPlan, DataError, Example, 
                           render_prompt)
 from trainer.data.stats import check_labels
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 REAL = SHARED / "data"
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
                  "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"

@@ -12,7 +12,7 @@ import pytest
 
 from trainer.speedups import malloc
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROBE = (
     "import json, os, sys\n"
     f"sys.path.insert(0, {str(ROOT)!r})\n"

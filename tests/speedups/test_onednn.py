@@ -182,6 +182,6 @@ for rows in range(100, 700):
 print(rss() - before)
 """
     env = {k: v for k, v in os.environ.items() if k not in onednn.CACHE_VARIABLES}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=root)
     assert float(out.stdout) < 20, f"RSS grew by {float(out.stdout):.0f} MB over 400 new shapes"
