@@ -11,7 +11,7 @@ from trainer.speedups import onednn
 from trainer.model.lora import adapter_parameters
 from trainer.loss import CausalLMLoss
 from trainer.data.packing import collate_packed
-from tests.test_fused import lora_model
+from test_fused import lora_model
 from tests.test_loss import examples  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN")
