@@ -11,7 +11,7 @@ from trainer.speedups import onednn
 from trainer.model.lora import adapter_parameters
 from trainer.loss import CausalLMLoss
 from trainer.data.packing import collate_packed
-from test_fused import lora_model
+from tests.speedups.test_fused import lora_model
 from tests.test_loss import examples  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN")
@@ -117,7 +117,7 @@ def test_trained_partitioned_or_unfitting_layers_keep_their_own_path(calls):
 
 @pytest.mark.parametrize("rows", [onednn.MIN_ROWS - 1, onednn.MIN_ROWS])
 def test_a_4bit_layer_with_a_bias_gives_bitsandbytes_value_and_input_gradient(calls, rows):
-    from tests.test_lora import quantised_linear
+    from tests.model.test_lora import quantised_linear
 
     torch.manual_seed(0)
     layer = quantised_linear(4, nn.Linear(64, 48))  # NF4, double quant, fp32 compute, a frozen bias
@@ -133,7 +133,7 @@ def test_a_4bit_layer_with_a_bias_gives_bitsandbytes_value_and_input_gradient(ca
 
 
 def test_4bit_layers_zero3_parameters_other_compute_dtypes_and_autocast_keep_their_own_path(calls):
-    from tests.test_lora import quantised_linear
+    from tests.model.test_lora import quantised_linear
 
     torch.manual_seed(0)
     partitioned, bf16_compute = quantised_linear(4, nn.Linear(64, 48)), quantised_linear(4, nn.Linear(64, 48))
