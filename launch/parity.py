@@ -134,7 +134,7 @@ def ours_before_training(overrides: list[str]) -> dict:
     import torch
 
     from trainer.config import load_recipe
-    from trainer.data.datasets import build_datasets
+    from trainer.data.pipeline import build_datasets
     from trainer.evaluation.held_out_loss import evaluate_loss
     from trainer.loss import CausalLMLoss
     from trainer.model.base import load_base, load_tokenizer, resolve_base

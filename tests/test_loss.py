@@ -9,7 +9,8 @@ from torch import nn
 
 from trainer.model.builtin import demo_rows
 from trainer.config import recipe_from_dict
-from trainer.data.datasets import IGNORE_INDEX, Example, collate
+from trainer.data.encoding import IGNORE_INDEX, Example
+from trainer.data.batching import collate
 from trainer.model.lora import adapter_parameters, apply_lora, lora_layers
 from trainer.loss import CausalLMLoss, chunked_cross_entropy, enable_activation_checkpointing
 from trainer.model.base import load_base

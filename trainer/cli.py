@@ -14,7 +14,7 @@ from typing import Callable
 from trainer.runtime import distributed, quiet
 from trainer.checkpoint.saving import CheckpointError
 from trainer.config import Recipe, RecipeError, load_recipe
-from trainer.data.datasets import DataError
+from trainer.data.formats import DataError
 from trainer.runtime.health import TrainingHealthError
 from trainer.model.base import ModelLoadError
 

@@ -18,8 +18,9 @@ from trainer.checkpoint import saving, resume
 from trainer.runtime import distributed, health, preflight
 from trainer.checkpoint.saving import TrainState
 from trainer.config import Recipe, TrainConfig, deepspeed_config
-from trainer.data.datasets import BatchPlan, Example, build_datasets
-from trainer.evaluation.eval_command import held_out_rows
+from trainer.data.batching import BatchPlan
+from trainer.data.encoding import Example
+from trainer.data.pipeline import build_datasets, held_out_rows
 from trainer.evaluation.held_out_loss import evaluate_loss
 from trainer.speedups.fused import use_fused_mlp, use_fused_norm
 from trainer.evaluation.generate import sample_generations

@@ -19,13 +19,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trainer.data import packing
-from trainer.data.datasets import IGNORE_INDEX
+from trainer.data.encoding import IGNORE_INDEX
 
 
 class CausalLMLoss(nn.Module):
     """Wraps a causal LM; forward returns (sum of token losses, number of trained tokens).
 
-    Takes `trainer.data.datasets.collate`'s batch, or `trainer.data.packing.collate_packed`'s: per-example
+    Takes `trainer.data.batching.collate`'s batch, or `trainer.data.packing.collate_packed`'s: per-example
     `position_ids`, `segment_lengths`, and (unless attention runs per example) a [rows, 1, L, L]
     boolean mask. Give the batch on the CPU (as the collate makes it): what needs reading on the
     host (segment lengths, which positions are trained) is read there, and only then do the

@@ -4,7 +4,7 @@ transformers' Trainer with peft's LoRA on a bitsandbytes base, the standard QLoR
     python -m launch.benchmarks.hf_trainer RECIPE [section.key=value ...] --times PATH [--held-out PATH]
 
 Everything that defines the job comes from our recipe and our code: the tokenised examples and
-their prompt masking (`trainer.data.datasets`), the order they are seen in (`BatchPlan`, fed through a
+their prompt masking (`trainer.data.pipeline`), the order they are seen in (`BatchPlan`, fed through a
 sequential sampler so every step holds the same examples as ours), the quantisation config and
 compute dtype (`trainer.model.base`). What is theirs: the model forward and loss (logits over every
 position), peft's LoRA layers, `prepare_model_for_kbit_training`, the Trainer loop and AdamW.
@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
 from trainer.config import Recipe, TrainConfig, load_recipe
-from trainer.data.datasets import IGNORE_INDEX, BatchPlan, Example, build_datasets, collate
+from trainer.data.encoding import IGNORE_INDEX, Example
+from trainer.data.batching import BatchPlan, collate
+from trainer.data.pipeline import build_datasets
 from trainer.loop import learning_rate
 from trainer.model.base import compute_dtype, keep_4bit_layout, load_tokenizer, quantization_config, resolve_base
 

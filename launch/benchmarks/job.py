@@ -108,7 +108,9 @@ def step_tokens(job: Job) -> list[dict[str, int]]:
     """Per optimizer step: `useful` tokens (every non-pad token of its examples) and `trained`
     tokens (response tokens the loss is taken on). Both frameworks see these exact examples."""
     from trainer.config import load_recipe
-    from trainer.data.datasets import IGNORE_INDEX, BatchPlan, build_datasets
+    from trainer.data.encoding import IGNORE_INDEX
+    from trainer.data.batching import BatchPlan
+    from trainer.data.pipeline import build_datasets
     from trainer.model.base import load_tokenizer, resolve_base
 
     recipe = load_recipe(RECIPE, job.overrides())

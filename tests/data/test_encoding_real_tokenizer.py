@@ -9,7 +9,7 @@ import pytest
 
 from conftest import SHARED
 from trainer.config import DataConfig
-from trainer.data.datasets import build_datasets
+from trainer.data.pipeline import build_datasets
 from trainer.data.formats import DataError
 from trainer.data.stats import check_labels
 from trainer.data.encoding import IGNORE_INDEX, Example, document_bos, prompt_tokens

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from trainer.config import DataConfig, DataSource
-from trainer.data.datasets import build_datasets
+from trainer.data.pipeline import build_datasets
 from trainer.data.leakage import leakage_note, question_id, row_key
 
 

@@ -14,7 +14,7 @@ from _checkpoints import ONE_THREAD, make_checkpoint, one_thread, our_model, tin
 from conftest import free_port, run_cli
 from trainer.evaluation.adapter import AdapterMismatchError, base_fingerprint, check_adapter
 from trainer.config import RecipeError
-from trainer.data.datasets import build_datasets
+from trainer.data.pipeline import build_datasets
 from trainer.evaluation.eval_command import EvalOptions, evaluation_rows
 from trainer.evaluation.held_out_loss import evaluate_loss
 from trainer.evaluation.generate import decoding_mask, generate, greedy_batch, prompt_ids

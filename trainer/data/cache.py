@@ -22,7 +22,7 @@ from trainer.model import builtin
 from trainer.data.encoding import Example
 
 # The modules whose code decides the examples: editing any of them invalidates the cache.
-CODE_FILES = ("data_formats.py", "data_tokenize.py", "data_cache.py", "leakage.py")
+CODE_FILES = ("formats.py", "encoding.py", "cache.py", "leakage.py")
 # What a cache file holds; a file missing one (written by older code) is a miss.
 ARRAYS = ("input_ids", "labels", "lengths", "row_ids", "questions")
 

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from trainer.runtime import distributed
 from trainer.config import Recipe
-from trainer.data.datasets import IGNORE_INDEX, Example, collate, token_tensor
+from trainer.data.encoding import IGNORE_INDEX, Example
+from trainer.data.batching import collate, token_tensor
 
 PACKED_ATTENTION = "packed_sdpa"
 
@@ -31,7 +32,7 @@ def training_collate(recipe: Recipe, model: torch.nn.Module,
                      pad_token_id: int) -> Callable[[list[Example]], dict[str, torch.Tensor]]:
     """The loop's micro-batch collate. With data.packing (the default): packed rows, and an SDPA model
     switched to packed attention; without, or with an attention that cannot isolate the examples
-    of a row: `trainer.data.datasets.collate` (one example per row, padded)."""
+    of a row: `trainer.data.batching.collate` (one example per row, padded)."""
     if not recipe.data.packing:
         return lambda examples: collate(examples, pad_token_id)
     attention = model.config._attn_implementation
@@ -65,7 +66,7 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
 
 def collate_packed(examples: list[Example], max_seq_len: int, pad_token_id: int,
                    with_mask: bool = True) -> dict[str, torch.Tensor]:
-    """`trainer.data.datasets.collate`'s keys for packed rows, plus `position_ids` and `segment_lengths`
+    """`trainer.data.batching.collate`'s keys for packed rows, plus `position_ids` and `segment_lengths`
     (`attention_mask` only `with_mask`: packed attention does not read it).
 
     input_ids, labels, position_ids: [rows, L], L the longest packed row (at most max_seq_len);

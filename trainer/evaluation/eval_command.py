@@ -11,7 +11,6 @@ partitioned across ranks; the predictions are the same as on one rank.
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -20,8 +19,9 @@ from trainer import options
 from trainer.runtime import distributed
 from trainer.evaluation import scores
 from trainer.evaluation.adapter import check_adapter, load_adapted_model
-from trainer.config import DataConfig, DataSource, Recipe, RecipeError, deepspeed_config
-from trainer.data.datasets import Example, build_datasets, load_source
+from trainer.config import DataSource, Recipe, RecipeError, deepspeed_config
+from trainer.data.encoding import Example
+from trainer.data.pipeline import build_datasets, held_out_rows, load_source
 from trainer.data.formats import locate, read_source
 from trainer.evaluation.held_out_loss import evaluate_loss
 from trainer.evaluation.generate import generate, prompt_ids, row_texts
@@ -57,39 +57,6 @@ def evaluation_rows(recipe: Recipe, tokenizer, file: str | None,
     return held_out_rows(data, held_out), held_out
 
 
-def held_out_rows(data: DataConfig, held_out: list[Example]) -> list[dict]:
-    """The rows held-out examples of `build_datasets(data, ...)` were made from, in their order."""
-    if not held_out:
-        return []
-    by_id = _rows_by_id(data, {example.row_id for example in held_out})
-    taken: Counter = Counter()
-    rows = []
-    for example in held_out:
-        # Instances of one task share a row id and come in file order.
-        candidates = by_id[example.row_id]
-        rows.append(candidates[min(taken[example.row_id], len(candidates) - 1)])
-        taken[example.row_id] += 1
-    return rows
-
-
-def _rows_by_id(data: DataConfig, wanted: set[int]) -> dict[int, list[dict]]:
-    """The `wanted` rows by the id `build_datasets` gives their examples: the record's position,
-    counted on across the datasets of a mixture, then the separate held-out file."""
-    sources = data.mixture or [DataSource(data.path, 1.0, data.split, data.format, data.columns)]
-    if data.eval_path:
-        sources = [*sources, DataSource(data.eval_path, 1.0, data.split, data.format, data.columns)]
-    by_id: dict[int, list[dict]] = defaultdict(list)
-    offset = 0
-    for source in sources:
-        read = read_source(locate(source.path, source.split), source.format, source.columns, data.max_rows,
-                           data.on_bad_row)
-        for row in read.rows:
-            if offset + row.record in wanted:
-                by_id[offset + row.record].append(row.fields)
-        offset += read.records
-    return by_id
-
-
 def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
     if not opts.adapter:
         raise RecipeError("adapter= is required: a checkpoint directory, or adapter=none for the base alone")
@@ -123,8 +90,8 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
     # Through the loss wrapper: under ZeRO-3 it is the module DeepSpeed's hooks expect every forward to enter.
     predictions = generate(loss_model, tokenizer, prompts, opts.max_new_tokens, opts.batch_size, device)
     texts = [row_texts(row) for row in rows]
-    scores = [scores.score(prediction, text["reference"]) for text, prediction in zip(texts, predictions)]
-    summary = scores.summarise(scores)
+    row_scores = [scores.score(prediction, text["reference"]) for text, prediction in zip(texts, predictions)]
+    summary = scores.summarise(row_scores)
     if opts.loss and examples:
         summary.update(evaluate_loss(loss_model, examples, recipe.train.micro_batch_size, tokenizer.pad_token_id,
                                      device))
@@ -133,7 +100,7 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
         # checkpoints/best resolves to the step-<N> it points at: results are named by what was scored.
         out = Path(opts.out) if opts.out else Path(recipe.output_dir) / "eval" / (
             adapter_dir.name if adapter_dir is not None else "no-adapter")
-        write_results(out, texts, predictions, scores, summary, {
+        write_results(out, texts, predictions, row_scores, summary, {
             "adapter": opts.adapter if adapter_dir else None,
             "adapter_resolved": str(adapter_dir) if adapter_dir else None, "options": asdict(opts)})
         log(scores.format_table(summary))

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from trainer.runtime import distributed
-from trainer.data.datasets import Example, collate
+from trainer.data.encoding import Example
+from trainer.data.batching import collate
 
 
 @torch.no_grad()

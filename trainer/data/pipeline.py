@@ -1,32 +1,30 @@
-"""Instruction data: datasets -> validated rows -> token ids with labels -> train and held-out
-examples, checked and summarised before training.
+"""The data pipeline: datasets -> validated rows -> token ids with labels -> train and held-out
+examples, checked and summarised before training (`build_datasets`), and back from held-out
+examples to the rows they came from (`held_out_rows`).
 
-    data_formats.py   reading files and hub datasets, formats, column mapping, bad rows
-    data_tokenize.py  prompt and chat templates, BOS/EOS, the length policy
+    formats.py   reading files and hub datasets, formats, column mapping, bad rows
+    encoding.py  prompt and chat templates, BOS/EOS, the length policy
     cache.py     tokenised datasets on disk, keyed by everything they depend on
-    data_stats.py     label checks and the per-dataset table
+    stats.py     label checks and the per-dataset table
+    leakage.py   held-out questions repeated in training
 
 Examples keep the row id they came from (rows of a mixture numbered one dataset after another),
 so a bad batch can be traced back to the rows in it.
 """
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from trainer.data import cache
 from trainer.config import DataConfig, DataSource
-from trainer.data.formats import DataError, locate, read_source
-from trainer.data.stats import DataStats, check_labels, dataset_summary, format_stats
-from trainer.data.encoding import (IGNORE_INDEX, TEMPLATES, Example, chat_template, check_tokenizer,
-                                   render_prompt, tokenize_rows)
+from trainer.data import cache
+from trainer.data.encoding import TEMPLATES, Example, chat_template, check_tokenizer, tokenize_rows
+from trainer.data.formats import locate, read_source
 from trainer.data.leakage import leakage_note
-
-__all__ = ["IGNORE_INDEX", "TEMPLATES", "BatchPlan", "DataError", "DataStats", "Example", "build_datasets",
-           "collate", "format_stats", "load_source", "read_rows", "render_prompt", "split_rows", "token_tensor"]
+from trainer.data.stats import DataStats, check_labels, dataset_summary
 
 
 def read_rows(path: str, split: str = "train", max_rows: int | None = None, *, format: str = "auto",
@@ -74,12 +72,39 @@ def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[list[Examp
     dataset, or of eval_path) are counted as leaked and, with data.drop_leaked, dropped; then the
     train rows are weighted. Held-out rows never are."""
     notes = check_tokenizer(tokenizer)
-    sources = config.mixture or [DataSource(config.path, 1.0, config.split, config.format, config.columns)]
+    sources = training_sources(config)
     loaded = [load_source(source, config, tokenizer) for source in sources]
-    separate_eval = None
-    if config.eval_path:
-        eval_source = DataSource(config.eval_path, 1.0, config.split, config.format, config.columns)
-        separate_eval = load_source(eval_source, config, tokenizer)
+    separate_eval = load_source(eval_source(config), config, tokenizer) if config.eval_path else None
+    splits, held_out = _split(loaded, separate_eval, config, tokenizer, seed)
+    train, summaries = _train_side(sources, loaded, splits, {e.question for e in held_out}, config.drop_leaked, seed)
+    if separate_eval is not None:
+        summaries.append(_summary(separate_eval, None, 0, len(held_out), 0))
+    n_leaked = sum(summary["leaked"] for summary in summaries)
+    leakage = leakage_note(n_leaked, sum(len(part_train) for part_train, _ in splits), len(held_out),
+                           dropped=config.drop_leaked)
+    held_out = _capped(held_out, config.max_eval_rows, [seed, len(loaded)])
+    if any(part.format == "chat" for part in loaded) or config.template == "chat":
+        notes.append(chat_template(tokenizer)[1])
+        if config.template != "chat":
+            notes.append("chat rows are rendered with the chat template, whatever data.template says")
+    if leakage is not None:
+        notes.append(leakage)
+    return train, held_out, _stats(config, train, held_out, summaries, notes)
+
+
+def training_sources(config: DataConfig) -> list[DataSource]:
+    """The datasets trained on: data.mixture, or data.path alone."""
+    return config.mixture or [DataSource(config.path, 1.0, config.split, config.format, config.columns)]
+
+
+def eval_source(config: DataConfig) -> DataSource:
+    return DataSource(config.eval_path, 1.0, config.split, config.format, config.columns)
+
+
+def _split(loaded: list[LoadedSource], separate_eval: LoadedSource | None, config: DataConfig, tokenizer,
+           seed: int) -> tuple[list[tuple[list[Example], list[Example]]], list[Example]]:
+    """Each dataset's (train, held-out) examples, numbered on across datasets, and all held-out ones
+    (data.eval_path's when given, else every dataset's held-out part)."""
     splits, offset = [], 0
     for index, part in enumerate(loaded):
         examples = _numbered(part, offset, tokenizer, config.template)
@@ -92,38 +117,43 @@ def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[list[Examp
         offset += part.records
     held_out = (_numbered(separate_eval, offset, tokenizer, config.template) if separate_eval is not None
                 else [e for _, part_eval in splits for e in part_eval])
-    held_questions = {e.question for e in held_out}
+    return splits, held_out
+
+
+def _train_side(sources: list[DataSource], loaded: list[LoadedSource],
+                splits: list[tuple[list[Example], list[Example]]], held_questions: set, drop_leaked: bool,
+                seed: int) -> tuple[list[Example], list[dict[str, Any]]]:
+    """The training examples of all datasets (leaked ones dropped if asked, then weighted), and a
+    summary per dataset."""
     train, summaries = [], []
     for index, (source, part, (part_train, part_eval)) in enumerate(zip(sources, loaded, splits)):
         leaked = sum(e.question in held_questions for e in part_train)
-        if config.drop_leaked:
+        if drop_leaked:
             part_train = [e for e in part_train if e.question not in held_questions]
         part_train = weighted(part_train, source.weight, [seed, index])
         train += part_train
         summaries.append(_summary(part, source.weight, len(part_train), len(part_eval), leaked))
-    if separate_eval is not None:
-        summaries.append(_summary(separate_eval, None, 0, len(held_out), 0))
-    n_leaked = sum(summary["leaked"] for summary in summaries)
-    n_train = sum(len(part_train) for part_train, _ in splits)
-    leakage = leakage_note(n_leaked, n_train, len(held_out), dropped=config.drop_leaked)
-    if len(held_out) > config.max_eval_rows:
-        keep = np.random.default_rng([seed, len(loaded)]).choice(len(held_out), config.max_eval_rows, replace=False)
-        held_out = [held_out[i] for i in sorted(keep.tolist())]
-    if any(part.format == "chat" for part in loaded) or config.template == "chat":
-        notes.append(chat_template(tokenizer)[1])
-        if config.template != "chat":
-            notes.append("chat rows are rendered with the chat template, whatever data.template says")
-    if leakage is not None:
-        notes.append(leakage)
+    return train, summaries
+
+
+def _capped(held_out: list[Example], max_rows: int, seed: list[int]) -> list[Example]:
+    """At most `max_rows` held-out examples: a seeded sample, in their original order."""
+    if len(held_out) <= max_rows:
+        return held_out
+    keep = np.random.default_rng(seed).choice(len(held_out), max_rows, replace=False)
+    return [held_out[i] for i in sorted(keep.tolist())]
+
+
+def _stats(config: DataConfig, train: list[Example], held_out: list[Example], summaries: list[dict[str, Any]],
+           notes: list[str]) -> DataStats:
     caches = {summary["cache"] for summary in summaries}
-    stats = DataStats(
+    return DataStats(
         train_examples=len(train), eval_examples=len(held_out),
         template=config.template if config.template in (*TEMPLATES, "chat") else "custom",
         max_seq_len=config.max_seq_len, cache=caches.pop() if len(caches) == 1 else "partial",
         dropped=sum(n for s in summaries for why, n in s["outcomes"].items() if why.startswith("dropped")),
         skipped=sum(n for s in summaries for why, n in s["outcomes"].items() if why.startswith("skipped")),
-        leaked=n_leaked, datasets=summaries, notes=notes)
-    return train, held_out, stats
+        leaked=sum(summary["leaked"] for summary in summaries), datasets=summaries, notes=notes)
 
 
 def _numbered(part: LoadedSource, offset: int, tokenizer, template: str) -> list[Example]:
@@ -152,62 +182,32 @@ def weighted(examples: list[Example], weight: float, seed: list[int]) -> list[Ex
     return examples * int(whole) + [examples[i] for i in sorted(extra.tolist())]
 
 
-def token_tensor(ids) -> torch.Tensor:
-    """An example's int32 token array as a tensor, sharing its memory (no element-wise copy)."""
-    return torch.frombuffer(ids, dtype=torch.int32) if len(ids) else torch.zeros(0, dtype=torch.int32)
+def held_out_rows(data: DataConfig, held_out: list[Example]) -> list[dict]:
+    """The rows held-out examples of `build_datasets(data, ...)` were made from, in their order."""
+    if not held_out:
+        return []
+    by_id = _rows_by_id(data, {example.row_id for example in held_out})
+    taken: Counter = Counter()
+    rows = []
+    for example in held_out:
+        # Instances of one task share a row id and come in file order.
+        candidates = by_id[example.row_id]
+        rows.append(candidates[min(taken[example.row_id], len(candidates) - 1)])
+        taken[example.row_id] += 1
+    return rows
 
 
-def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    length = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for i, example in enumerate(examples):
-        n = len(example.input_ids)
-        input_ids[i, :n] = token_tensor(example.input_ids)
-        labels[i, :n] = token_tensor(example.labels)
-        attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "row_ids": torch.tensor([e.row_id for e in examples])}
-
-
-# ------------------------------------------------------------------------------ batch order
-
-
-class BatchPlan:
-    """The order examples are seen in: an endless stream over epochs, each epoch a fresh seeded
-    permutation. Step s consumes stream positions [s*G, (s+1)*G) for the global batch G, so the
-    data cursor is one number and resuming at any world size sees the same examples next."""
-
-    def __init__(self, n_examples: int, global_batch: int, seed: int):
-        if n_examples == 0:
-            raise DataError("no training examples left after splitting, length filtering and dropping rows "
-                            "that repeat a held-out question")
-        self.n_examples = n_examples
-        self.global_batch = global_batch
-        self.seed = seed
-        self._permutations: dict[int, list[int]] = {}
-
-    def _permutation(self, epoch: int) -> list[int]:
-        if epoch not in self._permutations:
-            rng = np.random.default_rng([self.seed, epoch])
-            if len(self._permutations) > 2:  # a step spans at most two epochs
-                self._permutations.clear()
-            self._permutations[epoch] = rng.permutation(self.n_examples).tolist()
-        return self._permutations[epoch]
-
-    def indices(self, step: int) -> list[int]:
-        start = step * self.global_batch
-        positions = range(start, start + self.global_batch)
-        return [self._permutation(p // self.n_examples)[p % self.n_examples] for p in positions]
-
-    def epoch(self, step: int) -> float:
-        return step * self.global_batch / self.n_examples
-
-    def rank_micro_batches(self, step: int, rank: int, world_size: int, micro_batch: int) -> list[list[int]]:
-        """This rank's micro-batches of step s: the global batch is cut into world_size * accumulation
-        contiguous micro-batches, dealt out rank-major so each rank gets `accumulation` of them."""
-        indices = self.indices(step)
-        per_rank = len(indices) // world_size
-        mine = indices[rank * per_rank:(rank + 1) * per_rank]
-        return [mine[i:i + micro_batch] for i in range(0, len(mine), micro_batch)]
+def _rows_by_id(data: DataConfig, wanted: set[int]) -> dict[int, list[dict]]:
+    """The `wanted` rows by the id `build_datasets` gives their examples: the record's position,
+    counted on across the datasets of a mixture, then the separate held-out file."""
+    sources = [*training_sources(data), *([eval_source(data)] if data.eval_path else [])]
+    by_id: dict[int, list[dict]] = defaultdict(list)
+    offset = 0
+    for source in sources:
+        read = read_source(locate(source.path, source.split), source.format, source.columns, data.max_rows,
+                           data.on_bad_row)
+        for row in read.rows:
+            if offset + row.record in wanted:
+                by_id[offset + row.record].append(row.fields)
+        offset += read.records
+    return by_id

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from trainer.data import datasets
+from trainer.data import pipeline
 from trainer.config import DataConfig, DataSource
-from trainer.data.datasets import (IGNORE_INDEX, BatchPlan, DataError, Example, build_datasets, collate, read_rows,
-                          render_prompt)
+from trainer.data.encoding import IGNORE_INDEX, Example, render_prompt
+from trainer.data.batching import BatchPlan, collate
+from trainer.data.formats import DataError
+from trainer.data.pipeline import build_datasets, read_rows
 from trainer.data.stats import check_labels
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
@@ -170,7 +172,7 @@ def test_unreadable_files_and_unknown_columns_name_the_file_and_its_columns(toke
     path = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "Say hi.", "response": "hi"}])
     with pytest.raises(DataError, match=r"qa\.jsonl: cannot tell the format from its columns \['prompt', 'response'\]"):
         build_datasets(config(path), tokenizer, seed=0)
-    with pytest.raises(DataError, match=r"qa\.jsonl: datasets.columns .* no column \['answer'\]; the file has columns "
+    with pytest.raises(DataError, match=r"qa\.jsonl: data.columns .* no column \['answer'\]; the file has columns "
                                         r"\['prompt', 'response'\]"):
         build_datasets(config(path, columns={"prompt": "instruction", "answer": "output"}), tokenizer, seed=0)
 
@@ -265,7 +267,7 @@ def test_too_long_rows_truncate_the_prompt_drop_or_stop(tokenizer, tmp_path):
 
     train, _, stats = build_datasets(config(path, max_seq_len=64, on_too_long="drop"), tokenizer, seed=0)
     assert [e.row_id for e in train] == [0] and stats["dropped"] == 2
-    with pytest.raises(DataError, match=r"d\.jsonl: row 2: \d+ tokens, over datasets.max_seq_len=64"):
+    with pytest.raises(DataError, match=r"d\.jsonl: row 2: \d+ tokens, over data.max_seq_len=64"):
         build_datasets(config(path, max_seq_len=64, on_too_long="error"), tokenizer, seed=0)
 
 
@@ -326,8 +328,8 @@ def test_the_second_load_hits_the_cache(tokenizer, monkeypatch, tmp_path):
     def must_not_tokenize(*args, **kwargs):
         raise AssertionError("tokenised again despite a cached copy")
 
-    monkeypatch.setattr(datasets, "tokenize_rows", must_not_tokenize)
-    monkeypatch.setattr(datasets, "read_source", must_not_tokenize)
+    monkeypatch.setattr(pipeline, "tokenize_rows", must_not_tokenize)
+    monkeypatch.setattr(pipeline, "read_source", must_not_tokenize)
     cached_train, cached_held_out, cached_stats = build_datasets(recipe_data, tokenizer, seed=42)
     assert cached_stats["cache"] == "hit" and "cache hit" in str(cached_stats)
     assert cached_train == train and cached_held_out == held_out
