@@ -26,7 +26,9 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from trainer.model import builtin
+from trainer import builtin
+from trainer.model.tiny_base import MARKER
+from trainer.runtime.cache import cache_dir
 from launch.benchmarks.job import RECIPE, ROOT, Job
 
 TITLES = {"ours": "ours", "theirs": "HF Trainer + peft"}
@@ -156,8 +158,8 @@ def dequantised_base(name_or_path: str) -> Path:
     from its NF4 double-quant quantisation (what bitsandbytes' training forward multiplies by);
     built once into the cache, next to the base."""
     source = Path(builtin.resolve(name_or_path))
-    final = builtin.cache_dir() / "models" / f"{source.name}-nf4-dq-dequantised-v1"
-    if (final / builtin.MARKER).exists():
+    final = cache_dir() / "models" / f"{source.name}-nf4-dq-dequantised-v1"
+    if (final / MARKER).exists():
         return final
     import torch
     from transformers import AutoModelForCausalLM
@@ -171,7 +173,7 @@ def dequantised_base(name_or_path: str) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for file in source.iterdir():  # the tokenizer and its chat template, byte for byte
-        if file.is_file() and not file.name.endswith(".safetensors") and file.name != builtin.MARKER:
+        if file.is_file() and not file.name.endswith(".safetensors") and file.name != MARKER:
             shutil.copy(file, staging / file.name)
     recipe = load_recipe(RECIPE, [f"model.name_or_path={source}", "quant.bits=4", "quant.quant_type=nf4",
                                           "quant.double_quant=true"])
@@ -185,7 +187,7 @@ def dequantised_base(name_or_path: str) -> Path:
                 layers[name].weight.copy_(dequantised_weight(module).float())
                 replaced += 1
     plain.save_pretrained(staging)
-    (staging / builtin.MARKER).write_text(json.dumps({"source": str(source), "dequantised_layers": replaced}) + "\n")
+    (staging / MARKER).write_text(json.dumps({"source": str(source), "dequantised_layers": replaced}) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.rename(staging, final)
     return final

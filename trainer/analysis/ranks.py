@@ -276,7 +276,7 @@ def _find_base(name: str, revision: str | None) -> Path | None:
     # Any failure below means "not available offline"; the caller reports it and carries on without W.
     try:
         if name.startswith("builtin:"):
-            from trainer.model import builtin
+            from trainer import builtin
             resolved = Path(builtin.resolve(name))
             return resolved if resolved.is_dir() else None
         from huggingface_hub import snapshot_download

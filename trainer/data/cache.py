@@ -18,7 +18,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from trainer.model import builtin
+from trainer.runtime.cache import cache_dir
 from trainer.data.encoding import Example
 
 # The modules whose code decides the examples: editing any of them invalidates the cache.
@@ -48,7 +48,7 @@ def code_version() -> str:
 
 
 def path_for(key: str) -> Path:
-    return builtin.cache_dir() / "tokenized" / f"{key}.safetensors"
+    return cache_dir() / "tokenized" / f"{key}.safetensors"
 
 
 def load(key: str) -> tuple[list[Example], dict[str, Any]] | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.model import builtin
+from trainer.data.tasks import resolve_dataset
 
 FORMATS = ("alpaca", "instances", "chat")
 FIELDS = ("instruction", "input", "output", "messages", "instances")
@@ -58,7 +58,7 @@ class _Malformed(str):
 
 
 def locate(path: str, split: str = "train") -> Located:
-    resolved = builtin.resolve(path)
+    resolved = resolve_dataset(path)
     local = Path(resolved)
     if local.suffix in (".json", ".jsonl"):
         try:

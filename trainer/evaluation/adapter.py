@@ -17,7 +17,7 @@ import torch
 import yaml
 from torch import nn
 
-from trainer.model import builtin
+from trainer import builtin
 from trainer.runtime import distributed
 from trainer.checkpoint.saving import CheckpointError
 from trainer.config import Recipe

@@ -245,13 +245,13 @@ def source_tokenizer_pre(recipe: Recipe) -> str | None:
     not record, so GGUF -> fine-tune -> GGUF keeps the original's."""
     from gguf import GGUFReader
 
-    from trainer.model import builtin
+    from trainer.model.gguf import smollm2_gguf
 
     name = recipe.model.name_or_path
     if name.lower().endswith(".gguf"):
         gguf_file = Path(name).expanduser()
     elif name == "builtin:smollm2-135m":
-        gguf_file = builtin.smollm2_gguf()
+        gguf_file = smollm2_gguf()
     else:
         return None
 

