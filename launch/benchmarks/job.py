@@ -3,7 +3,8 @@ written as overrides of `recipes/tiny_alpaca.yaml` that `launch/train.py` (ours)
 `launch.benchmarks.hf_trainer` (transformers Trainer + peft) both read.
 
 CPU: the built-in tiny Llama. GPU: a 1B-class Llama (TinyLlama's shape) with random weights and
-at least a 32k vocabulary, built once into the cache. Data: GSM8K from `../shared/data` when present, else `builtin:tasks`.
+at least a 32k vocabulary, built once into the cache. Data: GSM8K where `data/gsm8k/prepare.py` finds a local
+copy (`../shared/data`), else `builtin:tasks`.
 """
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from data import prepare_common
+from data.gsm8k import prepare as gsm8k_data
 from trainer.model import builtin
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "tiny_alpaca.yaml"
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k_train.json"
-LLAMA2_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "llama2" / "tokenizer.model"
+LLAMA2_TOKENIZER = prepare_common.SHARED / "tokenizers" / "llama2" / "tokenizer.model"
 ONE_B_SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16,
                "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 2048}
 # The GPU job's output head is at least this wide (Llama 2's vocabulary), whatever tokenizer it has.
@@ -62,7 +64,9 @@ class Job:
 
 
 def default_data() -> str:
-    return str(GSM8K) if GSM8K.is_file() else "builtin:tasks"
+    """GSM8K where its prepare script finds a local copy, else builtin:tasks: a benchmark never waits on the hub."""
+    source = gsm8k_data.default_source()
+    return source if Path(source).is_file() else "builtin:tasks"
 
 
 def ensure_bench_base(gpu: bool) -> str:
