@@ -1,4 +1,5 @@
-"""The training loop, top to bottom: seed, base, adapters, data, engine, restore, then step."""
+"""The training loop, top to bottom: setup (tokenizer, data, base, adapters, engine, restore),
+then steps: micro-batches, backward, optimizer step; log, evaluate, sample and save every N."""
 from __future__ import annotations
 
 import math
@@ -13,26 +14,26 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer.data.tasks import resolve_dataset
-from trainer.checkpoint import saving, resume
-from trainer.runtime import distributed, health, preflight
+from trainer import speedups
+from trainer.checkpoint import resume, saving
 from trainer.checkpoint.saving import TrainState
 from trainer.config import Recipe, TrainConfig, deepspeed_config
 from trainer.data.batching import BatchPlan
 from trainer.data.encoding import Example
-from trainer.data.pipeline import build_datasets, held_out_rows
-from trainer.evaluation.held_out_loss import evaluate_loss
-from trainer.speedups.fused import use_fused_mlp, use_fused_norm
-from trainer.evaluation.generate import sample_generations
-from trainer.model.lora import adapter_parameters, apply_lora, link_group_states, optimizer_groups, parameter_summary
-from trainer.loss import CausalLMLoss
-from trainer.runtime.metrics_log import MetricsLog
-from trainer.model.base import dtype_name, load_base, load_tokenizer, resolve_base
-from trainer.speedups.onednn import use_onednn_linear
 from trainer.data.packing import training_collate
+from trainer.data.pipeline import build_datasets, held_out_rows
+from trainer.data.stats import DataStats
+from trainer.data.tasks import resolve_dataset
 from trainer.evaluation.adapter import base_fingerprint
-from trainer.runtime.report import append_samples, format_samples, write_report
+from trainer.evaluation.generate import sample_generations
+from trainer.evaluation.held_out_loss import evaluate_loss
+from trainer.loss import CausalLMLoss, enable_activation_checkpointing
+from trainer.model.base import dtype_name, load_base, load_tokenizer, resolve_base
+from trainer.model.lora import adapter_parameters, apply_lora, link_group_states, optimizer_groups, parameter_summary
+from trainer.runtime import distributed, health, preflight
 from trainer.runtime.dashboards import Dashboards
+from trainer.runtime.metrics_log import MetricsLog
+from trainer.runtime.report import append_samples, format_samples, write_report
 from trainer.runtime.signals import StopRequest
 
 SAMPLE_MAX_NEW_TOKENS = 48  # sample answers in the training log stay short: a glance, not an evaluation
@@ -54,27 +55,34 @@ def seed_everything(seed: int) -> None:
 
 
 @dataclass
-class Run:
-    """Everything the steps need, built once by `setup`."""
-    recipe: Recipe
-    device: torch.device
-    model: torch.nn.Module  # the transformers model with our LoRA layers
-    loss_model: torch.nn.Module  # what DeepSpeed wraps
-    engine: object
-    optimizer: torch.optim.Optimizer
-    tokenizer: object
-    collate: object  # micro-batch -> tensors (packed rows when data.packing)
+class TrainingData:
+    """The examples a run trains and evaluates on, and the order it sees them in."""
     train_set: list[Example]
     eval_set: list[Example]
+    stats: DataStats  # str() is the table printed before training
     sample_rows: list[dict]  # held-out rows answered in the training log (train.sample_count)
+    token_counts: list[int]  # trained (label != -100) tokens of each training example
     plan: BatchPlan
-    token_counts: list[int]
-    base_name_or_path: str
-    meta: dict
 
     def trained_tokens(self, step: int) -> int:
         """Response tokens the loss is taken on in optimizer step `step` (0-based), over all ranks."""
         return sum(self.token_counts[i] for i in self.plan.indices(step))
+
+
+@dataclass
+class Run:
+    """Everything the steps need, built once by `setup`."""
+    recipe: Recipe
+    device: torch.device
+    tokenizer: object
+    data: TrainingData
+    model: torch.nn.Module  # the transformers model with our LoRA layers
+    loss_model: torch.nn.Module  # what DeepSpeed wraps
+    engine: object
+    optimizer: torch.optim.Optimizer
+    collate: object  # micro-batch -> tensors (packed rows when data.packing)
+    base_name_or_path: str
+    meta: dict  # what a checkpoint says about the run (meta.json)
 
 
 def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
@@ -88,58 +96,25 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
                     dynamic_ncols=True)
     say = progress.write if rank == 0 else (lambda *_: None)
     stop_request = StopRequest()  # SIGTERM / SIGINT: save at the next step boundary, exit cleanly
-    skips = 0
-    overflow_skips = 0  # fp16 steps DeepSpeed's loss scaler skipped
+    skips = Skips()
     run.engine.train()
     while state.step < recipe.train.max_steps:
         started = time.perf_counter()
         lr = learning_rate(state.step, recipe.train)
         snapshot = (health.UpdateSnapshot(run.model, run.optimizer, run.engine.optimizer)
                     if recipe.train.on_nonfinite == "skip" else None)
-        step_tokens = run.trained_tokens(state.step)
+        step_tokens = run.data.trained_tokens(state.step)
         loss, grad_norm, stops, bad_rows, overflowed = train_step(run, state.step, lr, stop_request.requested,
                                                                   step_tokens)
-        if overflowed and health.is_finite(loss):
-            # fp16 loss scaling: DeepSpeed found inf/NaN gradients, skipped this update and lowered the
-            # scale. Normal in the first steps (the scale starts high on purpose); counted, not fatal.
-            # DeepSpeed itself stops a run whose scale reaches its minimum.
-            overflow_skips += 1
-            say(f"step {state.step + 1}: fp16 gradient overflow, update skipped and loss scale lowered "
-                f"({overflow_skips} so far)")
-        elif not (health.is_finite(loss) and health.is_finite(grad_norm)):
-            skips += 1
-            if snapshot is None or skips > recipe.train.max_consecutive_skips:
-                raise health.TrainingHealthError(health.nonfinite_message(
-                    state.step + 1, lr, loss, grad_norm, bad_rows, resolve_dataset(recipe.data.path),
-                    skips=skips - 1 if snapshot is not None else None))
-            snapshot.restore()
-            say(f"step {state.step + 1}: non-finite loss/gradient, update skipped ({skips} in a row)")
-        else:
-            skips = 0
+        skipped = skips.check(state.step + 1, run, lr, loss, grad_norm, bad_rows, overflowed, snapshot, say)
         state.step += 1
-        record = advance(state, run, loss, lr, started, step_tokens, skipped=skips > 0 or overflowed)
-        if overflow_skips:
-            record["overflow_skips"] = overflow_skips
+        record = advance(state, run, loss, lr, started, step_tokens, skipped)
+        if skips.overflows:
+            record["overflow_skips"] = skips.overflows
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-
-        last = state.step == recipe.train.max_steps
-        if state.step % recipe.train.eval_every == 0 or last:
-            record.update(evaluate(run, state))
-            if "eval_loss" in record:
-                say(f"step {state.step}: loss {loss:.4f}  eval_loss {record['eval_loss']:.4f}  "
-                    f"eval_ppl {record['eval_ppl']:.2f}")
-        sample_every = recipe.train.sample_every
-        if run.sample_rows and not stops and ((sample_every and state.step % sample_every == 0) or last):
-            sample(run, state.step, say, dashboards)
-        if state.step % recipe.train.log_every == 0 or "eval_loss" in record or last:
-            metrics.write(record)
-            dashboards.write(record)
-        if state.step % recipe.train.save_every == 0 or last or stops:
-            saved = saving.save(Path(recipe.output_dir), run.model, run.optimizer, recipe,
-                                    run.base_name_or_path, state, run.meta, record.get("eval_loss"))
-            say(f"saved {saved}")
-        if stops and not last:
+        after_step(run, state, record, stops, say, metrics, dashboards)
+        if stops and state.step < recipe.train.max_steps:
             say(f"stopping at step {state.step} as asked ({stop_request.signal_name or 'signal on another rank'}); "
                 f"continue with resume=auto")
             break
@@ -154,81 +129,152 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
     return state
 
 
-def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
-    import deepspeed
+@dataclass
+class Skips:
+    """Updates skipped so far: non-finite ones in a row (train.on_nonfinite=skip), fp16 overflows in all."""
+    nonfinite: int = 0
+    overflows: int = 0
 
+    def check(self, step: int, run: Run, lr: float, loss: float, grad_norm: float | None, bad_rows: list[int],
+              overflowed: bool, snapshot: health.UpdateSnapshot | None, say: Callable[[str], None]) -> bool:
+        """Whether step `step` (1-based) was skipped; raises when training cannot go on."""
+        if overflowed and health.is_finite(loss):
+            # fp16 loss scaling: DeepSpeed found inf/NaN gradients, skipped this update and lowered the
+            # scale. Normal in the first steps (the scale starts high on purpose); counted, not fatal.
+            # DeepSpeed itself stops a run whose scale reaches its minimum.
+            self.overflows += 1
+            say(f"step {step}: fp16 gradient overflow, update skipped and loss scale lowered "
+                f"({self.overflows} so far)")
+            return True
+        if health.is_finite(loss) and health.is_finite(grad_norm):
+            self.nonfinite = 0
+            return False
+        self.nonfinite += 1
+        if snapshot is None or self.nonfinite > run.recipe.train.max_consecutive_skips:
+            raise health.TrainingHealthError(health.nonfinite_message(
+                step, lr, loss, grad_norm, bad_rows, resolve_dataset(run.recipe.data.path),
+                skips=self.nonfinite - 1 if snapshot is not None else None))
+        snapshot.restore()
+        say(f"step {step}: non-finite loss/gradient, update skipped ({self.nonfinite} in a row)")
+        return True
+
+
+def after_step(run: Run, state: TrainState, record: dict, stops: bool, say: Callable[[str], None],
+               metrics: MetricsLog, dashboards: Dashboards) -> None:
+    """Every N steps (and at the last, or when asked to stop): evaluate, sample, log, save."""
+    train = run.recipe.train
+    last = state.step == train.max_steps
+    if state.step % train.eval_every == 0 or last:
+        record.update(evaluate(run, state))
+        if "eval_loss" in record:
+            say(f"step {state.step}: loss {record['loss']:.4f}  eval_loss {record['eval_loss']:.4f}  "
+                f"eval_ppl {record['eval_ppl']:.2f}")
+    if run.data.sample_rows and not stops and ((train.sample_every and state.step % train.sample_every == 0) or last):
+        sample(run, state.step, say, dashboards)
+    if state.step % train.log_every == 0 or "eval_loss" in record or last:
+        metrics.write(record)
+        dashboards.write(record)
+    if state.step % train.save_every == 0 or last or stops:
+        saved = saving.save(Path(run.recipe.output_dir), run.model, run.optimizer, run.recipe, run.base_name_or_path,
+                            state, run.meta, record.get("eval_loss"))
+        say(f"saved {saved}")
+
+
+def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
+    """In the order the user's data flows: tokenizer, data, base, adapters, engine, restored state.
+    A missing file or a bad row is reported before the base (minutes for a 7B one) is loaded."""
     device = distributed.init(recipe.train.collective_timeout_minutes)
-    world = distributed.world_size()
     log = print if distributed.is_main() else (lambda *a, **k: None)
     seed_everything(recipe.train.seed)
-
-    # Base and tokenizer. Each node's first rank goes first, so a built-in base is created once.
-    with distributed.main_first():
-        base_name_or_path = resolve_base(recipe)
-        tokenizer = load_tokenizer(base_name_or_path, recipe)
-    model, dtype = load_base(recipe, device)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's embedding only "
-                         f"{model.get_input_embeddings().num_embeddings}")
-
-    # Adapters: same seed on every rank, so every rank starts from identical A matrices.
-    torch.manual_seed(recipe.train.seed)
-    apply_lora(model, recipe.lora.target_modules, recipe.lora.r, recipe.lora.alpha,
-               recipe.lora.dropout, recipe.lora.rslora, recipe.lora.dora)
-    if recipe.train.fused_mlp:
-        use_fused_mlp(model)
-    if recipe.train.fused_norm:
-        use_fused_norm(model)
-    if recipe.train.onednn_matmul and device.type == "cpu":
-        use_onednn_linear(model)
-    if recipe.train.activation_checkpointing:
-        from trainer.loss import enable_activation_checkpointing
-
-        enable_activation_checkpointing(model)
+    base_name_or_path, tokenizer = prepare_tokenizer(recipe)
+    data = prepare_data(recipe, tokenizer)
+    log(str(data.stats))
+    model, dtype = prepare_model(recipe, device, tokenizer)
     log(parameter_summary(model))
-
-    with distributed.main_first():
-        train_set, eval_set, data_stats = build_datasets(recipe.data, tokenizer, recipe.train.seed)
-        # The rows behind the first held-out examples, for the sample generations in the log.
-        sample_rows = held_out_rows(recipe.data, eval_set[:recipe.train.sample_count])
-    token_counts = [sum(label != -100 for label in e.labels[1:]) for e in train_set]
     resume_dir = resume.find_resume_dir(recipe)
-    mean_tokens = sum(len(e.input_ids) for e in train_set) / max(len(train_set), 1)
-    log(str(data_stats))
-    log(preflight.summary(recipe, model, data_stats, world, dtype, base_name_or_path, resume_dir, mean_tokens))
+    mean_tokens = sum(len(e.input_ids) for e in data.train_set) / max(len(data.train_set), 1)
+    log(preflight.summary(recipe, model, data.stats, distributed.world_size(), dtype, base_name_or_path, resume_dir,
+                          mean_tokens))
     if dry_run:
         log("dry run: recipe, model and data are valid; not training")
         return None, TrainState()
     if resume_dir is not None:
         resume.check_compatible(resume_dir, recipe)
         resume.load_into_model(model, resume_dir)
+    loss_model, engine, optimizer = prepare_engine(recipe, model, dtype)
+    state = restore(recipe, resume_dir, model, optimizer, engine, len(data.train_set), log)
+    meta = {"base_model": base_name_or_path, "base_fingerprint": base_fingerprint(base_name_or_path,
+                                                                                  recipe.model.revision),
+            "quant_bits": recipe.quant.bits, "template": recipe.data.template, "world_size": distributed.world_size(),
+            "zero_stage": recipe.deepspeed.zero_stage}
+    run = Run(recipe=recipe, device=device, tokenizer=tokenizer, data=data, model=model, loss_model=loss_model,
+              engine=engine, optimizer=optimizer, collate=training_collate(recipe, model, tokenizer.pad_token_id),
+              base_name_or_path=base_name_or_path, meta=meta)
+    return run, state
 
-    # Only adapter parameters go to the optimizer: ZeRO then shards just their (small) state, and
-    # the frozen quantised base is replicated on every rank (stages 0-2) or partitioned (stage 3).
+
+def prepare_tokenizer(recipe: Recipe) -> tuple[str, object]:
+    """The base's location (a built-in or a .gguf is created or converted here) and its tokenizer.
+    Each node's first rank goes first, so a built-in base is created once."""
+    with distributed.main_first():
+        base_name_or_path = resolve_base(recipe)
+        return base_name_or_path, load_tokenizer(base_name_or_path, recipe)
+
+
+def prepare_data(recipe: Recipe, tokenizer) -> TrainingData:
+    """Read, validate, tokenise and check every dataset; split train and held-out rows."""
+    with distributed.main_first():  # the first rank tokenises and caches; the others read the cache
+        train_set, eval_set, stats = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+        # The rows behind the first held-out examples, for the sample generations in the log.
+        sample_rows = held_out_rows(recipe.data, eval_set[:recipe.train.sample_count])
+    token_counts = [sum(label != -100 for label in e.labels[1:]) for e in train_set]
+    plan = BatchPlan(len(train_set), recipe.train.global_batch_size, recipe.train.seed)
+    return TrainingData(train_set, eval_set, stats, sample_rows, token_counts, plan)
+
+
+def prepare_model(recipe: Recipe, device: torch.device, tokenizer) -> tuple[torch.nn.Module, torch.dtype]:
+    """The frozen quantised base with LoRA adapters, and the speed-ups the recipe asks for."""
+    model, dtype = load_base(recipe, device)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                         f"{model.get_input_embeddings().num_embeddings}")
+    # Same seed on every rank, so every rank starts from identical A matrices.
+    torch.manual_seed(recipe.train.seed)
+    apply_lora(model, recipe.lora.target_modules, recipe.lora.r, recipe.lora.alpha,
+               recipe.lora.dropout, recipe.lora.rslora, recipe.lora.dora)
+    speedups.apply(model, recipe, device)
+    if recipe.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    return model, dtype
+
+
+def prepare_engine(recipe: Recipe, model: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.nn.Module, object,
+                                                                                          torch.optim.Optimizer]:
+    """DeepSpeed around the loss. Only adapter parameters go to the optimizer: ZeRO then shards just
+    their (small) state, and the frozen quantised base is replicated on every rank (stages 0-2) or
+    partitioned (stage 3)."""
+    import deepspeed
+
     loss_model = CausalLMLoss(model)
     optimizer = torch.optim.AdamW(optimizer_groups(model, recipe.lora.plus_ratio), lr=recipe.train.learning_rate,
                                   weight_decay=recipe.train.weight_decay)
-    ds_config = deepspeed_config(recipe, world, dtype_name(dtype))
+    ds_config = deepspeed_config(recipe, distributed.world_size(), dtype_name(dtype))
     engine, *_ = deepspeed.initialize(model=loss_model, optimizer=optimizer, config=ds_config)
+    return loss_model, engine, optimizer
 
-    state = TrainState(global_batch_size=recipe.train.global_batch_size, world_size=world)
-    if resume_dir is not None:
-        state = resume.restore_training_state(resume_dir, model, optimizer, engine.optimizer)
-        if state.train_examples and state.train_examples != len(train_set) and distributed.is_main():
-            warnings.warn(f"{resume_dir} was trained on {state.train_examples:,} examples, this run has "
-                          f"{len(train_set):,}: the data order from here differs from an uninterrupted run",
-                          stacklevel=2)
-        log(f"resumed from {resume_dir} at step {state.step} (epoch {state.epoch}, "
-            f"example {state.position_in_epoch} of {len(train_set)})")
-    meta = {"base_model": base_name_or_path, "base_fingerprint": base_fingerprint(base_name_or_path,
-                                                                                  recipe.model.revision),
-            "quant_bits": recipe.quant.bits, "template": recipe.data.template, "world_size": world,
-            "zero_stage": recipe.deepspeed.zero_stage}
-    plan = BatchPlan(len(train_set), recipe.train.global_batch_size, recipe.train.seed)
-    batch_collate = training_collate(recipe, model, tokenizer.pad_token_id)
-    run = Run(recipe, device, model, loss_model, engine, optimizer, tokenizer, batch_collate, train_set, eval_set,
-              sample_rows, plan, token_counts, base_name_or_path, meta)
-    return run, state
+
+def restore(recipe: Recipe, resume_dir: Path | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            engine, n_train: int, log: Callable[[str], None]) -> TrainState:
+    """The counters, optimizer moments and RNG streams of the checkpoint resumed from, or a fresh start."""
+    if resume_dir is None:
+        return TrainState(global_batch_size=recipe.train.global_batch_size, world_size=distributed.world_size())
+    state = resume.restore_training_state(resume_dir, model, optimizer, engine.optimizer)
+    if state.train_examples and state.train_examples != n_train and distributed.is_main():
+        warnings.warn(f"{resume_dir} was trained on {state.train_examples:,} examples, this run has "
+                      f"{n_train:,}: the data order from here differs from an uninterrupted run", stacklevel=2)
+    log(f"resumed from {resume_dir} at step {state.step} (epoch {state.epoch}, "
+        f"example {state.position_in_epoch} of {n_train})")
+    return state
 
 
 def train_step(run: Run, step: int, lr: float, stop_requested: bool,
@@ -245,12 +291,11 @@ def train_step(run: Run, step: int, lr: float, stop_requested: bool,
     # divided by the step's total trained tokens (known from the plan on every rank), and rescaled
     # by what DeepSpeed divides by (accumulation x world size) when it averages gradients.
     micro_losses, micro_batches, own_grad_norm = [], [], None
-    for micro_batch in run.plan.rank_micro_batches(step, rank, world, recipe.train.micro_batch_size):
+    for micro_batch in run.data.plan.rank_micro_batches(step, rank, world, recipe.train.micro_batch_size):
         # On the CPU: CausalLMLoss reads what it needs there, then moves the tensors to the device.
-        batch = run.collate([run.train_set[i] for i in micro_batch])
+        batch = run.collate([run.data.train_set[i] for i in micro_batch])
         try:
             loss_sum, _ = engine(**batch)
-            loss_sum = health.poisoned_for_tests(step + 1, loss_sum)
             engine.backward(loss_sum * (accumulation * world / step_tokens))
             if engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
                 # Without ZeRO, DeepSpeed clips the (already averaged) gradients but keeps no norm.
@@ -266,7 +311,7 @@ def train_step(run: Run, step: int, lr: float, stop_requested: bool,
     # The losses are read once per step, not per micro-batch: each read waits for the device.
     values = torch.stack(micro_losses).double().tolist() if micro_losses else []
     step_loss = sum(values)
-    bad_rows = [run.train_set[i].row_id for value, micro_batch in zip(values, micro_batches)
+    bad_rows = [run.data.train_set[i].row_id for value, micro_batch in zip(values, micro_batches)
                 if not math.isfinite(value) for i in micro_batch]
     # One reduction carries the loss and whether any rank was asked to stop, so all ranks agree.
     total_loss, stops = distributed.sum_across_ranks([step_loss, float(stop_requested)], run.device)
@@ -275,7 +320,7 @@ def train_step(run: Run, step: int, lr: float, stop_requested: bool,
     if not math.isfinite(total_loss):
         bad_rows = [row for rows in distributed.gather_objects(bad_rows) for row in rows]
     elif grad_norm is not None and not math.isfinite(grad_norm):  # which micro-batch is not known
-        bad_rows = [run.train_set[i].row_id for i in run.plan.indices(step)]
+        bad_rows = [run.data.train_set[i].row_id for i in run.data.plan.indices(step)]
     # DeepSpeed's scaler decides on all ranks together, so every rank sees the same skip.
     overflowed = engine.fp16_enabled() and engine.skipped_steps > skipped_before
     return total_loss / step_tokens, grad_norm, bool(stops), bad_rows, overflowed
@@ -293,18 +338,18 @@ def advance(state: TrainState, run: Run, loss: float, lr: float, started: float,
     recipe = run.recipe
     state.tokens_seen += step_tokens
     state.examples_seen = state.step * recipe.train.global_batch_size
-    state.epoch, state.position_in_epoch = divmod(state.examples_seen, len(run.train_set))
+    state.epoch, state.position_in_epoch = divmod(state.examples_seen, len(run.data.train_set))
     state.global_batch_size, state.world_size = recipe.train.global_batch_size, distributed.world_size()
-    state.train_examples = len(run.train_set)
-    record = {"step": state.step, "loss": loss, "lr": lr, "epoch": round(run.plan.epoch(state.step), 4),
+    state.train_examples = len(run.data.train_set)
+    record = {"step": state.step, "loss": loss, "lr": lr, "epoch": round(run.data.plan.epoch(state.step), 4),
               "tokens_seen": state.tokens_seen, "step_time": round(time.perf_counter() - started, 4)}
     return {**record, "skipped": True} if skipped else record
 
 
 def evaluate(run: Run, state: TrainState) -> dict:
-    if not run.eval_set:
+    if not run.data.eval_set:
         return {}
-    result = evaluate_loss(run.loss_model, run.eval_set, run.recipe.train.micro_batch_size,
+    result = evaluate_loss(run.loss_model, run.data.eval_set, run.recipe.train.micro_batch_size,
                            run.tokenizer.pad_token_id, run.device)
     if state.best_eval_loss is None or result["eval_loss"] < state.best_eval_loss:
         state.best_eval_loss, state.best_step = result["eval_loss"], state.step
@@ -320,7 +365,7 @@ def sample(run: Run, step: int, say: Callable[[str], None], dashboards: Dashboar
     with torch.random.fork_rng(devices=devices):
         # Through the loss wrapper, which DeepSpeed wraps: under ZeRO-3 its hook resets the per-forward
         # parameter bookkeeping.
-        samples = sample_generations(run.loss_model, run.tokenizer, run.sample_rows, run.recipe.data.template,
+        samples = sample_generations(run.loss_model, run.tokenizer, run.data.sample_rows, run.recipe.data.template,
                                      SAMPLE_MAX_NEW_TOKENS, run.device,
                                      max_prompt_tokens=max(run.recipe.data.max_seq_len - SAMPLE_MAX_NEW_TOKENS, 1))
     if distributed.is_main():

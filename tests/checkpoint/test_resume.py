@@ -108,7 +108,9 @@ def test_one_rank_checkpoint_resumes_on_two_ranks(tmp_path, tiny_base):
 
 
 def start_training(output_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:
-    command = [sys.executable, "launch/train.py", "recipes/tiny_alpaca.yaml", f"output_dir={output_dir}",
+    # tests/faults.py is launch/train.py with the faults the env asks for.
+    command = [sys.executable, "tests/faults.py" if env else "launch/train.py", "recipes/tiny_alpaca.yaml",
+               f"output_dir={output_dir}",
                *COMMON, *overrides]
     return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -23,7 +23,6 @@ import os
 import random
 import re
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -194,7 +193,6 @@ def _write(final: Path, weights: dict, moments: dict, rng_states: list, recipe: 
                               f"or point output_dir elsewhere, then resume=auto.")
     (temporary / "adapter_config.json").write_text(json.dumps(adapter_config(recipe, base_name_or_path), indent=2))
     save_file(weights, str(temporary / "adapter_model.safetensors"), metadata={"format": "pt"})
-    _slow_write_for_tests()
     if moments:
         save_file(moments, str(temporary / "optimizer.safetensors"))
     trainer_state = {**asdict(state), "adam_step": adam_step}
@@ -230,13 +228,6 @@ def _check_shapes(weights: dict[str, torch.Tensor], recipe: Recipe, where: str) 
         if tensor.dim() != 2 or tensor.numel() == 0 or tensor.shape[rank_dim] != recipe.lora.r:
             raise CheckpointError(f"adapter tensor {key} {where} has shape {tuple(tensor.shape)}, expected "
                                   f"rank {recipe.lora.r} along dim {rank_dim}; refusing to write a broken adapter")
-
-
-def _slow_write_for_tests() -> None:
-    # Lets the crash-safety test kill a process while a checkpoint is half written.
-    delay = float(os.environ.get("QLORA_TEST_SLOW_SAVE", "0"))
-    if delay:
-        time.sleep(delay)
 
 
 def _fsync_tree(directory: Path) -> None:

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import nn
@@ -23,16 +22,6 @@ class TrainingHealthError(RuntimeError):
 
 def is_finite(value: float | None) -> bool:
     return value is None or math.isfinite(value)
-
-
-def poisoned_for_tests(step: int, loss: torch.Tensor) -> torch.Tensor:
-    """How the tests inject a fault: QLORA_TEST_NAN_AT_STEP=k makes step k's loss NaN;
-    QLORA_TEST_NAN_GRAD_AT_STEP=k leaves the loss finite and makes its gradients NaN."""
-    if os.environ.get("QLORA_TEST_NAN_AT_STEP") == str(step):
-        return loss * float("nan")
-    if os.environ.get("QLORA_TEST_NAN_GRAD_AT_STEP") == str(step) and loss.requires_grad:
-        loss.register_hook(lambda grad: grad * float("nan"))
-    return loss
 
 
 def nonfinite_message(step: int, lr: float, loss: float, grad_norm: float | None, row_ids: list[int],
