@@ -11,6 +11,7 @@ import sys
 import traceback
 from typing import Callable
 
+from trainer.analysis.ranks import AnalysisError
 from trainer.runtime import distributed, quiet
 from trainer.checkpoint.saving import CheckpointError
 from trainer.config import Recipe, RecipeError, load_recipe
@@ -18,7 +19,7 @@ from trainer.data.formats import DataError
 from trainer.runtime.health import TrainingHealthError
 from trainer.model.base import ModelLoadError
 
-KNOWN_ERRORS = (RecipeError, DataError, ModelLoadError, CheckpointError, TrainingHealthError)
+KNOWN_ERRORS = (RecipeError, DataError, ModelLoadError, CheckpointError, TrainingHealthError, AnalysisError)
 FLAGS = ("--dry-run", "--debug")
 
 

@@ -21,10 +21,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from trainer.checkpoint.saving import PEFT_PREFIX
+
 ENERGY_LEVELS = (0.9, 0.99)
 SUGGEST_MODULE_FRACTION = 0.8  # a rank is suggested once this share of modules keeps the energy
 EXACT_SVD_MAX_DIM = 1024  # above this, W's top singular values come from a randomized SVD
-PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
 BASE_WEIGHT_NOTE = (
     "W is read unquantised from the base's safetensors files on disk. Training quantises this weight at "

@@ -142,17 +142,9 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_toke
                 mine[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
     model.train(was_training)
     answers: dict[int, str] = {}
-    for part in _all_gather(mine):
+    for part in distributed.gather_objects(mine):
         answers.update(part)
     return [answers[i] for i in range(len(prompts))]
-
-
-def _all_gather(value: dict) -> list[dict]:
-    if not (dist.is_initialized() and distributed.world_size() > 1):
-        return [value]
-    parts: list = [None] * distributed.world_size()
-    dist.all_gather_object(parts, value)
-    return parts
 
 
 def sample_generations(model: nn.Module, tokenizer, rows: list[dict[str, str]], template: str,
