@@ -1,1 +1,5 @@
-"""checkpoint"""
+"""Adapter-only checkpoints in PEFT's layout, and resuming from them exactly.
+
+    saving.py   writing a checkpoint (crash-safe), the best one, pruning old ones
+    resume.py   finding, checking and restoring one: adapter, optimizer moments, RNG streams, data cursor
+"""

@@ -1,1 +1,12 @@
-"""runtime"""
+"""What keeps a run going and tells the user about it.
+
+    distributed.py  process groups, ranks, collectives, cores per rank
+    signals.py      SIGTERM / SIGINT: save at the next step and exit cleanly
+    health.py       non-finite losses, out of memory: a clear message and a resumable state
+    preflight.py    the summary printed before step 1
+    metrics_log.py  metrics.jsonl
+    report.py       report.png and TensorBoard events
+    dashboards.py   TensorBoard and Weights & Biases during training
+    quiet.py        the libraries' routine log lines kept out of the output
+    cache.py        the cache directory, and building into it once across processes
+"""
