@@ -17,6 +17,7 @@ from tqdm import tqdm
 from trainer import speedups
 from trainer.checkpoint import resume, saving
 from trainer.checkpoint.saving import TrainState
+from trainer.checkpoint.snapshot import UpdateSnapshot
 from trainer.config import Recipe, TrainConfig, deepspeed_config
 from trainer.data.batching import BatchPlan
 from trainer.data.encoding import Example
@@ -101,7 +102,7 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
     while state.step < recipe.train.max_steps:
         started = time.perf_counter()
         lr = learning_rate(state.step, recipe.train)
-        snapshot = (health.UpdateSnapshot(run.model, run.optimizer, run.engine.optimizer)
+        snapshot = (UpdateSnapshot(run.model, run.optimizer, run.engine.optimizer)
                     if recipe.train.on_nonfinite == "skip" else None)
         step_tokens = run.data.trained_tokens(state.step)
         loss, grad_norm, stops, bad_rows, overflowed = train_step(run, state.step, lr, stop_request.requested,
@@ -136,7 +137,7 @@ class Skips:
     overflows: int = 0
 
     def check(self, step: int, run: Run, lr: float, loss: float, grad_norm: float | None, bad_rows: list[int],
-              overflowed: bool, snapshot: health.UpdateSnapshot | None, say: Callable[[str], None]) -> bool:
+              overflowed: bool, snapshot: UpdateSnapshot | None, say: Callable[[str], None]) -> bool:
         """Whether step `step` (1-based) was skipped; raises when training cannot go on."""
         if overflowed and health.is_finite(loss):
             # fp16 loss scaling: DeepSpeed found inf/NaN gradients, skipped this update and lowered the
@@ -165,7 +166,7 @@ def after_step(run: Run, state: TrainState, record: dict, stops: bool, say: Call
     train = run.recipe.train
     last = state.step == train.max_steps
     if state.step % train.eval_every == 0 or last:
-        record.update(evaluate(run, state))
+        record.update(evaluate_held_out(run, state))
         if "eval_loss" in record:
             say(f"step {state.step}: loss {record['loss']:.4f}  eval_loss {record['eval_loss']:.4f}  "
                 f"eval_ppl {record['eval_ppl']:.2f}")
@@ -346,7 +347,8 @@ def advance(state: TrainState, run: Run, loss: float, lr: float, started: float,
     return {**record, "skipped": True} if skipped else record
 
 
-def evaluate(run: Run, state: TrainState) -> dict:
+def evaluate_held_out(run: Run, state: TrainState) -> dict:
+    """The held-out loss and perplexity now; remembers the best step."""
     if not run.data.eval_set:
         return {}
     result = evaluate_loss(run.loss_model, run.data.eval_set, run.recipe.train.micro_batch_size,

@@ -1,5 +1,6 @@
 """Adapter-only checkpoints in PEFT's layout, and resuming from them exactly.
 
-    saving.py   writing a checkpoint (crash-safe), the best one, pruning old ones
-    resume.py   finding, checking and restoring one: adapter, optimizer moments, RNG streams, data cursor
+    saving.py    writing a checkpoint (crash-safe), the best one, pruning old ones
+    resume.py    finding, checking and restoring one: adapter, optimizer moments, RNG streams, data cursor
+    snapshot.py  the adapter and its Adam state before a step, in memory, to undo a non-finite update
 """

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from trainer.runtime import distributed
 
@@ -33,24 +32,6 @@ def nonfinite_message(step: int, lr: float, loss: float, grad_norm: float | None
             f"The batch held rows {rows} of {data_path} (1-based).\n"
             f"The last complete checkpoint is untouched; resume with resume=auto after fixing the cause "
             f"(inspect those rows, lower train.learning_rate, or set train.on_nonfinite=skip).")
-
-
-class UpdateSnapshot:
-    """The adapter's fp32 weights and Adam state before a step, to undo a non-finite update.
-    Used only with on_nonfinite=skip: it costs a gather of the (small) adapter state per step."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, engine_optimizer):
-        from trainer.checkpoint.saving import gather_adapter, gather_optimizer_state
-
-        self.model, self.optimizer, self.engine_optimizer = model, optimizer, engine_optimizer
-        self.weights = gather_adapter(model)
-        self.moments, self.adam_step = gather_optimizer_state(model, optimizer)
-
-    def restore(self) -> None:
-        from trainer.checkpoint.resume import apply_training_state
-
-        apply_training_state(self.model, self.optimizer, self.engine_optimizer, self.weights,
-                             self.moments, self.adam_step)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
