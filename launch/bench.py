@@ -1,12 +1,32 @@
 """Ours against transformers Trainer + peft on the same QLoRA job, side by side.
 
-    python launch/bench.py [--steps 20] [--warmup 3] [--repeats 1] [--threads N] [--activation-checkpointing]
+    python launch/bench.py [--job tiny|smollm2] [--base DIR|FILE.gguf|builtin:NAME] [--threads N]
+        [--ranks 1|2] [--steps 20] [--warmup 3] [--repeats 1] [--profile] [--activation-checkpointing]
+    make bench BENCH_ARGS="--job smollm2"
+
+Jobs (`--job`; a flag given as well overrides the job's value). Both: NF4 double quant, LoRA r=16
+alpha=32 on q, k, v, o, the alpaca template, GSM8K (launch/benchmarks/job.py).
+  tiny     (default) the built-in tiny Llama (on a GPU a 1B-class random Llama); max length 512,
+           global batch 16 (micro 8), LoRA dropout 0.05, 3 warmup + 20 timed steps, torch's threads.
+  smollm2  the real base, SmolLM2-135M (builtin:smollm2-135m, from its GGUF file); max length 256,
+           batch 8 (micro 8), LoRA dropout 0, 2 warmup + 8 timed steps, one thread.
 
 Each framework trains in its own process (peak memory is per process), one after the other,
 `--repeats` times alternating. Ours runs through the real CLI (`launch/train.py`) and is timed
 from its metrics.jsonl; theirs is `launch.benchmarks.hf_trainer`. Both see the same examples in the same
 order and are timed the same way, from the wall clock at the end of every optimizer step; the
-warmup steps are left out. Prints a markdown table; writes runs/bench/{results.json,table.md}.
+warmup steps are left out. `--threads` is what the job may use in all: with `--ranks 2` ours runs
+two ranks of threads/2 through the deepspeed launcher (as launch/train.py is normally run), and
+theirs stays one process with every thread (the table says so).
+
+Beside throughput and peak memory:
+- utilisation: the useful FLOPs of a step (`useful_flops` in launch/benchmarks/job.py) / the median
+  step time / the matrix-multiply peak measured at the start of this run on this device (CPU: one
+  thread's best fp32 rate x threads; GPU: dense bf16);
+- quality: the held-out loss each reaches after the last step, on the same held-out rows
+  (summed token losses / tokens), so a speed-up never hides a different computation.
+`--profile` then runs a few of our steps under torch.profiler (launch/benchmarks/profile.py) and
+prints where the time goes. Prints markdown; writes runs/bench/{results.json,table.md}.
 
 Throughput is given twice: over the whole timed window, and from the median step time. On a
 machine shared with other work, a burst of load stalls a few steps (with several threads, one
@@ -18,6 +38,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -26,74 +47,113 @@ from pathlib import Path
 
 from launch.benchmarks import job as bench_job
 from trainer.speedups import malloc
-from launch.benchmarks.job import ROOT, Job
+from launch.benchmarks.job import RECIPE, ROOT, Job
 
 FRAMEWORKS = ("ours", "theirs")
 TITLES = {"ours": "ours", "theirs": "HF Trainer + peft"}
+# The flags a job sets, at the tiny job's values; a job names only what it changes.
+DEFAULTS = {"base": None, "steps": 20, "warmup": 3, "global_batch": 16, "micro_batch": 8, "max_seq_len": 512,
+            "lora_dropout": 0.05, "threads": None}
+JOBS = {
+    "tiny": {},
+    "smollm2": {"base": "builtin:smollm2-135m", "max_seq_len": 256, "global_batch": 8, "micro_batch": 8,
+                "lora_dropout": 0.0, "warmup": 2, "steps": 8, "threads": 1},
+}
+PROFILED_STEPS = 3  # at most; after the job's warmup steps
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps run first")
-    parser.add_argument("--global-batch", type=int, default=16)
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--max-seq-len", type=int, default=512)
-    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--job", choices=sorted(JOBS), default="tiny", help="the standard job to run")
+    parser.add_argument("--base", help="model.name_or_path: a directory, a .gguf file or builtin:<name>")
+    parser.add_argument("--steps", type=int, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, help="untimed steps run first")
+    parser.add_argument("--global-batch", type=int)
+    parser.add_argument("--micro-batch", type=int)
+    parser.add_argument("--max-seq-len", type=int)
+    parser.add_argument("--lora-dropout", type=float)
+    parser.add_argument("--threads", type=int, help="torch threads for the job in all (default: torch's)")
+    parser.add_argument("--ranks", type=int, choices=(1, 2), default=1, help="ours' processes (theirs: 1)")
     parser.add_argument("--data", default=None, help="data.path (default: GSM8K if present, else builtin:tasks)")
+    parser.add_argument("--eval-rows", type=int, default=64, help="held-out rows both score at the end (0: none)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per framework, alternating; medians reported")
-    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: torch's)")
+    parser.add_argument("--profile", action="store_true", help="then profile ours: where its step's time goes")
     parser.add_argument("--activation-checkpointing", action="store_true", help="on for both frameworks")
     parser.add_argument("--no-packing", action="store_true", help="ours without data.packing")
     parser.add_argument("--same-allocator", action="store_true",
                         help="theirs also runs with the glibc malloc tunables ours' launch/train.py sets")
     parser.add_argument("--out", default="runs/bench")
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    for key, default in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, JOBS[args.job].get(key, default))
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be at least 1")
+    if args.threads is not None and args.threads < args.ranks:
+        parser.error(f"--threads {args.threads} cannot be shared by {args.ranks} ranks")
+    return args
 
 
 def main() -> None:
     args = parse()
-    if args.warmup < 1 or args.steps < 1:
-        raise SystemExit("--warmup and --steps must be at least 1")
     if args.threads is not None:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     import torch
 
+    threads = args.threads or torch.get_num_threads()
+    if threads < args.ranks:
+        raise SystemExit(f"{threads} torch thread(s) cannot be shared by {args.ranks} ranks: give --threads")
     gpu = torch.cuda.is_available()
-    device = (torch.cuda.get_device_name(0) if gpu
-              else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads per process)")
-    # MFU against the rate this device multiplies bf16 matrices at today, measured before either run.
-    peak = bench_job.measured_bf16_matmul_flops() if gpu else None
-    if peak:
-        print(f"[bench] measured dense bf16 matmul peak: {peak / 1e12:,.0f} TFLOP/s", flush=True)
-    job = Job(base=bench_job.ensure_bench_base(gpu), data=args.data or bench_job.default_data(),
-              max_seq_len=args.max_seq_len, global_batch=args.global_batch, micro_batch=args.micro_batch,
-              warmup_steps=args.warmup, timed_steps=args.steps, activation_checkpointing=args.activation_checkpointing,
-              lora_dropout=args.lora_dropout)
+    device = torch.cuda.get_device_name(0) if gpu else f"CPU ({os.cpu_count()} cores)"
+    # Measured before either run, on a machine as quiet as the runs will find it.
+    peak = bench_job.matmul_peak(gpu, threads)
+    print(f"[bench] matrix-multiply peak: {peak['text']}", flush=True)
+    job = job_from(args, gpu)
     out = ROOT / args.out
     tokens = bench_job.step_tokens(job)
+    flops = bench_job.step_flops(job, tokens[job.warmup_steps:])
     packing, packing_overrides = ours_packing(not args.no_packing)
     ours_overrides = [*job.overrides(), *packing_overrides]
+    layout = {"ours": (args.ranks, threads // args.ranks), "theirs": (1, threads)}  # (processes, threads each)
 
     runs: dict[str, list[dict]] = {name: [] for name in FRAMEWORKS}
     for repeat in range(args.repeats):
         for name in FRAMEWORKS:
             print(f"[bench] {TITLES[name]}, run {repeat + 1}/{args.repeats} ...", flush=True)
-            scratch = out / f"{name}-{repeat}"
-            shutil.rmtree(scratch, ignore_errors=True)
-            scratch.mkdir(parents=True)
-            run = (run_ours(job, ours_overrides, scratch) if name == "ours"
-                   else run_theirs(job, scratch, tuned_malloc=args.same_allocator))
-            runs[name].append(summarise(run, tokens, job))
+            scratch = fresh(out / f"{name}-{repeat}")
+            run = (run_ours(job, ours_overrides, scratch, *layout["ours"]) if name == "ours"
+                   else run_theirs(job, scratch, args.same_allocator, threads))
+            runs[name].append(summarise(run, tokens, job, sum(flops.values()), peak["flops"]))
             print(f"[bench]   {runs[name][-1]['tokens_per_s_median_step']:,.0f} useful tokens/s (median step), "
                   f"peak RSS {runs[name][-1]['peak_rss_mib']:,.0f} MiB", flush=True)
 
-    table = markdown_table(job, runs, tokens, device, packing, gpu, args.same_allocator, peak)
+    table = markdown_table(job, runs, tokens, device, packing, gpu, args.same_allocator, peak, flops, layout)
+    profile = None
+    if args.profile:
+        print("[bench] profiling ours ...", flush=True)
+        profile = run_profile(job, ours_overrides, fresh(out / "profile"), *layout["ours"])
+        from launch.benchmarks.profile import table as profile_table
+
+        table += "\n\nWhere our step's time goes (`--profile`, launch/benchmarks/profile.py):\n\n" + profile_table(profile)
     print("\n" + table)
-    (out / "results.json").write_text(json.dumps({"job": vars(job), "device": device, "packing": packing,
-                                                  "measured_bf16_matmul_flops": peak,
-                                                  "same_allocator": args.same_allocator, "runs": runs}, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(
+        {"job": vars(job), "device": device, "packing": packing, "layout": layout, "matmul_peak": peak,
+         "measured_bf16_matmul_flops": peak["flops"] if gpu else None, "useful_flops_per_step": flops,
+         "same_allocator": args.same_allocator, "runs": runs, "profile": profile}, indent=2) + "\n")
     (out / "table.md").write_text(table + "\n")
+
+
+def job_from(args: argparse.Namespace, gpu: bool) -> Job:
+    return Job(base=args.base or bench_job.ensure_bench_base(gpu), data=args.data or bench_job.default_data(),
+               max_seq_len=args.max_seq_len, global_batch=args.global_batch, micro_batch=args.micro_batch,
+               warmup_steps=args.warmup, timed_steps=args.steps, activation_checkpointing=args.activation_checkpointing,
+               lora_dropout=args.lora_dropout, eval_rows=args.eval_rows)
+
+
+def fresh(directory: Path) -> Path:
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    return directory
 
 
 def ours_packing(wanted: bool) -> tuple[str, list[str]]:
@@ -112,60 +172,108 @@ def ours_packing(wanted: bool) -> tuple[str, list[str]]:
     return ("on", ["data.packing=true"]) if wanted else ("off (--no-packing)", ["data.packing=false"])
 
 
-def run_ours(job: Job, overrides: list[str], scratch: Path) -> dict:
+def run_ours(job: Job, overrides: list[str], scratch: Path, ranks: int = 1, threads: int | None = None) -> dict:
     output_dir = scratch / "run"
     # Under the memory probe, launch/train.py runs inside the probe's process and does not re-execute
     # itself; the probe gets the allocator settings it would have applied (trainer/malloc.py).
-    wall = run_child(["launch/train.py", str(bench_job.RECIPE), *overrides, f"output_dir={output_dir}"], scratch,
-                     tuned_malloc=True)
+    wall = run_child(["launch/train.py", str(RECIPE), *overrides, f"output_dir={output_dir}"], scratch,
+                     tuned_malloc=True, ranks=ranks, threads=threads)
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "step_time" in r]
     if [r["step"] for r in records] != list(range(1, job.total_steps + 1)):
         raise RuntimeError(f"{output_dir}/metrics.jsonl: expected steps 1..{job.total_steps}, "
                            f"got {[r['step'] for r in records]}")
-    # The wall clock at the end of each step, as for theirs; summed step_time if a log lacks it.
-    if all("time" in r for r in records):
-        ends = [r["time"] for r in records]
-    else:
-        ends = [sum(r["step_time"] for r in records[:i + 1]) for i in range(len(records))]
-    return {"step_ends": ends, "wall_s": wall, **json.loads((scratch / "memory.json").read_text())}
+    return {"step_ends": step_ends(records), "wall_s": wall, "eval_loss": records[-1].get("eval_loss"),
+            **peak_memory(scratch)}
 
 
-def run_theirs(job: Job, scratch: Path, tuned_malloc: bool) -> dict:
-    times = scratch / "step_ends.json"
-    wall = run_child(["-m", "launch.benchmarks.hf_trainer", str(bench_job.RECIPE), *job.overrides(), "--times", str(times)],
-                     scratch, tuned_malloc)
+def step_ends(records: list[dict]) -> list[float]:
+    """The wall clock at the end of each step, as for theirs, from metrics.jsonl's records. A record
+    with an evaluation was written after it: its step ended step_time after the previous one's."""
+    if not all("time" in r for r in records):  # summed step_time if a log lacks the clock
+        return [sum(r["step_time"] for r in records[:i + 1]) for i in range(len(records))]
+    ends: list[float] = []
+    for record in records:
+        evaluated = "eval_loss" in record and ends
+        ends.append(ends[-1] + record["step_time"] if evaluated else record["time"])
+    return ends
+
+
+def run_theirs(job: Job, scratch: Path, tuned_malloc: bool, threads: int | None = None) -> dict:
+    times, held_out = scratch / "step_ends.json", scratch / "held_out.json"
+    scoring = ["--held-out", str(held_out), "--final-only"] if job.eval_rows else []
+    wall = run_child(["-m", "launch.benchmarks.hf_trainer", str(RECIPE), *job.overrides(), "--times", str(times),
+                      *scoring], scratch, tuned_malloc, threads=threads)
     ends = json.loads(times.read_text())
     if len(ends) != job.total_steps:
         raise RuntimeError(f"HF Trainer ran {len(ends)} steps, expected {job.total_steps}")
-    return {"step_ends": ends, "wall_s": wall, **json.loads((scratch / "memory.json").read_text())}
+    eval_loss = None
+    if job.eval_rows:
+        eval_loss = json.loads(held_out.read_text())["held_out"][str(job.total_steps)]["eval_loss"]
+    return {"step_ends": ends, "wall_s": wall, "eval_loss": eval_loss, **peak_memory(scratch)}
 
 
-def run_child(command: list[str], scratch: Path, tuned_malloc: bool) -> float:
-    """Run `python COMMAND` under the memory probe, output to scratch/log.txt; returns wall seconds."""
+def run_profile(job: Job, overrides: list[str], scratch: Path, ranks: int, threads: int) -> dict:
+    result = scratch / "profile.json"
+    run_child(["-m", "launch.benchmarks.profile", str(RECIPE), *overrides, f"output_dir={scratch / 'run'}",
+               "--warmup", str(job.warmup_steps), "--steps", str(min(job.timed_steps, PROFILED_STEPS)),
+               "--out", str(result)], scratch, tuned_malloc=True, ranks=ranks, threads=threads)
+    return json.loads(result.read_text())
+
+
+def peak_memory(scratch: Path) -> dict:
+    """The probes' records (one per process): peak RSS summed over the processes and of the largest."""
+    records = [json.loads(path.read_text()) for path in sorted(scratch.glob("memory*.json"))]
+    memory = {"peak_rss_bytes": sum(r["peak_rss_bytes"] for r in records),
+              "peak_rss_largest_bytes": max(r["peak_rss_bytes"] for r in records), "processes": len(records)}
+    if any("peak_gpu_allocated_bytes" in r for r in records):
+        memory["peak_gpu_allocated_bytes"] = max(r.get("peak_gpu_allocated_bytes", 0) for r in records)
+    return memory
+
+
+def free_port() -> int:
+    with socket.socket() as sock:  # another job on this machine may hold DeepSpeed's default 29500
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_child(command: list[str], scratch: Path, tuned_malloc: bool, ranks: int = 1,
+              threads: int | None = None) -> float:
+    """Run `python COMMAND` under the memory probe (with ranks > 1, that many of it through the
+    deepspeed launcher), with `threads` torch threads per process; output to scratch/log.txt, each
+    process's peak memory to scratch/memory*.json. Returns wall seconds."""
     from trainer.speedups import onednn  # here, not on top: it imports torch, which must see --threads first
 
     # Not the oneDNN cache caps that importing our trainer (for ours_packing) put in this environment:
     # ours sets them again itself, theirs runs as it would on its own.
     env = {**{k: v for k, v in os.environ.items() if k not in onednn.SET_ON_IMPORT},
            "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    # One GPU each: on a multi-GPU machine HF Trainer would wrap the model in DataParallel over all
-    # of them (a batch of micro x GPUs), while ours runs one rank.
-    env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    # One GPU per rank: on a multi-GPU machine HF Trainer would wrap the model in DataParallel over
+    # all of them (a batch of micro x GPUs), while it runs one process.
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(env.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(ranks))))
+                                           .split(",")[:ranks])
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     tunables = malloc.tunables_for(env) if tuned_malloc else None
     if tunables is not None:
         env["GLIBC_TUNABLES"] = tunables
+    if ranks == 1:
+        launcher, memory = [sys.executable, "-m", "launch.benchmarks.probe"], "memory.json"
+    else:  # the probe started once per rank, as the launcher starts launch/train.py
+        launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
+                    str(free_port()), "--no_local_rank", "--module", "launch.benchmarks.probe"]
+        memory = "memory-{rank}.json"
     log = scratch / "log.txt"
     started = time.perf_counter()
     with open(log, "w") as handle:
-        result = subprocess.run([sys.executable, "-m", "launch.benchmarks.probe", str(scratch / "memory.json"), *command],
-                                cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        result = subprocess.run([*launcher, str(scratch / memory), *command], cwd=ROOT, env=env, stdout=handle,
+                                stderr=subprocess.STDOUT)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} exited {result.returncode}; {log}:\n{log.read_text()[-3000:]}")
     return time.perf_counter() - started
 
 
-def summarise(run: dict, tokens: list[dict], job: Job) -> dict:
+def summarise(run: dict, tokens: list[dict], job: Job, flops_per_step: float, peak_flops: float) -> dict:
     ends = run["step_ends"]
     step_times = [b - a for a, b in zip(ends[job.warmup_steps - 1:], ends[job.warmup_steps:])]
     useful_per_step = sum(t["useful"] for t in tokens[job.warmup_steps:]) / job.timed_steps
@@ -173,25 +281,45 @@ def summarise(run: dict, tokens: list[dict], job: Job) -> dict:
     summary = {"tokens_per_s": useful_per_step * job.timed_steps / sum(step_times),
                "tokens_per_s_median_step": useful_per_step / median_step,
                "step_time_median_s": median_step, "step_times_s": step_times,
-               "peak_rss_mib": run["peak_rss_bytes"] / 2 ** 20, "wall_s": run["wall_s"]}
+               "utilisation": utilisation(flops_per_step, median_step, peak_flops),
+               "peak_rss_mib": run["peak_rss_bytes"] / 2 ** 20,
+               "peak_rss_largest_mib": run["peak_rss_largest_bytes"] / 2 ** 20, "wall_s": run["wall_s"]}
+    if run.get("eval_loss") is not None:
+        summary["eval_loss"] = run["eval_loss"]
     if "peak_gpu_allocated_bytes" in run:
         summary["peak_gpu_mib"] = run["peak_gpu_allocated_bytes"] / 2 ** 20
     return summary
 
 
+def utilisation(flops_per_step: float, step_time_s: float, peak_flops: float) -> float:
+    """The fraction of the measured matrix-multiply peak a step's useful FLOPs ran at."""
+    return flops_per_step / step_time_s / peak_flops
+
+
 def markdown_table(job: Job, runs: dict[str, list[dict]], tokens: list[dict], device: str, packing: str,
-                   gpu: bool, same_allocator: bool, peak: float | None = None) -> str:
+                   gpu: bool, same_allocator: bool, peak: dict, flops: dict[str, float],
+                   layout: dict[str, tuple[int, int]]) -> str:
     def median(name: str, key: str) -> float:
         return statistics.median(run[key] for run in runs[name])
 
-    rows = [("useful (non-pad) tokens/s, median step", "tokens_per_s_median_step", "{:,.0f}"),
-            ("useful (non-pad) tokens/s, whole timed window", "tokens_per_s", "{:,.0f}"),
-            ("step time, median (s)", "step_time_median_s", "{:.3f}"),
-            ("peak RSS (MiB)", "peak_rss_mib", "{:,.0f}")]
+    times = lambda ours, theirs: f"{ours / theirs:.2f}x"  # noqa: E731
+    rows = [("useful (non-pad) tokens/s, median step", "tokens_per_s_median_step", "{:,.0f}", times),
+            ("useful (non-pad) tokens/s, whole timed window", "tokens_per_s", "{:,.0f}", times),
+            ("step time, median (s)", "step_time_median_s", "{:.3f}", times),
+            ("utilisation: useful FLOP/s / measured matmul peak", "utilisation", "{:.1%}", times)]
+    if "eval_loss" in runs["ours"][0] and "eval_loss" in runs["theirs"][0]:
+        rows.append((f"held-out loss after step {job.total_steps} ({job.eval_rows} rows)", "eval_loss", "{:.4f}",
+                     lambda ours, theirs: f"{(ours - theirs) / theirs:+.2%}"))
+    several = layout["ours"][0] > 1
+    rows.append(("peak RSS (MiB)" + (", all processes" if several else ""), "peak_rss_mib", "{:,.0f}", times))
+    if several:
+        rows.append(("peak RSS (MiB), largest process", "peak_rss_largest_mib", "{:,.0f}", times))
     if gpu:
-        rows.append(("peak GPU memory allocated (MiB)", "peak_gpu_mib", "{:,.0f}"))
-    rows.append(("process wall time: start-up, steps, final save (s)", "wall_s", "{:.0f}"))
+        rows.append(("peak GPU memory allocated (MiB)", "peak_gpu_mib", "{:,.0f}", times))
+    rows.append(("process wall time: start-up, steps, evaluation, final save (s)", "wall_s", "{:.0f}", times))
     timed = tokens[job.warmup_steps:]
+    shape = {name: f"{processes} process{'es' if processes > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
+             for name, (processes, threads) in layout.items()}
     lines = [
         f"Job: `{Path(job.base).name}` base, NF4 double-quant, LoRA r=16 alpha=32 dropout={job.lora_dropout} "
         f"on q,k,v,o; "
@@ -200,19 +328,18 @@ def markdown_table(job: Job, runs: dict[str, list[dict]], tokens: list[dict], de
         f"{sum(t['useful'] for t in timed) / len(timed):,.0f} useful tokens per step. "
         f"Activation checkpointing {'on' if job.activation_checkpointing else 'off'} (both); ours' packing {packing}; "
         f"glibc malloc tunables (trainer/malloc.py) for {'both' if same_allocator else 'ours only'}. "
-        f"Device: {device}; median of {len(runs['ours'])} run(s) each.",
+        f"Device: {device}; ours {shape['ours']}{' (deepspeed launcher)' if several else ''}, theirs {shape['theirs']}; "
+        f"median of {len(runs['ours'])} run(s) each.",
         "",
         f"| metric | {TITLES['ours']} | {TITLES['theirs']} | ours / theirs |",
         "| --- | ---: | ---: | ---: |",
     ]
-    for title, key, fmt in rows:
+    for title, key, fmt, ratio in rows:
         ours, theirs = median("ours", key), median("theirs", key)
-        lines.append(f"| {title} | {fmt.format(ours)} | {fmt.format(theirs)} | {ours / theirs:.2f}x |")
-    if peak:
-        flops = bench_job.flops_per_token(job.base, sum(t["squared"] for t in timed), sum(t["useful"] for t in timed))
-        mfu = {name: median(name, "tokens_per_s_median_step") * flops / peak for name in FRAMEWORKS}
-        lines.append(f"| MFU (4N + attention FLOPs per token; bf16 matmul peak measured: {peak / 1e12:,.0f} TFLOP/s) | {mfu['ours']:.1%} "
-                     f"| {mfu['theirs']:.1%} | {mfu['ours'] / mfu['theirs']:.2f}x |")
+        lines.append(f"| {title} | {fmt.format(ours)} | {fmt.format(theirs)} | {ratio(ours, theirs)} |")
+    parts = ", ".join(f"{part} {value / 1e9:,.1f}" for part, value in flops.items())
+    lines += ["", f"Useful GFLOP per step (launch/benchmarks/job.py `useful_flops`): {sum(flops.values()) / 1e9:,.1f} "
+                  f"({parts}). Matrix-multiply peak: {peak['text']}."]
     if len(runs["ours"]) > 1:
         # Runs alternate ours, theirs, ours, ...: a pair shares the machine's state at the time, so the
         # ratio within each pair is less exposed to a slow spell than the ratio of the medians.

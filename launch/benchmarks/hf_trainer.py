@@ -1,7 +1,7 @@
 """The benchmark's reference: the same job as `launch/train.py RECIPE [overrides]`, trained by
 transformers' Trainer with peft's LoRA on a bitsandbytes base, the standard QLoRA stack.
 
-    python -m launch.benchmarks.hf_trainer RECIPE [section.key=value ...] --times PATH [--held-out PATH]
+    python -m launch.benchmarks.hf_trainer RECIPE [section.key=value ...] --times PATH [--held-out PATH [--final-only]]
 
 Everything that defines the job comes from our recipe and our code: the tokenised examples and
 their prompt masking (`trainer.data.pipeline`), the order they are seen in (`BatchPlan`, fed through a
@@ -11,7 +11,8 @@ position), peft's LoRA layers, `prepare_model_for_kbit_training`, the Trainer lo
 The learning rate follows our schedule (`trainer.loop.learning_rate`), and the adapters are
 initialised after seeding torch with train.seed, as ours are.
 Writes the wall-clock time at the end of every optimizer step to --times; with --held-out, the
-held-out loss (token-weighted, as `trainer.evaluation.held_out_loss`) before training and wherever ours evaluates.
+held-out loss (token-weighted, as `trainer.evaluation.held_out_loss`) before training and wherever ours evaluates
+(--final-only: after the last step only, as the bench scores it).
 """
 from __future__ import annotations
 
@@ -53,8 +54,10 @@ class HeldOutLoss(TrainerCallback):
     logs it: summed token losses over all examples / trained tokens (Trainer's eval_loss would
     average per batch)."""
 
-    def __init__(self, examples: list[Example], train: TrainConfig, pad_token_id: int, device: torch.device):
+    def __init__(self, examples: list[Example], train: TrainConfig, pad_token_id: int, device: torch.device,
+                 before_training: bool = True):
         self.examples, self.train, self.pad_token_id, self.device = examples, train, pad_token_id, device
+        self.before_training = before_training
         self.losses: dict[int, dict[str, float]] = {}
         self.train_losses: dict[int, float] = {}  # Trainer's logged loss per step (train.log_every=1)
 
@@ -63,8 +66,9 @@ class HeldOutLoss(TrainerCallback):
         # in eval mode without gradients, and from then on computes that layer in bf16 with no gradient
         # to its input: one evaluation would change how this side trains. Ours turns that off the same way.
         keep_4bit_layout(model)
-        self.losses[0] = held_out_loss(model, self.examples, self.train.micro_batch_size, self.pad_token_id,
-                                       self.device)
+        if self.before_training:
+            self.losses[0] = held_out_loss(model, self.examples, self.train.micro_batch_size, self.pad_token_id,
+                                           self.device)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -152,6 +156,8 @@ def step_end_times(recipe: Recipe, device: torch.device, callbacks: tuple[Traine
 
 def main(argv: list[str]) -> None:
     options = {flag: argv[argv.index(flag) + 1] for flag in ("--times", "--held-out") if flag in argv}
+    final_only = "--final-only" in argv
+    argv = [a for a in argv if a != "--final-only"]
     arguments = [a for i, a in enumerate(argv) if a not in options and (i == 0 or argv[i - 1] not in options)]
     recipe = load_recipe(arguments[0], arguments[1:])
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -159,7 +165,7 @@ def main(argv: list[str]) -> None:
     if "--held-out" in options:
         tokenizer = load_tokenizer(resolve_base(recipe), recipe)
         _, eval_set, _ = build_datasets(recipe.data, tokenizer, recipe.train.seed)
-        held_out = HeldOutLoss(eval_set, recipe.train, tokenizer.pad_token_id, device)
+        held_out = HeldOutLoss(eval_set, recipe.train, tokenizer.pad_token_id, device, before_training=not final_only)
     times = step_end_times(recipe, device, (held_out,) if held_out else ())
     with open(options["--times"], "w") as handle:
         json.dump(times, handle)

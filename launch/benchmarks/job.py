@@ -5,18 +5,25 @@ written as overrides of `recipes/tiny_alpaca.yaml` that `launch/train.py` (ours)
 CPU: the built-in tiny Llama. GPU: a 1B-class Llama (TinyLlama's shape) with random weights and
 at least a 32k vocabulary, built once into the cache. Data: GSM8K where `data/gsm8k/prepare.py` finds a local
 copy (`../shared/data`), else `builtin:tasks`.
+Also here: the useful FLOPs of a step (`useful_flops`, the formula the bench's utilisation is taken
+with) and the matrix-multiply peak it is measured against (`measured_cpu_matmul_flops`,
+`measured_bf16_matmul_flops`).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from data import prepare_common
 from data.gsm8k import prepare as gsm8k_data
-from trainer.model import builtin
+from trainer.data.tasks import SEED
+from trainer.model import tiny_base
+from trainer.runtime.cache import cache_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "tiny_alpaca.yaml"
@@ -39,26 +46,32 @@ class Job:
     activation_checkpointing: bool = False
     learning_rate: float = 2e-4
     lora_dropout: float = 0.05  # QLoRA's value for 7B/13B
+    # Held out from training and scored by both frameworks after the last step (the bench's quality
+    # column): a seeded 5% of the rows, of which this many are scored.
+    eval_rows: int = 64
 
     @property
     def total_steps(self) -> int:
         return self.warmup_steps + self.timed_steps
 
     def overrides(self) -> list[str]:
-        """The recipe overrides both frameworks train with. Nothing is evaluated or saved mid-run."""
+        """The recipe overrides both frameworks train with. Nothing is evaluated or saved mid-run; the
+        held-out rows are scored once, after the last step."""
         return [
             f"model.name_or_path={self.base}", "model.dtype=auto", "model.attn_implementation=sdpa",
             "quant.bits=4", "quant.quant_type=nf4", "quant.double_quant=true",
             "lora.r=16", "lora.alpha=32", f"lora.dropout={self.lora_dropout}",
             "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
             "lora.rslora=false",
-            f"data.path={self.data}", f"data.max_seq_len={self.max_seq_len}", "data.eval_fraction=0",
+            f"data.path={self.data}", f"data.max_seq_len={self.max_seq_len}",
+            f"data.eval_fraction={0.05 if self.eval_rows else 0}", f"data.max_eval_rows={max(self.eval_rows, 1)}",
             "data.template=alpaca", "data.train_on_prompt=false",
             f"train.max_steps={self.total_steps}", f"train.global_batch_size={self.global_batch}",
             f"train.micro_batch_size={self.micro_batch}", f"train.learning_rate={self.learning_rate}",
             "train.weight_decay=0", "train.warmup_steps=2", "train.grad_clip=1.0", "train.log_every=1",
             f"train.eval_every={10 ** 6}", f"train.save_every={10 ** 6}",
             f"train.activation_checkpointing={str(self.activation_checkpointing).lower()}",
+            "train.sample_count=0",  # no greedy answers decoded at the last step: theirs decodes none
             "train.report=false",  # no TensorBoard events or report.png: theirs runs with report_to="none"
         ]
 
@@ -72,16 +85,16 @@ def default_data() -> str:
 def ensure_bench_base(gpu: bool) -> str:
     """The built-in tiny Llama on CPU; on GPU a 1B-class Llama built once (random weights, bf16)."""
     if not gpu:
-        return str(builtin.ensure_tiny_base())
-    final = builtin.cache_dir() / "models" / "bench-llama-1b-v2"
-    if (final / builtin.MARKER).exists():
+        return str(tiny_base.ensure_tiny_base())
+    final = cache_dir() / "models" / "bench-llama-1b-v2"
+    if (final / tiny_base.MARKER).exists():
         return str(final)
     staging = final.parent / f".{final.name}.building"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     print(f"building a random-weight 1B Llama into {final} (first use)", flush=True)
     _build_one_b(staging)
-    (staging / builtin.MARKER).write_text(json.dumps(ONE_B_SHAPE) + "\n")
+    (staging / tiny_base.MARKER).write_text(json.dumps(ONE_B_SHAPE) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.rename(staging, final)
     return str(final)
@@ -96,13 +109,13 @@ def _build_one_b(directory: Path) -> None:
         tokenizer = LlamaTokenizer.from_pretrained(directory, legacy=False, add_bos_token=True, add_eos_token=False)
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
     else:
-        tokenizer = AutoTokenizer.from_pretrained(builtin.ensure_tiny_base())
+        tokenizer = AutoTokenizer.from_pretrained(tiny_base.ensure_tiny_base())
     tokenizer.save_pretrained(directory)
     # Without Llama 2's tokenizer the tiny base's (1,001 tokens) is used, and the vocabulary padded to
     # 32k: the output projection and loss then cost what a real model's do.
     config = LlamaConfig(vocab_size=max(len(tokenizer), MIN_VOCAB), tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **ONE_B_SHAPE)
-    torch.manual_seed(builtin.SEED)
+    torch.manual_seed(SEED)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(directory)
@@ -130,20 +143,113 @@ def step_tokens(job: Job) -> list[dict[str, int]]:
     return steps
 
 
-def flops_per_token(base: str, sum_squared_lengths: float, sum_lengths: float) -> float:
-    """LoRA on a frozen base: ~2N forward + ~2N backward (input gradients only) per token, plus
-    causal attention (QK^T and AV, forward + backward) over each token's own example, for
-    examples of the given lengths (sums over the examples of length^2 and of length)."""
-    config = json.loads((Path(base) / "config.json").read_text())
-    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
-    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
-    head_dim = hidden // heads
-    per_layer = hidden * (2 * heads * head_dim + 2 * kv_heads * head_dim) + 3 * hidden * config["intermediate_size"]
-    n = layers * per_layer + hidden * config["vocab_size"]
-    # Causal: a token attends to (its position + 1) keys, s/2 on average over an example of length s.
-    attention_context = sum_squared_lengths / sum_lengths / 2
-    attention = layers * 3 * 2 * 2 * hidden * attention_context
-    return 4 * n + attention
+def _linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """(input, output) widths of a Llama-family decoder layer's linear layers, from its config."""
+    hidden, intermediate = config["hidden_size"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    return {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv_heads * head_dim),
+            "v_proj": (hidden, kv_heads * head_dim), "o_proj": (heads * head_dim, hidden),
+            "gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate), "down_proj": (intermediate, hidden)}
+
+
+def useful_flops(config: dict, lora_r: int, lora_targets: list[str], tokens: int, trained: int,
+                 sum_squared_lengths: int) -> dict[str, float]:
+    """The matrix-multiply FLOPs a QLoRA training step must do (a multiply-add counts 2), by part,
+    for examples of `tokens` non-pad tokens in all, `trained` of them predicting a trained label,
+    and `sum_squared_lengths` = sum over the examples of length^2. Per layer and token:
+
+    - frozen linears: 4 x P, P the weights of q, k, v, o, gate, up, down (forward 2P; the backward
+      takes the input's gradient, 2P, and no weight gradient: the base is frozen);
+    - LoRA: 6 x r x (in + out) per adapted layer (forward through A and B, then each one's weight
+      gradient and input gradient);
+    - attention: causal, within each example: a token at position i attends to i + 1 keys, so an
+      example of length s has s(s + 1)/2 (query, key) pairs, each costing 2 x heads x head_dim for
+      the scores and as much for the weighted values, forward; the backward is twice that (two
+      products per forward product): 12 x heads x head_dim per pair;
+    and once per trained token, the output layer: 4 x vocab x hidden (forward and input gradient;
+    the head is frozen). Not counted: softmax, norms, activations, the embedding lookup (no
+    multiplies worth counting), and work a framework may do that the loss does not need (padding,
+    logits at untrained positions). Both frameworks are scored by the same count, so it is their
+    step times that differ."""
+    layers = config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    shapes = _linear_shapes(config)
+    unknown = sorted(set(lora_targets) - set(shapes))
+    if unknown:
+        raise ValueError(f"no FLOP count for LoRA targets {unknown} (known: {', '.join(shapes)})")
+    frozen = layers * sum(fan_in * fan_out for fan_in, fan_out in shapes.values())
+    adapters = layers * sum(lora_r * (shapes[name][0] + shapes[name][1]) for name in lora_targets)
+    pairs = (sum_squared_lengths + tokens) / 2
+    return {"frozen linears": 4 * frozen * tokens, "LoRA": 6 * adapters * tokens,
+            "attention": 12 * layers * heads * head_dim * pairs,
+            "output layer": 4 * config["vocab_size"] * config["hidden_size"] * trained}
+
+
+def base_config(recipe) -> dict:
+    """The config.json of the recipe's base (a built-in or a .gguf file resolved to its directory)."""
+    from trainer.model.base import resolve_base
+
+    return json.loads((Path(resolve_base(recipe)) / "config.json").read_text())
+
+
+# Products the size of the real base's (SmolLM2-135M: 576 wide, MLP 1536) and a large square one:
+# the peak is the best rate any of them reaches.
+PEAK_SHAPES = ((2048, 576, 576), (2048, 576, 1536), (2048, 2048, 2048))
+
+
+def measured_cpu_matmul_flops(repeats: int = 5) -> dict[str, float | str]:
+    """One thread's fp32 matrix-multiply rate on this CPU, measured now (FLOP/s): the best of
+    `repeats` timed products of each of `PEAK_SHAPES`, through torch's `mm` (MKL on x86) and, where
+    the build has it, oneDNN (which ours uses for the frozen layers, trainer/speedups/onednn.py):
+    the faster library sets the peak. A step on N threads is measured against N x this."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        libraries = {"torch.mm": lambda a, b: torch.mm(a, b)}
+        if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+            libraries["oneDNN"] = lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+        best = {name: 0.0 for name in libraries}
+        for rows, inner, columns in PEAK_SHAPES:
+            a, b = torch.randn(rows, inner), torch.randn(inner, columns)
+            for name, multiply in libraries.items():
+                multiply(a, b)  # first call: packing, primitive creation
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    multiply(a, b)
+                    best[name] = max(best[name], 2 * rows * inner * columns / (time.perf_counter() - started))
+    finally:
+        torch.set_num_threads(threads)
+    fastest = max(best, key=best.get)
+    return {"per_thread": best[fastest], "library": fastest, **{f"per_thread {name}": rate for name, rate in best.items()}}
+
+
+def matmul_peak(gpu: bool, threads: int) -> dict:
+    """The rate the bench's utilisation is taken against: {"flops": FLOP/s for the whole job (a CPU
+    job on `threads` threads: one thread's rate x threads), "text": how it was found, ...}."""
+    if gpu:
+        flops = measured_bf16_matmul_flops()
+        return {"flops": flops, "text": f"dense bf16, measured: {flops / 1e12:,.0f} TFLOP/s"}
+    measured = measured_cpu_matmul_flops()
+    per_thread = measured["per_thread"]
+    return {**measured, "threads": threads, "flops": per_thread * threads,
+            "text": f"fp32, one thread {per_thread / 1e9:,.0f} GFLOP/s ({measured['library']}, measured) "
+                    f"x {threads} thread(s)"}
+
+
+def step_flops(job: Job, timed: list[dict]) -> dict[str, float]:
+    """The useful FLOPs of a timed step, by part (the mean over the timed steps)."""
+    from trainer.config import load_recipe
+
+    recipe = load_recipe(RECIPE, job.overrides())
+    config = base_config(recipe)
+    per_step = [useful_flops(config, recipe.lora.r, recipe.lora.target_modules, t["useful"], t["trained"], t["squared"])
+                for t in timed]
+    return {part: statistics.mean(step[part] for step in per_step) for part in per_step[0]}
 
 
 def measured_bf16_matmul_flops(size: int = 8192, repeats: int = 20) -> float:

@@ -6,6 +6,9 @@
 Peak RSS is the process's own high-water mark (VmHWM), read when it exits: it covers everything
 the training process held, and nothing a child held (e.g. a compiler DeepSpeed starts to build an
 op). On GPU it adds `torch.cuda.max_memory_allocated`. Imports nothing heavy itself.
+
+Under a launcher that starts one probe per rank (`deepspeed --module launch.benchmarks.probe ...`),
+`{rank}` in RESULT.json is replaced by the rank (RANK in the environment), so each writes its own.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ def peak_memory() -> dict[str, int]:
 
 def main() -> None:
     result_path, script, *arguments = sys.argv[1:]
+    result_path = result_path.replace("{rank}", os.environ.get("RANK", "0"))
     atexit.register(lambda: _write(result_path, peak_memory()))
     if script == "-m":
         module, *arguments = arguments
