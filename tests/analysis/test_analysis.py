@@ -203,6 +203,85 @@ def test_cli_writes_json_figures_and_table(tmp_path):
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, figure
 
 
+def test_figures_draw_the_numbers_analysis_json_holds(tmp_path, monkeypatch):
+    from trainer.analysis import figures
+
+    names = [module_name(layer, kind) for layer in range(3) for kind in ("q_proj", "v_proj")]
+    first = write_adapter(tmp_path / "first", {name: planted_pair(32, 48, PLANTED, 8, seed) for seed, name in
+                                               enumerate(names)})
+    second = write_adapter(tmp_path / "second", {name: random_pair(32, 48, 8, seed) for seed, name in
+                                                 enumerate(names)})
+    drawn, save = {}, figures._save
+
+    def keep(figure, title: str, path: Path) -> Path:  # the matplotlib Figure behind each PNG
+        drawn[path.name] = figure
+        return save(figure, title, path)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    written = figures.write_outputs(analyze([first, second]), tmp_path / "out")
+    assert [path.name for path in written] == ["analysis.json", *drawn]
+    report = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    adapters, similarity = report["adapters"], report["similarity"]
+    kinds = ["self_attn.q_proj", "self_attn.v_proj"]
+
+    def panels(name: str) -> dict:
+        visible = [axis for axis in drawn[name].axes if axis.get_visible()]
+        assert [axis.get_title() for axis in visible] == kinds
+        return dict(zip(kinds, visible))
+
+    def curves(axis, styles=("-", "--")) -> list[tuple[str, list[float]]]:
+        """The data lines of a panel (not its guide lines), as (style, values), in drawing order."""
+        return [(line.get_linestyle(), list(line.get_ydata())) for line in axis.lines
+                if line.get_linestyle() in styles and line.get_color() not in ("grey", "firebrick")]
+
+    def expected(values_of) -> dict[str, list[tuple[str, list[float]]]]:
+        return {kind: [(style, values_of(adapter["modules"][name]))
+                       for adapter, style in zip(adapters, ("-", "--")) for name in names if name.endswith(kind)]
+                for kind in kinds}
+
+    def assert_drawn(got: list[tuple[str, list[float]]], want: list[tuple[str, list[float]]]) -> None:
+        assert [style for style, _ in got] == [style for style, _ in want]
+        for (_, values), (_, reference) in zip(got, want):
+            assert values == pytest.approx(reference, rel=1e-5)
+
+    # Spectra: sigma_i / sigma_1 per module, floored at 1e-6 (the planted rank-3 updates reach it).
+    spectra = expected(lambda entry: [max(value / entry["singular_values"][0], 1e-6)
+                                      for value in entry["singular_values"]])
+    for kind, axis in panels("spectra.png").items():
+        assert (axis.get_xlabel(), axis.get_ylabel(), axis.get_yscale()) == ("singular value index i",
+                                                                             "sigma_i / sigma_1", "log")
+        assert_drawn(curves(axis), spectra[kind])
+    legend = panels("spectra.png")[kinds[0]].get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == ["layer 0", "layer 1", "layer 2"]
+
+    # Energy: the cumulative shares, the 90%/99% levels and each adapter's suggested r.
+    energy = expected(lambda entry: entry["cumulative_energy"])
+    suggested = sorted(adapter["suggestion"]["r"] for adapter in adapters)
+    assert suggested[0] == 2 < suggested[1]  # planted, random: two lines to tell apart
+    for kind, axis in panels("energy.png").items():
+        assert_drawn(curves(axis), energy[kind])
+        levels = sorted(line.get_ydata()[0] for line in axis.lines if line.get_color() == "grey")
+        assert levels == pytest.approx([0.9, 0.99])
+        assert sorted(line.get_xdata()[0] for line in axis.lines if line.get_color() == "firebrick") == suggested
+
+    # Similarity: a heat map per module, a row per kind and a column per layer, of the phi matrix.
+    maps = [axis for axis in drawn["similarity.png"].axes if axis.images]
+    assert [axis.get_title() for axis in maps[:3]] == ["layer 0", "layer 1", "layer 2"]
+    assert [maps[0].get_ylabel(), maps[3].get_ylabel()] == [f"{kind}\ni (adapter 1)" for kind in kinds]
+    by_row = [module_name(layer, kind) for kind in ("q_proj", "v_proj") for layer in range(3)]
+    for axis, name in zip(maps, by_row, strict=True):
+        phi = torch.tensor(similarity[name]["phi"], dtype=torch.float64)
+        torch.testing.assert_close(torch.tensor(axis.images[0].get_array()), phi, rtol=1e-5, atol=1e-7,
+                                   msg=lambda message, name=name: f"{name}: {message}")
+
+    # Top direction: phi(1, j), adapter 1's first row of phi, against the random-subspace line j / 48.
+    top = {kind: [("-", similarity[name]["phi"][0]) for name in names if name.endswith(kind)] for kind in kinds}
+    for kind, axis in panels("top_direction.png").items():
+        assert_drawn(curves(axis, ("-",)), top[kind])
+        (reference,) = [line for line in axis.lines if line.get_color() == "grey"]
+        assert list(reference.get_ydata()) == pytest.approx([j / 48 for j in range(1, 9)])
+
+
 def test_missing_base_still_reports_and_default_out_dir(tmp_path):
     adapter = write_adapter(tmp_path / "adapter", {module_name(0): planted_pair(16, 16, PLANTED, 8, 0)},
                             base="missing-org/missing-model")

@@ -97,14 +97,23 @@ def test_two_rank_checkpoint_resumes_on_one_rank_with_the_same_global_batch(tmp_
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_one_rank_checkpoint_resumes_on_two_ranks(tmp_path, tiny_base):
+def test_one_rank_checkpoint_resumes_on_two_ranks_and_the_new_rank_says_it_keeps_its_seeded_rng(tmp_path,
+                                                                                              tiny_base):
+    # Growing the world is the one direction with a rank the checkpoint holds no RNG state for.
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(straight, ranks=1)
     resume_from_copy(straight, 3, resumed)
-    train(resumed, "resume=auto", ranks=2)
+    result = train(resumed, "resume=auto", ranks=2)
+    assert "holds RNG states for 1 ranks; rank 1 and above keep their seeded RNG" in result.stderr
     expected = {step: loss for step, loss in losses(straight).items() if step > 3}
-    for step, loss in losses(resumed).items():
-        assert loss == pytest.approx(expected[step], rel=WORLD_CHANGE_TOLERANCE), step
+    got = losses(resumed)
+    assert got.keys() == expected.keys()
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=WORLD_CHANGE_TOLERANCE), step
+    final = resumed / "checkpoints" / "step-6"
+    state = json.loads((final / "trainer_state.json").read_text())
+    assert (state["world_size"], state["examples_seen"]) == (2, 96)
+    assert len(json.loads((final / "rng_state.json").read_text())) == 2  # both ranks' streams from now on
 
 
 def start_training(output_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:

@@ -94,14 +94,36 @@ def test_the_model_gets_no_fully_masked_row_and_decodes_the_same_through_the_los
     assert masks and all(mask.dim() == 4 and mask.any(-1).all() for mask in masks)
 
 
-def test_decoding_stops_at_eos(model_and_tokenizer):
+def test_each_row_stops_at_its_own_eos_and_the_batch_once_every_row_has(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    prompt = [tokenizer.bos_token_id, 45, 67]
-    with torch.no_grad():
-        first = int(model(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())
-    # Pretend the first greedy token is EOS: nothing is generated after it.
-    out = greedy_batch(model, [prompt], 5, first, tokenizer.pad_token_id, torch.device("cpu"))
-    assert out == [[]]
+    bos, eos, pad, cpu = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, torch.device("cpu")
+    prompts = [[bos, 7], [bos, 33, 8], [bos, 45, 67, 89], [bos, 45, 67, 89, 12]]  # ascending: generate keeps the order
+    free = greedy_batch(model, prompts, 8, eos, pad, cpu)
+    assert all(len(tokens) == 8 for tokens in free), free  # the tiny model emits no EOS of its own here
+    # The real model's logits, but EOS made the greedy choice of row i at its eos_at[i]-th new token:
+    # at the first (row 3), mid-answer (rows 0 and 2), and the last before decoding stops (row 1).
+    eos_at = [2, 5, 3, 0]
+    forward_passes = []
+
+    def force_eos(module, args, output):
+        for row, step in enumerate(eos_at):
+            if step == len(forward_passes):
+                output.logits[row, -1, eos] = output.logits[row, -1].max() + 1
+        forward_passes.append(len(forward_passes))
+        return output
+
+    hook = model.register_forward_hook(force_eos)
+    try:
+        stopped = greedy_batch(model, prompts, 8, eos, pad, cpu)
+        passes = len(forward_passes)
+        forward_passes.clear()
+        texts = generate(model, tokenizer, prompts, 8, len(prompts), cpu)
+    finally:
+        hook.remove()
+    # Exactly the tokens before EOS; the rows still going are unaffected by those that stopped.
+    assert stopped == [tokens[:step] for tokens, step in zip(free, eos_at)]
+    assert passes == max(eos_at) + 1 < 8  # no forward pass once every row is done
+    assert texts == [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in stopped]
 
 
 def test_held_out_loss_does_not_depend_on_the_micro_batch(model_and_tokenizer):

@@ -2,9 +2,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from trainer.model.lora import LoRALinear, adapter_parameters, apply_lora, dequantised_weight
+from trainer.model.lora import (LoRALinear, adapter_parameters, apply_lora, dequantised_weight, lora_layers,
+                                merge_all, unmerge_all)
 from trainer.model.base import keep_4bit_layout
 
 
@@ -61,30 +63,74 @@ def test_rslora_scaling_is_alpha_over_sqrt_r():
     assert layer.scaling == pytest.approx(32 / math.sqrt(16))
 
 
+# How far the merged layer's output may be from the unmerged one. bitsandbytes' 8-bit forward also
+# rounds its input to int8 (~1e-2 here), while the merged layer multiplies by the dequantised weight in
+# fp32; the 4-bit forward dequantises its weight and computes in fp32, as a plain layer does.
+MERGED_OUTPUT_TOLERANCE = {"linear": 1e-5, "4bit": 1e-5, "8bit": 3e-2}
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_merge_equals_unmerged_output(kind):
+def test_merge_adds_exactly_scaling_b_a_to_the_base_and_unmerge_takes_it_out(kind):
     base = base_layer(kind)
     layer = LoRALinear(base, r=8, alpha=16)
     nn.init.normal_(layer.lora_B.weight, std=0.1)
     layer.eval()
     x = torch.randn(7, 64)
-    if kind == "linear":
-        reference = layer(x)
-    else:  # a quantised base merges into its dequantised weight: compare against that
-        weight = dequantised_weight(base)
-        reference = x @ (weight + layer.delta_weight()).T + base.bias
+    original = dequantised_weight(base).float().clone()  # merge adds in place: keep a copy
+    update = (layer.lora_B.weight @ layer.lora_A.weight) * (16 / 8)
+    assert update.abs().min() > 0
+    unmerged = layer(x)
+    tolerance = MERGED_OUTPUT_TOLERANCE[kind]
+
     layer.merge()
-    assert layer.merged and isinstance(layer.base_layer, nn.Linear)
-    torch.testing.assert_close(layer(x), reference, rtol=1e-4, atol=1e-4)
-    if kind == "linear":
-        layer.unmerge()
-        torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
+    assert layer.merged and type(layer.base_layer) is nn.Linear  # a quantised base is dequantised
+    assert layer.base_layer.weight.dtype == torch.float32
+    assert torch.equal(layer.base_layer.weight, original + update)  # one fp32 add: bitwise
+    merged = layer(x)
+    torch.testing.assert_close(merged, F.linear(x, original + update, base.bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=tolerance)
+
+    layer.unmerge()
+    assert not layer.merged
+    torch.testing.assert_close(layer.base_layer.weight, original, rtol=0, atol=1e-6)  # (W + dW) - dW rounds
+    torch.testing.assert_close(layer(x), unmerged, rtol=0, atol=tolerance)
+
+
+def test_merge_all_and_unmerge_all_reach_every_adapted_layer():
+    model = nn.Sequential()
+    model.add_module("q_proj", base_layer("4bit"))
+    model.add_module("v_proj", nn.Linear(48, 32))
+    apply_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
+    layers = lora_layers(model)
+    originals = {path: dequantised_weight(layer.base_layer).float().clone() for path, layer in layers.items()}
+    for layer in layers.values():
+        nn.init.normal_(layer.lora_B.weight, std=0.1)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        unmerged = model(x)
+        merge_all(model)
+        for path, layer in layers.items():
+            assert layer.merged, path
+            assert torch.equal(layer.base_layer.weight, originals[path] + layer.delta_weight()), path
+        torch.testing.assert_close(model(x), unmerged, rtol=0, atol=1e-5)
+        unmerge_all(model)
+        for path, layer in layers.items():
+            assert not layer.merged, path
+            torch.testing.assert_close(layer.base_layer.weight, originals[path], rtol=0, atol=1e-6, msg=path)
+        torch.testing.assert_close(model(x), unmerged, rtol=0, atol=1e-5)
 
 
 def test_merge_never_happens_as_a_side_effect_of_eval():
-    layer = LoRALinear(nn.Linear(8, 8), r=2, alpha=4)
+    base = nn.Linear(8, 8)
+    weight = base.weight.detach().clone()
+    layer = LoRALinear(base, r=2, alpha=4)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 8)
     layer.eval()
-    assert not layer.merged
+    out = layer(x)
+    assert not layer.merged and layer.base_layer is base and torch.equal(base.weight, weight)
+    expected = F.linear(x, weight, base.bias) + 2.0 * x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -162,26 +162,43 @@ def test_a_model_with_routed_layers_pickles(calls):
     assert torch.equal(copy(x), model(x)) and len(calls) == 4  # the copy is routed too
 
 
-def test_products_of_ever_new_shapes_do_not_grow_memory():
-    # oneDNN keeps cache entries per product shape, and packed batches change shapes every step: with
-    # the default capacities a training run grew by ~13 MB per step. trainer.speedups.onednn caps them on import.
-    import os
-    import subprocess
-    import sys
-
-    code = """
-import torch, trainer.speedups.onednn as onednn
+# Resident memory a process gains over 400 products of new shapes (after 200 to fill the caches).
+CACHE_GROWTH = """
+import torch
+from trainer.speedups import onednn
 torch.set_num_threads(1)
-def rss():
+def rss_mib():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 weight = torch.randn(96, 64)
 for rows in range(100, 700):
     if rows == 300:
-        before = rss()
+        before = rss_mib()
     onednn.linear(torch.randn(rows, 64), weight)
-print(rss() - before)
+print(rss_mib() - before)
 """
-    env = {k: v for k, v in os.environ.items() if k not in onednn.CACHE_VARIABLES}
+LIBRARY_DEFAULT_CAPACITY = 1024  # oneDNN's primitive cache and ideep's LRU cache
+
+
+def test_capped_caches_keep_memory_flat_where_either_default_grows_it():
+    # oneDNN and ideep each keep cache entries per product shape, and packed batches change shapes
+    # every step. How much an entry weighs depends on the machine (its kernels, its allocator), so the
+    # capped run is measured against runs in which one cache at a time has its library default:
+    # here each of those grows by 160-250 MB, the capped one by under 1 MB.
+    import os
+    import subprocess
+    import sys
+
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=root)
-    assert float(out.stdout) < 20, f"RSS grew by {float(out.stdout):.0f} MB over 400 new shapes"
+    environment = {k: v for k, v in os.environ.items() if k not in onednn.CACHE_VARIABLES}
+
+    def growth(capacities: dict[str, int]) -> float:
+        env = {**environment, **{name: str(capacity) for name, capacity in capacities.items()}}
+        out = subprocess.run([sys.executable, "-c", CACHE_GROWTH], env=env, capture_output=True, text=True,
+                             check=True, cwd=root)
+        return float(out.stdout)
+
+    capped = dict.fromkeys(onednn.CACHE_VARIABLES, onednn.CACHE_CAPACITY)
+    flat = growth(capped)
+    for name in onednn.CACHE_VARIABLES:
+        grown = growth({**capped, name: LIBRARY_DEFAULT_CAPACITY})
+        assert flat < 0.1 * grown, f"{flat:.1f} MB capped, {grown:.1f} MB with {name}={LIBRARY_DEFAULT_CAPACITY}"
