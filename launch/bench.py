@@ -242,19 +242,15 @@ def run_child(command: list[str], scratch: Path, tuned_malloc: bool, ranks: int 
     """Run `python COMMAND` under the memory probe (with ranks > 1, that many of it through the
     deepspeed launcher), with `threads` torch threads per process; output to scratch/log.txt, each
     process's peak memory to scratch/memory*.json. Returns wall seconds."""
-    from trainer.speedups import onednn  # here, not on top: it imports torch, which must see --threads first
-
-    # Not the oneDNN cache caps that importing our trainer (for ours_packing) put in this environment:
-    # ours sets them again itself, theirs runs as it would on its own.
-    env = {**{k: v for k, v in os.environ.items() if k not in onednn.SET_ON_IMPORT},
-           "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     # One GPU per rank: on a multi-GPU machine HF Trainer would wrap the model in DataParallel over
     # all of them (a batch of micro x GPUs), while it runs one process.
     env["CUDA_VISIBLE_DEVICES"] = ",".join(env.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(ranks))))
                                            .split(",")[:ranks])
     if threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    tunables = malloc.tunables_for(env) if tuned_malloc else None
+    # As launch/train.py would have applied them: not where a GPU is visible.
+    tunables = malloc.tunables_for(env) if tuned_malloc and not malloc.gpu_visible(env) else None
     if tunables is not None:
         env["GLIBC_TUNABLES"] = tunables
     if ranks == 1:

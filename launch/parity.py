@@ -140,13 +140,12 @@ def ours_before_training(overrides: list[str]) -> dict:
     from trainer.evaluation.held_out_loss import evaluate_loss
     from trainer.loss import CausalLMLoss
     from trainer.model.base import load_base, load_tokenizer, resolve_base
-    from trainer.speedups.onednn import use_onednn_linear
+    from trainer import speedups
 
     recipe = load_recipe(RECIPE, overrides)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     model, _ = load_base(recipe, device)
-    if recipe.train.onednn_matmul and device.type == "cpu":
-        use_onednn_linear(model)
+    speedups.apply(model, recipe, device, training=False)  # as an evaluation runs it
     tokenizer = load_tokenizer(resolve_base(recipe), recipe)
     _, eval_set, _ = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     result = evaluate_loss(CausalLMLoss(model), eval_set, recipe.train.micro_batch_size, tokenizer.pad_token_id, device)

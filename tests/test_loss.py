@@ -14,7 +14,9 @@ from trainer.data.batching import collate
 from trainer.model.lora import adapter_parameters, apply_lora, lora_layers
 from trainer.loss import CausalLMLoss, chunked_cross_entropy, enable_activation_checkpointing
 from trainer.model.base import load_base
-from trainer.data.packing import collate_packed, use_packed_attention
+from trainer.data.packing import collate_packed
+from trainer.speedups import last_layer
+from trainer.speedups.packed_attention import use_packed_attention
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +114,9 @@ def test_last_layer_on_trained_positions_only_keeps_loss_and_gradients(small_bas
         model = lora_model(small_base_path, bits)
         if packed:
             use_packed_attention(model)
+        if restricted:
+            assert last_layer.attach(model)
         loss_model = CausalLMLoss(model)
-        assert loss_model.last_layer is not None
-        if not restricted:
-            loss_model.last_layer = None
         rows = []
         last = model.model.layers[-1]
         for module in (last.self_attn.o_proj.base_layer, last.mlp.down_proj):
@@ -136,13 +137,15 @@ def test_the_model_outside_the_loss_runs_its_last_layer_on_every_position(small_
     model = lora_model(small_base_path, bits=16)
     with torch.no_grad():
         before = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        CausalLMLoss(model)(**batch)  # installs the hooks, and runs them
+        assert last_layer.attach(model)
+        CausalLMLoss(model)(**batch)  # runs the hooks
         after = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.equal(before, after)
 
 
 def test_under_activation_checkpointing_the_last_layer_runs_on_every_position(small_base_path, batch):
     model = lora_model(small_base_path, bits=16)
+    assert last_layer.attach(model)
     enable_activation_checkpointing(model)
     rows = []
     # up_proj's output is kept for the backward, so the recomputation goes at least that far.

@@ -1,17 +1,13 @@
 """The training objective: next-token cross-entropy on trained (label != -100) positions only.
 
-Only trained positions ever reach the loss, so the last decoder layer runs its output projection
-and MLP on those alone (the other positions' final hidden states are never read), and their hidden states are picked out
-before the vocabulary projection. When
-their logits would be large (a 32k vocabulary, thousands of tokens), the projection +
-cross-entropy run in chunks under activation checkpointing, so the full [tokens x vocab] fp32
-logits tensor is never held at once; small logits are computed in one go and kept for the backward.
+Only trained positions ever reach the loss: their hidden states are picked out before the
+vocabulary projection (and, with trainer/speedups/last_layer.py's hooks on the model, the last
+decoder layer's output projection and MLP run on those alone). When their logits would be large
+(a 32k vocabulary, thousands of tokens), the projection + cross-entropy run in chunks under
+activation checkpointing, so the full [tokens x vocab] fp32 logits tensor is never held at once;
+small logits are computed in one go and kept for the backward.
 """
 from __future__ import annotations
-
-import math
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +15,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trainer.data import packing
+from trainer.speedups import last_layer
+from trainer.speedups.packed_attention import PACKED_ATTENTION
 from trainer.data.encoding import IGNORE_INDEX
 
 
@@ -39,7 +37,6 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
-        self.last_layer = LastLayerAtTrainedPositions.attach(model)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -50,7 +47,7 @@ class CausalLMLoss(nn.Module):
         device = self.model.get_input_embeddings().weight.device
         attention = self.model.config._attn_implementation
         extra = {}
-        if segment_lengths is not None and attention == packing.PACKED_ATTENTION:
+        if segment_lengths is not None and attention == PACKED_ATTENTION:
             # Attention per example reads the examples' lengths: no mask, no padding.
             lengths = segment_lengths.tolist()  # on the CPU, from the collate: no device sync
             input_ids, position_ids, labels = packing.unpad(lengths, input_ids, position_ids, labels)
@@ -68,70 +65,11 @@ class CausalLMLoss(nn.Module):
         input_ids, attention_mask, position_ids, index, targets = (
             None if t is None else t.to(device, non_blocking=True)
             for t in (input_ids, attention_mask, position_ids, index, targets))
-        with self.last_layer.only(index, positions) if self.last_layer else nullcontext():
+        with last_layer.only(self.model, index, positions):
             hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                               position_ids=position_ids, use_cache=False, **extra).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
         return chunked_cross_entropy(self.model.get_output_embeddings(), hidden, targets, self.chunk_tokens)
-
-
-class LastLayerAtTrainedPositions:
-    """Hooks that run the last decoder layer's attention output projection and MLP on the trained
-    positions only.
-
-    Both are per position, and after the last layer a position's hidden state feeds only its own
-    logits, so at positions the loss does not read their output is left out (zero) instead of
-    computed: the same loss and gradients for less work (about half of each on instruction data,
-    where prompts are not trained). Attention itself still runs everywhere (its keys and values are
-    every position's). Active only inside `only(...)`, i.e. inside `CausalLMLoss`; any other call
-    (generation) runs the layer as it is. Off under activation checkpointing, whose recomputation in
-    the backward would run outside `only`."""
-
-    def __init__(self, layer: nn.Module, modules: list[nn.Module]):
-        self.layer = layer
-        self.index: torch.Tensor | None = None  # trained positions in the flattened [rows x L]
-        self.positions: tuple[int, int] | None = None  # (rows, L)
-        for module in modules:
-            module.register_forward_pre_hook(self._gather)
-            module.register_forward_hook(self._scatter)
-
-    @classmethod
-    def attach(cls, model: nn.Module) -> "LastLayerAtTrainedPositions | None":
-        """The hooks on `model`'s last layer (installed once per model); None without an MLP there."""
-        layers = getattr(model.get_decoder(), "layers", None)
-        layer = layers[-1] if layers else None
-        mlp = getattr(layer, "mlp", None)
-        if not isinstance(mlp, nn.Module):
-            return None
-        if not isinstance(getattr(layer, "_trained_positions_hooks", None), cls):
-            output_projection = getattr(getattr(layer, "self_attn", None), "o_proj", None)
-            modules = [output_projection] if isinstance(output_projection, nn.Module) else []
-            layer._trained_positions_hooks = cls(layer, modules + [mlp])
-        return layer._trained_positions_hooks
-
-    @contextmanager
-    def only(self, index: torch.Tensor, positions: tuple[int, int]) -> Iterator[None]:
-        """index: the trained positions in the flattened [rows x L] (`positions` = (rows, L)),
-        those whose prediction of the next token is trained."""
-        if not getattr(self.layer, "gradient_checkpointing", False) and index.numel():
-            self.index, self.positions = index, positions
-        try:
-            yield
-        finally:
-            self.index = self.positions = None
-
-    def _gather(self, module: nn.Module, args: tuple) -> tuple | None:
-        if self.index is None:
-            return None
-        x = args[0]
-        return (x.reshape(-1, x.shape[-1]).index_select(0, self.index)[None], *args[1:])
-
-    def _scatter(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        if self.index is None:
-            return None
-        rows = output.reshape(-1, output.shape[-1])
-        full = rows.new_zeros((math.prod(self.positions), rows.shape[-1]))
-        return full.index_copy(0, self.index, rows).view(*self.positions, rows.shape[-1])
 
 
 # Logits up to this many elements are kept rather than recomputed in chunks: 64 MiB in fp32, and

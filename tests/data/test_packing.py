@@ -12,7 +12,8 @@ from trainer.data.batching import collate
 from trainer.model.lora import adapter_parameters, apply_lora, lora_layers
 from trainer.loss import CausalLMLoss
 from trainer.model.base import load_base
-from trainer.data.packing import collate_packed, pack_rows, use_packed_attention
+from trainer.data.packing import collate_packed, pack_rows, training_collate
+from trainer.speedups.packed_attention import PACKED_ATTENTION, use_packed_attention
 
 MAX_SEQ_LEN = 64
 
@@ -90,11 +91,10 @@ def test_packed_loss_and_gradients_equal_unpacked(small_base_path, small_tokeniz
     loss_model = CausalLMLoss(model)
     unpacked = loss_and_grads(loss_model, collate(examples, small_tokenizer.pad_token_id))
     if attention == "packed":  # rows joined without padding, attention per example: the loop's collate
-        from trainer.data.packing import training_collate
-
+        use_packed_attention(model)
         recipe = recipe_from_dict({"data": {"max_seq_len": MAX_SEQ_LEN}})
         packed_batch = training_collate(recipe, model, small_tokenizer.pad_token_id)(examples)
-        assert model.config._attn_implementation == "packed_sdpa" and "attention_mask" not in packed_batch
+        assert "attention_mask" not in packed_batch
     else:
         packed_batch = collate_packed(examples, MAX_SEQ_LEN, small_tokenizer.pad_token_id)
     packed = loss_and_grads(loss_model, packed_batch)
@@ -141,14 +141,25 @@ def test_changing_one_example_leaves_the_next_one_in_its_row_unchanged(small_bas
 def test_packing_is_the_default_and_falls_back_where_attention_cannot_isolate_examples(examples, capsys):
     from types import SimpleNamespace
 
-    from trainer.data.packing import training_collate
-
     recipe = recipe_from_dict({"data": {"max_seq_len": MAX_SEQ_LEN}})
     assert recipe.data.packing
     flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
     batch = training_collate(recipe, flash, pad_token_id=0)(examples[:4])
     assert "segment_lengths" not in batch and batch["input_ids"].shape[0] == 4  # one example per row
     assert "training with one example per row" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", PACKED_ATTENTION])
+def test_the_collate_follows_the_models_attention_and_leaves_it_as_it_is(examples, attention):
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=attention))
+    batch = training_collate(recipe_from_dict({"data": {"max_seq_len": MAX_SEQ_LEN}}), model, 0)(examples)
+    assert batch["input_ids"].shape[0] < len(examples) and "segment_lengths" in batch  # packed
+    assert ("attention_mask" in batch) == (attention != PACKED_ATTENTION)  # per example: no mask to build
+    assert model.config._attn_implementation == attention
+    unpacked = training_collate(recipe_from_dict({"data": {"packing": False}}), model, 0)(examples)
+    assert unpacked["input_ids"].shape[0] == len(examples)
 
 
 # Operations whose result size or value the host must read: on a GPU each makes the CPU wait for it.

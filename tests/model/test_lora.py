@@ -154,35 +154,16 @@ def test_unknown_target_module_is_an_error_listing_the_real_names():
         apply_lora(model, ["query"], r=2, alpha=4)
 
 
-@pytest.mark.parametrize("mask", ["_keep_in_numpy", "_keep_in_torch"])  # CPU's, and other devices'
-def test_both_mask_comparisons_drop_at_the_boundary_rate(mask):
-    import trainer.model.lora as lora
-
+def test_dropout_is_on_the_adapters_input_in_training_and_leaves_the_update_unbiased():
+    # The masks trainer/speedups/dropout_masks.py swaps in for training: tests/speedups/test_dropout_masks.py.
     torch.manual_seed(0)
-    boundary, rest = 25, 39322  # p = 0.1: (25 * 2^16 + 39322) / 2^24
-    keep = getattr(lora, mask)(lora._random(4_000_000, torch.uint8, torch.device("cpu")), boundary, rest)
-    assert keep.dtype == torch.bool and keep.shape == (4_000_000,)
-    assert abs((~keep).float().mean().item() - (boundary * 2**16 + rest) / 2**24) < 4e-4
-
-
-def test_dropout_drops_at_the_asked_rate_and_leaves_the_update_unbiased():
-    from trainer.model.lora import dropout_keep_mask
-
-    torch.manual_seed(0)
-    # 0.1 needs the 16 further bits for bytes on its boundary (25 + 0.6 in 256); 0.25 does not (64 in 256).
-    # Keeping or dropping every boundary byte would be off by >= 1.5e-3 from the asked rate, and the
-    # comparison of those bits the wrong way round by 7.8e-4.
-    for p in (0.1, 0.25):
-        keep, keep_probability = dropout_keep_mask(torch.empty(4000, 1000), p)
-        assert keep.dtype == torch.bool and keep.shape == (4000, 1000) and abs(keep_probability - (1 - p)) < 2**-24
-        assert abs(keep.float().mean().item() - keep_probability) < 4e-4  # 4e6 draws: std <= 2.2e-4
-    assert dropout_keep_mask(torch.empty(100, 100), 0.0)[0].all()
+    assert isinstance(LoRALinear(nn.Linear(8, 8), r=2, alpha=4).lora_dropout, nn.Identity)  # p = 0
     layer = LoRALinear(nn.Linear(32, 16, bias=False).requires_grad_(False), r=4, alpha=8, dropout=0.25)
     nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(6, 32)
     layer.eval()
     expected = layer(x)
-    assert not torch.equal(layer.train()(x), expected)  # training draws a mask
+    assert not torch.equal(layer.train()(x), expected)  # training drops
     mean = torch.stack([layer(x) for _ in range(4000)]).mean(0)
     update = expected - layer.base_layer(x)
     assert (mean - expected).norm() / update.norm() < 0.03  # inverted dropout: unbiased in expectation

@@ -1,5 +1,5 @@
 """The lean training ops give the same numbers as plain autograd, and hold no more for the backward:
-the fused SwiGLU MLP and RMSNorm (trainer/fused.py) and LoRA-A with its dropout mask (trainer/lora.py)."""
+the fused SwiGLU MLP and RMSNorm (trainer/speedups/fused.py)."""
 from __future__ import annotations
 
 import pytest
@@ -10,10 +10,12 @@ from torch import nn
 from trainer.config import recipe_from_dict
 from trainer.data.encoding import IGNORE_INDEX
 from trainer.speedups.fused import PLAIN_RMSNORMS, RMSNormFunction, SiluMul, use_fused_mlp, use_fused_norm
-from trainer.model.lora import LoRALinear, adapter_parameters, apply_lora, lora_layers
+from trainer.model.lora import adapter_parameters, apply_lora, lora_layers
 from trainer.loss import CausalLMLoss
 from trainer.model.base import load_base
-from trainer.data.packing import collate_packed, use_packed_attention
+from trainer.data.packing import collate_packed
+from trainer.speedups import last_layer
+from trainer.speedups.packed_attention import use_packed_attention
 from tests.test_loss import examples  # noqa: F401  (a fixture)
 
 
@@ -53,6 +55,7 @@ def lora_model(small_base_path: str, fused: tuple[str, ...] = (), dropout: float
     if "norm" in fused:
         assert use_fused_norm(model) == 2 * model.config.num_hidden_layers + 1
     use_packed_attention(model)
+    last_layer.attach(model)
     return model.train()
 
 
@@ -147,38 +150,3 @@ def test_only_norms_computed_as_llamas_are_changed():
     for name, module in modules.items():
         norm = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
         assert inspect.getsource(norm.forward) == inspect.getsource(LlamaRMSNorm.forward), name
-
-
-@pytest.mark.parametrize("x_needs_grad", [True, False])
-def test_lora_a_with_a_dropout_mask_is_autograds_masked_linear(x_needs_grad):
-    torch.manual_seed(0)
-    layer = LoRALinear(nn.Linear(16, 12, bias=False).requires_grad_(False), r=4, alpha=8, dropout=0.3).train()
-    nn.init.normal_(layer.lora_B.weight)
-    x = torch.randn(2, 5, 16, requires_grad=x_needs_grad)
-    torch.manual_seed(1)
-    out = layer(x)
-    out.square().sum().backward()
-    got = [layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()] + ([x.grad.clone()] if x_needs_grad else [])
-
-    from trainer.model.lora import dropout_keep_mask
-    torch.manual_seed(1)
-    keep, keep_probability = dropout_keep_mask(x, 0.3)
-    a, b = (layer.lora_A.weight.detach().clone().requires_grad_(), layer.lora_B.weight.detach().clone().requires_grad_())
-    x2 = x.detach().clone().requires_grad_(x_needs_grad)
-    expected = layer.base_layer(x2) + (layer.scaling / keep_probability) * ((x2 * keep) @ a.t() @ b.t())
-    torch.testing.assert_close(out, expected)
-    expected.square().sum().backward()
-    for value, reference in zip(got, [a.grad, b.grad] + ([x2.grad] if x_needs_grad else [])):
-        torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)
-
-
-def test_q_k_v_adapters_keep_one_copy_of_their_shared_input():
-    torch.manual_seed(0)
-    x = torch.randn(64, 32, requires_grad=True)
-    layers = [LoRALinear(nn.Linear(32, 32, bias=False).requires_grad_(False), r=4, alpha=8, dropout=0.1).train()
-              for _ in range(3)]
-    _, saved = saved_bytes(lambda: [layer(x) for layer in layers])
-    # x once (fp32) and a bool mask per adapter, plus each layer's base weight, A, B and h = A(x):
-    # not a masked fp32 copy of x per adapter (that alone would be 3 x 8 KiB).
-    per_adapter = x.numel() + 32 * 32 * 4 + 2 * 4 * 32 * 4 + 64 * 4 * 4
-    assert saved == x.numel() * 4 + 3 * per_adapter

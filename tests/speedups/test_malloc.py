@@ -1,4 +1,5 @@
-"""The training process re-executes itself once with glibc malloc settings (trainer/malloc.py)."""
+"""The training process re-executes itself once with glibc malloc settings (trainer/speedups/malloc.py),
+on machines with no GPU visible, deciding so before torch is imported."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ PROBE = (
     "import json, os, sys\n"
     f"sys.path.insert(0, {str(ROOT)!r})\n"
     "print('started', flush=True)\n"
-    "from trainer import malloc\n"
+    "from trainer.speedups import malloc\n"
     "malloc.apply(__file__)\n"
     "initial = dict(item.split('=', 1) for item in open('/proc/self/environ').read().split('\\0') if '=' in item)\n"
     "print(json.dumps({'argv': sys.argv[1:], 'pid': os.getpid(), 'in_effect': initial.get('GLIBC_TUNABLES'),\n"
@@ -42,6 +43,46 @@ def test_only_a_process_started_to_run_the_script_is_re_executed():
     assert malloc.started_script(["python"]) is None
 
 
+def test_a_gpu_is_visible_through_its_device_files_unless_cuda_visible_devices_hides_it(tmp_path):
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    for name in ("nvidiactl", "nvidia-uvm", "null"):  # the driver's control files are there without a GPU too
+        (devices / name).touch()
+    assert not malloc.gpu_visible({}, str(devices))
+    (devices / "nvidia0").touch()
+    assert malloc.gpu_visible({}, str(devices))
+    assert malloc.gpu_visible({"CUDA_VISIBLE_DEVICES": "0"}, str(devices))
+    for hidden in ("", "-1", " -1,0"):
+        assert not malloc.gpu_visible({"CUDA_VISIBLE_DEVICES": hidden}, str(devices)), hidden
+    (devices / "nvidia0").unlink()
+    (devices / "kfd").touch()  # ROCm
+    assert malloc.gpu_visible({}, str(devices))
+    assert not malloc.gpu_visible({}, str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_apply_re_executes_only_where_no_gpu_is_visible(monkeypatch, gpu):
+    script = "launch/train.py"
+    executed = []
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(sys, "orig_argv", ["python", script, "recipe.yaml"])
+    monkeypatch.setattr(malloc, "gpu_visible", lambda environ: gpu)
+    monkeypatch.setattr(os, "execv", lambda *args: executed.append(args))
+    # A copy: what apply() sets must not reach the other tests, or their subprocesses.
+    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", malloc.MARKER, malloc.OPT_OUT)}
+    monkeypatch.setattr(os, "environ", environ)
+    malloc.apply(script)
+    assert len(executed) == (0 if gpu else 1)
+    assert ("GLIBC_TUNABLES" in os.environ) == (not gpu)
+
+
+def test_importing_it_imports_no_torch():
+    code = "import sys; import trainer.speedups.malloc; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def run(command: list[str], env: dict[str, str]) -> tuple[list[str], dict, int]:
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
     out, _ = process.communicate(timeout=60)
@@ -54,6 +95,7 @@ def test_apply_re_executes_the_same_command_once_then_restores_the_environment(t
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", malloc.MARKER, malloc.OPT_OUT)}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # as on a machine without a GPU
     lines, result, pid = run([sys.executable, "-u", str(script), "a", "b=c"], env)
     assert lines.count("started") == 2  # the second run is the re-executed one
     # The process started with the tunables (glibc parses the string in place: the first one shows)...

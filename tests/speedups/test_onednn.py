@@ -1,4 +1,4 @@
-"""The frozen layers' products through oneDNN (trainer/onednn.py) give torch's numbers up to float
+"""The frozen layers' products through oneDNN (trainer/speedups/onednn.py) give torch's numbers up to float
 rounding, with the same gradients, and step aside wherever they do not apply."""
 from __future__ import annotations
 

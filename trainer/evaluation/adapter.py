@@ -18,13 +18,13 @@ import yaml
 from torch import nn
 
 from trainer import builtin
+from trainer import speedups
 from trainer.runtime import distributed
 from trainer.checkpoint.saving import CheckpointError
 from trainer.config import Recipe
 from trainer.model.lora import adapter_parameters, apply_lora
 from trainer.checkpoint.resume import load_into_model
 from trainer.model.base import ModelLoadError, load_base, load_tokenizer, resolve_base
-from trainer.speedups.onednn import use_onednn_linear
 
 # Fields a re-save changes without changing the model.
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash")
@@ -211,6 +211,5 @@ def load_adapted_model(recipe: Recipe, adapter_dir: Path | None,
         # loss is the one training logged. (Export merges the fp32 weights instead.)
         for parameter in adapter_parameters(model).values():
             parameter.data = parameter.data.to(dtype)
-    if recipe.train.onednn_matmul and device.type == "cpu":
-        use_onednn_linear(model)
+    speedups.apply(model, recipe, device, training=False)
     return model.eval(), tokenizer, dtype

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,48 +22,11 @@ from trainer.model.lora_embedding import LoRAEmbedding
 ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector")
 # LoRA+: the parameters that learn `plus_ratio` times faster (B of linear and embedding adapters).
 PLUS_MARKERS = (".lora_B.", ".lora_embedding_B")
-# Dropout masks take one random byte per element, and 16 more bits only for the 1 in 256 elements
-# whose byte falls on the drop probability's boundary: the probability is rounded to 1/2^24.
-MASK_BITS = 24
-
-
-class _MaskedLinear(torch.autograd.Function):
-    """(x * keep) @ W^T for a boolean keep mask. Saves x and the mask, not the masked copy of x: q, k
-    and v read the same x, so it is held once (when base and adapters share a dtype; otherwise each
-    adapter converts x, and keeps its own copy). The mask is widened to x's dtype through uint8 before
-    multiplying: multiplying by a bool tensor, or `where` on it, takes a type-promoting path several
-    times slower on CPU."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, keep, weight)
-        return F.linear(x * _widened(keep, x.dtype), weight)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
-        x, keep, weight = ctx.saved_tensors
-        mask = _widened(keep, x.dtype)
-        grad_x = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight).mul_(mask)
-        if ctx.needs_input_grad[2]:
-            kept = x * mask
-            grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ kept.reshape(-1, kept.shape[-1])
-        return grad_x, None, grad_weight
-
-
-def _widened(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return keep.view(torch.uint8).to(dtype)
 
 
 class _LoRADown(nn.Linear):
-    """lora_A, with dropout given as a boolean keep mask (see `_MaskedLinear`). A module of its own,
-    so ZeRO-3 gathers A when it runs."""
-
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        if keep is None:
-            return F.linear(x, self.weight)
-        return _MaskedLinear.apply(x, keep, self.weight)
+    """lora_A: x @ A^T. A module of its own, so ZeRO-3 gathers A when it runs; a class of its own, so
+    the speed-ups for frozen base layers (trainer/speedups/onednn.py) tell it from one."""
 
 
 class _LoRAUp(nn.Linear):
@@ -90,7 +52,9 @@ class LoRALinear(nn.Module):
         self.r = r
         self.alpha = alpha
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        self.dropout = dropout
+        # On the adapter's input only: the base layer sees x as it is. For training,
+        # trainer/speedups/dropout_masks.py swaps in one that draws cheaper masks.
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Adapters are created in fp32. Under DeepSpeed with bf16 on, the engine casts them to bf16 for
         # compute and keeps an fp32 master copy in the optimizer; outside it they compute in fp32.
         self.lora_A = _LoRADown(self.in_features, r, bias=False, device=_device_of(base_layer), dtype=torch.float32)
@@ -114,16 +78,14 @@ class LoRALinear(nn.Module):
         result = self.base_layer(x)
         if self.merged:
             return result
-        adapter_dtype, scaling = self.lora_A.weight.dtype, self.scaling
-        x, keep = x.to(adapter_dtype), None
-        if self.training and self.dropout > 0:
-            # Inverted dropout, its 1 / keep-probability folded into the scaling.
-            keep, keep_probability = dropout_keep_mask(x, self.dropout)
-            scaling = scaling / keep_probability
-        h = self.lora_A(x, keep)
+        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
+        return self.add_update(result, h, self.scaling)
+
+    def add_update(self, result: torch.Tensor, h: torch.Tensor, scaling: float) -> torch.Tensor:
+        """The base layer's output plus the adapter's update, scaling * B h (h = A dropout(x))."""
         if self.lora_magnitude_vector is not None:
             return self._dora(result, h, scaling)
-        if result.dtype == adapter_dtype:
+        if result.dtype == self.lora_A.weight.dtype:
             return self.lora_B(h, base=result, alpha=scaling)
         return result + (self.lora_B(h) * scaling).to(result.dtype)  # e.g. a bf16 base, fp32 adapters (no DeepSpeed)
 
@@ -180,46 +142,8 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def extra_repr(self) -> str:
-        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
+        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, "
                 f"dora={self.lora_magnitude_vector is not None}, merged={self.merged}")
-
-
-def dropout_keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
-    """A boolean mask shaped like x, True with probability 1 - p (p rounded to 1/2^24), from
-    torch's generator; and that keep probability.
-
-    With p * 2^24 = boundary * 2^16 + rest, an element is dropped when its random byte is below
-    `boundary`, or equal to it and 16 further random bits are below `rest`. On CPU the comparisons
-    run in numpy, which does them about ten times faster than torch does on one thread."""
-    dropped = round(p * 2**MASK_BITS)  # p <= 0.99 (the recipe's limit): boundary stays below 256
-    boundary, rest = divmod(dropped, 2**16)
-    levels = _random(x.numel(), torch.uint8, x.device)
-    keep = (_keep_in_numpy if x.device.type == "cpu" else _keep_in_torch)(levels, boundary, rest)
-    return keep.view(x.shape), 1 - dropped / 2**MASK_BITS
-
-
-def _keep_in_numpy(levels: torch.Tensor, boundary: int, rest: int) -> torch.Tensor:
-    byte = levels.numpy()
-    keep = byte >= boundary
-    ties = np.flatnonzero(byte == boundary) if rest else ()
-    if len(ties):  # the 16 further bits come as int16: at or above rest - 2^15 is at or above `rest`
-        keep[ties] = _random(len(ties), torch.int16, levels.device).numpy() >= rest - 2**15
-    return torch.from_numpy(keep)
-
-
-def _keep_in_torch(levels: torch.Tensor, boundary: int, rest: int) -> torch.Tensor:
-    keep = levels >= boundary
-    if rest:
-        keep &= (levels != boundary) | (_random(levels.numel(), torch.int16, levels.device) >= rest - 2**15)
-    return keep
-
-
-def _random(count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`count` uniform integers of `dtype` (uint8 or int16) from torch's generator, several per
-    64-bit draw."""
-    per_word = 8 // dtype.itemsize
-    words = torch.empty((count + per_word - 1) // per_word, dtype=torch.int64, device=device)
-    return words.random_(-2**63, 2**63 - 1).view(dtype)[:count]
 
 
 def _device_of(layer: nn.Module) -> torch.device:

@@ -1,1 +1,53 @@
-"""speedups"""
+"""Speed-ups, switched on in one place: `apply(model, recipe, device)`. Importing them changes nothing.
+
+    fused.py             SwiGLU MLP and RMSNorm that keep less for the backward (train.fused_mlp, fused_norm)
+    onednn.py            the frozen layers' fp32 CPU products through oneDNN, its caches capped (train.onednn_matmul)
+    packed_attention.py  attention per packed example, not through a mask (data.packing, SDPA models)
+    dropout_masks.py     LoRA dropout from random bytes; q, k and v keep their input once (lora.dropout > 0)
+    last_layer.py        the last layer's output projection and MLP at trained positions only (always)
+    malloc.py            glibc malloc settings: before torch is imported, so launch/train.py applies them
+
+None changes what is computed beyond float rounding; the dropout masks draw from the same
+distribution as `nn.Dropout`, other random numbers.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from trainer.config import Recipe
+
+
+def apply(model: nn.Module, recipe: Recipe, device: torch.device, *, training: bool = True) -> list[str]:
+    """Switch on, in `model` (LoRA already applied) and this process, the speed-ups `recipe` asks
+    for. Returns what was switched on, for the log. Call before `CausalLMLoss(model)` runs and before
+    `trainer.data.packing.training_collate`, which picks the batch layout for the attention set here.
+
+    `training=False` (evaluation, decoding): only the oneDNN products and the last-layer hooks. The
+    fused ops save memory for a backward, packed attention serves packed batches, and dropout is off."""
+    # Imported here, not on top: launch/train.py imports trainer.speedups.malloc before torch.
+    from trainer.speedups import dropout_masks, fused, last_layer, onednn, packed_attention
+
+    switched = []
+    cpu = device.type == "cpu"
+    # First, before any oneDNN product in this process: its caches read their capacity then. On CPU
+    # whatever train.onednn_matmul says: torch runs some of its own CPU products (16-bit) through oneDNN.
+    if cpu and onednn.cap_caches():
+        switched.append(f"oneDNN caches capped at {onednn.CACHE_CAPACITY} entries")
+    if training and recipe.train.fused_mlp and (count := fused.use_fused_mlp(model)):
+        switched.append(f"fused SwiGLU MLP ({count} layers)")
+    if training and recipe.train.fused_norm and (count := fused.use_fused_norm(model)):
+        switched.append(f"fused RMSNorm ({count} norms)")
+    if cpu and recipe.train.onednn_matmul and (count := onednn.use_onednn_linear(model)):
+        switched.append(f"oneDNN products ({count} frozen linear layers)")
+    if training and recipe.data.packing and model.config._attn_implementation == "sdpa":
+        packed_attention.use_packed_attention(model)
+        switched.append("attention per packed example")
+    if training and (count := dropout_masks.use_dropout_masks(model)):
+        switched.append(f"byte-drawn dropout masks ({count} adapters)")
+    if last_layer.attach(model):
+        switched.append("last layer at trained positions only")
+    return switched

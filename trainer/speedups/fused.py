@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 # MLPs whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)). Matching by class, not by
 # attribute names: other MLPs with the same parts also scale or clamp (Falcon-H1, DeepSeek-V4, ...).
 PLAIN_SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP", "GraniteMLP")
-# Norms whose forward is exactly LlamaRMSNorm's (tests/test_fused.py compares the source). Not Gemma's
+# Norms whose forward is exactly LlamaRMSNorm's (tests/speedups/test_fused.py compares the source). Not Gemma's
 # (1 + weight), Olmo2's (the weight applied before the cast) or Cohere's (a mean-centred LayerNorm).
 PLAIN_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm", "Qwen2MoeRMSNorm",
                   "Qwen3RMSNorm", "GraniteRMSNorm", "Phi3RMSNorm")

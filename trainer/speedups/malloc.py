@@ -8,6 +8,11 @@ peak RSS about 10% lower with the cache off, at the same step time. Heap memory 
 reuse (not returned to the kernel and faulted back in every step): the mmap threshold is fixed at
 glibc's own dynamic maximum, and the top of the heap is trimmed only above 1 GiB.
 
+Only on machines with no GPU visible: with a GPU the activations live in its memory, not in the
+host's heap, and the re-execution would buy nothing. That is decided from device files and
+CUDA_VISIBLE_DEVICES, before torch is imported (which takes seconds: the re-executed process would
+pay for it again).
+
 Tunables are read when a process starts, so `apply(__file__)` re-executes the same command line with
 GLIBC_TUNABLES set (same process id, so launchers keep tracking it). It does so only when the process
 was started to run that script (`python [-u ...] launch/train.py ...`, as `deepspeed`, torchrun or
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import sys
 
 TUNABLES = ("glibc.malloc.tcache_count=0:glibc.malloc.mmap_threshold=33554432"
@@ -30,6 +36,8 @@ OPT_OUT_VALUES = ("default", "off", "0", "false", "none")
 MARKER = "QLORA_TRAINER_MALLOC_SET"
 # Python options that take the next argument as their value.
 _OPTIONS_WITH_VALUE = ("-X", "-W", "--check-hash-based-pycs")
+# NVIDIA's per-GPU device files (/dev/nvidia0, ...), and AMD's compute device (ROCm).
+_GPU_DEVICE_FILE = re.compile(r"nvidia\d+|kfd")
 
 
 def tunables_for(environ: dict[str, str]) -> str | None:
@@ -40,6 +48,18 @@ def tunables_for(environ: dict[str, str]) -> str | None:
     if "glibc.malloc." in current:
         return None
     return f"{current}:{TUNABLES}" if current else TUNABLES
+
+
+def gpu_visible(environ: dict[str, str], devices: str = "/dev") -> bool:
+    """Whether this process would see a GPU: a GPU device file in `devices`, unless
+    CUDA_VISIBLE_DEVICES hides them all (empty, or a first entry of -1)."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.split(",")[0].strip() in ("", "-1"):
+        return False
+    try:
+        return any(_GPU_DEVICE_FILE.fullmatch(name) for name in os.listdir(devices))
+    except OSError:
+        return False
 
 
 def started_script(orig_argv: list[str]) -> str | None:
@@ -56,7 +76,8 @@ def started_script(orig_argv: list[str]) -> str | None:
 
 
 def apply(script: str) -> None:
-    """Call first thing in a launch script, before torch is imported, with the script's __file__."""
+    """Call first thing in a launch script, before torch is imported, with the script's __file__:
+    re-executes the process with the tunables on a machine with no GPU visible."""
     if MARKER in os.environ:  # the re-executed process: the tunables are in effect now
         original = os.environ.pop(MARKER)
         if original:
@@ -70,7 +91,7 @@ def apply(script: str) -> None:
     if started is None or os.path.realpath(started) != os.path.realpath(script):
         return
     value = tunables_for(os.environ)
-    if value is None:
+    if value is None or gpu_visible(os.environ):
         return
     os.environ[MARKER] = os.environ.get("GLIBC_TUNABLES", "")
     os.environ["GLIBC_TUNABLES"] = value

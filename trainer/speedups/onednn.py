@@ -32,16 +32,22 @@ from trainer.model.lora import dequantised_weight
 # shape, ~0.3 MB apiece, and their default capacity is 1024. Packed micro-batches give every step
 # new row counts, so with the defaults a run grew by ~13 MB per step (300 MB in the bench's 23
 # steps). One micro-step uses ~14 shapes (7 products forward, 7 backward), reused across its
-# layers: 16 entries keep that reuse and hold the memory flat. Both are read at oneDNN's first use
-# in the process, hence set on import (a value already in the environment wins).
+# layers: 16 entries keep that reuse and hold the memory flat. Both are read from the environment at
+# oneDNN's first use in the process: `cap_caches()` must come before it.
 CACHE_CAPACITY = 16
 CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
-SET_ON_IMPORT = tuple(name for name in CACHE_VARIABLES if name not in os.environ)  # the ones this module set
-for _name in SET_ON_IMPORT:
-    os.environ[_name] = str(CACHE_CAPACITY)
 # Below this many rows, dequantising and calling oneDNN costs more than bitsandbytes' own fused 4-bit
 # op (48 rows without gradients: 166 against 103 us): decoding stays on the layers' own paths.
 MIN_ROWS = 64
+
+
+def cap_caches() -> list[str]:
+    """Set `CACHE_VARIABLES` to `CACHE_CAPACITY` in this process's environment, where not set already
+    (a value already there wins). Returns the names it set."""
+    missing = [name for name in CACHE_VARIABLES if name not in os.environ]
+    for name in missing:
+        os.environ[name] = str(CACHE_CAPACITY)
+    return missing
 
 
 def available() -> bool:

@@ -1,0 +1,77 @@
+"""Attention per packed example (`packed_sdpa`), for an SDPA model trained on packed rows:
+`use_packed_attention(model)`.
+
+With it, `CausalLMLoss` joins the packed rows end to end without their padding
+(`trainer.data.packing.unpad`), and attention runs per example: the examples' lengths come from the
+collate's `segment_lengths`, read on the host (a caller without them: found where `position_ids`
+restart, which makes the device wait on the host in every layer). Attention then costs the sum of
+the examples' squared lengths under a causal kernel, instead of rows x L^2 through the packed rows'
+block-diagonal mask (SDPA on CPU computes every masked-out block). With a mask (padded batches), or
+with a KV cache (decoding), it is transformers' SDPA unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PACKED_ATTENTION = "packed_sdpa"
+
+
+def use_packed_attention(model: torch.nn.Module) -> None:
+    """Switch an SDPA model to `packed_sdpa`: with no padding mask, attention runs per example, the
+    examples found where `position_ids` restart (transformers' packed format, as its FlashAttention
+    path reads it); with a mask, or with a KV cache, it is transformers' SDPA unchanged."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    if model.config._attn_implementation not in ("sdpa", PACKED_ATTENTION):
+        raise ValueError(f"packed attention replaces sdpa; this model uses {model.config._attn_implementation!r} "
+                         f"(set model.attn_implementation=sdpa, or leave packed attention off)")
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, _packed_sdpa_mask)
+    model.set_attn_implementation(PACKED_ATTENTION)
+
+
+def _packed_sdpa_mask(attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and kwargs["q_length"] == kwargs["kv_length"]:
+        return None  # causal within each example: packed_sdpa_attention reads them from position_ids
+    return sdpa_mask(attention_mask=attention_mask, **kwargs)
+
+
+def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """query [B, heads, L, head_dim], key/value [B, kv_heads, L, head_dim] -> [B, L, heads, head_dim]."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    length = query.shape[2]
+    if attention_mask is not None or position_ids is None or key.shape[2] != length:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    key, value = (repeat_kv(t, getattr(module, "num_key_value_groups", 1)) for t in (key, value))
+    packed_lengths = kwargs.get("packed_lengths")
+    if packed_lengths is not None and query.shape[0] == 1:  # from CausalLMLoss: known on the host
+        per_row = [packed_lengths]
+    else:  # an example starts wherever the position does not follow the previous one (a device sync)
+        position_ids = position_ids.expand(query.shape[0], -1)
+        starts = torch.ones_like(position_ids, dtype=torch.bool)
+        starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+        per_row = []
+        for row_starts in starts:
+            bounds = row_starts.nonzero().flatten().tolist() + [length]
+            per_row.append([end - start for start, end in zip(bounds, bounds[1:])])
+    rows = []
+    for row, lengths in enumerate(per_row):
+        # One row (always, after `unpad`): the tensors themselves, since a slice's backward would
+        # zero-fill and copy each of q, k and v. Split, not slicing, per example: its backward is one
+        # concatenation, not a zero-filled copy per example.
+        row_tensors = (query, key, value) if len(per_row) == 1 else (t[row:row + 1] for t in (query, key, value))
+        pieces = zip(*(t.split(lengths, dim=2) for t in row_tensors))
+        # Each output goes to [1, length, heads, head_dim] as a view; one concatenation then writes
+        # the row in the layout the output projection reads (no second, transposing copy).
+        rows.append(torch.cat([F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                                              scale=scaling).transpose(1, 2)
+                               for q, k, v in pieces], dim=1))
+    return torch.cat(rows) if len(rows) > 1 else rows[0], None
