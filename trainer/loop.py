@@ -20,10 +20,10 @@ from trainer.checkpoint.saving import TrainState
 from trainer.checkpoint.snapshot import UpdateSnapshot
 from trainer.config import Recipe, TrainConfig, deepspeed_config
 from trainer.data.batching import BatchPlan
-from trainer.data.encoding import Example
 from trainer.data.packing import training_collate
 from trainer.data.pipeline import build_datasets, held_out_rows
 from trainer.data.stats import DataStats
+from trainer.data.store import Examples
 from trainer.data.tasks import resolve_dataset
 from trainer.evaluation.adapter import base_fingerprint
 from trainer.evaluation.generate import sample_generations
@@ -57,17 +57,19 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class TrainingData:
-    """The examples a run trains and evaluates on, and the order it sees them in."""
-    train_set: list[Example]
-    eval_set: list[Example]
+    """The examples a run trains and evaluates on, and the order it sees them in. The examples are
+    index arrays into memory-mapped stores (trainer/data/store.py): an `Example` is read when a
+    batch needs it, and the ranks of a node share the pages."""
+    train_set: Examples
+    eval_set: Examples
     stats: DataStats  # str() is the table printed before training
     sample_rows: list[dict]  # held-out rows answered in the training log (train.sample_count)
-    token_counts: list[int]  # trained (label != -100) tokens of each training example
+    token_counts: np.ndarray  # trained (label != -100) tokens of each training example
     plan: BatchPlan
 
     def trained_tokens(self, step: int) -> int:
         """Response tokens the loss is taken on in optimizer step `step` (0-based), over all ranks."""
-        return sum(self.token_counts[i] for i in self.plan.indices(step))
+        return int(self.token_counts[self.plan.indices(step)].sum())
 
 
 @dataclass
@@ -228,7 +230,7 @@ def prepare_data(recipe: Recipe, tokenizer) -> TrainingData:
         train_set, eval_set, stats = build_datasets(recipe.data, tokenizer, recipe.train.seed)
         # The rows behind the first held-out examples, for the sample generations in the log.
         sample_rows = held_out_rows(recipe.data, eval_set[:recipe.train.sample_count])
-    token_counts = [sum(label != -100 for label in e.labels[1:]) for e in train_set]
+    token_counts = train_set.trained_tokens()
     plan = BatchPlan(len(train_set), recipe.train.global_batch_size, recipe.train.seed)
     return TrainingData(train_set, eval_set, stats, sample_rows, token_counts, plan)
 

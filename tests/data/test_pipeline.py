@@ -120,7 +120,7 @@ def test_real_datasets_give_their_row_counts_and_clean_masks(llama2):
         assert summary["train"] + summary["leaked"] + summary["eval"] == summary["examples"]
         assert 0.05 < summary["trained_fraction"] < 0.9 and summary["max_tokens"] <= 1024
     assert len(train) + stats["leaked"] + len(held_out) == sum(s["examples"] for s in stats["datasets"]) > 5_000
-    check_labels(train + held_out, llama2, describe=str)  # BOS once, trained EOS last, a trained token each
+    check_labels([*train, *held_out], llama2, describe=str)  # BOS once, trained EOS last, a trained token each
     assert all(e.labels[1] == IGNORE_INDEX for e in train), "the prompt is never trained"
 
 
@@ -328,11 +328,10 @@ def test_the_second_load_hits_the_cache(tokenizer, monkeypatch, tmp_path):
     def must_not_tokenize(*args, **kwargs):
         raise AssertionError("tokenised again despite a cached copy")
 
-    monkeypatch.setattr(pipeline, "tokenize_rows", must_not_tokenize)
-    monkeypatch.setattr(pipeline, "read_source", must_not_tokenize)
+    monkeypatch.setattr(pipeline, "build_store", must_not_tokenize)
     cached_train, cached_held_out, cached_stats = build_datasets(recipe_data, tokenizer, seed=42)
     assert cached_stats["cache"] == "hit" and "cache hit" in str(cached_stats)
-    assert cached_train == train and cached_held_out == held_out
+    assert list(cached_train) == list(train) and list(cached_held_out) == list(held_out)
     assert {k: v for k, v in cached_stats.items() if k != "cache" and k != "datasets"} == \
         {k: v for k, v in stats.items() if k != "cache" and k != "datasets"}
     assert not list((Path(os.environ["QLORA_TRAINER_CACHE"]) / "tokenized").glob(".*.tmp"))

@@ -1,5 +1,9 @@
-"""Batches: an example list -> padded tensors (`collate`), and the order examples are seen in (`BatchPlan`)."""
+"""Batches: examples -> padded tensors (`collate`), and the order examples are seen in (`BatchPlan`):
+step s's examples are positions in the train set, which `Examples` (trainer/data/store.py) reads
+from the memory-mapped store when the batch is made."""
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -13,7 +17,7 @@ def token_tensor(ids) -> torch.Tensor:
     return torch.frombuffer(ids, dtype=torch.int32) if len(ids) else torch.zeros(0, dtype=torch.int32)
 
 
-def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
     length = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
@@ -42,20 +46,21 @@ class BatchPlan:
         self.n_examples = n_examples
         self.global_batch = global_batch
         self.seed = seed
-        self._permutations: dict[int, list[int]] = {}
+        # Kept as arrays: a list of a million Python ints is ~36 MB, the int64 array 8 MB.
+        self._permutations: dict[int, np.ndarray] = {}
 
-    def _permutation(self, epoch: int) -> list[int]:
+    def _permutation(self, epoch: int) -> np.ndarray:
         if epoch not in self._permutations:
             rng = np.random.default_rng([self.seed, epoch])
             if len(self._permutations) > 2:  # a step spans at most two epochs
                 self._permutations.clear()
-            self._permutations[epoch] = rng.permutation(self.n_examples).tolist()
+            self._permutations[epoch] = rng.permutation(self.n_examples)
         return self._permutations[epoch]
 
     def indices(self, step: int) -> list[int]:
         start = step * self.global_batch
         positions = range(start, start + self.global_batch)
-        return [self._permutation(p // self.n_examples)[p % self.n_examples] for p in positions]
+        return [int(self._permutation(p // self.n_examples)[p % self.n_examples]) for p in positions]
 
     def epoch(self, step: int) -> float:
         return step * self.global_batch / self.n_examples

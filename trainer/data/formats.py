@@ -5,12 +5,16 @@ chat `messages` (`role`/`content`). Sources: .json/.jsonl read here, so a bad li
 .csv/.parquet files, saved `datasets` folders and hub ids through `datasets`. `columns` renames a
 source's columns to ours. A bad row is a DataError naming the file, the row and the problem, or,
 with on_bad_row=skip, left out and counted by reason.
+
+Records are read as they are needed (`Located.read`), so a large dataset can be validated and
+tokenised a chunk at a time (`settle_format` on the first chunk, `validate_records` on each);
+`read_source` reads and validates a whole dataset at once, for the small ones.
 """
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,11 +51,21 @@ class Located:
     """A dataset found but not yet read: `identity` changes whenever its content may have."""
     name: str
     identity: str
-    read: Callable[[int | None], list[tuple[str, Any]]]  # max_rows -> [(where, record or _Malformed)]
+    # max_rows -> (where, record) in file order, read as they are needed (a .jsonl file line by
+    # line, its lines parsed when validated); a record that cannot be parsed is a _Malformed.
+    read: Callable[[int | None], Iterator[tuple[str, Any]]]
+    # max_rows -> how many records `read` gives (a .jsonl file: lines counted, none parsed).
+    count: Callable[[int | None], int]
+    # record positions -> those records as `read` gives them, in the order asked.
+    pick: Callable[[list[int]], list[tuple[str, Any]]]
 
 
 class _Malformed(str):
     """A record that could not be parsed; the string says why."""
+
+
+class _Line(str):
+    """A .jsonl line not parsed yet: parsing waits for validation, which may run in a worker."""
 
 
 # ------------------------------------------------------------------------------ finding and reading
@@ -65,36 +79,53 @@ def locate(path: str, split: str = "train") -> Located:
             stat = local.stat()
         except OSError as error:
             raise DataError(f"{local}: cannot read the data file ({error.strerror})") from None
-        return Located(str(local), f"{local.resolve()}:{stat.st_size}:{stat.st_mtime_ns}",
-                       lambda max_rows: _read_json(local)[:max_rows])
+        read = (lambda max_rows: _json_lines(local, max_rows)) if local.suffix == ".jsonl" else \
+            (lambda max_rows: iter(_json_array(local)[:max_rows]))
+        return Located(str(local), f"{local.resolve()}:{stat.st_size}:{stat.st_mtime_ns}", read,
+                       lambda max_rows: sum(1 for _ in read(max_rows)),
+                       lambda positions: _picked(read(None), positions))
     dataset = _load_with_datasets(resolved, split)
     name = resolved if local.exists() else f"{resolved} (split {split})"
 
-    def read(max_rows: int | None) -> list[tuple[str, Any]]:
+    def read(max_rows: int | None) -> Iterator[tuple[str, Any]]:
         chosen = dataset if max_rows is None else dataset.select(range(min(max_rows, len(dataset))))
-        return [(f"row {number}", record) for number, record in enumerate(chosen, start=1)]
+        number = 0
+        for batch in chosen.iter(batch_size=1024):
+            for values in zip(*batch.values()):
+                number += 1
+                yield f"row {number}", dict(zip(batch, values))
+
+    def pick(positions: list[int]) -> list[tuple[str, Any]]:
+        return [(f"row {position + 1}", record)
+                for position, record in zip(positions, dataset.select(positions))] if positions else []
 
     # A dataset's fingerprint changes with its files (local) or revision (hub).
-    return Located(name, f"datasets:{resolved}:{split}:{dataset._fingerprint}", read)
+    return Located(name, f"datasets:{resolved}:{split}:{dataset._fingerprint}", read,
+                   lambda max_rows: len(dataset) if max_rows is None else min(max_rows, len(dataset)), pick)
 
 
-def _read_json(path: Path) -> list[tuple[str, Any]]:
+def _json_lines(path: Path, max_rows: int | None) -> Iterator[tuple[str, Any]]:
+    """A .jsonl file's records, one line at a time (blank lines are not records)."""
+    number = 0
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                number += 1
+                if max_rows is not None and number > max_rows:
+                    return
+                yield f"row {number}" + (f" (line {line_number})" if line_number != number else ""), _Line(line)
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: cannot read the data file ({getattr(error, 'strerror', None) or error})") from None
+
+
+def _json_array(path: Path) -> list[tuple[str, Any]]:
+    """A .json file's rows: the list is parsed whole (JSON has no way to read part of one)."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: cannot read the data file ({getattr(error, 'strerror', None) or error})") from None
-    if path.suffix == ".jsonl":
-        records, number = [], 0
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            number += 1
-            where = f"row {number}" + (f" (line {line_number})" if line_number != number else "")
-            try:
-                records.append((where, json.loads(line)))
-            except json.JSONDecodeError as error:
-                records.append((where, _Malformed(f"not valid JSON ({error.msg} at column {error.colno})")))
-        return records
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as error:
@@ -104,6 +135,27 @@ def _read_json(path: Path) -> list[tuple[str, Any]]:
         keys = f" with keys {sorted(rows)[:10]}" if isinstance(rows, dict) else ""
         raise DataError(f"{path}: expected a JSON list of rows, got a {type(rows).__name__}{keys}")
     return [(f"row {number}", row) for number, row in enumerate(rows, start=1)]
+
+
+def _picked(records: Iterator[tuple[str, Any]], positions: list[int]) -> list[tuple[str, Any]]:
+    wanted = set(positions)
+    found = {}
+    for position, record in enumerate(records):
+        if position in wanted:
+            found[position] = record
+            if len(found) == len(wanted):
+                break
+    return [found[position] for position in positions if position in found]
+
+
+def parsed(record: Any) -> Any:
+    """A record as validation reads it: a .jsonl line parsed, anything else as it is."""
+    if not isinstance(record, _Line):
+        return record
+    try:
+        return json.loads(record)
+    except json.JSONDecodeError as error:
+        return _Malformed(f"not valid JSON ({error.msg} at column {error.colno})")
 
 
 def _load_with_datasets(name: str, split: str):
@@ -134,30 +186,47 @@ def _load_with_datasets(name: str, split: str):
 
 def read_source(located: Located, format: str = "auto", columns: dict[str, str] | None = None,
                 max_rows: int | None = None, on_bad_row: str = "error") -> SourceRows:
-    """Every record validated; bad ones raise or are counted, per on_bad_row."""
-    records = located.read(max_rows)
+    """Every record validated, all at once (for a dataset that fits in memory: a file of
+    questions, the held-out rows); bad ones raise or are counted, per on_bad_row."""
+    records = [(where, parsed(record)) for where, record in located.read(max_rows)]
+    format = settle_format(located.name, records, format, columns)
+    rows, bad = validate_records(located.name, records, 0, format, columns, on_bad_row)
+    return SourceRows(located.name, format, len(records), rows, bad)
+
+
+def settle_format(name: str, records: list[tuple[str, Any]], format: str, columns: dict[str, str] | None) -> str:
+    """The format (told from the records' columns under `auto`), once `columns` is checked against
+    the columns the records have. A large dataset is judged by its first chunk of records."""
     columns = columns or {}
-    present = sorted({key for _, record in records if isinstance(record, dict) for key in record})
+    present = sorted({key for _, raw in records if isinstance(record := parsed(raw), dict) for key in record})
     missing = [column for column in columns if column not in present]
     if missing or any(target not in FIELDS for target in columns.values()):
-        raise DataError(f"{located.name}: data.columns {columns} does not fit: "
+        raise DataError(f"{name}: data.columns {columns} does not fit: "
                         + (f"no column {missing}; " if missing else "")
                         + f"the file has columns {present}, and our fields are {list(FIELDS)}")
     renamed = [columns.get(column, column) for column in present]
-    format = _detect_format(located.name, renamed) if format == "auto" else format
-    source = SourceRows(located.name, format, len(records))
-    for record_index, (where, record) in enumerate(records):
+    return _detect_format(name, renamed) if format == "auto" else format
+
+
+def validate_records(name: str, records: list[tuple[str, Any]], first: int, format: str,
+                     columns: dict[str, str] | None, on_bad_row: str) -> tuple[list[Row], Counter]:
+    """Rows of consecutive records, the first at position `first`, and the bad ones counted by
+    reason (on_bad_row=skip) or raised as a DataError naming `name` and the row."""
+    columns = columns or {}
+    rows, bad = [], Counter()
+    for record_index, (where, record) in enumerate(records, start=first):
+        record = parsed(record)
         if isinstance(record, dict) and columns:
             record = {columns.get(key, key): value for key, value in record.items()}
         for row_where, fields, problem in _validate(format, where, record):
             if problem is None:
-                source.rows.append(Row(record_index, row_where, fields))
+                rows.append(Row(record_index, row_where, fields))
             elif on_bad_row == "skip":
-                source.bad[problem[0]] += 1
+                bad[problem[0]] += 1
             else:
-                raise DataError(f"{located.name}: {row_where}: {problem[1]} "
+                raise DataError(f"{name}: {row_where}: {problem[1]} "
                                 f"(data.on_bad_row: skip leaves such rows out and counts them)")
-    return source
+    return rows, bad
 
 
 def _detect_format(name: str, columns: list[str]) -> str:

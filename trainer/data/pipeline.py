@@ -4,12 +4,16 @@ examples to the rows they came from (`held_out_rows`).
 
     formats.py   reading files and hub datasets, formats, column mapping, bad rows
     encoding.py  prompt and chat templates, BOS/EOS, the length policy
-    cache.py     tokenised datasets on disk, keyed by everything they depend on
+    building.py  a dataset read and tokenised a chunk at a time, on all cores, into its store
+    store.py     tokenised examples on disk, memory-mapped; train and held-out sets as index arrays
+    cache.py     where stores live, keyed by everything they depend on
     stats.py     label checks and the per-dataset table
     leakage.py   held-out questions repeated in training
 
 Examples keep the row id they came from (rows of a mixture numbered one dataset after another),
-so a bad batch can be traced back to the rows in it.
+so a bad batch can be traced back to the rows in it. Every step below works on the stores'
+per-example arrays (row ids, question hashes, lengths), never on all examples as objects, so
+memory does not grow with the number of rows beyond 8 bytes an example.
 """
 from __future__ import annotations
 
@@ -21,10 +25,12 @@ import numpy as np
 
 from trainer.config import DataConfig, DataSource
 from trainer.data import cache
-from trainer.data.encoding import TEMPLATES, Example, chat_template, check_tokenizer, tokenize_rows
-from trainer.data.formats import locate, read_source
+from trainer.data.building import build_store
+from trainer.data.encoding import TEMPLATES, chat_template, check_tokenizer
+from trainer.data.formats import locate, read_source, validate_records
 from trainer.data.leakage import leakage_note
-from trainer.data.stats import DataStats, check_labels, dataset_summary
+from trainer.data.stats import DataStats, check_store, dataset_summary
+from trainer.data.store import Examples, Store
 
 
 def read_rows(path: str, split: str = "train", max_rows: int | None = None, *, format: str = "auto",
@@ -39,32 +45,42 @@ class LoadedSource:
     format: str
     records: int  # records read; example row ids are positions among them
     outcomes: dict[str, int]  # "truncated", "dropped: ...", "skipped: ..." -> rows
-    examples: list[Example]
+    store: Store
     cache: str  # hit | miss | off
 
+    @property
+    def examples(self) -> Examples:
+        return Examples.whole(self.store)
 
-def load_source(source: DataSource, config: DataConfig, tokenizer) -> LoadedSource:
-    """One dataset read, validated and tokenised, or taken from the cache."""
+
+def load_source(source: DataSource, config: DataConfig, tokenizer, workers: int | None = None) -> LoadedSource:
+    """One dataset read, validated and tokenised into its store, or the store from the cache.
+    `workers`: processes that tokenise (default: all cores)."""
     located = locate(source.path, source.split)
     settings = {"split": source.split, "format": source.format, "columns": source.columns,
                 "template": config.template, "max_seq_len": config.max_seq_len, "on_too_long": config.on_too_long,
                 "on_bad_row": config.on_bad_row, "train_on_prompt": config.train_on_prompt,
                 "max_rows": config.max_rows}
     key = cache.cache_key(located.identity, tokenizer, settings) if config.cache else None
-    cached = cache.load(key) if key else None
-    if cached is not None:
-        examples, info = cached
-        return LoadedSource(**info, examples=examples, cache="hit")
-    rows = read_source(located, source.format, source.columns, config.max_rows, config.on_bad_row)
-    examples, counts = tokenize_rows(tokenizer, rows.rows, rows.format, config, rows.name)
-    info = {"name": rows.name, "format": rows.format, "records": rows.records,
-            "outcomes": {**{f"skipped: {why}": n for why, n in rows.bad.items()}, **counts}}
+    store = cache.load(key) if key else None
+    if store is not None:
+        return _loaded(store, "hit")
     if key:
-        cache.save(key, examples, info)
-    return LoadedSource(**info, examples=examples, cache="miss" if key else "off")
+        try:
+            return _loaded(build_store(located, source, config, tokenizer, cache.path_for(key), workers), "miss")
+        except OSError as error:  # a cache that cannot be written costs time, not the run
+            print(f"warning: could not cache the tokenised data at {cache.path_for(key)}: {error}", flush=True)
+    store = build_store(located, source, config, tokenizer, cache.scratch_path(), workers)
+    cache.forget(store)
+    return _loaded(store, "off" if not key else "miss")
 
 
-def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[list[Example], list[Example], DataStats]:
+def _loaded(store: Store, outcome: str) -> LoadedSource:
+    info = store.info
+    return LoadedSource(info["name"], info["format"], info["records"], info["outcomes"], store, outcome)
+
+
+def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[Examples, Examples, DataStats]:
     """Train and held-out examples, and the stats printed before training (str() is a table).
 
     Each dataset is split into train and held-out rows by a seeded permutation of its rows (all
@@ -76,7 +92,7 @@ def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[list[Examp
     loaded = [load_source(source, config, tokenizer) for source in sources]
     separate_eval = load_source(eval_source(config), config, tokenizer) if config.eval_path else None
     splits, held_out = _split(loaded, separate_eval, config, tokenizer, seed)
-    train, summaries = _train_side(sources, loaded, splits, {e.question for e in held_out}, config.drop_leaked, seed)
+    train, summaries = _train_side(sources, loaded, splits, held_out.questions(), config.drop_leaked, seed)
     if separate_eval is not None:
         summaries.append(_summary(separate_eval, None, 0, len(held_out), 0))
     n_leaked = sum(summary["leaked"] for summary in summaries)
@@ -102,49 +118,49 @@ def eval_source(config: DataConfig) -> DataSource:
 
 
 def _split(loaded: list[LoadedSource], separate_eval: LoadedSource | None, config: DataConfig, tokenizer,
-           seed: int) -> tuple[list[tuple[list[Example], list[Example]]], list[Example]]:
+           seed: int) -> tuple[list[tuple[Examples, Examples]], Examples]:
     """Each dataset's (train, held-out) examples, numbered on across datasets, and all held-out ones
     (data.eval_path's when given, else every dataset's held-out part)."""
     splits, offset = [], 0
     for index, part in enumerate(loaded):
         examples = _numbered(part, offset, tokenizer, config.template)
         if separate_eval is not None:
-            splits.append((examples, []))
+            splits.append((examples, examples.take(np.zeros(0, np.int64))))
         else:
-            _, eval_records = split_rows(part.records, config.eval_fraction, [seed, index])
-            held = {record + offset for record in eval_records}
-            splits.append(([e for e in examples if e.row_id not in held], [e for e in examples if e.row_id in held]))
+            is_held_out = np.zeros(part.records, dtype=bool)
+            is_held_out[_held_out_records(part.records, config.eval_fraction, [seed, index])] = True
+            held = is_held_out[part.store.row_ids]  # the store's own row ids: positions in this dataset
+            splits.append((examples.take(~held), examples.take(held)))
         offset += part.records
     held_out = (_numbered(separate_eval, offset, tokenizer, config.template) if separate_eval is not None
-                else [e for _, part_eval in splits for e in part_eval])
+                else Examples.join([part_eval for _, part_eval in splits]))
     return splits, held_out
 
 
-def _train_side(sources: list[DataSource], loaded: list[LoadedSource],
-                splits: list[tuple[list[Example], list[Example]]], held_questions: set, drop_leaked: bool,
-                seed: int) -> tuple[list[Example], list[dict[str, Any]]]:
+def _train_side(sources: list[DataSource], loaded: list[LoadedSource], splits: list[tuple[Examples, Examples]],
+                held_questions: np.ndarray, drop_leaked: bool, seed: int) -> tuple[Examples, list[dict[str, Any]]]:
     """The training examples of all datasets (leaked ones dropped if asked, then weighted), and a
     summary per dataset."""
     train, summaries = [], []
     for index, (source, part, (part_train, part_eval)) in enumerate(zip(sources, loaded, splits)):
-        leaked = sum(e.question in held_questions for e in part_train)
+        leaked = np.isin(part_train.questions(), held_questions)
         if drop_leaked:
-            part_train = [e for e in part_train if e.question not in held_questions]
+            part_train = part_train.take(~leaked)
         part_train = weighted(part_train, source.weight, [seed, index])
-        train += part_train
-        summaries.append(_summary(part, source.weight, len(part_train), len(part_eval), leaked))
-    return train, summaries
+        train.append(part_train)
+        summaries.append(_summary(part, source.weight, len(part_train), len(part_eval), int(leaked.sum())))
+    return Examples.join(train), summaries
 
 
-def _capped(held_out: list[Example], max_rows: int, seed: list[int]) -> list[Example]:
+def _capped(held_out: Examples, max_rows: int, seed: list[int]) -> Examples:
     """At most `max_rows` held-out examples: a seeded sample, in their original order."""
     if len(held_out) <= max_rows:
         return held_out
     keep = np.random.default_rng(seed).choice(len(held_out), max_rows, replace=False)
-    return [held_out[i] for i in sorted(keep.tolist())]
+    return held_out.take(np.sort(keep))
 
 
-def _stats(config: DataConfig, train: list[Example], held_out: list[Example], summaries: list[dict[str, Any]],
+def _stats(config: DataConfig, train: Examples, held_out: Examples, summaries: list[dict[str, Any]],
            notes: list[str]) -> DataStats:
     caches = {summary["cache"] for summary in summaries}
     return DataStats(
@@ -156,58 +172,67 @@ def _stats(config: DataConfig, train: list[Example], held_out: list[Example], su
         leaked=sum(summary["leaked"] for summary in summaries), datasets=summaries, notes=notes)
 
 
-def _numbered(part: LoadedSource, offset: int, tokenizer, template: str) -> list[Example]:
+def _numbered(part: LoadedSource, offset: int, tokenizer, template: str) -> Examples:
     """The dataset's examples, checked, with row ids counted on from the datasets before it."""
     use_chat = part.format == "chat" or template == "chat"
-    check_labels(part.examples, tokenizer, lambda row_id: f"{part.name}: row {row_id + 1}", use_chat)
-    return [Example(e.row_id + offset, e.input_ids, e.labels, e.question) for e in part.examples]
+    check_store(part.store, tokenizer, lambda row_id: f"{part.name}: row {row_id + 1}", use_chat)
+    return Examples.whole(part.store, row_offset=offset)
 
 
 def _summary(part: LoadedSource, weight: float | None, train: int, held_out: int, leaked: int) -> dict[str, Any]:
-    summary = dataset_summary(part.name, part.format, part.records, part.outcomes, part.examples)
+    summary = dataset_summary(part.name, part.format, part.records, part.outcomes, part.store)
     return {**summary, "weight": weight, "train": train, "eval": held_out, "leaked": leaked, "cache": part.cache}
 
 
 def split_rows(count: int, eval_fraction: float, seed: int | list[int]) -> tuple[list[int], list[int]]:
     """Deterministic train/held-out split of row positions 0..count-1."""
-    order = np.random.default_rng(seed).permutation(count).tolist()
-    n_eval = int(round(count * eval_fraction))
-    return sorted(order[n_eval:]), sorted(order[:n_eval])
+    held_out = _held_out_records(count, eval_fraction, seed)
+    kept = np.ones(count, dtype=bool)
+    kept[held_out] = False
+    return np.flatnonzero(kept).tolist(), held_out.tolist()
 
 
-def weighted(examples: list[Example], weight: float, seed: list[int]) -> list[Example]:
+def _held_out_records(count: int, eval_fraction: float, seed: int | list[int]) -> np.ndarray:
+    """`split_rows`' held-out positions, sorted, as an array."""
+    order = np.random.default_rng(seed).permutation(count)
+    return np.sort(order[:int(round(count * eval_fraction))])
+
+
+def weighted(examples: Examples, weight: float, seed: list[int]) -> Examples:
     """`weight` x the examples: every one floor(weight) times, plus a seeded sample for the fraction."""
     whole, fraction = divmod(weight, 1.0)
     extra = np.random.default_rng(seed).choice(len(examples), int(round(fraction * len(examples))), replace=False)
-    return examples * int(whole) + [examples[i] for i in sorted(extra.tolist())]
+    return examples.take(np.concatenate([np.tile(np.arange(len(examples)), int(whole)), np.sort(extra)]))
 
 
-def held_out_rows(data: DataConfig, held_out: list[Example]) -> list[dict]:
-    """The rows held-out examples of `build_datasets(data, ...)` were made from, in their order."""
-    if not held_out:
+def held_out_rows(data: DataConfig, held_out: Examples) -> list[dict]:
+    """The rows held-out examples of `build_datasets(data, ...)` were made from, in their order:
+    read again from each example's dataset (its store says which), only the records wanted."""
+    if not len(held_out):
         return []
-    by_id = _rows_by_id(data, {example.row_id for example in held_out})
+    row_ids, parts = held_out.row_ids(), held_out.part_numbers()
+    by_id: dict[int, list[dict]] = {}
+    for number in np.unique(parts).tolist():
+        part = held_out.parts[number]
+        by_id.update(_rows_by_id(part.store.info, part.row_offset, np.unique(row_ids[parts == number]).tolist(),
+                                 data.on_bad_row))
     taken: Counter = Counter()
     rows = []
-    for example in held_out:
+    for row_id in row_ids.tolist():
         # Instances of one task share a row id and come in file order.
-        candidates = by_id[example.row_id]
-        rows.append(candidates[min(taken[example.row_id], len(candidates) - 1)])
-        taken[example.row_id] += 1
+        candidates = by_id[row_id]
+        rows.append(candidates[min(taken[row_id], len(candidates) - 1)])
+        taken[row_id] += 1
     return rows
 
 
-def _rows_by_id(data: DataConfig, wanted: set[int]) -> dict[int, list[dict]]:
-    """The `wanted` rows by the id `build_datasets` gives their examples: the record's position,
-    counted on across the datasets of a mixture, then the separate held-out file."""
-    sources = [*training_sources(data), *([eval_source(data)] if data.eval_path else [])]
+def _rows_by_id(info: dict[str, Any], row_offset: int, wanted: list[int], on_bad_row: str) -> dict[int, list[dict]]:
+    """The `wanted` rows (ids as `build_datasets` numbers them) of the dataset a store was made from."""
+    source = info["source"]
+    located = locate(source["path"], source["split"])
+    records = located.pick([row_id - row_offset for row_id in wanted])
     by_id: dict[int, list[dict]] = defaultdict(list)
-    offset = 0
-    for source in sources:
-        read = read_source(locate(source.path, source.split), source.format, source.columns, data.max_rows,
-                           data.on_bad_row)
-        for row in read.rows:
-            if offset + row.record in wanted:
-                by_id[offset + row.record].append(row.fields)
-        offset += read.records
+    for row_id, record in zip(wanted, records):
+        rows, _ = validate_records(info["name"], [record], row_id, info["format"], source["columns"], on_bad_row)
+        by_id[row_id] += [row.fields for row in rows]
     return by_id

@@ -2,11 +2,12 @@
 
 `check_labels` stops the run on labels that would train the wrong thing silently: padding that is
 EOS, no trained EOS (the model never learns to stop), an example with no trained token, a BOS
-missing or doubled. `DataStats` prints as a table, one line per dataset.
+missing or doubled. It runs on a store a chunk of examples at a time (`check_store`), so it holds
+one chunk, not the dataset. `DataStats` prints as a table, one line per dataset.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -15,46 +16,85 @@ import numpy as np
 
 from trainer.data.formats import DataError
 from trainer.data.encoding import IGNORE_INDEX, Example, document_bos, expected_first_token
+from trainer.data.store import Store
 
 
-def check_labels(examples: list[Example], tokenizer, describe: Callable[[int], str], use_chat: bool = False) -> None:
+def check_labels(examples: Sequence[Example], tokenizer, describe: Callable[[int], str],
+                 use_chat: bool = False) -> None:
     """Raise DataError naming the first offending row. `describe(row_id)` says where a row came from;
     `use_chat`: the examples are rendered with the chat template."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    if pad is None or pad == eos:
-        raise DataError(f"the pad token is {'missing' if pad is None else 'EOS'}: padding and the EOS "
-                        f"label would be the same token, and the model would never learn to stop")
+    _check_pad(tokenizer)
     if not examples:
         return
     for example in examples:
         if len(example.labels) != len(example.input_ids) or not example.input_ids:
             raise DataError(f"{describe(example.row_id)}: labels and input ids differ in length, or are empty")
-    ids, labels, starts, lengths = flatten(examples)
-    trained = trained_mask(labels, starts)
-    ends = starts + lengths - 1
-    if not (labels[ends] == eos).any():
-        raise DataError(f"EOS (id {eos}) is never a trained label: the model would never learn to stop")
-    second = np.minimum(starts + 1, len(ids) - 1)  # a one-token example has no second token
-    not_input = (labels != IGNORE_INDEX) & (labels != ids)
-    checks = [
-        ("labels are not the input ids (masked or equal)", _per_example(not_input, starts)),
-        ("no trained token", ~_per_example(trained, starts)),
-        (f"does not end in a trained EOS (id {eos})", labels[ends] != eos),
-    ]
-    if pad != tokenizer.unk_token_id:  # unk doubles as pad on some tokenizers, and may appear in text
-        checks.append((f"the pad token (id {pad}) is a trained label", _per_example(trained & (labels == pad), starts)))
+    ids, labels, starts, _ = flatten(examples)
+    row_ids = np.array([example.row_id for example in examples], dtype=np.int64)
+    _check_chunks([(ids, labels, starts, row_ids)], tokenizer, describe, use_chat)
+
+
+def check_store(store: Store, tokenizer, describe: Callable[[int], str], use_chat: bool = False) -> None:
+    """`check_labels` over a store's examples, read a chunk at a time."""
+    _check_pad(tokenizer)
+    if not len(store):
+        return
+    empty = store.lengths() == 0
+    if empty.any():
+        raise DataError(f"{describe(int(store.row_ids[np.argmax(empty)]))}: labels and input ids differ in length, "
+                        f"or are empty")
+    chunks = ((ids, labels, starts, np.asarray(store.row_ids[first:first + len(starts)]))
+              for first, ids, labels, starts in store.chunks())
+    _check_chunks(chunks, tokenizer, describe, use_chat)
+
+
+def _check_pad(tokenizer) -> None:
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if pad is None or pad == eos:
+        raise DataError(f"the pad token is {'missing' if pad is None else 'EOS'}: padding and the EOS "
+                        f"label would be the same token, and the model would never learn to stop")
+
+
+def _check_chunks(chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], tokenizer,
+                  describe: Callable[[int], str], use_chat: bool) -> None:
+    """Each check over all chunks of (ids, labels, example starts, row ids); the first check that
+    fails names its first offending example, as over the examples in one piece."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     first, first_name = expected_first_token(tokenizer, use_chat)
-    if first is not None:
-        bad_start = ids[starts] != first
-        if first == document_bos(tokenizer):  # a document BOS must not be doubled either
-            bad_start |= (lengths > 1) & (ids[second] == first)
-        checks.append((f"does not start with {first_name}", bad_start))
-    for problem, bad in checks:
-        if bad.any():
-            raise DataError(f"{describe(examples[int(np.argmax(bad))].row_id)}: {problem}")
+    document = document_bos(tokenizer)
+    eos_trained, order, first_bad = False, [], {}
+    for ids, labels, starts, row_ids in chunks:
+        lengths = np.diff(np.append(starts, len(ids)))
+        trained = trained_mask(labels, starts)
+        ends = starts + lengths - 1
+        eos_trained = eos_trained or bool((labels[ends] == eos).any())
+        second = np.minimum(starts + 1, len(ids) - 1)  # a one-token example has no second token
+        not_input = (labels != IGNORE_INDEX) & (labels != ids)
+        checks = [
+            ("labels are not the input ids (masked or equal)", _per_example(not_input, starts)),
+            ("no trained token", ~_per_example(trained, starts)),
+            (f"does not end in a trained EOS (id {eos})", labels[ends] != eos),
+        ]
+        if pad != tokenizer.unk_token_id:  # unk doubles as pad on some tokenizers, and may appear in text
+            checks.append((f"the pad token (id {pad}) is a trained label",
+                           _per_example(trained & (labels == pad), starts)))
+        if first is not None:
+            bad_start = ids[starts] != first
+            if first == document:  # a document BOS must not be doubled either
+                bad_start |= (lengths > 1) & (ids[second] == first)
+            checks.append((f"does not start with {first_name}", bad_start))
+        order = [problem for problem, _ in checks]
+        for problem, bad in checks:
+            if problem not in first_bad and bad.any():
+                first_bad[problem] = int(row_ids[np.argmax(bad)])
+    if not eos_trained:
+        raise DataError(f"EOS (id {eos}) is never a trained label: the model would never learn to stop")
+    for problem in order:
+        if problem in first_bad:
+            raise DataError(f"{describe(first_bad[problem])}: {problem}")
 
 
-def flatten(examples: list[Example]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def flatten(examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """All examples' ids and labels end to end, with each example's start and length."""
     lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
@@ -74,15 +114,16 @@ def _per_example(flags: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.logical_or.reduceat(flags, starts)
 
 
-def dataset_summary(name: str, format: str, records: int, outcomes: dict[str, int],
-                    examples: list[Example]) -> dict[str, Any]:
+def dataset_summary(name: str, format: str, records: int, outcomes: dict[str, int], store: Store) -> dict[str, Any]:
     """Token counts over a dataset's examples (train and held out, before weighting)."""
-    summary = {"name": name, "format": format, "rows": records, "examples": len(examples),
+    summary = {"name": name, "format": format, "rows": records, "examples": len(store),
                "outcomes": dict(outcomes), "mean_tokens": 0.0, "max_tokens": 0, "trained_fraction": 0.0}
-    if examples:
-        _, labels, starts, lengths = flatten(examples)
+    if len(store):
+        lengths = store.lengths()
+        # The per-example counts of trained tokens (the first label aside), as trained_mask counts them.
+        trained = int(np.sum(store.trained, dtype=np.int64))
         summary.update(mean_tokens=round(float(lengths.mean()), 1), max_tokens=int(lengths.max()),
-                       trained_fraction=round(float(trained_mask(labels, starts).mean()), 4))
+                       trained_fraction=round(trained / int(lengths.sum()), 4))
     return summary
 
 
