@@ -256,7 +256,7 @@ def check_zero3_resume(env, left):
 DECODE = r"""
 import json, sys, torch
 from pathlib import Path
-from trainer.evaluation.adapter import load_adapted_model
+from trainer.evaluation.adapted_model import load_adapted_model
 from trainer.config import load_recipe
 from trainer.evaluation.eval_command import evaluation_rows
 from trainer.evaluation.generate import greedy_batch, prompt_ids
@@ -323,7 +323,7 @@ EXPORT = r"""
 import json, sys, torch
 from pathlib import Path
 from transformers import AutoModelForCausalLM
-from trainer.evaluation.adapter import load_adapted_model
+from trainer.evaluation.adapted_model import load_adapted_model
 from trainer.config import load_recipe
 from trainer.evaluation.export import ExportOptions, export
 from trainer.evaluation.generate import prompt_ids

@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from trainer.evaluation.adapter import base_fingerprint
+from trainer.checkpoint.fingerprint import base_fingerprint
 from trainer.checkpoint.saving import COMPLETE, adapter_config, peft_key
 from trainer.config import Recipe, load_recipe
 from trainer.model.lora import adapter_parameters, apply_lora, lora_layers
@@ -57,7 +57,7 @@ def make_checkpoint(directory: Path, *overrides: str, seed: int = 0, b_std: floa
 
 def our_model(recipe: Recipe, adapter_dir: Path) -> torch.nn.Module:
     """Base (quantised per the recipe) + our LoRA + the adapter, as evaluation loads it."""
-    from trainer.evaluation.adapter import add_adapter
+    from trainer.evaluation.adapted_model import add_adapter
 
     model, _ = load_base(recipe, torch.device("cpu"))
     add_adapter(model, adapter_dir)
@@ -84,7 +84,7 @@ def peft_on_4bit_base(base_path, adapter_dir: Path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from trainer.checkpoint import resume
+    from trainer.checkpoint import reading
     from trainer.model.base import keep_4bit_layout
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -95,7 +95,7 @@ def peft_on_4bit_base(base_path, adapter_dir: Path):
     # mode (and fails to for the tiny base's shapes): compare in fp32, as our load_base does.
     keep_4bit_layout(base)
     peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    saved = resume.load_adapter_weights(adapter_dir)
+    saved = reading.load_adapter_weights(adapter_dir)
     loaded = {k.replace(".default", ""): v for k, v in peft_model.state_dict().items() if "lora_" in k}
     assert set(saved) == set(loaded)
     for key, value in saved.items():

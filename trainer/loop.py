@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from trainer import speedups
 from trainer.checkpoint import resume, saving
+from trainer.checkpoint import reading
 from trainer.checkpoint.saving import TrainState
 from trainer.checkpoint.snapshot import UpdateSnapshot
 from trainer.config import Recipe, TrainConfig, deepspeed_config
@@ -25,7 +26,7 @@ from trainer.data.pipeline import build_datasets, held_out_rows
 from trainer.data.stats import DataStats
 from trainer.data.store import Examples
 from trainer.data.tasks import resolve_dataset
-from trainer.evaluation.adapter import base_fingerprint
+from trainer.checkpoint.fingerprint import base_fingerprint
 from trainer.evaluation.generate import sample_generations
 from trainer.evaluation.held_out_loss import evaluate_loss
 from trainer.loss import CausalLMLoss, enable_activation_checkpointing
@@ -203,7 +204,7 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
         return None, TrainState()
     if resume_dir is not None:
         resume.check_compatible(resume_dir, recipe)
-        resume.load_into_model(model, resume_dir)
+        reading.load_into_model(model, resume_dir)
     loss_model, engine, optimizer = prepare_engine(recipe, model, dtype)
     state = restore(recipe, resume_dir, model, optimizer, engine, len(data.train_set), log)
     meta = {"base_model": base_name_or_path, "base_fingerprint": base_fingerprint(base_name_or_path,

@@ -15,6 +15,7 @@ import yaml
 from _checkpoints import peft_on_4bit_base
 from conftest import free_port, run_cli
 from trainer.checkpoint import saving, resume
+from trainer.checkpoint import reading
 from trainer.config import recipe_from_dict
 from trainer.model.lora import apply_lora
 from trainer.model.base import load_base
@@ -81,7 +82,7 @@ def our_model(adapter_dir: Path) -> torch.nn.Module:
     recipe = recipe_from_dict(yaml.safe_load((adapter_dir / "recipe.yaml").read_text()))
     model, _ = load_base(recipe, torch.device("cpu"))
     apply_lora(model, recipe.lora.target_modules, recipe.lora.r, recipe.lora.alpha, 0.0, recipe.lora.rslora)
-    resume.load_into_model(model, adapter_dir)
+    reading.load_into_model(model, adapter_dir)
     return model.eval()
 
 
@@ -100,7 +101,7 @@ def test_peft_loads_our_adapter_with_no_missing_keys_and_the_same_logits(zero2_r
 @pytest.mark.distributed
 def test_zero3_with_a_4bit_base_writes_non_empty_adapter_tensors(tmp_path, tiny_base):
     train_2_ranks(tmp_path, "deepspeed.zero_stage=3", "train.max_steps=3")
-    weights = resume.load_adapter_weights(tmp_path / "checkpoints" / "step-3")
+    weights = reading.load_adapter_weights(tmp_path / "checkpoints" / "step-3")
     assert len(weights) == 2 * 7 * 4  # A and B, 7 target modules, 4 layers
     for key, tensor in weights.items():
         assert tensor.numel() > 0 and 16 in tensor.shape, key
@@ -122,8 +123,8 @@ def test_single_process_run_and_plain_resume_continue_the_same_losses(tmp_path, 
     if importlib.util.find_spec("matplotlib") and importlib.util.find_spec("tensorboard"):  # the [report] extra
         assert (straight / "report.png").is_file() and (straight / "tensorboard").is_dir()
     assert not (stopped / "report.png").exists() and not (stopped / "tensorboard").exists()
-    final_straight = resume.load_adapter_weights(straight / "checkpoints/step-6")
-    final_resumed = resume.load_adapter_weights(stopped / "checkpoints/step-6")
+    final_straight = reading.load_adapter_weights(straight / "checkpoints/step-6")
+    final_resumed = reading.load_adapter_weights(stopped / "checkpoints/step-6")
     assert all(torch.equal(final_straight[k], final_resumed[k]) for k in final_straight)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from _checkpoints import ONE_THREAD, make_checkpoint, one_thread, tiny_recipe
 from conftest import ROOT, run_cli
-from trainer.evaluation.adapter import load_adapted_model
+from trainer.evaluation.adapted_model import load_adapted_model
 from trainer.evaluation.chat import ChatOptions, conversation_ids, sample, split_prompt, stream_text
 from trainer.data.encoding import prompt_tokens
 from trainer.evaluation.generate import greedy_batch

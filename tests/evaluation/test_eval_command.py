@@ -12,7 +12,8 @@ import torch
 
 from _checkpoints import ONE_THREAD, make_checkpoint, one_thread, our_model, tiny_recipe
 from conftest import free_port, run_cli
-from trainer.evaluation.adapter import AdapterMismatchError, base_fingerprint, check_adapter
+from trainer.checkpoint.reading import AdapterMismatchError, check_adapter
+from trainer.checkpoint.fingerprint import base_fingerprint
 from trainer.config import RecipeError
 from trainer.data.pipeline import build_datasets
 from trainer.evaluation.eval_command import EvalOptions, evaluation_rows

@@ -4,7 +4,6 @@ peft with the logits we compute."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -268,7 +267,7 @@ def test_a_variant_adapter_on_a_quantised_base_exports_to_the_model_it_trained(t
 def test_dora_lora_plus_and_embedding_lora_resume_bitwise_on_two_ranks(tmp_path, tiny_base, stage):
     """All three variants at once on the 4-bit base: ZeRO shards the magnitudes and the embedding
     adapter, LoRA+ makes two optimizer groups, and a resumed run continues bitwise."""
-    from test_resume import assert_same_tensors, losses, resume_from_copy, train
+    from tests.checkpoint.test_resume import assert_same_tensors, losses, resume_from_copy, train
 
     settings = (f"deepspeed.zero_stage={stage}", "lora.dropout=0.1", "lora.dora=true", "lora.plus_ratio=16",
                 VARIANT_TARGETS)

@@ -19,7 +19,7 @@ from _checkpoints import peft_on_4bit_base
 from conftest import free_port, run_cli
 from trainer import builtin
 from trainer.model import gguf
-from trainer.checkpoint import resume
+from trainer.checkpoint import reading
 from trainer.config import recipe_from_dict
 from trainer.model.lora import apply_lora
 from trainer.model.base import load_base, load_tokenizer
@@ -112,7 +112,7 @@ def test_two_rank_zero2_run_on_the_real_base_learns_and_writes_a_checkpoint(zero
     checkpoint = zero2_run / "checkpoints" / "step-4"
     config = json.loads((checkpoint / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(smollm2_base) and config["r"] == 16
-    weights = resume.load_adapter_weights(checkpoint)
+    weights = reading.load_adapter_weights(checkpoint)
     assert len(weights) == 2 * 4 * 30  # A and B, q/k/v/o, 30 layers
     k_proj = "base_model.model.model.layers.0.self_attn.k_proj"
     assert weights[f"{k_proj}.lora_A.weight"].shape == (16, 576)
@@ -131,6 +131,6 @@ def test_peft_loads_the_real_adapter_with_the_same_logits(zero2_run, smollm2_bas
         del peft_model
         ours, _ = load_base(recipe, torch.device("cpu"))
         apply_lora(ours, recipe.lora.target_modules, recipe.lora.r, recipe.lora.alpha, 0.0, recipe.lora.rslora)
-        resume.load_into_model(ours, adapter_dir)
+        reading.load_into_model(ours, adapter_dir)
         logits = ours.eval()(input_ids=ids).logits
     torch.testing.assert_close(logits, theirs, rtol=1e-5, atol=1e-4)

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from trainer.runtime import distributed
 from trainer.checkpoint.saving import (ADAM_KEYS, COMPLETE, CheckpointError, TrainState, complete_checkpoints,
                                 peft_key, set_rng_state)
+from trainer.checkpoint.reading import load_adapter_weights, on_main, read_tensors
 from trainer.config import Recipe
 from trainer.model.lora import adapter_parameters
 
@@ -30,20 +29,6 @@ MUST_MATCH = ("model.name_or_path", "quant.bits", "quant.quant_type", "quant.dou
 WARN_IF_CHANGED = ("train.learning_rate", "train.max_steps", "train.warmup_steps", "train.min_lr_ratio",
                    "train.weight_decay", "train.global_batch_size", "data.path", "data.max_seq_len",
                    "lora.dropout", "lora.plus_ratio", "train.seed", "data.drop_leaked", "data.packing", "data.eval_fraction")
-
-
-def on_main(read):
-    """Run `read()` on rank 0 only and hand its result (or its CheckpointError) to every rank."""
-    outcome = None
-    if distributed.is_main():
-        try:
-            outcome = ("ok", read())
-        except CheckpointError as error:
-            outcome = ("error", str(error))
-    status, value = distributed.broadcast_object(outcome)
-    if status == "error":
-        raise CheckpointError(value)
-    return value
 
 
 def find_resume_dir(recipe: Recipe) -> Path | None:
@@ -103,37 +88,6 @@ def _read_json(path: Path):
         raise CheckpointError(f"{path}: unreadable or truncated ({error})") from None
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({error})") from None
-
-
-def load_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
-    return _read_tensors(directory / "adapter_model.safetensors")
-
-
-def load_into_model(model: nn.Module, directory: Path) -> None:
-    """Copy adapter weights into the (not yet DeepSpeed-wrapped) model; every key must match."""
-    weights = on_main(lambda: load_adapter_weights(directory))
-    parameters = adapter_parameters(model)
-    expected = {peft_key(name) for name in parameters}
-    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"{directory / 'adapter_model.safetensors'}: keys do not match the model "
-                              f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
-    with torch.no_grad():
-        for name, parameter in parameters.items():
-            value = weights[peft_key(name)]
-            if value.shape != parameter.shape:
-                raise CheckpointError(f"{directory}: {peft_key(name)} has shape {tuple(value.shape)}, "
-                                      f"the model expects {tuple(parameter.shape)}")
-            parameter.copy_(value.to(parameter.dtype))
-
-
 def restore_training_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                            engine_optimizer) -> TrainState:
     """After deepspeed.initialize, on every rank: fp32 master weights, Adam moments and step, RNG."""
@@ -186,7 +140,7 @@ def _set_model_copy(parameter: nn.Parameter, value: torch.Tensor) -> None:
 def _read_training_state(directory: Path) -> tuple[dict, dict, dict, list]:
     moments_path, rng_path = directory / "optimizer.safetensors", directory / "rng_state.json"
     return (_read_json(directory / "trainer_state.json"), load_adapter_weights(directory),
-            _read_tensors(moments_path) if moments_path.exists() else {},
+            read_tensors(moments_path) if moments_path.exists() else {},
             _read_json(rng_path) if rng_path.exists() else [])
 
 

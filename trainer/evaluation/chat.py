@@ -137,7 +137,8 @@ class Chat:
 
 
 def load_for_chat(recipe: Recipe, adapter: str, device: torch.device) -> tuple[nn.Module, object]:
-    from trainer.evaluation.adapter import check_adapter, load_adapted_model
+    from trainer.checkpoint.reading import check_adapter
+    from trainer.evaluation.adapted_model import load_adapted_model
     from trainer.model.base import compute_dtype, load_tokenizer
 
     if not adapter:

@@ -18,7 +18,8 @@ from typing import ClassVar
 from trainer import options
 from trainer.runtime import distributed
 from trainer.evaluation import scores
-from trainer.evaluation.adapter import check_adapter, load_adapted_model
+from trainer.checkpoint.reading import check_adapter
+from trainer.evaluation.adapted_model import load_adapted_model
 from trainer.config import DataSource, Recipe, RecipeError, deepspeed_config
 from trainer.data.encoding import Example
 from trainer.data.pipeline import build_datasets, held_out_rows, load_source

@@ -29,7 +29,8 @@ from torch import nn
 
 from trainer import options
 from trainer.evaluation import gguf_export
-from trainer.evaluation.adapter import add_adapter, check_adapter
+from trainer.evaluation.adapted_model import add_adapter
+from trainer.checkpoint.reading import check_adapter
 from trainer.config import Recipe, RecipeError
 from trainer.model.lora import dequantised_linear, is_quantised, lora_layers, ties_adapted_embedding
 from trainer.model.base import DTYPES, compute_dtype, load_base, load_tokenizer, resolve_base

@@ -1,88 +1,77 @@
-"""A trained adapter back on its base: check that the base is the one it was trained on, then
-load base + our LoRA + the adapter weights. Used by evaluation and export.
+"""An adapter directory read back: its weights into a model, its config and meta.json, and the
+check that it fits the recipe's base.
 
-The check reads the checkpoint's meta.json (written by the loop) and compares it with the recipe:
-the base by fingerprint (config + tensor names, shapes, dtypes and a few sampled bytes, see
-`base_fingerprint`), and the quantisation. A mismatch is refused with both sides named; a
-checkpoint written before fingerprints existed is checked by name only, with a warning.
+The check compares meta.json (written by the loop) with the recipe: the base by fingerprint
+(trainer/checkpoint/fingerprint.py), and the quantisation. A mismatch is refused with both sides
+named; a checkpoint written before fingerprints existed is checked by name only, with a warning.
+Only global rank 0 reads files (`on_main`), so this works when other nodes cannot see its disk.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import struct
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
-from trainer import builtin
-from trainer import speedups
-from trainer.runtime import distributed
-from trainer.checkpoint.saving import CheckpointError
+from trainer.checkpoint.fingerprint import base_fingerprint
+from trainer.checkpoint.saving import CheckpointError, peft_key
 from trainer.config import Recipe
-from trainer.model.lora import adapter_parameters, apply_lora
-from trainer.checkpoint.resume import load_into_model
-from trainer.model.base import ModelLoadError, load_base, load_tokenizer, resolve_base
-
-# Fields a re-save changes without changing the model.
-_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash")
-_SAMPLE_BYTES = 64  # read from the start and the middle of every tensor
+from trainer.model.base import resolve_base
+from trainer.model.lora import adapter_parameters
+from trainer.runtime import distributed
 
 
 class AdapterMismatchError(CheckpointError):
     """An adapter trained on another base, or with another quantisation, than the recipe's."""
 
 
-# ------------------------------------------------------------------------------ fingerprint
+def on_main(read):
+    """Run `read()` on rank 0 only and hand its result (or its CheckpointError) to every rank."""
+    outcome = None
+    if distributed.is_main():
+        try:
+            outcome = ("ok", read())
+        except CheckpointError as error:
+            outcome = ("error", str(error))
+    status, value = distributed.broadcast_object(outcome)
+    if status == "error":
+        raise CheckpointError(value)
+    return value
 
 
-def base_fingerprint(base_dir_or_id: str, revision: str | None = None) -> str:
-    """A short hash that changes when the base does: config.json (minus version fields), every
-    tensor's name, dtype and shape from the safetensors headers, and 2 x 64 bytes sampled from
-    each tensor (so two fine-tunes of one architecture differ). Reads a few KiB per file, never
-    the weights; independent of how the weights are split into shards."""
-    directory = _local_directory(base_dir_or_id, revision)
-    config = json.loads((directory / "config.json").read_text())
-    for key in _VOLATILE_CONFIG_KEYS:
-        config.pop(key, None)
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    tensors = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with open(path, "rb") as handle:
-            (header_size,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(header_size))
-            data_start = 8 + header_size
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                begin, end = info["data_offsets"]
-                sample = b""
-                for offset in (begin, begin + (end - begin) // 2):
-                    handle.seek(data_start + offset)
-                    sample += handle.read(min(_SAMPLE_BYTES, end - offset))
-                tensors[name] = [info["dtype"], info["shape"], hashlib.sha256(sample).hexdigest()]
-    digest.update(json.dumps(sorted(tensors.items())).encode())
-    return "sha256:" + digest.hexdigest()[:16]
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({error})") from None
 
 
-def _local_directory(base_dir_or_id: str, revision: str | None) -> Path:
-    local = Path(builtin.resolve(base_dir_or_id))
-    if local.is_dir():
-        return local
-    from huggingface_hub import snapshot_download
-
-    try:  # a hub id: the copy in the local cache, never a download
-        found = snapshot_download(str(local), revision=revision, local_files_only=True,
-                                  allow_patterns=["config.json", "*.safetensors"])
-    except Exception as error:  # huggingface_hub raises several types for "not in the cache"
-        raise ModelLoadError(f"cannot fingerprint the base {base_dir_or_id!r}: not a local directory and not "
-                             f"in the local hub cache ({type(error).__name__})") from None
-    return Path(found)
+def load_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
+    return read_tensors(directory / "adapter_model.safetensors")
 
 
-# ------------------------------------------------------------------------------ the check
+def load_into_model(model: nn.Module, directory: Path) -> None:
+    """Copy adapter weights into the (not yet DeepSpeed-wrapped) model; every key must match."""
+    weights = on_main(lambda: load_adapter_weights(directory))
+    parameters = adapter_parameters(model)
+    expected = {peft_key(name) for name in parameters}
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{directory / 'adapter_model.safetensors'}: keys do not match the model "
+                              f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            value = weights[peft_key(name)]
+            if value.shape != parameter.shape:
+                raise CheckpointError(f"{directory}: {peft_key(name)} has shape {tuple(value.shape)}, "
+                                      f"the model expects {tuple(parameter.shape)}")
+            parameter.copy_(value.to(parameter.dtype))
 
 
 def read_meta(adapter_dir: Path) -> dict | None:
@@ -171,9 +160,6 @@ def _bits(bits: int) -> str:
     return "16-bit (unquantised)" if bits == 16 else f"{bits}-bit"
 
 
-# ------------------------------------------------------------------------------ loading
-
-
 def read_adapter_config(adapter_dir: Path) -> dict:
     path = adapter_dir / "adapter_config.json"
     try:
@@ -187,29 +173,3 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         if config.get(key):
             raise CheckpointError(f"{path}: per-module {key} is not supported by our LoRA")
     return config
-
-
-def add_adapter(model: nn.Module, adapter_dir: Path) -> None:
-    """Wrap the layers the adapter names with our LoRA (no dropout) and load its weights."""
-    config = read_adapter_config(adapter_dir)
-    apply_lora(model, config["target_modules"], config["r"], config["lora_alpha"], 0.0,
-               bool(config.get("use_rslora", False)), bool(config.get("use_dora", False)))
-    load_into_model(model, adapter_dir)
-
-
-def load_adapted_model(recipe: Recipe, adapter_dir: Path | None,
-                       device: torch.device) -> tuple[nn.Module, object, torch.dtype]:
-    """Base (quantised as the recipe says) + adapter, in eval mode. `adapter_dir=None`: the base
-    alone. Returns the model, the tokenizer and the compute dtype. Call `check_adapter` first."""
-    with distributed.main_first():  # rank 0 builds a built-in base once
-        tokenizer = load_tokenizer(resolve_base(recipe), recipe)
-    model, dtype = load_base(recipe, device)
-    if adapter_dir is not None:
-        add_adapter(model, adapter_dir)
-        # Training ran the adapters in the compute dtype (DeepSpeed casts every parameter to bf16/fp16
-        # and keeps the fp32 masters in the optimizer): evaluate them as they ran, so the held-out
-        # loss is the one training logged. (Export merges the fp32 weights instead.)
-        for parameter in adapter_parameters(model).values():
-            parameter.data = parameter.data.to(dtype)
-    speedups.apply(model, recipe, device, training=False)
-    return model.eval(), tokenizer, dtype

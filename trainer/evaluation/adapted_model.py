@@ -1,0 +1,41 @@
+"""A trained adapter back on its base, ready to evaluate, export or chat with: the base (quantised
+as the recipe says) + our LoRA layers + the adapter's weights, in eval mode."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer import speedups
+from trainer.checkpoint.reading import load_into_model, read_adapter_config
+from trainer.config import Recipe
+from trainer.model.base import load_base, load_tokenizer, resolve_base
+from trainer.model.lora import adapter_parameters, apply_lora
+from trainer.runtime import distributed
+
+
+def add_adapter(model: nn.Module, adapter_dir: Path) -> None:
+    """Wrap the layers the adapter names with our LoRA (no dropout) and load its weights."""
+    config = read_adapter_config(adapter_dir)
+    apply_lora(model, config["target_modules"], config["r"], config["lora_alpha"], 0.0,
+               bool(config.get("use_rslora", False)), bool(config.get("use_dora", False)))
+    load_into_model(model, adapter_dir)
+
+
+def load_adapted_model(recipe: Recipe, adapter_dir: Path | None,
+                       device: torch.device) -> tuple[nn.Module, object, torch.dtype]:
+    """Base (quantised as the recipe says) + adapter, in eval mode. `adapter_dir=None`: the base
+    alone. Returns the model, the tokenizer and the compute dtype. Call `trainer.checkpoint.reading.check_adapter` first."""
+    with distributed.main_first():  # rank 0 builds a built-in base once
+        tokenizer = load_tokenizer(resolve_base(recipe), recipe)
+    model, dtype = load_base(recipe, device)
+    if adapter_dir is not None:
+        add_adapter(model, adapter_dir)
+        # Training ran the adapters in the compute dtype (DeepSpeed casts every parameter to bf16/fp16
+        # and keeps the fp32 masters in the optimizer): evaluate them as they ran, so the held-out
+        # loss is the one training logged. (Export merges the fp32 weights instead.)
+        for parameter in adapter_parameters(model).values():
+            parameter.data = parameter.data.to(dtype)
+    speedups.apply(model, recipe, device, training=False)
+    return model.eval(), tokenizer, dtype
