@@ -12,7 +12,8 @@ from trainer.config import recipe_from_dict
 from trainer.data.encoding import IGNORE_INDEX, Example
 from trainer.data.batching import collate
 from trainer.model.lora import adapter_parameters, apply_lora, lora_layers
-from trainer.loss import CausalLMLoss, chunked_cross_entropy, enable_activation_checkpointing
+from trainer.loss import CausalLMLoss, chunked_cross_entropy
+from trainer.model.base import enable_activation_checkpointing
 from trainer.model.base import load_base
 from trainer.data.packing import collate_packed
 from trainer.speedups import last_layer

@@ -15,8 +15,8 @@ import torch
 from tqdm import tqdm
 
 from trainer import speedups
-from trainer.checkpoint import resume, saving
-from trainer.checkpoint import reading
+from trainer.checkpoint import reading, resume, saving
+from trainer.checkpoint.fingerprint import base_fingerprint
 from trainer.checkpoint.saving import TrainState
 from trainer.checkpoint.snapshot import UpdateSnapshot
 from trainer.config import Recipe, TrainConfig, deepspeed_config
@@ -26,11 +26,10 @@ from trainer.data.pipeline import build_datasets, held_out_rows
 from trainer.data.stats import DataStats
 from trainer.data.store import Examples
 from trainer.data.tasks import resolve_dataset
-from trainer.checkpoint.fingerprint import base_fingerprint
 from trainer.evaluation.generate import sample_generations
 from trainer.evaluation.held_out_loss import evaluate_loss
-from trainer.loss import CausalLMLoss, enable_activation_checkpointing
-from trainer.model.base import dtype_name, load_base, load_tokenizer, resolve_base
+from trainer.loss import CausalLMLoss
+from trainer.model.base import dtype_name, enable_activation_checkpointing, load_base, load_tokenizer, resolve_base
 from trainer.model.lora import adapter_parameters, apply_lora, link_group_states, optimizer_groups, parameter_summary
 from trainer.runtime import distributed, health, preflight
 from trainer.runtime.dashboards import Dashboards
@@ -246,7 +245,9 @@ def prepare_model(recipe: Recipe, device: torch.device, tokenizer) -> tuple[torc
     torch.manual_seed(recipe.train.seed)
     apply_lora(model, recipe.lora.target_modules, recipe.lora.r, recipe.lora.alpha,
                recipe.lora.dropout, recipe.lora.rslora, recipe.lora.dora)
-    speedups.apply(model, recipe, device)
+    switched = speedups.apply(model, recipe, device)
+    if switched and distributed.is_main():
+        print(f"speed-ups: {', '.join(switched)}", flush=True)
     if recipe.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     return model, dtype

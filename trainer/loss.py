@@ -99,11 +99,3 @@ def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) ->
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Boolean mask (True = attend) -> 0 where attended, the dtype's minimum elsewhere."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-
-
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder layer in the backward instead of keeping its activations.
-
-    Non-reentrant: the frozen base's inputs never require grad, and reentrant checkpointing would
-    then return no gradient for the adapters inside the layer (silently training nothing)."""
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -107,6 +107,14 @@ def load_base(recipe: Recipe, device: torch.device) -> tuple[nn.Module, torch.dt
     return model, dtype
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in the backward instead of keeping its activations.
+
+    Non-reentrant: the frozen base's inputs never require grad, and reentrant checkpointing would
+    then return no gradient for the adapters inside the layer (silently training nothing)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def quiet_int8_cast_warning() -> None:
     """bitsandbytes logs "MatMul8bitLt: inputs will be cast from ... to float16" on every 8-bit matrix
     multiply whose input is not fp16: on a GPU in bf16, every LLM.int8 layer of every forward
