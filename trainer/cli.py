@@ -2,7 +2,7 @@
 
 Known failures (bad recipe, data, model, checkpoint, run health, a lost rank) print one clear
 message and exit 2; `--debug` or QLORA_DEBUG=1 shows the full traceback instead, and the libraries'
-routine log lines that trainer/quiet.py keeps out of the output otherwise.
+routine log lines that trainer/runtime/quiet.py keeps out of the output otherwise.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def run_script(body: Callable[[], object], argv: list[str]) -> None:
     and exit 1 on anything else (130 on Ctrl-C). A process that started a process group ends here,
     through trainer.runtime.distributed.finish; one that did not returns, or raises SystemExit or the error."""
     debug = "--debug" in argv or os.environ.get("QLORA_DEBUG") == "1"
-    quiet.install(debug)  # the libraries' routine lines (trainer/quiet.py); --debug shows them
+    quiet.install(debug)  # the libraries' routine lines (trainer/runtime/quiet.py); --debug shows them
     try:
         body()
     except Exception as error:

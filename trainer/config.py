@@ -94,9 +94,9 @@ class TrainConfig:
     save_every: int = 200
     keep_last: int | None = None  # prune older checkpoints, keeping the newest K
     activation_checkpointing: bool = False  # recompute decoder layers in backward (non-reentrant)
-    fused_mlp: bool = True  # SwiGLU MLPs keep gate and up for the backward, not silu(gate) too (trainer/fused.py)
-    fused_norm: bool = True  # RMSNorm as one autograd op with a four-pass backward (trainer/fused.py)
-    onednn_matmul: bool = True  # fp32 CPU matrix multiplies through oneDNN, not MKL (trainer/onednn.py)
+    fused_mlp: bool = True  # SwiGLU MLPs keep gate and up for the backward, not silu(gate) too (trainer/speedups/fused.py)
+    fused_norm: bool = True  # RMSNorm as one autograd op with a four-pass backward (trainer/speedups/fused.py)
+    onednn_matmul: bool = True  # fp32 CPU matrix multiplies through oneDNN, not MKL (trainer/speedups/onednn.py)
     report: bool = True  # report.png and the dashboards in report_to (false: neither; metrics.jsonl is always written)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard and/or wandb
     wandb_project: str = "qlora-trainer"  # Weights & Biases project

@@ -3,7 +3,7 @@
 Per module: the spectrum of dW = scaling * B @ A, its effective rank, its size relative to the base
 weight W, and how much it amplifies directions W already uses. With two adapters: the normalised
 subspace similarity phi(i, j) of their top right-singular directions. `analyze` returns it all as a
-JSON-ready dict; trainer/analysis_plots.py prints it, writes analysis.json and draws the figures, and
+JSON-ready dict; trainer/analysis/figures.py prints it, writes analysis.json and draws the figures, and
 launch/analyze.py is the command line. Needs torch and safetensors only (no DeepSpeed, no GPU).
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@
     generate.py       batched greedy decoding with a KV cache
     scores.py         exact match, final number, token F1 of generated answers
     eval_command.py   `launch/eval.py`: answer held-out instructions and score them
-    adapter.py        a trained adapter back on its base, checked against the base it was trained on
+    adapted_model.py  a trained adapter back on its base, for evaluating, exporting and chatting
     export.py         `launch/export.py`: the adapter merged into a plain transformers model
     gguf_export.py    a merged model as one GGUF file
     chat.py           `launch/chat.py`: talk to an adapter in the terminal

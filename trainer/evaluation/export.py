@@ -5,7 +5,7 @@
     python launch/export.py RECIPE adapter=<checkpoint dir> out=<file>.gguf [format=f16|q8_0|f32]
 
 A `.gguf` out (or format=f16|q8_0|f32) writes one GGUF file for llama.cpp and ollama instead
-(trainer/gguf_export.py); the merge is the same.
+(trainer/evaluation/gguf_export.py); the merge is the same.
 
 export.base=dequantised (default) loads the base quantised as in training, dequantises every
 quantised linear layer (LoRA-wrapped or not) and adds B @ A * scaling: the result computes what

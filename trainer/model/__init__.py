@@ -1,9 +1,9 @@
 """The model: a frozen quantised base with our LoRA adapters.
 
-    base.py         the base and its tokenizer through transformers, quantised by bitsandbytes
-    lora.py         LoRA on linear layers: W x + (alpha/r) B A x, mergeable into W
+    base.py            the base and its tokenizer through transformers, quantised by bitsandbytes
+    lora.py            LoRA on linear layers: W x + (alpha/r) B A x, mergeable into W
     lora_embedding.py  LoRA on the token embedding
-    dora.py         DoRA's weight norm (lora.dora)
-    gguf.py         a .gguf file as a base, converted once; the built-in SmolLM2-135M
-    tiny_base.py    the built-in random 4-layer Llama (`builtin:tiny-llama`)
+    dora.py            DoRA's weight norm (lora.dora)
+    gguf.py            a .gguf file as a base, converted once; the built-in SmolLM2-135M
+    tiny_base.py       the built-in random 4-layer Llama (`builtin:tiny-llama`)
 """

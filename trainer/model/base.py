@@ -120,7 +120,7 @@ def quiet_int8_cast_warning() -> None:
     multiply whose input is not fp16: on a GPU in bf16, every LLM.int8 layer of every forward
     (hundreds of lines per micro-batch per rank). The cast is how LLM.int8 works (its int8 kernels
     quantise fp16 inputs), not something to act on; the recipe says what 8-bit costs. Only that
-    message is dropped (trainer/quiet.py's filter, applied here even with --debug)."""
+    message is dropped (trainer/runtime/quiet.py's filter, applied here even with --debug)."""
     import logging
 
     from trainer.runtime.quiet import DropNoise

@@ -4,7 +4,7 @@ transformers reads GGUF itself (`from_pretrained(dir, gguf_file=...)`, dequantis
 but a model loaded that way cannot be saved, quantised by bitsandbytes, fingerprinted or handed to
 peft like an ordinary checkpoint. So the file is converted once into safetensors + config +
 tokenizer (with its chat template) under <cache dir>/models/gguf-<name>-<content hash>, and every
-part of the project (training, eval, export, analyze, resume's fingerprint, peft) sees that
+part of the project (training, eval, export, analyze, the checkpoints' base fingerprint, peft) sees that
 directory. The directory is keyed by the file's content: a changed file is a new base.
 """
 from __future__ import annotations

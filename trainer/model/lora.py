@@ -4,8 +4,8 @@ One adapter per wrapped layer. The wrapped layer may be a plain `nn.Linear`, a b
 `Linear4bit` or `Linear8bitLt`; it stays frozen and is kept under the name `base_layer`, so the
 adapter's parameter names (`<path>.lora_A.weight`, `<path>.lora_B.weight`) are PEFT's.
 
-Variants: `dora=True` (DoRA, see trainer/dora.py) adds `<path>.lora_magnitude_vector`; an
-`nn.Embedding` target is wrapped by `LoRAEmbedding` (trainer/lora_embedding.py); LoRA+ is only an
+Variants: `dora=True` (DoRA, see trainer/model/dora.py) adds `<path>.lora_magnitude_vector`; an
+`nn.Embedding` target is wrapped by `LoRAEmbedding` (trainer/model/lora_embedding.py); LoRA+ is only an
 optimizer setting (`optimizer_groups`).
 """
 from __future__ import annotations
@@ -248,7 +248,7 @@ def link_group_states(engine_optimizer) -> None:
 
 def ties_adapted_embedding(model: nn.Module) -> bool:
     """Whether an adapted input embedding shares its weight with the output projection: merging
-    then unties them (see trainer/lora_embedding.py)."""
+    then unties them (see trainer/model/lora_embedding.py)."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(output, "weight", None)
     return weight is not None and any(isinstance(layer, LoRAEmbedding) and layer.base_layer.weight is weight

@@ -7,7 +7,7 @@ Tied input/output embeddings (SmolLM2): the adapter changes the vectors the mode
 each token; the output projection (lm_head) keeps the base weight. That is peft's meaning too
 (LoraConfig's default ensure_weight_tying=False), so peft loads our adapter with equal logits.
 Merging therefore unties the two: the merged embedding is a new tensor, lm_head keeps the old
-one, and an export saves both (tie_word_embeddings=false), see trainer/export.py.
+one, and an export saves both (tie_word_embeddings=false), see trainer/evaluation/export.py.
 
 With DoRA the magnitude runs over the embedding dimension (peft's layout): row d of
 V = W^T + scaling * B @ A [dim, vocab] is rescaled to magnitude m_d, its norm over the vocabulary

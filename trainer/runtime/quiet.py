@@ -13,7 +13,7 @@ library's real warnings still get through:
   bar adds one line per rank), "Writing model shards" per save and "Converting and de-quantizing
   GGUF tensors" per GGUF read. Download bars (huggingface_hub's) are kept.
 Python warnings are not filtered here: a FutureWarning from a library call is fixed at the call
-(trainer/generate.py passes the KV cache as transformers 5.25 wants it).
+(trainer/evaluation/generate.py passes the KV cache as transformers 5.25 wants it).
 """
 from __future__ import annotations
 
