@@ -1,6 +1,7 @@
-"""A LoRA checkpoint made directly (no training run): the tiny base, our LoRA with random non-zero
-B, written in the layout trainer/checkpoint.py writes, with a meta.json carrying the base's
-fingerprint. Used by tests/test_eval.py and tests/test_export.py."""
+"""Adapters for tests that need one without a training run: a LoRA checkpoint made directly (the
+tiny base, our LoRA with random non-zero B, in the layout trainer/checkpoint/saving.py writes, with
+a meta.json carrying the base's fingerprint), loaded back as evaluation loads it or through peft on
+an NF4 base; and one torch thread per test process."""
 from __future__ import annotations
 
 import json

@@ -1,3 +1,5 @@
+"""Recipes (trainer/config.py): every shipped recipe loads and comments every key, typos and bad values
+name the key, overrides are coerced, and the derived DeepSpeed config is what each setting implies."""
 from pathlib import Path
 
 import pytest

@@ -1,4 +1,5 @@
-"""LoRA rank analysis (trainer/analysis.py, launch/analyze.py) on synthetic adapters written to tmp_path."""
+"""LoRA rank analysis (trainer/analysis/ranks.py and figures.py, launch/analyze.py) on synthetic adapters
+written to tmp_path."""
 from __future__ import annotations
 
 import json

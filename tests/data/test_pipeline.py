@@ -305,7 +305,7 @@ def test_label_checks_stop_on_pad_eos_missing_eos_and_untrained_rows(tokenizer, 
 
 
 def test_mixture_weights_are_deterministic_and_seeded(tokenizer, tmp_path):
-    # Distinct questions: a training row repeating a held-out one would be dropped (tests/test_leakage.py).
+    # Distinct questions: a training row repeating a held-out one would be dropped (tests/data/test_leakage.py).
     first = write_jsonl(tmp_path / "a.jsonl", [{**ROWS[0], "input": f"{i} + 12", "output": str(i)} for i in range(40)])
     second = write_jsonl(tmp_path / "b.jsonl", [{**ROWS[1], "input": f"w{i}", "output": f"w{i}"} for i in range(10)])
     mixed = DataConfig(mixture=[DataSource(str(first), weight=0.5), DataSource(str(second), weight=2.0)],

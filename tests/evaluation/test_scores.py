@@ -1,3 +1,5 @@
+"""Answer scores (trainer/evaluation/scores.py): exact match, token F1, ROUGE-L and final-number accuracy on
+hand-worked examples, and how a set of rows is summarised."""
 from decimal import Decimal
 
 import pytest

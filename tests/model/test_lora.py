@@ -1,3 +1,6 @@
+"""Our LoRA layer (trainer/model/lora.py) on plain, 4-bit and 8-bit linear layers: it starts at the base,
+computes scaling * B A x, merges and unmerges exactly, trains only the adapters, and never merges as a
+side effect of eval()."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""A run's output holds our lines: the libraries' routine ones (trainer/quiet.py) are dropped,
+"""A run's output holds our lines: the libraries' routine ones (trainer/runtime/quiet.py) are dropped,
 shown again with --debug, and the libraries' other warnings still get through."""
 from __future__ import annotations
 

@@ -1,3 +1,5 @@
+"""Run reports (trainer/runtime/report.py): report.png and TensorBoard events drawn from metrics.jsonl, and
+a missing plotting or TensorBoard package is a note, not a failure."""
 import json
 
 import pytest
