@@ -1,1 +1,7 @@
-"""The benchmark's pieces (not installed with the trainer): the shared job, the transformers Trainer + peft side, the memory probe."""
+"""The pieces of `launch/bench.py` (not installed with the trainer).
+
+    job.py         the job both frameworks run, its FLOP count and the measured matmul peak
+    hf_trainer.py  the same job trained by transformers Trainer + peft
+    probe.py       a script run as `python SCRIPT`, its peak memory recorded at exit
+    profile.py     where our step's time goes, part by part
+"""
