@@ -175,7 +175,7 @@ def ours_packing(wanted: bool) -> tuple[str, list[str]]:
 def run_ours(job: Job, overrides: list[str], scratch: Path, ranks: int = 1, threads: int | None = None) -> dict:
     output_dir = scratch / "run"
     # Under the memory probe, launch/train.py runs inside the probe's process and does not re-execute
-    # itself; the probe gets the allocator settings it would have applied (trainer/malloc.py).
+    # itself; the probe gets the allocator settings it would have applied (trainer/speedups/malloc.py).
     wall = run_child(["launch/train.py", str(RECIPE), *overrides, f"output_dir={output_dir}"], scratch,
                      tuned_malloc=True, ranks=ranks, threads=threads)
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
@@ -323,7 +323,7 @@ def markdown_table(job: Job, runs: dict[str, list[dict]], tokens: list[dict], de
         f"(micro {job.micro_batch}), {job.timed_steps} timed steps after {job.warmup_steps} warmup, "
         f"{sum(t['useful'] for t in timed) / len(timed):,.0f} useful tokens per step. "
         f"Activation checkpointing {'on' if job.activation_checkpointing else 'off'} (both); ours' packing {packing}; "
-        f"glibc malloc tunables (trainer/malloc.py) for {'both' if same_allocator else 'ours only'}. "
+        f"glibc malloc tunables (trainer/speedups/malloc.py) for {'both' if same_allocator else 'ours only'}. "
         f"Device: {device}; ours {shape['ours']}{' (deepspeed launcher)' if several else ''}, theirs {shape['theirs']}; "
         f"median of {len(runs['ours'])} run(s) each.",
         "",
