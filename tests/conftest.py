@@ -1,5 +1,6 @@
 """Shared fixtures. The built-in tiny base is built once per session into a temporary cache, and
-every subprocess the tests start sees the same cache through QLORA_TRAINER_CACHE."""
+every subprocess the tests start sees the same cache through QLORA_TRAINER_CACHE
+(QLORA_TEST_CACHE=<dir> names a cache to keep, so built bases and conversions outlive the session)."""
 from __future__ import annotations
 
 import os
