@@ -12,6 +12,7 @@ from trainer.config import recipe_from_dict
 from trainer.data.encoding import IGNORE_INDEX, Example
 from trainer.data.batching import collate
 from trainer.model.lora import adapter_parameters, apply_lora, lora_layers
+from trainer import loss as loss_module
 from trainer.loss import CausalLMLoss, chunked_cross_entropy
 from trainer.model.base import enable_activation_checkpointing
 from trainer.model.base import load_base
@@ -63,6 +64,41 @@ def test_chunked_cross_entropy_equals_full_in_value_and_gradients(chunk_tokens, 
     torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-5)
     for got, expected in zip(chunked_grads, full_grads):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, 1), (torch.float32, 5), (torch.float32, 100),
+                                        (torch.bfloat16, 8)])
+def test_a_frozen_head_takes_the_fused_path_with_the_same_value_and_gradient(dtype, rows, monkeypatch):
+    """FrozenHeadCrossEntropy: the input gradient worked out in the forward, chunk by chunk."""
+    monkeypatch.setattr(loss_module, "FUSED_LOGITS_PER_CHUNK", rows * 50)
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=False).to(dtype).requires_grad_(False)
+    hidden = torch.randn(37, 16, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    calls = []
+    original = loss_module.FrozenHeadCrossEntropy.forward
+    monkeypatch.setattr(loss_module.FrozenHeadCrossEntropy, "forward",
+                        staticmethod(lambda ctx, *args: calls.append(args[-1]) or original(ctx, *args)))
+
+    fused, count = chunked_cross_entropy(head, hidden, targets, chunk_tokens=4096)
+    (fused * 3.0).backward()  # the upstream gradient scales the stored one
+    assert calls == [rows] and count == 37
+    expected_hidden = hidden.detach().clone().requires_grad_(True)
+    expected = F.cross_entropy(head(expected_hidden).float(), targets, reduction="sum")
+    (expected * 3.0).backward()
+    tolerance = {"rtol": 1e-6, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(fused, expected, **tolerance)
+    torch.testing.assert_close(hidden.grad, expected_hidden.grad, **tolerance)
+    assert hidden.grad.dtype == dtype
+
+
+def test_a_trainable_head_keeps_the_autograd_path():
+    head = nn.Linear(16, 50, bias=False)  # requires grad: the fused path has no weight gradient
+    hidden = torch.randn(9, 16, requires_grad=True)
+    loss, _ = chunked_cross_entropy(head, hidden, torch.randint(0, 50, (9,)), chunk_tokens=4)
+    loss.backward()
+    assert head.weight.grad is not None and hidden.grad is not None
+    assert type(loss.grad_fn).__name__ != "FrozenHeadCrossEntropyBackward"
 
 
 def test_loss_is_the_models_own_loss_on_trained_tokens(small_base_path, batch):
