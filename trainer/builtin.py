@@ -9,12 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from trainer.data.tasks import ensure_demo_data
+from trainer.data.tasks import DEMO_DATASETS, resolve_dataset
 from trainer.model.gguf import converted_dir, ensure_smollm2, is_gguf
 from trainer.model.tiny_base import ensure_tiny_base
 
-BUILTINS: dict[str, Callable[[str], Path]] = {
-    "tiny-llama": ensure_tiny_base, "smollm2-135m": ensure_smollm2, "tasks": ensure_demo_data}
+MODELS: dict[str, Callable[[str], Path]] = {"tiny-llama": ensure_tiny_base, "smollm2-135m": ensure_smollm2}
 
 
 def resolve(name_or_path: str) -> str:
@@ -22,10 +21,12 @@ def resolve(name_or_path: str) -> str:
     (creating either on first use); pass anything else through."""
     if is_gguf(name_or_path):
         return str(converted_dir(name_or_path))
-    if not name_or_path.startswith("builtin:"):
-        return name_or_path
     name = name_or_path.removeprefix("builtin:")
-    if name not in BUILTINS:
-        known = ", ".join(f"builtin:{known_name}" for known_name in BUILTINS)
+    if name == name_or_path:
+        return name_or_path
+    if name in DEMO_DATASETS:
+        return resolve_dataset(name_or_path)
+    if name not in MODELS:
+        known = ", ".join(f"builtin:{known_name}" for known_name in [*MODELS, *DEMO_DATASETS])
         raise ValueError(f"unknown built-in {name_or_path!r}; known: {known}")
-    return str(BUILTINS[name](name))
+    return str(MODELS[name](name))

@@ -123,8 +123,9 @@ def test_smollm2_job_is_the_issue_job_and_flags_override_it():
         bench.parse(["--ranks", "2", "--threads", "1"])
 
 
-def test_bench_gives_theirs_one_gpu_and_a_real_vocabulary(tmp_path, monkeypatch):
-    """On a multi-GPU machine HF Trainer would use DataParallel over every GPU (batch micro x GPUs)."""
+@pytest.fixture
+def children(monkeypatch) -> dict:
+    """What the bench would start: its subprocess.run records the command and environment instead."""
     seen = {}
 
     def fake_run(command, cwd, env, stdout, stderr):
@@ -132,6 +133,12 @@ def test_bench_gives_theirs_one_gpu_and_a_real_vocabulary(tmp_path, monkeypatch)
         return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    return seen
+
+
+def test_bench_gives_theirs_one_gpu_and_a_real_vocabulary(tmp_path, monkeypatch, children):
+    """On a multi-GPU machine HF Trainer would use DataParallel over every GPU (batch micro x GPUs)."""
+    seen = children
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5")
     bench.run_child(["-m", "launch.benchmarks.hf_trainer"], tmp_path, tuned_malloc=False)
     assert seen["CUDA_VISIBLE_DEVICES"] == "2"
@@ -141,14 +148,8 @@ def test_bench_gives_theirs_one_gpu_and_a_real_vocabulary(tmp_path, monkeypatch)
     assert bench_job.MIN_VOCAB == 32000
 
 
-def test_two_ranks_run_the_probe_per_rank_through_the_launcher(tmp_path, monkeypatch):
-    seen = {}
-
-    def fake_run(command, cwd, env, stdout, stderr):
-        seen.update(env, command=command)
-        return subprocess.CompletedProcess(command, 0)
-
-    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+def test_two_ranks_run_the_probe_per_rank_through_the_launcher(tmp_path, monkeypatch, children):
+    seen = children
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5")
     bench.run_child(["launch/train.py", "recipe.yaml"], tmp_path, tuned_malloc=False, ranks=2, threads=3)
     command = seen["command"]
