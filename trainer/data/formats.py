@@ -54,7 +54,7 @@ class Located:
     # max_rows -> (where, record) in file order, read as they are needed (a .jsonl file line by
     # line, its lines parsed when validated); a record that cannot be parsed is a _Malformed.
     read: Callable[[int | None], Iterator[tuple[str, Any]]]
-    # max_rows -> how many records `read` gives (a .jsonl file: lines counted, none parsed).
+    # max_rows -> about how many records `read` gives, for a progress bar (a .jsonl file: its lines counted).
     count: Callable[[int | None], int]
     # record positions -> those records as `read` gives them, in the order asked.
     pick: Callable[[list[int]], list[tuple[str, Any]]]
@@ -81,8 +81,9 @@ def locate(path: str, split: str = "train") -> Located:
             raise DataError(f"{local}: cannot read the data file ({error.strerror})") from None
         read = (lambda max_rows: _json_lines(local, max_rows)) if local.suffix == ".jsonl" else \
             (lambda max_rows: iter(_json_array(local)[:max_rows]))
-        return Located(str(local), f"{local.resolve()}:{stat.st_size}:{stat.st_mtime_ns}", read,
-                       lambda max_rows: sum(1 for _ in read(max_rows)),
+        count = (lambda max_rows: _count_lines(local, max_rows)) if local.suffix == ".jsonl" else \
+            (lambda max_rows: sum(1 for _ in read(max_rows)))
+        return Located(str(local), f"{local.resolve()}:{stat.st_size}:{stat.st_mtime_ns}", read, count,
                        lambda positions: _picked(read(None), positions))
     dataset = _load_with_datasets(resolved, split)
     name = resolved if local.exists() else f"{resolved} (split {split})"
@@ -118,6 +119,18 @@ def _json_lines(path: Path, max_rows: int | None) -> Iterator[tuple[str, Any]]:
                 yield f"row {number}" + (f" (line {line_number})" if line_number != number else ""), _Line(line)
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: cannot read the data file ({getattr(error, 'strerror', None) or error})") from None
+
+
+def _count_lines(path: Path, max_rows: int | None) -> int:
+    """The records of a .jsonl file, counted without decoding or parsing (for a progress bar: a
+    line of Unicode whitespace alone counts here, not in `_json_lines`)."""
+    count = 0
+    with open(path, "rb") as handle:
+        for line in handle:
+            count += bool(line.strip())
+            if max_rows is not None and count >= max_rows:
+                break
+    return count
 
 
 def _json_array(path: Path) -> list[tuple[str, Any]]:

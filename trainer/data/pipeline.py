@@ -184,16 +184,8 @@ def _summary(part: LoadedSource, weight: float | None, train: int, held_out: int
     return {**summary, "weight": weight, "train": train, "eval": held_out, "leaked": leaked, "cache": part.cache}
 
 
-def split_rows(count: int, eval_fraction: float, seed: int | list[int]) -> tuple[list[int], list[int]]:
-    """Deterministic train/held-out split of row positions 0..count-1."""
-    held_out = _held_out_records(count, eval_fraction, seed)
-    kept = np.ones(count, dtype=bool)
-    kept[held_out] = False
-    return np.flatnonzero(kept).tolist(), held_out.tolist()
-
-
 def _held_out_records(count: int, eval_fraction: float, seed: int | list[int]) -> np.ndarray:
-    """`split_rows`' held-out positions, sorted, as an array."""
+    """The held-out ones of row positions 0..count-1, sorted: a deterministic, seeded split."""
     order = np.random.default_rng(seed).permutation(count)
     return np.sort(order[:int(round(count * eval_fraction))])
 

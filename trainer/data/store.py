@@ -33,7 +33,8 @@ HEADER_BYTES = 128  # a 1-D .npy header (format 1.0) pads to 128 bytes for any l
 
 class Store:
     """One dataset's examples, memory-mapped. `info` is what the pipeline said about the dataset
-    (name, format, records, outcomes) when it wrote the store."""
+    when it wrote the store: name, format, records, outcomes, and the source it read (path, split,
+    columns), where the held-out rows are read back from."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
