@@ -195,7 +195,7 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
     model, dtype = prepare_model(recipe, device, tokenizer)
     log(parameter_summary(model))
     resume_dir = resume.find_resume_dir(recipe)
-    mean_tokens = sum(len(e.input_ids) for e in data.train_set) / max(len(data.train_set), 1)
+    mean_tokens = float(data.train_set.lengths().mean()) if len(data.train_set) else 0.0
     log(preflight.summary(recipe, model, data.stats, distributed.world_size(), dtype, base_name_or_path, resume_dir,
                           mean_tokens))
     if dry_run:
