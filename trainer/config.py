@@ -73,7 +73,8 @@ class DataConfig:
     max_eval_rows: int = 500
     drop_leaked: bool = True  # drop training rows whose instruction + input (normalised) is a held-out one
     train_on_prompt: bool = False  # False: labels are -100 on prompt tokens
-    max_rows: int | None = None  # cap on rows read per dataset (debugging, benchmarks)
+    max_rows: int | None = None  # cap on rows read per dataset (debugging, benchmarks); a stream stops there
+    streaming: bool = False  # read hub datasets as a stream into the store, never downloaded whole (local files: no effect)
     cache: bool = True  # reuse tokenised datasets from <cache dir>/tokenized
     packing: bool = True  # pack several examples per row (attention isolated); loss unchanged
 

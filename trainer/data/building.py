@@ -1,9 +1,10 @@
 """One dataset -> its store: records read a chunk at a time, validated and tokenised on all cores,
 appended in file order.
 
-The main process reads records (a .jsonl file line by line) and hands out chunks of `CHUNK_ROWS`
-to a process pool whose workers hold the tokenizer from their start; at most two chunks per
-worker are in flight, so memory holds a few chunks whatever the dataset's size. Chunk boundaries
+The main process reads records (a .jsonl file line by line, a streamed hub dataset record by
+record) and hands out chunks of `CHUNK_ROWS` to a process pool whose workers hold the tokenizer
+from their start; at most two chunks per worker are in flight, so memory holds a few chunks
+whatever the dataset's size. Chunk boundaries
 depend only on the records, and every chunk is tokenised alone and appended in order, so the
 store's bytes are the same for one worker or many.
 """
@@ -76,7 +77,8 @@ def build_store(located: Located, source: DataSource, config: DataConfig, tokeni
         raise
     info = {"name": located.name, "format": job.format, "records": records,
             "outcomes": {**{f"skipped: {why}": n for why, n in bad.items()}, **outcomes},
-            "source": {"path": source.path, "split": source.split, "columns": source.columns}}
+            "source": {"path": source.path, "split": source.split, "columns": source.columns,
+                       "streaming": located.streamed}}
     return Store(writer.finish(info))
 
 
@@ -143,7 +145,8 @@ def _numbered(chunks: Iterator[list]) -> Iterator[tuple[int, list]]:
 
 
 def _progress(located: Located, max_rows: int | None, workers: int, shown: bool) -> tqdm:
-    """rows/s and the time left, on the rank that prints, for a dataset of more than one chunk."""
+    """rows/s and the time left, on the rank that prints, for a dataset of more than one chunk (a
+    stream: rows/s alone, its length is not known)."""
     shown = shown and distributed.is_main()
     return tqdm(total=located.count(max_rows) if shown else None, disable=not shown, unit=" rows", unit_scale=True,
                 desc=f"tokenising {Path(located.name).name} ({workers} process{'es' if workers > 1 else ''})",

@@ -2,9 +2,10 @@
 reading and tokenising, and the ranks of a node map one copy.
 
 A dataset's store (trainer/data/store.py) is a directory named by a key that covers everything the
-examples depend on: the source's identity (path, size and mtime, or a `datasets` fingerprint), the
-tokenizer (a hash of its full definition), the data settings that shape examples, and the code
-that makes them. With data.cache off, the store is still how examples are held: it is written to
+examples depend on: the source's identity (path, size and mtime; a `datasets` fingerprint; or, for a
+hub dataset streamed, its id and split, as nothing else is known before it is read), the tokenizer
+(a hash of its full definition), the data settings that shape examples, and the code that makes
+them. With data.cache off, the store is still how examples are held: it is written to
 a directory of its own, which is deleted once mapped (the maps keep the files until the process
 ends).
 """

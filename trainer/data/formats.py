@@ -4,7 +4,9 @@ Formats: Alpaca (`instruction`, `input`, `output`), nested `instances` (one row 
 chat `messages` (`role`/`content`). Sources: .json/.jsonl read here, so a bad line can be named;
 .csv/.parquet files, saved `datasets` folders and hub ids through `datasets`. `columns` renames a
 source's columns to ours. A bad row is a DataError naming the file, the row and the problem, or,
-with on_bad_row=skip, left out and counted by reason.
+with on_bad_row=skip, left out and counted by reason. A hub id with `streaming` is read as a stream
+(`datasets.load_dataset(..., streaming=True)`): records come over the network as they are read,
+never downloaded whole, and the stream is opened only when records are wanted.
 
 Records are read as they are needed (`Located.read`), so a large dataset can be validated and
 tokenised a chunk at a time (`settle_format` on the first chunk, `validate_records` on each);
@@ -16,6 +18,7 @@ import json
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +57,12 @@ class Located:
     # max_rows -> (where, record) in file order, read as they are needed (a .jsonl file line by
     # line, its lines parsed when validated); a record that cannot be parsed is a _Malformed.
     read: Callable[[int | None], Iterator[tuple[str, Any]]]
-    # max_rows -> about how many records `read` gives, for a progress bar (a .jsonl file: its lines counted).
-    count: Callable[[int | None], int]
+    # max_rows -> about how many records `read` gives, for a progress bar (a .jsonl file: its lines
+    # counted; a stream: None, not known until it ends).
+    count: Callable[[int | None], int | None]
     # record positions -> those records as `read` gives them, in the order asked.
     pick: Callable[[list[int]], list[tuple[str, Any]]]
+    streamed: bool = False  # a hub dataset read as a stream: `pick` reads it again up to the last position
 
 
 class _Malformed(str):
@@ -71,7 +76,10 @@ class _Line(str):
 # ------------------------------------------------------------------------------ finding and reading
 
 
-def locate(path: str, split: str = "train") -> Located:
+def locate(path: str, split: str = "train", streaming: bool = False) -> Located:
+    """`path` found, not read. `streaming` applies to hub ids; local files are read as they always
+    are (.json/.jsonl here, a chunk at a time; csv/parquet/saved datasets memory-mapped by `datasets`,
+    nothing downloaded)."""
     resolved = resolve_dataset(path)
     local = Path(resolved)
     if local.suffix in (".json", ".jsonl"):
@@ -85,6 +93,8 @@ def locate(path: str, split: str = "train") -> Located:
             (lambda max_rows: sum(1 for _ in read(max_rows)))
         return Located(str(local), f"{local.resolve()}:{stat.st_size}:{stat.st_mtime_ns}", read, count,
                        lambda positions: _picked(read(None), positions))
+    if streaming and not local.exists():
+        return _streamed(resolved, split)
     dataset = _load_with_datasets(resolved, split)
     name = resolved if local.exists() else f"{resolved} (split {split})"
 
@@ -103,6 +113,29 @@ def locate(path: str, split: str = "train") -> Located:
     # A dataset's fingerprint changes with its files (local) or revision (hub).
     return Located(name, f"datasets:{resolved}:{split}:{dataset._fingerprint}", read,
                    lambda max_rows: len(dataset) if max_rows is None else min(max_rows, len(dataset)), pick)
+
+
+def _streamed(name: str, split: str) -> Located:
+    """A hub dataset as a stream, not opened until read. Its identity (the cache key's source part)
+    is what `load_dataset` is given, the id and split: a stream has no fingerprint before it is read
+    through, so a dataset changed on the hub under the same id is not noticed (data.cache: false
+    reads it again)."""
+    label = f"{name} (split {split})"
+
+    def read(max_rows: int | None) -> Iterator[tuple[str, Any]]:
+        stream = iter(_load_with_datasets(name, split, streaming=True))
+        # islice stops without asking for record max_rows + 1 (IterableDataset.take would).
+        records = stream if max_rows is None else islice(stream, max_rows)
+        number = 0
+        try:
+            for record in records:
+                number += 1
+                yield f"row {number}", record
+        except Exception as error:  # the network or a shard failing mid-stream: datasets raises many types
+            raise DataError(f"{label}: the stream failed after row {number}: {_first_line(error)}") from error
+
+    return Located(label, f"datasets stream:{json.dumps({'path': name, 'split': split})}", read,
+                   lambda max_rows: None, lambda positions: _picked(read(None), positions), streamed=True)
 
 
 def _json_lines(path: Path, max_rows: int | None) -> Iterator[tuple[str, Any]]:
@@ -171,7 +204,7 @@ def parsed(record: Any) -> Any:
         return _Malformed(f"not valid JSON ({error.msg} at column {error.colno})")
 
 
-def _load_with_datasets(name: str, split: str):
+def _load_with_datasets(name: str, split: str, streaming: bool = False):
     import datasets
 
     local = Path(name)
@@ -182,16 +215,19 @@ def _load_with_datasets(name: str, split: str):
             builder = local.suffix.lstrip(".")
             dataset = datasets.load_dataset(builder, data_files=str(local), split="train")
         else:
-            dataset = datasets.load_dataset(name, split=split)
+            dataset = datasets.load_dataset(name, split=split, streaming=streaming)
     except Exception as error:  # datasets raises many types for "not found / offline / bad file"
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(f"{name}: could not load as a file, a saved dataset or a hub dataset "
-                        f"(split {split}): {first_line}") from None
+                        f"(split {split}{', streaming' if streaming else ''}): {_first_line(error)}") from None
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
             raise DataError(f"{name}: no split {split!r}; it has {sorted(dataset)} (set data.split)")
         dataset = dataset[split]
     return dataset
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 # ------------------------------------------------------------------------------ validating

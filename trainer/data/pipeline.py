@@ -56,7 +56,7 @@ class LoadedSource:
 def load_source(source: DataSource, config: DataConfig, tokenizer, workers: int | None = None) -> LoadedSource:
     """One dataset read, validated and tokenised into its store, or the store from the cache.
     `workers`: processes that tokenise (default: all cores)."""
-    located = locate(source.path, source.split)
+    located = locate(source.path, source.split, config.streaming)
     settings = {"split": source.split, "format": source.format, "columns": source.columns,
                 "template": config.template, "max_seq_len": config.max_seq_len, "on_too_long": config.on_too_long,
                 "on_bad_row": config.on_bad_row, "train_on_prompt": config.train_on_prompt,
@@ -221,7 +221,7 @@ def held_out_rows(data: DataConfig, held_out: Examples) -> list[dict]:
 def _rows_by_id(info: dict[str, Any], row_offset: int, wanted: list[int], on_bad_row: str) -> dict[int, list[dict]]:
     """The `wanted` rows (ids as `build_datasets` numbers them) of the dataset a store was made from."""
     source = info["source"]
-    located = locate(source["path"], source["split"])
+    located = locate(source["path"], source["split"], source["streaming"])
     records = located.pick([row_id - row_offset for row_id in wanted])
     by_id: dict[int, list[dict]] = defaultdict(list)
     for row_id, record in zip(wanted, records):
