@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trainer.data import packing
-from trainer.speedups import last_layer
+from trainer.speedups import last_layer, onednn
 from trainer.speedups.packed_attention import PACKED_ATTENTION
 from trainer.data.encoding import IGNORE_INDEX
 
@@ -88,7 +88,7 @@ def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.
     count = torch.tensor(targets.numel(), device=hidden.device)
     if torch.is_grad_enabled() and hidden.requires_grad and _frozen_plain_head(head):
         rows = max(1, FUSED_LOGITS_PER_CHUNK // head.out_features)
-        return FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, rows), count
+        return FrozenHeadCrossEntropy.apply(hidden, head, targets, rows), count
     if hidden.shape[0] * head.out_features <= keep_logits_up_to:
         return _chunk_loss(head, hidden, targets), count
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -116,18 +116,24 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
     computes the softmax twice."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, rows: int) -> torch.Tensor:
+        weight = head.weight
+        # The head's own forward (through oneDNN when speedups routed it), and the input-gradient
+        # product through oneDNN too in that case, as the routed layer's backward would do it.
+        routed = onednn.routes(head)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], rows):
-            logits = F.linear(hidden[start:start + rows], weight).float()
+            logits = head(hidden[start:start + rows]).float()
             chunk_targets = targets[start:start + rows]
             log_total = torch.logsumexp(logits, dim=-1)
             total += (log_total - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
             if grad is not None:
                 probabilities = logits.sub_(log_total[:, None]).exp_()
                 probabilities[torch.arange(len(chunk_targets), device=logits.device), chunk_targets] -= 1
-                grad[start:start + rows] = probabilities.to(weight.dtype) @ weight
+                probabilities = probabilities.to(weight.dtype)
+                grad[start:start + rows] = (onednn.linear(probabilities, weight.t()) if routed
+                                            else probabilities @ weight)
         ctx.save_for_backward(grad)
         return total
 

@@ -114,6 +114,12 @@ def _frozen(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
             and (bias is None or (bias.dtype == torch.float32 and not bias.requires_grad)))
 
 
+def routes(module: nn.Module) -> bool:
+    """Whether `use_onednn_linear` routed this plain linear layer's products through oneDNN."""
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, functools.partial) and forward.func is _frozen_linear_forward
+
+
 def use_onednn_linear(model: nn.Module) -> int:
     """Route the frozen linear layers of `model` (bitsandbytes 4-bit ones and plain `nn.Linear`s
     whose weight is not trained, e.g. the vocabulary projection) through oneDNN for fp32 CPU inputs.
