@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -231,12 +230,6 @@ def peak_memory(scratch: Path) -> dict:
     return memory
 
 
-def free_port() -> int:
-    with socket.socket() as sock:  # another job on this machine may hold DeepSpeed's default 29500
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_child(command: list[str], scratch: Path, tuned_malloc: bool, ranks: int = 1,
               threads: int | None = None) -> float:
     """Run `python COMMAND` under the memory probe (with ranks > 1, that many of it through the
@@ -256,6 +249,8 @@ def run_child(command: list[str], scratch: Path, tuned_malloc: bool, ranks: int 
     if ranks == 1:
         launcher, memory = [sys.executable, "-m", "launch.benchmarks.probe"], "memory.json"
     else:  # the probe started once per rank, as the launcher starts launch/train.py
+        from trainer.runtime.distributed import free_port  # here: it imports torch, which must see --threads first
+
         launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
                     str(free_port()), "--no_local_rank", "--module", "launch.benchmarks.probe"]
         memory = "memory-{rank}.json"

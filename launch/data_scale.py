@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.runtime.cache import cache_dir
+from trainer.runtime.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = "recipes/tiny_alpaca.yaml"
@@ -193,12 +193,6 @@ def memory(pid: int) -> tuple[int, int]:
     except OSError:
         pass
     return values.get("RssAnon:", 0), values.get("RssFile:", 0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def table(results: list[Measurement]) -> str:

@@ -14,13 +14,13 @@ import argparse
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 from trainer.config import load_recipe
+from trainer.runtime.distributed import free_port
 
 DEFAULT_RECIPE = "recipes/smollm2_tasks.yaml"
 DEFAULTS = ["train.max_steps=40", "train.eval_every=40", "train.save_every=40", "data.max_eval_rows=64",
@@ -66,12 +66,6 @@ def main(argv: list[str]) -> int:
         print(json.dumps({name: results[name]}), flush=True)
     print(table(results))
     return 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:  # another job on this machine may hold DeepSpeed's default 29500
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def summary(run_dir: Path, train_output: str) -> dict:

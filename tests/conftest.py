@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from trainer.runtime.distributed import free_port  # noqa: F401  (the tests import it from here)
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 VENV_BIN = Path(sys.executable).parent
@@ -109,11 +111,3 @@ def run_cli(args: list[str], timeout: int = 600, env: dict | None = None,
         raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n"
                              f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-6000:]}")
     return result
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

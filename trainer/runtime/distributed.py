@@ -27,7 +27,7 @@ def init(timeout_minutes: float = 30.0) -> torch.device:
     if "RANK" not in os.environ:
         # A plain `python launch/train.py` run: a world of one on a free local port.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     timeout = timedelta(minutes=timeout_minutes)
     # DeepSpeed makes its own groups (ZeRO reduces over a clone of the world group) with
     # dist.new_group() and no timeout, i.e. torch's 30-minute default: make ours the default.
@@ -126,7 +126,8 @@ def _skip_shared_memory_op() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (another job may hold DeepSpeed's default, 29500)."""
     import socket
 
     with socket.socket() as sock:
