@@ -16,7 +16,7 @@ import numpy as np
 
 from trainer.data.formats import DataError
 from trainer.data.encoding import IGNORE_INDEX, Example, document_bos, expected_first_token
-from trainer.data.store import Store
+from trainer.data.store import Store, trained_mask
 
 
 def check_labels(examples: Sequence[Example], tokenizer, describe: Callable[[int], str],
@@ -103,13 +103,6 @@ def flatten(examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray, np.nda
     return ids, labels, starts, lengths
 
 
-def trained_mask(labels: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    # An example's first label is never a target: the loss predicts token t from tokens before it.
-    trained = labels != IGNORE_INDEX
-    trained[starts] = False
-    return trained
-
-
 def _per_example(flags: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.logical_or.reduceat(flags, starts)
 
@@ -120,7 +113,7 @@ def dataset_summary(name: str, format: str, records: int, outcomes: dict[str, in
                "outcomes": dict(outcomes), "mean_tokens": 0.0, "max_tokens": 0, "trained_fraction": 0.0}
     if len(store):
         lengths = store.lengths()
-        # The per-example counts of trained tokens (the first label aside), as trained_mask counts them.
+        # The per-example counts of trained tokens (the first label aside), as store.trained_mask counts them.
         trained = int(np.sum(store.trained, dtype=np.int64))
         summary.update(mean_tokens=round(float(lengths.mean()), 1), max_tokens=int(lengths.max()),
                        trained_fraction=round(trained / int(lengths.sum()), 4))

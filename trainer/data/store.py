@@ -89,8 +89,7 @@ class StoreWriter:
         if not len(encoded.lengths):
             return
         starts = np.concatenate([[0], np.cumsum(encoded.lengths)[:-1]])
-        # An example's first label is never a target (stats.trained_mask): not counted as trained.
-        trained = np.add.reduceat(encoded.labels != IGNORE_INDEX, starts) - (encoded.labels[starts] != IGNORE_INDEX)
+        trained = np.add.reduceat(trained_mask(encoded.labels, starts), starts)
         self._write("offsets", self.lengths["input_ids"] + np.cumsum(encoded.lengths))  # where each one ends
         self._write("input_ids", encoded.input_ids)
         self._write("labels", encoded.labels)
@@ -121,6 +120,13 @@ class StoreWriter:
         for handle in self.files.values():
             handle.close()
         shutil.rmtree(self.temporary, ignore_errors=True)
+
+
+def trained_mask(labels: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    # An example's first label is never a target: the loss predicts token t from tokens before it.
+    trained = labels != IGNORE_INDEX
+    trained[starts] = False
+    return trained
 
 
 def _npy_header(dtype, length: int) -> bytes:
