@@ -207,12 +207,14 @@ def measured_cpu_matmul_flops(repeats: int = 5) -> dict[str, float | str]:
     the faster library sets the peak. A step on N threads is measured against N x this."""
     import torch
 
+    from trainer.speedups import onednn
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         libraries = {"torch.mm": lambda a, b: torch.mm(a, b)}
-        if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-            libraries["oneDNN"] = lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+        if onednn.available():  # the products ours routes there, through the same function
+            libraries["oneDNN"] = lambda a, b: onednn.linear(a, b.t())
         best = {name: 0.0 for name in libraries}
         for rows, inner, columns in PEAK_SHAPES:
             a, b = torch.randn(rows, inner), torch.randn(inner, columns)
