@@ -71,6 +71,19 @@ def test_apply_switches_on_what_the_recipe_asks(small_base_path, environ):
     assert all(environ[name] == str(onednn.CACHE_CAPACITY) for name in onednn.CACHE_VARIABLES)
 
 
+def test_what_apply_binds_survives_train_and_eval_switches(small_base_path, environ):
+    # transformers re-kernelizes a model with hub kernels on at each train()/eval() switch (with the
+    # `kernels` package installed), which put LlamaRMSNorm's own forward back over the fused one.
+    model, recipe = lora_model(small_base_path)
+    speedups.apply(model, recipe, CPU)
+    bound = {name: replaced(m) for name, m in model.named_modules() if replaced(m) is not None}
+    model.train()
+    model.eval()
+    model.train()
+    assert {name: replaced(m) for name, m in model.named_modules() if replaced(m) is not None} == bound
+    assert sum(f is fused._rms_norm_forward for f in bound.values()) == 2 * model.config.num_hidden_layers + 1
+
+
 def test_apply_switches_nothing_the_recipe_turns_off(small_base_path, environ):
     model, recipe = lora_model(small_base_path, ALL_OFF)
     switched = speedups.apply(model, recipe, CPU)

@@ -33,6 +33,12 @@ def apply(model: nn.Module, recipe: Recipe, device: torch.device, *, training: b
 
     switched = []
     cpu = device.type == "cpu"
+    if getattr(model, "use_kernels", False):
+        # transformers with the `kernels` package installed loads models with hub kernels on, and
+        # then re-kernelizes at every train()/eval() switch: that puts back the class's own forward
+        # of each layer the hub has a name for (LlamaRMSNorm: "RMSNorm"), over the one bound below.
+        # Off here, once, before anything is bound (turning it off resets to the torch forwards).
+        model.use_kernels = False
     # First, before any oneDNN product in this process: its caches read their capacity then. On CPU
     # whatever train.onednn_matmul says: torch runs some of its own CPU products (16-bit) through oneDNN.
     if cpu and onednn.cap_caches():
