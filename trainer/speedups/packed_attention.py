@@ -44,13 +44,17 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query [B, heads, L, head_dim], key/value [B, kv_heads, L, head_dim] -> [B, L, heads, head_dim]."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     length = query.shape[2]
     if attention_mask is not None or position_ids is None or key.shape[2] != length:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    key, value = (repeat_kv(t, getattr(module, "num_key_value_groups", 1)) for t in (key, value))
+    # Grouped-query attention (fewer key/value heads than query heads) in the kernel itself: torch's
+    # CPU flash kernel reads each key/value head for its group of query heads. Repeating K and V to
+    # every query head first (transformers' repeat_kv) copies them, and their gradients are summed back
+    # over the group: 42 against 27 ms per SmolLM2 layer (9/3 heads, 8 examples, forward + backward).
+    grouped = key.shape[1] != query.shape[1]
     packed_lengths = kwargs.get("packed_lengths")
     if packed_lengths is not None and query.shape[0] == 1:  # from CausalLMLoss: known on the host
         per_row = [packed_lengths]
@@ -72,6 +76,6 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         # Each output goes to [1, length, heads, head_dim] as a view; one concatenation then writes
         # the row in the layout the output projection reads (no second, transposing copy).
         rows.append(torch.cat([F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
-                                                              scale=scaling).transpose(1, 2)
+                                                              scale=scaling, enable_gqa=grouped).transpose(1, 2)
                                for q, k, v in pieces], dim=1))
     return torch.cat(rows) if len(rows) > 1 else rows[0], None
