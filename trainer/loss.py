@@ -118,9 +118,9 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, rows: int) -> torch.Tensor:
         weight = head.weight
-        # The head's own forward (through oneDNN when speedups routed it), and the input-gradient
-        # product through oneDNN too in that case, as the routed layer's backward would do it.
-        routed = onednn.routes(head)
+        # The head's own forward (through the library speedups routed it to, if any), and the
+        # input-gradient product through that library too, as the routed layer's backward would do it.
+        product = onednn.product_of(head)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], rows):
@@ -132,7 +132,7 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
                 probabilities = logits.sub_(log_total[:, None]).exp_()
                 probabilities[torch.arange(len(chunk_targets), device=logits.device), chunk_targets] -= 1
                 probabilities = probabilities.to(weight.dtype)
-                grad[start:start + rows] = (onednn.linear(probabilities, weight.t()) if routed
+                grad[start:start + rows] = (product(probabilities, weight.t(), None) if product
                                             else probabilities @ weight)
         ctx.save_for_backward(grad)
         return total

@@ -203,8 +203,8 @@ PEAK_SHAPES = ((2048, 576, 576), (2048, 576, 1536), (2048, 2048, 2048))
 def measured_cpu_matmul_flops(repeats: int = 5) -> dict[str, float | str]:
     """One thread's fp32 matrix-multiply rate on this CPU, measured now (FLOP/s): the best of
     `repeats` timed products of each of `PEAK_SHAPES`, through torch's `mm` (MKL on x86) and, where
-    the build has it, oneDNN (which ours uses for the frozen layers, trainer/speedups/onednn.py):
-    the faster library sets the peak. A step on N threads is measured against N x this."""
+    the build has it, oneDNN (ours' frozen layers use whichever is faster on this CPU,
+    trainer/speedups/onednn.py): the faster library sets the peak. A step on N threads is measured against N x this."""
     import torch
 
     from trainer.speedups import onednn

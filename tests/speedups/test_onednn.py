@@ -82,6 +82,31 @@ def test_frozen_layers_keep_loss_and_adapter_gradients(small_base_path, small_to
                                    msg=lambda message, name=name: f"{name}: {message}")
 
 
+@pytest.mark.parametrize("vendor, library", [("GenuineIntel", onednn.TORCH), ("AuthenticAMD", onednn.ONEDNN)])
+def test_the_faster_library_is_torchs_mkl_on_intel_processors_only(tmp_path, vendor, library):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: avx512f\n\n")
+    assert onednn.faster_library(str(cpuinfo)) == library
+    assert onednn.faster_library(str(tmp_path / "missing")) == onednn.ONEDNN
+
+
+def test_routed_through_torchs_product_the_layers_give_the_same_numbers_without_onednn(calls):
+    from tests.model.test_lora import quantised_linear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(quantised_linear(4, nn.Linear(64, 48)), nn.Linear(48, 40)).requires_grad_(False)
+    x = torch.randn(100, 64, requires_grad=True)
+    results = {}
+    for library in (onednn.ONEDNN, onednn.TORCH):  # routed again: the second binding replaces the first
+        assert onednn.use_onednn_linear(model, library) == 2
+        assert onednn.product_of(model[1]) is onednn.PRODUCTS[library]
+        out = model(x)
+        results[library] = out, torch.autograd.grad(out, x, torch.ones_like(out))[0]
+        assert len(calls) == 4  # oneDNN's two layers, forward and backward; none for torch's
+    for expected, got in zip(results[onednn.ONEDNN], results[onednn.TORCH]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_frozen_linear_gradient_is_the_inputs_only():
     torch.manual_seed(0)
     layer = nn.Linear(24, 36).requires_grad_(False)

@@ -1,7 +1,8 @@
 """Speed-ups, switched on in one place: `apply(model, recipe, device)`. Importing them changes nothing.
 
     fused.py             SwiGLU MLP and RMSNorm that keep less for the backward (train.fused_mlp, fused_norm)
-    onednn.py            the frozen layers' fp32 CPU products through oneDNN, its caches capped (train.onednn_matmul)
+    onednn.py            the frozen layers' fp32 CPU products: input gradient only, through the faster of oneDNN
+                         and MKL for this CPU; oneDNN's caches capped (train.onednn_matmul)
     packed_attention.py  attention per packed example, not through a mask (data.packing, SDPA models)
     dropout_masks.py     LoRA dropout from random bytes; q, k and v keep their input once (lora.dropout > 0)
     last_layer.py        the last layer's output projection and MLP at trained positions only (always)
@@ -47,8 +48,9 @@ def apply(model: nn.Module, recipe: Recipe, device: torch.device, *, training: b
         switched.append(f"fused SwiGLU MLP ({count} layers)")
     if training and recipe.train.fused_norm and (count := fused.use_fused_norm(model)):
         switched.append(f"fused RMSNorm ({count} norms)")
-    if cpu and recipe.train.onednn_matmul and (count := onednn.use_onednn_linear(model)):
-        switched.append(f"oneDNN products ({count} frozen linear layers)")
+    library = onednn.faster_library()
+    if cpu and recipe.train.onednn_matmul and (count := onednn.use_onednn_linear(model, library)):
+        switched.append(f"frozen linear layers' products through {library} ({count} layers)")
     if training and recipe.data.packing and model.config._attn_implementation == "sdpa":
         packed_attention.use_packed_attention(model)
         switched.append("attention per packed example")

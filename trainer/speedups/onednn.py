@@ -10,6 +10,12 @@ instruction set alone: the same shapes ([2600 x 128] by [128 x 352], [1300 x 128
 MKL's by float rounding. The adapters stay on torch's own products: at rank 16 oneDNN wins little
 there, and loses on the weight gradient and on addmm.
 
+On Intel processors MKL runs its own AVX-512 kernels, and there it is the faster of the two: on this
+project's Intel Xeon (AVX-512) MKL ran every product of the SmolLM2 job 8-20% faster than oneDNN
+([1400 x 576] by [576 x 576]: 133 against 119 GFLOP/s). `faster_library()` picks by the processor's
+vendor; the frozen layers then still take `FrozenLinear` (the input's gradient alone, the 4-bit weight
+dequantised in each pass rather than held), with torch's own product.
+
 Only float32 CPU tensors take this path; anything else (GPU, bf16, a ZeRO-3 partitioned weight, a
 weight that is being trained outside the adapters) falls back to what the layer does without it.
 `train.onednn_matmul=false` turns it off.
@@ -57,44 +63,63 @@ def available() -> bool:
 
 
 def _takes(x: torch.Tensor, weight_dtype: torch.dtype) -> bool:
-    return (torch.backends.mkldnn.enabled and x.device.type == "cpu" and x.dtype == torch.float32
+    return (x.device.type == "cpu" and x.dtype == torch.float32
             and weight_dtype == torch.float32 and 0 < x.numel() and x.numel() >= MIN_ROWS * x.shape[-1]
             and not torch.is_autocast_enabled("cpu"))  # autocast decides the dtype itself
+
+
+ONEDNN, TORCH = "oneDNN", "torch (MKL)"
+
+
+def faster_library(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The library whose fp32 products are faster on this CPU: torch's own (MKL) on Intel processors,
+    where MKL dispatches to its AVX-512 kernels; oneDNN elsewhere (AMD, or no /proc/cpuinfo to read)."""
+    try:
+        with open(cpuinfo) as handle:
+            intel = any(line.startswith("vendor_id") and "GenuineIntel" in line for line in handle)
+    except OSError:
+        intel = False
+    return TORCH if intel or not available() else ONEDNN
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight^T (+ bias), like F.linear but without autograd: through oneDNN for fp32 CPU
     tensors, F.linear otherwise. `weight` may be a transposed view."""
-    if not _takes(x, weight.dtype):
+    if not (torch.backends.mkldnn.enabled and _takes(x, weight.dtype)):
         return F.linear(x, weight, bias)
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
+Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+PRODUCTS: dict[str, Product] = {ONEDNN: linear, TORCH: F.linear}
+
+
 class FrozenLinear(torch.autograd.Function):
-    """y = x @ W^T + b for a weight and bias that are not trained: the backward returns the input's
-    gradient only. `weight_of()` gives W; it is called again in the backward instead of keeping W, so
-    a dequantised 4-bit weight is not held between the forward and the backward (as bitsandbytes'
-    own matmul does)."""
+    """y = x @ W^T + b for a weight and bias that are not trained, by `product` (`linear` or F.linear):
+    the backward returns the input's gradient only. `weight_of()` gives W; it is called again in the
+    backward instead of keeping W, so a dequantised 4-bit weight is not held between the forward and
+    the backward (as bitsandbytes' own matmul does)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight_of: Callable[[], torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.weight_of = weight_of
-        return linear(x, weight_of(), bias)
+    def forward(ctx, x: torch.Tensor, weight_of: Callable[[], torch.Tensor], bias: torch.Tensor | None,
+                product: Product) -> torch.Tensor:
+        ctx.weight_of, ctx.product = weight_of, product
+        return product(x, weight_of(), bias)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return linear(grad, ctx.weight_of().t()), None, None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return ctx.product(grad, ctx.weight_of().t(), None), None, None, None
 
 
-def _frozen_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _frozen_linear_forward(self: nn.Linear, x: torch.Tensor, library: str = ONEDNN) -> torch.Tensor:
     if _takes(x, self.weight.dtype) and _frozen(self.weight, self.bias):
-        return FrozenLinear.apply(x, lambda: self.weight, self.bias)
+        return FrozenLinear.apply(x, lambda: self.weight, self.bias, PRODUCTS[library])
     return F.linear(x, self.weight, self.bias)
 
 
-def _linear4bit_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _linear4bit_forward(self: nn.Module, x: torch.Tensor, library: str = ONEDNN) -> torch.Tensor:
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
     fix_4bit_weight_quant_state_from_module(self)
@@ -103,7 +128,7 @@ def _linear4bit_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # which turns that off) is in a layout dequantize_4bit misreads: bitsandbytes' forward keeps it.
     if (_takes(x, state.dtype) and self.compute_dtype in (None, torch.float32) and _frozen(self.weight, self.bias)
             and not getattr(state, "packing_format_for_cpu", False)):
-        return FrozenLinear.apply(x, lambda: dequantised_weight(self), self.bias)
+        return FrozenLinear.apply(x, lambda: dequantised_weight(self), self.bias, PRODUCTS[library])
     return type(self).forward(self, x)
 
 
@@ -114,24 +139,27 @@ def _frozen(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
             and (bias is None or (bias.dtype == torch.float32 and not bias.requires_grad)))
 
 
-def routes(module: nn.Module) -> bool:
-    """Whether `use_onednn_linear` routed this plain linear layer's products through oneDNN."""
+def product_of(module: nn.Module) -> Product | None:
+    """The product `use_onednn_linear` gave this plain linear layer (None: it was not routed)."""
     forward = module.__dict__.get("forward")
-    return isinstance(forward, functools.partial) and forward.func is _frozen_linear_forward
+    if isinstance(forward, functools.partial) and forward.func is _frozen_linear_forward:
+        return PRODUCTS[forward.keywords.get("library", ONEDNN)]
+    return None
 
 
-def use_onednn_linear(model: nn.Module) -> int:
+def use_onednn_linear(model: nn.Module, library: str = ONEDNN) -> int:
     """Route the frozen linear layers of `model` (bitsandbytes 4-bit ones and plain `nn.Linear`s
-    whose weight is not trained, e.g. the vocabulary projection) through oneDNN for fp32 CPU inputs.
-    Returns how many layers were changed; 0 when this torch build has no oneDNN."""
-    if not available():
+    whose weight is not trained, e.g. the vocabulary projection) through `FrozenLinear` with
+    `library`'s product (`ONEDNN`, or `TORCH`: see `faster_library()`) for fp32 CPU inputs. Returns
+    how many layers were changed; 0 when oneDNN is asked for and this torch build has none."""
+    if library == ONEDNN and not available():
         return 0
     changed = 0
     for module in model.modules():
         if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes."):
-            module.forward = functools.partial(_linear4bit_forward, module)
+            module.forward = functools.partial(_linear4bit_forward, module, library=library)
         elif type(module) is nn.Linear and not module.weight.requires_grad:
-            module.forward = functools.partial(_frozen_linear_forward, module)
+            module.forward = functools.partial(_frozen_linear_forward, module, library=library)
         else:
             continue
         changed += 1
