@@ -15,12 +15,12 @@ from trainer import speedups
 from trainer.config import recipe_from_dict
 from trainer.model.base import load_base
 from trainer.model.lora import LoRALinear, apply_lora
-from trainer.speedups import dropout_masks, fused, onednn
+from trainer.speedups import dropout_masks, fused, onednn, rotary
 from trainer.speedups.packed_attention import PACKED_ATTENTION
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
-ALL_OFF = {"train": {"fused_mlp": False, "fused_norm": False, "onednn_matmul": False},
+ALL_OFF = {"train": {"fused_mlp": False, "fused_norm": False, "fused_rotary": False, "onednn_matmul": False},
            "data": {"packing": False}, "lora": {"dropout": 0.0}}
 
 
@@ -56,10 +56,11 @@ def test_apply_switches_on_what_the_recipe_asks(small_base_path, environ):
     model, recipe = lora_model(small_base_path)  # the defaults: every speed-up on, lora.dropout 0.05
     layers = model.config.num_hidden_layers
     switched = speedups.apply(model, recipe, CPU)
-    assert len(switched) == 7, switched
+    assert len(switched) == 8, switched
     assert all(replaced(m) is fused._swiglu_forward for m in modules_named(model, "LlamaMLP"))
     norms = modules_named(model, "LlamaRMSNorm")
     assert len(norms) == 2 * layers + 1 and all(replaced(m) is fused._rms_norm_forward for m in norms)
+    assert all(replaced(m) is rotary._llama_attention_forward for m in modules_named(model, "LlamaAttention"))
     bases = modules_named(model, "Linear4bit")
     assert len(bases) == 7 * layers and all(replaced(m) is onednn._linear4bit_forward for m in bases)
     assert replaced(model.lm_head) is onednn._frozen_linear_forward
@@ -108,7 +109,7 @@ def test_evaluation_gets_only_the_onednn_products_and_the_last_layer(small_base_
 def test_off_the_cpu_there_is_no_onednn(small_base_path, environ):
     model, recipe = lora_model(small_base_path)
     switched = speedups.apply(model, recipe, torch.device("cuda"))  # only the device's type is read
-    assert not any("oneDNN" in entry for entry in switched) and len(switched) == 5, switched
+    assert not any("oneDNN" in entry or "products" in entry for entry in switched) and len(switched) == 6, switched
     assert replaced(model.lm_head) is None and all(replaced(m) is None for m in modules_named(model, "Linear4bit"))
     assert not any(name in environ for name in onednn.CACHE_VARIABLES)
 
@@ -127,7 +128,7 @@ before = dict(os.environ)
 import trainer.speedups, trainer.speedups.malloc
 torch_first = "torch" in sys.modules
 import trainer.speedups.onednn, trainer.speedups.fused, trainer.speedups.dropout_masks
-import trainer.speedups.last_layer, trainer.speedups.packed_attention
+import trainer.speedups.last_layer, trainer.speedups.packed_attention, trainer.speedups.rotary
 from transformers import AttentionInterface
 print(torch_first, dict(os.environ) == before, "packed_sdpa" in AttentionInterface._global_mapping)
 """

@@ -1,6 +1,7 @@
 """Speed-ups, switched on in one place: `apply(model, recipe, device)`. Importing them changes nothing.
 
     fused.py             SwiGLU MLP and RMSNorm that keep less for the backward (train.fused_mlp, fused_norm)
+    rotary.py            Llama's rotary embedding in fewer passes (train.fused_rotary)
     onednn.py            the frozen layers' fp32 CPU products: input gradient only, through the faster of oneDNN
                          and MKL for this CPU; oneDNN's caches capped (train.onednn_matmul)
     packed_attention.py  attention per packed example, not through a mask (data.packing, SDPA models)
@@ -30,7 +31,7 @@ def apply(model: nn.Module, recipe: Recipe, device: torch.device, *, training: b
     `training=False` (evaluation, decoding): only the oneDNN products and the last-layer hooks. The
     fused ops save memory for a backward, packed attention serves packed batches, and dropout is off."""
     # Imported here, not on top: launch/train.py imports trainer.speedups.malloc before torch.
-    from trainer.speedups import dropout_masks, fused, last_layer, onednn, packed_attention
+    from trainer.speedups import dropout_masks, fused, last_layer, onednn, packed_attention, rotary
 
     switched = []
     cpu = device.type == "cpu"
@@ -48,6 +49,8 @@ def apply(model: nn.Module, recipe: Recipe, device: torch.device, *, training: b
         switched.append(f"fused SwiGLU MLP ({count} layers)")
     if training and recipe.train.fused_norm and (count := fused.use_fused_norm(model)):
         switched.append(f"fused RMSNorm ({count} norms)")
+    if training and recipe.train.fused_rotary and (count := rotary.use_fused_rotary(model)):
+        switched.append(f"fused rotary embedding ({count} attention layers)")
     library = onednn.faster_library()
     if cpu and recipe.train.onednn_matmul and (count := onednn.use_onednn_linear(model, library)):
         switched.append(f"frozen linear layers' products through {library} ({count} layers)")
