@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 import torch
 
 from trainer.config import recipe_from_dict
@@ -35,3 +37,32 @@ def test_the_int8_cast_warning_is_silenced_and_nothing_else(small_base_path, cap
     finally:
         for installed in filters:
             logger.addFilter(installed)
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """The address ranges this process maps from checkpoint files (Linux' /proc/self/maps)."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].endswith(".safetensors"):
+                low, high = (int(bound, 16) for bound in fields[0].split("-"))
+                ranges.append((low, high))
+    return ranges
+
+
+def test_no_weight_is_left_a_view_of_the_mapped_checkpoint(small_base_path):
+    import itertools
+    import os
+
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("reads Linux' /proc/self/maps")
+    recipe = recipe_from_dict({"model": {"name_or_path": small_base_path}, "quant": {"bits": 4}})
+    model, _ = load_base(recipe, torch.device("cpu"))
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    assert any(t.is_floating_point() for t in tensors)  # the embedding and norms, not quantised
+    mapped = _file_mappings()
+    in_file = [t.shape for t in tensors if any(low <= t.untyped_storage().data_ptr() < high for low, high in mapped)]
+    assert in_file == []
+    if model.config.tie_word_embeddings:  # still one tensor for both (SmolLM2's are tied)
+        assert model.lm_head.weight is model.model.embed_tokens.weight
