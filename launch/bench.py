@@ -21,8 +21,8 @@ theirs stays one process with every thread (the table says so).
 
 Beside throughput and peak memory:
 - utilisation: the useful FLOPs of a step (`useful_flops` in launch/benchmarks/job.py) / the median
-  step time / the matrix-multiply peak measured at the start of this run on this device (CPU: one
-  thread's best fp32 rate x threads; GPU: dense bf16);
+  step time / the matrix-multiply peak measured on this device before and after the runs, the higher
+  of the two (CPU: one thread's best fp32 rate x threads; GPU: dense bf16);
 - quality: the held-out loss each reaches after the last step, on the same held-out rows
   (summed token losses / tokens), so a speed-up never hides a different computation.
 `--profile` then runs a few of our steps under torch.profiler (launch/benchmarks/profile.py) and
@@ -125,6 +125,9 @@ def main() -> None:
             runs[name].append(summarise(run, tokens, job, sum(flops.values()), peak["flops"]))
             print(f"[bench]   {runs[name][-1]['tokens_per_s_median_step']:,.0f} useful tokens/s (median step), "
                   f"peak RSS {runs[name][-1]['peak_rss_mib']:,.0f} MiB", flush=True)
+    after = bench_job.matmul_peak(gpu, threads)
+    print(f"[bench] matrix-multiply peak, again after the runs: {after['text']}", flush=True)
+    peak = higher_peak(peak, after, runs, sum(flops.values()))
 
     table = markdown_table(job, runs, tokens, device, packing, gpu, args.same_allocator, peak, flops, layout)
     profile = None
@@ -282,6 +285,16 @@ def summarise(run: dict, tokens: list[dict], job: Job, flops_per_step: float, pe
     return summary
 
 
+def higher_peak(before: dict, after: dict, runs: dict[str, list[dict]], flops_per_step: float) -> dict:
+    """The higher of the peaks measured before and after the runs, with every run's utilisation taken
+    against it. A shared machine's speed drifts by +-15% over minutes: a peak measured in a slow spell
+    alone would flatter the utilisation."""
+    peak = after if after["flops"] > before["flops"] else before
+    for summary in (summary for framework in runs.values() for summary in framework):
+        summary["utilisation"] = utilisation(flops_per_step, summary["step_time_median_s"], peak["flops"])
+    return peak
+
+
 def utilisation(flops_per_step: float, step_time_s: float, peak_flops: float) -> float:
     """The fraction of the measured matrix-multiply peak a step's useful FLOPs ran at."""
     return flops_per_step / step_time_s / peak_flops
@@ -330,7 +343,7 @@ def markdown_table(job: Job, runs: dict[str, list[dict]], tokens: list[dict], de
         lines.append(f"| {title} | {fmt.format(ours)} | {fmt.format(theirs)} | {ratio(ours, theirs)} |")
     parts = ", ".join(f"{part} {value / 1e9:,.1f}" for part, value in flops.items())
     lines += ["", f"Useful GFLOP per step (launch/benchmarks/job.py `useful_flops`): {sum(flops.values()) / 1e9:,.1f} "
-                  f"({parts}). Matrix-multiply peak: {peak['text']}."]
+                  f"({parts}). Matrix-multiply peak (the higher of the measurements before and after the runs): {peak['text']}."]
     if len(runs["ours"]) > 1:
         # Runs alternate ours, theirs, ours, ...: a pair shares the machine's state at the time, so the
         # ratio within each pair is less exposed to a slow spell than the ratio of the medians.

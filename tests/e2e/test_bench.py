@@ -70,6 +70,14 @@ def test_summary_takes_utilisation_from_the_median_timed_step():
     assert summary["eval_loss"] == 1.5 and summary["peak_rss_mib"] == 1024
 
 
+@pytest.mark.parametrize("before, after", [(100.0, 150.0), (150.0, 100.0)])
+def test_utilisation_is_taken_against_the_higher_of_the_peaks_before_and_after_the_runs(before, after):
+    runs = {"ours": [{"step_time_median_s": 2.0, "utilisation": 0.0}], "theirs": [{"step_time_median_s": 4.0}]}
+    peak = bench.higher_peak({"flops": before, "text": "before"}, {"flops": after, "text": "after"}, runs, 600.0)
+    assert peak["flops"] == 150.0
+    assert [r["utilisation"] for r in runs["ours"] + runs["theirs"]] == [2.0, 1.0]  # 600 FLOP in 2 and 4 s, peak 150
+
+
 def test_step_ends_leave_out_the_evaluation_after_the_last_step():
     records = [{"step": 1, "step_time": 1.0, "time": 101.0}, {"step": 2, "step_time": 2.0, "time": 103.0},
                {"step": 3, "step_time": 1.5, "time": 140.0, "eval_loss": 2.0}]
