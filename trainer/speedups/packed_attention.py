@@ -54,7 +54,12 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     # CPU flash kernel reads each key/value head for its group of query heads. Repeating K and V to
     # every query head first (transformers' repeat_kv) copies them, and their gradients are summed back
     # over the group: 42 against 27 ms per SmolLM2 layer (9/3 heads, 8 examples, forward + backward).
+    # CPU only: on CUDA only the flash kernel takes grouped heads (SDPA would fall back to its math
+    # kernel wherever flash cannot run), not measured there: repeated, as transformers does.
     grouped = key.shape[1] != query.shape[1]
+    if grouped and query.device.type != "cpu":
+        key, value = (t.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for t in (key, value))
+        grouped = False
     packed_lengths = kwargs.get("packed_lengths")
     if packed_lengths is not None and query.shape[0] == 1:  # from CausalLMLoss: known on the host
         per_row = [packed_lengths]
