@@ -28,7 +28,7 @@ def apply(model: nn.Module, recipe: Recipe, device: torch.device, *, training: b
     for. Returns what was switched on, for the log. Call before `CausalLMLoss(model)` runs and before
     `trainer.data.packing.training_collate`, which picks the batch layout for the attention set here.
 
-    `training=False` (evaluation, decoding): only the oneDNN products and the last-layer hooks. The
+    `training=False` (evaluation, decoding): only the frozen layers' products and the last-layer hooks. The
     fused ops save memory for a backward, packed attention serves packed batches, and dropout is off."""
     # Imported here, not on top: launch/train.py imports trainer.speedups.malloc before torch.
     from trainer.speedups import dropout_masks, fused, last_layer, onednn, packed_attention, rotary
