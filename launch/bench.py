@@ -343,7 +343,8 @@ def markdown_table(job: Job, runs: dict[str, list[dict]], tokens: list[dict], de
         lines.append(f"| {title} | {fmt.format(ours)} | {fmt.format(theirs)} | {ratio(ours, theirs)} |")
     parts = ", ".join(f"{part} {value / 1e9:,.1f}" for part, value in flops.items())
     lines += ["", f"Useful GFLOP per step (launch/benchmarks/job.py `useful_flops`): {sum(flops.values()) / 1e9:,.1f} "
-                  f"({parts}). Matrix-multiply peak (the higher of the measurements before and after the runs): {peak['text']}."]
+                  f"({parts}). Matrix-multiply peak (the higher of the measurements before and after the runs): "
+                  f"{peak['text']}."]
     if len(runs["ours"]) > 1:
         # Runs alternate ours, theirs, ours, ...: a pair shares the machine's state at the time, so the
         # ratio within each pair is less exposed to a slow spell than the ratio of the medians.

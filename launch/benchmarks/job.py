@@ -204,7 +204,8 @@ def measured_cpu_matmul_flops(repeats: int = 5) -> dict[str, float | str]:
     """One thread's fp32 matrix-multiply rate on this CPU, measured now (FLOP/s): the best of
     `repeats` timed products of each of `PEAK_SHAPES`, through torch's `mm` (MKL on x86) and, where
     the build has it, oneDNN (ours' frozen layers use whichever is faster on this CPU,
-    trainer/speedups/onednn.py): the faster library sets the peak. A step on N threads is measured against N x this."""
+    trainer/speedups/onednn.py): the faster library sets the peak. A step on N threads is measured
+    against N x this."""
     import torch
 
     from trainer.speedups import onednn

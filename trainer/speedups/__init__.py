@@ -28,8 +28,9 @@ def apply(model: nn.Module, recipe: Recipe, device: torch.device, *, training: b
     for. Returns what was switched on, for the log. Call before `CausalLMLoss(model)` runs and before
     `trainer.data.packing.training_collate`, which picks the batch layout for the attention set here.
 
-    `training=False` (evaluation, decoding): only the frozen layers' products and the last-layer hooks. The
-    fused ops save memory for a backward, packed attention serves packed batches, and dropout is off."""
+    `training=False` (evaluation, decoding): only the frozen layers' products and the last-layer
+    hooks. The fused ops save memory for a backward, packed attention serves packed batches, and
+    dropout is off."""
     # Imported here, not on top: launch/train.py imports trainer.speedups.malloc before torch.
     from trainer.speedups import dropout_masks, fused, last_layer, onednn, packed_attention, rotary
 
@@ -51,9 +52,10 @@ def apply(model: nn.Module, recipe: Recipe, device: torch.device, *, training: b
         switched.append(f"fused RMSNorm ({count} norms)")
     if training and recipe.train.fused_rotary and (count := rotary.use_fused_rotary(model)):
         switched.append(f"fused rotary embedding ({count} attention layers)")
-    library = onednn.faster_library()
-    if cpu and recipe.train.onednn_matmul and (count := onednn.use_onednn_linear(model, library)):
-        switched.append(f"frozen linear layers' products through {library} ({count} layers)")
+    if cpu and recipe.train.onednn_matmul:
+        library = onednn.faster_library()
+        if count := onednn.use_onednn_linear(model, library):
+            switched.append(f"frozen linear layers' products through {library} ({count} layers)")
     if training and recipe.data.packing and model.config._attn_implementation == "sdpa":
         packed_attention.use_packed_attention(model)
         switched.append("attention per packed example")

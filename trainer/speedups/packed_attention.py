@@ -44,7 +44,7 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query [B, heads, L, head_dim], key/value [B, kv_heads, L, head_dim] -> [B, L, heads, head_dim]."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     length = query.shape[2]
     if attention_mask is not None or position_ids is None or key.shape[2] != length:
@@ -58,7 +58,7 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     # kernel wherever flash cannot run), not measured there: repeated, as transformers does.
     grouped = key.shape[1] != query.shape[1]
     if grouped and query.device.type != "cpu":
-        key, value = (t.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for t in (key, value))
+        key, value = (repeat_kv(t, query.shape[1] // key.shape[1]) for t in (key, value))
         grouped = False
     packed_lengths = kwargs.get("packed_lengths")
     if packed_lengths is not None and query.shape[0] == 1:  # from CausalLMLoss: known on the host
