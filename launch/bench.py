@@ -2,6 +2,7 @@
 
     python launch/bench.py [--job tiny|smollm2] [--base DIR|FILE.gguf|builtin:NAME] [--threads N]
         [--ranks 1|2] [--steps 20] [--warmup 3] [--repeats 1] [--profile] [--activation-checkpointing]
+        [--quant-compute-dtype auto|bfloat16]
     make bench BENCH_ARGS="--job smollm2"
 
 Jobs (`--job`; a flag given as well overrides the job's value). Both: NF4 double quant, LoRA r=16
@@ -22,7 +23,10 @@ theirs stays one process with every thread (the table says so).
 Beside throughput and peak memory:
 - utilisation: the useful FLOPs of a step (`useful_flops` in launch/benchmarks/job.py) / the median
   step time / the matrix-multiply peak measured on this device before and after the runs, the higher
-  of the two (CPU: one thread's best fp32 rate x threads; GPU: dense bf16);
+  of the two (CPU: one thread's best fp32 rate x threads; GPU: dense bf16). With
+  `--quant-compute-dtype bfloat16` on CPU (both frameworks compute the frozen 4-bit layers' products
+  in bf16, the rest in fp32) the bf16 rate is measured too, and the peak is the rate of this step's
+  mix of products at the two rates (`matmul_peak`);
 - quality: the held-out loss each reaches after the last step, on the same held-out rows
   (summed token losses / tokens), so a speed-up never hides a different computation.
 `--profile` then runs a few of our steps under torch.profiler (launch/benchmarks/profile.py) and
@@ -78,6 +82,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="runs per framework, alternating; medians reported")
     parser.add_argument("--profile", action="store_true", help="then profile ours: where its step's time goes")
     parser.add_argument("--activation-checkpointing", action="store_true", help="on for both frameworks")
+    parser.add_argument("--quant-compute-dtype", choices=("auto", "bfloat16"), default="auto",
+                        help="quant.compute_dtype for both frameworks: bfloat16 = the frozen 4-bit layers' products "
+                             "in bf16 (AMX on a CPU that has it), the rest in the model's dtype")
     parser.add_argument("--no-packing", action="store_true", help="ours without data.packing")
     parser.add_argument("--same-allocator", action="store_true",
                         help="theirs also runs with the glibc malloc tunables ours' launch/train.py sets")
@@ -104,13 +111,14 @@ def main() -> None:
         raise SystemExit(f"{threads} torch thread(s) cannot be shared by {args.ranks} ranks: give --threads")
     gpu = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if gpu else f"CPU ({os.cpu_count()} cores)"
-    # Measured before either run, on a machine as quiet as the runs will find it.
-    peak = bench_job.matmul_peak(gpu, threads)
-    print(f"[bench] matrix-multiply peak: {peak['text']}", flush=True)
     job = job_from(args, gpu)
     out = ROOT / args.out
     tokens = bench_job.step_tokens(job)
     flops = bench_job.step_flops(job, tokens[job.warmup_steps:])
+    frozen_dtype = "float32" if job.quant_compute_dtype == "auto" else job.quant_compute_dtype
+    # Measured before either run, on a machine as quiet as the runs will find it.
+    peak = bench_job.matmul_peak(gpu, threads, flops, frozen_dtype)
+    print(f"[bench] matrix-multiply peak: {peak['text']}", flush=True)
     packing, packing_overrides = ours_packing(not args.no_packing)
     ours_overrides = [*job.overrides(), *packing_overrides]
     layout = {"ours": (args.ranks, threads // args.ranks), "theirs": (1, threads)}  # (processes, threads each)
@@ -125,7 +133,7 @@ def main() -> None:
             runs[name].append(summarise(run, tokens, job, sum(flops.values()), peak["flops"]))
             print(f"[bench]   {runs[name][-1]['tokens_per_s_median_step']:,.0f} useful tokens/s (median step), "
                   f"peak RSS {runs[name][-1]['peak_rss_mib']:,.0f} MiB", flush=True)
-    after = bench_job.matmul_peak(gpu, threads)
+    after = bench_job.matmul_peak(gpu, threads, flops, frozen_dtype)
     print(f"[bench] matrix-multiply peak, again after the runs: {after['text']}", flush=True)
     peak = higher_peak(peak, after, runs, sum(flops.values()))
 
@@ -149,7 +157,7 @@ def job_from(args: argparse.Namespace, gpu: bool) -> Job:
     return Job(base=args.base or bench_job.ensure_bench_base(gpu), data=args.data or bench_job.default_data(),
                max_seq_len=args.max_seq_len, global_batch=args.global_batch, micro_batch=args.micro_batch,
                warmup_steps=args.warmup, timed_steps=args.steps, activation_checkpointing=args.activation_checkpointing,
-               lora_dropout=args.lora_dropout, eval_rows=args.eval_rows)
+               lora_dropout=args.lora_dropout, eval_rows=args.eval_rows, quant_compute_dtype=args.quant_compute_dtype)
 
 
 def fresh(directory: Path) -> Path:
@@ -325,7 +333,8 @@ def markdown_table(job: Job, runs: dict[str, list[dict]], tokens: list[dict], de
     shape = {name: f"{processes} process{'es' if processes > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
              for name, (processes, threads) in layout.items()}
     lines = [
-        f"Job: `{Path(job.base).name}` base, NF4 double-quant, LoRA r=16 alpha=32 dropout={job.lora_dropout} "
+        f"Job: `{Path(job.base).name}` base, NF4 double-quant"
+        f"{'' if job.quant_compute_dtype == 'auto' else f' (its products in {job.quant_compute_dtype})'}, LoRA r=16 alpha=32 dropout={job.lora_dropout} "
         f"on q,k,v,o; "
         f"data `{Path(job.data).name}`, max length {job.max_seq_len}, global batch {job.global_batch} "
         f"(micro {job.micro_batch}), {job.timed_steps} timed steps after {job.warmup_steps} warmup, "

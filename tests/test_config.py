@@ -127,6 +127,21 @@ def test_auto_dtype_is_bf16_only_where_the_gpu_has_it(monkeypatch, device, bf16,
                                     torch.device(device))) == "bfloat16"
 
 
+def test_quant_compute_dtype_sets_the_4bit_layers_products_only(tmp_path):
+    import torch
+
+    from trainer.model.base import quantization_config
+
+    recipe = load_recipe(RECIPES[0].parent / "tiny_alpaca.yaml", ["quant.bits=4"])
+    assert quantization_config(recipe, torch.float32).bnb_4bit_compute_dtype == torch.float32  # auto: the model's
+    recipe = load_recipe(RECIPES[0].parent / "tiny_alpaca.yaml", ["quant.bits=4", "quant.compute_dtype=bfloat16"])
+    assert quantization_config(recipe, torch.float32).bnb_4bit_compute_dtype == torch.bfloat16
+    with pytest.raises(RecipeError, match=r"quant\.compute_dtype: must be auto, float32, bfloat16 or float16"):
+        load_recipe(RECIPES[0].parent / "tiny_alpaca.yaml", ["quant.compute_dtype=bf16"])
+    with pytest.raises(RecipeError, match=r"quant\.compute_dtype: sets the 4-bit layers' products; with quant\.bits=8"):
+        load_recipe(RECIPES[0].parent / "tiny_alpaca.yaml", ["quant.bits=8", "quant.compute_dtype=bfloat16"])
+
+
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
 def test_zero_0_in_half_precision_is_refused_with_the_reason(tmp_path, precision):
     recipe = load_recipe(write(tmp_path, "deepspeed: {zero_stage: 0}\n"))

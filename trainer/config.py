@@ -34,6 +34,9 @@ class QuantConfig:
     quant_type: str = "nf4"  # nf4 | fp4
     double_quant: bool = True
     quant_storage: str = "auto"  # auto: uint8, or the compute dtype under ZeRO-3
+    # The 4-bit layers' products (bitsandbytes' bnb_4bit_compute_dtype): auto = model.dtype. bfloat16
+    # under an fp32 model: the frozen base's products in bf16 (fp32 sums), all else in fp32.
+    compute_dtype: str = "auto"  # auto | float32 | bfloat16 | float16
 
 
 @dataclass
@@ -136,6 +139,11 @@ class Recipe:
         _check(self.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
         _check(self.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
                "must be auto, float32, bfloat16 or float16")
+        _check(self.quant.compute_dtype in ("auto", "float32", "bfloat16", "float16"), "quant.compute_dtype",
+               "must be auto, float32, bfloat16 or float16")
+        _check(self.quant.compute_dtype == "auto" or self.quant.bits == 4, "quant.compute_dtype",
+               f"sets the 4-bit layers' products; with quant.bits={self.quant.bits} leave it auto "
+               f"(the products then run in model.dtype)")
         _check(self.lora.r > 0, "lora.r", "must be positive")
         _check(0.0 <= self.lora.dropout <= 0.99, "lora.dropout", "must be in [0, 0.99]")
         _check(len(self.lora.target_modules) > 0, "lora.target_modules", "must name at least one module")

@@ -49,6 +49,9 @@ class Job:
     # Held out from training and scored by both frameworks after the last step (the bench's quality
     # column): a seeded 5% of the rows, of which this many are scored.
     eval_rows: int = 64
+    # quant.compute_dtype for both: auto (the model's, fp32 on CPU), or bfloat16 (the frozen 4-bit
+    # layers' products in bf16: AMX on a CPU that has it)
+    quant_compute_dtype: str = "auto"
 
     @property
     def total_steps(self) -> int:
@@ -60,6 +63,7 @@ class Job:
         return [
             f"model.name_or_path={self.base}", "model.dtype=auto", "model.attn_implementation=sdpa",
             "quant.bits=4", "quant.quant_type=nf4", "quant.double_quant=true",
+            f"quant.compute_dtype={self.quant_compute_dtype}",
             "lora.r=16", "lora.alpha=32", f"lora.dropout={self.lora_dropout}",
             "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
             "lora.rslora=false",
@@ -154,6 +158,9 @@ def _linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
             "gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate), "down_proj": (intermediate, hidden)}
 
 
+FROZEN = "frozen linears"  # the part of `useful_flops` that quant.compute_dtype moves to another dtype
+
+
 def useful_flops(config: dict, lora_r: int, lora_targets: list[str], tokens: int, trained: int,
                  sum_squared_lengths: int) -> dict[str, float]:
     """The matrix-multiply FLOPs a QLoRA training step must do (a multiply-add counts 2), by part,
@@ -183,7 +190,7 @@ def useful_flops(config: dict, lora_r: int, lora_targets: list[str], tokens: int
     frozen = layers * sum(fan_in * fan_out for fan_in, fan_out in shapes.values())
     adapters = layers * sum(lora_r * (shapes[name][0] + shapes[name][1]) for name in lora_targets)
     pairs = (sum_squared_lengths + tokens) / 2
-    return {"frozen linears": 4 * frozen * tokens, "LoRA": 6 * adapters * tokens,
+    return {FROZEN: 4 * frozen * tokens, "LoRA": 6 * adapters * tokens,
             "attention": 12 * layers * heads * head_dim * pairs,
             "output layer": 4 * config["vocab_size"] * config["hidden_size"] * trained}
 
@@ -200,12 +207,12 @@ def base_config(recipe) -> dict:
 PEAK_SHAPES = ((2048, 576, 576), (2048, 576, 1536), (2048, 2048, 2048))
 
 
-def measured_cpu_matmul_flops(repeats: int = 5) -> dict[str, float | str]:
-    """One thread's fp32 matrix-multiply rate on this CPU, measured now (FLOP/s): the best of
-    `repeats` timed products of each of `PEAK_SHAPES`, through torch's `mm` (MKL on x86) and, where
-    the build has it, oneDNN (ours' frozen layers use whichever is faster on this CPU,
-    trainer/speedups/onednn.py): the faster library sets the peak. A step on N threads is measured
-    against N x this."""
+def measured_cpu_matmul_flops(repeats: int = 5, dtype: str = "float32") -> dict[str, float | str]:
+    """One thread's matrix-multiply rate on this CPU in `dtype`, measured now (FLOP/s): the best of
+    `repeats` timed products of each of `PEAK_SHAPES`, through torch's `mm` (MKL on x86 in fp32,
+    oneDNN in bf16: AMX tiles on a CPU that has them) and, in fp32 where the build has it, oneDNN
+    (ours' frozen layers use whichever is faster on this CPU, trainer/speedups/onednn.py): the faster
+    library sets the peak. A step on N threads is measured against N x this."""
     import torch
 
     from trainer.speedups import onednn
@@ -214,11 +221,11 @@ def measured_cpu_matmul_flops(repeats: int = 5) -> dict[str, float | str]:
     torch.set_num_threads(1)
     try:
         libraries = {"torch.mm": lambda a, b: torch.mm(a, b)}
-        if onednn.available():  # the products ours routes there, through the same function
+        if onednn.available() and dtype == "float32":  # the products ours routes there, through the same function
             libraries["oneDNN"] = lambda a, b: onednn.linear(a, b.t())
         best = {name: 0.0 for name in libraries}
         for rows, inner, columns in PEAK_SHAPES:
-            a, b = torch.randn(rows, inner), torch.randn(inner, columns)
+            a, b = (torch.randn(shape).to(getattr(torch, dtype)) for shape in ((rows, inner), (inner, columns)))
             for name, multiply in libraries.items():
                 multiply(a, b)  # first call: packing, primitive creation
                 for _ in range(repeats):
@@ -231,17 +238,35 @@ def measured_cpu_matmul_flops(repeats: int = 5) -> dict[str, float | str]:
     return {"per_thread": best[fastest], "library": fastest, **{f"per_thread {name}": rate for name, rate in best.items()}}
 
 
-def matmul_peak(gpu: bool, threads: int) -> dict:
+def matmul_peak(gpu: bool, threads: int, flops: dict[str, float] | None = None, frozen_dtype: str = "float32") -> dict:
     """The rate the bench's utilisation is taken against: {"flops": FLOP/s for the whole job (a CPU
-    job on `threads` threads: one thread's rate x threads), "text": how it was found, ...}."""
+    job on `threads` threads: one thread's rate x threads), "text": how it was found, ...}.
+
+    A CPU job whose frozen linears compute in bf16 (quant.compute_dtype=bfloat16, the rest fp32) runs
+    two kinds of product: its peak is the rate at which this step's FLOPs (`flops`, by part) would
+    run if each kind ran at its own measured peak, = all FLOPs / (frozen / bf16 peak + the rest /
+    fp32 peak). Utilisation is then the step's time at the peaks over its real time."""
     if gpu:
-        flops = measured_bf16_matmul_flops()
-        return {"flops": flops, "text": f"dense bf16, measured: {flops / 1e12:,.0f} TFLOP/s"}
+        rate = measured_bf16_matmul_flops()
+        return {"flops": rate, "text": f"dense bf16, measured: {rate / 1e12:,.0f} TFLOP/s"}
     measured = measured_cpu_matmul_flops()
     per_thread = measured["per_thread"]
-    return {**measured, "threads": threads, "flops": per_thread * threads,
+    peak = {**measured, "threads": threads, "flops": per_thread * threads,
             "text": f"fp32, one thread {per_thread / 1e9:,.0f} GFLOP/s ({measured['library']}, measured) "
                     f"x {threads} thread(s)"}
+    if frozen_dtype == "float32":
+        return peak
+    if not flops:
+        raise ValueError("a peak for frozen linears in another dtype needs the step's FLOPs by part")
+    other = measured_cpu_matmul_flops(dtype=frozen_dtype)["per_thread"]
+    rest = sum(flops.values()) - flops[FROZEN]
+    seconds = flops[FROZEN] / (other * threads) + rest / (per_thread * threads)
+    peak.update(per_thread_frozen=other, frozen_dtype=frozen_dtype, flops=sum(flops.values()) / seconds)
+    peak["text"] = (f"frozen linears in {frozen_dtype}: one thread {other / 1e9:,.0f} GFLOP/s (torch.mm, measured); "
+                    f"the rest fp32: one thread {per_thread / 1e9:,.0f} GFLOP/s ({measured['library']}, measured); "
+                    f"this step's mix at those rates: {peak['flops'] / 1e9:,.0f} GFLOP/s for the job "
+                    f"({threads} thread(s))")
+    return peak
 
 
 def step_flops(job: Job, timed: list[dict]) -> dict[str, float]:

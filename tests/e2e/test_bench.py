@@ -56,6 +56,20 @@ def test_cpu_peak_is_one_threads_best_rate_times_threads(monkeypatch):
     assert "x 3 thread(s)" in peak["text"]
 
 
+def test_cpu_peak_with_bf16_frozen_linears_is_the_rate_of_the_steps_mix(monkeypatch):
+    rates = {"float32": 100e9, "bfloat16": 800e9}
+    monkeypatch.setattr(bench_job, "measured_cpu_matmul_flops", lambda repeats=5, dtype="float32": {
+        "per_thread": rates[dtype], "library": "torch.mm", "per_thread torch.mm": rates[dtype]})
+    flops = {bench_job.FROZEN: 800e9, "LoRA": 100e9, "attention": 100e9, "output layer": 0.0}
+    assert bench_job.matmul_peak(False, 2, flops)["flops"] == 200e9  # fp32 job: the fp32 rate x threads
+    peak = bench_job.matmul_peak(False, 2, flops, "bfloat16")
+    # 800 GFLOP at 2 x 800 GFLOP/s (0.5 s) and 200 at 2 x 100 (1 s): 1,000 GFLOP in 1.5 s
+    assert peak["flops"] == pytest.approx(1000e9 / 1.5)
+    assert "bfloat16: one thread 800 GFLOP/s" in peak["text"] and "fp32: one thread 100 GFLOP/s" in peak["text"]
+    job = bench_job.Job(base="b", data="d", quant_compute_dtype="bfloat16")
+    assert "quant.compute_dtype=bfloat16" in job.overrides()
+
+
 def test_summary_takes_utilisation_from_the_median_timed_step():
     job = bench_job.Job(base="b", data="d", warmup_steps=1, timed_steps=3)
     tokens = [{"useful": 100, "trained": 10, "squared": 0}] * 4

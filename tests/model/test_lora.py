@@ -207,3 +207,13 @@ def test_a_4bit_base_keeps_its_layout_and_gradients_after_an_evaluation(small_ba
     layer(x).sum().backward()
     assert x.grad is not None
     torch.testing.assert_close(x.grad, torch.ones(70, layer.out_features) @ weight, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_weight_decoded_into_bf16_is_the_fp32_decoding_rounded(bits):
+    torch.manual_seed(0)
+    layer = quantised_linear(bits, nn.Linear(64, 48))
+    weight = dequantised_weight(layer, torch.bfloat16)
+    assert weight.dtype == torch.bfloat16
+    assert torch.equal(weight, dequantised_weight(layer).to(torch.bfloat16))
+    assert dequantised_weight(layer, torch.float32).dtype == torch.float32

@@ -88,6 +88,36 @@ def test_converted_logits_equal_transformers_own_gguf_load(smollm2_base):
     assert torch.equal(logits, expected)  # the same weights in the same computation
 
 
+def test_bf16_products_of_the_4bit_base_keep_the_loss_and_adapter_gradients(smollm2_base):
+    """quant.compute_dtype=bfloat16 (the frozen 4-bit layers' products in bf16, routed as training
+    routes them; the rest fp32) against fp32 compute, on one batch of the real base."""
+    from trainer.loss import CausalLMLoss
+    from trainer.speedups import onednn
+
+    tokenizer = load_tokenizer(str(smollm2_base), recipe_from_dict({"model": {"name_or_path": NAME}}))
+    ids = torch.tensor([tokenizer(CHAT + "6 + 3 = 9. The answer is 9.<|im_end|>").input_ids] * 2)
+    labels = ids.clone()
+    labels[:, :len(tokenizer(CHAT).input_ids)] = -100
+    results = {}
+    for dtype in ("auto", "bfloat16"):
+        torch.manual_seed(0)
+        recipe = recipe_from_dict({"model": {"name_or_path": str(smollm2_base)},
+                                   "quant": {"bits": 4, "compute_dtype": dtype}})
+        model, _ = load_base(recipe, torch.device("cpu"))
+        apply_lora(model, ["q_proj", "v_proj"], r=8, alpha=16)
+        assert onednn.use_onednn_linear(model, onednn.faster_library()) > 0
+        total, count = CausalLMLoss(model)(input_ids=ids, labels=labels)
+        total.backward()
+        layer = model.model.layers[3].self_attn.q_proj
+        assert type(layer.base_layer).__name__ == "Linear4bit"
+        results[dtype] = (total.item() / count.item(), layer.lora_B.weight.grad.flatten().clone())
+        del model
+    (loss, grad), (bf16_loss, bf16_grad) = results["auto"], results["bfloat16"]
+    assert bf16_loss != loss  # the products did change dtype
+    assert bf16_loss == pytest.approx(loss, rel=5e-3)
+    assert torch.nn.functional.cosine_similarity(grad, bf16_grad, dim=0) > 0.99
+
+
 # ------------------------------------------------------------------------------ a short real run
 
 

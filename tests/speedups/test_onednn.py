@@ -2,6 +2,8 @@
 rounding, with the same gradients, and step aside wherever they do not apply."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -157,18 +159,39 @@ def test_a_4bit_layer_with_a_bias_gives_bitsandbytes_value_and_input_gradient(ca
     torch.testing.assert_close(got, expected_grad, rtol=1e-5, atol=1e-5)
 
 
-def test_4bit_layers_zero3_parameters_other_compute_dtypes_and_autocast_keep_their_own_path(calls):
+@pytest.mark.parametrize("library", [onednn.ONEDNN, onednn.TORCH])
+def test_a_4bit_layer_computing_in_bf16_gives_bitsandbytes_bf16_value_and_input_gradient(library):
+    """quant.compute_dtype=bfloat16 under an fp32 model: the routed layer decodes its weight into bf16
+    and multiplies in bf16, fp32 in and out, as bitsandbytes' own forward does."""
     from tests.model.test_lora import quantised_linear
 
     torch.manual_seed(0)
-    partitioned, bf16_compute = quantised_linear(4, nn.Linear(64, 48)), quantised_linear(4, nn.Linear(64, 48))
-    bf16_compute.compute_dtype = torch.bfloat16
+    layer = quantised_linear(4, nn.Linear(64, 48))
+    x, grad = torch.randn(onednn.MIN_ROWS, 64, requires_grad=True), torch.randn(onednn.MIN_ROWS, 48)
+    exact = layer(x)  # fp32 compute
+    layer.compute_dtype = torch.bfloat16
+    reference = copy.deepcopy(layer)  # bitsandbytes' bf16 forward rounds its bias to bf16 in place
+    expected = reference(x)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad)
+    assert onednn.use_onednn_linear(layer, library) == 1
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "FrozenLinearBackward" and out.dtype == torch.float32
+    (got,) = torch.autograd.grad(out, x, grad)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(got, expected_grad, rtol=2e-2, atol=2e-2)  # the same bf16 product, summed in another order
+    assert not torch.equal(out, exact)  # the products did run in bf16
+
+
+def test_4bit_layers_zero3_parameters_and_autocast_keep_their_own_path(calls):
+    from tests.model.test_lora import quantised_linear
+
+    torch.manual_seed(0)
+    partitioned = quantised_linear(4, nn.Linear(64, 48))
     frozen = nn.Linear(64, 48).requires_grad_(False)
-    assert onednn.use_onednn_linear(nn.Sequential(partitioned, bf16_compute, frozen)) == 3
+    assert onednn.use_onednn_linear(nn.Sequential(partitioned, frozen)) == 2
     x = torch.randn(100, 64)
     partitioned.weight.ds_id = 3
     partitioned(x)
-    assert bf16_compute(x).dtype == torch.float32  # bitsandbytes computes in bf16 and casts back
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert frozen(x).dtype == torch.bfloat16
     assert calls == []

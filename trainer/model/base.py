@@ -46,7 +46,7 @@ def quantization_config(recipe: Recipe, dtype: torch.dtype):
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_compute_dtype=dtype if quant.compute_dtype == "auto" else DTYPES[quant.compute_dtype],
         bnb_4bit_quant_storage=storage,
     )
 

@@ -10,6 +10,7 @@ optimizer setting (`optimizer_groups`).
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -155,19 +156,26 @@ def is_quantised(layer: nn.Module) -> bool:
     return type(layer).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
-def dequantised_weight(layer: nn.Module) -> torch.Tensor:
-    """The base layer's weight as a float tensor, whatever its storage."""
+def dequantised_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The base layer's weight as a float tensor, whatever its storage; in `dtype` if given (a 4-bit
+    weight decoded straight into it: the same numbers as decoding to fp32 and rounding, in one pass)."""
     name = type(layer).__name__
     if name == "Linear4bit":
         import bitsandbytes.functional as bnb_functional
 
-        return bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        state = layer.weight.quant_state
+        if dtype is not None and dtype != state.dtype:
+            state = copy.copy(state)  # bitsandbytes decodes into the state's dtype
+            state.dtype = dtype
+        return bnb_functional.dequantize_4bit(layer.weight.data, state)
     if name == "Linear8bitLt":
         import bitsandbytes.functional as bnb_functional
 
         scales = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
-        return bnb_functional.int8_vectorwise_dequant(layer.weight.data, scales)
-    return layer.weight.data
+        weight = bnb_functional.int8_vectorwise_dequant(layer.weight.data, scales)
+    else:
+        weight = layer.weight.data
+    return weight if dtype is None else weight.to(dtype)
 
 
 def dequantised_linear(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:

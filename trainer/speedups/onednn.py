@@ -126,10 +126,21 @@ def _linear4bit_forward(self: nn.Module, x: torch.Tensor, library: str = ONEDNN)
     state = self.weight.quant_state
     # A weight bitsandbytes has repacked for its AVX512-BF16 kernel (not in a model from load_base,
     # which turns that off) is in a layout dequantize_4bit misreads: bitsandbytes' forward keeps it.
-    if (_takes(x, state.dtype) and self.compute_dtype in (None, torch.float32) and _frozen(self.weight, self.bias)
+    if (_takes(x, state.dtype) and _frozen(self.weight, self.bias)
             and not getattr(state, "packing_format_for_cpu", False)):
-        return FrozenLinear.apply(x, lambda: dequantised_weight(self), self.bias, PRODUCTS[library])
+        compute = self.compute_dtype or torch.float32
+        if compute == torch.float32:
+            return FrozenLinear.apply(x, lambda: dequantised_weight(self), self.bias, PRODUCTS[library])
+        # quant.compute_dtype=bfloat16 under an fp32 model: the products in bf16 (AMX tiles on a CPU
+        # that has them), as bitsandbytes' own forward does, with fp32 in and out.
+        return FrozenLinear.apply(x, lambda: dequantised_weight(self, compute), self.bias,
+                                  functools.partial(_product_in, compute))
     return type(self).forward(self, x)
+
+
+def _product_in(dtype: torch.dtype, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight^T (+ bias) computed in `dtype` (`weight` already in it), returned in x's dtype."""
+    return F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype)).to(x.dtype)
 
 
 def _frozen(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
