@@ -30,13 +30,14 @@ class ModelConfig:
 
 @dataclass
 class QuantConfig:
-    bits: int = 4  # 4 | 8 | 16 (16 = no quantisation, base kept in the compute dtype)
+    bits: int = 4  # 4 | 8 | 16 (16 = no quantisation, base kept in model.dtype)
     quant_type: str = "nf4"  # nf4 | fp4
     double_quant: bool = True
-    quant_storage: str = "auto"  # auto: uint8, or the compute dtype under ZeRO-3
-    # The 4-bit layers' products (bitsandbytes' bnb_4bit_compute_dtype): auto = model.dtype. bfloat16
-    # under an fp32 model: the frozen base's products in bf16 (fp32 sums), all else in fp32.
-    compute_dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    quant_storage: str = "auto"  # auto: uint8, or model.dtype under ZeRO-3
+    # The 4-bit layers' products (bitsandbytes' bnb_4bit_compute_dtype; unused at 8 and 16 bits): auto =
+    # model.dtype. bfloat16 under an fp32 model: the frozen base's products take bf16 inputs and give
+    # bf16-rounded outputs (fp32 sums), returned in fp32; everything else stays fp32.
+    compute_dtype: str = "auto"  # auto | float32 | bfloat16
 
 
 @dataclass
@@ -139,11 +140,10 @@ class Recipe:
         _check(self.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
         _check(self.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
                "must be auto, float32, bfloat16 or float16")
-        _check(self.quant.compute_dtype in ("auto", "float32", "bfloat16", "float16"), "quant.compute_dtype",
-               "must be auto, float32, bfloat16 or float16")
-        _check(self.quant.compute_dtype == "auto" or self.quant.bits == 4, "quant.compute_dtype",
-               f"sets the 4-bit layers' products; with quant.bits={self.quant.bits} leave it auto "
-               f"(the products then run in model.dtype)")
+        # No float16: its products' gradients would underflow without the loss scaling that only an
+        # fp16 model (model.dtype=float16) gets.
+        _check(self.quant.compute_dtype in ("auto", "float32", "bfloat16"), "quant.compute_dtype",
+               "must be auto, float32 or bfloat16 (for fp16 products set model.dtype=float16: it is loss-scaled)")
         _check(self.lora.r > 0, "lora.r", "must be positive")
         _check(0.0 <= self.lora.dropout <= 0.99, "lora.dropout", "must be in [0, 0.99]")
         _check(len(self.lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
@@ -179,7 +179,7 @@ class Recipe:
             raise RecipeError(
                 "quant.bits=8 with deepspeed.zero_stage=3 is not supported: ZeRO-3 partitions the int8 "
                 "weights without their scale statistics, and training then runs on wrong weights with "
-                "no error. Use quant.bits=4 (ZeRO-3 shards 4-bit weights stored in the compute dtype) "
+                "no error. Use quant.bits=4 (ZeRO-3 shards 4-bit weights stored in model.dtype) "
                 "or deepspeed.zero_stage=2.")
 
     def gradient_accumulation_steps(self, world_size: int) -> int:

@@ -217,3 +217,18 @@ def test_a_weight_decoded_into_bf16_is_the_fp32_decoding_rounded(bits):
     assert weight.dtype == torch.bfloat16
     assert torch.equal(weight, dequantised_weight(layer).to(torch.bfloat16))
     assert dequantised_weight(layer, torch.float32).dtype == torch.float32
+
+
+def test_merging_into_a_4bit_layer_that_computes_in_bf16_keeps_the_models_fp32():
+    """quant.compute_dtype=bfloat16 under an fp32 model: the merged layer is fp32, like the model."""
+    torch.manual_seed(0)
+    layer = quantised_linear(4, nn.Linear(64, 48))
+    layer.compute_dtype = torch.bfloat16
+    adapted = LoRALinear(layer, r=4, alpha=8)
+    nn.init.normal_(adapted.lora_B.weight)
+    x = torch.randn(5, 64)
+    expected = dequantised_weight(layer) + adapted.scaling * adapted.lora_B.weight @ adapted.lora_A.weight
+    adapted.merge()
+    assert adapted.base_layer.weight.dtype == torch.float32
+    torch.testing.assert_close(adapted.base_layer.weight, expected, rtol=1e-5, atol=1e-5)
+    assert adapted(x).dtype == torch.float32

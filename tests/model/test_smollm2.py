@@ -110,6 +110,8 @@ def test_bf16_products_of_the_4bit_base_keep_the_loss_and_adapter_gradients(smol
         total.backward()
         layer = model.model.layers[3].self_attn.q_proj
         assert type(layer.base_layer).__name__ == "Linear4bit"
+        routed = layer.base_layer(torch.randn(onednn.MIN_ROWS, 576, requires_grad=True))
+        assert type(routed.grad_fn).__name__ == "FrozenLinearBackward"  # not bitsandbytes' own bf16 path
         results[dtype] = (total.item() / count.item(), layer.lora_B.weight.grad.flatten().clone())
         del model
     (loss, grad), (bf16_loss, bf16_grad) = results["auto"], results["bfloat16"]

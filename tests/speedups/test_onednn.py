@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.speedups import onednn
-from trainer.model.lora import adapter_parameters
+from trainer.model.lora import adapter_parameters, dequantised_weight
 from trainer.loss import CausalLMLoss
 from trainer.data.packing import collate_packed
 from tests.speedups.test_fused import lora_model
@@ -179,7 +179,14 @@ def test_a_4bit_layer_computing_in_bf16_gives_bitsandbytes_bf16_value_and_input_
     (got,) = torch.autograd.grad(out, x, grad)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     torch.testing.assert_close(got, expected_grad, rtol=2e-2, atol=2e-2)  # the same bf16 product, summed in another order
+    weight = dequantised_weight(layer).bfloat16()
+    assert torch.equal(got, (grad.bfloat16() @ weight).float())  # the backward's product in bf16 too
     assert not torch.equal(out, exact)  # the products did run in bf16
+    # A call the route declines (a few rows) runs bitsandbytes' forward, which rounds the bias to bf16
+    # in place; the layer still takes the route afterwards.
+    layer(torch.randn(2, 64))
+    assert layer.bias.dtype == torch.bfloat16
+    assert type(layer(x).grad_fn).__name__ == "FrozenLinearBackward"
 
 
 def test_4bit_layers_zero3_parameters_and_autocast_keep_their_own_path(calls):

@@ -180,7 +180,10 @@ def dequantised_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> to
 
 def dequantised_linear(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
     weight = dequantised_weight(layer)
-    dtype = dtype or getattr(layer, "compute_dtype", None) or torch.float32
+    # A 4-bit layer's own dtype (the model's), not its compute dtype: under quant.compute_dtype=bfloat16
+    # an fp32 model's merged layer stays fp32.
+    state = getattr(layer.weight, "quant_state", None)
+    dtype = dtype or getattr(state, "dtype", None) or getattr(layer, "compute_dtype", None) or torch.float32
     linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                        device=weight.device, dtype=dtype)
     linear.weight.data.copy_(weight.to(dtype))

@@ -2,8 +2,9 @@
 
     fused.py             SwiGLU MLP and RMSNorm that keep less for the backward (train.fused_mlp, fused_norm)
     rotary.py            Llama's rotary embedding in fewer passes (train.fused_rotary)
-    onednn.py            the frozen layers' fp32 CPU products: input gradient only, through the faster of oneDNN
-                         and MKL for this CPU; oneDNN's caches capped (train.onednn_matmul)
+    onednn.py            the frozen layers' CPU products: input gradient only, through the faster of oneDNN
+                         and MKL for this CPU (4-bit ones in bf16 under quant.compute_dtype=bfloat16);
+                         oneDNN's caches capped (train.onednn_matmul)
     packed_attention.py  attention per packed example, not through a mask (data.packing, SDPA models)
     dropout_masks.py     LoRA dropout from random bytes; q, k and v keep their input once (lora.dropout > 0)
     last_layer.py        the last layer's output projection and MLP at trained positions only (always)
@@ -55,7 +56,8 @@ def apply(model: nn.Module, recipe: Recipe, device: torch.device, *, training: b
     if cpu and recipe.train.onednn_matmul:
         library = onednn.faster_library()
         if count := onednn.use_onednn_linear(model, library):
-            switched.append(f"frozen linear layers' products through {library} ({count} layers)")
+            bf16 = "" if recipe.quant.compute_dtype != "bfloat16" else ", the 4-bit ones' in bf16"
+            switched.append(f"frozen linear layers' products through {library}{bf16} ({count} layers)")
     if training and recipe.data.packing and model.config._attn_implementation == "sdpa":
         packed_attention.use_packed_attention(model)
         switched.append("attention per packed example")

@@ -1,5 +1,6 @@
-"""fp32 matrix multiplies on CPU through oneDNN, for the frozen base's linear layers and the
-vocabulary projection.
+"""The frozen base's linear layers and the vocabulary projection on CPU: one autograd op each
+(`FrozenLinear`: the input's gradient only), their fp32 products through the faster of oneDNN and MKL
+for this CPU, or, for 4-bit layers with quant.compute_dtype=bfloat16, in bf16.
 
 torch's x86 CPU wheels run `mm`/`linear` through MKL. On an AMD EPYC with AVX-512 it runs the bench
 job's products at 70-95 GFLOP/s on one thread, the rate of AVX2 kernels (MKL's dispatch favours Intel
@@ -16,9 +17,12 @@ project's Intel Xeon (AVX-512) MKL ran every product of the SmolLM2 job 8-20% fa
 vendor; the frozen layers then still take `FrozenLinear` (the input's gradient alone, the 4-bit weight
 dequantised in each pass rather than held), with torch's own product.
 
-Only float32 CPU tensors take this path; anything else (GPU, bf16, a ZeRO-3 partitioned weight, a
-weight that is being trained outside the adapters) falls back to what the layer does without it.
-`train.onednn_matmul=false` turns it off.
+Only float32 CPU inputs take this path; anything else (GPU, a bf16 model, a ZeRO-3 partitioned
+weight, a weight that is being trained outside the adapters) falls back to what the layer does
+without it. A 4-bit layer whose compute dtype is bf16 (quant.compute_dtype=bfloat16 under an fp32
+model) decodes its weight straight into bf16 and multiplies in bf16, fp32 in and out, as
+bitsandbytes' own forward does: on a CPU with AMX tiles (this project's Xeon: `amx_bf16`) one thread
+runs those products at ~1,300 GFLOP/s against ~160 in fp32. `train.onednn_matmul=false` turns it off.
 """
 from __future__ import annotations
 
@@ -96,7 +100,8 @@ PRODUCTS: dict[str, Product] = {ONEDNN: linear, TORCH: F.linear}
 
 
 class FrozenLinear(torch.autograd.Function):
-    """y = x @ W^T + b for a weight and bias that are not trained, by `product` (`linear` or F.linear):
+    """y = x @ W^T + b for a weight and bias that are not trained, by `product` (`linear`, F.linear, or
+    `_product_in` a 16-bit dtype):
     the backward returns the input's gradient only. `weight_of()` gives W; it is called again in the
     backward instead of keeping W, so a dequantised 4-bit weight is not held between the forward and
     the backward (as bitsandbytes' own matmul does)."""
@@ -126,9 +131,11 @@ def _linear4bit_forward(self: nn.Module, x: torch.Tensor, library: str = ONEDNN)
     state = self.weight.quant_state
     # A weight bitsandbytes has repacked for its AVX512-BF16 kernel (not in a model from load_base,
     # which turns that off) is in a layout dequantize_4bit misreads: bitsandbytes' forward keeps it.
-    if (_takes(x, state.dtype) and _frozen(self.weight, self.bias)
+    compute = self.compute_dtype or torch.float32
+    # bitsandbytes' own forward (which runs where this declines: a few rows, decoding) casts a bias to
+    # the compute dtype in place: such a bias still takes this path.
+    if (_takes(x, state.dtype) and _frozen(self.weight, self.bias, (torch.float32, compute))
             and not getattr(state, "packing_format_for_cpu", False)):
-        compute = self.compute_dtype or torch.float32
         if compute == torch.float32:
             return FrozenLinear.apply(x, lambda: dequantised_weight(self), self.bias, PRODUCTS[library])
         # quant.compute_dtype=bfloat16 under an fp32 model: the products in bf16 (AMX tiles on a CPU
@@ -143,11 +150,11 @@ def _product_in(dtype: torch.dtype, x: torch.Tensor, weight: torch.Tensor, bias:
     return F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype)).to(x.dtype)
 
 
-def _frozen(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def _frozen(weight: torch.Tensor, bias: torch.Tensor | None, bias_dtypes: tuple = (torch.float32,)) -> bool:
     """A weight that is not trained and not a ZeRO-3 parameter (DeepSpeed gathers those around the
-    layer's own forward and backward), and a bias, if any, that is fp32 and not trained."""
+    layer's own forward and backward), and a bias, if any, that is not trained and in `bias_dtypes`."""
     return (not weight.requires_grad and not hasattr(weight, "ds_id")
-            and (bias is None or (bias.dtype == torch.float32 and not bias.requires_grad)))
+            and (bias is None or (bias.dtype in bias_dtypes and not bias.requires_grad)))
 
 
 def product_of(module: nn.Module) -> Product | None:
