@@ -332,10 +332,10 @@ def markdown_table(job: Job, runs: dict[str, list[dict]], tokens: list[dict], de
     timed = tokens[job.warmup_steps:]
     shape = {name: f"{processes} process{'es' if processes > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
              for name, (processes, threads) in layout.items()}
+    products = "" if job.quant_compute_dtype == "auto" else f" (its products in {job.quant_compute_dtype})"
     lines = [
-        f"Job: `{Path(job.base).name}` base, NF4 double-quant"
-        f"{'' if job.quant_compute_dtype == 'auto' else f' (its products in {job.quant_compute_dtype})'}, LoRA r=16 alpha=32 dropout={job.lora_dropout} "
-        f"on q,k,v,o; "
+        f"Job: `{Path(job.base).name}` base, NF4 double-quant{products}, "
+        f"LoRA r=16 alpha=32 dropout={job.lora_dropout} on q,k,v,o; "
         f"data `{Path(job.data).name}`, max length {job.max_seq_len}, global batch {job.global_batch} "
         f"(micro {job.micro_batch}), {job.timed_steps} timed steps after {job.warmup_steps} warmup, "
         f"{sum(t['useful'] for t in timed) / len(timed):,.0f} useful tokens per step. "

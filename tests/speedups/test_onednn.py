@@ -178,7 +178,8 @@ def test_a_4bit_layer_computing_in_bf16_gives_bitsandbytes_bf16_value_and_input_
     assert type(out.grad_fn).__name__ == "FrozenLinearBackward" and out.dtype == torch.float32
     (got,) = torch.autograd.grad(out, x, grad)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    torch.testing.assert_close(got, expected_grad, rtol=2e-2, atol=2e-2)  # the same bf16 product, summed in another order
+    # The same bf16 product as bitsandbytes', its sums in another order:
+    torch.testing.assert_close(got, expected_grad, rtol=2e-2, atol=2e-2)
     weight = dequantised_weight(layer).bfloat16()
     assert torch.equal(got, (grad.bfloat16() @ weight).float())  # the backward's product in bf16 too
     assert not torch.equal(out, exact)  # the products did run in bf16
