@@ -102,6 +102,9 @@ class TrainConfig:
     fused_mlp: bool = True  # SwiGLU MLPs keep gate and up for the backward, not silu(gate) too (trainer/speedups/fused.py)
     fused_norm: bool = True  # RMSNorm as one autograd op with a four-pass backward (trainer/speedups/fused.py)
     fused_rotary: bool = True  # rotary embedding as one autograd op: fewer passes, same numbers (trainer/speedups/rotary.py)
+    # The fused MLP's and norm's passes as single loops by torch.compile (trainer/speedups/compiled.py);
+    # null (auto): on for CPU training of bases at least 512 wide (compiles once, cached on disk)
+    compiled_kernels: bool | None = None
     onednn_matmul: bool = True  # frozen layers' fp32 CPU products by oneDNN, or MKL on Intel CPUs (trainer/speedups/onednn.py)
     report: bool = True  # report.png and the dashboards in report_to (false: neither; metrics.jsonl is always written)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard and/or wandb

@@ -1,6 +1,7 @@
 """Speed-ups, switched on in one place: `apply(model, recipe, device)`. Importing them changes nothing.
 
     fused.py             SwiGLU MLP and RMSNorm that keep less for the backward (train.fused_mlp, fused_norm)
+    compiled.py          those two ops' passes as single loops compiled by torch.compile (train.compiled_kernels)
     rotary.py            Llama's rotary embedding in fewer passes (train.fused_rotary)
     onednn.py            the frozen layers' CPU products: input gradient only, through the faster of oneDNN
                          and MKL for this CPU (4-bit ones in bf16 under quant.compute_dtype=bfloat16);
@@ -33,7 +34,7 @@ def apply(model: nn.Module, recipe: Recipe, device: torch.device, *, training: b
     hooks. The fused ops save memory for a backward, packed attention serves packed batches, and
     dropout is off."""
     # Imported here, not on top: launch/train.py imports trainer.speedups.malloc before torch.
-    from trainer.speedups import dropout_masks, fused, last_layer, onednn, packed_attention, rotary
+    from trainer.speedups import compiled, dropout_masks, fused, last_layer, onednn, packed_attention, rotary
 
     switched = []
     cpu = device.type == "cpu"
@@ -47,10 +48,14 @@ def apply(model: nn.Module, recipe: Recipe, device: torch.device, *, training: b
     # whatever train.onednn_matmul says: torch runs some of its own CPU products (16-bit) through oneDNN.
     if cpu and onednn.cap_caches():
         switched.append(f"oneDNN caches capped at {onednn.CACHE_CAPACITY} entries")
-    if training and recipe.train.fused_mlp and (count := fused.use_fused_mlp(model)):
-        switched.append(f"fused SwiGLU MLP ({count} layers)")
-    if training and recipe.train.fused_norm and (count := fused.use_fused_norm(model)):
-        switched.append(f"fused RMSNorm ({count} norms)")
+    kernels = None
+    if training and compiled.wanted(recipe.train.compiled_kernels, device, getattr(model.config, "hidden_size", 0)):
+        kernels = compiled.KERNELS
+    loops = ", compiled loops" if kernels else ""
+    if training and recipe.train.fused_mlp and (count := fused.use_fused_mlp(model, kernels)):
+        switched.append(f"fused SwiGLU MLP ({count} layers{loops})")
+    if training and recipe.train.fused_norm and (count := fused.use_fused_norm(model, kernels)):
+        switched.append(f"fused RMSNorm ({count} norms{loops})")
     if training and recipe.train.fused_rotary and (count := rotary.use_fused_rotary(model)):
         switched.append(f"fused rotary embedding ({count} attention layers)")
     if cpu and recipe.train.onednn_matmul:

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from trainer.speedups.compiled import Kernels
+
 # MLPs whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)). Matching by class, not by
 # attribute names: other MLPs with the same parts also scale or clamp (Falcon-H1, DeepSeek-V4, ...).
 PLAIN_SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP", "GraniteMLP")
@@ -38,22 +40,38 @@ PLAIN_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSN
 
 
 class SiluMul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate, up)
-        return F.silu(gate).mul_(up)
+    """silu(gate) * up. `kernels` (trainer/speedups/compiled.py): each direction as one compiled loop;
+    None: torch's ops."""
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kernels: Kernels | None = None) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        ctx.kernels = kernels
+        return kernels.silu_mul(gate, up) if kernels else F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         gate, up = ctx.saved_tensors
+        if ctx.kernels:
+            grad_gate, grad_up = ctx.kernels.silu_mul_backward(grad, gate, up)
+            return (grad_gate if ctx.needs_input_grad[0] else None), (grad_up if ctx.needs_input_grad[1] else None), None
         grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
         grad_up = F.silu(gate).mul_(grad) if ctx.needs_input_grad[1] else None
-        return grad_gate, grad_up
+        return grad_gate, grad_up, None
 
 
 class RMSNormFunction(torch.autograd.Function):
+    """LlamaRMSNorm's forward. `kernels` (trainer/speedups/compiled.py): each direction as one
+    compiled loop (the forward then equal to transformers' up to float rounding, not bit for bit);
+    None: torch's ops."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: Kernels | None = None) -> torch.Tensor:
+        ctx.kernels = kernels
+        if kernels:
+            out, rstd = kernels.rms_norm(x, weight, eps)
+            ctx.save_for_backward(x, weight, rstd)
+            return out
         x32 = x.float()
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
@@ -61,51 +79,56 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable  # rstd is saved without a graph: no second derivative through this backward
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         x, weight, rstd = ctx.saved_tensors
         x32 = x.float()
         grad_x = grad_weight = None
         if ctx.needs_input_grad[1]:  # a trained norm weight (never the frozen base's)
             normed = (x32 * rstd).to(x.dtype)
             grad_weight = (grad * normed).reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype)
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.kernels:
+            grad_x = ctx.kernels.rms_norm_backward(grad, x, weight, rstd)
+        elif ctx.needs_input_grad[0]:
             # d/dx of x * rstd(x), applied to g = grad * weight: g * rstd - x * rstd^3 * (g . x) / hidden.
             g = (grad * weight).float()
             per_token = torch.linalg.vecdot(g, x32).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.shape[-1])
             grad_x = g.mul_(rstd).addcmul_(x32, per_token, value=-1).to(x.dtype)
-        return grad_x, grad_weight, None
+        return grad_x, grad_weight, None, None
 
 
-def _swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+def _swiglu_forward(self: nn.Module, x: torch.Tensor, kernels: Kernels | None = None) -> torch.Tensor:
+    return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x), kernels))
 
 
-def use_fused_mlp(model: nn.Module) -> int:
-    """Give every plain SwiGLU MLP (`PLAIN_SWIGLU_MLPS` with a SiLU activation) the fused forward.
-    Other MLPs are left as they are. Returns how many were changed."""
+def use_fused_mlp(model: nn.Module, kernels: Kernels | None = None) -> int:
+    """Give every plain SwiGLU MLP (`PLAIN_SWIGLU_MLPS` with a SiLU activation) the fused forward,
+    with `kernels`' compiled loops if given. Other MLPs are left as they are. Returns how many were
+    changed."""
     return _replace_forward(model, PLAIN_SWIGLU_MLPS, _swiglu_forward,
-                            lambda module: _is_silu(getattr(module, "act_fn", None)))
+                            lambda module: _is_silu(getattr(module, "act_fn", None)), kernels)
 
 
-def _rms_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return RMSNormFunction.apply(x, self.weight, self.variance_epsilon)
+def _rms_norm_forward(self: nn.Module, x: torch.Tensor, kernels: Kernels | None = None) -> torch.Tensor:
+    return RMSNormFunction.apply(x, self.weight, self.variance_epsilon, kernels)
 
 
-def use_fused_norm(model: nn.Module) -> int:
-    """Give every `PLAIN_RMSNORMS` module the one-op forward. Returns how many were changed."""
+def use_fused_norm(model: nn.Module, kernels: Kernels | None = None) -> int:
+    """Give every `PLAIN_RMSNORMS` module the one-op forward, with `kernels`' compiled loops if given.
+    Returns how many were changed."""
     return _replace_forward(model, PLAIN_RMSNORMS, _rms_norm_forward,
-                            lambda module: hasattr(module, "variance_epsilon"))
+                            lambda module: hasattr(module, "variance_epsilon"), kernels)
 
 
 def _replace_forward(model: nn.Module, names: tuple[str, ...], forward: Callable,
-                     applies: Callable[[nn.Module], bool]) -> int:
+                     applies: Callable[[nn.Module], bool], kernels: Kernels | None = None) -> int:
     """Bind `forward` to every module of `model` whose class is transformers' own (not a same-named
     one from a model's remote code), named in `names`, and for which `applies(module)`."""
     changed = 0
     for module in model.modules():
         cls = type(module)
         if cls.__name__ in names and cls.__module__.startswith("transformers.models.") and applies(module):
-            module.forward = functools.partial(forward, module)  # a bound method would not pickle
+            bound = functools.partial(forward, module)  # a bound method would not pickle
+            module.forward = functools.partial(bound, kernels=kernels) if kernels else bound
             changed += 1
     return changed
 
