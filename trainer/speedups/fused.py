@@ -17,6 +17,10 @@ token, g * rstd, and x times one number per token subtracted from it (16-bit inp
 Only the classes named in `PLAIN_*` and defined by transformers are changed: a model's own code
 (`trust_remote_code`) may reuse a name for something else. Gradients equal autograd's up to float
 rounding (the sums run in another order).
+
+With `kernels` (trainer/speedups/compiled.py, `train.compiled_kernels`) a training step runs each
+op's passes as one compiled loop per direction: equal to the above up to float rounding, not bit for
+bit. Evaluation and decoding (no gradients) keep the eager ops.
 """
 from __future__ import annotations
 
@@ -46,13 +50,13 @@ class SiluMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kernels: Kernels | None = None) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        ctx.kernels = kernels
+        ctx.kernels = kernels = kernels if kernels and kernels.usable else None
         return kernels.silu_mul(gate, up) if kernels else F.silu(gate).mul_(up)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         gate, up = ctx.saved_tensors
-        if ctx.kernels:
+        if ctx.kernels and ctx.kernels.usable:
             grad_gate, grad_up = ctx.kernels.silu_mul_backward(grad, gate, up)
             return (grad_gate if ctx.needs_input_grad[0] else None), (grad_up if ctx.needs_input_grad[1] else None), None
         grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
@@ -67,7 +71,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: Kernels | None = None) -> torch.Tensor:
-        ctx.kernels = kernels
+        ctx.kernels = kernels = kernels if kernels and kernels.usable else None
         if kernels:
             out, rstd = kernels.rms_norm(x, weight, eps)
             ctx.save_for_backward(x, weight, rstd)
@@ -86,7 +90,7 @@ class RMSNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # a trained norm weight (never the frozen base's)
             normed = (x32 * rstd).to(x.dtype)
             grad_weight = (grad * normed).reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype)
-        if ctx.needs_input_grad[0] and ctx.kernels:
+        if ctx.needs_input_grad[0] and ctx.kernels and ctx.kernels.usable:
             grad_x = ctx.kernels.rms_norm_backward(grad, x, weight, rstd)
         elif ctx.needs_input_grad[0]:
             # d/dx of x * rstd(x), applied to g = grad * weight: g * rstd - x * rstd^3 * (g . x) / hidden.
@@ -97,6 +101,8 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def _swiglu_forward(self: nn.Module, x: torch.Tensor, kernels: Kernels | None = None) -> torch.Tensor:
+    # Compiled loops in training steps only: evaluation and decoding keep the eager numbers.
+    kernels = kernels if torch.is_grad_enabled() else None
     return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x), kernels))
 
 
@@ -109,6 +115,7 @@ def use_fused_mlp(model: nn.Module, kernels: Kernels | None = None) -> int:
 
 
 def _rms_norm_forward(self: nn.Module, x: torch.Tensor, kernels: Kernels | None = None) -> torch.Tensor:
+    kernels = kernels if torch.is_grad_enabled() else None  # as in _swiglu_forward
     return RMSNormFunction.apply(x, self.weight, self.variance_epsilon, kernels)
 
 
