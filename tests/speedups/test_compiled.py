@@ -32,7 +32,7 @@ def test_compiled_silu_mul_gives_the_eager_values_and_gradients():
         out = fused.SiluMul.apply(gate, up, kernels)
         values[kernels] = (out, *torch.autograd.grad(out, (gate, up), grad))
     assert compiled.KERNELS.usable
-    assert compiled.KERNELS.silu_mul.compiled and compiled.KERNELS.silu_mul_backward.compiled  # both ran
+    assert compiled.KERNELS.silu_mul.compiled and compiled.KERNELS.silu_mul_grads.compiled  # both ran
     for eager, loops in zip(values[None], values[compiled.KERNELS]):
         torch.testing.assert_close(loops, eager, rtol=1e-5, atol=1e-6)
     # another row count (packed batches change it every step) runs the same compiled code
@@ -53,7 +53,7 @@ def test_compiled_rms_norm_gives_the_eager_values_and_input_gradient():
         out = fused.RMSNormFunction.apply(x, weight, 1e-5, kernels)
         values[kernels] = (out, *torch.autograd.grad(out, x, grad))
     assert compiled.KERNELS.usable
-    assert compiled.KERNELS.rms_norm.compiled and compiled.KERNELS.rms_norm_backward.compiled
+    assert compiled.KERNELS.rms_norm.compiled and compiled.KERNELS.rms_norm_input_grad.compiled
     for eager, loops in zip(values[None], values[compiled.KERNELS]):
         torch.testing.assert_close(loops, eager, rtol=1e-5, atol=1e-5)
 
@@ -70,7 +70,7 @@ def test_kernels_that_cannot_compile_run_eager_and_say_so_once(monkeypatch, capl
         assert not kernels.usable
         out = fused.SiluMul.apply(gate, up, kernels)  # from then on: the fused op's own eager passes
         out.sum().backward()
-        kernels.rms_norm_backward(gate, gate, up[0], up[:, :1])
+        kernels.rms_norm_input_grad(gate, gate, up[0], up[:, :1])
     assert torch.equal(first, out) and torch.equal(out, fused.SiluMul.apply(gate, up))
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "RuntimeError: no C++ compiler found" in warnings[0] and "run eager" in warnings[0]
@@ -99,7 +99,7 @@ def test_evaluation_during_training_runs_the_eager_forwards(small_base_path, mon
         model(input_ids=x)
     assert calls == []  # transformers' numbers, as launch/eval.py scores them
     model(input_ids=x, labels=x).loss.backward()
-    assert {"_silu_mul", "_silu_mul_backward", "_rms_norm", "_rms_norm_backward"} <= set(calls)
+    assert {"silu_mul", "silu_mul_grads", "rms_norm", "rms_norm_input_grad"} <= set(calls)
 
 
 @pytest.mark.parametrize("setting, device, hidden, expected", [

@@ -24,7 +24,8 @@ import logging
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+
+from trainer.speedups import fused
 
 log = logging.getLogger(__name__)
 
@@ -37,31 +38,6 @@ def wanted(setting: bool | None, device: torch.device, hidden_size: int) -> bool
     if device.type != "cpu":
         return False
     return setting if setting is not None else hidden_size >= AUTO_MIN_HIDDEN
-
-
-def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
-
-
-def _silu_mul_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    sigmoid = torch.sigmoid(gate)
-    silu = gate * sigmoid
-    # d silu(g) / dg = sigmoid(g) (1 + g (1 - sigmoid(g))) = sigmoid + silu (1 - sigmoid)
-    return grad * up * (sigmoid + silu * (1 - sigmoid)), grad * silu
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    x32 = x.float()
-    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * (x32 * rstd).to(x.dtype), rstd
-
-
-def _rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    # d/dx of x * rstd(x), applied to g = grad * weight: g * rstd - x * rstd^3 * (g . x) / hidden.
-    x32 = x.float()
-    g = (grad * weight).float()
-    per_token = (g * x32).sum(-1, keepdim=True) * rstd.pow(3) / x.shape[-1]
-    return (g * rstd - x32 * per_token).to(x.dtype)
 
 
 class Kernel:
@@ -94,10 +70,11 @@ class Kernels:
 
     def __init__(self):
         self.failed = False  # once set, `usable` is False: the fused ops run eager
-        self.silu_mul = Kernel(_silu_mul, self)
-        self.silu_mul_backward = Kernel(_silu_mul_backward, self)
-        self.rms_norm = Kernel(_rms_norm, self)
-        self.rms_norm_backward = Kernel(_rms_norm_backward, self)
+        # fused.py's own functions for each direction, compiled: one definition of every formula
+        self.silu_mul = Kernel(fused.silu_mul, self)
+        self.silu_mul_grads = Kernel(fused.silu_mul_grads, self)
+        self.rms_norm = Kernel(fused.rms_norm, self)
+        self.rms_norm_input_grad = Kernel(fused.rms_norm_input_grad, self)
 
     @property
     def usable(self) -> bool:

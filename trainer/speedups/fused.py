@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from trainer.speedups.compiled import Kernels
+if TYPE_CHECKING:
+    from trainer.speedups.compiled import Kernels
 
 # MLPs whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)). Matching by class, not by
 # attribute names: other MLPs with the same parts also scale or clamp (Falcon-H1, DeepSeek-V4, ...).
@@ -43,6 +45,40 @@ PLAIN_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSN
                   "Qwen3RMSNorm", "GraniteRMSNorm", "Phi3RMSNorm")
 
 
+# Each op's passes, one function per direction: run as torch ops here, or compiled into one loop by
+# trainer/speedups/compiled.py (`kernels`), which compiles these same functions.
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate).mul_(up)
+
+
+def silu_mul_grads(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, need_gate: bool = True,
+                   need_up: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if need_gate else None
+    grad_up = F.silu(gate).mul_(grad) if need_up else None
+    return grad_gate, grad_up
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LlamaRMSNorm's forward and the per-token rstd its backward needs."""
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x32 * rstd).to(x.dtype), rstd
+
+
+def rms_norm_input_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    # d/dx of x * rstd(x), applied to g = grad * weight: g * rstd - x * rstd^3 * (g . x) / hidden.
+    x32 = x.float()
+    g = (grad * weight).float()
+    per_token = torch.linalg.vecdot(g, x32).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.shape[-1])
+    return g.mul_(rstd).addcmul_(x32, per_token, value=-1).to(x.dtype)
+
+
+def _usable(kernels: Kernels | None) -> Kernels | None:
+    return kernels if kernels and kernels.usable else None
+
+
 class SiluMul(torch.autograd.Function):
     """silu(gate) * up. `kernels` (trainer/speedups/compiled.py): each direction as one compiled loop;
     None: torch's ops."""
@@ -50,18 +86,15 @@ class SiluMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kernels: Kernels | None = None) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        ctx.kernels = kernels = kernels if kernels and kernels.usable else None
-        return kernels.silu_mul(gate, up) if kernels else F.silu(gate).mul_(up)
+        ctx.kernels = _usable(kernels)
+        return (ctx.kernels.silu_mul if ctx.kernels else silu_mul)(gate, up)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         gate, up = ctx.saved_tensors
-        if ctx.kernels and ctx.kernels.usable:
-            grad_gate, grad_up = ctx.kernels.silu_mul_backward(grad, gate, up)
-            return (grad_gate if ctx.needs_input_grad[0] else None), (grad_up if ctx.needs_input_grad[1] else None), None
-        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
-        grad_up = F.silu(gate).mul_(grad) if ctx.needs_input_grad[1] else None
-        return grad_gate, grad_up, None
+        kernels = _usable(ctx.kernels)
+        grads = (kernels.silu_mul_grads if kernels else silu_mul_grads)(grad, gate, up, *ctx.needs_input_grad[:2])
+        return *grads, None
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -71,32 +104,22 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: Kernels | None = None) -> torch.Tensor:
-        ctx.kernels = kernels = kernels if kernels and kernels.usable else None
-        if kernels:
-            out, rstd = kernels.rms_norm(x, weight, eps)
-            ctx.save_for_backward(x, weight, rstd)
-            return out
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.kernels = _usable(kernels)
+        out, rstd = (ctx.kernels.rms_norm if ctx.kernels else rms_norm)(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x32 * rstd).to(x.dtype)
+        return out
 
     @staticmethod
     @once_differentiable  # rstd is saved without a graph: no second derivative through this backward
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         x, weight, rstd = ctx.saved_tensors
-        x32 = x.float()
         grad_x = grad_weight = None
         if ctx.needs_input_grad[1]:  # a trained norm weight (never the frozen base's)
-            normed = (x32 * rstd).to(x.dtype)
+            normed = (x.float() * rstd).to(x.dtype)
             grad_weight = (grad * normed).reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype)
-        if ctx.needs_input_grad[0] and ctx.kernels and ctx.kernels.usable:
-            grad_x = ctx.kernels.rms_norm_backward(grad, x, weight, rstd)
-        elif ctx.needs_input_grad[0]:
-            # d/dx of x * rstd(x), applied to g = grad * weight: g * rstd - x * rstd^3 * (g . x) / hidden.
-            g = (grad * weight).float()
-            per_token = torch.linalg.vecdot(g, x32).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.shape[-1])
-            grad_x = g.mul_(rstd).addcmul_(x32, per_token, value=-1).to(x.dtype)
+        if ctx.needs_input_grad[0]:
+            kernels = _usable(ctx.kernels)
+            grad_x = (kernels.rms_norm_input_grad if kernels else rms_norm_input_grad)(grad, x, weight, rstd)
         return grad_x, grad_weight, None, None
 
 
