@@ -102,6 +102,9 @@ class TrainConfig:
     fused_mlp: bool = True  # SwiGLU MLPs keep gate and up for the backward, not silu(gate) too (trainer/speedups/fused.py)
     fused_norm: bool = True  # RMSNorm as one autograd op with a four-pass backward (trainer/speedups/fused.py)
     fused_rotary: bool = True  # rotary embedding as one autograd op: fewer passes, same numbers (trainer/speedups/rotary.py)
+    # q, k and v (frozen layers and their adapters) as one product in CPU training steps (trainer/speedups/projections.py;
+    # with fused_rotary, whose attention forward runs it)
+    fused_qkv: bool = True
     # The fused MLP's and norm's passes as single loops by torch.compile (trainer/speedups/compiled.py);
     # null (auto): on for CPU training of bases at least 512 wide (compiles once, cached on disk)
     compiled_kernels: bool | None = None

@@ -10,7 +10,9 @@ parts are marked from outside. Forward hooks on module types open a `record_func
 module call (the loss wrapper, the decoder, attention modules, LoRA layers, frozen linear layers,
 the output layer), and note the autograd sequence numbers the call's graph nodes were given; the
 backward's nodes carry the same numbers, so each backward op is given to the module whose forward
-made it. An op inherits the innermost part it ran in. Anything named `*dequantize*`
+made it. q, k and v fused into one product (trainer/speedups/projections.py) are not module calls:
+that op marks its frozen and adapter products with ranges of its own. An op inherits the innermost
+part it ran in. Anything named `*dequantize*`
 (bitsandbytes' 4-bit and blockwise dequantisation, in either pass) counts as dequantisation
 wherever it runs; the collate is "data"; DeepSpeed's `engine.step` and the gradient accumulation
 nodes (where ZeRO's gradient hooks run) are "optimizer"; the rest is "other".
@@ -32,6 +34,8 @@ import torch
 from torch import nn
 from torch.autograd.profiler import record_function
 
+from trainer.speedups import projections
+
 DEQUANTISE = "dequantise 4-bit weights"
 FROZEN = "frozen linears (matmuls)"
 LORA = "LoRA adapters"
@@ -45,6 +49,8 @@ PARTS = (DEQUANTISE, FROZEN, LORA, ATTENTION, LAYERS, LOSS, OPTIMIZER, DATA, OTH
 PREFIX = "bench::"  # the record_function ranges this module opens
 STEP = PREFIX + "step"
 QUANTISED_LINEARS = ("Linear4bit", "Linear8bitLt")
+# The ranges trainer/speedups/projections.py opens inside its fused products.
+RANGES = {projections.FROZEN_RANGE: FROZEN, projections.ADAPTER_RANGE: LORA}
 
 
 def part_of(module: nn.Module, loss_model: nn.Module, decoder: nn.Module, head: nn.Module | None) -> str | None:
@@ -74,9 +80,12 @@ class Parts:
         # A leaf whose view makes one graph node: reading its number reads the counter's position.
         self._counter = torch.zeros((), requires_grad=True)
         head = model.get_output_embeddings()
+        # Layers that run as one product (trainer/speedups/projections.py) are not called as modules,
+        # and would not be if hooked: that op marks its own frozen and adapter ranges (`RANGES`).
+        fused = projections.fused_layers(loss_model)
         for module in loss_model.modules():
             part = part_of(module, loss_model, model.get_decoder(), head)
-            if part is not None:
+            if part is not None and module not in fused:
                 module.register_forward_pre_hook(self._enter(part))
                 module.register_forward_hook(self._exit, always_call=True)
 
@@ -130,6 +139,8 @@ def split(events, owner: dict[int, str], device_time: bool = False) -> dict[str,
             part = OTHER
         elif event.name.startswith(PREFIX):
             part = event.name.removeprefix(PREFIX)
+        elif event.name in RANGES:
+            part = RANGES[event.name]
         elif event.name.startswith("autograd::engine::evaluate_function"):
             part = OPTIMIZER if "AccumulateGrad" in event.name else owner.get(event.sequence_nr, OTHER)
         own = event.self_device_time_total if device_time else event.self_cpu_time_total

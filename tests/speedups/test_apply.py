@@ -60,7 +60,9 @@ def test_apply_switches_on_what_the_recipe_asks(small_base_path, environ):
     assert all(replaced(m) is fused._swiglu_forward for m in modules_named(model, "LlamaMLP"))
     norms = modules_named(model, "LlamaRMSNorm")
     assert len(norms) == 2 * layers + 1 and all(replaced(m) is fused._rms_norm_forward for m in norms)
-    assert all(replaced(m) is rotary._llama_attention_forward for m in modules_named(model, "LlamaAttention"))
+    attentions = modules_named(model, "LlamaAttention")
+    assert all(replaced(m) is rotary._llama_attention_forward for m in attentions)
+    assert all(vars(m)["forward"].keywords == {"fused_qkv": True} for m in attentions)
     bases = modules_named(model, "Linear4bit")
     assert len(bases) == 7 * layers and all(replaced(m) is onednn._linear4bit_forward for m in bases)
     assert replaced(model.lm_head) is onednn._frozen_linear_forward
@@ -96,6 +98,13 @@ def test_apply_switches_nothing_the_recipe_turns_off(small_base_path, environ):
     assert all(isinstance(m.lora_dropout, nn.Identity) for m in model.modules() if isinstance(m, LoRALinear))
 
 
+def test_fused_qkv_off_keeps_the_fused_rotary_alone(small_base_path, environ):
+    model, recipe = lora_model(small_base_path, {"train": {"fused_qkv": False}})
+    switched = speedups.apply(model, recipe, CPU)
+    assert f"fused rotary embedding ({model.config.num_hidden_layers} attention layers)" in switched
+    assert all(vars(m)["forward"].keywords == {} for m in modules_named(model, "LlamaAttention"))
+
+
 def test_evaluation_gets_only_the_onednn_products_and_the_last_layer(small_base_path, environ):
     model, recipe = lora_model(small_base_path)
     switched = speedups.apply(model, recipe, CPU, training=False)
@@ -111,6 +120,7 @@ def test_off_the_cpu_there_is_no_onednn(small_base_path, environ):
     switched = speedups.apply(model, recipe, torch.device("cuda"))  # only the device's type is read
     assert not any("oneDNN" in entry or "products" in entry for entry in switched) and len(switched) == 6, switched
     assert replaced(model.lm_head) is None and all(replaced(m) is None for m in modules_named(model, "Linear4bit"))
+    assert all(vars(m)["forward"].keywords == {} for m in modules_named(model, "LlamaAttention"))  # no fused q, k, v
     assert not any(name in environ for name in onednn.CACHE_VARIABLES)
 
 

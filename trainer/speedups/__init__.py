@@ -3,6 +3,7 @@
     fused.py             SwiGLU MLP and RMSNorm that keep less for the backward (train.fused_mlp, fused_norm)
     compiled.py          those two ops' passes as single loops compiled by torch.compile (train.compiled_kernels)
     rotary.py            Llama's rotary embedding in fewer passes (train.fused_rotary)
+    projections.py       q, k and v as one product, their adapters' A as one, in CPU training (train.fused_qkv)
     onednn.py            the frozen layers' CPU products: input gradient only, through the faster of oneDNN
                          and MKL for this CPU (4-bit ones in bf16 under quant.compute_dtype=bfloat16);
                          oneDNN's caches capped (train.onednn_matmul)
@@ -56,8 +57,9 @@ def apply(model: nn.Module, recipe: Recipe, device: torch.device, *, training: b
         switched.append(f"fused SwiGLU MLP ({count} layers{loops})")
     if training and recipe.train.fused_norm and (count := fused.use_fused_norm(model, kernels)):
         switched.append(f"fused RMSNorm ({count} norms{loops})")
-    if training and recipe.train.fused_rotary and (count := rotary.use_fused_rotary(model)):
-        switched.append(f"fused rotary embedding ({count} attention layers)")
+    qkv = cpu and recipe.train.fused_qkv and recipe.train.onednn_matmul
+    if training and recipe.train.fused_rotary and (count := rotary.use_fused_rotary(model, qkv)):
+        switched.append(f"fused rotary embedding ({count} attention layers{', q, k and v as one product' if qkv else ''})")
     if cpu and recipe.train.onednn_matmul:
         library = onednn.faster_library()
         if count := onednn.use_onednn_linear(model, library):

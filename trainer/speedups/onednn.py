@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -118,31 +119,64 @@ class FrozenLinear(torch.autograd.Function):
         return ctx.product(grad, ctx.weight_of().t(), None), None, None, None
 
 
-def _frozen_linear_forward(self: nn.Linear, x: torch.Tensor, library: str = ONEDNN) -> torch.Tensor:
+class Route(NamedTuple):
+    """How a routed frozen layer multiplies an input: `product(x, weight_of(), bias)`, in `dtype`."""
+    weight_of: Callable[[], torch.Tensor]
+    bias: torch.Tensor | None
+    product: Product
+    library: str
+    dtype: torch.dtype
+
+
+def route(module: nn.Module, x: torch.Tensor) -> Route | None:
+    """The route `use_onednn_linear` gave `module` for input `x`; None where it gave none, or where the
+    layer takes its own forward for this x (not fp32 on the CPU, too few rows, a trained or ZeRO-3 weight)."""
+    forward = module.__dict__.get("forward")
+    if not isinstance(forward, functools.partial) or forward.func not in ROUTES:
+        return None
+    return ROUTES[forward.func](module, x, forward.keywords.get("library", ONEDNN))
+
+
+def _plain_route(self: nn.Linear, x: torch.Tensor, library: str) -> Route | None:
     if _takes(x, self.weight.dtype) and _frozen(self.weight, self.bias):
-        return FrozenLinear.apply(x, lambda: self.weight, self.bias, PRODUCTS[library])
-    return F.linear(x, self.weight, self.bias)
+        return Route(lambda: self.weight, self.bias, PRODUCTS[library], library, torch.float32)
+    return None
 
 
-def _linear4bit_forward(self: nn.Module, x: torch.Tensor, library: str = ONEDNN) -> torch.Tensor:
+def _linear4bit_route(self: nn.Module, x: torch.Tensor, library: str) -> Route | None:
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
     fix_4bit_weight_quant_state_from_module(self)
     state = self.weight.quant_state
+    compute = self.compute_dtype or torch.float32
     # A weight bitsandbytes has repacked for its AVX512-BF16 kernel (not in a model from load_base,
     # which turns that off) is in a layout dequantize_4bit misreads: bitsandbytes' forward keeps it.
-    compute = self.compute_dtype or torch.float32
     # bitsandbytes' own forward (which runs where this declines: a few rows, decoding) casts a bias to
     # the compute dtype in place: such a bias still takes this path.
-    if (_takes(x, state.dtype) and _frozen(self.weight, self.bias, (torch.float32, compute))
+    if not (_takes(x, state.dtype) and _frozen(self.weight, self.bias, (torch.float32, compute))
             and not getattr(state, "packing_format_for_cpu", False)):
-        if compute == torch.float32:
-            return FrozenLinear.apply(x, lambda: dequantised_weight(self), self.bias, PRODUCTS[library])
-        # quant.compute_dtype=bfloat16 under an fp32 model: the products in bf16 (AMX tiles on a CPU
-        # that has them), as bitsandbytes' own forward does, with fp32 in and out.
-        return FrozenLinear.apply(x, lambda: dequantised_weight(self, compute), self.bias,
-                                  functools.partial(_product_in, compute))
+        return None
+    if compute == torch.float32:
+        return Route(lambda: dequantised_weight(self), self.bias, PRODUCTS[library], library, compute)
+    # quant.compute_dtype=bfloat16 under an fp32 model: the products in bf16 (AMX tiles on a CPU
+    # that has them), as bitsandbytes' own forward does, with fp32 in and out.
+    return Route(lambda: dequantised_weight(self, compute), self.bias, functools.partial(_product_in, compute),
+                 library, compute)
+
+
+def _frozen_linear_forward(self: nn.Linear, x: torch.Tensor, library: str = ONEDNN) -> torch.Tensor:
+    if (way := _plain_route(self, x, library)) is not None:
+        return FrozenLinear.apply(x, way.weight_of, way.bias, way.product)
+    return F.linear(x, self.weight, self.bias)
+
+
+def _linear4bit_forward(self: nn.Module, x: torch.Tensor, library: str = ONEDNN) -> torch.Tensor:
+    if (way := _linear4bit_route(self, x, library)) is not None:
+        return FrozenLinear.apply(x, way.weight_of, way.bias, way.product)
     return type(self).forward(self, x)
+
+
+ROUTES = {_frozen_linear_forward: _plain_route, _linear4bit_forward: _linear4bit_route}
 
 
 def _product_in(dtype: torch.dtype, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -17,6 +17,7 @@ computes in fp32 and rounds once): gradients differ from autograd's by a roundin
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -26,6 +27,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama
 from transformers.utils.deprecation import deprecate_kwarg
 
+from trainer.speedups import projections
 from trainer.speedups.fused import _replace_forward
 
 # Attention modules whose forward is LlamaAttention's and whose rotary is Llama's rotate_half formula.
@@ -80,15 +82,16 @@ def apply_rotary(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin:
 @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # as on LlamaAttention.forward
 def _llama_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
                              position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                             attention_mask: torch.Tensor | None = None, cache=None,
+                             attention_mask: torch.Tensor | None = None, cache=None, fused_qkv: bool = False,
                              **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """LlamaAttention.forward (transformers 5), its rotary through `Rotary`."""
+    """LlamaAttention.forward (transformers 5), its rotary through `Rotary`; with `fused_qkv`, q, k and
+    v through trainer/speedups/projections.py where it applies."""
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
 
-    query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    projected = (projections.project(self, projections.QKV, hidden_states) if fused_qkv
+                 else [getattr(self, name)(hidden_states) for name in projections.QKV])
+    query_states, key_states, value_states = (states.view(hidden_shape).transpose(1, 2) for states in projected)
 
     cos, sin = position_embeddings
     query_states, key_states = apply_rotary(query_states, key_states, cos, sin)
@@ -106,8 +109,10 @@ def _llama_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
     return self.o_proj(attn_output), attn_weights
 
 
-def use_fused_rotary(model: nn.Module) -> int:
-    """Give every `PLAIN_ROTARY_ATTENTIONS` module the forward whose rotary is `Rotary`. Returns how
-    many were changed."""
-    return _replace_forward(model, PLAIN_ROTARY_ATTENTIONS, _llama_attention_forward,
-                            lambda module: True)
+def use_fused_rotary(model: nn.Module, fused_qkv: bool = False) -> int:
+    """Give every `PLAIN_ROTARY_ATTENTIONS` module the forward whose rotary is `Rotary` (and, with
+    `fused_qkv`, whose q, k and v are one product where trainer/speedups/projections.py applies).
+    Returns how many were changed."""
+    return _replace_forward(model, PLAIN_ROTARY_ATTENTIONS,
+                            functools.partial(_llama_attention_forward, fused_qkv=True) if fused_qkv
+                            else _llama_attention_forward, lambda module: True)
