@@ -98,11 +98,15 @@ def test_apply_switches_nothing_the_recipe_turns_off(small_base_path, environ):
     assert all(isinstance(m.lora_dropout, nn.Identity) for m in model.modules() if isinstance(m, LoRALinear))
 
 
-def test_fused_qkv_off_keeps_the_fused_rotary_alone(small_base_path, environ):
-    model, recipe = lora_model(small_base_path, {"train": {"fused_qkv": False}})
+@pytest.mark.parametrize("fused_qkv", [True, False])
+def test_q_k_and_v_are_one_product_where_the_adapters_have_no_dropout(small_base_path, environ, fused_qkv):
+    model, recipe = lora_model(small_base_path, {"train": {"fused_qkv": fused_qkv}, "lora": {"dropout": 0.0}})
     switched = speedups.apply(model, recipe, CPU)
-    assert f"fused rotary embedding ({model.config.num_hidden_layers} attention layers)" in switched
-    assert all(vars(m)["forward"].keywords == {} for m in modules_named(model, "LlamaAttention"))
+    layers = model.config.num_hidden_layers
+    assert f"fused rotary embedding ({layers} attention layers)" in switched
+    assert (f"q, k and v as one product ({layers} attention layers)" in switched) == fused_qkv
+    assert all(vars(m)["forward"].keywords == ({"fused_qkv": True} if fused_qkv else {})
+               for m in modules_named(model, "LlamaAttention"))
 
 
 def test_evaluation_gets_only_the_onednn_products_and_the_last_layer(small_base_path, environ):

@@ -19,12 +19,15 @@ from trainer.speedups.packed_attention import use_packed_attention
 from tests.test_loss import examples  # noqa: F401  (a fixture)
 
 
-def saved_bytes(run) -> int:
-    """Bytes of distinct storages autograd keeps for the backward while `run()` builds the graph."""
+def saved_bytes(run, ignore: nn.Module | None = None) -> int:
+    """Bytes of distinct storages autograd keeps for the backward while `run()` builds the graph; not
+    counting `ignore`'s parameters (which cost nothing extra to keep), if given."""
     storages = {}
+    parameters = {p.untyped_storage().data_ptr() for p in ignore.parameters()} if ignore is not None else set()
 
     def pack(tensor):
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        if tensor.untyped_storage().data_ptr() not in parameters:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.speedups.test_fused import lora_model
+from tests.speedups.test_fused import lora_model, saved_bytes
 from tests.test_loss import examples  # noqa: F401  (a fixture)
 from trainer.data.packing import collate_packed
 from trainer.loss import CausalLMLoss
@@ -126,16 +126,71 @@ def test_a_model_trains_with_one_product_as_with_three(small_base_path, small_to
         model = routed_model(small_base_path)
         assert rotary.use_fused_rotary(model, fused_qkv=fused) == model.config.num_hidden_layers
         assert len(projections.fused_layers(model)) == (3 * 5 * model.config.num_hidden_layers if fused else 0)  # layer, base, dropout, A, B
-        loss, _ = CausalLMLoss(model)(**batch)
+        (loss, _), saved = saved_bytes(lambda model=model: CausalLMLoss(model)(**batch),
+                                    ignore=model)  # the fused op keeps the first layer's A, needing no input gradient
         loss.backward()
-        results[fused] = loss.detach(), adapter_parameters(model)
+        results[fused] = loss.detach(), adapter_parameters(model), saved
     assert fused_calls[0] == model.config.num_hidden_layers
-    (plain_loss, plain), (loss, params) = results[False], results[True]
+    (plain_loss, plain, plain_saved), (loss, params, saved) = results[False], results[True]
+    # Nothing more kept for the backward (attention keeps v, which must not hold q and k with it); less,
+    # by the adapters' inputs and hidden states held once rather than per layer.
+    assert saved <= plain_saved, (saved, plain_saved)
     torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=0)
     for name, parameter in plain.items():
         scale = float(parameter.grad.abs().max())
         torch.testing.assert_close(params[name].grad, parameter.grad, rtol=1e-4, atol=1e-5 * scale,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+class Projections(nn.Module):
+    """Three frozen layers with biases reading one input: q with an adapter (r=4, alpha 8) whose A
+    is frozen, k without one, v with r=2, alpha 3."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q_proj = LoRALinear(nn.Linear(32, 48).requires_grad_(False), r=4, alpha=8)
+        self.k_proj = nn.Linear(32, 16).requires_grad_(False)
+        self.v_proj = LoRALinear(nn.Linear(32, 16).requires_grad_(False), r=2, alpha=3)
+        for layer in (self.q_proj, self.v_proj):
+            nn.init.normal_(layer.lora_B.weight)
+        self.q_proj.lora_A.weight.requires_grad_(False)
+        assert onednn.use_onednn_linear(self, onednn.TORCH) == 3
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_layers_without_adapters_ranks_scalings_biases_and_frozen_parts_get_their_gradients(fused_calls, checkpointed):
+    from torch.utils.checkpoint import checkpoint
+
+    module = Projections()
+    x = torch.randn(3, 70, 64, requires_grad=True)[..., ::2]  # not contiguous
+    grads = [torch.randn(3, 70, n) for n in (48, 16, 16)]
+    leaves = [x, *(p for p in module.parameters() if p.requires_grad)]
+    assert len(leaves) == 4  # x, q's B, v's A and B
+
+    def run(fused: bool):
+        def outputs(x):
+            return tuple(projections.project(module, QKV, x) if fused else [getattr(module, n)(x) for n in QKV])
+        got = checkpoint(outputs, x, use_reentrant=False) if checkpointed else outputs(x)
+        return got, torch.autograd.grad(got, leaves, grads)
+
+    (expected, expected_grads), (got, got_grads) = run(False), run(True)
+    assert fused_calls[0] == 1 + checkpointed  # the recomputation takes the fused path again
+    for a, b in zip([*got, *got_grads], [*expected, *expected_grads]):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_layers_alone_keep_nothing_for_the_backward(fused_calls):
+    module = Projections()
+    for name in ("q_proj", "v_proj"):
+        setattr(module, name, getattr(module, name).base_layer)
+    x = torch.randn(100, 32, requires_grad=True)
+    outputs, saved = saved_bytes(lambda: projections.project(module, QKV, x))
+    assert fused_calls[0] == 1 and saved == 0
+    (got,) = torch.autograd.grad(outputs, x, [torch.ones_like(o) for o in outputs])
+    expected = sum(layer.weight.sum(0) for layer in (module.q_proj, module.k_proj, module.v_proj))
+    torch.testing.assert_close(got, expected.expand_as(x), rtol=1e-5, atol=1e-5)
 
 
 def test_the_profile_gives_the_fused_products_to_the_frozen_layers_and_lora(small_base_path, small_tokenizer,
@@ -162,3 +217,13 @@ def test_the_profile_gives_the_fused_products_to_the_frozen_layers_and_lora(smal
     assert seconds[bench_profile.FROZEN] > 0 and seconds[bench_profile.LORA] > 0
     o_proj = [m for m in model.modules() if isinstance(m, LoRALinear) and m not in projections.fused_layers(model)]
     assert o_proj and all(m._forward_hooks for m in o_proj)  # the layers outside still hooked
+
+
+def test_where_adapters_have_dropout_nothing_is_fused_and_the_profile_hooks_every_layer(small_base_path):
+    from launch.benchmarks import profile as bench_profile
+
+    model = routed_model(small_base_path, dropout=0.1)
+    rotary.use_fused_rotary(model, fused_qkv=True)
+    assert projections.fused_attentions(model) == [] and projections.fused_layers(model) == set()
+    bench_profile.Parts(CausalLMLoss(model), model)
+    assert all(m._forward_hooks for m in model.modules() if isinstance(m, LoRALinear))

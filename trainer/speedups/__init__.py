@@ -35,7 +35,8 @@ def apply(model: nn.Module, recipe: Recipe, device: torch.device, *, training: b
     hooks. The fused ops save memory for a backward, packed attention serves packed batches, and
     dropout is off."""
     # Imported here, not on top: launch/train.py imports trainer.speedups.malloc before torch.
-    from trainer.speedups import compiled, dropout_masks, fused, last_layer, onednn, packed_attention, rotary
+    from trainer.speedups import (compiled, dropout_masks, fused, last_layer, onednn, packed_attention, projections,
+                                  rotary)
 
     switched = []
     cpu = device.type == "cpu"
@@ -59,12 +60,14 @@ def apply(model: nn.Module, recipe: Recipe, device: torch.device, *, training: b
         switched.append(f"fused RMSNorm ({count} norms{loops})")
     qkv = cpu and recipe.train.fused_qkv and recipe.train.onednn_matmul
     if training and recipe.train.fused_rotary and (count := rotary.use_fused_rotary(model, qkv)):
-        switched.append(f"fused rotary embedding ({count} attention layers{', q, k and v as one product' if qkv else ''})")
+        switched.append(f"fused rotary embedding ({count} attention layers)")
     if cpu and recipe.train.onednn_matmul:
         library = onednn.faster_library()
         if count := onednn.use_onednn_linear(model, library):
             bf16 = "" if recipe.quant.compute_dtype != "bfloat16" else ", the 4-bit ones' in bf16"
             switched.append(f"frozen linear layers' products through {library}{bf16} ({count} layers)")
+    if training and (count := len(projections.fused_attentions(model))):  # with the routes set above
+        switched.append(f"q, k and v as one product ({count} attention layers)")
     if training and recipe.data.packing and model.config._attn_implementation == "sdpa":
         packed_attention.use_packed_attention(model)
         switched.append("attention per packed example")

@@ -128,12 +128,18 @@ class Route(NamedTuple):
     dtype: torch.dtype
 
 
+def routed(module: nn.Module) -> bool:
+    """Whether `use_onednn_linear` gave `module` a route (taken or not, input by input)."""
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, functools.partial) and forward.func in ROUTES
+
+
 def route(module: nn.Module, x: torch.Tensor) -> Route | None:
     """The route `use_onednn_linear` gave `module` for input `x`; None where it gave none, or where the
     layer takes its own forward for this x (not fp32 on the CPU, too few rows, a trained or ZeRO-3 weight)."""
-    forward = module.__dict__.get("forward")
-    if not isinstance(forward, functools.partial) or forward.func not in ROUTES:
+    if not routed(module):
         return None
+    forward = module.forward
     return ROUTES[forward.func](module, x, forward.keywords.get("library", ONEDNN))
 
 

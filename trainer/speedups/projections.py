@@ -60,16 +60,23 @@ class Plan(NamedTuple):
         return None if self.routes[0].bias is None else torch.cat([route.bias for route in self.routes])
 
 
-def fused_layers(model: nn.Module) -> set[nn.Module]:
-    """The modules of `model` that may run inside `SharedInputLinear` rather than be called: the
-    layers (and their parts) that a forward bound with `fused_qkv=True` projects."""
-    found = set()
+def fused_attentions(model: nn.Module) -> list[nn.Module]:
+    """The modules of `model` whose forward (bound with `fused_qkv=True`) runs their q, k and v through
+    `SharedInputLinear`, as far as can be told without an input (a call with too few rows still runs
+    them one by one)."""
+    found = []
     for module in model.modules():
         forward = module.__dict__.get("forward")
-        if isinstance(forward, functools.partial) and forward.keywords.get("fused_qkv"):
-            for name in QKV:
-                found.update(getattr(module, name).modules())
+        if (isinstance(forward, functools.partial) and forward.keywords.get("fused_qkv")
+                and all(_fusable(getattr(module, name)) for name in QKV)):
+            found.append(module)
     return found
+
+
+def fused_layers(model: nn.Module) -> set[nn.Module]:
+    """The modules that run inside `SharedInputLinear` rather than being called: the q, k and v layers
+    of `fused_attentions(model)`, and their parts."""
+    return {part for module in fused_attentions(model) for name in QKV for part in getattr(module, name).modules()}
 
 
 def project(module: nn.Module, names: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
@@ -84,16 +91,18 @@ def project(module: nn.Module, names: Sequence[str], x: torch.Tensor) -> list[to
 def plan_for(layers: Sequence[nn.Module], x: torch.Tensor) -> Plan | None:
     """How `SharedInputLinear` computes `layers` on x; None where it does not apply (see the module's
     docstring)."""
+    if len(layers) < 2 or _global_hooks() or not all(_fusable(layer) for layer in layers):
+        return None
     routes, sizes, adapters, parameters = [], [], [], []
     rank = 0
     for layer in layers:
         base = layer.base_layer if type(layer) is LoRALinear else layer
-        if _hooked(layer) or (base is not layer and not _plain_adapter(layer, x)):
-            return None
         route = onednn.route(base, x)
         if route is None:
             return None
         if base is not layer:
+            if any(p.dtype != x.dtype for p in (layer.lora_A.weight, layer.lora_B.weight)):
+                return None
             start = sum(sizes)
             adapters.append(Adapter(slice(start, start + base.out_features), slice(rank, rank + layer.r),
                                     layer.scaling))
@@ -101,24 +110,34 @@ def plan_for(layers: Sequence[nn.Module], x: torch.Tensor) -> Plan | None:
             rank += layer.r
         routes.append(route)
         sizes.append(base.out_features)
-    if (len(layers) < 2 or len({(route.library, route.dtype) for route in routes}) > 1
-            or len({route.bias is None for route in routes}) > 1):
+    if len({(route.library, route.dtype) for route in routes}) > 1 or len({route.bias is None for route in routes}) > 1:
         return None
     return Plan(routes, sizes, adapters, parameters)
 
 
-def _plain_adapter(layer: LoRALinear, x: torch.Tensor) -> bool:
-    """W x + scaling * B A x, exactly: no dropout, no DoRA, not merged, no forward of its own, and
-    adapters in x's dtype, all here (not ZeRO-3 placeholders)."""
-    weights = (layer.lora_A.weight, layer.lora_B.weight)
-    return (not layer.merged and layer.lora_magnitude_vector is None and isinstance(layer.lora_dropout, nn.Identity)
-            and "forward" not in layer.__dict__ and not _hooked(layer.lora_A) and not _hooked(layer.lora_B)
-            and all(w.dtype == x.dtype and not hasattr(w, "ds_id") for w in weights))
+def _fusable(layer: nn.Module) -> bool:
+    """What can be told of a layer without an input: a layer routed by onednn.py, or a `LoRALinear`
+    over one computing W x + scaling * B A x exactly (no dropout, no DoRA, not merged, no forward of
+    its own, adapters all here: not ZeRO-3 placeholders), with no module hooks on any of it (a hook
+    expects its module to be called)."""
+    if type(layer) is not LoRALinear:
+        return onednn.routed(layer) and not _hooked(layer)
+    return (onednn.routed(layer.base_layer) and not layer.merged and layer.lora_magnitude_vector is None
+            and isinstance(layer.lora_dropout, nn.Identity) and "forward" not in layer.__dict__
+            and not any(_hooked(m) for m in (layer, layer.base_layer, layer.lora_A, layer.lora_B))
+            and not any(hasattr(m.weight, "ds_id") for m in (layer.lora_A, layer.lora_B)))
 
 
 def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or (type(module) is LoRALinear and _hooked(module.base_layer)))
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks
+                or module._global_backward_hooks or module._global_backward_pre_hooks)
 
 
 class SharedInputLinear(torch.autograd.Function):
@@ -138,7 +157,9 @@ class SharedInputLinear(torch.autograd.Function):
                     # LoRALinear's own update: base + scaling * (h @ B^T), in one addmm.
                     out[:, adapter.columns].addmm_(hidden[:, adapter.ranks], up.t(), alpha=adapter.scaling)
         ctx.plan, ctx.shape = plan, x.shape
-        ctx.save_for_backward(rows, hidden, *parameters)
+        # x for A's gradient, h for B's: kept only where they will be needed (frozen layers alone keep nothing).
+        wants = ctx.needs_input_grad[2:]
+        ctx.save_for_backward(rows if any(wants[0::2]) else None, hidden if any(wants[1::2]) else None, *parameters)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod

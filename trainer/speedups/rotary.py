@@ -91,6 +91,10 @@ def _llama_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
 
     projected = (projections.project(self, projections.QKV, hidden_states) if fused_qkv
                  else [getattr(self, name)(hidden_states) for name in projections.QKV])
+    if fused_qkv:
+        # Attention keeps v for its backward: a view of the stacked q, k, v result would keep q's and k's
+        # columns alive with it (the unfused layers' q and k are freed once the rotary has read them).
+        projected[2] = projected[2].contiguous()
     query_states, key_states, value_states = (states.view(hidden_shape).transpose(1, 2) for states in projected)
 
     cos, sin = position_embeddings
