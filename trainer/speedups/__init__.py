@@ -58,7 +58,8 @@ def apply(model: nn.Module, recipe: Recipe, device: torch.device, *, training: b
         switched.append(f"fused SwiGLU MLP ({count} layers{loops})")
     if training and recipe.train.fused_norm and (count := fused.use_fused_norm(model, kernels)):
         switched.append(f"fused RMSNorm ({count} norms{loops})")
-    qkv = cpu and recipe.train.fused_qkv and recipe.train.onednn_matmul
+    # Not under ZeRO-3: DeepSpeed partitions the layers after this, and gathers each one around its own call.
+    qkv = cpu and recipe.train.fused_qkv and recipe.train.onednn_matmul and recipe.deepspeed.zero_stage != 3
     if training and recipe.train.fused_rotary and (count := rotary.use_fused_rotary(model, qkv)):
         switched.append(f"fused rotary embedding ({count} attention layers)")
     if cpu and recipe.train.onednn_matmul:
