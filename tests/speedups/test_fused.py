@@ -19,7 +19,7 @@ from trainer.speedups.packed_attention import use_packed_attention
 from tests.test_loss import examples  # noqa: F401  (a fixture)
 
 
-def saved_bytes(run, ignore: nn.Module | None = None) -> int:
+def saved_bytes(run, ignore: nn.Module | None = None) -> tuple[object, int]:
     """Bytes of distinct storages autograd keeps for the backward while `run()` builds the graph; not
     counting `ignore`'s parameters (which cost nothing extra to keep), if given."""
     storages = {}

@@ -79,7 +79,7 @@ def test_one_product_gives_the_layers_values_and_gradients(small_base_path, fuse
 def test_where_it_does_not_apply_each_layer_runs_its_own_forward(small_base_path, fused_calls):
     model = routed_model(small_base_path)
     attention = model.model.layers[0].self_attn
-    q, k = attention.q_proj, attention.k_proj
+    q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
     x = torch.randn(1, 80, model.config.hidden_size, requires_grad=True)
     small = torch.randn(1, onednn.MIN_ROWS - 1, model.config.hidden_size)
 
@@ -94,9 +94,18 @@ def test_where_it_does_not_apply_each_layer_runs_its_own_forward(small_base_path
     with torch.no_grad():  # evaluation and decoding: each layer's own numbers
         declined()
     declined(small)  # too few rows: the layers' own (bitsandbytes') path
-    hook = k.register_forward_hook(lambda *args: None)  # a hook expects its module to be called
+    # A hook expects its module to be called: on a layer or any part of it, forward or backward, or global.
+    def nothing(*args):
+        return None
+
+    for register in (k.register_forward_hook, q.lora_A.register_forward_pre_hook, q.lora_dropout.register_forward_hook,
+                     v.register_full_backward_hook, torch.nn.modules.module.register_module_forward_hook):
+        hook = register(nothing)  # one at a time
+        declined()
+        hook.remove()
+    q.lora_magnitude_vector = nn.Parameter(q.weight_norm())  # DoRA
     declined()
-    hook.remove()
+    q.lora_magnitude_vector = None
     q.lora_A.weight.ds_id = 5  # a ZeRO-3 placeholder: DeepSpeed gathers it when lora_A is called
     declined()
     del q.lora_A.weight.ds_id
@@ -106,7 +115,6 @@ def test_where_it_does_not_apply_each_layer_runs_its_own_forward(small_base_path
     k.base_layer.compute_dtype = torch.bfloat16  # products in two dtypes
     declined()
     k.base_layer.compute_dtype = torch.float32
-    v = attention.v_proj
     v.base_layer.__dict__.pop("forward")  # a layer no route was given
     declined()
     onednn.use_onednn_linear(v, onednn.ONEDNN)  # products by two libraries
@@ -191,6 +199,27 @@ def test_frozen_layers_alone_keep_nothing_for_the_backward(fused_calls):
     (got,) = torch.autograd.grad(outputs, x, [torch.ones_like(o) for o in outputs])
     expected = sum(layer.weight.sum(0) for layer in (module.q_proj, module.k_proj, module.v_proj))
     torch.testing.assert_close(got, expected.expand_as(x), rtol=1e-5, atol=1e-5)
+
+
+def test_what_the_backward_needs_is_all_that_is_kept(fused_calls):
+    module = Projections()
+    x = torch.randn(100, 32, requires_grad=True)
+    outputs, saved = saved_bytes(lambda: projections.project(module, QKV, x), ignore=module)
+    assert saved == x.untyped_storage().nbytes() + 100 * (4 + 2) * 4  # x for v's A, h for q's and v's B
+    for layer in (module.q_proj, module.v_proj):  # A trained, B frozen: x, and no h
+        layer.lora_A.weight.requires_grad_(True)
+        layer.lora_B.weight.requires_grad_(False)
+    outputs, saved = saved_bytes(lambda: projections.project(module, QKV, x), ignore=module)
+    assert saved == x.untyped_storage().nbytes() and fused_calls[0] == 2
+
+
+def test_layers_with_and_without_a_bias_run_one_by_one(fused_calls):
+    module = Projections()
+    module.k_proj.bias = None
+    x = torch.randn(100, 32, requires_grad=True)
+    for got, want in zip(projections.project(module, QKV, x), [getattr(module, name)(x) for name in QKV]):
+        assert torch.equal(got, want)
+    assert fused_calls[0] == 0
 
 
 def test_the_profile_gives_the_fused_products_to_the_frozen_layers_and_lora(small_base_path, small_tokenizer,

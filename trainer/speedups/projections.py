@@ -68,7 +68,7 @@ def fused_attentions(model: nn.Module) -> list[nn.Module]:
     for module in model.modules():
         forward = module.__dict__.get("forward")
         if (isinstance(forward, functools.partial) and forward.keywords.get("fused_qkv")
-                and all(_fusable(getattr(module, name)) for name in QKV)):
+                and _fusable_together([getattr(module, name) for name in QKV])):
             found.append(module)
     return found
 
@@ -91,7 +91,7 @@ def project(module: nn.Module, names: Sequence[str], x: torch.Tensor) -> list[to
 def plan_for(layers: Sequence[nn.Module], x: torch.Tensor) -> Plan | None:
     """How `SharedInputLinear` computes `layers` on x; None where it does not apply (see the module's
     docstring)."""
-    if len(layers) < 2 or _global_hooks() or not all(_fusable(layer) for layer in layers):
+    if not _fusable_together(layers):
         return None
     routes, sizes, adapters, parameters = [], [], [], []
     rank = 0
@@ -110,9 +110,16 @@ def plan_for(layers: Sequence[nn.Module], x: torch.Tensor) -> Plan | None:
             rank += layer.r
         routes.append(route)
         sizes.append(base.out_features)
-    if len({(route.library, route.dtype) for route in routes}) > 1 or len({route.bias is None for route in routes}) > 1:
+    if len({(route.library, route.dtype) for route in routes}) > 1:
         return None
     return Plan(routes, sizes, adapters, parameters)
+
+
+def _fusable_together(layers: Sequence[nn.Module]) -> bool:
+    """`_fusable` layers, two or more, all with a bias or none, and no global module hooks."""
+    bases = [layer.base_layer if type(layer) is LoRALinear else layer for layer in layers]
+    return (len(layers) >= 2 and not _global_hooks() and all(_fusable(layer) for layer in layers)
+            and len({base.bias is None for base in bases}) == 1)
 
 
 def _fusable(layer: nn.Module) -> bool:
@@ -124,7 +131,7 @@ def _fusable(layer: nn.Module) -> bool:
         return onednn.routed(layer) and not _hooked(layer)
     return (onednn.routed(layer.base_layer) and not layer.merged and layer.lora_magnitude_vector is None
             and isinstance(layer.lora_dropout, nn.Identity) and "forward" not in layer.__dict__
-            and not any(_hooked(m) for m in (layer, layer.base_layer, layer.lora_A, layer.lora_B))
+            and not any(_hooked(m) for m in layer.modules())
             and not any(hasattr(m.weight, "ds_id") for m in (layer.lora_A, layer.lora_B)))
 
 

@@ -96,6 +96,7 @@ def _llama_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
         # columns alive with it (the unfused layers' q and k are freed once the rotary has read them).
         projected[2] = projected[2].contiguous()
     query_states, key_states, value_states = (states.view(hidden_shape).transpose(1, 2) for states in projected)
+    del projected  # or q and k as projected (and, fused, the stacked result) would live as long as this forward
 
     cos, sin = position_embeddings
     query_states, key_states = apply_rotary(query_states, key_states, cos, sin)
