@@ -128,19 +128,26 @@ class Route(NamedTuple):
     dtype: torch.dtype
 
 
+def _binding(module: nn.Module) -> tuple[Callable, str] | None:
+    """The forward `use_onednn_linear` bound to `module` and its library; None where it bound none."""
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, functools.partial) and forward.func in ROUTES:
+        return forward.func, forward.keywords.get("library", ONEDNN)
+    return None
+
+
 def routed(module: nn.Module) -> bool:
     """Whether `use_onednn_linear` gave `module` a route (taken or not, input by input)."""
-    forward = module.__dict__.get("forward")
-    return isinstance(forward, functools.partial) and forward.func in ROUTES
+    return _binding(module) is not None
 
 
 def route(module: nn.Module, x: torch.Tensor) -> Route | None:
     """The route `use_onednn_linear` gave `module` for input `x`; None where it gave none, or where the
     layer takes its own forward for this x (not fp32 on the CPU, too few rows, a trained or ZeRO-3 weight)."""
-    if not routed(module):
+    if (binding := _binding(module)) is None:
         return None
-    forward = module.forward
-    return ROUTES[forward.func](module, x, forward.keywords.get("library", ONEDNN))
+    forward, library = binding
+    return ROUTES[forward](module, x, library)
 
 
 def _plain_route(self: nn.Linear, x: torch.Tensor, library: str) -> Route | None:
@@ -199,10 +206,8 @@ def _frozen(weight: torch.Tensor, bias: torch.Tensor | None, bias_dtypes: tuple 
 
 def product_of(module: nn.Module) -> Product | None:
     """The product `use_onednn_linear` gave this plain linear layer (None: it was not routed)."""
-    forward = module.__dict__.get("forward")
-    if isinstance(forward, functools.partial) and forward.func is _frozen_linear_forward:
-        return PRODUCTS[forward.keywords.get("library", ONEDNN)]
-    return None
+    binding = _binding(module)
+    return PRODUCTS[binding[1]] if binding is not None and binding[0] is _frozen_linear_forward else None
 
 
 def use_onednn_linear(model: nn.Module, library: str = ONEDNN) -> int:

@@ -96,7 +96,7 @@ def plan_for(layers: Sequence[nn.Module], x: torch.Tensor) -> Plan | None:
     routes, sizes, adapters, parameters = [], [], [], []
     rank = 0
     for layer in layers:
-        base = layer.base_layer if type(layer) is LoRALinear else layer
+        base = _base(layer)
         route = onednn.route(base, x)
         if route is None:
             return None
@@ -117,9 +117,13 @@ def plan_for(layers: Sequence[nn.Module], x: torch.Tensor) -> Plan | None:
 
 def _fusable_together(layers: Sequence[nn.Module]) -> bool:
     """`_fusable` layers, two or more, all with a bias or none, and no global module hooks."""
-    bases = [layer.base_layer if type(layer) is LoRALinear else layer for layer in layers]
     return (len(layers) >= 2 and not _global_hooks() and all(_fusable(layer) for layer in layers)
-            and len({base.bias is None for base in bases}) == 1)
+            and len({_base(layer).bias is None for layer in layers}) == 1)
+
+
+def _base(layer: nn.Module) -> nn.Module:
+    """The frozen layer itself, or the one a `LoRALinear` wraps."""
+    return layer.base_layer if type(layer) is LoRALinear else layer
 
 
 def _fusable(layer: nn.Module) -> bool:
