@@ -111,7 +111,7 @@ def test_loss_is_the_models_own_loss_on_trained_tokens(small_base_path, batch):
     torch.testing.assert_close(loss_sum / tokens, reference, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("bits,packed", [(16, False), (4, False), (16, True)])
+@pytest.mark.parametrize("bits,packed", [(16, False), (4, False), (16, True), (16, "blocked")])
 def test_activation_checkpointing_keeps_adapter_gradients(small_base_path, small_tokenizer, examples, bits, packed):
     plain = lora_model(small_base_path, bits)
     checkpointed = lora_model(small_base_path, bits)
@@ -119,8 +119,8 @@ def test_activation_checkpointing_keeps_adapter_gradients(small_base_path, small
     batch = collate(examples, small_tokenizer.pad_token_id)
     if packed:  # attention per example is recomputed in the backward too
         batch = collate_packed(examples, 64, small_tokenizer.pad_token_id)
-        use_packed_attention(plain)
-        use_packed_attention(checkpointed)
+        use_packed_attention(plain, blocked=packed == "blocked")
+        use_packed_attention(checkpointed, blocked=packed == "blocked")
     results = []
     for model in (plain, checkpointed):
         model.train()

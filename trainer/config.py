@@ -105,6 +105,9 @@ class TrainConfig:
     # q, k and v (frozen layers and their adapters) as one product in CPU training steps (trainer/speedups/projections.py;
     # with fused_rotary, whose attention forward runs it)
     fused_qkv: bool = True
+    # packed examples' causal attention in CPU training as blocks of products, softmax kept for the backward
+    # (trainer/speedups/blocked_attention.py; fp32, examples up to 512 tokens): faster than SDPA's kernel there
+    blocked_attention: bool = True
     # The fused MLP's and norm's passes as single loops by torch.compile (trainer/speedups/compiled.py);
     # null (auto): on for CPU training of bases at least 512 wide (compiles once, cached on disk)
     compiled_kernels: bool | None = None

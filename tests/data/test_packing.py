@@ -13,6 +13,7 @@ from trainer.model.lora import adapter_parameters, apply_lora, lora_layers
 from trainer.loss import CausalLMLoss
 from trainer.model.base import load_base
 from trainer.data.packing import collate_packed, pack_rows, training_collate
+from trainer.speedups import blocked_attention
 from trainer.speedups.packed_attention import PACKED_ATTENTION, use_packed_attention
 
 MAX_SEQ_LEN = 64
@@ -84,20 +85,26 @@ def test_collate_packed_lays_out_examples_with_positions_reset(examples):
     assert next(placed, None) is None and sorted(batch["row_ids"].tolist()) == sorted(by_row_id)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager", "packed"])
-def test_packed_loss_and_gradients_equal_unpacked(small_base_path, small_tokenizer, examples, attention):
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "packed", "blocked"])
+def test_packed_loss_and_gradients_equal_unpacked(small_base_path, small_tokenizer, examples, attention, monkeypatch):
     model = lora_model(small_base_path, "eager" if attention == "eager" else "sdpa")
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped-query attention
     loss_model = CausalLMLoss(model)
     unpacked = loss_and_grads(loss_model, collate(examples, small_tokenizer.pad_token_id))
-    if attention == "packed":  # rows joined without padding, attention per example: the loop's collate
-        use_packed_attention(model)
+    calls = []
+    if attention == "blocked":  # count the examples through trainer/speedups/blocked_attention.py
+        monkeypatch.setattr(blocked_attention, "attention",
+                            lambda *args, original=blocked_attention.attention: calls.append(args[3]) or original(*args))
+    if attention in ("packed", "blocked"):  # rows joined without padding, attention per example: the loop's collate
+        use_packed_attention(model, blocked=attention == "blocked")
         recipe = recipe_from_dict({"data": {"max_seq_len": MAX_SEQ_LEN}})
         packed_batch = training_collate(recipe, model, small_tokenizer.pad_token_id)(examples)
         assert "attention_mask" not in packed_batch
     else:
         packed_batch = collate_packed(examples, MAX_SEQ_LEN, small_tokenizer.pad_token_id)
     packed = loss_and_grads(loss_model, packed_batch)
+    if attention == "blocked":  # every layer, all examples at once
+        assert len(calls) == model.config.num_hidden_layers and len(calls[0]) == len(examples)
     assert packed_batch["input_ids"].shape[0] < len(examples)
     assert packed[1] == unpacked[1]  # the same trained tokens
     torch.testing.assert_close(packed[0], unpacked[0], rtol=1e-5, atol=1e-4)

@@ -67,6 +67,7 @@ def test_apply_switches_on_what_the_recipe_asks(small_base_path, environ):
     assert len(bases) == 7 * layers and all(replaced(m) is onednn._linear4bit_forward for m in bases)
     assert replaced(model.lm_head) is onednn._frozen_linear_forward
     assert model.config._attn_implementation == PACKED_ATTENTION
+    assert all(m.blocked_attention for m in attentions) and "blocked products" in " ".join(switched)
     adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
     assert adapters and all(replaced(m) is dropout_masks._masked_forward for m in adapters)
     assert all(replaced(m.lora_A) is dropout_masks._masked_down for m in adapters)
@@ -109,6 +110,13 @@ def test_q_k_and_v_are_one_product_where_the_adapters_have_no_dropout(small_base
     assert (f"q, k and v as one product ({layers} attention layers)" in switched) == fused
     assert all(vars(m)["forward"].keywords == ({"fused_qkv": True} if fused else {})
                for m in modules_named(model, "LlamaAttention"))
+
+
+def test_blocked_attention_follows_the_recipe(small_base_path, environ):
+    model, recipe = lora_model(small_base_path, {"train": {"blocked_attention": False}})
+    switched = speedups.apply(model, recipe, CPU)
+    assert model.config._attn_implementation == PACKED_ATTENTION and "attention per packed example" in switched
+    assert not any(m.blocked_attention for m in modules_named(model, "LlamaAttention"))
 
 
 def test_evaluation_gets_only_the_onednn_products_and_the_last_layer(small_base_path, environ):

@@ -8,6 +8,7 @@
                          and MKL for this CPU (4-bit ones in bf16 under quant.compute_dtype=bfloat16);
                          oneDNN's caches capped (train.onednn_matmul)
     packed_attention.py  attention per packed example, not through a mask (data.packing, SDPA models)
+    blocked_attention.py its CPU kernel: blocks of queries by the keys up to them, softmax kept (train.blocked_attention)
     dropout_masks.py     LoRA dropout from random bytes; q, k and v keep their input once (lora.dropout > 0)
     last_layer.py        the last layer's output projection and MLP at trained positions only (always)
     malloc.py            glibc malloc settings: before torch is imported, so launch/train.py applies them
@@ -35,8 +36,8 @@ def apply(model: nn.Module, recipe: Recipe, device: torch.device, *, training: b
     hooks. The fused ops save memory for a backward, packed attention serves packed batches, and
     dropout is off."""
     # Imported here, not on top: launch/train.py imports trainer.speedups.malloc before torch.
-    from trainer.speedups import (compiled, dropout_masks, fused, last_layer, onednn, packed_attention, projections,
-                                  rotary)
+    from trainer.speedups import (blocked_attention, compiled, dropout_masks, fused, last_layer, onednn, packed_attention,
+                                  projections, rotary)
 
     switched = []
     cpu = device.type == "cpu"
@@ -70,8 +71,10 @@ def apply(model: nn.Module, recipe: Recipe, device: torch.device, *, training: b
     if training and (count := len(projections.fused_attentions(model))):  # with the routes set above
         switched.append(f"q, k and v as one product ({count} attention layers)")
     if training and recipe.data.packing and model.config._attn_implementation == "sdpa":
-        packed_attention.use_packed_attention(model)
-        switched.append("attention per packed example")
+        blocked = cpu and recipe.train.blocked_attention
+        packed_attention.use_packed_attention(model, blocked)
+        switched.append("attention per packed example" + (
+            f" (blocked products in fp32, examples up to {blocked_attention.KEEP_SCORES_UP_TO} tokens)" if blocked else ""))
     if training and (count := dropout_masks.use_dropout_masks(model)):
         switched.append(f"byte-drawn dropout masks ({count} adapters)")
     if last_layer.attach(model):

@@ -7,7 +7,9 @@ collate's `segment_lengths`, read on the host (a caller without them: found wher
 restart, which makes the device wait on the host in every layer). Attention then costs the sum of
 the examples' squared lengths under a causal kernel, instead of rows x L^2 through the packed rows'
 block-diagonal mask (SDPA on CPU computes every masked-out block). With a mask (padded batches), or
-with a KV cache (decoding), it is transformers' SDPA unchanged.
+with a KV cache (decoding), it is transformers' SDPA unchanged. `blocked=True` (CPU training,
+`train.blocked_attention`): where trainer/speedups/blocked_attention.py applies (fp32, examples up to
+512 tokens), the examples go through its blocks of products instead of SDPA's flash kernel.
 """
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ import torch.nn.functional as F
 PACKED_ATTENTION = "packed_sdpa"
 
 
-def use_packed_attention(model: torch.nn.Module) -> None:
+def use_packed_attention(model: torch.nn.Module, blocked: bool = False) -> None:
     """Switch an SDPA model to `packed_sdpa`: with no padding mask, attention runs per example, the
     examples found where `position_ids` restart (transformers' packed format, as its FlashAttention
-    path reads it); with a mask, or with a KV cache, it is transformers' SDPA unchanged."""
+    path reads it); with a mask, or with a KV cache, it is transformers' SDPA unchanged. `blocked`:
+    the examples through blocked_attention.py where it applies (else SDPA's kernel)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
@@ -30,6 +33,9 @@ def use_packed_attention(model: torch.nn.Module) -> None:
     AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, _packed_sdpa_mask)
     model.set_attn_implementation(PACKED_ATTENTION)
+    for module in model.modules():  # the attention layers: what the attention function is called with
+        if hasattr(module, "is_causal") and hasattr(module, "scaling"):
+            module.blocked_attention = blocked
 
 
 def _packed_sdpa_mask(attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
@@ -46,6 +52,8 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     """query [B, heads, L, head_dim], key/value [B, kv_heads, L, head_dim] -> [B, L, heads, head_dim]."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
+    from trainer.speedups import blocked_attention
+
     length = query.shape[2]
     if attention_mask is not None or position_ids is None or key.shape[2] != length:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -56,11 +64,15 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     # over the group: 42 against 27 ms per SmolLM2 layer (9/3 heads, 8 examples, forward + backward).
     # CPU only: on CUDA only the flash kernel takes grouped heads (SDPA would fall back to its math
     # kernel wherever flash cannot run), not measured there: repeated, as transformers does.
+    packed_lengths = kwargs.get("packed_lengths")
+    if (packed_lengths is not None and query.shape[0] == 1 and getattr(module, "blocked_attention", False)
+            and blocked_attention.applies(query, key, packed_lengths, dropout)):
+        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return blocked_attention.attention(query, key, value, packed_lengths, scaling), None
     grouped = key.shape[1] != query.shape[1]
     if grouped and query.device.type != "cpu":
         key, value = (repeat_kv(t, query.shape[1] // key.shape[1]) for t in (key, value))
         grouped = False
-    packed_lengths = kwargs.get("packed_lengths")
     if packed_lengths is not None and query.shape[0] == 1:  # from CausalLMLoss: known on the host
         per_row = [packed_lengths]
     else:  # an example starts wherever the position does not follow the previous one (a device sync)
