@@ -18,6 +18,7 @@ from trainer.model.base import enable_activation_checkpointing
 from trainer.model.base import load_base
 from trainer.data.packing import collate_packed
 from trainer.speedups import last_layer
+from trainer.speedups import blocked_attention
 from trainer.speedups.packed_attention import use_packed_attention
 
 
@@ -112,7 +113,11 @@ def test_loss_is_the_models_own_loss_on_trained_tokens(small_base_path, batch):
 
 
 @pytest.mark.parametrize("bits,packed", [(16, False), (4, False), (16, True), (16, "blocked")])
-def test_activation_checkpointing_keeps_adapter_gradients(small_base_path, small_tokenizer, examples, bits, packed):
+def test_activation_checkpointing_keeps_adapter_gradients(small_base_path, small_tokenizer, examples, bits, packed,
+                                                          monkeypatch):
+    calls = []
+    monkeypatch.setattr(blocked_attention, "attention",
+                        lambda *args, original=blocked_attention.attention: calls.append(1) or original(*args))
     plain = lora_model(small_base_path, bits)
     checkpointed = lora_model(small_base_path, bits)
     enable_activation_checkpointing(checkpointed)
@@ -129,6 +134,8 @@ def test_activation_checkpointing_keeps_adapter_gradients(small_base_path, small
         results.append((loss_sum.detach(), adapter_parameters(model)))
 
     (plain_loss, plain_params), (checkpointed_loss, checkpointed_params) = results
+    # blocked: each layer once per forward, the checkpointed one's again in the backward
+    assert len(calls) == (3 * plain.config.num_hidden_layers if packed == "blocked" else 0)
     assert all(layer.gradient_checkpointing for layer in checkpointed.model.layers)
     assert torch.equal(checkpointed_loss, plain_loss)
     assert plain_params.keys() == checkpointed_params.keys()

@@ -116,7 +116,8 @@ def test_blocked_attention_follows_the_recipe(small_base_path, environ):
     model, recipe = lora_model(small_base_path, {"train": {"blocked_attention": False}})
     switched = speedups.apply(model, recipe, CPU)
     assert model.config._attn_implementation == PACKED_ATTENTION and "attention per packed example" in switched
-    assert not any(m.blocked_attention for m in modules_named(model, "LlamaAttention"))
+    attentions = modules_named(model, "LlamaAttention")
+    assert attentions and not any(m.blocked_attention for m in attentions)
 
 
 def test_evaluation_gets_only_the_onednn_products_and_the_last_layer(small_base_path, environ):

@@ -50,6 +50,7 @@ def forward_backward(function, query, key, value, grad, lengths, scaling):
     (4, 4, [5, 130], "contiguous"),  # no grouping
     (8, 2, [KEEP_SCORES_UP_TO], "projected"),  # the longest kept
     (6, 1, [96, 97, 160], "contiguous"),  # one key/value head for all
+    (6, 1, [40, 150], "projected"),  # ... where the grouped queries are a view of the input, not a copy
 ])
 def test_equals_sdpa_per_example_forward_and_backward(heads, kv_heads, lengths, layout):
     query, key, value, grad = inputs(heads, kv_heads, lengths, layout)
@@ -92,11 +93,17 @@ def test_blocks_cover_every_position_once():
         assert max(end - first for first, end in blocks) <= 1.5 * blocked_attention.BLOCK
 
 
-def test_applies_only_on_the_cpu_in_fp32_without_dropout_and_to_short_examples():
-    query, key = torch.zeros(1, 9, 10, HEAD_DIM), torch.zeros(1, 3, 10, HEAD_DIM)
-    assert applies(query, key, [4, 6], 0.0)
-    assert not applies(query, key, [4, 6], 0.1)
-    assert not applies(query.bfloat16(), key.bfloat16(), [4, 6], 0.0)
-    assert not applies(query.to("meta"), key.to("meta"), [4, 6], 0.0)
-    assert applies(query, key, [KEEP_SCORES_UP_TO], 0.0)
-    assert not applies(query, key, [3, KEEP_SCORES_UP_TO + 1], 0.0)
+def test_applies_only_on_the_cpu_in_fp32_without_dropout_and_to_short_examples_making_up_the_sequence():
+    def qkv(length, dtype=torch.float32, device="cpu"):
+        return (torch.zeros(1, heads, length, HEAD_DIM, dtype=dtype, device=device) for heads in (9, 3, 3))
+
+    assert applies(*qkv(10), [4, 6], 0.0)
+    assert not applies(*qkv(10), [4, 6], 0.1)
+    assert not applies(*qkv(10, torch.bfloat16), [4, 6], 0.0)
+    assert not applies(*qkv(10, device="meta"), [4, 6], 0.0)
+    assert not applies(*qkv(10), [4, 5], 0.0)  # the lengths must cover the sequence
+    assert applies(*qkv(KEEP_SCORES_UP_TO), [KEEP_SCORES_UP_TO], 0.0)
+    assert not applies(*qkv(KEEP_SCORES_UP_TO + 4), [3, KEEP_SCORES_UP_TO + 1], 0.0)
+    query, key, value = qkv(10)
+    assert not applies(query, key, value.double(), [4, 6], 0.0)
+    assert not applies(query, key, torch.zeros(1, 3, 10, 2 * HEAD_DIM), [4, 6], 0.0)

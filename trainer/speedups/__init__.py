@@ -74,7 +74,7 @@ def apply(model: nn.Module, recipe: Recipe, device: torch.device, *, training: b
         blocked = cpu and recipe.train.blocked_attention
         packed_attention.use_packed_attention(model, blocked)
         switched.append("attention per packed example" + (
-            f" (blocked products in fp32, examples up to {blocked_attention.KEEP_SCORES_UP_TO} tokens)" if blocked else ""))
+            f" (as blocked products where fp32, examples up to {blocked_attention.KEEP_SCORES_UP_TO} tokens)" if blocked else ""))
     if training and (count := dropout_masks.use_dropout_masks(model)):
         switched.append(f"byte-drawn dropout masks ({count} adapters)")
     if last_layer.attach(model):

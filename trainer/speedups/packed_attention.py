@@ -33,8 +33,8 @@ def use_packed_attention(model: torch.nn.Module, blocked: bool = False) -> None:
     AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, _packed_sdpa_mask)
     model.set_attn_implementation(PACKED_ATTENTION)
-    for module in model.modules():  # the attention layers: what the attention function is called with
-        if hasattr(module, "is_causal") and hasattr(module, "scaling"):
+    for module in model.modules():  # the causal attention layers: what the attention function is called with
+        if getattr(module, "is_causal", None) is True and hasattr(module, "scaling"):
             module.blocked_attention = blocked
 
 
@@ -58,17 +58,18 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if attention_mask is not None or position_ids is None or key.shape[2] != length:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    packed_lengths = kwargs.get("packed_lengths")
+    if (packed_lengths is not None and getattr(module, "blocked_attention", False)
+            and kwargs.get("sliding_window") is None and kwargs.get("softcap") is None
+            and blocked_attention.applies(query, key, value, packed_lengths, dropout)):
+        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return blocked_attention.attention(query, key, value, packed_lengths, scaling), None
     # Grouped-query attention (fewer key/value heads than query heads) in the kernel itself: torch's
     # CPU flash kernel reads each key/value head for its group of query heads. Repeating K and V to
     # every query head first (transformers' repeat_kv) copies them, and their gradients are summed back
     # over the group: 42 against 27 ms per SmolLM2 layer (9/3 heads, 8 examples, forward + backward).
     # CPU only: on CUDA only the flash kernel takes grouped heads (SDPA would fall back to its math
     # kernel wherever flash cannot run), not measured there: repeated, as transformers does.
-    packed_lengths = kwargs.get("packed_lengths")
-    if (packed_lengths is not None and query.shape[0] == 1 and getattr(module, "blocked_attention", False)
-            and blocked_attention.applies(query, key, packed_lengths, dropout)):
-        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return blocked_attention.attention(query, key, value, packed_lengths, scaling), None
     grouped = key.shape[1] != query.shape[1]
     if grouped and query.device.type != "cpu":
         key, value = (repeat_kv(t, query.shape[1] // key.shape[1]) for t in (key, value))
