@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trainer.speedups import blocked_attention
+
 PACKED_ATTENTION = "packed_sdpa"
 
 
@@ -51,8 +53,6 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                           position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query [B, heads, L, head_dim], key/value [B, kv_heads, L, head_dim] -> [B, L, heads, head_dim]."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-
-    from trainer.speedups import blocked_attention
 
     length = query.shape[2]
     if attention_mask is not None or position_ids is None or key.shape[2] != length:
