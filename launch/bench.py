@@ -21,8 +21,8 @@ two ranks of threads/2 through the deepspeed launcher (as launch/train.py is nor
 theirs stays one process with every thread (the table says so).
 
 Beside throughput and peak memory:
-- utilisation: the useful FLOPs of a step (`useful_flops` in launch/benchmarks/job.py) / the median
-  step time / the matrix-multiply peak measured on this device before and after the runs, the higher
+- utilisation: the median over the timed steps of a step's useful FLOPs (`useful_flops` in
+  launch/benchmarks/job.py) / its time, over the matrix-multiply peak measured on this device before and after the runs, the higher
   of the two (CPU: one thread's best fp32 rate x threads; GPU: dense bf16). With
   `--quant-compute-dtype bfloat16` on CPU (both frameworks compute the frozen 4-bit layers' products
   in bf16, the rest in fp32) the bf16 rate is measured too, and the peak is the rate of this step's
@@ -32,7 +32,7 @@ Beside throughput and peak memory:
 `--profile` then runs a few of our steps under torch.profiler (launch/benchmarks/profile.py) and
 prints where the time goes. Prints markdown; writes runs/bench/{results.json,table.md}.
 
-Throughput is given twice: over the whole timed window, and from the median step time. On a
+Throughput is given twice: over the whole timed window, and as the median of the steps' own rates. On a
 machine shared with other work, a burst of load stalls a few steps (with several threads, one
 descheduled thread stalls them all); the median step is the number that survives it.
 """
@@ -114,7 +114,8 @@ def main() -> None:
     job = job_from(args, gpu)
     out = ROOT / args.out
     tokens = bench_job.step_tokens(job)
-    flops = bench_job.step_flops(job, tokens[job.warmup_steps:])
+    per_step = bench_job.step_flops(job, tokens[job.warmup_steps:])
+    step_flops, flops = [sum(step.values()) for step in per_step], mean_parts(per_step)
     frozen_dtype = "float32" if job.quant_compute_dtype == "auto" else job.quant_compute_dtype
     # Measured before either run, on a machine as quiet as the runs will find it.
     peak = bench_job.matmul_peak(gpu, threads, flops, frozen_dtype)
@@ -130,12 +131,12 @@ def main() -> None:
             scratch = fresh(out / f"{name}-{repeat}")
             run = (run_ours(job, ours_overrides, scratch, *layout["ours"]) if name == "ours"
                    else run_theirs(job, scratch, args.same_allocator, threads))
-            runs[name].append(summarise(run, tokens, job, sum(flops.values()), peak["flops"]))
+            runs[name].append(summarise(run, tokens, job, step_flops, peak["flops"]))
             print(f"[bench]   {runs[name][-1]['tokens_per_s_median_step']:,.0f} useful tokens/s (median step), "
                   f"peak RSS {runs[name][-1]['peak_rss_mib']:,.0f} MiB", flush=True)
     after = bench_job.matmul_peak(gpu, threads, flops, frozen_dtype)
     print(f"[bench] matrix-multiply peak, again after the runs: {after['text']}", flush=True)
-    peak = higher_peak(peak, after, runs, sum(flops.values()))
+    peak = higher_peak(peak, after, runs)
 
     table = markdown_table(job, runs, tokens, device, packing, gpu, args.same_allocator, peak, flops, layout)
     profile = None
@@ -275,15 +276,19 @@ def run_child(command: list[str], scratch: Path, tuned_malloc: bool, ranks: int 
     return time.perf_counter() - started
 
 
-def summarise(run: dict, tokens: list[dict], job: Job, flops_per_step: float, peak_flops: float) -> dict:
+def summarise(run: dict, tokens: list[dict], job: Job, step_flops: list[float], peak_flops: float) -> dict:
+    """One run's numbers. The median-step rates are medians of each timed step's own rate (its
+    useful tokens, or FLOPs, over its time): steps carry different amounts of work, so the median
+    step's time alone, against the mean work, would favour whichever side pads less."""
     ends = run["step_ends"]
     step_times = [b - a for a, b in zip(ends[job.warmup_steps - 1:], ends[job.warmup_steps:])]
-    useful_per_step = sum(t["useful"] for t in tokens[job.warmup_steps:]) / job.timed_steps
-    median_step = statistics.median(step_times)
-    summary = {"tokens_per_s": useful_per_step * job.timed_steps / sum(step_times),
-               "tokens_per_s_median_step": useful_per_step / median_step,
-               "step_time_median_s": median_step, "step_times_s": step_times,
-               "utilisation": utilisation(flops_per_step, median_step, peak_flops),
+    useful = [t["useful"] for t in tokens[job.warmup_steps:]]
+    flop_rates = [flops / seconds for flops, seconds in zip(step_flops, step_times)]
+    summary = {"tokens_per_s": sum(useful) / sum(step_times),
+               "tokens_per_s_median_step": statistics.median(n / seconds for n, seconds in zip(useful, step_times)),
+               "step_time_median_s": statistics.median(step_times), "step_times_s": step_times,
+               "useful_flops_per_s_median_step": statistics.median(flop_rates),
+               "utilisation": statistics.median(flop_rates) / peak_flops,
                "peak_rss_mib": run["peak_rss_bytes"] / 2 ** 20,
                "peak_rss_largest_mib": run["peak_rss_largest_bytes"] / 2 ** 20, "wall_s": run["wall_s"]}
     if run.get("eval_loss") is not None:
@@ -293,19 +298,19 @@ def summarise(run: dict, tokens: list[dict], job: Job, flops_per_step: float, pe
     return summary
 
 
-def higher_peak(before: dict, after: dict, runs: dict[str, list[dict]], flops_per_step: float) -> dict:
+def mean_parts(per_step: list[dict[str, float]]) -> dict[str, float]:
+    """A timed step's useful FLOPs by part, the mean over the timed steps."""
+    return {part: statistics.mean(step[part] for step in per_step) for part in per_step[0]}
+
+
+def higher_peak(before: dict, after: dict, runs: dict[str, list[dict]]) -> dict:
     """The higher of the peaks measured before and after the runs, with every run's utilisation taken
     against it. A shared machine's speed drifts by +-15% over minutes: a peak measured in a slow spell
     alone would flatter the utilisation."""
     peak = after if after["flops"] > before["flops"] else before
     for summary in (summary for framework in runs.values() for summary in framework):
-        summary["utilisation"] = utilisation(flops_per_step, summary["step_time_median_s"], peak["flops"])
+        summary["utilisation"] = summary["useful_flops_per_s_median_step"] / peak["flops"]
     return peak
-
-
-def utilisation(flops_per_step: float, step_time_s: float, peak_flops: float) -> float:
-    """The fraction of the measured matrix-multiply peak a step's useful FLOPs ran at."""
-    return flops_per_step / step_time_s / peak_flops
 
 
 def markdown_table(job: Job, runs: dict[str, list[dict]], tokens: list[dict], device: str, packing: str,
@@ -328,7 +333,8 @@ def markdown_table(job: Job, runs: dict[str, list[dict]], tokens: list[dict], de
         rows.append(("peak RSS (MiB), largest process", "peak_rss_largest_mib", "{:,.0f}", times))
     if gpu:
         rows.append(("peak GPU memory allocated (MiB)", "peak_gpu_mib", "{:,.0f}", times))
-    rows.append(("process wall time: start-up, steps, evaluation, final save (s)", "wall_s", "{:.0f}", times))
+    rows.append(("process wall time: start-up, steps, evaluation, final save (ours; theirs saves nothing) (s)",
+                 "wall_s", "{:.0f}", times))
     timed = tokens[job.warmup_steps:]
     shape = {name: f"{processes} process{'es' if processes > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
              for name, (processes, threads) in layout.items()}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,8 +125,10 @@ def _build_one_b(directory: Path) -> None:
 
 
 def step_tokens(job: Job) -> list[dict[str, int]]:
-    """Per optimizer step: `useful` tokens (every non-pad token of its examples) and `trained`
-    tokens (response tokens the loss is taken on). Both frameworks see these exact examples."""
+    """Per optimizer step: `useful` tokens (every non-pad token of its examples), `trained` tokens
+    (positions whose next token the loss is taken on), `squared` (the sum of the examples' squared
+    lengths) and `trained_pairs` (causal (query, key) pairs with a trained query: position i has
+    i + 1 keys). Both frameworks see these exact examples."""
     from trainer.config import load_recipe
     from trainer.data.encoding import IGNORE_INDEX
     from trainer.data.batching import BatchPlan
@@ -141,9 +142,10 @@ def step_tokens(job: Job) -> list[dict[str, int]]:
     steps = []
     for step in range(job.total_steps):
         examples = [train_set[i] for i in plan.indices(step)]
-        steps.append({"useful": sum(len(e.input_ids) for e in examples),
-                      "trained": sum(label != IGNORE_INDEX for e in examples for label in e.labels[1:]),
-                      "squared": sum(len(e.input_ids) ** 2 for e in examples)})
+        trained = [i for e in examples for i, label in enumerate(e.labels[1:]) if label != IGNORE_INDEX]
+        steps.append({"useful": sum(len(e.input_ids) for e in examples), "trained": len(trained),
+                      "squared": sum(len(e.input_ids) ** 2 for e in examples),
+                      "trained_pairs": sum(i + 1 for i in trained)})
     return steps
 
 
@@ -162,10 +164,11 @@ FROZEN = "frozen linears"  # the part of `useful_flops` that quant.compute_dtype
 
 
 def useful_flops(config: dict, lora_r: int, lora_targets: list[str], tokens: int, trained: int,
-                 sum_squared_lengths: int) -> dict[str, float]:
+                 sum_squared_lengths: int, trained_pairs: int) -> dict[str, float]:
     """The matrix-multiply FLOPs a QLoRA training step must do (a multiply-add counts 2), by part,
     for examples of `tokens` non-pad tokens in all, `trained` of them predicting a trained label,
-    and `sum_squared_lengths` = sum over the examples of length^2. Per layer and token:
+    `sum_squared_lengths` = sum over the examples of length^2, and `trained_pairs` the causal
+    (query, key) pairs whose query is at a trained position. Per layer and token:
 
     - frozen linears: 4 x P, P the weights of q, k, v, o, gate, up, down (forward 2P; the backward
       takes the input's gradient, 2P, and no weight gradient: the base is frozen);
@@ -176,10 +179,13 @@ def useful_flops(config: dict, lora_r: int, lora_targets: list[str], tokens: int
       the scores and as much for the weighted values, forward; the backward is twice that (two
       products per forward product): 12 x heads x head_dim per pair;
     and once per trained token, the output layer: 4 x vocab x hidden (forward and input gradient;
-    the head is frozen). Not counted: softmax, norms, activations, the embedding lookup (no
-    multiplies worth counting), and work a framework may do that the loss does not need (padding,
-    logits at untrained positions). Both frameworks are scored by the same count, so it is their
-    step times that differ."""
+    the head is frozen). Only what the loss needs is counted, so two layers count less: the last
+    one matters only at trained positions, except for its keys and values, which later queries
+    read (its q, o and MLP, their adapters and its attention's query rows at trained positions
+    only); and the first layer's q, k and v need no input gradient, nothing before them being
+    trained (the embedding is frozen). Not counted either: softmax, norms, activations, the
+    embedding lookup (no multiplies worth counting), padding, logits at untrained positions. Both
+    frameworks are scored by the same count, so it is their step times that differ."""
     layers = config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
@@ -187,11 +193,18 @@ def useful_flops(config: dict, lora_r: int, lora_targets: list[str], tokens: int
     unknown = sorted(set(lora_targets) - set(shapes))
     if unknown:
         raise ValueError(f"no FLOP count for LoRA targets {unknown} (known: {', '.join(shapes)})")
-    frozen = layers * sum(fan_in * fan_out for fan_in, fan_out in shapes.values())
-    adapters = layers * sum(lora_r * (shapes[name][0] + shapes[name][1]) for name in lora_targets)
     pairs = (sum_squared_lengths + tokens) / 2
-    return {FROZEN: 4 * frozen * tokens, "LoRA": 6 * adapters * tokens,
-            "attention": 12 * layers * heads * head_dim * pairs,
+    frozen = adapters = attention = 0
+    for layer in range(layers):
+        last = layer == layers - 1
+        for name, (fan_in, fan_out) in shapes.items():
+            rows = trained if last and name not in ("k_proj", "v_proj") else tokens
+            input_grad = not (layer == 0 and name in ("q_proj", "k_proj", "v_proj"))
+            frozen += (2 + 2 * input_grad) * fan_in * fan_out * rows
+            if name in lora_targets:  # A's input gradient, 2 x r x in, only where the input needs one
+                adapters += lora_r * (6 * (fan_in + fan_out) - 2 * (not input_grad) * fan_in) * rows
+        attention += 12 * heads * head_dim * (trained_pairs if last else pairs)
+    return {FROZEN: frozen, "LoRA": adapters, "attention": attention,
             "output layer": 4 * config["vocab_size"] * config["hidden_size"] * trained}
 
 
@@ -269,15 +282,14 @@ def matmul_peak(gpu: bool, threads: int, flops: dict[str, float] | None = None, 
     return peak
 
 
-def step_flops(job: Job, timed: list[dict]) -> dict[str, float]:
-    """The useful FLOPs of a timed step, by part (the mean over the timed steps)."""
+def step_flops(job: Job, timed: list[dict]) -> list[dict[str, float]]:
+    """The useful FLOPs of each timed step, by part."""
     from trainer.config import load_recipe
 
     recipe = load_recipe(RECIPE, job.overrides())
     config = base_config(recipe)
-    per_step = [useful_flops(config, recipe.lora.r, recipe.lora.target_modules, t["useful"], t["trained"], t["squared"])
-                for t in timed]
-    return {part: statistics.mean(step[part] for step in per_step) for part in per_step[0]}
+    return [useful_flops(config, recipe.lora.r, recipe.lora.target_modules, t["useful"], t["trained"], t["squared"],
+                         t["trained_pairs"]) for t in timed]
 
 
 def measured_bf16_matmul_flops(size: int = 8192, repeats: int = 20) -> float:

@@ -47,6 +47,7 @@ DATA = "data (collate)"
 OTHER = "other (the step's Python, DeepSpeed's glue)"
 PARTS = (DEQUANTISE, FROZEN, LORA, ATTENTION, LAYERS, LOSS, OPTIMIZER, DATA, OTHER)
 PREFIX = "bench::"  # the record_function ranges this module opens
+BACKWARD_NODE = "autograd::engine::evaluate_function"  # the profiler's range around each backward graph node
 STEP = PREFIX + "step"
 QUANTISED_LINEARS = ("Linear4bit", "Linear8bitLt")
 # The ranges trainer/speedups/projections.py opens inside its fused products.
@@ -141,15 +142,23 @@ def split(events, owner: dict[int, str], device_time: bool = False) -> dict[str,
             part = event.name.removeprefix(PREFIX)
         elif event.name in RANGES:
             part = RANGES[event.name]
-        elif event.name.startswith("autograd::engine::evaluate_function"):
+        elif event.name.startswith(BACKWARD_NODE):
             part = OPTIMIZER if "AccumulateGrad" in event.name else owner.get(event.sequence_nr, OTHER)
         own = event.self_device_time_total if device_time else event.self_cpu_time_total
         totals[part] += own / 1e6
         for child in event.cpu_children:
             visit(child, part)
 
+    steps = [event for event in events if event.name == STEP and event.cpu_parent is None]
+    for event in steps:
+        visit(event, OTHER)
+    # With CUDA tensors autograd runs the backward's nodes on a thread of its own per device, outside
+    # the step's range: those that ran within a step's span are the step's too.
+    threads = {event.thread for event in steps}
+    spans = [(event.time_range.start, event.time_range.end) for event in steps]
     for event in events:
-        if event.name == STEP and event.cpu_parent is None:
+        if (event.cpu_parent is None and event.thread not in threads and event.name.startswith(BACKWARD_NODE)
+                and any(start <= event.time_range.start and event.time_range.end <= end for start, end in spans)):
             visit(event, OTHER)
     return dict(totals)
 
@@ -163,6 +172,9 @@ def profile(recipe, warmup: int, steps: int) -> dict:
     parts = Parts(run.loss_model, run.model)
     run.collate = labelled(DATA, run.collate)
     run.engine.step = labelled(OPTIMIZER, run.engine.step)
+    # Without ZeRO the loop takes the gradients' norm itself (DeepSpeed keeps none): clipping's work.
+    norm = loop.adapter_gradient_norm
+    loop.adapter_gradient_norm = labelled(OPTIMIZER, norm)
     gpu = run.device.type == "cuda"
     step = 0
 
@@ -186,6 +198,7 @@ def profile(recipe, warmup: int, steps: int) -> dict:
             with record_function(STEP):
                 profiled.append(one_step())
     parts.recording = False
+    loop.adapter_gradient_norm = norm
     seconds = {part: value / steps for part, value in split(profiler.events(), parts.by_sequence_number(), gpu).items()}
     if gpu:  # kernels' time; the rest of the wall clock the GPU spent waiting
         seconds["GPU idle (waiting on the host)"] = max(statistics.mean(profiled) - sum(seconds.values()), 0.0)

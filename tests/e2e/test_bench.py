@@ -24,26 +24,48 @@ TINY_CONFIG = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2
 
 
 def test_useful_flops_of_a_tiny_config_counted_by_hand():
-    # Two examples of 3 and 5 tokens (8 tokens, sum of squares 34), 4 trained; LoRA r=2 on q and v.
-    flops = bench_job.useful_flops(TINY_CONFIG, 2, ["q_proj", "v_proj"], tokens=8, trained=4, sum_squared_lengths=34)
-    # Weights per layer: q 8x8 + k 8x4 + v 8x4 + o 8x8 + gate, up, down 3 x 8x16 = 576; 2 layers.
-    assert flops["frozen linears"] == 4 * 1152 * 8
-    # Adapter weights per layer: q 2x(8+8) + v 2x(8+4) = 56; 2 layers.
-    assert flops["LoRA"] == 6 * 112 * 8
-    # Causal pairs: 3x4/2 + 5x6/2 = 21; 12 x 2 layers x 2 heads x head_dim 4 per pair.
-    assert flops["attention"] == 12 * 2 * 2 * 4 * 21
+    # Two examples of 3 and 5 tokens (8 tokens, sum of squares 34); 4 trained positions, 1 and 2 of the first
+    # example and 3 and 4 of the second: 2 + 3 + 4 + 5 = 14 (query, key) pairs with a trained query.
+    # LoRA r=2 on q and v; 2 layers, so layer 0 is the first and layer 1 the last.
+    flops = bench_job.useful_flops(TINY_CONFIG, 2, ["q_proj", "v_proj"], tokens=8, trained=4, sum_squared_lengths=34,
+                                   trained_pairs=14)
+    # Weights: q 8x8 = 64, k and v 8x4 = 32 each, o 8x8 = 64, gate, up, down 8x16 = 128 each.
+    # Layer 0: q, k, v forward only (2 x 128 x 8 tokens: no input gradient before them), o and the MLP
+    # forward + input gradient (4 x 448 x 8). Layer 1: k and v at all 8 tokens (4 x 64 x 8), q, o and
+    # the MLP at the 4 trained positions (4 x 512 x 4).
+    assert flops["frozen linears"] == 2 * 128 * 8 + 4 * 448 * 8 + 4 * 64 * 8 + 4 * 512 * 4
+    # Adapters, 6 x r x (in + out) per token: q 6 x 2 x 16, v 6 x 2 x 12; layer 0 without A's input
+    # gradient (2 x r x in = 32 for each); in layer 1, q at the trained positions only.
+    assert flops["LoRA"] == (192 - 32 + 144 - 32) * 8 + 144 * 8 + 192 * 4
+    # Causal pairs: 3x4/2 + 5x6/2 = 21 in layer 0, the 14 with trained queries in layer 1;
+    # 12 x 2 heads x head_dim 4 per pair.
+    assert flops["attention"] == 12 * 2 * 4 * (21 + 14)
     # The output layer at the 4 trained positions only: forward and input gradient, 4 x vocab x hidden.
     assert flops["output layer"] == 4 * 10 * 8 * 4
 
 
 def test_useful_flops_reads_head_dim_and_refuses_unknown_targets():
-    wide_heads = {**TINY_CONFIG, "head_dim": 6}  # q: 8 -> 12, k and v: 8 -> 6, o: 12 -> 8
-    flops = bench_job.useful_flops(wide_heads, 2, ["q_proj"], tokens=1, trained=0, sum_squared_lengths=1)
-    assert flops["frozen linears"] == 4 * 2 * (8 * 12 + 2 * 8 * 6 + 12 * 8 + 3 * 8 * 16)
-    assert flops["LoRA"] == 6 * 2 * 2 * (8 + 12)
-    assert flops["attention"] == 12 * 2 * 2 * 6 * 1
+    wide_heads = {**TINY_CONFIG, "num_hidden_layers": 3, "head_dim": 6}  # q: 8 -> 12, k and v: 8 -> 6, o: 12 -> 8
+    flops = bench_job.useful_flops(wide_heads, 2, ["q_proj"], tokens=1, trained=1, sum_squared_lengths=1,
+                                   trained_pairs=1)
+    # One token, trained: every layer counts it; the first layer's q, k and v without input gradient.
+    weights = 8 * 12 + 2 * 8 * 6 + 12 * 8 + 3 * 8 * 16
+    assert flops["frozen linears"] == 4 * 3 * weights - 2 * (8 * 12 + 2 * 8 * 6)
+    assert flops["LoRA"] == 6 * 3 * 2 * (8 + 12) - 2 * 2 * 8
+    assert flops["attention"] == 12 * 3 * 2 * 6 * 1
     with pytest.raises(ValueError, match="lm_head"):
-        bench_job.useful_flops(TINY_CONFIG, 2, ["q_proj", "lm_head"], tokens=1, trained=0, sum_squared_lengths=1)
+        bench_job.useful_flops(TINY_CONFIG, 2, ["q_proj", "lm_head"], tokens=1, trained=0, sum_squared_lengths=1,
+                               trained_pairs=0)
+
+
+def test_step_tokens_count_the_pairs_of_trained_queries(monkeypatch):
+    example = SimpleNamespace(input_ids=[1, 2, 3, 4], labels=[-100, -100, 7, 8])  # positions 1 and 2 trained
+    monkeypatch.setattr("trainer.data.pipeline.build_datasets", lambda *args: ([example, example], None, None))
+    monkeypatch.setattr("trainer.model.base.load_tokenizer", lambda *args: None)
+    monkeypatch.setattr("trainer.model.base.resolve_base", lambda recipe: None)
+    steps = bench_job.step_tokens(bench_job.Job(base="b", data="d", warmup_steps=0, timed_steps=1, global_batch=2,
+                                                micro_batch=2))
+    assert steps == [{"useful": 8, "trained": 4, "squared": 32, "trained_pairs": 2 * (2 + 3)}]
 
 
 def test_cpu_peak_is_one_threads_best_rate_times_threads(monkeypatch):
@@ -70,26 +92,29 @@ def test_cpu_peak_with_bf16_frozen_linears_is_the_rate_of_the_steps_mix(monkeypa
     assert "quant.compute_dtype=bfloat16" in job.overrides()
 
 
-def test_summary_takes_utilisation_from_the_median_timed_step():
+def test_summary_takes_the_median_of_the_steps_own_rates():
     job = bench_job.Job(base="b", data="d", warmup_steps=1, timed_steps=3)
-    tokens = [{"useful": 100, "trained": 10, "squared": 0}] * 4
+    tokens = [{"useful": 100}, {"useful": 100}, {"useful": 50}, {"useful": 200}]
     run = {"step_ends": [11.0, 13.0, 14.0, 16.0], "wall_s": 20.0, "eval_loss": 1.5,
            "peak_rss_bytes": 2 ** 30, "peak_rss_largest_bytes": 2 ** 30}
-    # After the warmup step (ending at 11.0) the steps take 2, 1 and 2 s: median 2 s.
-    summary = bench.summarise(run, tokens, job, flops_per_step=50e9, peak_flops=100e9)
-    assert summary["step_times_s"] == [2.0, 1.0, 2.0]
-    assert summary["utilisation"] == pytest.approx(50e9 / 2.0 / 100e9)
+    # After the warmup step (ending at 11.0) the steps take 2, 1 and 2 s for 100, 50 and 200 tokens:
+    # 50, 50 and 100 tokens/s, median 50 (the mean work over the median time would say 58.3).
+    summary = bench.summarise(run, tokens, job, step_flops=[40e9, 30e9, 100e9], peak_flops=100e9)
+    assert summary["step_times_s"] == [2.0, 1.0, 2.0] and summary["step_time_median_s"] == 2.0
     assert summary["tokens_per_s_median_step"] == pytest.approx(50.0)
-    assert summary["tokens_per_s"] == pytest.approx(300 / 5.0)
+    # 20, 30 and 50 GFLOP/s: median 30, against a 100 GFLOP/s peak
+    assert summary["utilisation"] == pytest.approx(0.3)
+    assert summary["tokens_per_s"] == pytest.approx(350 / 5.0)
     assert summary["eval_loss"] == 1.5 and summary["peak_rss_mib"] == 1024
 
 
 @pytest.mark.parametrize("before, after", [(100.0, 150.0), (150.0, 100.0)])
 def test_utilisation_is_taken_against_the_higher_of_the_peaks_before_and_after_the_runs(before, after):
-    runs = {"ours": [{"step_time_median_s": 2.0, "utilisation": 0.0}], "theirs": [{"step_time_median_s": 4.0}]}
-    peak = bench.higher_peak({"flops": before, "text": "before"}, {"flops": after, "text": "after"}, runs, 600.0)
+    runs = {"ours": [{"useful_flops_per_s_median_step": 300.0, "utilisation": 0.0}],
+            "theirs": [{"useful_flops_per_s_median_step": 150.0}]}
+    peak = bench.higher_peak({"flops": before, "text": "before"}, {"flops": after, "text": "after"}, runs)
     assert peak["flops"] == 150.0
-    assert [r["utilisation"] for r in runs["ours"] + runs["theirs"]] == [2.0, 1.0]  # 600 FLOP in 2 and 4 s, peak 150
+    assert [r["utilisation"] for r in runs["ours"] + runs["theirs"]] == [2.0, 1.0]
 
 
 def test_step_ends_leave_out_the_evaluation_after_the_last_step():
@@ -185,9 +210,11 @@ def test_two_ranks_run_the_probe_per_rank_through_the_launcher(tmp_path, monkeyp
     assert bench.peak_memory(tmp_path) == {"peak_rss_bytes": 8, "peak_rss_largest_bytes": 5, "processes": 2}
 
 
-def event(name: str, own: float, children: tuple = (), sequence_nr: int = -1) -> SimpleNamespace:
+def event(name: str, own: float, children: tuple = (), sequence_nr: int = -1, thread: int = 1,
+          span: tuple[float, float] = (0.0, 100.0)) -> SimpleNamespace:
     made = SimpleNamespace(name=name, self_cpu_time_total=own * 1e6, cpu_children=list(children),
-                           sequence_nr=sequence_nr, cpu_parent=None)
+                           sequence_nr=sequence_nr, cpu_parent=None, thread=thread,
+                           time_range=SimpleNamespace(start=span[0], end=span[1]))
     for child in children:
         child.cpu_parent = made
     return made
@@ -213,6 +240,18 @@ def test_profile_gives_each_op_to_the_innermost_part_and_backward_ops_to_their_f
     seconds = P.split([step, *step.cpu_children], {11: P.FROZEN, 12: P.LORA})
     assert seconds == {P.OTHER: 0.5 + 0.125, P.DATA: 1.25, P.LOSS: 7.0, P.ATTENTION: 2.0, P.LORA: 3.0 + 10.0,
                        P.FROZEN: 4.0 + 9.0, P.DEQUANTISE: 7.0 + 8.0, P.OPTIMIZER: 0.75 + 2.5, P.LAYERS: 0.0}
+
+
+def test_profile_counts_backward_nodes_run_on_autograd_s_device_thread_within_the_step():
+    # With CUDA tensors the backward's nodes run on a thread of autograd's own, outside the step's range.
+    P = bench_profile
+    backward = "autograd::engine::evaluate_function: "
+    step = event(P.STEP, 0.5, (event(P.PREFIX + P.FROZEN, 4.0),), thread=1, span=(10.0, 20.0))
+    inside = event(backward + "FrozenLinearBackward", 0.0, (event("aten::mm", 9.0),), sequence_nr=11, thread=2,
+                   span=(12.0, 18.0))
+    outside = event(backward + "FrozenLinearBackward", 3.0, sequence_nr=11, thread=2, span=(25.0, 30.0))
+    events = [step, *step.cpu_children, inside, *inside.cpu_children, outside]
+    assert P.split(events, {11: P.FROZEN}) == {P.OTHER: 0.5, P.FROZEN: 4.0 + 9.0}
 
 
 class _Attention(nn.Module):
