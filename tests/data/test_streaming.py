@@ -85,7 +85,7 @@ def test_a_streamed_store_is_the_bytes_of_the_file_read_normally(tokenizer, tmp_
     from_file = build(str(file), tokenizer, tmp_path / "file")
 
     assert hub.calls == [{"split": "train", "streaming": True}] and hub.records_taken == 61
-    assert arrays(streamed) == arrays(from_file) and len(arrays(streamed)) == 6
+    assert arrays(streamed) == arrays(from_file) and len(arrays(streamed)) == 7
     assert {**streamed.info, "name": None, "source": None} == {**from_file.info, "name": None, "source": None}
     assert streamed.info["name"] == f"{HUB_ID} (split train)" and streamed.info["records"] == 61
     assert streamed.info["source"]["streaming"] and not from_file.info["source"]["streaming"]

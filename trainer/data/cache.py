@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from trainer.data.store import INFO, Store
+from trainer.data.store import INFO, Store, UnreadableStore, set_aside
 from trainer.runtime.cache import cache_dir
 
 # The modules whose code decides the examples: editing any of them invalidates the cache.
@@ -50,14 +50,21 @@ def path_for(key: str) -> Path:
 
 
 def load(key: str) -> Store | None:
-    """The cached store, or None when absent or unreadable (then rebuilt)."""
+    """The cached store, or None when absent or unreadable. An unreadable one (a copy cut short, a
+    full disk) is removed, so that the store rebuilt after this miss can take its place."""
     path = path_for(key)
     if not (path / INFO).is_file():
         return None
     try:
         return Store(path)
-    except Exception:  # a corrupt or foreign directory is a miss, not a crash
-        return None
+    except UnreadableStore as error:
+        print(f"warning: the cached tokenised data at {path} cannot be read ({error.reason}); "
+              f"tokenising it again", flush=True)
+    try:
+        set_aside(path)
+    except OSError:
+        pass  # StoreWriter.finish tries again, and says which directory to delete if it cannot
+    return None
 
 
 def scratch_path() -> Path:

@@ -123,19 +123,21 @@ def _pad_was(tokenizer) -> str:
 
 def document_bos(tokenizer) -> int | None:
     """The BOS id to start every example with, or None: the tokenizer has no BOS, or its chat
-    template writes the BOS token at every turn (ChatML's <|im_start|>), so it is a turn marker and
-    an instruction-template example must not start with one."""
+    template writes the BOS token before every message (ChatML's <|im_start|>), so it is a turn
+    marker and an instruction-template example must not start with one."""
     bos = tokenizer.bos_token_id
     template = getattr(tokenizer, "chat_template", None)
     if bos is None or not isinstance(template, str) or not template:
         return bos
     probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-             {"role": "user", "content": "c"}]
+             {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
     try:
         rendered = tokenizer.apply_chat_template(probe, tokenize=False)
     except Exception:  # a template that refuses this conversation says nothing about its BOS
         return bos
-    return None if rendered.count(tokenizer.bos_token) > 1 else bos
+    # A turn marker opens every message, whatever its role. Llama-2-chat writes <s> before each user
+    # turn only (and a template may write it once more at the start): it is still a document BOS.
+    return None if rendered.count(tokenizer.bos_token) >= len(probe) else bos
 
 
 def expected_first_token(tokenizer, use_chat: bool) -> tuple[int | None, str]:
@@ -184,7 +186,7 @@ def tokenize_rows(tokenizer, rows: list[Row], format: str, config: DataConfig,
     """Examples, and counts of rows cut or dropped by the length policy (or refused by the chat
     template, with on_bad_row=skip). `name` is the dataset, for messages."""
     counts: Counter = Counter()
-    examples = [Example(*encoded) for encoded in _encoded(tokenizer, rows, format, config, name, counts)]
+    examples = [Example(row.record, *encoded) for row, *encoded in _encoded(tokenizer, rows, format, config, name, counts)]
     return examples, counts
 
 
@@ -196,6 +198,7 @@ class EncodedRows:
     lengths: np.ndarray  # int64, tokens per example
     row_ids: np.ndarray  # int64
     questions: np.ndarray  # int64, leakage.question_id per example
+    instances: np.ndarray  # int32, which of its record's instances (Row.instance)
     outcomes: Counter  # as tokenize_rows counts them
 
 
@@ -203,18 +206,19 @@ def encode_rows(tokenizer, rows: list[Row], format: str, config: DataConfig, nam
     """`tokenize_rows` as flat arrays, with no Example objects in between."""
     counts: Counter = Counter()
     encoded = list(_encoded(tokenizer, rows, format, config, name, counts))
-    lengths = np.array([len(ids) for _, ids, _, _ in encoded], dtype=np.int64)
+    lengths = np.array([len(ids) for _, ids, *_ in encoded], dtype=np.int64)
     total = int(lengths.sum())
     return EncodedRows(
-        input_ids=np.fromiter(chain.from_iterable(ids for _, ids, _, _ in encoded), np.int32, count=total),
-        labels=np.fromiter(chain.from_iterable(labels for _, _, labels, _ in encoded), np.int32, count=total),
-        lengths=lengths, row_ids=np.array([row_id for row_id, *_ in encoded], dtype=np.int64),
-        questions=np.array([question for *_, question in encoded], dtype=np.int64), outcomes=counts)
+        input_ids=np.fromiter(chain.from_iterable(ids for _, ids, *_ in encoded), np.int32, count=total),
+        labels=np.fromiter(chain.from_iterable(labels for _, _, labels, *_ in encoded), np.int32, count=total),
+        lengths=lengths, row_ids=np.array([row.record for row, *_ in encoded], dtype=np.int64),
+        questions=np.array([question for *_, question in encoded], dtype=np.int64),
+        instances=np.array([row.instance for row, *_ in encoded], dtype=np.int32), outcomes=counts)
 
 
 def _encoded(tokenizer, rows: list[Row], format: str, config: DataConfig, name: str,
-             counts: Counter) -> Iterator[tuple[int, list[int], list[int], int]]:
-    """(row id, input ids, labels, question id) per kept row; outcomes other than kept go to `counts`."""
+             counts: Counter) -> Iterator[tuple[Row, list[int], list[int], int]]:
+    """(row, input ids, labels, question id) per kept row; outcomes other than kept go to `counts`."""
     use_chat = format == "chat" or config.template == "chat"
     pieces: list[list[tuple[str, str]] | None] = []
     for row in rows:
@@ -231,20 +235,21 @@ def _encoded(tokenizer, rows: list[Row], format: str, config: DataConfig, name: 
     # row over max_seq_len is tokenised again piece by piece, so that its cut can spare the markup.
     coarse = [_joined(one_row) if one_row else None for one_row in pieces]
     ids = _token_ids(tokenizer, [text for one_row in coarse if one_row for text, _ in one_row], literal=not use_chat)
-    bos = document_bos(tokenizer)  # renders the chat template: once, not per row
-    head = int(bos is not None)
+    bos, eos = document_bos(tokenizer), tokenizer.eos_token_id  # document_bos renders the template: once
     for row, one_row, joined in zip(rows, pieces, coarse):
         if one_row is None:
             continue
         tokenised = [(next(ids), kind) for _, kind in joined]
-        if len(joined) < len(one_row) and head + _length(tokenised) > config.max_seq_len:
+        # Measured as assemble lays the example out (the EOS it appends or the tail it trims, and
+        # the BOS unless the template wrote it), so that any row assemble must cut has fine pieces.
+        if len(joined) < len(one_row) and _assembled_length(tokenised, eos, bos) > config.max_seq_len:
             fine = _token_ids(tokenizer, [text for text, _ in one_row], literal=not use_chat)
             tokenised = [(next(fine), kind) for _, kind in one_row]
         example, outcome = assemble(tokenizer, tokenised, config, f"{name}: {row.where}", bos)
         if outcome != "kept":
             counts[outcome] += 1
         if example is not None:
-            yield row.record, *example, question_id(row.fields)
+            yield row, *example, question_id(row.fields)
 
 
 def _joined(pieces: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -341,8 +346,11 @@ def chat_pieces(tokenizer, template: str, messages: list[dict[str, str]]) -> lis
             raise DataError("the chat template does not render turn by turn (a shorter conversation's "
                             "text is not a prefix of the longer one's), so assistant turns cannot be "
                             "masked exactly; use a template that does, or data.template: alpaca")
-        contents = [m["content"] for m in messages[since:index]]
-        pieces += _split_contents(before[len(rendered):], contents)
+        segment, contents = before[len(rendered):], [m["content"] for m in messages[since:index]]
+        split = None
+        if _ambiguous(segment, contents):
+            split = _split_by_placeholders(tokenizer, template, messages[:index], since, segment)
+        pieces += _split_contents(segment, contents) if split is None else split
         pieces.append((after[len(before):], ANSWER))
         rendered, since = after, index + 1
     return pieces
@@ -362,6 +370,58 @@ def _split_contents(text: str, contents: list[str]) -> list[tuple[str, str]]:
     return [(piece, kind) for piece, kind in pieces if piece]
 
 
+def _ambiguous(text: str, contents: list[str]) -> bool:
+    """Whether a content occurs in `text` again after where `_split_contents` would find it: the
+    first match may then lie in the markup (a reply "a" inside <|im_start|> or "assistant"), and
+    taking it would split the markup, even a special token, into text the length policy may cut."""
+    cursor = 0
+    for content in contents:
+        start = text.find(content, cursor) if content else -1
+        if start < 0:
+            continue
+        if text.find(content, start + 1) >= 0:
+            return True
+        cursor = start + len(content)
+    return False
+
+
+def _placeholder(index: int) -> str:
+    return f"\ue000{index}\ue001"  # private-use characters, which no template writes
+
+
+def _split_by_placeholders(tokenizer, template: str, messages: list[dict[str, str]], since: int,
+                           text: str) -> list[tuple[str, str]] | None:
+    """`text`, the rendering of messages[since:] (with the generation prompt) after that of
+    messages[:since], split exactly where the contents are: the same conversation rendered with a
+    placeholder for each content shows the markup around them. None when the template writes other
+    markup around a placeholder than around the content (it changed the content, say stripped it),
+    or refuses the placeholders; the caller then finds contents by their text."""
+    marked = [{**message, "content": _placeholder(index)} for index, message in enumerate(messages)]
+    try:
+        start = _render(tokenizer, template, marked[:since], generation_prompt=False) if since else ""
+        end = _render(tokenizer, template, marked, generation_prompt=True)
+    except TemplateRefused:
+        return None
+    if not end.startswith(start):
+        return None
+    marked_text = end[len(start):]
+    pieces, cursor, marked_cursor = [], 0, 0
+    for index in range(since, len(messages)):
+        content, placeholder = messages[index]["content"], _placeholder(index)
+        at = marked_text.find(placeholder, marked_cursor)
+        if at < 0:  # a message the template does not write
+            continue
+        markup = marked_text[marked_cursor:at]
+        if not text.startswith(markup, cursor) or not text.startswith(content, cursor + len(markup)):
+            return None
+        pieces += [(markup, MARKUP), (content, PROMPT)]
+        cursor, marked_cursor = cursor + len(markup) + len(content), at + len(placeholder)
+    if text[cursor:] != marked_text[marked_cursor:]:
+        return None
+    pieces.append((text[cursor:], MARKUP))
+    return [(piece, kind) for piece, kind in pieces if piece]
+
+
 def _render(tokenizer, template: str, messages: list[dict[str, str]], generation_prompt: bool) -> str:
     try:
         return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
@@ -375,16 +435,7 @@ def assemble(tokenizer, pieces: list[tuple[list[int], str]], config: DataConfig,
     """[`bos`] + pieces, ending in a trained EOS, fitted to max_seq_len by cutting prompt pieces from
     their start. `bos` is `document_bos(tokenizer)`, computed once by the caller. Returns ((input_ids, labels), "kept" | "truncated"), or (None, why it
     was dropped)."""
-    eos = tokenizer.eos_token_id
-    # The final response ends at its EOS: cut what a template writes after it (a newline), or add one.
-    final_ids, _ = pieces[-1]
-    if eos in final_ids:
-        final_ids = final_ids[:len(final_ids) - final_ids[::-1].index(eos)]
-    else:
-        final_ids = final_ids + [eos]
-    pieces = pieces[:-1] + [(final_ids, ANSWER)]
-    # BOS exactly once: a chat template may already write it.
-    head = [bos] if bos is not None and not _starts_with(pieces, bos) else []
+    head, pieces = _closed(pieces, tokenizer.eos_token_id, bos)
     outcome = "kept"
     excess = len(head) + _length(pieces) - config.max_seq_len
     if excess > 0:
@@ -402,6 +453,26 @@ def assemble(tokenizer, pieces: list[tuple[list[int], str]], config: DataConfig,
         ids += piece
         labels += piece if kind == ANSWER or config.train_on_prompt else [IGNORE_INDEX] * len(piece)
     return (ids, labels), outcome
+
+
+def _closed(pieces: list[tuple[list[int], str]], eos: int,
+            bos: int | None) -> tuple[list[int], list[tuple[list[int], str]]]:
+    """The BOS head and the pieces of an example before any cut: the final response ends at its EOS
+    (what a template writes after it, a newline, is cut; a missing EOS is added), and BOS comes
+    exactly once (a chat template may already write it)."""
+    final_ids, _ = pieces[-1]
+    if eos in final_ids:
+        final_ids = final_ids[:len(final_ids) - final_ids[::-1].index(eos)]
+    else:
+        final_ids = final_ids + [eos]
+    pieces = pieces[:-1] + [(final_ids, ANSWER)]
+    head = [bos] if bos is not None and not _starts_with(pieces, bos) else []
+    return head, pieces
+
+
+def _assembled_length(pieces: list[tuple[list[int], str]], eos: int, bos: int | None) -> int:
+    head, pieces = _closed(pieces, eos, bos)
+    return len(head) + _length(pieces)
 
 
 def _starts_with(pieces: list[tuple[list[int], str]], token: int) -> bool:

@@ -38,6 +38,7 @@ class Row:
     record: int  # 0-based position of the source record; a task's instances share it
     where: str  # "row 12", "row 3, instance 2": for messages
     fields: dict[str, Any]  # {"instruction", "input", "output"} or {"messages": [{"role", "content"}]}
+    instance: int = 0  # which of its record's instances, 0-based (0 for the other formats)
 
 
 @dataclass
@@ -142,7 +143,8 @@ def _json_lines(path: Path, max_rows: int | None) -> Iterator[tuple[str, Any]]:
     """A .jsonl file's records, one line at a time (blank lines are not records)."""
     number = 0
     try:
-        with open(path, encoding="utf-8") as handle:
+        # utf-8-sig: a byte-order mark (some Windows editors write one) is not part of row 1.
+        with open(path, encoding="utf-8-sig") as handle:
             for line_number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
@@ -169,7 +171,7 @@ def _count_lines(path: Path, max_rows: int | None) -> int:
 def _json_array(path: Path) -> list[tuple[str, Any]]:
     """A .json file's rows: the list is parsed whole (JSON has no way to read part of one)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not JSON
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: cannot read the data file ({getattr(error, 'strerror', None) or error})") from None
     try:
@@ -211,7 +213,13 @@ def _load_with_datasets(name: str, split: str, streaming: bool = False):
     try:
         if local.is_dir() and ((local / "state.json").exists() or (local / "dataset_dict.json").exists()):
             dataset = datasets.load_from_disk(str(local))
-        elif local.suffix in (".csv", ".parquet", ".arrow"):
+        elif local.suffix == ".csv":
+            # Every column as text: inferred types make an answer "5" the int 5, and "3" in a column
+            # with a blank cell the float 3.0. A blank cell alone is missing (None); an answer
+            # "NA" or "null" stays text.
+            dataset = datasets.load_dataset("csv", data_files=str(local), split="train", features=_text_columns(local),
+                                            keep_default_na=False, na_values=[""])
+        elif local.suffix in (".parquet", ".arrow"):
             builder = local.suffix.lstrip(".")
             dataset = datasets.load_dataset(builder, data_files=str(local), split="train")
         else:
@@ -224,6 +232,16 @@ def _load_with_datasets(name: str, split: str, streaming: bool = False):
             raise DataError(f"{name}: no split {split!r}; it has {sorted(dataset)} (set data.split)")
         dataset = dataset[split]
     return dataset
+
+
+def _text_columns(path: Path):
+    """Features naming each of a CSV file's columns a string, the names read as pandas (which
+    `datasets` reads the file with) reads the header."""
+    import datasets
+    import pandas
+
+    header = pandas.read_csv(path, nrows=0).columns
+    return datasets.Features({column: datasets.Value("string") for column in header})
 
 
 def _first_line(error: Exception) -> str:
@@ -246,6 +264,9 @@ def read_source(located: Located, format: str = "auto", columns: dict[str, str] 
 def settle_format(name: str, records: list[tuple[str, Any]], format: str, columns: dict[str, str] | None) -> str:
     """The format (told from the records' columns under `auto`), once `columns` is checked against
     the columns the records have. A large dataset is judged by its first chunk of records."""
+    if not records:  # the first chunk is empty only when the whole dataset is
+        raise DataError(f"{name}: has no records (an empty file, an empty JSON list or only blank lines); "
+                        f"check data.path")
     columns = columns or {}
     present = sorted({key for _, raw in records if isinstance(record := parsed(raw), dict) for key in record})
     missing = [column for column in columns if column not in present]
@@ -267,9 +288,9 @@ def validate_records(name: str, records: list[tuple[str, Any]], first: int, form
         record = parsed(record)
         if isinstance(record, dict) and columns:
             record = {columns.get(key, key): value for key, value in record.items()}
-        for row_where, fields, problem in _validate(format, where, record):
+        for instance, (row_where, fields, problem) in enumerate(_validate(format, where, record)):
             if problem is None:
-                rows.append(Row(record_index, row_where, fields))
+                rows.append(Row(record_index, row_where, fields, instance))
             elif on_bad_row == "skip":
                 bad[problem[0]] += 1
             else:

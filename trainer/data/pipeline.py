@@ -17,7 +17,6 @@ memory does not grow with the number of rows beyond 8 bytes an example.
 """
 from __future__ import annotations
 
-from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +26,11 @@ from trainer.config import DataConfig, DataSource
 from trainer.data import cache
 from trainer.data.building import build_store
 from trainer.data.encoding import TEMPLATES, chat_template, check_tokenizer
-from trainer.data.formats import locate, read_source, validate_records
+from trainer.data.formats import DataError, locate, read_source, validate_records
 from trainer.data.leakage import leakage_note
 from trainer.data.stats import DataStats, check_store, dataset_summary
 from trainer.data.store import Examples, Store
+from trainer.data.tasks import resolve_dataset
 
 
 def read_rows(path: str, split: str = "train", max_rows: int | None = None, *, format: str = "auto",
@@ -111,6 +111,18 @@ def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[Examples, 
 def training_sources(config: DataConfig) -> list[DataSource]:
     """The datasets trained on: data.mixture, or data.path alone."""
     return config.mixture or [DataSource(config.path, 1.0, config.split, config.format, config.columns)]
+
+
+def rows_by_file(train_set: Examples, config: DataConfig, row_ids: list[int]) -> list[tuple[str, list[int]]]:
+    """Training row ids (numbered on across the datasets of a mixture) -> (the file as this run names
+    it, the rows within that file, 0-based) for each dataset they are in, in the datasets' order.
+    `train_set` is `build_datasets(config, ...)`'s."""
+    offsets = np.array([part.row_offset for part in train_set.parts])
+    numbers = np.searchsorted(offsets, np.asarray(row_ids, np.int64), side="right") - 1
+    sources = training_sources(config)
+    return [(resolve_dataset(sources[number].path),
+             [row_id - int(offsets[number]) for row_id, n in zip(row_ids, numbers.tolist()) if n == number])
+            for number in sorted(set(numbers.tolist()))]
 
 
 def eval_source(config: DataConfig) -> DataSource:
@@ -199,32 +211,37 @@ def weighted(examples: Examples, weight: float, seed: list[int]) -> Examples:
 
 def held_out_rows(data: DataConfig, held_out: Examples) -> list[dict]:
     """The rows held-out examples of `build_datasets(data, ...)` were made from, in their order:
-    read again from each example's dataset (its store says which), only the records wanted."""
+    read again from each example's dataset, only the records wanted. The datasets are this run's
+    (`data`), not the paths a cached store was first written from, which may be relative to
+    another directory; a task's instances are told apart by the instance number each example keeps."""
     if not len(held_out):
         return []
-    row_ids, parts = held_out.row_ids(), held_out.part_numbers()
-    by_id: dict[int, list[dict]] = {}
+    sources = [eval_source(data)] if data.eval_path else training_sources(data)
+    if len(sources) != len(held_out.parts):
+        raise ValueError(f"held_out_rows: {len(held_out.parts)} datasets in the held-out examples, {len(sources)} "
+                         f"in the data config: pass the config build_datasets made them with")
+    row_ids, parts, instances = held_out.row_ids(), held_out.part_numbers(), held_out.instances()
+    by_id: dict[int, dict[int, dict]] = {}
     for number in np.unique(parts).tolist():
         part = held_out.parts[number]
-        by_id.update(_rows_by_id(part.store.info, part.row_offset, np.unique(row_ids[parts == number]).tolist(),
-                                 data.on_bad_row))
-    taken: Counter = Counter()
-    rows = []
-    for row_id in row_ids.tolist():
-        # Instances of one task share a row id and come in file order.
-        candidates = by_id[row_id]
-        rows.append(candidates[min(taken[row_id], len(candidates) - 1)])
-        taken[row_id] += 1
-    return rows
+        by_id.update(_rows_by_id(sources[number], data, part.store.info, part.row_offset,
+                                 np.unique(row_ids[parts == number]).tolist()))
+    return [by_id[row_id][instance] for row_id, instance in zip(row_ids.tolist(), instances.tolist())]
 
 
-def _rows_by_id(info: dict[str, Any], row_offset: int, wanted: list[int], on_bad_row: str) -> dict[int, list[dict]]:
-    """The `wanted` rows (ids as `build_datasets` numbers them) of the dataset a store was made from."""
-    source = info["source"]
-    located = locate(source["path"], source["split"], source["streaming"])
+def _rows_by_id(source: DataSource, data: DataConfig, info: dict[str, Any], row_offset: int,
+                wanted: list[int]) -> dict[int, dict[int, dict]]:
+    """The `wanted` rows (ids as `build_datasets` numbers them) of `source`, by instance number (a
+    task's instances; 0 alone for the other formats), validated as when its store was written
+    (`info`: its format)."""
+    located = locate(source.path, source.split, data.streaming)
     records = located.pick([row_id - row_offset for row_id in wanted])
-    by_id: dict[int, list[dict]] = defaultdict(list)
+    if len(records) != len(wanted):
+        raise DataError(f"{located.name}: fewer rows than the {info['records']} its examples were made from: "
+                        f"the file changed during this run; run again")
+    by_id: dict[int, dict[int, dict]] = {}
     for row_id, record in zip(wanted, records):
-        rows, _ = validate_records(info["name"], [record], row_id, info["format"], source["columns"], on_bad_row)
-        by_id[row_id] += [row.fields for row in rows]
+        rows, _ = validate_records(located.name, [record], row_id - row_offset, info["format"], source.columns,
+                                   data.on_bad_row)
+        by_id[row_id] = {row.instance: row.fields for row in rows}
     return by_id

@@ -26,27 +26,41 @@ import numpy as np
 from trainer.data.encoding import IGNORE_INDEX, Example, EncodedRows
 
 TOKEN_ARRAYS = {"input_ids": np.int32, "labels": np.int32}
-EXAMPLE_ARRAYS = {"offsets": np.int64, "row_ids": np.int64, "questions": np.int64, "trained": np.int32}
+EXAMPLE_ARRAYS = {"offsets": np.int64, "row_ids": np.int64, "questions": np.int64, "trained": np.int32,
+                  "instances": np.int32}
 INFO = "info.json"  # written last: a directory without it is not a store
 HEADER_BYTES = 128  # a 1-D .npy header (format 1.0) pads to 128 bytes for any length below 10**20
+
+
+class UnreadableStore(ValueError):
+    """A store directory whose files cannot be mapped as a store; the message names the directory."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: cannot read this tokenised store ({reason}); delete the directory, "
+                         f"and the data is tokenised again on the next run")
+        self.reason = reason
 
 
 class Store:
     """One dataset's examples, memory-mapped. `info` is what the pipeline said about the dataset
     when it wrote the store: name, format, records, outcomes, and the source it read (path, split,
-    columns), where the held-out rows are read back from."""
+    columns), as a record: held-out rows are read back from the run's own data config, which may
+    name the same file by another path."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.info: dict[str, Any] = json.loads((self.path / INFO).read_text())
-        # Plain arrays over the maps: np.memmap's own indexing costs microseconds an example.
-        arrays = {name: np.load(self.path / f"{name}.npy", mmap_mode="r").view(np.ndarray)
-                  for name in (*TOKEN_ARRAYS, *EXAMPLE_ARRAYS)}
+        try:
+            self.info: dict[str, Any] = json.loads((self.path / INFO).read_text())
+            # Plain arrays over the maps: np.memmap's own indexing costs microseconds an example.
+            arrays = {name: np.load(self.path / f"{name}.npy", mmap_mode="r").view(np.ndarray)
+                      for name in (*TOKEN_ARRAYS, *EXAMPLE_ARRAYS)}
+        except (OSError, ValueError) as error:  # a file missing, cut short (a full disk, a copy) or not ours
+            raise UnreadableStore(self.path, str(error)) from None
         self.input_ids, self.labels = arrays["input_ids"], arrays["labels"]
         self.offsets, self.row_ids = arrays["offsets"], arrays["row_ids"]
-        self.questions, self.trained = arrays["questions"], arrays["trained"]
+        self.questions, self.trained, self.instances = arrays["questions"], arrays["trained"], arrays["instances"]
         if len(self.offsets) != len(self.row_ids) + 1 or self.offsets[-1] != len(self.input_ids):
-            raise ValueError(f"{self.path}: the offsets do not match the token arrays")
+            raise UnreadableStore(self.path, "the offsets do not match the token arrays")
 
     def __len__(self) -> int:
         return len(self.row_ids)
@@ -72,7 +86,7 @@ class Store:
 class StoreWriter:
     """Writes a store chunk by chunk into a temporary sibling of `path`; `finish` renames it into
     place. If another process finished the same store first, theirs is kept (it holds the same
-    examples: the path is the cache key)."""
+    examples: the path is the cache key); a store there that cannot be read is replaced."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -95,6 +109,7 @@ class StoreWriter:
         self._write("labels", encoded.labels)
         self._write("row_ids", encoded.row_ids)
         self._write("questions", encoded.questions)
+        self._write("instances", encoded.instances)
         self._write("trained", trained)
 
     def _write(self, name: str, values: np.ndarray) -> None:
@@ -113,13 +128,42 @@ class StoreWriter:
         except OSError:
             if not (self.path / INFO).is_file():
                 raise
-            shutil.rmtree(self.temporary, ignore_errors=True)
+            if _readable(self.path):  # another process finished first: theirs holds the same examples
+                shutil.rmtree(self.temporary, ignore_errors=True)
+                return self.path
+            self._replace_unreadable()
         return self.path
+
+    def _replace_unreadable(self) -> None:
+        # What is at the path cannot be read (a copy cut short, a full disk): ours takes its place.
+        try:
+            set_aside(self.path)
+            os.rename(self.temporary, self.path)
+        except OSError as error:
+            shutil.rmtree(self.temporary, ignore_errors=True)
+            raise OSError(f"{self.path}: a tokenised store there cannot be read and could not be replaced "
+                          f"({error.strerror or error}); delete that directory") from None
 
     def abort(self) -> None:
         for handle in self.files.values():
             handle.close()
         shutil.rmtree(self.temporary, ignore_errors=True)
+
+
+def _readable(path: Path) -> bool:
+    try:
+        Store(path)
+        return True
+    except UnreadableStore:
+        return False
+
+
+def set_aside(path: Path) -> None:
+    """Remove a store that cannot be read. It is renamed out of the way first, which is atomic: the
+    path is free at once, and no reader meets a directory half deleted."""
+    aside = path.with_name(f".{path.name}.{os.getpid()}.unreadable")
+    os.rename(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def trained_mask(labels: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -207,7 +251,8 @@ class Examples(Sequence):
         return np.searchsorted(self.bounds, self.positions, side="right") - 1
 
     def _gather(self, column: str) -> np.ndarray:
-        """A per-example array of the stores (row_ids, questions, trained, lengths) at this view's positions."""
+        """A per-example array of the stores (row_ids, questions, trained, instances, lengths) at this view's
+        positions."""
         parts = self.part_numbers()
         gathered = np.empty(len(self), np.int64)
         for number, part in enumerate(self.parts):
@@ -226,6 +271,9 @@ class Examples(Sequence):
 
     def questions(self) -> np.ndarray:
         return self._gather("questions")
+
+    def instances(self) -> np.ndarray:
+        return self._gather("instances")
 
     def lengths(self) -> np.ndarray:
         return self._gather("lengths")

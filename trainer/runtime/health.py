@@ -23,13 +23,22 @@ def is_finite(value: float | None) -> bool:
     return value is None or math.isfinite(value)
 
 
-def nonfinite_message(step: int, lr: float, loss: float, grad_norm: float | None, row_ids: list[int],
-                      data_path: str, skips: int | None = None) -> str:
-    rows = ", ".join(str(r + 1) for r in sorted(set(row_ids))[:32])
+def nonfinite_message(step: int, lr: float, loss: float, grad_norm: float | None,
+                      rows_by_file: list[tuple[str, list[int]]], skips: int | None = None) -> str:
+    """`rows_by_file`: the batch's rows (0-based) in each file they came from (data/pipeline.py
+    `rows_by_file`: a mixture's datasets each number their own rows)."""
+    def listed(rows: list[int]) -> str:
+        return ", ".join(str(r + 1) for r in sorted(set(rows))[:32])
+
     what = f"loss {loss}" + (f", gradient norm {grad_norm}" if grad_norm is not None else "")
     tail = (f" after {skips} consecutive skipped steps (train.max_consecutive_skips)" if skips is not None else "")
-    return (f"non-finite training values at step {step} (learning rate {lr:.3g}): {what}{tail}.\n"
-            f"The batch held rows {rows} of {data_path} (1-based).\n"
+    if len(rows_by_file) == 1:
+        (name, rows), = rows_by_file
+        where = f"The batch held rows {listed(rows)} of {name} (1-based)."
+    else:
+        where = "The batch held these rows (1-based): " + "; ".join(
+            f"{name}: row{'s' if len(set(rows)) > 1 else ''} {listed(rows)}" for name, rows in rows_by_file) + "."
+    return (f"non-finite training values at step {step} (learning rate {lr:.3g}): {what}{tail}.\n{where}\n"
             f"The last complete checkpoint is untouched; resume with resume=auto after fixing the cause "
             f"(inspect those rows, lower train.learning_rate, or set train.on_nonfinite=skip).")
 
