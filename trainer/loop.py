@@ -22,16 +22,15 @@ from trainer.checkpoint.snapshot import UpdateSnapshot
 from trainer.config import Recipe, TrainConfig, deepspeed_config
 from trainer.data.batching import BatchPlan
 from trainer.data.packing import training_collate
-from trainer.data.pipeline import build_datasets, held_out_rows
+from trainer.data.pipeline import build_datasets, held_out_rows, rows_by_file
 from trainer.data.stats import DataStats
 from trainer.data.store import Examples
-from trainer.data.tasks import resolve_dataset
 from trainer.evaluation.generate import sample_generations
 from trainer.evaluation.held_out_loss import evaluate_loss
 from trainer.loss import CausalLMLoss
 from trainer.model.base import dtype_name, enable_activation_checkpointing, load_base, load_tokenizer, resolve_base
 from trainer.model.lora import adapter_parameters, apply_lora, link_group_states, optimizer_groups, parameter_summary
-from trainer.runtime import distributed, health, preflight
+from trainer.runtime import distributed, health, preflight, run_dir
 from trainer.runtime.dashboards import Dashboards
 from trainer.runtime.metrics_log import MetricsLog
 from trainer.runtime.report import append_samples, format_samples, write_report
@@ -155,7 +154,7 @@ class Skips:
         self.nonfinite += 1
         if snapshot is None or self.nonfinite > run.recipe.train.max_consecutive_skips:
             raise health.TrainingHealthError(health.nonfinite_message(
-                step, lr, loss, grad_norm, bad_rows, resolve_dataset(run.recipe.data.path),
+                step, lr, loss, grad_norm, rows_by_file(run.data.train_set, run.recipe.data, bad_rows),
                 skips=self.nonfinite - 1 if snapshot is not None else None))
         snapshot.restore()
         say(f"step {step}: non-finite loss/gradient, update skipped ({self.nonfinite} in a row)")
@@ -206,6 +205,9 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
         reading.load_into_model(model, resume_dir)
     loss_model, engine, optimizer = prepare_engine(recipe, model, dtype)
     state = restore(recipe, resume_dir, model, optimizer, engine, len(data.train_set), log)
+    if distributed.is_main() and (note := run_dir.prepare(Path(recipe.output_dir),
+                                                         state.step if resume_dir is not None else None)):
+        log(note)
     meta = {"base_model": base_name_or_path, "base_fingerprint": base_fingerprint(base_name_or_path,
                                                                                   recipe.model.revision),
             "quant_bits": recipe.quant.bits, "template": recipe.data.template, "world_size": distributed.world_size(),

@@ -153,7 +153,11 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_last_complete_one_resumable
     assert "at step 2" in result.stdout
     assert (output_dir / "checkpoints/step-6/COMPLETE").exists()
     assert not half_written.exists()
-    assert max(losses(output_dir)) == 6
+    # Each step logged once: the killed run's lines after step 2 were moved aside, not appended to.
+    steps = [json.loads(line)["step"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+    superseded = (output_dir / "metrics.superseded.jsonl").read_text().splitlines()
+    assert superseded and all(json.loads(line)["step"] > 2 for line in superseded)
 
 
 def _recipe(output_dir: Path):
@@ -186,6 +190,21 @@ def small_checkpoint(tmp_path_factory, tiny_base) -> Path:
     run_cli(["launch/train.py", "recipes/tiny_alpaca.yaml", f"output_dir={output_dir}", *COMMON,
              "train.max_steps=2", "train.save_every=2"])
     return output_dir
+
+
+def test_a_fresh_start_in_a_used_output_dir_sets_the_earlier_run_aside(small_checkpoint, tmp_path):
+    # Without it, keep_last would prune the new run's step-1 and keep the earlier step-2, and best
+    # and resume=auto would pick the earlier run's checkpoint.
+    output_dir = tmp_path / "used"
+    shutil.copytree(small_checkpoint, output_dir)
+    result = run_cli(["launch/train.py", "recipes/tiny_alpaca.yaml", f"output_dir={output_dir}", *COMMON,
+                      "train.max_steps=1", "train.save_every=1", "train.eval_every=1", "train.keep_last=1"])
+    assert "held an earlier run's files; moved to" in result.stdout
+    (earlier,) = (output_dir / "earlier-runs").iterdir()
+    assert (earlier / "checkpoints/step-2/COMPLETE").exists() and (earlier / "metrics.jsonl").exists()
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["best", "step-1"]
+    assert resume.find_resume_dir(_recipe(output_dir)) == output_dir / "checkpoints" / "step-1"
+    assert list(losses(output_dir)) == [1]
 
 
 def resume_with(checkpoint_run: Path, tmp_path: Path, *overrides: str, check: bool = False):

@@ -7,6 +7,7 @@
     metrics_log.py  metrics.jsonl
     report.py       report.png and TensorBoard events
     dashboards.py   TensorBoard and Weights & Biases during training
+    run_dir.py      one run per output_dir: an earlier run set aside on a fresh start, redone steps out of the logs
     quiet.py        the libraries' routine log lines kept out of the output
     cache.py        the cache directory, and building into it once across processes
 """

@@ -1,0 +1,93 @@
+"""One run per output_dir, and its logs in step with its checkpoints.
+
+A fresh start (no `resume`) in an output_dir an earlier run wrote to would otherwise mix with it:
+metrics.jsonl appended to, keep_last pruning the new run's checkpoints while the earlier run's
+higher-numbered ones stay, `checkpoints/best` and `resume=auto` picking the earlier run's, W&B
+continuing its run id. `set_aside_earlier_run` moves what a run writes into
+`earlier-runs/<time>/` instead: nothing is deleted, and the new run starts clean.
+
+A resumed run redoes the steps after its checkpoint. The log lines a crashed run wrote for them are
+moved out of metrics.jsonl and samples.jsonl (`drop_steps_after`, into `*.superseded.jsonl`), so
+each step is logged once and report.png draws one curve.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+EARLIER = "earlier-runs"
+SUPERSEDED = ".superseded.jsonl"
+# What a run writes into its output_dir (README, "What a run writes"; eval/ by launch/eval.py).
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "report.png", "checkpoints", "tensorboard", "wandb", "wandb-run-id",
+             "eval")
+STEP_LOGS = ("metrics.jsonl", "samples.jsonl")
+
+
+def prepare(output_dir: Path, resumed_step: int | None) -> str | None:
+    """Before a run writes: a fresh start (`resumed_step` None) sets an earlier run aside; a resumed
+    one drops the log lines of the steps it redoes. Returns a note for the log, if anything moved.
+    Call on the main rank."""
+    if resumed_step is None:
+        moved_to = set_aside_earlier_run(output_dir)
+        return None if moved_to is None else (
+            f"note: {output_dir} held an earlier run's files; moved to {moved_to} so that this fresh start "
+            f"does not mix with them (resume=auto continues a run instead)")
+    moved = drop_steps_after(output_dir, resumed_step)
+    return None if not moved else (
+        f"note: {moved} log line(s) of steps after {resumed_step}, from the run that stopped, moved from "
+        f"metrics.jsonl / samples.jsonl to *{SUPERSEDED}: those steps run again")
+
+
+def set_aside_earlier_run(output_dir: Path) -> Path | None:
+    """Move an earlier run's files out of `output_dir` into earlier-runs/<UTC time>/; where they
+    went, or None if there were none. Call on the main rank before a fresh start writes anything."""
+    found = [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
+    if not found:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = output_dir / EARLIER / stamp
+    suffix = 1
+    while target.exists():  # two fresh starts within a second
+        target = output_dir / EARLIER / f"{stamp}-{suffix}"
+        suffix += 1
+    target.mkdir(parents=True)
+    for path in found:
+        shutil.move(str(path), str(target / path.name))
+    return target
+
+
+def drop_steps_after(output_dir: Path, step: int) -> int:
+    """Move the lines of metrics.jsonl and samples.jsonl for steps after `step` (the checkpoint a run
+    resumes from), and any line cut short, to metrics.superseded.jsonl and samples.superseded.jsonl.
+    Returns how many moved."""
+    moved = 0
+    for name in STEP_LOGS:
+        path = output_dir / name
+        if not path.is_file():
+            continue
+        kept, superseded = [], []
+        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+            line_step = _step_of(line)
+            (superseded if line_step is None or line_step > step else kept).append(line)
+        if not superseded:
+            continue
+        with open(path.with_suffix(SUPERSEDED), "a", encoding="utf-8") as handle:
+            handle.writelines(superseded)
+        temporary = path.with_suffix(".jsonl.tmp")
+        temporary.write_text("".join(kept), encoding="utf-8")
+        temporary.replace(path)
+        moved += len(superseded)
+    return moved
+
+
+def _step_of(line: str) -> int | None:
+    """A log line's step: -1 (kept) where it names none; None (moved) where it is not JSON, a line
+    cut short by the crash, which the next line appended would otherwise run into."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else -1
