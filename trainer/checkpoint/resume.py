@@ -18,16 +18,18 @@ from torch import nn
 from trainer.runtime import distributed
 from trainer.checkpoint.saving import (ADAM_KEYS, COMPLETE, CheckpointError, TrainState, complete_checkpoints,
                                 peft_key, set_rng_state)
-from trainer.checkpoint.reading import load_adapter_weights, on_main, read_tensors
+from trainer.checkpoint.reading import check_adapter, load_adapter_weights, on_main, read_tensors
 from trainer.config import Recipe
+from trainer.model.base import ModelLoadError
 from trainer.model.lora import adapter_parameters
 
-# Fields that change what the adapter means: resuming across them is refused.
-MUST_MATCH = ("model.name_or_path", "quant.bits", "quant.quant_type", "quant.double_quant", "lora.r",
+# Fields that change what the adapter means: resuming across them is refused. The base itself is
+# checked by fingerprint (check_base), not by its path: a base moved to a new path resumes.
+MUST_MATCH = ("quant.bits", "quant.quant_type", "quant.double_quant", "lora.r",
               "lora.alpha", "lora.rslora", "lora.dora", "lora.target_modules", "data.template")
 # Fields that change how training continues: allowed, with a warning.
 WARN_IF_CHANGED = ("train.learning_rate", "train.max_steps", "train.warmup_steps", "train.min_lr_ratio",
-                   "train.weight_decay", "train.global_batch_size", "data.path", "data.max_seq_len",
+                   "train.weight_decay", "data.path", "data.max_seq_len",
                    "lora.dropout", "lora.plus_ratio", "train.seed", "data.drop_leaked", "data.packing", "data.eval_fraction")
 
 
@@ -49,7 +51,8 @@ def _find_resume_dir(recipe: Recipe) -> Path | None:
 
 
 def check_compatible(directory: Path, recipe: Recipe) -> None:
-    """Refuse a checkpoint whose adapter means something else; warn on changed training settings."""
+    """Refuse a checkpoint whose adapter means something else, or whose data cursor would not carry
+    over; warn on changed training settings."""
     saved = on_main(lambda: _read_yaml(directory / "recipe.yaml"))
     current = recipe.to_dict()
     for dotted in MUST_MATCH:
@@ -57,11 +60,39 @@ def check_compatible(directory: Path, recipe: Recipe) -> None:
         if _normalise(before) != _normalise(now):
             raise CheckpointError(f"cannot resume from {directory}: {dotted} was {before!r} there, the recipe "
                                   f"says {now!r}. Resume with the original value, or start a new output_dir.")
+    check_base(directory, recipe)
+    before, now = _lookup(saved, "train.global_batch_size"), recipe.train.global_batch_size
+    if before is not None and before != now:
+        # The data cursor is step x global_batch_size (trainer/loop.py), and the plan's batches are cut
+        # at that size: another size would skip or repeat examples from the resumed step on.
+        raise CheckpointError(f"cannot resume from {directory}: it was trained with train.global_batch_size="
+                              f"{before}, the recipe says {now}, and the position in the data cannot carry over "
+                              f"to another batch size (examples would be skipped or repeated). Resume with "
+                              f"train.global_batch_size={before}, or start a fresh run in a new output_dir.")
     for dotted in WARN_IF_CHANGED:
         before, now = _lookup(saved, dotted), _lookup(current, dotted)
         if before != now and distributed.is_main():
             warnings.warn(f"resuming from {directory} with {dotted} changed from {before!r} to {now!r}",
                           stacklevel=2)
+
+
+def check_base(directory: Path, recipe: Recipe) -> None:
+    """The recipe's base must be the one the checkpoint was trained on, by fingerprint, as eval, export
+    and chat check it: a base changed in place is refused, the same base at a new path resumes."""
+    try:
+        notes = on_main(lambda: _check_adapter(recipe, directory))
+    except CheckpointError as error:
+        raise CheckpointError(f"cannot resume: {error}; or start a fresh run in a new output_dir") from None
+    if distributed.is_main():
+        for note in notes:
+            warnings.warn(f"resuming from {directory}: {note}", stacklevel=3)
+
+
+def _check_adapter(recipe: Recipe, directory: Path) -> list[str]:
+    try:
+        return check_adapter(recipe, directory)
+    except ModelLoadError as error:  # a base that cannot be fingerprinted: on_main passes on CheckpointErrors only
+        raise CheckpointError(str(error)) from None
 
 
 def _normalise(value):
@@ -115,13 +146,18 @@ def apply_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, eng
         _set_model_copy(parameter, value)
         safe_set_full_fp32_param(parameter, value)  # the fp32 master, where ZeRO or bf16 keeps one
         for moment in ADAM_KEYS:
-            if f"{key}.{moment}" not in moments:
-                continue
-            value = moments[f"{key}.{moment}"].to(parameter.device)
+            saved = moments.get(f"{key}.{moment}")
+            # No saved moment: the state was taken before this parameter's first step. Restore that
+            # exactly (Adam starts it fresh), never keep what a later, perhaps non-finite, step wrote.
             if hasattr(parameter, "ds_id") or hasattr(parameter, "_hp_mapping"):
-                safe_set_full_optimizer_state(parameter, value, moment)
+                # ZeRO's moments are slices of flat tensors shared by many parameters: zeros (with the
+                # Adam step set above) are the fresh state.
+                saved = saved if saved is not None else torch.zeros_like(value)
+                safe_set_full_optimizer_state(parameter, saved.to(parameter.device), moment)
+            elif saved is None:
+                optimizer.state.pop(parameter, None)
             else:
-                optimizer.state[parameter][moment].copy_(value)
+                optimizer.state[parameter][moment].copy_(saved.to(parameter.device))
 
 
 def _set_model_copy(parameter: nn.Parameter, value: torch.Tensor) -> None:

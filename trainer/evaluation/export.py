@@ -32,7 +32,7 @@ from trainer.evaluation import gguf_export
 from trainer.evaluation.adapted_model import add_adapter
 from trainer.checkpoint.reading import check_adapter
 from trainer.config import Recipe, RecipeError
-from trainer.model.lora import dequantised_linear, is_quantised, lora_layers, ties_adapted_embedding
+from trainer.model.lora import dequantised_linear, is_quantised, lora_layers, ties_adapted_layer
 from trainer.model.base import DTYPES, compute_dtype, load_base, load_tokenizer, resolve_base
 
 
@@ -56,9 +56,10 @@ def merge_to_plain(model: nn.Module, dtype: torch.dtype = torch.float32,
     moved to `device` before the next one is dequantised, so at most one float32 layer exists besides
     the quantised model (dequantising every layer first would hold a 7B model in fp32, ~26 GB, on the GPU).
 
-    An adapted input embedding tied to the output projection is merged into a copy: lm_head keeps
-    the base weight, as in training, and the saved config says tie_word_embeddings=false."""
-    if ties_adapted_embedding(model):
+    Tied input and output embeddings with either side adapted are merged into a copy: the other
+    side keeps the base weight, as in training, and the saved config says tie_word_embeddings=false
+    (so a GGUF export writes output.weight too)."""
+    if ties_adapted_layer(model):
         model.config.tie_word_embeddings = False
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
         if text_config is not None:

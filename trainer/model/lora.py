@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +46,11 @@ class _LoRAUp(nn.Linear):
 
 class LoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
-                 dora: bool = False):
+                 dora: bool = False, shared_weight: bool = False):
         super().__init__()
         self.base_layer = base_layer
+        # The base weight is also another module's (a tied lm_head): merge() then writes a copy.
+        self.shared_weight = shared_weight
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.r = r
@@ -115,11 +118,19 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold B @ A * scaling into the base weight. A quantised base is dequantised first and
-        kept in 16/32-bit afterwards: re-quantising would throw the adapter's update away."""
+        kept in 16/32-bit afterwards: re-quantising would throw the adapter's update away.
+
+        A base weight that another module shares (`shared_weight`: an lm_head tied to the input
+        embedding, as SmolLM2's) is merged into a copy of its own: the embedding keeps the base
+        weight, as it did in training, and the two are untied (see ties_adapted_layer)."""
         if self.merged:
             return
         if not isinstance(self.base_layer, nn.Linear) or is_quantised(self.base_layer):
             self.base_layer = dequantised_linear(self.base_layer)
+        if self.shared_weight:
+            shared = self.base_layer.weight
+            self.base_layer.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+            self.shared_weight = False
         weight = self.base_layer.weight
         if self.lora_magnitude_vector is not None:  # W' = m / ||W + dW|| * (W + dW), per row
             self._merged_norm = self.weight_norm()
@@ -201,6 +212,8 @@ def apply_lora(model: nn.Module, target_modules: list[str], r: int, alpha: float
     Returns the wrapped module paths; raises if nothing matched (a typo would train nothing)."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    # Weights held by more than one module (tie_word_embeddings: lm_head and embed_tokens).
+    holders = Counter(id(parameter) for _, parameter in model.named_parameters(remove_duplicate=False))
     wrapped = []
     for path, module in list(model.named_modules()):
         leaf = path.rsplit(".", 1)[-1]
@@ -209,7 +222,8 @@ def apply_lora(model: nn.Module, target_modules: list[str], r: int, alpha: float
         if isinstance(module, nn.Embedding):
             adapted = LoRAEmbedding(module, r, alpha, rslora, dora)
         elif hasattr(module, "in_features") and hasattr(module, "out_features"):
-            adapted = LoRALinear(module, r, alpha, dropout, rslora, dora)
+            shared = holders[id(getattr(module, "weight", None))] > 1
+            adapted = LoRALinear(module, r, alpha, dropout, rslora, dora, shared_weight=shared)
         else:
             continue
         parent_path, _, child = path.rpartition(".")
@@ -257,13 +271,19 @@ def link_group_states(engine_optimizer) -> None:
         engine_optimizer._lazy_init_hp_params_optimizer_state()
 
 
-def ties_adapted_embedding(model: nn.Module) -> bool:
-    """Whether an adapted input embedding shares its weight with the output projection: merging
-    then unties them (see trainer/model/lora_embedding.py)."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(output, "weight", None)
-    return weight is not None and any(isinstance(layer, LoRAEmbedding) and layer.base_layer.weight is weight
-                                      for layer in lora_layers(model).values())
+def ties_adapted_layer(model: nn.Module) -> bool:
+    """Whether the input embedding and the output projection share one weight and either of them
+    is adapted: merging then unties them (the adapted side merges into a copy of its own), and the
+    merged model must say tie_word_embeddings=false."""
+    if not (hasattr(model, "get_input_embeddings") and hasattr(model, "get_output_embeddings")):
+        return False
+    embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
+    if embedding is None or output is None:
+        return False
+    adapted = isinstance(embedding, LoRAEmbedding) or isinstance(output, LoRALinear)
+    embedding_weight = getattr(embedding, "weight", None)  # LoRAEmbedding.weight is its base's
+    output_weight = getattr(output.base_layer if isinstance(output, LoRALinear) else output, "weight", None)
+    return adapted and embedding_weight is not None and embedding_weight is output_weight
 
 
 def merge_all(model: nn.Module) -> None:
