@@ -20,9 +20,9 @@ from pathlib import Path
 EARLIER = "earlier-runs"
 SUPERSEDED = ".superseded.jsonl"
 # What a run writes into its output_dir (README, "What a run writes"; eval/ by launch/eval.py).
-RUN_FILES = ("metrics.jsonl", "samples.jsonl", "report.png", "checkpoints", "tensorboard", "wandb", "wandb-run-id",
-             "eval")
 STEP_LOGS = ("metrics.jsonl", "samples.jsonl")
+RUN_FILES = (*STEP_LOGS, *(Path(name).with_suffix(SUPERSEDED).name for name in STEP_LOGS), "report.png", "checkpoints",
+             "tensorboard", "wandb", "wandb-run-id", "eval")
 
 
 def prepare(output_dir: Path, resumed_step: int | None) -> str | None:
