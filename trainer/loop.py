@@ -177,6 +177,7 @@ def after_step(run: Run, state: TrainState, record: dict, stops: bool, say: Call
         metrics.write(record)
         dashboards.write(record)
     if state.step % train.save_every == 0 or last or stops:
+        state.loss_scale = saving.loss_scale_state(run.engine.optimizer)
         saved = saving.save(Path(run.recipe.output_dir), run.model, run.optimizer, run.recipe, run.base_name_or_path,
                             state, run.meta, record.get("eval_loss"))
         say(f"saved {saved}")

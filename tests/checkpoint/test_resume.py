@@ -76,6 +76,22 @@ def test_resumed_run_is_bitwise_equal_to_the_straight_run(tmp_path, tiny_base, s
     assert (state["step"], state["examples_seen"], state["epoch"]) == (6, 96, 96 // 38)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_an_fp16_resume_carries_the_loss_scale_and_continues_bitwise(tmp_path, tiny_base):
+    # fp16 (the auto dtype on GPUs without bf16) scales the loss dynamically; a resume that started
+    # the scaler again would compute other gradients from the resumed step on.
+    settings = ("model.dtype=float16", "deepspeed.zero_stage=2")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(straight, *settings)
+    saved = json.loads((straight / "checkpoints/step-3/trainer_state.json").read_text())["loss_scale"]
+    assert saved["cur_iter"] == 3 and saved["cur_scale"] > 0
+    resume_from_copy(straight, 3, resumed)
+    train(resumed, *settings, "resume=auto")
+    assert losses(resumed) == {step: loss for step, loss in losses(straight).items() if step > 3}
+    assert_same_tensors(straight / "checkpoints/step-6", resumed / "checkpoints/step-6", "adapter_model.safetensors")
+
+
 # Changing the world size changes the order in which per-rank gradient sums are added, so fp32
 # results differ in the last bits: a relative tolerance of 1e-5 on the loss covers that, while a
 # wrong batch, a lost optimizer state or a reset schedule moves the loss by far more.

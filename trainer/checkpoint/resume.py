@@ -17,7 +17,7 @@ from torch import nn
 
 from trainer.runtime import distributed
 from trainer.checkpoint.saving import (ADAM_KEYS, COMPLETE, CheckpointError, TrainState, complete_checkpoints,
-                                peft_key, set_rng_state)
+                                loss_scaler, peft_key, set_rng_state)
 from trainer.checkpoint.reading import check_adapter, load_adapter_weights, on_main, read_tensors
 from trainer.config import Recipe
 from trainer.model.base import ModelLoadError
@@ -126,6 +126,10 @@ def restore_training_state(directory: Path, model: nn.Module, optimizer: torch.o
     adam_step = raw.pop("adam_step", 0)
     state = TrainState(**raw)
     apply_training_state(model, optimizer, engine_optimizer, weights, moments, adam_step)
+    scaler = loss_scaler(engine_optimizer)
+    if scaler is not None and state.loss_scale:
+        for name, value in state.loss_scale.items():
+            setattr(scaler, name, value)
     _restore_rng(directory, rng_states)
     return state
 

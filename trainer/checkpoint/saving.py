@@ -58,6 +58,29 @@ class TrainState:
     train_examples: int = 0  # size of the training set the cursor counts in (a resume checks it)
     best_eval_loss: float | None = None
     best_step: int | None = None
+    loss_scale: dict | None = None  # fp16's dynamic loss scaler (`loss_scale_state`); None in fp32 and bf16
+
+
+# What a dynamic fp16 loss scaler has learned (its scale, and where it is in its window since the
+# last overflow): without it a resumed run starts again at the initial scale, pays overflow skips
+# anew, and computes other fp16 gradients than the uninterrupted run.
+LOSS_SCALE_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def loss_scaler(engine_optimizer) -> object | None:
+    """DeepSpeed's dynamic fp16 loss scaler (ZeRO's `loss_scaler`, stage 0's `loss_scale_config`),
+    or None (fp32, bf16, a static scale)."""
+    for name in ("loss_scaler", "loss_scale_config"):
+        scaler = getattr(engine_optimizer, name, None)
+        if scaler is not None and (getattr(scaler, "dynamic", False) or getattr(scaler, "dynamic_loss_scale", False)):
+            return scaler
+    return None
+
+
+def loss_scale_state(engine_optimizer) -> dict | None:
+    scaler = loss_scaler(engine_optimizer)
+    return None if scaler is None else {name: getattr(scaler, name) for name in LOSS_SCALE_FIELDS
+                                        if hasattr(scaler, name)}
 
 
 def rng_state() -> dict:
