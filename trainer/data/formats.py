@@ -217,13 +217,16 @@ def _load_with_datasets(name: str, split: str, streaming: bool = False):
             # Every column as text: inferred types make an answer "5" the int 5, and "3" in a column
             # with a blank cell the float 3.0. A blank cell alone is missing (None); an answer
             # "NA" or "null" stays text.
-            dataset = datasets.load_dataset("csv", data_files=str(local), split="train", features=_text_columns(local),
+            features = _text_columns(local)
+            dataset = datasets.load_dataset("csv", data_files=str(local), split="train", features=features,
                                             keep_default_na=False, na_values=[""])
         elif local.suffix in (".parquet", ".arrow"):
             builder = local.suffix.lstrip(".")
             dataset = datasets.load_dataset(builder, data_files=str(local), split="train")
         else:
             dataset = datasets.load_dataset(name, split=split, streaming=streaming)
+    except DataError:
+        raise
     except Exception as error:  # datasets raises many types for "not found / offline / bad file"
         raise DataError(f"{name}: could not load as a file, a saved dataset or a hub dataset "
                         f"(split {split}{', streaming' if streaming else ''}): {_first_line(error)}") from None
@@ -240,8 +243,13 @@ def _text_columns(path: Path):
     import datasets
     import pandas
 
-    header = pandas.read_csv(path, nrows=0).columns
-    return datasets.Features({column: datasets.Value("string") for column in header})
+    try:
+        first = pandas.read_csv(path, nrows=1, dtype=str)
+    except pandas.errors.EmptyDataError:  # not even a header
+        first = None
+    if first is None or first.empty:
+        raise DataError(f"{path}: has no records (an empty file, or a header with no rows); check data.path")
+    return datasets.Features({column: datasets.Value("string") for column in first.columns})
 
 
 def _first_line(error: Exception) -> str:
