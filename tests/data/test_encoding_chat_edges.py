@@ -143,3 +143,19 @@ def test_a_template_that_changes_contents_still_renders_whole(tokenizer):
     messages = [{"role": "user", "content": " a"}, {"role": "assistant", "content": "b"}]
     pieces = chat_pieces(tokenizer, template, messages)
     assert "".join(text for text, _ in pieces) == _render(tokenizer, template, messages, generation_prompt=False)
+
+
+# ------------------------------------------------------------------------------ custom templates
+
+
+def test_a_custom_template_writing_special_tokens_is_noted_as_plain_text(tokenizer, tmp_path):
+    rows = [{"instruction": f"Question {n}?", "input": "", "output": f"Answer {n}."} for n in range(4)]
+    template = "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
+    train, _, stats = build(tokenizer, tmp_path, rows, template=template)
+    (note,) = [note for note in stats["notes"] if note.startswith("data.template writes")]
+    assert "'<|im_end|>', '<|im_start|>'" in note and "data.template: chat" in note
+    # As the note says: the template's text is not those tokens.
+    assert tokenizer.convert_tokens_to_ids("<|im_start|>") not in list(train[0].input_ids)
+    for plain in ("alpaca", "Q: {instruction}\nA: "):
+        _, _, stats = build(tokenizer, tmp_path, rows, template=plain)
+        assert not [note for note in stats["notes"] if note.startswith("data.template writes")]

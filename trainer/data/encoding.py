@@ -165,6 +165,19 @@ def render_prompt(row: dict[str, str], template: str) -> str:
     return re.sub(r"\{(instruction|input)\}", lambda match: row[match.group(1)], template)
 
 
+def template_note(tokenizer, template: str) -> str | None:
+    """A custom data.template is tokenised as plain text, as the rows' text is: a special token
+    written in it (<|im_start|>, </s>) becomes ordinary text there, not that token. A note saying
+    so, or None."""
+    if template in TEMPLATES or template == "chat":
+        return None
+    written = sorted({token for token in tokenizer.all_special_tokens if token and token in template})
+    return None if not written else (
+        f"data.template writes {', '.join(map(repr, written))}, special token(s) of this tokenizer, as plain "
+        f"text: the template's text is tokenised literally, so they are not those tokens (data.template: "
+        f"chat renders the tokenizer's own chat template, special tokens included)")
+
+
 def chat_template(tokenizer) -> tuple[str, str]:
     """The template chat rows are rendered with, and a note saying which it is."""
     own = getattr(tokenizer, "chat_template", None)

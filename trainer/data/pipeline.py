@@ -25,7 +25,7 @@ import numpy as np
 from trainer.config import DataConfig, DataSource
 from trainer.data import cache
 from trainer.data.building import build_store
-from trainer.data.encoding import TEMPLATES, chat_template, check_tokenizer
+from trainer.data.encoding import TEMPLATES, chat_template, check_tokenizer, template_note
 from trainer.data.formats import DataError, locate, read_source, validate_records
 from trainer.data.leakage import leakage_note
 from trainer.data.stats import DataStats, check_store, dataset_summary
@@ -103,6 +103,8 @@ def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[Examples, 
         notes.append(chat_template(tokenizer)[1])
         if config.template != "chat":
             notes.append("chat rows are rendered with the chat template, whatever data.template says")
+    if (note := template_note(tokenizer, config.template)) is not None:
+        notes.append(note)
     if leakage is not None:
         notes.append(leakage)
     return train, held_out, _stats(config, train, held_out, summaries, notes)
