@@ -283,12 +283,11 @@ def summarise(run: dict, tokens: list[dict], job: Job, step_flops: list[float], 
     ends = run["step_ends"]
     step_times = [b - a for a, b in zip(ends[job.warmup_steps - 1:], ends[job.warmup_steps:])]
     useful = [t["useful"] for t in tokens[job.warmup_steps:]]
-    flop_rates = [flops / seconds for flops, seconds in zip(step_flops, step_times)]
+    flop_rate = statistics.median(flops / seconds for flops, seconds in zip(step_flops, step_times))
     summary = {"tokens_per_s": sum(useful) / sum(step_times),
                "tokens_per_s_median_step": statistics.median(n / seconds for n, seconds in zip(useful, step_times)),
                "step_time_median_s": statistics.median(step_times), "step_times_s": step_times,
-               "useful_flops_per_s_median_step": statistics.median(flop_rates),
-               "utilisation": statistics.median(flop_rates) / peak_flops,
+               "useful_flops_per_s_median_step": flop_rate, "utilisation": flop_rate / peak_flops,
                "peak_rss_mib": run["peak_rss_bytes"] / 2 ** 20,
                "peak_rss_largest_mib": run["peak_rss_largest_bytes"] / 2 ** 20, "wall_s": run["wall_s"]}
     if run.get("eval_loss") is not None:

@@ -78,7 +78,7 @@ def test_an_unreadable_store_that_cannot_be_moved_says_which_directory_to_delete
     def refuse(path: Path) -> None:
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(store_module, "set_aside", refuse)
+    monkeypatch.setattr(store_module, "discard", refuse)
     message = f"{re.escape(str(path))}: a tokenised store there cannot be read .*delete that directory"
     with pytest.raises(OSError, match=message):
         empty_store(path)

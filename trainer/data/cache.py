@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from trainer.data.store import INFO, Store, UnreadableStore, set_aside
+from trainer.data.store import INFO, Store, UnreadableStore, discard
 from trainer.runtime.cache import cache_dir
 
 # The modules whose code decides the examples: editing any of them invalidates the cache.
@@ -61,7 +61,7 @@ def load(key: str) -> Store | None:
         print(f"warning: the cached tokenised data at {path} cannot be read ({error.reason}); "
               f"tokenising it again", flush=True)
     try:
-        set_aside(path)
+        discard(path)
     except OSError:
         pass  # StoreWriter.finish tries again, and says which directory to delete if it cannot
     return None

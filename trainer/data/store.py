@@ -137,7 +137,7 @@ class StoreWriter:
     def _replace_unreadable(self) -> None:
         # What is at the path cannot be read (a copy cut short, a full disk): ours takes its place.
         try:
-            set_aside(self.path)
+            discard(self.path)
             os.rename(self.temporary, self.path)
         except OSError as error:
             shutil.rmtree(self.temporary, ignore_errors=True)
@@ -158,8 +158,8 @@ def _readable(path: Path) -> bool:
         return False
 
 
-def set_aside(path: Path) -> None:
-    """Remove a store that cannot be read. It is renamed out of the way first, which is atomic: the
+def discard(path: Path) -> None:
+    """Delete a store that cannot be read. It is renamed out of the way first, which is atomic: the
     path is free at once, and no reader meets a directory half deleted."""
     aside = path.with_name(f".{path.name}.{os.getpid()}.unreadable")
     os.rename(path, aside)
