@@ -4,11 +4,13 @@ or sampled away, a cached store reused by a run that names its file by another r
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from trainer.config import DataConfig, DataSource
+from trainer.data.formats import DataError
 from trainer.data.leakage import question_id
 from trainer.data.pipeline import build_datasets, held_out_rows, rows_by_file
 from trainer.runtime.health import nonfinite_message
@@ -46,6 +48,16 @@ def test_a_dropped_instance_does_not_shift_the_instances_after_it(tokenizer, tmp
     rows = held_out_rows(config, held_out)
     assert [row["input"] for row in rows] == ["cat", "dog"]
     assert questions(rows) == [example.question for example in held_out]
+
+
+def test_a_file_cut_short_during_the_run_is_named_when_its_held_out_rows_are_read(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", alpaca(40))
+    config = DataConfig(path=str(path), eval_fraction=0.25, cache=False, max_seq_len=64)
+    _, held_out, _ = build_datasets(config, tokenizer, seed=0)
+    write_jsonl(path, alpaca(5))  # the held-out rows are read back later, from the file as it is then
+    with pytest.raises(DataError, match=f"{re.escape(str(path))}: fewer rows than the 40 .* the file changed "
+                                        f"during this run; run again"):
+        held_out_rows(config, held_out)
 
 
 def test_instances_sampled_away_by_max_eval_rows_leave_the_others_on_their_own_rows(tokenizer, tmp_path):
