@@ -207,7 +207,7 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
     loss_model, engine, optimizer = prepare_engine(recipe, model, dtype)
     state = restore(recipe, resume_dir, model, optimizer, engine, len(data.train_set), log)
     if distributed.is_main() and (note := run_dir.prepare(Path(recipe.output_dir),
-                                                         state.step if resume_dir is not None else None)):
+                                                         state.step if resume_dir is not None else None, resume_dir)):
         log(note)
     meta = {"base_model": base_name_or_path, "base_fingerprint": base_fingerprint(base_name_or_path,
                                                                                   recipe.model.revision),

@@ -55,3 +55,21 @@ def test_a_resume_with_nothing_after_its_step_changes_nothing(tmp_path):
     assert run_dir.drop_steps_after(tmp_path, 2) == 0
     assert (tmp_path / "metrics.jsonl").read_text() == before
     assert not (tmp_path / "metrics.superseded.jsonl").exists()
+
+
+def test_a_resume_from_another_output_dirs_checkpoint_sets_this_ones_earlier_run_aside(tmp_path):
+    here, there = tmp_path / "here", tmp_path / "there"
+    (there / "checkpoints" / "step-4").mkdir(parents=True)
+    (here / "checkpoints" / "step-8").mkdir(parents=True)  # an unrelated run's, with higher steps
+    write_lines(here / "metrics.jsonl", [{"step": s} for s in range(1, 9)])
+    note = run_dir.prepare(here, 4, there / "checkpoints" / "step-4")
+    assert "earlier run's files" in note and "resumed from" in note
+    assert sorted(p.name for p in here.iterdir()) == [run_dir.EARLIER]
+    # Its own checkpoint (a relative path, or through a link, is still this output_dir): lines dropped, not set aside.
+    write_lines(here / "metrics.jsonl", [{"step": s} for s in range(1, 9)])
+    (here / "checkpoints" / "step-4").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(here)
+    note = run_dir.prepare(here, 4, tmp_path / "link" / "checkpoints" / "step-4")
+    assert "4 log line(s)" in note
+    assert [json.loads(line)["step"] for line in (here / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert run_dir.prepare(tmp_path / "new", 4, there / "checkpoints" / "step-4") is None  # nothing here yet

@@ -4,7 +4,8 @@ A fresh start (no `resume`) in an output_dir an earlier run wrote to would other
 metrics.jsonl appended to, keep_last pruning the new run's checkpoints while the earlier run's
 higher-numbered ones stay, `checkpoints/best` and `resume=auto` picking the earlier run's, W&B
 continuing its run id. `set_aside_earlier_run` moves what a run writes into
-`earlier-runs/<time>/` instead: nothing is deleted, and the new run starts clean.
+`earlier-runs/<time>/` instead: nothing is deleted, and the new run starts clean. So does a run
+resumed from another output_dir's checkpoint, which continues that run here.
 
 A resumed run redoes the steps after its checkpoint. The log lines a crashed run wrote for them are
 moved out of metrics.jsonl and samples.jsonl (`drop_steps_after`, into `*.superseded.jsonl`), so
@@ -25,19 +26,27 @@ RUN_FILES = (*STEP_LOGS, *(Path(name).with_suffix(SUPERSEDED).name for name in S
              "tensorboard", "wandb", "wandb-run-id", "eval")
 
 
-def prepare(output_dir: Path, resumed_step: int | None) -> str | None:
+def prepare(output_dir: Path, resumed_step: int | None, resumed_from: Path | None = None) -> str | None:
     """Before a run writes: a fresh start (`resumed_step` None) sets an earlier run aside; a resumed
-    one drops the log lines of the steps it redoes. Returns a note for the log, if anything moved.
-    Call on the main rank."""
-    if resumed_step is None:
+    one drops the log lines of the steps it redoes. A run resumed from a checkpoint of another
+    output_dir (`resumed_from` outside this one) continues that run here, as a run of its own: it sets
+    aside what an earlier run left here, as a fresh start does. Returns a note for the log, if
+    anything moved. Call on the main rank."""
+    elsewhere = resumed_from is not None and not _inside(resumed_from, output_dir)
+    if resumed_step is None or elsewhere:
         moved_to = set_aside_earlier_run(output_dir)
+        started = "this fresh start" if resumed_step is None else f"this run (resumed from {resumed_from})"
         return None if moved_to is None else (
-            f"note: {output_dir} held an earlier run's files; moved to {moved_to} so that this fresh start "
+            f"note: {output_dir} held an earlier run's files; moved to {moved_to} so that {started} "
             f"does not mix with them (resume=auto continues a run instead)")
     moved = drop_steps_after(output_dir, resumed_step)
     return None if not moved else (
         f"note: {moved} log line(s) of steps after {resumed_step}, from the run that stopped, moved from "
         f"metrics.jsonl / samples.jsonl to *{SUPERSEDED}: those steps run again")
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path.resolve().is_relative_to(directory.resolve())
 
 
 def set_aside_earlier_run(output_dir: Path) -> Path | None:
