@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.model.dora import full_parameters
+from trainer.model.dora import dora_scale, full_parameters, kept_for_unmerge
 from trainer.model.lora_embedding import LoRAEmbedding
 
 ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector")
@@ -65,6 +65,7 @@ class LoRALinear(nn.Module):
         self.lora_B = _LoRAUp(r, self.out_features, bias=False, device=_device_of(base_layer), dtype=torch.float32)
         self.merged = False
         self._merged_norm: torch.Tensor | None = None
+        self._merged_kept: tuple[torch.Tensor, torch.Tensor] | None = None  # see merge()
         self.reset_adapter()
         self.register_parameter("lora_magnitude_vector", None)
         if dora:  # B = 0: m = ||W||_row makes the layer start exactly at the base
@@ -98,7 +99,7 @@ class LoRALinear(nn.Module):
         result + (m / norm - 1) * (W x) + m / norm * s * B A x. Dropout acts on the adapter's input
         only (the base output is reused, not recomputed on dropped-out x as peft does in training)."""
         dtype = h.dtype
-        scale = self.lora_magnitude_vector / self.weight_norm().to(dtype)
+        scale = dora_scale(self.lora_magnitude_vector, self.weight_norm().to(dtype))
         bias = self.base_layer.bias
         base = (result if bias is None else result - bias).to(dtype)
         return result + ((scale - 1) * base + scale * (self.lora_B(h) * scaling)).to(result.dtype)
@@ -134,7 +135,9 @@ class LoRALinear(nn.Module):
         weight = self.base_layer.weight
         if self.lora_magnitude_vector is not None:  # W' = m / ||W + dW|| * (W + dW), per row
             self._merged_norm = self.weight_norm()
-            factor = (self.lora_magnitude_vector.float() / self._merged_norm)[:, None]
+            factor = dora_scale(self.lora_magnitude_vector.float(), self._merged_norm)
+            self._merged_kept = kept_for_unmerge(weight, factor, dim=0)  # rows the merge zeroes, for unmerge
+            factor = factor[:, None]
             weight.data = (factor * (weight.float() + self.delta_weight().float())).to(weight.dtype)
         else:
             weight.data += self.delta_weight().to(weight.dtype)
@@ -147,8 +150,13 @@ class LoRALinear(nn.Module):
             return
         weight = self.base_layer.weight
         if self.lora_magnitude_vector is not None:
-            factor = (self.lora_magnitude_vector.float() / self._merged_norm)[:, None]
-            weight.data = (weight.float() / factor - self.delta_weight().float()).to(weight.dtype)
+            factor = dora_scale(self.lora_magnitude_vector.float(), self._merged_norm)[:, None]
+            restored = weight.float() / torch.where(factor != 0, factor, 1) - self.delta_weight().float()
+            if self._merged_kept is not None:
+                rows, values = self._merged_kept
+                restored[rows] = values.float()
+                self._merged_kept = None
+            weight.data = restored.to(weight.dtype)
         else:
             weight.data -= self.delta_weight().to(weight.dtype)
         self.merged = False

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.model.dora import full_parameters
+from trainer.model.dora import dora_scale, full_parameters, kept_for_unmerge
 
 
 class LoRAEmbedding(nn.Module):
@@ -40,6 +40,7 @@ class LoRAEmbedding(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(self.weight_norm())
         self.merged = False
         self._merged_norm: torch.Tensor | None = None
+        self._merged_kept: tuple[torch.Tensor, torch.Tensor] | None = None  # see merge()
 
     # The wrapped embedding's attributes, for code that reads them from get_input_embeddings().
     @property
@@ -72,7 +73,7 @@ class LoRAEmbedding(nn.Module):
         update = (after_a @ self.lora_embedding_B.t()) * self.scaling
         if self.lora_magnitude_vector is None:
             return result + update.to(result.dtype)
-        scale = self.lora_magnitude_vector / self.weight_norm().to(update.dtype)
+        scale = dora_scale(self.lora_magnitude_vector, self.weight_norm().to(update.dtype))
         return (scale * (result.to(update.dtype) + update)).to(result.dtype)
 
     @torch.no_grad()
@@ -85,7 +86,9 @@ class LoRAEmbedding(nn.Module):
         merged = weight.float() + self.delta_weight().float()
         if self.lora_magnitude_vector is not None:
             self._merged_norm = self.weight_norm()
-            merged *= (self.lora_magnitude_vector.float() / self._merged_norm)[None, :]
+            factor = dora_scale(self.lora_magnitude_vector.float(), self._merged_norm)
+            self._merged_kept = kept_for_unmerge(weight, factor, dim=1)
+            merged *= factor[None, :]
         self.base_layer.weight = nn.Parameter(merged.to(weight.dtype), requires_grad=False)
         self.merged = True
 
@@ -96,8 +99,14 @@ class LoRAEmbedding(nn.Module):
         weight = self.base_layer.weight
         restored = weight.float()
         if self.lora_magnitude_vector is not None:
-            restored = restored / (self.lora_magnitude_vector.float() / self._merged_norm)[None, :]
-        weight.data = (restored - self.delta_weight().float()).to(weight.dtype)
+            factor = dora_scale(self.lora_magnitude_vector.float(), self._merged_norm)
+            restored = restored / torch.where(factor != 0, factor, 1)[None, :]
+        restored = restored - self.delta_weight().float()
+        if self._merged_kept is not None:
+            columns, values = self._merged_kept
+            restored[:, columns] = values.float()
+            self._merged_kept = None
+        weight.data = restored.to(weight.dtype)
         self.merged = False
 
     def extra_repr(self) -> str:
