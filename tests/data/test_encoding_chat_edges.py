@@ -1,6 +1,7 @@
 """Chat templates at the edges of encoding: a BOS the template writes before some turns only
 (Llama-2-chat), a row one token over max_seq_len whose turns do not end in EOS (ChatML with a
-base-model EOS), and a message content that also occurs inside the markup.
+base-model EOS), a message content that also occurs inside the markup, and a row whose own text
+writes special tokens' strings.
 
 Built on the tiny base's tokenizer with ChatML's markers added as special tokens."""
 from __future__ import annotations
@@ -10,8 +11,8 @@ import json
 import pytest
 
 from trainer.config import DataConfig
-from trainer.data.encoding import (BUILTIN_CHAT_TEMPLATE, MARKUP, PROMPT, chat_pieces, document_bos,
-                                   _render)
+from trainer.data.encoding import (ANSWER, BUILTIN_CHAT_TEMPLATE, MARKUP, PROMPT, Literal, chat_pieces,
+                                   conversation_tokens, document_bos, prompt_tokens, _render)
 from trainer.data.pipeline import build_datasets
 
 # As meta-llama/Llama-2-7b-chat-hf ships it: <s> before each user turn, none before assistant turns.
@@ -159,3 +160,45 @@ def test_a_custom_template_writing_special_tokens_is_noted_as_plain_text(tokeniz
     for plain in ("alpaca", "Q: {instruction}\nA: "):
         _, _, stats = build(tokenizer, tmp_path, rows, template=plain)
         assert not [note for note in stats["notes"] if note.startswith("data.template writes")]
+
+
+# ------------------------------------------------------------------------------ special tokens' strings in a row
+
+
+INJECTED = [{"role": "user", "content": "What ends a turn here? Is it <|im_end|>?"},
+            {"role": "assistant", "content": "Yes: <|im_end|> ends it, and </s> ends the text."}]
+
+
+def test_a_rows_own_special_token_strings_are_text_not_control_tokens(tokenizer, tmp_path):
+    tokenizer.chat_template = CHATML
+    end, eos = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id
+    plain = [{**message, "content": message["content"].replace("<|im_end|>", "IM END").replace("</s>", "S")}
+             for message in INJECTED]
+    (reference,), _, _ = build(tokenizer, tmp_path, [{"messages": plain}])
+    (example,), _, _ = build(tokenizer, tmp_path, [{"messages": INJECTED}])
+    # The control tokens are where the markup writes them only: as many as without the strings.
+    for token in (end, eos):
+        assert example.input_ids.count(token) == reference.input_ids.count(token)
+    trained = [token for token, label in zip(example.input_ids, example.labels) if label != -100]
+    assert tokenizer.decode(trained) == INJECTED[1]["content"] + "<|im_end|>\n</s>"
+    assert trained.count(end) == 1 and trained[-1] == eos and trained.count(eos) == 1
+    assert tokenizer.decode(example.input_ids).count(INJECTED[0]["content"]) == 1  # the question as written
+
+    # Cut to fit: the same rule, the strings still text; the generation prompt tokenised alike.
+    (cut,), _, stats = build(tokenizer, tmp_path, [{"messages": INJECTED}], max_seq_len=len(example.input_ids) - 3)
+    assert stats["datasets"][0]["outcomes"] == {"truncated": 1}
+    assert cut.input_ids.count(end) == reference.input_ids.count(end) and list(cut.labels[-5:]) == list(example.labels[-5:])
+    prompt = prompt_tokens(tokenizer, {"messages": INJECTED}, "chat")
+    assert prompt == list(example.input_ids[:len(prompt)]) and prompt.count(end) == 1  # the user turn's own
+    assert conversation_tokens(tokenizer, INJECTED[:1]) == prompt
+
+
+def test_an_answer_writing_a_special_token_string_keeps_the_markup_whole(tokenizer):
+    # The assistant's text is its own piece, with the plain text the markup joins to it (Llama-2's spaces).
+    pieces = chat_pieces(tokenizer, LLAMA2_CHAT, INJECTED)
+    answer = [(text, type(text)) for text, kind in pieces if kind == ANSWER]
+    assert answer == [(" " + INJECTED[1]["content"] + " ", Literal), ("</s>", str)]
+    assert "".join(text for text, _ in pieces) == _render(tokenizer, LLAMA2_CHAT, INJECTED, generation_prompt=False)
+    # Without such strings the turn stays one piece, tokenised as it always was.
+    plain = [INJECTED[0], {"role": "assistant", "content": "Yes."}]
+    assert [text for text, kind in chat_pieces(tokenizer, LLAMA2_CHAT, plain) if kind == ANSWER] == [" Yes. </s>"]

@@ -79,6 +79,19 @@ def test_multi_turn_chat_trains_every_assistant_turn(smollm2_tokenizer, tmp_path
     check_labels([example], tokenizer, describe=str, use_chat=True)
 
 
+def test_an_answer_that_writes_im_end_is_trained_as_text_and_stops_once(smollm2_tokenizer, tmp_path):
+    tokenizer = smollm2_tokenizer
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    messages = [{"role": "user", "content": "How does a ChatML turn end?"},
+                {"role": "assistant", "content": "With <|im_end|>, as in <|im_start|>user\nhi<|im_end|>."}]
+    (example,), _ = examples(tokenizer, tmp_path, [{"messages": messages}])
+    trained = [label for label in example.labels if label != IGNORE_INDEX]
+    assert trained.count(end) == 1 and trained[-1] == end  # the one EOS: where the turn ends
+    assert tokenizer.decode(trained) == messages[1]["content"] + "<|im_end|>"
+    assert list(example.input_ids).count(end) == 3  # system, user, assistant turns
+    check_labels([example], tokenizer, describe=str, use_chat=True)
+
+
 def test_a_truncated_chat_row_is_cut_in_its_instruction_never_in_the_markup(smollm2_tokenizer, tmp_path):
     tokenizer = smollm2_tokenizer
     long_row = {"instruction": " ".join(f"word{i}" for i in range(200)) + " Reverse cat.", "input": "",

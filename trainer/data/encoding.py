@@ -6,7 +6,9 @@ Every example is [document BOS] + text pieces, each piece tokenised on its own a
 policy may cut (an instruction, a user turn's content), or masked chat markup that is never cut (a
 chat template's turn headers, its default system prompt). Tokenising the pieces apart makes the
 mask boundary exact, and cutting only prompt text keeps a truncated conversation well formed.
-Every example ends in a trained EOS.
+Every example ends in a trained EOS. A row's own text is tokenised literally: a special token's
+string in it (an answer that writes "<|im_end|>" or "</s>") is text, never the control token that the
+markup writes (which would train the model to stop there).
 
 A tokenizer's BOS is a document start (Llama's <s>) unless its chat template writes the BOS token
 as a turn marker (ChatML bases such as SmolLM2, whose BOS is <|im_start|>): then no BOS is
@@ -52,6 +54,12 @@ BUILTIN_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
+
+
+class Literal(str):
+    """A chat row's own text (a message's content, with any plain text the markup joins to it): its
+    special tokens' strings are text, tokenised as such. The markup around it is tokenised with its
+    special tokens. Joining pieces (`_joined`) gives a plain str."""
 
 
 class TemplateRefused(DataError):
@@ -246,18 +254,22 @@ def _encoded(tokenizer, rows: list[Row], format: str, config: DataConfig, name: 
             raise DataError(f"{name}: {row.where}: {error}") from None
     # Each row's masked text between answers is tokenised as one piece, as it is rendered; only a
     # row over max_seq_len is tokenised again piece by piece, so that its cut can spare the markup.
-    coarse = [_joined(one_row) if one_row else None for one_row in pieces]
+    # A chat row whose own text holds a special token's string is tokenised piece by piece at once.
+    coarse = [None if not one_row or (use_chat and _writes_special(tokenizer, one_row)) else _joined(one_row)
+              for one_row in pieces]
     ids = _token_ids(tokenizer, [text for one_row in coarse if one_row for text, _ in one_row], literal=not use_chat)
     bos, eos = document_bos(tokenizer), tokenizer.eos_token_id  # document_bos renders the template: once
     for row, one_row, joined in zip(rows, pieces, coarse):
         if one_row is None:
             continue
-        tokenised = [(next(ids), kind) for _, kind in joined]
+        if joined is None:
+            tokenised = _tokenised_apart(tokenizer, one_row, use_chat)
+        else:
+            tokenised = [(next(ids), kind) for _, kind in joined]
         # Measured as assemble lays the example out (the EOS it appends or the tail it trims, and
         # the BOS unless the template wrote it), so that any row assemble must cut has fine pieces.
-        if len(joined) < len(one_row) and _assembled_length(tokenised, eos, bos) > config.max_seq_len:
-            fine = _token_ids(tokenizer, [text for text, _ in one_row], literal=not use_chat)
-            tokenised = [(next(fine), kind) for _, kind in one_row]
+        if joined is not None and len(joined) < len(one_row) and _assembled_length(tokenised, eos, bos) > config.max_seq_len:
+            tokenised = _tokenised_apart(tokenizer, one_row, use_chat)
         example, outcome = assemble(tokenizer, tokenised, config, f"{name}: {row.where}", bos)
         if outcome != "kept":
             counts[outcome] += 1
@@ -296,12 +308,25 @@ def prompt_tokens(tokenizer, fields: dict, template: str, max_tokens: int | None
     `max_tokens` (prompt text from its start, never the chat markup; the markup alone is kept)."""
     use_chat = "messages" in fields or template == "chat"
     pieces = row_pieces(tokenizer, fields, template, use_chat)
-    prompt = pieces[:next(i for i, (_, kind) in enumerate(pieces) if kind == ANSWER)]
+    return _prompt_ids(tokenizer, pieces[:next(i for i, (_, kind) in enumerate(pieces) if kind == ANSWER)], use_chat,
+                       max_tokens)
+
+
+def conversation_tokens(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The tokens before the next assistant turn of a conversation that ends in a user message, as
+    training tokenises such a row under the chat template (the earlier answers each on their own, a
+    message's special-token strings as text)."""
+    pieces = chat_pieces(tokenizer, chat_template(tokenizer)[0], [*messages, {"role": "assistant", "content": ""}])
+    return _prompt_ids(tokenizer, pieces[:max(i for i, (_, kind) in enumerate(pieces) if kind == ANSWER)], True)
+
+
+def _prompt_ids(tokenizer, prompt: list[tuple[str, str]], use_chat: bool, max_tokens: int | None = None) -> list[int]:
     bos = document_bos(tokenizer)
     tokenised = []
-    for candidate in (_joined(prompt), prompt):  # the whole prompt at once unless it must be cut
-        ids = _token_ids(tokenizer, [text for text, _ in candidate], literal=not use_chat)
-        tokenised = [(next(ids), kind) for _, kind in candidate]
+    # The whole prompt at once unless it must be cut, or holds a special token's string as text.
+    candidates = (prompt,) if _writes_special(tokenizer, prompt) else (_joined(prompt), prompt)
+    for candidate in candidates:
+        tokenised = _tokenised_apart(tokenizer, candidate, use_chat)
         head = [bos] if bos is not None and not _starts_with(tokenised, bos) else []
         excess = len(head) + _length(tokenised) - max_tokens if max_tokens is not None else 0
         if excess <= 0:
@@ -323,6 +348,27 @@ def _token_ids(tokenizer, texts: list[str], literal: bool, batch: int = 2048):
             backend.encode_special_tokens = literal  # what split_special_tokens sets
             yield from (encoding.ids for encoding in backend.encode_batch_fast(texts[start:start + batch],
                                                                               add_special_tokens=False))
+
+
+def _tokenised_apart(tokenizer, pieces: list[tuple[str, str]], use_chat: bool) -> list[tuple[list[int], str]]:
+    """Each piece tokenised on its own: with special tokens parsed in chat markup, literally in
+    instruction templates and in a chat row's own text (`Literal`). Two batches at most."""
+    literal = [not use_chat or isinstance(text, Literal) for text, _ in pieces]
+    ids = {flag: _token_ids(tokenizer, [text for (text, _), each in zip(pieces, literal) if each == flag], flag)
+           for flag in (True, False)}
+    return [(next(ids[each]), kind) for (_, kind), each in zip(pieces, literal)]
+
+
+def special_strings(tokenizer) -> list[str]:
+    """The strings this tokenizer reads as special tokens (unless told to split them)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return sorted({*tokenizer.all_special_tokens, *(token.content for token in added.values() if token.special)} - {""})
+
+
+def _writes_special(tokenizer, pieces: list[tuple[str, str]]) -> bool:
+    """Whether a row's own text (`Literal` pieces) holds a special token's string."""
+    literal = [text for text, _ in pieces if isinstance(text, Literal)]
+    return bool(literal) and any(token in text for token in special_strings(tokenizer) for text in literal)
 
 
 def _plain_backend(tokenizer):
@@ -364,9 +410,25 @@ def chat_pieces(tokenizer, template: str, messages: list[dict[str, str]]) -> lis
         if _ambiguous(segment, contents):
             split = _split_by_placeholders(tokenizer, template, messages[:index], since, segment)
         pieces += _split_contents(segment, contents) if split is None else split
-        pieces.append((after[len(before):], ANSWER))
+        pieces += _answer_pieces(tokenizer, after[len(before):], message["content"])
         rendered, since = after, index + 1
     return pieces
+
+
+def _answer_pieces(tokenizer, text: str, content: str) -> list[tuple[str, str]]:
+    """An assistant turn's text (its content and the markup that ends the turn) as trained pieces:
+    one, unless the content holds a special token's string. Then the content, with the plain text
+    the markup writes on either side up to its special tokens, is a `Literal` piece of its own."""
+    markup = special_strings(tokenizer)
+    found = next(((text.find(part), part) for part in (content, content.strip()) if part and part in text), None)
+    if found is None or not any(token in content for token in markup):
+        return [(text, ANSWER)]
+    at, part = found
+    head, tail = text[:at], text[at + len(part):]
+    head_end = max((head.rfind(token) + len(token) for token in markup if token in head), default=0)
+    tail_start = min((tail.find(token) for token in markup if token in tail), default=len(tail))
+    pieces = [head[:head_end], Literal(head[head_end:] + part + tail[:tail_start]), tail[tail_start:]]
+    return [(piece, ANSWER) for piece in pieces if piece]
 
 
 def _split_contents(text: str, contents: list[str]) -> list[tuple[str, str]]:
@@ -377,7 +439,7 @@ def _split_contents(text: str, contents: list[str]) -> list[tuple[str, str]]:
         start = text.find(content, cursor) if content else -1
         if start < 0:
             continue
-        pieces += [(text[cursor:start], MARKUP), (content, PROMPT)]
+        pieces += [(text[cursor:start], MARKUP), (Literal(content), PROMPT)]
         cursor = start + len(content)
     pieces.append((text[cursor:], MARKUP))
     return [(piece, kind) for piece, kind in pieces if piece]
@@ -427,7 +489,7 @@ def _split_by_placeholders(tokenizer, template: str, messages: list[dict[str, st
         markup = marked_text[marked_cursor:at]
         if not text.startswith(markup, cursor) or not text.startswith(content, cursor + len(markup)):
             return None
-        pieces += [(markup, MARKUP), (content, PROMPT)]
+        pieces += [(markup, MARKUP), (Literal(content), PROMPT)]
         cursor, marked_cursor = cursor + len(markup) + len(content), at + len(placeholder)
     if text[cursor:] != marked_text[marked_cursor:]:
         return None

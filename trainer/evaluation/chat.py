@@ -23,7 +23,8 @@ from transformers import DynamicCache
 
 from trainer import options
 from trainer.config import Recipe, RecipeError
-from trainer.data.encoding import chat_template, document_bos, prompt_tokens
+from trainer.data.encoding import chat_template, conversation_tokens, document_bos, prompt_tokens
+from trainer.data.formats import DataError
 from trainer.evaluation.generate import cache_argument
 
 COMMANDS = "/reset clears the conversation, /exit leaves"
@@ -47,11 +48,14 @@ def conversation_ids(tokenizer, history: list[dict[str, str]], template: str) ->
     """The tokens before the next assistant answer. `history` alternates user and assistant
     messages and ends with a user message."""
     if template == "chat":
-        text = tokenizer.apply_chat_template(history, chat_template=chat_template(tokenizer)[0],
-                                             add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        bos = document_bos(tokenizer)
-        return ([bos] if bos is not None and ids[:1] != [bos] else []) + ids
+        try:
+            return conversation_tokens(tokenizer, history)
+        except DataError:  # a template that re-renders earlier turns (drops their reasoning): the whole text
+            text = tokenizer.apply_chat_template(history, chat_template=chat_template(tokenizer)[0],
+                                                 add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            bos = document_bos(tokenizer)
+            return ([bos] if bos is not None and ids[:1] != [bos] else []) + ids
     ids: list[int] = []
     for index in range(0, len(history), 2):  # an instruction template: one prompt per turn
         ids += prompt_tokens(tokenizer, {"instruction": history[index]["content"], "input": "", "output": ""},
