@@ -1,11 +1,15 @@
 """Sources read as their authors meant them (CSV cells as text, a byte-order mark ignored, an empty
-file named as such), and a cached store that cannot be read replaced rather than crashing every run."""
+file named as such), and a cached store that cannot be read replaced rather than crashing every run
+(but kept when it is the machine, not the store, that fails: too many open files)."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from trainer.config import DataConfig, DataSource
@@ -62,6 +66,27 @@ def test_an_unreadable_store_names_its_directory_and_what_to_do(tmp_path):
     message = f"{re.escape(str(path))}: cannot read this tokenised store .*delete the directory"
     with pytest.raises(UnreadableStore, match=message):
         Store(path)
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.EACCES])
+def test_a_store_that_cannot_be_opened_for_the_machines_reasons_is_kept(tokenizer, tmp_path, monkeypatch, code):
+    # Too many open files, no permission: the files are fine, so the cache is neither discarded nor rebuilt.
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({**ROW, "output": f"hello {i}"}) + "\n" for i in range(5)))
+    data = config(path, cache=True)
+    stored = load_source(DataSource(str(path)), data, tokenizer, workers=1).store.path
+    real_load = np.load
+
+    def failing_load(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(args[0]))
+
+    monkeypatch.setattr(np, "load", failing_load)
+    with pytest.raises(OSError) as raised:
+        load_source(DataSource(str(path)), data, tokenizer, workers=1)
+    assert raised.value.errno == code and not isinstance(raised.value, UnreadableStore)
+    monkeypatch.setattr(np, "load", real_load)
+    assert load_source(DataSource(str(path)), data, tokenizer, workers=1).cache == "hit"
+    assert load_source(DataSource(str(path)), data, tokenizer, workers=1).store.path == stored
 
 
 def test_a_finished_store_takes_the_place_of_an_unreadable_one(tmp_path):

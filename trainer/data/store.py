@@ -12,6 +12,7 @@ int64 array, which turn into `Example` objects one at a time, when a batch needs
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -30,6 +31,9 @@ EXAMPLE_ARRAYS = {"offsets": np.int64, "row_ids": np.int64, "questions": np.int6
                   "instances": np.int32}
 INFO = "info.json"  # written last: a directory without it is not a store
 HEADER_BYTES = 128  # a 1-D .npy header (format 1.0) pads to 128 bytes for any length below 10**20
+# Failures of this process or machine (open files, memory, permissions), not of the store's files:
+# raised as they are, so that a store that is fine is never discarded and tokenised again.
+NOT_THE_STORE = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR, errno.EACCES, errno.EPERM)
 
 
 class UnreadableStore(ValueError):
@@ -55,6 +59,8 @@ class Store:
             arrays = {name: np.load(self.path / f"{name}.npy", mmap_mode="r").view(np.ndarray)
                       for name in (*TOKEN_ARRAYS, *EXAMPLE_ARRAYS)}
         except (OSError, ValueError) as error:  # a file missing, cut short (a full disk, a copy) or not ours
+            if isinstance(error, OSError) and error.errno in NOT_THE_STORE:
+                raise
             raise UnreadableStore(self.path, str(error)) from None
         self.input_ids, self.labels = arrays["input_ids"], arrays["labels"]
         self.offsets, self.row_ids = arrays["offsets"], arrays["row_ids"]
