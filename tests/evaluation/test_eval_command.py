@@ -12,7 +12,8 @@ import torch
 
 from _checkpoints import ONE_THREAD, make_checkpoint, one_thread, our_model, tiny_recipe
 from conftest import free_port, run_cli
-from trainer.checkpoint.reading import AdapterMismatchError, check_adapter
+from trainer.checkpoint.reading import AdapterMismatchError, check_adapter, resolve_adapter
+from trainer.checkpoint.saving import CheckpointError
 from trainer.checkpoint.fingerprint import base_fingerprint
 from trainer.config import RecipeError
 from trainer.data.pipeline import build_datasets
@@ -228,6 +229,24 @@ def test_adapters_of_another_base_or_quantisation_are_refused(adapter, tmp_path,
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error:" in result.stderr and "sha256:0123456789abcdef" in result.stderr and fingerprint in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_checkpoints_best_is_read_through_best_json_where_there_is_no_link(adapter, tmp_path):
+    # Where symlinks are not allowed, training names the best checkpoint in checkpoints/best.json
+    # (saving.mark_best): adapter=<run>/checkpoints/best still means it, for eval, chat and export.
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(adapter, checkpoints / "step-3")
+    (checkpoints / "best.json").write_text(json.dumps({"best": "step-3", "eval_loss": 1.5}))
+    assert resolve_adapter(checkpoints / "best") == (checkpoints / "step-3").resolve()
+    assert check_adapter(tiny_recipe(), resolve_adapter(str(checkpoints / "best"))) == []
+    (checkpoints / "best").symlink_to("step-3")  # a link wins over a stale note
+    assert resolve_adapter(checkpoints / "best") == (checkpoints / "step-3").resolve()
+    (checkpoints / "best").unlink()
+    (checkpoints / "best.json").write_text("{")
+    with pytest.raises(CheckpointError, match="best.json: unreadable"):
+        resolve_adapter(checkpoints / "best")
+    with pytest.raises(CheckpointError, match="checkpoints/best\\)"):
+        check_adapter(tiny_recipe(), resolve_adapter(tmp_path / "nothing"))
 
 
 def test_fingerprint_changes_with_the_weights_not_with_a_copy(tiny_base, tmp_path):

@@ -49,6 +49,14 @@ def test_rouge_l_is_the_lcs_f_measure_over_tokens():
     ("Version 2 is out", None),  # a number, but not at the end
     ("no number here", None),
     ("covid-19", Decimal(19)),  # a hyphen, not a minus
+    ("1 - 2 = -1", Decimal(-1)),
+    ("The answer is .5", Decimal("0.5")),
+    # The last of several numbers is not one answer: a list (the tasks' sorted digits), a fraction,
+    # a time, a date.
+    ("0 3 4 8", None),
+    ("1/2", None),
+    ("It starts at 3:45.", None),
+    ("2024-01-05", None),
 ])
 def test_reference_final_number(reference, expected):
     assert reference_number(reference) == expected
@@ -68,6 +76,14 @@ def test_final_number_correct_compares_values_not_text():
     assert final_number_correct("-3.5", "so -3.5") is True
     assert final_number_correct("3.5", "so -3.5") is False
     assert final_number_correct("anything", "gnir") is None  # not a numeric reference
+    assert final_number_correct("0.5", ".5") is True and final_number_correct("5", ".5") is False
+    assert final_number_correct("8", "0 3 4 8") is None  # a list: exact match scores it
+
+
+def test_a_leading_decimal_point_is_part_of_the_number():
+    assert normalise(".5 and -.25") == "0.5 and -0.25"
+    assert exact_match("0.5", ".5") == 1.0 and exact_match("5", ".5") == 0.0
+    assert normalise("v1.2.3") == "v 1.2 3"  # a point after a digit or letter is not a decimal point
 
 
 def test_summary_averages_and_counts_numeric_rows_only():

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from trainer.checkpoint.fingerprint import base_fingerprint
-from trainer.checkpoint.saving import CheckpointError, peft_key
+from trainer.checkpoint.saving import BEST, CheckpointError, peft_key
 from trainer.config import Recipe
 from trainer.model.base import resolve_base
 from trainer.model.lora import adapter_parameters
@@ -141,11 +141,25 @@ def original_weights_warning(trained_bits: int) -> str:
             f"the dequantised base, which reproduces what was trained")
 
 
+def resolve_adapter(path: str | Path) -> Path:
+    """An adapter= path as given, resolved (a `best` link that moves later must not change what is
+    read), except `checkpoints/best` where symlinks were not allowed: the step-<N> that
+    checkpoints/best.json names."""
+    path = Path(path)
+    note = path.parent / f"{BEST}.json"
+    if path.name == BEST and not path.exists() and note.is_file():
+        try:
+            path = path.parent / json.loads(note.read_text())["best"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{note}: unreadable ({error}); give adapter=<run>/checkpoints/step-<N>") from None
+    return path.resolve()
+
+
 def _require_adapter_files(adapter_dir: Path) -> None:
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (adapter_dir / name).is_file():
             raise CheckpointError(f"adapter={adapter_dir}: no {name} there (expected a checkpoint directory "
-                                  f"such as runs/<name>/checkpoints/step-<N>)")
+                                  f"such as runs/<name>/checkpoints/step-<N>, or checkpoints/{BEST})")
 
 
 def _trained_quant(adapter_dir: Path) -> dict:

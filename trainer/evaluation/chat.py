@@ -141,7 +141,7 @@ class Chat:
 
 
 def load_for_chat(recipe: Recipe, adapter: str, device: torch.device) -> tuple[nn.Module, object]:
-    from trainer.checkpoint.reading import check_adapter
+    from trainer.checkpoint.reading import check_adapter, resolve_adapter
     from trainer.evaluation.adapted_model import load_adapted_model
     from trainer.model.base import compute_dtype, load_tokenizer
 
@@ -162,7 +162,7 @@ def load_for_chat(recipe: Recipe, adapter: str, device: torch.device) -> tuple[n
         else:
             tokenizer = load_tokenizer(directory, recipe)
         return model.to(device).eval(), tokenizer
-    adapter_dir = None if adapter == "none" else path
+    adapter_dir = None if adapter.lower() == "none" else resolve_adapter(path)
     if adapter_dir is not None:
         for warning in check_adapter(recipe, adapter_dir):
             print(f"warning: {warning}", file=sys.stderr)

@@ -18,7 +18,7 @@ from typing import ClassVar
 from trainer import options
 from trainer.runtime import distributed
 from trainer.evaluation import scores
-from trainer.checkpoint.reading import check_adapter
+from trainer.checkpoint.reading import check_adapter, resolve_adapter
 from trainer.evaluation.adapted_model import load_adapted_model
 from trainer.config import DataSource, Recipe, RecipeError, deepspeed_config
 from trainer.data.encoding import Example
@@ -66,7 +66,7 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
     device = distributed.init()
     log = print if distributed.is_main() else (lambda *a, **k: None)
     # Resolved once: a `best` link that moves while this runs must not change what is evaluated.
-    adapter_dir = None if opts.adapter.lower() == "none" else Path(opts.adapter).resolve()
+    adapter_dir = None if opts.adapter.lower() == "none" else resolve_adapter(opts.adapter)
     if adapter_dir is not None:
         for warning in check_adapter(recipe, adapter_dir):
             log(f"warning: {warning}")

@@ -30,7 +30,7 @@ from torch import nn
 from trainer import options
 from trainer.evaluation import gguf_export
 from trainer.evaluation.adapted_model import add_adapter
-from trainer.checkpoint.reading import check_adapter
+from trainer.checkpoint.reading import check_adapter, resolve_adapter
 from trainer.config import Recipe, RecipeError
 from trainer.model.lora import dequantised_linear, is_quantised, lora_layers, ties_adapted_layer
 from trainer.model.base import DTYPES, compute_dtype, load_base, load_tokenizer, resolve_base
@@ -116,7 +116,7 @@ def export(recipe: Recipe, opts: ExportOptions) -> Path:
     dtype = compute_dtype(recipe, device) if opts.dtype == "auto" else DTYPES[opts.dtype]
     if file_type != "hf":
         dtype = torch.float32  # each tensor is cast or quantised to the file type as it is written
-    model = load_merged(recipe, Path(opts.adapter), opts.base, device, dtype)
+    model = load_merged(recipe, resolve_adapter(opts.adapter), opts.base, device, dtype)
     if file_type != "hf":
         gguf_export.write_gguf(model, load_tokenizer(resolve_base(recipe), recipe), Path(opts.out), file_type,
                                tokenizer_pre=gguf_export.source_tokenizer_pre(recipe))

@@ -4,11 +4,13 @@
     token F1           harmonic mean of precision and recall of the shared tokens (a multiset overlap)
     ROUGE-L            F-measure from the longest common subsequence of tokens (Lin 2004, beta = 1)
     final number       the last number of the prediction equals the reference's final number
-                       (GSM8K's "#### 72", or a reference ending in a number); only rows whose
-                       reference has one are counted
+                       (GSM8K's "#### 72", or a reference ending in a number that stands alone:
+                       not the last of a list "0 3 4 8", a fraction "1/2", a time "3:45" or a
+                       date "2024-01-05"); only rows whose reference has one are counted
 
-Normalisation: lowercase, punctuation removed outside numbers (so "-3.5" stays itself and "1,234"
-becomes "1234"), whitespace collapsed. Articles are kept: in our tasks "a" can be the whole answer.
+Normalisation: lowercase, punctuation removed outside numbers (so "-3.5" stays itself, "1,234"
+becomes "1234" and ".5" becomes "0.5"), whitespace collapsed. Articles are kept: in our tasks "a"
+can be the whole answer.
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ from collections import Counter
 from decimal import Decimal, InvalidOperation
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
-# "1,234", "-3.5"; a comma is only taken between digits, so "1, 2" is two numbers.
-_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+# "1,234", "-3.5", ".5"; a comma is only taken between digits, so "1, 2" is two numbers.
+_NUMBER = re.compile(r"-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)")
+# What joins a number to the one before it into something else: "1/2", "3:45", "2024-01-05", "3.14.1".
+_JOINERS = "/:-."
 _TRAILING = " \t\n.,;:!?)]}\"'*`"
 
 
@@ -77,13 +81,19 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 
 def _numbers(text: str) -> list[tuple[int, int, str]]:
-    """(start, end, digits) of every number, "1,234" and "-3.5" included. A minus glued to a word
-    or another number ("covid-19", "3-5") is a hyphen, not a sign."""
+    """(start, end, digits) of every number, "1,234" and "-3.5" included, ".5" written "0.5". A minus
+    glued to a word or another number ("covid-19", "3-5") is a hyphen, not a sign; a point glued to a
+    word or a number ("v.2", "1.2.3") is not a decimal point."""
     found = []
     for match in _NUMBER.finditer(text):
         value, start = match.group(), match.start()
         if value.startswith("-") and start > 0 and text[start - 1].isalnum():
             value, start = value[1:], start + 1
+        if value.lstrip("-").startswith("."):
+            if start > 0 and text[start - 1].isalnum():
+                value, start = value[1:], start + 1  # "1.2.3": "1.2", then 3
+            else:
+                value = value.replace(".", "0.", 1)
         found.append((start, match.end(), value))
     return found
 
@@ -105,6 +115,9 @@ def reference_number(reference: str) -> Decimal | None:
     found = _numbers(text)
     if not found or found[-1][1] != len(text):
         return None
+    before = text[:found[-1][0]].rstrip()
+    if before[-1:].isdigit() or (before[-1:] and before[-1] in _JOINERS and before[-2:-1].isdigit()):
+        return None  # the last of several numbers ("0 3 4 8", "1/2", "3:45"): not one answer
     return _as_number(found[-1][2])
 
 
