@@ -93,6 +93,41 @@ def test_overrides_are_coerced_to_the_field_type(tmp_path):
         load_recipe(path, ["max_steps"])
 
 
+def test_a_text_override_is_taken_as_typed(tmp_path):
+    path = write(tmp_path, "train: {max_steps: 5}\n")
+    recipe = load_recipe(path, ["output_dir=runs/x #2", "model.revision=1.10", "data.template=### Q: {instruction}",
+                                "data.path='my file.json'", "lora.target_modules=[q_proj, v_proj]"])
+    assert (recipe.output_dir, recipe.model.revision, recipe.data.template, recipe.data.path) == (
+        "runs/x #2", "1.10", "### Q: {instruction}", "my file.json")  # no comment, no number, no mapping
+    assert recipe.lora.target_modules == ["q_proj", "v_proj"]
+    assert load_recipe(path, ["model.revision=0123"]).model.revision == "0123"  # not the octal 83
+    assert load_recipe(path, ["model.revision=null"]).model.revision is None  # an optional text may be null
+    for empty in ("output_dir=", "output_dir=null", "model.name_or_path=~"):
+        with pytest.raises(RecipeError, match=f"{empty.split('=')[0]}: needs a value, not empty or null"):
+            load_recipe(path, [empty])  # it used to be the text "None"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.learning_rate=-1", "train.learning_rate: must be positive"),
+    ("train.learning_rate=.nan", "train.learning_rate: must be positive"),
+    ("train.min_lr_ratio=-1", r"train.min_lr_ratio: must be in \[0, 1\]"),
+    ("train.min_lr_ratio=3", r"train.min_lr_ratio: must be in \[0, 1\]"),
+    ("train.warmup_steps=-2", "train.warmup_steps: must be 0 or more"),
+    ("train.grad_clip=-1", "train.grad_clip: must be 0"),
+    ("train.weight_decay=-0.1", "train.weight_decay: must be 0 or more"),
+    ("train.max_consecutive_skips=-1", "train.max_consecutive_skips: must be 0 or more"),
+    ("train.eval_every=0", "train.eval_every: must be positive"),
+    ("train.log_every=0", "train.log_every: must be positive"),
+    ("lora.alpha=0", "lora.alpha: must be positive"),
+    ("data.max_eval_rows=-1", "data.max_eval_rows: must be 0 or more"),
+    ("data.max_rows=0", "data.max_rows: must be positive or null"),
+    ("quant.quant_storage=int3", "quant.quant_storage: must be auto, uint8"),
+])
+def test_out_of_range_numbers_name_the_key(tmp_path, override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(write(tmp_path, "train: {max_steps: 5}\n"), [override])
+
+
 def test_eight_bit_with_zero3_is_refused_with_a_reason(tmp_path):
     with pytest.raises(RecipeError, match="quant.bits=8 with deepspeed.zero_stage=3"):
         load_recipe(write(tmp_path, "quant: {bits: 8}\ndeepspeed: {zero_stage: 3}\n"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -153,7 +154,10 @@ class Recipe:
         # fp16 model (model.dtype=float16) gets.
         _check(self.quant.compute_dtype in ("auto", "float32", "bfloat16"), "quant.compute_dtype",
                "must be auto, float32 or bfloat16 (for fp16 products set model.dtype=float16: it is loss-scaled)")
+        _check(self.quant.quant_storage in ("auto", "uint8", "float16", "bfloat16", "float32"), "quant.quant_storage",
+               "must be auto, uint8, float16, bfloat16 or float32")
         _check(self.lora.r > 0, "lora.r", "must be positive")
+        _check(0 < self.lora.alpha < math.inf, "lora.alpha", "must be positive (the update is scaled by alpha / r)")
         _check(0.0 <= self.lora.dropout <= 0.99, "lora.dropout", "must be in [0, 0.99]")
         _check(len(self.lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
         _check(self.lora.plus_ratio > 0, "lora.plus_ratio", "must be positive (1 = plain LoRA)")
@@ -169,12 +173,21 @@ class Recipe:
             _check(bool(source.path) and source.weight > 0, f"data.mixture[{index}]", "needs a path and a weight > 0")
         _check(0.0 <= self.data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
         _check(self.data.max_seq_len >= 8, "data.max_seq_len", "must be at least 8")
+        _check(self.data.max_eval_rows >= 0, "data.max_eval_rows", "must be 0 or more")
+        _check(self.data.max_rows is None or self.data.max_rows > 0, "data.max_rows", "must be positive or null (no cap)")
         t = self.train
         _check(t.max_steps > 0, "train.max_steps", "must be positive")
         _check(t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
         _check(t.global_batch_size > 0, "train.global_batch_size", "must be positive")
-        _check(t.save_every > 0 and t.eval_every > 0 and t.log_every > 0, "train.save_every",
-               "save_every, eval_every and log_every must be positive")
+        for name in ("save_every", "eval_every", "log_every"):
+            _check(getattr(t, name) > 0, f"train.{name}", "must be positive")
+        _check(0 < t.learning_rate < math.inf, "train.learning_rate", "must be positive")
+        _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio",
+               "must be in [0, 1] (the cosine decays to learning_rate x min_lr_ratio)")
+        _check(t.warmup_steps >= 0, "train.warmup_steps", "must be 0 or more")
+        _check(0 <= t.grad_clip < math.inf, "train.grad_clip", "must be 0 (no clipping) or more")
+        _check(0 <= t.weight_decay < math.inf, "train.weight_decay", "must be 0 or more")
+        _check(t.max_consecutive_skips >= 0, "train.max_consecutive_skips", "must be 0 or more")
         _check(t.keep_last is None or t.keep_last > 0, "train.keep_last", "must be positive or null")
         _check(t.sample_every >= 0, "train.sample_every", "must be 0 or more")
         _check(t.sample_count >= 0, "train.sample_count", "must be 0 or more")
@@ -316,12 +329,24 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise RecipeError(f"override {override!r}: {key} is not a section")
-    # Parse as YAML so lists, null and numbers read naturally; coercion to the field type happens in _build.
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
-    node[keys[-1]] = value
+    node[keys[-1]] = OverrideText(text)  # read for its key's type in _coerce
+
+
+class OverrideText(str):
+    """A command-line override's value as typed. A text key takes it as it is (a '#' starts no comment,
+    '1.10' is no number, '{instruction}' no mapping), quotes around it removed; any other key its YAML
+    reading, so lists, numbers, booleans and null read naturally."""
+
+    def read_as(self, kind: Any) -> Any:
+        text = self.strip()
+        if kind is str:
+            if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+                return text[1:-1]
+            return None if text in ("", "null", "~") else text
+        try:
+            return yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            return text
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -340,15 +365,17 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _coerce(kind: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(kind):
-        return _build(kind, value or {}, prefix=f"{key}.")
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(kind) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "", "~")):
             if type(None) in typing.get_args(kind):
                 return None
         return _coerce(options[0], value, key)
+    if isinstance(value, OverrideText):
+        value = value.read_as(kind)
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value or {}, prefix=f"{key}.")
     if origin is list:
         (item,) = typing.get_args(kind)
         if isinstance(value, str):
@@ -366,6 +393,8 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
 
 
 def _scalar(kind: type, value: Any, key: str) -> Any:
+    if value is None:
+        raise RecipeError(f"{key}: needs a value, not empty or null")
     try:
         if kind is bool:
             if isinstance(value, bool):

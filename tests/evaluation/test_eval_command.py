@@ -17,7 +17,7 @@ from trainer.checkpoint.saving import CheckpointError
 from trainer.checkpoint.fingerprint import base_fingerprint
 from trainer.config import RecipeError
 from trainer.data.pipeline import build_datasets
-from trainer.evaluation.eval_command import EvalOptions, evaluation_rows
+from trainer.evaluation.eval_command import EvalOptions, evaluation_rows, run_eval
 from trainer.evaluation.held_out_loss import evaluate_loss
 from trainer.evaluation.generate import decoding_mask, generate, greedy_batch, prompt_ids
 from trainer.loss import CausalLMLoss
@@ -276,6 +276,8 @@ def test_script_options_are_separated_from_recipe_overrides_and_checked():
         split_argv(["r.yaml", "adpter=a"], EvalOptions, "eval")
     with pytest.raises(RecipeError, match="did you mean eval."):
         split_argv(["r.yaml", "evl.batch_size=3"], EvalOptions, "eval")
+    with pytest.raises(RecipeError, match="eval.max_rows must be positive"):  # -3 would slice all but 3 rows
+        run_eval(tiny_recipe(), parse_options(EvalOptions, {"adapter": "none", "eval.max_rows": "-3"}, "eval"))
 
 
 def test_an_unknown_recipe_key_still_errors_through_the_script(capsys, adapter):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.config import RecipeError
 from trainer.model.lora import (LoRALinear, adapter_parameters, apply_lora, dequantised_weight, lora_layers,
                                 merge_all, unmerge_all)
 from trainer.model.base import keep_4bit_layout
@@ -153,8 +154,12 @@ def test_only_adapter_parameters_train_and_get_gradients(kind):
 def test_unknown_target_module_is_an_error_listing_the_real_names():
     model = nn.Sequential()
     model.add_module("q_proj", nn.Linear(4, 4))
-    with pytest.raises(ValueError, match="matched no linear layer.*q_proj"):
+    model.add_module("v_proj", nn.Linear(4, 4))
+    with pytest.raises(RecipeError, match="query matched no linear or embedding layer.*q_proj, v_proj"):
         apply_lora(model, ["query"], r=2, alpha=4)
+    # One typo beside a name that matches: an error too, not that layer silently left untrained.
+    with pytest.raises(RecipeError, match="lora.target_modules: v_prj matched no"):
+        apply_lora(model, ["q_proj", "v_prj"], r=2, alpha=4)
 
 
 def test_dropout_is_on_the_adapters_input_in_training_and_leaves_the_update_unbiased():

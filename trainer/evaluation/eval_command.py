@@ -63,6 +63,8 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
         raise RecipeError("adapter= is required: a checkpoint directory, or adapter=none for the base alone")
     if opts.batch_size < 1 or opts.max_new_tokens < 1:
         raise RecipeError("eval.batch_size and eval.max_new_tokens must be positive")
+    if opts.max_rows is not None and opts.max_rows < 1:
+        raise RecipeError(f"eval.max_rows must be positive (or left out: every row), got {opts.max_rows}")
     device = distributed.init()
     log = print if distributed.is_main() else (lambda *a, **k: None)
     # Resolved once: a `best` link that moves while this runs must not change what is evaluated.

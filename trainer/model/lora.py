@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.config import RecipeError
 from trainer.model.dora import dora_scale, full_parameters, kept_for_unmerge
 from trainer.model.lora_embedding import LoRAEmbedding
 
@@ -217,15 +218,19 @@ def dequantised_linear(layer: nn.Module, dtype: torch.dtype | None = None) -> nn
 def apply_lora(model: nn.Module, target_modules: list[str], r: int, alpha: float,
                dropout: float = 0.0, rslora: bool = False, dora: bool = False) -> list[str]:
     """Freeze `model` and wrap every linear or embedding layer whose last name is in `target_modules`.
-    Returns the wrapped module paths; raises if nothing matched (a typo would train nothing)."""
+    Returns the wrapped module paths; raises RecipeError if a name matched no such layer (a typo would
+    leave those layers untrained, or train nothing)."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     # Weights held by more than one module (tie_word_embeddings: lm_head and embed_tokens).
     holders = Counter(id(parameter) for _, parameter in model.named_parameters(remove_duplicate=False))
-    wrapped = []
+    wrapped, matched = [], set()
     for path, module in list(model.named_modules()):
         leaf = path.rsplit(".", 1)[-1]
-        if leaf not in target_modules or isinstance(module, (LoRALinear, LoRAEmbedding)):
+        if isinstance(module, (LoRALinear, LoRAEmbedding)):
+            matched.add(leaf)  # wrapped already
+            continue
+        if leaf not in target_modules:
             continue
         if isinstance(module, nn.Embedding):
             adapted = LoRAEmbedding(module, r, alpha, rslora, dora)
@@ -238,11 +243,12 @@ def apply_lora(model: nn.Module, target_modules: list[str], r: int, alpha: float
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, child, adapted)
         wrapped.append(path)
-    if not wrapped:
+        matched.add(leaf)
+    if missing := [name for name in target_modules if name not in matched]:
         leaves = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules()
-                         if hasattr(m, "in_features") or isinstance(m, nn.Embedding)})
-        raise ValueError(f"lora.target_modules={target_modules} matched no linear layer; "
-                         f"the model's linear layers are named: {', '.join(leaves)}")
+                         if hasattr(m, "in_features") or isinstance(m, nn.Embedding)} - {""})
+        raise RecipeError(f"lora.target_modules: {', '.join(missing)} matched no linear or embedding layer of "
+                          f"this model; its layers are named: {', '.join(leaves)}")
     return wrapped
 
 
