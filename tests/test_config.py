@@ -147,6 +147,12 @@ def test_deepspeed_dict_is_derived_and_extra_passes_through(tmp_path):
     assert config["communication_data_type"] == "fp32"
     with pytest.raises(RecipeError, match="not a multiple"):
         deepspeed_config(recipe, world_size=3, precision="float32")
+    # What the recipe sets cannot be set again in extra, where it would contradict the recipe.
+    for extra, owner in (("{zero_optimization: {stage: 3}}", "deepspeed.zero_stage"),
+                         ("{gradient_accumulation_steps: 4}", "train.global_batch_size"),
+                         ("{bf16: {enabled: true}}", "model.dtype"), ("{optimizer: {type: Adam}}", "AdamW")):
+        with pytest.raises(RecipeError, match=f"deepspeed.extra.*: the recipe sets this through .*{owner}"):
+            load_recipe(write(tmp_path, f"deepspeed: {{extra: {extra}}}\n"))
 
 
 @pytest.mark.parametrize("device, bf16, expected", [("cpu", True, "float32"), ("cuda", True, "bfloat16"),

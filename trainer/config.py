@@ -133,6 +133,20 @@ class DeepSpeedConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # passed to DeepSpeed as is, merged last
 
 
+# DeepSpeed keys that deepspeed_config derives from the recipe, and the recipe key each comes from:
+# set in deepspeed.extra they would contradict it (4-bit storage, checkpoints and the loop follow the recipe).
+RECIPE_OWNED_DEEPSPEED = {
+    ("train_batch_size",): "train.global_batch_size", ("train_micro_batch_size_per_gpu",): "train.micro_batch_size",
+    ("gradient_accumulation_steps",): "train.global_batch_size / train.micro_batch_size",
+    ("gradient_clipping",): "train.grad_clip", ("zero_optimization", "stage"): "deepspeed.zero_stage",
+    ("zero_optimization", "offload_optimizer"): "deepspeed.offload_optimizer",
+    ("zero_optimization", "offload_param"): "deepspeed.offload_param",
+    ("bf16", "enabled"): "model.dtype", ("fp16", "enabled"): "model.dtype",
+    ("optimizer",): "the loop's AdamW (train.learning_rate, train.weight_decay, lora.plus_ratio)",
+    ("scheduler",): "the loop's cosine schedule (train.warmup_steps, train.min_lr_ratio)",
+}
+
+
 @dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -197,6 +211,12 @@ class Recipe:
         _check(t.wandb_mode in ("offline", "online"), "train.wandb_mode", "must be offline or online")
         _check(bool(t.wandb_project.strip()), "train.wandb_project", "must not be empty")
         _check(t.collective_timeout_minutes > 0, "train.collective_timeout_minutes", "must be positive")
+        for path, owner in RECIPE_OWNED_DEEPSPEED.items():
+            node = self.deepspeed.extra
+            for part in path[:-1]:
+                node = node.get(part) if isinstance(node, dict) else None
+            _check(not (isinstance(node, dict) and path[-1] in node), f"deepspeed.extra.{'.'.join(path)}",
+                   f"the recipe sets this through {owner}; change it there (here it would contradict what the run assumes)")
         if self.quant.bits == 8 and self.deepspeed.zero_stage == 3:
             raise RecipeError(
                 "quant.bits=8 with deepspeed.zero_stage=3 is not supported: ZeRO-3 partitions the int8 "
