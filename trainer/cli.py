@@ -23,16 +23,25 @@ KNOWN_ERRORS = (RecipeError, DataError, ModelLoadError, CheckpointError, Trainin
 FLAGS = ("--dry-run", "--debug")
 
 
+USAGE = "usage: SCRIPT RECIPE.yaml [section.key=value ...] [--dry-run] [--debug]"
+
+
 def parse(argv: list[str]) -> tuple[Recipe, list[str]]:
     # deepspeed's launcher appends --local_rank=N; LOCAL_RANK in the environment carries the same.
     args = [a for a in argv if not a.startswith("--local_rank")]
+    if "--help" in args or "-h" in args:
+        # The script's own docstring shows its commands; the recipes' comments and README list the keys.
+        print((sys.modules["__main__"].__doc__ or "").strip() or USAGE)
+        print("\n  --dry-run  (train.py) check the recipe, data and model, then stop\n  --debug    full tracebacks"
+              "\nEvery recipe key (section.key=value) is commented in recipes/*.yaml; README.md explains them.")
+        raise SystemExit(0)
     flags = [a for a in args if a.startswith("--")]
     unknown = [f for f in flags if f not in FLAGS]
     if unknown:
         raise RecipeError(f"unknown flag {unknown[0]}; known flags: {', '.join(FLAGS)}")
     positional = [a for a in args if not a.startswith("--")]
     if not positional:
-        raise RecipeError("usage: SCRIPT RECIPE.yaml [section.key=value ...] [--dry-run] [--debug]")
+        raise RecipeError(USAGE)
     return load_recipe(positional[0], positional[1:]), flags
 
 

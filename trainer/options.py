@@ -66,7 +66,7 @@ def _top_level_names(options_class: type) -> tuple[str, ...]:
 def _convert(kind: Any, text: str, key: str) -> Any:
     arguments = typing.get_args(kind)
     if type(None) in arguments:
-        if text.strip().lower() in ("", "null"):
+        if text.strip().lower() in ("", "null", "none", "~"):  # as recipe keys read null
             return None
         kind = next(argument for argument in arguments if argument is not type(None))
     if kind is str:

@@ -268,6 +268,7 @@ def test_script_options_are_separated_from_recipe_overrides_and_checked():
     assert rest == ["r.yaml", "train.seed=1", "--debug"]
     options = parse_options(EvalOptions, {**given, "eval.max_rows": "null", "eval.loss": "false"}, "eval")
     assert (options.adapter, options.batch_size, options.max_rows, options.loss) == ("a", 4, None, False)
+    assert parse_options(EvalOptions, {"out": "none", "eval.max_rows": "None"}, "eval").out is None  # not a dir "none"
     with pytest.raises(RecipeError, match="did you mean eval.max_new_tokens"):
         parse_options(EvalOptions, {"eval.max_new_token": "5"}, "eval")
     with pytest.raises(RecipeError, match="expected an integer"):

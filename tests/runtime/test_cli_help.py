@@ -1,0 +1,12 @@
+"""`--help` on a launch script shows its commands and exits 0; an unknown flag is still an error."""
+from __future__ import annotations
+
+from conftest import run_cli
+
+
+def test_help_shows_the_scripts_usage_and_exits_0():
+    shown = run_cli(["launch/train.py", "--help"], timeout=120)
+    assert "Train a LoRA adapter" in shown.stdout and "--dry-run" in shown.stdout and "recipes/*.yaml" in shown.stdout
+    assert "Evaluate an adapter" in run_cli(["launch/eval.py", "-h"], timeout=120).stdout
+    unknown = run_cli(["launch/train.py", "recipes/tiny_alpaca.yaml", "--hlep"], timeout=120, check=False)
+    assert unknown.returncode == 2 and "unknown flag --hlep" in unknown.stderr + unknown.stdout
