@@ -362,3 +362,15 @@ def test_batch_plan_is_deterministic_and_ranks_share_the_global_batch():
         assert one_rank == two_ranks == plan.indices(step)
     with pytest.raises(DataError):
         BatchPlan(0, 4, seed=0)
+
+
+def test_a_held_out_fraction_that_rounds_to_no_row_is_noted(tokenizer, tmp_path):
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(20)]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    _, held_out, stats = build_datasets(config(path, eval_fraction=0.001), tokenizer, seed=0)
+    assert len(held_out) == 0
+    assert any("data.eval_fraction=0.001 of these rows rounds to none" in note for note in stats["notes"])
+    _, held_out, stats = build_datasets(config(path, eval_fraction=0.2), tokenizer, seed=0)
+    assert len(held_out) and not any(note.startswith("no held-out example") for note in stats["notes"])
+    _, _, stats = build_datasets(config(path), tokenizer, seed=0)  # eval_fraction=0: none asked for
+    assert not any(note.startswith("no held-out example") for note in stats["notes"])
