@@ -19,7 +19,7 @@ from trainer.config import RecipeError
 from trainer.data.pipeline import build_datasets
 from trainer.evaluation.eval_command import EvalOptions, evaluation_rows, run_eval
 from trainer.evaluation.held_out_loss import evaluate_loss
-from trainer.evaluation.generate import decoding_mask, generate, greedy_batch, prompt_ids
+from trainer.evaluation.generate import decoding_mask, generate, greedy_batch, prompt_ids, stop_ids
 from trainer.loss import CausalLMLoss
 from trainer.model.base import load_tokenizer, resolve_base
 from trainer.options import parse_options, split_argv
@@ -126,6 +126,27 @@ def test_each_row_stops_at_its_own_eos_and_the_batch_once_every_row_has(model_an
     assert stopped == [tokens[:step] for tokens, step in zip(free, eos_at)]
     assert passes == max(eos_at) + 1 < 8  # no forward pass once every row is done
     assert texts == [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in stopped]
+
+
+def test_every_stop_token_of_the_model_ends_an_answer(model_and_tokenizer):
+    # A base whose generation config lists more end tokens than the tokenizer's EOS (Llama-3's
+    # <|eot_id|>): eval stops at each, as chat does (generate.stop_ids).
+    model, tokenizer = model_and_tokenizer
+    bos, eos, pad, cpu = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, torch.device("cpu")
+    prompts = [[bos, 7], [bos, 33, 8]]
+    free = greedy_batch(model, prompts, 8, eos, pad, cpu)
+    other = free[0][3]  # a token row 0 emits on its own: made the model's second end token
+    assert stop_ids(model, tokenizer) == {eos}
+    model.generation_config.eos_token_id = [eos, other]
+    try:
+        assert stop_ids(model, tokenizer) == {eos, other}
+        stopped = greedy_batch(model, prompts, 8, stop_ids(model, tokenizer), pad, cpu)
+        texts = generate(model, tokenizer, prompts, 8, len(prompts), cpu)
+    finally:
+        model.generation_config.eos_token_id = eos
+    expected = [tokens[:tokens.index(other)] if other in tokens else tokens for tokens in free]
+    assert stopped == expected and stopped[0] == free[0][:free[0].index(other)]
+    assert texts == [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in expected]
 
 
 def test_held_out_loss_does_not_depend_on_the_micro_batch(model_and_tokenizer):

@@ -25,7 +25,7 @@ from trainer import options
 from trainer.config import Recipe, RecipeError
 from trainer.data.encoding import chat_template, conversation_tokens, document_bos, prompt_tokens
 from trainer.data.formats import DataError
-from trainer.evaluation.generate import cache_argument
+from trainer.evaluation.generate import cache_argument, stop_ids
 
 COMMANDS = "/reset clears the conversation, /exit leaves"
 
@@ -124,9 +124,7 @@ class Chat:
         self.model, self.tokenizer, self.template, self.opts = model, tokenizer, template, opts
         self.history: list[dict[str, str]] = []
         self.generator = torch.Generator().manual_seed(opts.seed)
-        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        configured = configured if isinstance(configured, list) else [configured]
-        self.eos_ids = {i for i in (tokenizer.eos_token_id, *configured) if isinstance(i, int)}
+        self.eos_ids = stop_ids(model, tokenizer)
 
     def reply(self, message: str, write: Callable[[str], None]) -> str:
         self.history.append({"role": "user", "content": message})

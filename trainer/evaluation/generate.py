@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -38,14 +39,17 @@ def row_texts(row: dict) -> dict[str, str]:
 
 
 @torch.no_grad()
-def greedy_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int,
+def greedy_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | Iterable[int],
                  pad_token_id: int, device: torch.device, lockstep: bool = False) -> list[list[int]]:
-    """Greedy continuations of `prompts` (token ids, no padding), EOS excluded. With `lockstep`,
-    decoding goes on until every rank's batch is done (call it on every rank).
+    """Greedy continuations of `prompts` (token ids, no padding), each up to its first stop token
+    (`eos_token_id`: one id, or several as `stop_ids` gives them), which is excluded. With
+    `lockstep`, decoding goes on until every rank's batch is done (call it on every rank).
 
     `model` is the causal LM, or the `CausalLMLoss` around it (what DeepSpeed wraps): under ZeRO-3
     each forward must enter through that top module, whose hook resets DeepSpeed's per-forward
     parameter bookkeeping."""
+    stops = [eos_token_id] if isinstance(eos_token_id, int) else sorted(eos_token_id)
+    stop_tensor = torch.tensor(stops, device=device)
     length = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
     real = torch.zeros((len(prompts), length), dtype=torch.bool)
@@ -70,12 +74,12 @@ def greedy_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int
         next_token = output.logits[:, -1].argmax(-1)
         next_token = torch.where(done, torch.full_like(next_token, pad_token_id), next_token)
         generated = torch.cat([generated, next_token[:, None]], dim=1)
-        done |= next_token == eos_token_id
+        done |= torch.isin(next_token, stop_tensor)
         if _all_done(done, lockstep):
             break
         step_ids = next_token[:, None]
         real = torch.cat([real, torch.ones_like(step_ids, dtype=torch.bool)], dim=1)
-    return [_until_eos(row, eos_token_id) for row in generated.tolist()]
+    return [_until_stop(row, stops) for row in generated.tolist()]
 
 
 def decoding_mask(real: torch.Tensor, query_length: int) -> torch.Tensor:
@@ -113,8 +117,18 @@ def _all_done(done: torch.Tensor, lockstep: bool) -> bool:
     return bool(finished.item())
 
 
-def _until_eos(tokens: list[int], eos_token_id: int) -> list[int]:
-    return tokens[:tokens.index(eos_token_id)] if eos_token_id in tokens else tokens
+def _until_stop(tokens: list[int], stops: list[int]) -> list[int]:
+    return tokens[:next((i for i, token in enumerate(tokens) if token in stops), len(tokens))]
+
+
+def stop_ids(model: nn.Module, tokenizer) -> set[int]:
+    """The tokens an answer ends at: the tokenizer's EOS (what training ends every example with) and
+    those the model's generation config lists (Llama-3's <|eot_id|> beside <|end_of_text|>). Eval,
+    training's samples and chat stop alike."""
+    inner = model.model if isinstance(model, CausalLMLoss) else model
+    configured = getattr(getattr(inner, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, (list, tuple)) else [configured]
+    return {token for token in (tokenizer.eos_token_id, *configured) if isinstance(token, int)}
 
 
 @torch.no_grad()
@@ -130,12 +144,13 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_toke
     rounds = math.ceil(len(batches) / world)
     was_training = model.training
     model.eval()
+    stops = stop_ids(model, tokenizer)
     mine: dict[int, str] = {}
     for round_index in range(rounds):
         batch_index = round_index * world + rank
         # A rank without a batch this round decodes a dummy one, to keep the collectives in step.
         batch = batches[batch_index] if batch_index < len(batches) else batches[0][:1]
-        outputs = greedy_batch(model, [prompts[i] for i in batch], max_new_tokens, tokenizer.eos_token_id,
+        outputs = greedy_batch(model, [prompts[i] for i in batch], max_new_tokens, stops,
                                tokenizer.pad_token_id, device, lockstep=world > 1)
         if batch_index < len(batches):
             for i, tokens in zip(batch, outputs):
