@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from trainer.checkpoint.saving import CheckpointError
 from trainer.checkpoint.fingerprint import base_fingerprint
 from trainer.config import RecipeError
 from trainer.data.pipeline import build_datasets
-from trainer.evaluation.eval_command import EvalOptions, evaluation_rows, run_eval
+from trainer.evaluation.eval_command import EvalOptions, evaluation_rows, replaced_note, run_eval, write_results
 from trainer.evaluation.held_out_loss import evaluate_loss
 from trainer.evaluation.generate import decoding_mask, generate, greedy_batch, prompt_ids, stop_ids
 from trainer.loss import CausalLMLoss
@@ -268,6 +269,17 @@ def test_checkpoints_best_is_read_through_best_json_where_there_is_no_link(adapt
         resolve_adapter(checkpoints / "best")
     with pytest.raises(CheckpointError, match="checkpoints/best\\)"):
         check_adapter(tiny_recipe(), resolve_adapter(tmp_path / "nothing"))
+
+
+def test_replacing_the_results_of_an_evaluation_asked_differently_is_noted(tmp_path):
+    options = asdict(EvalOptions(adapter="a"))
+    about = {"adapter": "a", "adapter_resolved": "/r/step-4", "options": options, "quant_bits": 4}
+    assert replaced_note(tmp_path, about) is None  # nothing there yet
+    write_results(tmp_path, [], [], [], {}, about)
+    assert replaced_note(tmp_path, about) is None  # the same evaluation again
+    other = {**about, "options": {**options, "file": "rows.jsonl"}, "quant_bits": 16}
+    note = replaced_note(tmp_path, other)
+    assert "other eval.file, quant_bits; replacing them (give out=DIR to keep both)" in note
 
 
 def test_fingerprint_changes_with_the_weights_not_with_a_copy(tiny_base, tmp_path):

@@ -103,13 +103,31 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
         # checkpoints/best resolves to the step-<N> it points at: results are named by what was scored.
         out = Path(opts.out) if opts.out else Path(recipe.output_dir) / "eval" / (
             adapter_dir.name if adapter_dir is not None else "no-adapter")
-        write_results(out, texts, predictions, row_scores, summary, {
-            "adapter": opts.adapter if adapter_dir else None,
-            "adapter_resolved": str(adapter_dir) if adapter_dir else None, "options": asdict(opts)})
+        about = {"adapter": opts.adapter if adapter_dir else None,
+                 "adapter_resolved": str(adapter_dir) if adapter_dir else None, "options": asdict(opts),
+                 "quant_bits": recipe.quant.bits}
+        if (note := replaced_note(out, about)) is not None:
+            log(note)
+        write_results(out, texts, predictions, row_scores, summary, about)
         log(scores.format_table(summary))
         log(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
     distributed.barrier()
     return summary
+
+
+def replaced_note(out: Path, about: dict) -> str | None:
+    """A note when `out` holds the results of an evaluation asked differently (another eval.file,
+    eval.max_rows, quant.bits, adapter), which this one replaces; None otherwise."""
+    try:
+        earlier = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    changed = sorted({key for key in ("adapter_resolved", "quant_bits") if earlier.get(key) != about[key]}
+                     | {f"eval.{key}" for key, value in about["options"].items()
+                        if key not in ("out", "adapter") and (earlier.get("options") or {}).get(key) != value})
+    return None if not changed else (
+        f"note: {out} held the results of an evaluation with other {', '.join(changed)}; replacing them "
+        f"(give out=DIR to keep both)")
 
 
 def write_results(out: Path, texts: list[dict[str, str]], predictions: list[str], scores: list[dict],
