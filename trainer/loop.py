@@ -31,7 +31,7 @@ from trainer.loss import CausalLMLoss
 from trainer.model.base import dtype_name, enable_activation_checkpointing, load_base, load_tokenizer, resolve_base
 from trainer.model.lora import adapter_parameters, apply_lora, link_group_states, optimizer_groups, parameter_summary
 from trainer.runtime import distributed, health, preflight, run_dir
-from trainer.runtime.dashboards import Dashboards
+from trainer.runtime.dashboards import Dashboards, check_wandb_login
 from trainer.runtime.metrics_log import MetricsLog
 from trainer.runtime.report import append_samples, format_samples, write_report
 from trainer.runtime.signals import StopRequest
@@ -106,8 +106,9 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
         snapshot = (UpdateSnapshot(run.model, run.optimizer, run.engine.optimizer)
                     if recipe.train.on_nonfinite == "skip" else None)
         step_tokens = run.data.trained_tokens(state.step)
-        loss, grad_norm, stops, bad_rows, overflowed = train_step(run, state.step, lr, stop_request.requested,
-                                                                  step_tokens)
+        # Read at the end of the step, where the ranks share it: a signal during step N saves at N.
+        loss, grad_norm, stops, bad_rows, overflowed = train_step(run, state.step, lr,
+                                                                  lambda: stop_request.requested, step_tokens)
         skipped = skips.check(state.step + 1, run, lr, loss, grad_norm, bad_rows, overflowed, snapshot, say)
         state.step += 1
         record = advance(state, run, loss, lr, started, step_tokens, skipped)
@@ -188,6 +189,7 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
     A missing file or a bad row is reported before the base (minutes for a 7B one) is loaded."""
     device = distributed.init(recipe.train.collective_timeout_minutes)
     log = print if distributed.is_main() else (lambda *a, **k: None)
+    check_wandb_login(recipe)  # before minutes of loading, not after them in wandb.init
     seed_everything(recipe.train.seed)
     base_name_or_path, tokenizer = prepare_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)
@@ -198,13 +200,17 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
     mean_tokens = float(data.train_set.lengths().mean()) if len(data.train_set) else 0.0
     log(preflight.summary(recipe, model, data.stats, distributed.world_size(), dtype, base_name_or_path, resume_dir,
                           mean_tokens))
-    if dry_run:
-        log("dry run: recipe, model and data are valid; not training")
-        return None, TrainState()
+    # The checks a real run makes before its engine starts, so that a dry run refuses what it would.
     if resume_dir is not None:
         resume.check_compatible(resume_dir, recipe)
+    ds_config = deepspeed_config(recipe, distributed.world_size(), dtype_name(dtype))
+    if dry_run:
+        log("dry run: recipe, model, data" + (", resume checkpoint" if resume_dir is not None else "")
+            + " and DeepSpeed config are valid; not training")
+        return None, TrainState()
+    if resume_dir is not None:
         reading.load_into_model(model, resume_dir)
-    loss_model, engine, optimizer = prepare_engine(recipe, model, dtype)
+    loss_model, engine, optimizer = prepare_engine(recipe, model, ds_config)
     state = restore(recipe, resume_dir, model, optimizer, engine, len(data.train_set), log)
     if distributed.is_main() and (note := run_dir.prepare(Path(recipe.output_dir),
                                                          state.step if resume_dir is not None else None, resume_dir)):
@@ -256,9 +262,10 @@ def prepare_model(recipe: Recipe, device: torch.device, tokenizer) -> tuple[torc
     return model, dtype
 
 
-def prepare_engine(recipe: Recipe, model: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.nn.Module, object,
-                                                                                          torch.optim.Optimizer]:
-    """DeepSpeed around the loss. Only adapter parameters go to the optimizer: ZeRO then shards just
+def prepare_engine(recipe: Recipe, model: torch.nn.Module, ds_config: dict) -> tuple[torch.nn.Module, object,
+                                                                                    torch.optim.Optimizer]:
+    """DeepSpeed around the loss, with `ds_config` from config.deepspeed_config (built in `setup`,
+    which a dry run checks too). Only adapter parameters go to the optimizer: ZeRO then shards just
     their (small) state, and the frozen quantised base is replicated on every rank (stages 0-2) or
     partitioned (stage 3)."""
     import deepspeed
@@ -266,7 +273,6 @@ def prepare_engine(recipe: Recipe, model: torch.nn.Module, dtype: torch.dtype) -
     loss_model = CausalLMLoss(model)
     optimizer = torch.optim.AdamW(optimizer_groups(model, recipe.lora.plus_ratio), lr=recipe.train.learning_rate,
                                   weight_decay=recipe.train.weight_decay)
-    ds_config = deepspeed_config(recipe, distributed.world_size(), dtype_name(dtype))
     engine, *_ = deepspeed.initialize(model=loss_model, optimizer=optimizer, config=ds_config)
     return loss_model, engine, optimizer
 
@@ -285,11 +291,12 @@ def restore(recipe: Recipe, resume_dir: Path | None, model: torch.nn.Module, opt
     return state
 
 
-def train_step(run: Run, step: int, lr: float, stop_requested: bool,
+def train_step(run: Run, step: int, lr: float, stop_requested: Callable[[], bool],
                step_tokens: int) -> tuple[float, float | None, bool, list[int], bool]:
     """One optimizer step over the global batch. Returns the global loss, gradient norm, whether any
     rank asked to stop, (when the loss is not finite) the row ids of the offending micro-batches,
-    and whether fp16 loss scaling skipped the update (an overflow)."""
+    and whether fp16 loss scaling skipped the update (an overflow). `stop_requested` is asked at the
+    end of the step."""
     recipe, engine, rank, world = run.recipe, run.engine, distributed.rank(), distributed.world_size()
     skipped_before = engine.skipped_steps
     for group in run.optimizer.param_groups:
@@ -321,8 +328,9 @@ def train_step(run: Run, step: int, lr: float, stop_requested: bool,
     step_loss = sum(values)
     bad_rows = [run.data.train_set[i].row_id for value, micro_batch in zip(values, micro_batches)
                 if not math.isfinite(value) for i in micro_batch]
-    # One reduction carries the loss and whether any rank was asked to stop, so all ranks agree.
-    total_loss, stops = distributed.sum_across_ranks([step_loss, float(stop_requested)], run.device)
+    # One reduction carries the loss and whether any rank was asked to stop, so all ranks agree. The
+    # flag is read here, not before the step: a signal that came during this step stops after it.
+    total_loss, stops = distributed.sum_across_ranks([step_loss, float(stop_requested())], run.device)
     grad_norm = engine.get_global_grad_norm()
     grad_norm = float(grad_norm) if grad_norm is not None else own_grad_norm
     if not math.isfinite(total_loss):

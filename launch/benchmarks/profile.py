@@ -181,7 +181,8 @@ def profile(recipe, warmup: int, steps: int) -> dict:
     def one_step() -> float:
         nonlocal step
         started = time.perf_counter()
-        loop.train_step(run, step, loop.learning_rate(step, recipe.train), False, run.data.trained_tokens(step))
+        loop.train_step(run, step, loop.learning_rate(step, recipe.train), lambda: False,
+                        run.data.trained_tokens(step))
         if gpu:
             torch.cuda.synchronize()
         step += 1

@@ -200,6 +200,38 @@ def test_sigterm_saves_at_the_step_boundary_exits_0_and_resumes_from_there(tmp_p
     assert max(losses(output_dir)) == stopped_at + 2
 
 
+# launch/train.py with SIGTERM sent to one rank (the last) while optimizer step 3 runs, after the loop
+# has started the step: the flag must be read where the ranks share it, at the end of the step.
+SIGTERM_IN_STEP_3 = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from trainer import cli, loop
+from trainer.runtime import distributed
+original = loop.train_step
+def signalled(run, step, *args):
+    if step + 1 == 3 and distributed.rank() == distributed.world_size() - 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(run, step, *args)
+loop.train_step = signalled
+cli.main(loop.train, sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.distributed)])
+def test_a_signal_during_a_step_saves_at_the_end_of_that_step_on_every_rank(tmp_path, tiny_base, ranks):
+    output_dir, script = tmp_path / "run", tmp_path / "sigterm_in_step_3.py"  # the launcher takes a file
+    script.write_text(SIGTERM_IN_STEP_3.format(root=str(ROOT)))
+    args = [str(script), "recipes/tiny_alpaca.yaml", f"output_dir={output_dir}", *COMMON, "train.max_steps=6",
+            "train.save_every=1000"]
+    launcher = ["python"] if ranks == 1 else ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
+    result = run_cli([*launcher, *args], env={"OMP_NUM_THREADS": "1"})
+    assert "stopping at step 3 as asked" in result.stdout, result.stdout[-3000:]
+    # Rank 0 was not signalled: it stops because another rank was, at the same step.
+    assert ("SIGTERM" if ranks == 1 else "signal on another rank") in result.stdout
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["step-3"]
+    assert max(losses(output_dir)) == 3
+
+
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory, tiny_base) -> Path:
     output_dir = tmp_path_factory.mktemp("small")

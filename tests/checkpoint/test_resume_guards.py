@@ -138,3 +138,33 @@ def test_the_train_command_refuses_a_changed_global_batch_size_with_one_message(
                      env={"OMP_NUM_THREADS": "1"}, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "train.global_batch_size=16, the recipe says 8" in result.stderr
+
+
+# ------------------------------------------------------------------------------ a dry run refuses it too
+
+
+def dry_run_in_process(monkeypatch, recipe):
+    """trainer.loop.setup(recipe, dry_run=True) in this process, as one rank with no process group
+    (conftest: pytest's process must not start one); the dry run needs none."""
+    from trainer import loop
+    from trainer.runtime import distributed
+
+    monkeypatch.setattr(distributed, "init", lambda *_: torch.device("cpu"))
+    return loop.setup(recipe, dry_run=True)
+
+
+def test_a_dry_run_refuses_an_incompatible_checkpoint_as_the_run_would(tmp_path, tiny_base, monkeypatch):
+    make_checkpoint(tmp_path, *SHORT)  # lora.r=16
+    run, _ = dry_run_in_process(monkeypatch, tiny_recipe(f"output_dir={tmp_path}", *SHORT, "resume=auto"))
+    assert run is None  # the same checkpoint and recipe: valid
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*step-1: lora.r was 16 there, the recipe says 8"):
+        dry_run_in_process(monkeypatch, tiny_recipe(f"output_dir={tmp_path}", *SHORT, "resume=auto", "lora.r=8"))
+
+
+def test_a_dry_run_refuses_a_deepspeed_config_the_run_would_refuse(tmp_path, tiny_base, monkeypatch):
+    from trainer.config import RecipeError
+
+    with pytest.raises(RecipeError, match="deepspeed.zero_stage=0 with a bfloat16 compute dtype cannot resume"):
+        dry_run_in_process(monkeypatch, tiny_recipe(f"output_dir={tmp_path}", *SHORT, "model.dtype=bfloat16",
+                                                    "deepspeed.zero_stage=0"))
+    assert not (tmp_path / "checkpoints").exists()

@@ -88,3 +88,66 @@ def test_report_to_is_validated_and_report_false_still_turns_dashboards_off(tmp_
                                                  f"output_dir={tmp_path}"]))
     assert not quiet.tensorboard.active and quiet.wandb is None
     quiet.close()
+
+
+# ------------------------------------------------------------------------------ online without a login
+
+
+@pytest.fixture
+def no_wandb_login(tmp_path, monkeypatch):
+    """No W&B credentials anywhere wandb looks: no key in the environment, an empty home."""
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+def online_recipe(tmp_path, *overrides):
+    return load_recipe(ROOT / "recipes" / "tiny_alpaca.yaml", ["train.report_to=[tensorboard,wandb]",
+                                                               "train.wandb_mode=online", f"output_dir={tmp_path}",
+                                                               *overrides])
+
+
+def test_online_wandb_without_credentials_is_refused_before_the_model_loads(tmp_path, no_wandb_login, monkeypatch):
+    from trainer.runtime.dashboards import check_wandb_login
+
+    with pytest.raises(RecipeError, match=r"train.wandb_mode=online needs `wandb login` or WANDB_API_KEY; "
+                                          r"or use train.wandb_mode=offline \(sync later with `wandb sync`\)"):
+        check_wandb_login(online_recipe(tmp_path))
+    check_wandb_login(online_recipe(tmp_path, "train.wandb_mode=offline"))  # offline needs no login
+    check_wandb_login(online_recipe(tmp_path, "train.report=false"))  # nor dashboards turned off
+    (no_wandb_login / ".netrc").write_text("machine example.com login user password secret\n")
+    with pytest.raises(RecipeError, match="needs `wandb login`"):  # an entry for another host is none
+        check_wandb_login(online_recipe(tmp_path))
+    # Where `wandb login` puts the key, or the environment: accepted (wandb.init judges the key).
+    (no_wandb_login / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "0" * 40 + "\n")
+    check_wandb_login(online_recipe(tmp_path))
+    (no_wandb_login / ".netrc").unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    check_wandb_login(online_recipe(tmp_path))
+
+
+def test_the_train_command_refuses_online_wandb_without_credentials_in_one_line(tmp_path, no_wandb_login):
+    result = run_cli(["launch/train.py", "recipes/tiny_alpaca.yaml", "train.report_to=[tensorboard,wandb]",
+                      "train.wandb_mode=online", f"output_dir={tmp_path / 'run'}", "--dry-run"],
+                     env={**ONE_THREAD, "HOME": str(no_wandb_login)}, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "error: train.wandb_mode=online needs `wandb login` or WANDB_API_KEY" in result.stderr
+    assert "trainable" not in result.stdout  # refused before the base loaded
+
+
+def test_a_wandb_init_that_finds_no_key_is_one_clear_error(tmp_path, monkeypatch):
+    """The key check before the model loads cannot see a key wandb then rejects, or no server:
+    wandb.init's own error becomes the same one-line message, not a traceback."""
+    from trainer.runtime.dashboards import Dashboards
+
+    def no_key(*_, **__):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", no_key)
+    with pytest.raises(RecipeError, match=r"train.wandb_mode=online needs `wandb login` or WANDB_API_KEY; .*"
+                                          r"wandb.init said: No API key configured"):
+        Dashboards(online_recipe(tmp_path))
+    assert not (tmp_path / "wandb-run-id").exists()

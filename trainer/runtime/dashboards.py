@@ -8,19 +8,61 @@ the resolved recipe as the run's config, and each round of sample generations as
 (step, question, input, reference, prediction). Offline, the run is written under
 <output_dir>/wandb/offline-run-*/ with no network; `wandb sync <that dir>` uploads it later.
 A resumed run (same output_dir) continues the same W&B run. wandb is optional
-(`pip install wandb`, or `.[report]`): without it, a note and nothing else.
+(`pip install wandb`, or `.[report]`): without it, a note and nothing else. Online without
+credentials is refused in setup, before the model loads (check_wandb_login), with one message.
 """
 from __future__ import annotations
 
+import importlib.util
+import netrc
+import os
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from trainer.runtime import distributed
-from trainer.config import Recipe
+from trainer.config import Recipe, RecipeError
 from trainer.runtime.report import SKIPPED, TAGS, samples_markdown
 
 SAMPLE_COLUMNS = ["step", "question", "input", "reference", "prediction"]
 RUN_ID_FILE = "wandb-run-id"
+NO_LOGIN = ("train.wandb_mode=online needs `wandb login` or WANDB_API_KEY; or use train.wandb_mode=offline "
+            "(sync later with `wandb sync`)")
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+
+
+def has_wandb_credentials() -> bool:
+    """Whether wandb.init would find credentials without asking, read where wandb reads them (its
+    wbauth lookup), with no network: WANDB_API_KEY or WANDB_IDENTITY_TOKEN_FILE, else an entry for
+    WANDB_BASE_URL's host (api.wandb.ai) in the netrc file (NETRC, else ~/.netrc, else ~/_netrc), where
+    `wandb login` writes it. Whether the key is valid, only wandb.init can tell."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL).netloc
+    if os.environ.get("NETRC"):
+        candidates = [Path(os.environ["NETRC"]).expanduser()]
+    else:
+        candidates = [Path("~/.netrc").expanduser(), Path("~/_netrc").expanduser()]
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            return netrc.netrc(str(path)).authenticators(host) is not None
+        except (netrc.NetrcParseError, OSError):
+            return True  # unreadable here: left to wandb.init, whose failure is reported as NO_LOGIN
+    return False
+
+
+def check_wandb_login(recipe: Recipe) -> None:
+    """Refuse train.wandb_mode=online without W&B credentials on rank 0 (the rank that logs), on every
+    rank alike, before the model loads; a dry run checks it too."""
+    train = recipe.train
+    if not (train.report and "wandb" in train.report_to and train.wandb_mode == "online"):
+        return  # the same recipe on every rank: all return here, no collective
+    # Without wandb installed, WandbLog only prints a note.
+    missing = distributed.is_main() and importlib.util.find_spec("wandb") is not None and not has_wandb_credentials()
+    if distributed.broadcast_object(missing):
+        raise RecipeError(NO_LOGIN)
 
 
 class WandbLog:
@@ -38,11 +80,17 @@ class WandbLog:
         output_dir.mkdir(parents=True, exist_ok=True)
         id_file = output_dir / RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
-        self._run = wandb.init(
-            project=recipe.train.wandb_project, name=recipe.train.wandb_run_name or output_dir.resolve().name,
-            mode=recipe.train.wandb_mode, dir=str(output_dir), config=recipe.to_dict(), id=run_id, resume="allow",
-            # Our own line says where the run is; wandb's banner, console capture and summary stay out.
-            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+        try:
+            self._run = wandb.init(
+                project=recipe.train.wandb_project, name=recipe.train.wandb_run_name or output_dir.resolve().name,
+                mode=recipe.train.wandb_mode, dir=str(output_dir), config=recipe.to_dict(), id=run_id,
+                resume="allow",
+                # Our own line says where the run is; wandb's banner, console capture and summary stay out.
+                settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+        except (wandb.errors.UsageError, wandb.errors.CommError) as error:  # CommError: AuthenticationError too
+            # No key (check_wandb_login found one that wandb did not take), a rejected key, or no server.
+            said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise RecipeError(f"{NO_LOGIN}. wandb.init said: {said}") from error
         id_file.write_text(run_id + "\n")
         self.directory = Path(self._run.dir).parent
         where = (f"{self.directory} (offline: `wandb sync {self.directory}` uploads it)"
@@ -82,7 +130,11 @@ class Dashboards:
 
         wanted = recipe.train.report_to if recipe.train.report else []
         self.tensorboard = TensorBoardLog(Path(recipe.output_dir), "tensorboard" in wanted)
-        self.wandb = WandbLog(recipe) if "wandb" in wanted else None
+        try:
+            self.wandb = WandbLog(recipe) if "wandb" in wanted else None
+        except RecipeError:
+            self.tensorboard.close()
+            raise
 
     def write(self, record: dict) -> None:
         self.tensorboard.write(record)

@@ -11,6 +11,9 @@ REPEAT_WINDOW_SECONDS = 5.0
 
 
 class StopRequest:
+    """`requested` turns true in the handler; the loop reads it at the end of each step, where the
+    ranks share it (trainer/loop.py train_step), so all of them save at the same step boundary."""
+
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
         self.requested = False
         self.signal_name = ""
