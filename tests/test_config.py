@@ -3,6 +3,7 @@ name the key, overrides are coerced, and the derived DeepSpeed config is what ea
 from pathlib import Path
 
 import pytest
+import yaml
 
 from trainer.config import Recipe, RecipeError, deepspeed_config, load_recipe
 
@@ -102,6 +103,14 @@ def test_a_text_override_is_taken_as_typed(tmp_path):
     assert recipe.lora.target_modules == ["q_proj", "v_proj"]
     assert load_recipe(path, ["model.revision=0123"]).model.revision == "0123"  # not the octal 83
     assert load_recipe(path, ["model.revision=null"]).model.revision is None  # an optional text may be null
+    quoted = load_recipe(path, ['data.template="Q: {instruction}\\nA: "', "data.path='it''s.json'"])
+    assert (quoted.data.template, quoted.data.path) == ("Q: {instruction}\nA: ", "it's.json")  # as YAML quotes read
+    # Keys inside a mapping: read for its value type, and the recipe still saves as YAML (checkpoints do).
+    nested = load_recipe(path, ["deepspeed.extra.zero_optimization.reduce_bucket_size=5000",
+                                "deepspeed.extra.wall_clock_breakdown=false", "data.columns.question=instruction"])
+    assert nested.deepspeed.extra == {"zero_optimization": {"reduce_bucket_size": 5000}, "wall_clock_breakdown": False}
+    assert nested.data.columns == {"question": "instruction"} and type(nested.data.columns["question"]) is str
+    assert yaml.safe_load(yaml.safe_dump(nested.to_dict()))["deepspeed"]["extra"] == nested.deepspeed.extra
     for empty in ("output_dir=", "output_dir=null", "model.name_or_path=~"):
         with pytest.raises(RecipeError, match=f"{empty.split('=')[0]}: needs a value, not empty or null"):
             load_recipe(path, [empty])  # it used to be the text "None"

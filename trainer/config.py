@@ -354,19 +354,33 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
 
 class OverrideText(str):
     """A command-line override's value as typed. A text key takes it as it is (a '#' starts no comment,
-    '1.10' is no number, '{instruction}' no mapping), quotes around it removed; any other key its YAML
-    reading, so lists, numbers, booleans and null read naturally."""
+    '1.10' is no number, '{instruction}' no mapping); quoted, as YAML reads the quotes ("a\\nb" has a
+    newline). Any other key takes its YAML reading, so lists, numbers, booleans and null read naturally.
+    A value inside a mapping (deepspeed.extra.X=, data.columns.X=) is read for the mapping's value type."""
 
     def read_as(self, kind: Any) -> Any:
         text = self.strip()
         if kind is str:
             if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-                return text[1:-1]
+                try:
+                    quoted = yaml.safe_load(text)
+                except yaml.YAMLError:
+                    quoted = None
+                return quoted if isinstance(quoted, str) else text[1:-1]
             return None if text in ("", "null", "~") else text
         try:
             return yaml.safe_load(text) if text else None
         except yaml.YAMLError:
             return text
+
+
+def _read_overrides(value: Any, kind: Any) -> Any:
+    """`value` with every OverrideText inside it read as `kind` (a mapping's value type)."""
+    if isinstance(value, OverrideText):
+        return value.read_as(kind)
+    if isinstance(value, dict):
+        return {key: _read_overrides(item, kind) for key, item in value.items()}
+    return value
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -406,7 +420,8 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
     if origin is dict or kind is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{key}: expected a mapping, got {value!r}")
-        return value
+        arguments = typing.get_args(kind)
+        return _read_overrides(value, arguments[1] if len(arguments) == 2 and arguments[1] is str else Any)
     if kind is Any:
         return value
     return _scalar(kind, value, key)

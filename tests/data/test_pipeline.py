@@ -372,5 +372,7 @@ def test_a_held_out_fraction_that_rounds_to_no_row_is_noted(tokenizer, tmp_path)
     assert any("data.eval_fraction=0.001 of these rows rounds to none" in note for note in stats["notes"])
     _, held_out, stats = build_datasets(config(path, eval_fraction=0.2), tokenizer, seed=0)
     assert len(held_out) and not any(note.startswith("no held-out example") for note in stats["notes"])
+    _, _, stats = build_datasets(config(path, eval_fraction=0.2, max_eval_rows=0), tokenizer, seed=0)
+    assert any("(data.max_eval_rows=0)" in note for note in stats["notes"])
     _, _, stats = build_datasets(config(path), tokenizer, seed=0)  # eval_fraction=0: none asked for
     assert not any(note.startswith("no held-out example") for note in stats["notes"])

@@ -137,6 +137,7 @@ def test_every_stop_token_of_the_model_ends_an_answer(model_and_tokenizer):
     prompts = [[bos, 7], [bos, 33, 8]]
     free = greedy_batch(model, prompts, 8, eos, pad, cpu)
     other = free[0][3]  # a token row 0 emits on its own: made the model's second end token
+    assert len(free[0]) == 8 and other != eos
     assert stop_ids(model, tokenizer) == {eos}
     model.generation_config.eos_token_id = [eos, other]
     try:
@@ -280,6 +281,10 @@ def test_replacing_the_results_of_an_evaluation_asked_differently_is_noted(tmp_p
     other = {**about, "options": {**options, "file": "rows.jsonl"}, "quant_bits": 16}
     note = replaced_note(tmp_path, other)
     assert "other eval.file, quant_bits; replacing them (give out=DIR to keep both)" in note
+    older = json.loads((tmp_path / "metrics.json").read_text())
+    del older["quant_bits"]  # a file from before quant_bits was recorded
+    (tmp_path / "metrics.json").write_text(json.dumps(older))
+    assert replaced_note(tmp_path, about) is None
 
 
 def test_fingerprint_changes_with_the_weights_not_with_a_copy(tiny_base, tmp_path):

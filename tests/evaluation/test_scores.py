@@ -54,6 +54,8 @@ def test_rouge_l_is_the_lcs_f_measure_over_tokens():
     # The last of several numbers is not one answer: a list (the tasks' sorted digits), a fraction,
     # a time, a date.
     ("0 3 4 8", None),
+    ("1, 2, 3", None),
+    ("I have 3 apples, so 5", Decimal(5)),
     ("1/2", None),
     ("It starts at 3:45.", None),
     ("2024-01-05", None),

@@ -160,6 +160,13 @@ def test_unknown_target_module_is_an_error_listing_the_real_names():
     # One typo beside a name that matches: an error too, not that layer silently left untrained.
     with pytest.raises(RecipeError, match="lora.target_modules: v_prj matched no"):
         apply_lora(model, ["q_proj", "v_prj"], r=2, alpha=4)
+    # A saved adapter's list (strict=False): what matched is loaded; nothing matching is still an error.
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(4, 4))
+    assert apply_lora(model, ["q_proj", "v_prj"], r=2, alpha=4, strict=False) == ["q_proj"]
+    with pytest.raises(RecipeError, match="adapter_config.json: target_modules: query matched no"):
+        apply_lora(nn.Sequential(nn.Linear(4, 4)), ["query"], r=2, alpha=4, strict=False,
+                   named_in="adapter_config.json: target_modules")
 
 
 def test_dropout_is_on_the_adapters_input_in_training_and_leaves_the_update_unbiased():

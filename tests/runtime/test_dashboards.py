@@ -96,7 +96,7 @@ def test_report_to_is_validated_and_report_false_still_turns_dashboards_off(tmp_
 @pytest.fixture
 def no_wandb_login(tmp_path, monkeypatch):
     """No W&B credentials anywhere wandb looks: no key in the environment, an empty home."""
-    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "NETRC"):
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "NETRC", "WANDB_CONFIG_DIR"):
         monkeypatch.delenv(name, raising=False)
     home = tmp_path / "home"
     home.mkdir()
@@ -124,7 +124,19 @@ def test_online_wandb_without_credentials_is_refused_before_the_model_loads(tmp_
     # Where `wandb login` puts the key, or the environment: accepted (wandb.init judges the key).
     (no_wandb_login / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "0" * 40 + "\n")
     check_wandb_login(online_recipe(tmp_path))
+    # A self-hosted server (`wandb login --host`): its host is in wandb's settings file, its key in netrc.
+    (no_wandb_login / ".netrc").write_text("machine wandb.example.com login user password " + "0" * 40 + "\n")
+    with pytest.raises(RecipeError, match="needs `wandb login`"):
+        check_wandb_login(online_recipe(tmp_path))
+    (no_wandb_login / ".config" / "wandb").mkdir(parents=True)
+    (no_wandb_login / ".config" / "wandb" / "settings").write_text("[default]\nbase_url = https://wandb.example.com\n")
+    check_wandb_login(online_recipe(tmp_path))
     (no_wandb_login / ".netrc").unlink()
+    with pytest.raises(RecipeError, match="needs `wandb login`"):
+        check_wandb_login(online_recipe(tmp_path))
+    (no_wandb_login / ".config" / "wandb" / "settings").write_text("[default]\napi_key = " + "0" * 40 + "\n")
+    check_wandb_login(online_recipe(tmp_path))
+    (no_wandb_login / ".config" / "wandb" / "settings").unlink()
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
     check_wandb_login(online_recipe(tmp_path))
 
@@ -151,3 +163,10 @@ def test_a_wandb_init_that_finds_no_key_is_one_clear_error(tmp_path, monkeypatch
                                           r"wandb.init said: No API key configured"):
         Dashboards(online_recipe(tmp_path))
     assert not (tmp_path / "wandb-run-id").exists()
+
+    def no_server(*_, **__):
+        raise wandb.errors.CommError("Network error (ConnectTimeout)")
+
+    monkeypatch.setattr(wandb, "init", no_server)  # not a login problem: said as what it is
+    with pytest.raises(RecipeError, match=r"could not reach the W&B server or was refused \(Network error"):
+        Dashboards(online_recipe(tmp_path))

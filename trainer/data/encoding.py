@@ -17,6 +17,7 @@ prepended, and chat examples start with the template's own first token.
 from __future__ import annotations
 
 import re
+import weakref
 from array import array
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -359,16 +360,27 @@ def _tokenised_apart(tokenizer, pieces: list[tuple[str, str]], use_chat: bool) -
     return [(next(ids[each]), kind) for (_, kind), each in zip(pieces, literal)]
 
 
-def special_strings(tokenizer) -> list[str]:
-    """The strings this tokenizer reads as special tokens (unless told to split them)."""
-    added = getattr(tokenizer, "added_tokens_decoder", {})
-    return sorted({*tokenizer.all_special_tokens, *(token.content for token in added.values() if token.special)} - {""})
+_SPECIALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def special_pattern(tokenizer) -> re.Pattern:
+    """A pattern matching the strings this tokenizer reads as special tokens (unless told to split
+    them), longest first. Kept per tokenizer while its vocabulary and special tokens stay the same: a
+    row is checked with it, and added_tokens_decoder costs per call (hundreds of tokens on Llama-3)."""
+    key = (len(tokenizer), tuple(tokenizer.all_special_tokens))
+    cached = _SPECIALS.get(tokenizer)
+    if cached is None or cached[0] != key:
+        added = getattr(tokenizer, "added_tokens_decoder", {})
+        strings = {*tokenizer.all_special_tokens, *(token.content for token in added.values() if token.special)} - {""}
+        alternatives = "|".join(map(re.escape, sorted(strings, key=len, reverse=True)))
+        cached = _SPECIALS[tokenizer] = (key, re.compile(alternatives or "(?!)"))  # (?!): matches nothing
+    return cached[1]
 
 
 def _writes_special(tokenizer, pieces: list[tuple[str, str]]) -> bool:
     """Whether a row's own text (`Literal` pieces) holds a special token's string."""
     literal = [text for text, _ in pieces if isinstance(text, Literal)]
-    return bool(literal) and any(token in text for token in special_strings(tokenizer) for text in literal)
+    return bool(literal) and any(special_pattern(tokenizer).search(text) for text in literal)
 
 
 def _plain_backend(tokenizer):
@@ -419,14 +431,16 @@ def _answer_pieces(tokenizer, text: str, content: str) -> list[tuple[str, str]]:
     """An assistant turn's text (its content and the markup that ends the turn) as trained pieces:
     one, unless the content holds a special token's string. Then the content, with the plain text
     the markup writes on either side up to its special tokens, is a `Literal` piece of its own."""
-    markup = special_strings(tokenizer)
+    markup = special_pattern(tokenizer)
+    if not markup.search(content):
+        return [(text, ANSWER)]
     found = next(((text.find(part), part) for part in (content, content.strip()) if part and part in text), None)
-    if found is None or not any(token in content for token in markup):
+    if found is None:
         return [(text, ANSWER)]
     at, part = found
     head, tail = text[:at], text[at + len(part):]
-    head_end = max((head.rfind(token) + len(token) for token in markup if token in head), default=0)
-    tail_start = min((tail.find(token) for token in markup if token in tail), default=len(tail))
+    head_end = max((match.end() for match in markup.finditer(head)), default=0)
+    tail_start = next((match.start() for match in markup.finditer(tail)), len(tail))
     pieces = [head[:head_end], Literal(head[head_end:] + part + tail[:tail_start]), tail[tail_start:]]
     return [(piece, ANSWER) for piece in pieces if piece]
 

@@ -108,10 +108,9 @@ def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[Examples, 
     if leakage is not None:
         notes.append(leakage)
     if not len(held_out) and (config.eval_path or config.eval_fraction > 0):  # asked for, yet none
-        why = ("data.eval_path gave none" if config.eval_path
+        why = ("data.max_eval_rows=0" if config.max_eval_rows == 0 else "data.eval_path gave none" if config.eval_path
                else f"data.eval_fraction={config.eval_fraction:g} of these rows rounds to none")
-        notes.append(f"no held-out example ({why}, or data.max_eval_rows=0): nothing is evaluated and no "
-                     f"checkpoint is marked best")
+        notes.append(f"no held-out example ({why}): nothing is evaluated and no checkpoint is marked best")
     return train, held_out, _stats(config, train, held_out, summaries, notes)
 
 

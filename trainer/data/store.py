@@ -25,15 +25,17 @@ from typing import Any
 import numpy as np
 
 from trainer.data.encoding import IGNORE_INDEX, Example, EncodedRows
+from trainer.data.formats import DataError
 
 TOKEN_ARRAYS = {"input_ids": np.int32, "labels": np.int32}
 EXAMPLE_ARRAYS = {"offsets": np.int64, "row_ids": np.int64, "questions": np.int64, "trained": np.int32,
                   "instances": np.int32}
 INFO = "info.json"  # written last: a directory without it is not a store
 HEADER_BYTES = 128  # a 1-D .npy header (format 1.0) pads to 128 bytes for any length below 10**20
-# Failures of this process or machine (open files, memory, permissions), not of the store's files:
-# raised as they are, so that a store that is fine is never discarded and tokenised again.
-NOT_THE_STORE = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR, errno.EACCES, errno.EPERM)
+# Passing failures of this process or machine (open files, memory), not of the store's files: raised
+# as they are, so that a store that is fine is never discarded and tokenised again. (A store this user
+# may not read is not one: the cache then tokenises into a scratch store, as before.)
+NOT_THE_STORE = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR)
 
 
 class UnreadableStore(ValueError):
@@ -60,7 +62,8 @@ class Store:
                       for name in (*TOKEN_ARRAYS, *EXAMPLE_ARRAYS)}
         except (OSError, ValueError) as error:  # a file missing, cut short (a full disk, a copy) or not ours
             if isinstance(error, OSError) and error.errno in NOT_THE_STORE:
-                raise
+                raise DataError(f"{self.path}: cannot open this tokenised store now ({error.strerror}); it is kept. "
+                                f"Run again once the machine has room (too many open files: raise `ulimit -n`)") from error
             raise UnreadableStore(self.path, str(error)) from None
         self.input_ids, self.labels = arrays["input_ids"], arrays["labels"]
         self.offsets, self.row_ids = arrays["offsets"], arrays["row_ids"]

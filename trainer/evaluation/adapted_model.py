@@ -19,7 +19,8 @@ def add_adapter(model: nn.Module, adapter_dir: Path) -> None:
     """Wrap the layers the adapter names with our LoRA (no dropout) and load its weights."""
     config = read_adapter_config(adapter_dir)
     apply_lora(model, config["target_modules"], config["r"], config["lora_alpha"], 0.0,
-               bool(config.get("use_rslora", False)), bool(config.get("use_dora", False)))
+               bool(config.get("use_rslora", False)), bool(config.get("use_dora", False)), strict=False,
+               named_in=f"{adapter_dir / 'adapter_config.json'}: target_modules")
     load_into_model(model, adapter_dir)
 
 

@@ -122,9 +122,11 @@ def replaced_note(out: Path, about: dict) -> str | None:
         earlier = json.loads((out / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
-    changed = sorted({key for key in ("adapter_resolved", "quant_bits") if earlier.get(key) != about[key]}
+    # Keys an earlier file lacks (written before they were recorded) say nothing either way.
+    before = earlier.get("options") or {}
+    changed = sorted({key for key in ("adapter_resolved", "quant_bits") if key in earlier and earlier[key] != about[key]}
                      | {f"eval.{key}" for key, value in about["options"].items()
-                        if key not in ("out", "adapter") and (earlier.get("options") or {}).get(key) != value})
+                        if key not in ("out", "adapter") and key in before and before[key] != value})
     return None if not changed else (
         f"note: {out} held the results of an evaluation with other {', '.join(changed)}; replacing them "
         f"(give out=DIR to keep both)")

@@ -98,11 +98,12 @@ def load_merged(recipe: Recipe, adapter_dir: Path, base: str = "dequantised", de
     device = device or torch.device("cpu")
     for warning in check_adapter(recipe, adapter_dir):
         print(f"warning: {warning}")
-    # The base in float32 on any device (a GPU's compute dtype is bf16): the 4-bit weights decode
-    # exactly, and the merge is the same on a GPU as on the CPU.
-    recipe = replace(recipe, model=replace(recipe.model, dtype="float32"))
     if base == "original":
-        recipe = replace(recipe, quant=replace(recipe.quant, bits=16))
+        recipe = replace(recipe, quant=replace(recipe.quant, bits=16), model=replace(recipe.model, dtype="float32"))
+    elif recipe.quant.bits in (4, 8):
+        # A quantised base in float32 on any device (a GPU's compute dtype is bf16): its weights decode
+        # exactly, as on the CPU. (A 16-bit base stays in its dtype: merge_to_plain merges each layer in float32.)
+        recipe = replace(recipe, model=replace(recipe.model, dtype="float32"))
     model, _ = load_base(recipe, device)
     add_adapter(model, adapter_dir)
     return merge_to_plain(model.eval(), dtype)

@@ -5,7 +5,7 @@
     ROUGE-L            F-measure from the longest common subsequence of tokens (Lin 2004, beta = 1)
     final number       the last number of the prediction equals the reference's final number
                        (GSM8K's "#### 72", or a reference ending in a number that stands alone:
-                       not the last of a list "0 3 4 8", a fraction "1/2", a time "3:45" or a
+                       not the last of a list "0 3 4 8" or "1, 2", a fraction "1/2", a time "3:45" or a
                        date "2024-01-05"); only rows whose reference has one are counted
 
 Normalisation: lowercase, punctuation removed outside numbers (so "-3.5" stays itself, "1,234"
@@ -22,8 +22,9 @@ from decimal import Decimal, InvalidOperation
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 # "1,234", "-3.5", ".5"; a comma is only taken between digits, so "1, 2" is two numbers.
 _NUMBER = re.compile(r"-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)")
-# What joins a number to the one before it into something else: "1/2", "3:45", "2024-01-05", "3.14.1".
-_JOINERS = "/:-."
+# What joins a number to the one before it into something else: "1/2", "3:45", "2024-01-05", "3.14.1",
+# or into a list: "1, 2, 3".
+_JOINERS = "/:-.,"
 _TRAILING = " \t\n.,;:!?)]}\"'*`"
 
 

@@ -216,10 +216,12 @@ def dequantised_linear(layer: nn.Module, dtype: torch.dtype | None = None) -> nn
 
 
 def apply_lora(model: nn.Module, target_modules: list[str], r: int, alpha: float,
-               dropout: float = 0.0, rslora: bool = False, dora: bool = False) -> list[str]:
+               dropout: float = 0.0, rslora: bool = False, dora: bool = False, strict: bool = True,
+               named_in: str = "lora.target_modules") -> list[str]:
     """Freeze `model` and wrap every linear or embedding layer whose last name is in `target_modules`.
-    Returns the wrapped module paths; raises RecipeError if a name matched no such layer (a typo would
-    leave those layers untrained, or train nothing)."""
+    Returns the wrapped module paths. Raises RecipeError, naming `named_in`, if a name matched no such
+    layer (a typo would leave those layers untrained, or train nothing); `strict=False` (a saved
+    adapter's list, which names the layers it has weights for): only if none matched."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     # Weights held by more than one module (tie_word_embeddings: lm_head and embed_tokens).
@@ -244,10 +246,11 @@ def apply_lora(model: nn.Module, target_modules: list[str], r: int, alpha: float
         setattr(parent, child, adapted)
         wrapped.append(path)
         matched.add(leaf)
-    if missing := [name for name in target_modules if name not in matched]:
+    missing = [name for name in target_modules if name not in matched]
+    if missing and (strict or not matched):
         leaves = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules()
                          if hasattr(m, "in_features") or isinstance(m, nn.Embedding)} - {""})
-        raise RecipeError(f"lora.target_modules: {', '.join(missing)} matched no linear or embedding layer of "
+        raise RecipeError(f"{named_in}: {', '.join(missing)} matched no linear or embedding layer of "
                           f"this model; its layers are named: {', '.join(leaves)}")
     return wrapped
 

@@ -13,6 +13,7 @@ credentials is refused in setup, before the model loads (check_wandb_login), wit
 """
 from __future__ import annotations
 
+import configparser
 import importlib.util
 import netrc
 import os
@@ -32,13 +33,24 @@ DEFAULT_BASE_URL = "https://api.wandb.ai"
 
 
 def has_wandb_credentials() -> bool:
-    """Whether wandb.init would find credentials without asking, read where wandb reads them (its
-    wbauth lookup), with no network: WANDB_API_KEY or WANDB_IDENTITY_TOKEN_FILE, else an entry for
-    WANDB_BASE_URL's host (api.wandb.ai) in the netrc file (NETRC, else ~/.netrc, else ~/_netrc), where
-    `wandb login` writes it. Whether the key is valid, only wandb.init can tell."""
+    """Whether wandb.init would find credentials without asking, read where wandb reads them, with no
+    network: WANDB_API_KEY or WANDB_IDENTITY_TOKEN_FILE; an api_key in wandb's settings file
+    (WANDB_CONFIG_DIR/settings, else ~/.config/wandb/settings); else an entry in the netrc file (NETRC,
+    else ~/.netrc, else ~/_netrc) for the server's host (WANDB_BASE_URL, else the settings file's
+    base_url, which `wandb login --host` writes, else api.wandb.ai). Whether the key is valid, only
+    wandb.init can tell."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = urlsplit(os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL).netloc
+    settings = configparser.ConfigParser()
+    directory = Path(os.environ.get("WANDB_CONFIG_DIR") or "~/.config/wandb").expanduser()
+    try:
+        settings.read(directory / "settings")
+    except configparser.Error:
+        return True  # unreadable here: left to wandb.init
+    saved = settings["default"] if settings.has_section("default") else {}
+    if saved.get("api_key"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or saved.get("base_url") or DEFAULT_BASE_URL).netloc
     if os.environ.get("NETRC"):
         candidates = [Path(os.environ["NETRC"]).expanduser()]
     else:
@@ -88,9 +100,11 @@ class WandbLog:
                 # Our own line says where the run is; wandb's banner, console capture and summary stay out.
                 settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
         except (wandb.errors.UsageError, wandb.errors.CommError) as error:  # CommError: AuthenticationError too
-            # No key (check_wandb_login found one that wandb did not take), a rejected key, or no server.
             said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise RecipeError(f"{NO_LOGIN}. wandb.init said: {said}") from error
+            if isinstance(error, (wandb.errors.UsageError, wandb.errors.AuthenticationError)):  # no key, or rejected
+                raise RecipeError(f"{NO_LOGIN}. wandb.init said: {said}") from error
+            raise RecipeError(f"wandb.init could not reach the W&B server or was refused ({said}): check the network, "
+                              f"train.wandb_project and your entity, or use train.wandb_mode=offline") from error
         id_file.write_text(run_id + "\n")
         self.directory = Path(self._run.dir).parent
         where = (f"{self.directory} (offline: `wandb sync {self.directory}` uploads it)"
