@@ -116,8 +116,13 @@ def _load_with_datasets(source: str, split: str, hub_config: str | None):
     # Imported here: reading a JSON file should not pay for importing `datasets` (about a second).
     import datasets
 
+    from trainer.data.formats import text_columns
+
     path = Path(source)
     try:
+        if path.suffix == ".csv":  # every column as text, "NA" kept: as the trainer reads a CSV
+            return datasets.load_dataset("csv", data_files=str(path), split="train", features=text_columns(path),
+                                         keep_default_na=False, na_values=[""])
         if path.suffix in LOCAL_SUFFIXES:
             return datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path), split="train")
         return datasets.load_dataset(source, None if path.exists() else hub_config, split=split)

@@ -32,13 +32,18 @@ def main(argv: list[str]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     bin_dir = Path(sys.executable).parent
-    train = [str(bin_dir / "deepspeed"), "--num_gpus", "2", "launch/train.py", recipe_path, *overrides]
+    from trainer.checkpoint.reading import resolve_adapter
+    from trainer.runtime.distributed import free_port
+
+    # A free port of our own: the launcher would otherwise give the ranks 29500, taken or not.
+    train = [str(bin_dir / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+             recipe_path, *overrides]
     print("$ deepspeed " + " ".join(train[1:]), flush=True)
     code = subprocess.call(train)
     if code != 0:
         return code
     output = Path(recipe.output_dir)
-    adapter = output / "checkpoints" / "best"
+    adapter = resolve_adapter(output / "checkpoints" / "best")  # through best.json where there is no link
     if not adapter.exists():
         print(f"error: training wrote no {adapter}; nothing to evaluate", file=sys.stderr)
         return 1

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from trainer import builtin
+from trainer.checkpoint.fingerprint import base_fingerprint
 from trainer.model.tiny_base import MARKER
 from trainer.runtime.cache import cache_dir
 from launch.benchmarks.job import RECIPE, ROOT, Job
@@ -157,7 +158,11 @@ def dequantised_base(name_or_path: str) -> Path:
     from its NF4 double-quant quantisation (what bitsandbytes' training forward multiplies by);
     built once into the cache, next to the base."""
     source = Path(builtin.resolve(name_or_path))
-    final = cache_dir() / "models" / f"{source.name}-nf4-dq-dequantised-v1"
+    if not source.is_dir():
+        raise SystemExit(f"[parity] --dequantised needs a local base directory (or a builtin:); {name_or_path} is not one")
+    # Keyed by the base's weights, not its directory's name: two bases in folders of one name differ.
+    fingerprint = base_fingerprint(str(source))
+    final = cache_dir() / "models" / f"{source.name}-{fingerprint.split(':')[-1][:12]}-nf4-dq-dequantised-v1"
     if (final / MARKER).exists():
         return final
     import torch

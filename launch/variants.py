@@ -41,6 +41,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--only", default=",".join(VARIANTS))
     args = parser.parse_args(argv)
+    if unknown := [name for name in args.only.split(",") if name not in VARIANTS]:
+        parser.error(f"--only {','.join(unknown)}: not a variant; the variants are {', '.join(VARIANTS)}")
     overrides = [*DEFAULTS, *args.overrides]
     base_dir = Path(load_recipe(args.recipe, overrides).output_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -61,7 +63,10 @@ def main(argv: list[str]) -> int:
         evaluation = [sys.executable, "launch/eval.py", args.recipe, *run_overrides, f"adapter={checkpoint}",
                       f"out={run_dir / 'eval'}", *EVAL_OPTIONS]
         print("$ python " + " ".join(evaluation[1:]), flush=True)
-        subprocess.run(evaluation, env=env, check=True, capture_output=True)
+        scored = subprocess.run(evaluation, env=env, capture_output=True, text=True)
+        if scored.returncode != 0:
+            print(scored.stdout[-3000:], scored.stderr[-3000:], sep="\n", file=sys.stderr)
+            return scored.returncode
         results[name] = summary(run_dir, log.stdout)
         print(json.dumps({name: results[name]}), flush=True)
     print(table(results))
@@ -80,10 +85,15 @@ def summary(run_dir: Path, train_output: str) -> dict:
 
 
 def table(results: dict) -> str:
+    """One line per variant; "-" where a value is missing (no held-out loss, no numeric reference)."""
+    def shown(value, form: str, scale: float = 1.0, unit: str = "") -> str:
+        return "-" if value is None else format(scale * value, form) + unit
+
     lines = ["variant   trainable     held-out loss   exact match   final number   step time (median)"]
     for name, r in results.items():
-        lines.append(f"{name:<9} {r['trainable']:>10}    {r['eval_loss']:>13.4f}   {100 * r['exact_match']:>10.1f}%"
-                     f"   {100 * r['final_number_accuracy']:>11.1f}%   {r['step_time']:>8.2f} s")
+        lines.append(f"{name:<9} {r['trainable']:>10}    {shown(r['eval_loss'], '.4f'):>13}   "
+                     f"{shown(r['exact_match'], '.1f', 100, '%'):>11}   "
+                     f"{shown(r['final_number_accuracy'], '.1f', 100, '%'):>12}   {shown(r['step_time'], '.2f', 1, ' s'):>10}")
     return "\n".join(lines)
 
 

@@ -237,3 +237,15 @@ def test_synthetic_rows_are_deterministic_varied_and_readable(tmp_path):
     with_input = sum(bool(row["input"]) for row in rows) / len(rows)
     assert 0.5 < with_input < 0.9
     assert len({row["instruction"] for row in rows}) > 100
+
+
+def test_a_csv_source_is_read_as_text_as_the_trainer_reads_it(tmp_path):
+    # "NA" is an answer, not a missing value; a column of numbers is text (pandas would make them ints).
+    source = tmp_path / "rows.csv"
+    source.write_text("instruction,input,output\nExpand the abbreviation.,NA,North America\n"
+                      "Add 2 and 2.,,4\nAdd 3 and 3.,,6\n")
+    result = prepare("alpaca", "--source", str(source), "--out", str(tmp_path / "rows.jsonl"))
+    assert result.returncode == 0, result.stderr
+    rows = lines(tmp_path / "rows.jsonl")
+    assert rows[0] == {"instruction": "Expand the abbreviation.", "input": "NA", "output": "North America"}
+    assert [row["output"] for row in rows[1:]] == ["4", "6"]

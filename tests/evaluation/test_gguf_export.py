@@ -158,3 +158,26 @@ def test_real_gguf_base_round_trips_gguf_fine_tune_gguf(tmp_path, smollm2_base):
         assert fields["tokenizer.ggml.pre"].contents() == "smollm"  # kept from the original file
         assert "output.weight" not in {tensor.name for tensor in GGUFReader(out).tensors}  # tied
         print(file_type, check_file(out, merged, tokenizer, file_type))
+
+
+def test_add_bos_token_is_what_training_puts_before_every_prompt(tmp_path, tiny_base, smollm2_tokenizer):
+    # The converted Llama-2 tokenizer adds no BOS by itself, yet training and eval start every
+    # example with one: llama.cpp must add it too. SmolLM2's BOS is a chat turn marker: none added.
+    from conftest import SHARED
+    from transformers import AutoTokenizer
+
+    from trainer.data.encoding import document_bos
+    from trainer.evaluation.gguf_export import tokenizer_metadata
+
+    assert tokenizer_metadata(smollm2_tokenizer, len(smollm2_tokenizer))["add_bos_token"] is False
+    tiny = load_tokenizer(str(tiny_base), tiny_recipe())
+    assert tokenizer_metadata(tiny, len(tiny))["add_bos_token"] is True
+    source = SHARED / "tokenizers" / "llama2" / "tokenizer.model"
+    if not source.is_file():
+        pytest.skip(f"{source} not available")
+    (tmp_path / "llama2").mkdir()
+    (tmp_path / "llama2" / "tokenizer.model").write_bytes(source.read_bytes())
+    llama2 = AutoTokenizer.from_pretrained(tmp_path / "llama2")
+    assert llama2("a", add_special_tokens=True)["input_ids"][:1] != [llama2.bos_token_id]  # adds none itself
+    assert document_bos(llama2) == llama2.bos_token_id
+    assert tokenizer_metadata(llama2, len(llama2))["add_bos_token"] is True

@@ -217,7 +217,7 @@ def _load_with_datasets(name: str, split: str, streaming: bool = False):
             # Every column as text: inferred types make an answer "5" the int 5, and "3" in a column
             # with a blank cell the float 3.0. A blank cell alone is missing (None); an answer
             # "NA" or "null" stays text.
-            features = _text_columns(local)
+            features = text_columns(local)
             dataset = datasets.load_dataset("csv", data_files=str(local), split="train", features=features,
                                             keep_default_na=False, na_values=[""])
         elif local.suffix in (".parquet", ".arrow"):
@@ -237,7 +237,7 @@ def _load_with_datasets(name: str, split: str, streaming: bool = False):
     return dataset
 
 
-def _text_columns(path: Path):
+def text_columns(path: Path):
     """Features naming each of a CSV file's columns a string, the names read as pandas (which
     `datasets` reads the file with) reads the header."""
     import datasets

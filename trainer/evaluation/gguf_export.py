@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from trainer.config import Recipe, RecipeError
+from trainer.data.encoding import document_bos
 
 FORMATS = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32  # values per q8_0 block (one f16 scale + 32 int8)
@@ -229,8 +230,10 @@ def tokenizer_metadata(tokenizer, vocab_size: int, pre: str | None = None) -> di
             metadata[key] = int(token_id)
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     with_special = tokenizer("a")["input_ids"]
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    metadata["add_bos_token"] = bos is not None and with_special[:1] == [bos] and plain[:1] != [bos]
+    eos = tokenizer.eos_token_id
+    # BOS as training and eval put it before every prompt (a document BOS, whatever the tokenizer adds by
+    # itself: the converted Llama-2 tokenizer adds none), not as the tokenizer alone would.
+    metadata["add_bos_token"] = document_bos(tokenizer) is not None
     metadata["add_eos_token"] = eos is not None and with_special[-1:] == [eos] and plain[-1:] != [eos]
     prepend = (spec.get("pre_tokenizer") or {}).get("prepend_scheme", "never")
     metadata["add_space_prefix"] = (not byte_level) and prepend in ("first", "always")

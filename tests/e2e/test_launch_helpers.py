@@ -1,0 +1,46 @@
+"""The launch scripts' own helpers: the variants table with missing values, its --only check, and
+parity's dequantised-base cache keyed by the base's weights."""
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "launch"))
+import parity  # noqa: E402
+import variants  # noqa: E402
+
+
+def test_the_variants_table_shows_a_dash_where_a_value_is_missing():
+    rows = {"lora": {"trainable": "1,843,200", "eval_loss": 0.8631, "exact_match": 0.5, "final_number_accuracy": 0.31,
+                     "step_time": 3.2},
+            "dora": {"trainable": "1,889,280", "eval_loss": None, "exact_match": 0.25, "final_number_accuracy": None,
+                     "step_time": None}}
+    lines = variants.table(rows).splitlines()
+    assert lines[1].split() == ["lora", "1,843,200", "0.8631", "50.0%", "31.0%", "3.20", "s"]
+    assert lines[2].split() == ["dora", "1,889,280", "-", "25.0%", "-", "-"]
+    with pytest.raises(SystemExit) as exited:
+        variants.main(["--only", "lora,dorra"])
+    assert exited.value.code == 2
+
+
+def test_two_bases_in_folders_of_one_name_get_their_own_dequantised_copy(tmp_path, tiny_base, monkeypatch):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setattr(parity, "cache_dir", lambda: tmp_path / "cache")
+    first, second = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    shutil.copytree(tiny_base, first)
+    shutil.copytree(tiny_base, second)
+    weights = next(second.glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(key for key in tensors if key.endswith("q_proj.weight"))
+    tensors[name] = tensors[name] * 3
+    save_file(tensors, weights)
+    one, other = parity.dequantised_base(str(first)), parity.dequantised_base(str(second))
+    assert one != other and parity.dequantised_base(str(first)) == one
+    read = lambda directory: load_file(next(directory.glob("*.safetensors")))[name]  # noqa: E731
+    assert not torch.allclose(read(one), read(other))
