@@ -84,7 +84,7 @@ def read_records(source: str, split: str = "train", max_rows: int | None = None,
 
 def _jsonl(path: Path, max_rows: int | None) -> Iterator[tuple[str, Any]]:
     number = 0
-    with open(path, encoding="utf-8") as file:
+    with open(path, encoding="utf-8-sig") as file:  # a byte-order mark is not part of row 1
         try:
             for line_number, line in enumerate(file, start=1):
                 if not line.strip():
@@ -103,7 +103,7 @@ def _jsonl(path: Path, max_rows: int | None) -> Iterator[tuple[str, Any]]:
 
 def _json_list(path: Path, max_rows: int | None) -> Iterator[tuple[str, Any]]:
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SourceError(f"{path}: not a JSON file ({error}); one JSON object per line should be named .jsonl") \
             from None

@@ -249,3 +249,8 @@ def test_a_csv_source_is_read_as_text_as_the_trainer_reads_it(tmp_path):
     rows = lines(tmp_path / "rows.jsonl")
     assert rows[0] == {"instruction": "Expand the abbreviation.", "input": "NA", "output": "North America"}
     assert [row["output"] for row in rows[1:]] == ["4", "6"]
+    # A byte-order mark (as some editors save) is not part of row 1.
+    (tmp_path / "bom.jsonl").write_text("\ufeff" + json.dumps(rows[0]) + "\n", encoding="utf-8")
+    result = prepare("alpaca", "--source", str(tmp_path / "bom.jsonl"), "--out", str(tmp_path / "bom-out.jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert lines(tmp_path / "bom-out.jsonl") == rows[:1]

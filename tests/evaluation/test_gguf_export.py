@@ -181,3 +181,20 @@ def test_add_bos_token_is_what_training_puts_before_every_prompt(tmp_path, tiny_
     assert llama2("a", add_special_tokens=True)["input_ids"][:1] != [llama2.bos_token_id]  # adds none itself
     assert document_bos(llama2) == llama2.bos_token_id
     assert tokenizer_metadata(llama2, len(llama2))["add_bos_token"] is True
+
+
+def test_a_write_that_fails_leaves_no_partial_file(tmp_path, tiny_base, monkeypatch):
+    import gguf
+
+    recipe = tiny_recipe()
+    merged = load_merged(recipe, make_checkpoint(tmp_path / "run"))
+    tokenizer = load_tokenizer(resolve_base(recipe), recipe)
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
+    out = tmp_path / "gguf" / "tiny.gguf"
+    with pytest.raises(OSError, match="No space left"):
+        write_gguf(merged, tokenizer, out, "f16")
+    assert list(out.parent.iterdir()) == []  # neither the file nor its .partial

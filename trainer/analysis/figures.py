@@ -86,7 +86,9 @@ def _rounded(value: Any) -> Any:
 def write_outputs(report: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "analysis.json"
-    json_path.write_text(json.dumps(_rounded(report), indent=1) + "\n")
+    staging = json_path.with_name(f".{json_path.name}.partial")
+    staging.write_text(json.dumps(_rounded(report), indent=1) + "\n")
+    staging.replace(json_path)  # a crash never leaves half a file behind
     return [json_path, *plot_figures(report, out)]
 
 

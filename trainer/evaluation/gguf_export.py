@@ -120,8 +120,11 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, file_type: str = "f16", 
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-    finally:
+    except BaseException:  # a full disk, Ctrl-C: no half-written file is left behind
         writer.close()
+        staging.unlink(missing_ok=True)
+        raise
+    writer.close()
     staging.replace(path)  # a reader never sees a half-written file
     return path
 
