@@ -180,7 +180,7 @@ def template_note(tokenizer, template: str) -> str | None:
     so, or None."""
     if template in TEMPLATES or template == "chat":
         return None
-    written = sorted({token for token in tokenizer.all_special_tokens if token and token in template})
+    written = sorted(set(special_pattern(tokenizer).findall(template)))
     return None if not written else (
         f"data.template writes {', '.join(map(repr, written))}, special token(s) of this tokenizer, as plain "
         f"text: the template's text is tokenised literally, so they are not those tokens (data.template: "

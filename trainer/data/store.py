@@ -32,9 +32,9 @@ EXAMPLE_ARRAYS = {"offsets": np.int64, "row_ids": np.int64, "questions": np.int6
                   "instances": np.int32}
 INFO = "info.json"  # written last: a directory without it is not a store
 HEADER_BYTES = 128  # a 1-D .npy header (format 1.0) pads to 128 bytes for any length below 10**20
-# Passing failures of this process or machine (open files, memory), not of the store's files: raised
-# as they are, so that a store that is fine is never discarded and tokenised again. (A store this user
-# may not read is not one: the cache then tokenises into a scratch store, as before.)
+# Passing failures of this process or machine (open files, memory), not of the store's files: a
+# DataError that keeps the store, so that one that is fine is never discarded and tokenised again. (A
+# store this user may not read is not one: the cache then tokenises into a scratch store, as before.)
 NOT_THE_STORE = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR)
 
 
