@@ -44,3 +44,8 @@ def test_two_bases_in_folders_of_one_name_get_their_own_dequantised_copy(tmp_pat
     assert one != other and parity.dequantised_base(str(first)) == one
     read = lambda directory: load_file(next(directory.glob("*.safetensors")))[name]  # noqa: E731
     assert not torch.allclose(read(one), read(other))
+
+
+def test_parity_names_a_base_it_cannot_dequantise():
+    with pytest.raises(SystemExit, match="--dequantised needs a local base directory"):
+        parity.dequantised_base("some-org/not-a-local-dir")
