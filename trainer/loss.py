@@ -126,10 +126,16 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             logits = head(hidden[start:start + rows]).float()
             chunk_targets = targets[start:start + rows]
-            log_total = torch.logsumexp(logits, dim=-1)
-            total += (log_total - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
+            target_logits = logits.gather(1, chunk_targets[:, None]).squeeze(1)
+            # logsumexp as torch computes it (log sum exp(x - max) + max), in place: its exponentials
+            # are the softmax's numerators, so the gradient needs no second exp pass, and no
+            # chunk-sized tensor is allocated for x - max.
+            maxes = logits.amax(dim=-1, keepdim=True)
+            exponentials = logits.sub_(maxes).exp_()
+            sums = exponentials.sum(dim=-1, keepdim=True)
+            total += (sums.log().add_(maxes).squeeze(1) - target_logits).sum()
             if grad is not None:
-                probabilities = logits.sub_(log_total[:, None]).exp_()
+                probabilities = exponentials.div_(sums)
                 probabilities[torch.arange(len(chunk_targets), device=logits.device), chunk_targets] -= 1
                 probabilities = probabilities.to(weight.dtype)
                 grad[start:start + rows] = (product(probabilities, weight.t(), None) if product
