@@ -15,7 +15,7 @@ import torch
 from _checkpoints import ONE_THREAD, make_checkpoint, one_thread, tiny_recipe
 from conftest import ROOT, run_cli
 from trainer.evaluation.adapted_model import load_adapted_model
-from trainer.evaluation.chat import ChatOptions, conversation_ids, sample, split_prompt, stream_text
+from trainer.evaluation.chat import Chat, ChatOptions, conversation_ids, sample, split_prompt, stream_text
 from trainer.data.encoding import prompt_tokens
 from trainer.evaluation.generate import greedy_batch
 from trainer.model.base import load_tokenizer, resolve_base
@@ -52,6 +52,39 @@ def test_first_turn_prompt_is_evaluations_and_later_turns_carry_the_history(toke
         assert second[:len(first)] == first
         decoded = tokenizer.decode(second, skip_special_tokens=True)
         assert QUESTION in decoded and "19" in decoded and "And 1 + 1?" in decoded
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_history_is_cut_oldest_turns_first_to_the_trained_length(tokenizer, template):
+    notes: list[str] = []
+    model = torch.nn.Linear(1, 1)  # prompt() decodes nothing
+    turns = [("What is 7 + 12? Answer with the number only, please.", "19"),
+             ("And what is 19 times 3? Just the number.", "57"),
+             ("Now subtract 8 from that result.", "49")]
+    history = [{"role": role, "content": text} for question, answer in turns
+               for role, text in (("user", question), ("assistant", answer))]
+    last = [{"role": "user", "content": "Finally, halve it."}]
+    whole = len(conversation_ids(tokenizer, history + last, template))
+    without_first = conversation_ids(tokenizer, history[2:] + last, template)
+    # Room for an answer: max_new_tokens, at most half the trained length.
+    chat = Chat(model, tokenizer, template, ChatOptions(max_new_tokens=10), len(without_first) + 10, notes.append)
+    chat.history = history + last
+    assert chat.prompt() == without_first  # one turn too long: the oldest question and answer go
+    assert chat.history == history[2:] + last and len(notes) == 1 and "1 oldest turn(s) dropped" in notes[0]
+    assert whole + 10 > chat.trained_length
+    notes.clear()
+    chat.history = history + last
+    chat.trained_length = whole + 10
+    assert chat.prompt() == conversation_ids(tokenizer, history + last, template) and not notes  # fits: kept whole
+    chat.opts = ChatOptions(max_new_tokens=1000)  # room capped at half the trained length
+    chat.trained_length = 2 * len(conversation_ids(tokenizer, last, template))
+    chat.history = history + last
+    assert chat.prompt() == conversation_ids(tokenizer, last, template) and chat.history == last
+    assert "3 oldest turn(s) dropped" in notes[0] and len(notes) == 1
+    notes.clear()
+    chat.trained_length = 4  # the message alone is longer: kept, with a note
+    assert chat.prompt() == conversation_ids(tokenizer, last, template)
+    assert len(notes) == 1 and "longer than the model was trained on" in notes[0]
 
 
 def test_sampling_knobs():

@@ -9,6 +9,10 @@ way training wrote it: with data.template: chat, the tokenizer's chat template (
 one) over the whole history; with an instruction template (alpaca), each turn is that template's
 prompt and the answer ends with EOS. Tokens are printed as they are generated. `/reset` clears the
 history, `/exit` (or end of input) leaves. `--prompt "..."` answers one message on stdout and exits.
+
+The model was trained on examples up to data.max_seq_len tokens: when the history, with room for an
+answer (chat.max_new_tokens, at most half that length), would pass it, its oldest turns are dropped,
+with a note on stderr.
 """
 from __future__ import annotations
 
@@ -120,15 +124,36 @@ def stream_text(tokenizer, tokens: Iterator[int], write: Callable[[str], None]) 
 
 
 class Chat:
-    def __init__(self, model: nn.Module, tokenizer, template: str, opts: ChatOptions):
+    def __init__(self, model: nn.Module, tokenizer, template: str, opts: ChatOptions, trained_length: int,
+                 note: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)):
         self.model, self.tokenizer, self.template, self.opts = model, tokenizer, template, opts
+        self.trained_length, self.note = trained_length, note
         self.history: list[dict[str, str]] = []
         self.generator = torch.Generator().manual_seed(opts.seed)
         self.eos_ids = stop_ids(model, tokenizer)
 
+    def prompt(self) -> list[int]:
+        """The tokens before the next answer, the oldest turns dropped (from the history too) while they
+        and room for an answer would pass the trained length."""
+        room = min(self.opts.max_new_tokens, self.trained_length // 2)
+        prompt = conversation_ids(self.tokenizer, self.history, self.template)
+        dropped = 0
+        while len(prompt) + room > self.trained_length and len(self.history) > 1:
+            del self.history[:2]  # the oldest question and its answer
+            dropped += 1
+            prompt = conversation_ids(self.tokenizer, self.history, self.template)
+        if dropped:
+            self.note(f"(the conversation passed the trained length, data.max_seq_len={self.trained_length} tokens "
+                      f"with room for a {room}-token answer: its {dropped} oldest turn(s) dropped)")
+        if len(prompt) + room > self.trained_length:
+            self.note(f"(this message is {len(prompt)} tokens as a prompt: longer than the model was trained on, "
+                      f"data.max_seq_len={self.trained_length} with room for a {room}-token answer; "
+                      f"the answer may suffer)")
+        return prompt
+
     def reply(self, message: str, write: Callable[[str], None]) -> str:
         self.history.append({"role": "user", "content": message})
-        prompt = conversation_ids(self.tokenizer, self.history, self.template)
+        prompt = self.prompt()
         answer = stream_text(self.tokenizer, stream_tokens(self.model, prompt, self.opts, self.eos_ids,
                                                            self.generator), write)
         self.history.append({"role": "assistant", "content": answer.strip()})
@@ -173,7 +198,7 @@ def chat(recipe: Recipe, opts: ChatOptions, prompt: str | None = None) -> None:
         raise RecipeError("chat.top_p must be in (0, 1], chat.temperature 0 or more, chat.max_new_tokens 1 or more")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_for_chat(recipe, opts.adapter, device)
-    session = Chat(model, tokenizer, recipe.data.template, opts)
+    session = Chat(model, tokenizer, recipe.data.template, opts, recipe.data.max_seq_len)
     if prompt is not None:
         session.reply(prompt, _write)
         print(flush=True)
