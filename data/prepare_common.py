@@ -78,7 +78,7 @@ def read_records(source: str, split: str = "train", max_rows: int | None = None,
     dataset = _load_with_datasets(source, split, hub_config)
     if max_rows is not None:
         dataset = dataset.select(range(min(max_rows, len(dataset))))
-    name = source if path.exists() else f"{source} (split {split})"
+    name = source if path.is_file() else f"{source} (split {split})"
     return name, ((f"row {number}", record) for number, record in enumerate(dataset, start=1))
 
 
@@ -116,20 +116,20 @@ def _load_with_datasets(source: str, split: str, hub_config: str | None):
     # Imported here: reading a JSON file should not pay for importing `datasets` (about a second).
     import datasets
 
-    from trainer.data.formats import text_columns
+    from trainer.data.formats import DataError, load_with_datasets
 
     path = Path(source)
+    if path.exists():  # a CSV/Parquet file or a folder (save_to_disk's, or data files): as the trainer reads it
+        try:
+            return load_with_datasets(source, split, split_setting="pass --split")
+        except DataError as error:
+            raise SourceError(str(error)) from None
     try:
-        if path.suffix == ".csv":  # every column as text, "NA" kept: as the trainer reads a CSV
-            return datasets.load_dataset("csv", data_files=str(path), split="train", features=text_columns(path),
-                                         keep_default_na=False, na_values=[""])
-        if path.suffix in LOCAL_SUFFIXES:
-            return datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path), split="train")
-        return datasets.load_dataset(source, None if path.exists() else hub_config, split=split)
+        return datasets.load_dataset(source, hub_config, split=split)
     except Exception as error:  # datasets raises many types for "not found / offline / bad file"
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        where = "the local files" if path.exists() else "the hub (offline? pass --source with a local file)"
-        raise SourceError(f"{source}: could not load split {split!r} from {where}: {first_line}") from None
+        raise SourceError(f"{source}: could not load split {split!r} from the hub (offline? pass --source with a "
+                          f"local file): {first_line}") from None
 
 
 # ------------------------------------------------------------------------------ the command
@@ -142,13 +142,18 @@ def arguments(description: str, default_source: str, default_out: Path, hub_conf
                         help=f"a local .json/.jsonl/.csv/.parquet file or a hub dataset id (default: {default_source})")
     parser.add_argument("--out", type=Path, default=default_out, help=f"JSON lines to write (default: {default_out})")
     parser.add_argument("--max-rows", type=int, default=None, help="read only the source's first N records")
-    parser.add_argument("--split", default="train", help="split of a hub dataset (default: train)")
+    parser.add_argument("--split", default=None,
+                        help="split of a hub dataset or a save_to_disk folder (default: train); a file has none")
     parser.add_argument("--config", default=hub_config, help=f"configuration of a hub dataset (default: {hub_config})")
     parser.add_argument("--skip-bad", action="store_true",
                         help="write the good rows and report the bad ones, instead of writing nothing")
     args = parser.parse_args(argv)
     if args.max_rows is not None and args.max_rows < 1:
         parser.error("--max-rows must be at least 1")
+    if args.split is not None and Path(args.source).is_file():
+        parser.error(f"--split {args.split}: {args.source} is one file, read whole (it has no splits); --split names "
+                     f"a split of a hub dataset or of a save_to_disk folder")
+    args.split = args.split or "train"
     return args
 
 

@@ -254,3 +254,27 @@ def test_a_csv_source_is_read_as_text_as_the_trainer_reads_it(tmp_path):
     result = prepare("alpaca", "--source", str(tmp_path / "bom.jsonl"), "--out", str(tmp_path / "bom-out.jsonl"))
     assert result.returncode == 0, result.stderr
     assert lines(tmp_path / "bom-out.jsonl") == rows[:1]
+
+
+def test_a_saved_dataset_folder_is_read_by_split_and_a_file_takes_no_split(tmp_path):
+    import datasets
+
+    rows = {split: [{"instruction": f"{split} question {i}", "input": "", "output": f"answer {i}"} for i in range(3)]
+            for split in ("train", "validation")}
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({split: datasets.Dataset.from_list(split_rows)
+                          for split, split_rows in rows.items()}).save_to_disk(str(folder))
+    out = tmp_path / "rows.jsonl"
+    result = prepare("alpaca", "--source", str(folder), "--split", "validation", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"wrote 3 rows to {out} from {folder} (split validation)"
+    assert lines(out) == rows["validation"]
+    assert prepare("alpaca", "--source", str(folder), "--out", str(out)).returncode == 0
+    assert lines(out) == rows["train"]  # the default split
+    missing = prepare("alpaca", "--source", str(folder), "--split", "test", "--out", str(tmp_path / "no.jsonl"))
+    assert missing.returncode == 2 and not (tmp_path / "no.jsonl").exists()
+    assert missing.stderr.strip() == f"error: {folder}: no split 'test'; it has ['train', 'validation'] (pass --split)"
+    one_file = write_jsonl(tmp_path / "one.jsonl", rows["train"])
+    refused = prepare("alpaca", "--source", str(one_file), "--split", "validation", "--out", str(tmp_path / "no.jsonl"))
+    assert refused.returncode == 2 and not (tmp_path / "no.jsonl").exists()
+    assert f"--split validation: {one_file} is one file, read whole (it has no splits)" in refused.stderr

@@ -96,7 +96,7 @@ def locate(path: str, split: str = "train", streaming: bool = False) -> Located:
                        lambda positions: _picked(read(None), positions))
     if streaming and not local.exists():
         return _streamed(resolved, split)
-    dataset = _load_with_datasets(resolved, split)
+    dataset = load_with_datasets(resolved, split)
     name = resolved if local.exists() else f"{resolved} (split {split})"
 
     def read(max_rows: int | None) -> Iterator[tuple[str, Any]]:
@@ -124,7 +124,7 @@ def _streamed(name: str, split: str) -> Located:
     label = f"{name} (split {split})"
 
     def read(max_rows: int | None) -> Iterator[tuple[str, Any]]:
-        stream = iter(_load_with_datasets(name, split, streaming=True))
+        stream = iter(load_with_datasets(name, split, streaming=True))
         # islice stops without asking for record max_rows + 1 (IterableDataset.take would).
         records = stream if max_rows is None else islice(stream, max_rows)
         number = 0
@@ -206,7 +206,10 @@ def parsed(record: Any) -> Any:
         return _Malformed(f"not valid JSON ({error.msg} at column {error.colno})")
 
 
-def _load_with_datasets(name: str, split: str, streaming: bool = False):
+def load_with_datasets(name: str, split: str, streaming: bool = False, split_setting: str = "set data.split"):
+    """A CSV, Parquet or Arrow file, a `save_to_disk` folder (its `split` where it holds several), or a
+    hub dataset's `split`, through `datasets`; DataError naming `name` where it cannot be read (and, for
+    a missing split, how to choose another: `split_setting`)."""
     import datasets
 
     local = Path(name)
@@ -232,7 +235,7 @@ def _load_with_datasets(name: str, split: str, streaming: bool = False):
                         f"(split {split}{', streaming' if streaming else ''}): {_first_line(error)}") from None
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
-            raise DataError(f"{name}: no split {split!r}; it has {sorted(dataset)} (set data.split)")
+            raise DataError(f"{name}: no split {split!r}; it has {sorted(dataset)} ({split_setting})")
         dataset = dataset[split]
     return dataset
 
