@@ -28,7 +28,8 @@ import torch
 from _checkpoints import make_checkpoint, one_thread, tiny_recipe
 from trainer.config import load_recipe
 from trainer.evaluation.export import ExportOptions, export, load_merged
-from trainer.evaluation.gguf_export import GGUFExportError, gguf_tensor_name, output_format, write_gguf
+from trainer.evaluation.gguf_export import (GGUFExportError, byte_level_pre, gguf_tensor_name, output_format, tokenizer_metadata,
+                                           write_gguf)
 from trainer.model.base import load_tokenizer, resolve_base
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,6 +159,41 @@ def test_real_gguf_base_round_trips_gguf_fine_tune_gguf(tmp_path, smollm2_base):
         assert fields["tokenizer.ggml.pre"].contents() == "smollm"  # kept from the original file
         assert "output.weight" not in {tensor.name for tensor in GGUFReader(out).tensors}  # tied
         print(file_type, check_file(out, merged, tokenizer, file_type))
+
+
+def test_byte_level_pre_tokenizers_get_llama_cpps_name_or_are_refused(smollm2_tokenizer):
+    """tokenizer.ggml.pre for a byte-level base that did not come from a GGUF file: named from the
+    pre-tokenizer itself (llama.cpp splits text by that name), never guessed."""
+    import json
+
+    from tokenizers import Regex, pre_tokenizers
+
+    llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # as Llama 3's tokenizer.json writes it
+
+    def spec(*steps) -> dict:  # as tokenizers serialises it into tokenizer.json
+        pre = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(list(steps))
+        return json.loads(json.dumps(json.loads(pre.__getstate__())))
+
+    byte_level, plain_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False), pre_tokenizers.ByteLevel(
+        add_prefix_space=False, use_regex=False)
+    assert byte_level_pre(spec(byte_level)) == "gpt-2"
+    assert byte_level_pre(spec(pre_tokenizers.Digits(individual_digits=True), byte_level)) == "smollm"
+    assert byte_level_pre(spec(pre_tokenizers.Split(Regex(llama3), "isolated"), plain_bytes)) == "llama-bpe"
+    assert byte_level_pre(spec(pre_tokenizers.Split(Regex(llama3.replace(r"\p{N}{1,3}", r"\p{N}")), "isolated"),
+                               plain_bytes)) == "qwen2"
+    for unknown in (spec(pre_tokenizers.Digits(individual_digits=False), byte_level),
+                    spec(pre_tokenizers.Split(Regex(r"\d+|\D+"), "isolated"), plain_bytes),
+                    spec(pre_tokenizers.Punctuation(), byte_level)):
+        with pytest.raises(GGUFExportError, match="none of those this export can name for llama.cpp"):
+            byte_level_pre(unknown)
+    # The real base's own tokenizer (as transformers converted it from the GGUF file) and the one
+    # SmolLM2 ships on the hub (digits apart): GPT-2's and SmolLM's split.
+    assert tokenizer_metadata(smollm2_tokenizer, 49152)["tokenizer_pre"] == "gpt-2"
+    hub_style = copy.deepcopy(smollm2_tokenizer)
+    hub_style.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), byte_level])
+    assert tokenizer_metadata(hub_style, 49152)["tokenizer_pre"] == "smollm"
 
 
 def test_add_bos_token_is_what_training_puts_before_every_prompt(tmp_path, tiny_base, smollm2_tokenizer):

@@ -216,7 +216,7 @@ def tokenizer_metadata(tokenizer, vocab_size: int, pre: str | None = None) -> di
             types.append(gguf.TokenType.BYTE if byte else gguf.TokenType.NORMAL)
     merges = [" ".join(m) if isinstance(m, list) else m for m in model.get("merges", [])]
     metadata: dict = {"tokenizer_model": "gpt2" if byte_level else "llama",
-                      "tokenizer_pre": pre or ("gpt-2" if byte_level else "default"),
+                      "tokenizer_pre": pre or (byte_level_pre(spec.get("pre_tokenizer")) if byte_level else "default"),
                       "token_list": tokens, "token_types": [int(t) for t in types]}
     if byte_level:
         metadata["token_merges"] = merges
@@ -243,6 +243,43 @@ def tokenizer_metadata(tokenizer, vocab_size: int, pre: str | None = None) -> di
     if isinstance(getattr(tokenizer, "chat_template", None), str):
         metadata["chat_template"] = tokenizer.chat_template
     return metadata
+
+
+# Byte-level pre-tokenizers as tokenizer.json writes them, by the name llama.cpp knows each by
+# (tokenizer.ggml.pre: it splits text with its own copy of the named regexes, not with the file's).
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+BYTE_LEVEL_PRE = {
+    (("ByteLevel", True),): "gpt-2",  # GPT-2's regex inside ByteLevel
+    (("Digits", True), ("ByteLevel", True)): "smollm",  # each digit apart, then GPT-2's (SmolLM, StarCoder)
+    (("Split", _LLAMA3), ("ByteLevel", False)): "llama-bpe",  # Llama 3
+    (("Split", _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")), ("ByteLevel", False)): "qwen2",  # Qwen2: digits apart
+}
+
+
+def byte_level_pre(pre_tokenizer: dict | None) -> str:
+    """llama.cpp's name for a byte-level tokenizer's pre-tokenizer (tokenizer.json's `pre_tokenizer`).
+    One it has no name for here is refused: under a wrong name llama.cpp splits text differently from
+    training, silently."""
+    steps = pre_tokenizer.get("pretokenizers", []) if (pre_tokenizer or {}).get("type") == "Sequence" else [pre_tokenizer]
+    shape = []
+    for step in steps:
+        kind = (step or {}).get("type")
+        if kind == "ByteLevel":
+            shape.append((kind, step.get("use_regex", True)))
+        elif kind == "Digits":
+            shape.append((kind, step.get("individual_digits", False)))
+        elif kind == "Split" and step.get("behavior") == "Isolated" and not step.get("invert"):
+            shape.append((kind, (step.get("pattern") or {}).get("Regex")))
+        else:
+            shape.append((kind, json.dumps(step, sort_keys=True)))
+    name = BYTE_LEVEL_PRE.get(tuple(shape))
+    if name is None:
+        raise GGUFExportError(
+            f"the tokenizer's pre-tokenizer ({json.dumps(pre_tokenizer)[:200]}) is none of those this export can "
+            f"name for llama.cpp ({', '.join(sorted(set(BYTE_LEVEL_PRE.values())))}); export to a directory "
+            f"(out=<dir>) and convert it with llama.cpp's convert_hf_to_gguf.py, which knows more")
+    return name
 
 
 def source_tokenizer_pre(recipe: Recipe) -> str | None:
