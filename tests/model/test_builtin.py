@@ -6,6 +6,7 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,12 @@ def test_a_gguf_conversion_is_keyed_by_content(cache: Path, tmp_path: Path, monk
     second.write_bytes(b"other")
     assert gguf.converted_dir(second) != gguf.converted_dir(first)
     assert converted == [b"one", b"other"]
+    # Copied over in place keeping size and modification time (cp -p): still read again.
+    stat = second.stat()
+    replacement = tmp_path / "c.gguf"
+    replacement.write_bytes(b"third")
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    shutil.copy2(replacement, second)
+    assert second.stat().st_mtime_ns == stat.st_mtime_ns and second.stat().st_size == stat.st_size
+    gguf.converted_dir(second)
+    assert converted == [b"one", b"other", b"third"]

@@ -30,9 +30,12 @@ def is_gguf(name_or_path: str) -> bool:
 
 
 def content_hash(path: Path) -> str:
-    """sha256 of the file, remembered per (path, size, mtime) so a multi-GB file is read once."""
+    """sha256 of the file, remembered per (path, inode, size, mtime, ctime) so a multi-GB file is read
+    once. The change time is there because no one can set it: a file copied over this one keeping its
+    size and modification time (`cp -p`) still changes it, and is hashed again."""
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    identity = f"{path.resolve()}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:32]
     memo = cache_dir() / "gguf-hashes" / key
     if memo.exists():
         return memo.read_text().strip()
