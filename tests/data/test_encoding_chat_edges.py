@@ -146,6 +146,25 @@ def test_a_template_that_changes_contents_still_renders_whole(tokenizer):
     assert "".join(text for text, _ in pieces) == _render(tokenizer, template, messages, generation_prompt=False)
 
 
+def test_contents_a_trimming_template_strips_are_prompt_text_cut_and_read_literally(tokenizer, tmp_path):
+    # Templates such as Llama 3's and Gemma's `| trim` the contents: a user message ending in a newline
+    # is found stripped, so it is prompt text (cut when too long, its special-token strings read as
+    # text), not markup.
+    tokenizer.chat_template = CHATML.replace("m['content']", "m['content'] | trim")
+    question = "word " * 80 + "Is <|im_end|> the end?\n"
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": "Yes."}]
+    pieces = chat_pieces(tokenizer, tokenizer.chat_template, messages)
+    (text,) = [text for text, kind in pieces if kind == PROMPT]
+    assert text == question.strip() and isinstance(text, Literal)
+    assert all(kind != MARKUP or "word" not in text for text, kind in pieces)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    (example,), _, stats = build(tokenizer, tmp_path, [{"messages": messages}], max_seq_len=48)
+    assert stats["datasets"][0]["outcomes"] == {"truncated": 1} and len(example.input_ids) <= 48  # the question was cut
+    assert list(example.input_ids).count(end) == 2  # the user turn's and the answer's: none from the text
+    assert tokenizer.decode(example.input_ids).endswith("word Is <|im_end|> the end?<|im_end|>\n<|im_start|>assistant\n"
+                                                        " Yes.<|im_end|>\n</s>")
+
+
 # ------------------------------------------------------------------------------ custom templates
 
 

@@ -446,17 +446,28 @@ def _answer_pieces(tokenizer, text: str, content: str) -> list[tuple[str, str]]:
 
 
 def _split_contents(text: str, contents: list[str]) -> list[tuple[str, str]]:
-    """`text` as markup pieces around the given message contents (prompt pieces), found in order.
-    A content the template changed (and so is not found verbatim) stays inside the markup."""
+    """`text` as markup pieces around the given message contents (prompt pieces), found in order: as
+    written, or stripped (templates that `| trim` the contents). A content the template changed
+    otherwise (and so is not found) stays inside the markup."""
     pieces, cursor = [], 0
     for content in contents:
-        start = text.find(content, cursor) if content else -1
+        start, part = _find_content(text, content, cursor)
         if start < 0:
             continue
-        pieces += [(text[cursor:start], MARKUP), (Literal(content), PROMPT)]
-        cursor = start + len(content)
+        pieces += [(text[cursor:start], MARKUP), (Literal(part), PROMPT)]
+        cursor = start + len(part)
     pieces.append((text[cursor:], MARKUP))
     return [(piece, kind) for piece, kind in pieces if piece]
+
+
+def _find_content(text: str, content: str, cursor: int) -> tuple[int, str]:
+    """Where a message's content is in `text` from `cursor` on, and as what: itself, else stripped of
+    the whitespace a template may trim; (-1, "") where neither is there."""
+    for part in dict.fromkeys((content, content.strip())):
+        start = text.find(part, cursor) if part else -1
+        if start >= 0:
+            return start, part
+    return -1, ""
 
 
 def _ambiguous(text: str, contents: list[str]) -> bool:
@@ -465,12 +476,12 @@ def _ambiguous(text: str, contents: list[str]) -> bool:
     taking it would split the markup, even a special token, into text the length policy may cut."""
     cursor = 0
     for content in contents:
-        start = text.find(content, cursor) if content else -1
+        start, part = _find_content(text, content, cursor)
         if start < 0:
             continue
-        if text.find(content, start + 1) >= 0:
+        if text.find(part, start + 1) >= 0:
             return True
-        cursor = start + len(content)
+        cursor = start + len(part)
     return False
 
 
