@@ -60,6 +60,30 @@ def test_a_cached_store_cut_short_is_rebuilt_then_hit(tokenizer, tmp_path, capsy
     assert load_source(DataSource(str(path)), data, tokenizer, workers=1).cache == "hit"
 
 
+def test_a_cache_hit_names_the_dataset_as_this_run_does(tokenizer, tmp_path, monkeypatch):
+    (tmp_path / "d.jsonl").write_text(json.dumps(ROW) + "\n")
+    monkeypatch.chdir(tmp_path)
+    first = load_source(DataSource("d.jsonl"), config("d.jsonl", cache=True), tokenizer, workers=1)
+    assert first.cache == "miss" and first.name == "d.jsonl"
+    absolute = str(tmp_path / "d.jsonl")
+    again = load_source(DataSource(absolute), config(absolute, cache=True), tokenizer, workers=1)
+    assert again.cache == "hit" and again.name == absolute  # not the first run's relative spelling
+
+
+def test_the_cache_key_ignores_padding_and_truncation_left_set_on_the_tokenizer(tiny_base):
+    from transformers import AutoTokenizer
+
+    from trainer.data.cache import cache_key
+
+    fresh = AutoTokenizer.from_pretrained(tiny_base)
+    before = cache_key("source", fresh, {})
+    fresh(["a", "a longer text"], padding=True, truncation=True, max_length=3)  # leaves both set on the backend
+    assert fresh.backend_tokenizer.padding is not None and fresh.backend_tokenizer.truncation is not None
+    assert cache_key("source", fresh, {}) == before
+    fresh.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    assert cache_key("source", fresh, {}) != before  # what the examples are tokenised with still counts
+
+
 def test_an_unreadable_store_names_its_directory_and_what_to_do(tmp_path):
     path = empty_store(tmp_path / "store")
     cut_short(path)

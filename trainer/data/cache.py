@@ -32,9 +32,17 @@ def cache_key(source_identity: str, tokenizer, settings: dict[str, Any]) -> str:
 
 
 def tokenizer_identity(tokenizer) -> str:
-    # A fast tokenizer serialises its whole pipeline (vocab, merges, normaliser, added tokens).
+    # A fast tokenizer serialises its whole pipeline (vocab, merges, normaliser, added tokens), and its
+    # padding and truncation settings too, which a call such as tokenizer(texts, padding=True) leaves
+    # set until the next plain call: not part of what the examples are tokenised with, so left out.
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("padding", None)
+        spec.pop("truncation", None)
+        definition = json.dumps(spec, sort_keys=True)
+    else:
+        definition = json.dumps(sorted(tokenizer.get_vocab().items()))
     extra = [type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id,
              getattr(tokenizer, "chat_template", None)]
     return hashlib.sha256((definition + json.dumps(extra, default=str)).encode()).hexdigest()

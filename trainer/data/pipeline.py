@@ -64,20 +64,23 @@ def load_source(source: DataSource, config: DataConfig, tokenizer, workers: int 
     key = cache.cache_key(located.identity, tokenizer, settings) if config.cache else None
     store = cache.load(key) if key else None
     if store is not None:
-        return _loaded(store, "hit")
+        return _loaded(store, "hit", located.name)
     if key:
         try:
-            return _loaded(build_store(located, source, config, tokenizer, cache.path_for(key), workers), "miss")
+            return _loaded(build_store(located, source, config, tokenizer, cache.path_for(key), workers), "miss",
+                           located.name)
         except OSError as error:  # a cache that cannot be written costs time, not the run
             print(f"warning: could not cache the tokenised data at {cache.path_for(key)}: {error}", flush=True)
     store = build_store(located, source, config, tokenizer, cache.scratch_path(), workers)
     cache.forget(store)
-    return _loaded(store, "off" if not key else "miss")
+    return _loaded(store, "off" if not key else "miss", located.name)
 
 
-def _loaded(store: Store, outcome: str) -> LoadedSource:
+def _loaded(store: Store, outcome: str, name: str) -> LoadedSource:
+    """`name`: the dataset as this run names it (a cached store keeps the name of the run that built it,
+    which may have spelled the same file another way, relative to another directory)."""
     info = store.info
-    return LoadedSource(info["name"], info["format"], info["records"], info["outcomes"], store, outcome)
+    return LoadedSource(name, info["format"], info["records"], info["outcomes"], store, outcome)
 
 
 def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[Examples, Examples, DataStats]:
