@@ -284,8 +284,12 @@ def restore(recipe: Recipe, resume_dir: Path | None, model: torch.nn.Module, opt
         return TrainState(global_batch_size=recipe.train.global_batch_size, world_size=distributed.world_size())
     state = resume.restore_training_state(resume_dir, model, optimizer, engine.optimizer)
     if state.train_examples and state.train_examples != n_train and distributed.is_main():
+        # The held-out split is a seeded draw over each dataset's row count: new rows draw it again.
         warnings.warn(f"{resume_dir} was trained on {state.train_examples:,} examples, this run has "
-                      f"{n_train:,}: the data order from here differs from an uninterrupted run", stacklevel=2)
+                      f"{n_train:,}: the data order from here differs from an uninterrupted run, and if a "
+                      f"dataset's rows changed, so did the held-out split (rows held out before may now be "
+                      f"trained on, and the other way round): held-out loss and the best checkpoint from "
+                      f"here on are not comparable with those before the resume", stacklevel=2)
     log(f"resumed from {resume_dir} at step {state.step} (epoch {state.epoch}, "
         f"example {state.position_in_epoch} of {n_train})")
     return state
