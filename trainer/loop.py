@@ -248,8 +248,11 @@ def prepare_model(recipe: Recipe, device: torch.device, tokenizer) -> tuple[torc
     """The frozen quantised base with LoRA adapters, and the speed-ups the recipe asks for."""
     model, dtype = load_base(recipe, device)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's embedding only "
-                         f"{model.get_input_embeddings().num_embeddings}")
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                         f"{model.get_input_embeddings().num_embeddings}: the base's tokenizer has no pad token "
+                         f"apart from EOS, no unk and no spare special token to pad with, and a new one ("
+                         f"{tokenizer.pad_token!r}) has no embedding row. Give the base's tokenizer a pad token "
+                         f"it has a row for (its tokenizer_config.json: pad_token)")
     # Same seed on every rank, so every rank starts from identical A matrices.
     torch.manual_seed(recipe.train.seed)
     apply_lora(model, recipe.lora.target_modules, recipe.lora.r, recipe.lora.alpha,

@@ -75,9 +75,27 @@ def load_tokenizer(name_or_path: str, recipe: Recipe):
         raise ModelLoadError(_not_found_message("tokenizer", name_or_path, error)) from error
     choose_pad(tokenizer)  # the unk token, where the pad is missing or EOS (SmolLM2's config pads with EOS)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        # Nothing to pad with: a new token (the base's embedding must have room for it).
-        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        # No unk either (Llama 3): a special token the vocabulary keeps spare, else a new token (the
+        # base's embedding must then have room for it).
+        tokenizer.add_special_tokens({"pad_token": spare_special_token(tokenizer) or "<pad>"})
     return tokenizer
+
+
+def spare_special_token(tokenizer) -> str | None:
+    """A special token of the vocabulary that nothing else uses, to pad with: one named for padding
+    (Llama 3.1's <|finetune_right_pad_id|>), else the first reserved one (Llama 3's
+    <|reserved_special_token_0|>); None where there is neither. Never BOS, EOS, unk or a token the chat
+    template writes."""
+    used = {tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token}
+    template = getattr(tokenizer, "chat_template", None)
+    template = template if isinstance(template, str) else ""
+    spare = [token.content for _, token in sorted(getattr(tokenizer, "added_tokens_decoder", {}).items())
+             if token.special and token.content not in used and token.content not in template]
+    for word in ("pad", "reserved"):
+        named = [content for content in spare if word in content.lower()]
+        if named:
+            return named[0]
+    return None
 
 
 def load_base(recipe: Recipe, device: torch.device) -> tuple[nn.Module, torch.dtype]:
