@@ -212,3 +212,36 @@ def test_packed_training_reads_nothing_back_from_the_device_inside_the_model(sma
     with counter, torch.no_grad():
         model(input_ids=batch["input_ids"][:1], position_ids=batch["position_ids"][:1])
     assert counter.seen.count("aten.nonzero") >= model.config.num_hidden_layers
+
+
+def test_a_sliding_window_is_kept_by_packed_attention_and_eager_packing_falls_back(examples, capsys):
+    # A Mistral-style base whose layers see the last 6 positions only: packed per example (SDPA), each
+    # example longer than the window gives the loss and gradients of the same examples one per row,
+    # where transformers builds the window into its own mask.
+    from types import SimpleNamespace
+
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=1100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=6, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).requires_grad_(False)
+    apply_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj"], r=4, alpha=8.0)
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    loss_model = CausalLMLoss(model)
+    batch = examples[:4]
+    assert min(len(example.input_ids) for example in batch) > config.sliding_window
+    expected = loss_and_grads(loss_model, collate(batch, pad_token_id=0))
+    use_packed_attention(model)
+    packed = loss_and_grads(loss_model, collate_packed(batch, MAX_SEQ_LEN, pad_token_id=0, with_mask=False))
+    torch.testing.assert_close(packed[0], expected[0], rtol=1e-5, atol=1e-4)
+    for name, grad in expected[2].items():
+        torch.testing.assert_close(packed[2][name], grad, rtol=1e-4, atol=1e-5)
+    # A packed row's one 4D mask cannot hold the window: eager attention trains one example per row.
+    eager = SimpleNamespace(config=SimpleNamespace(_attn_implementation="eager", sliding_window=6))
+    recipe = recipe_from_dict({"data": {"max_seq_len": MAX_SEQ_LEN}})
+    assert training_collate(recipe, eager, 0)(batch)["input_ids"].shape[0] == len(batch)
+    assert "cannot keep the model's sliding window (6 tokens" in capsys.readouterr().out
+    wide = SimpleNamespace(config=SimpleNamespace(_attn_implementation="eager", sliding_window=MAX_SEQ_LEN))
+    assert training_collate(recipe, wide, 0)(batch)["input_ids"].shape[0] < len(batch)  # the window never binds

@@ -40,6 +40,15 @@ def training_collate(recipe: Recipe, model: torch.nn.Module,
             print(f"note: data.packing needs model.attn_implementation sdpa or eager, not {attention!r}; "
                   f"training with one example per row", flush=True)
         return lambda examples: collate(examples, pad_token_id)
+    window = getattr(model.config, "sliding_window", None)
+    if window is not None and window < recipe.data.max_seq_len:
+        # A packed row's 4D mask is one for all layers: it cannot hold the window of sliding-window
+        # layers (nor tell them from global ones, as in Gemma 3); transformers builds both from a padding mask.
+        if distributed.is_main():
+            print(f"note: data.packing with {attention} attention cannot keep the model's sliding window "
+                  f"({window} tokens, under data.max_seq_len {recipe.data.max_seq_len}); training with one "
+                  f"example per row (model.attn_implementation=sdpa packs and keeps it)", flush=True)
+        return lambda examples: collate(examples, pad_token_id)
     return lambda examples: collate_packed(examples, recipe.data.max_seq_len, pad_token_id)
 
 

@@ -84,6 +84,10 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         for row_starts in starts:
             bounds = row_starts.nonzero().flatten().tolist() + [length]
             per_row.append([end - start for start, end in zip(bounds, bounds[1:])])
+    # A sliding-window layer (Mistral, Gemma 3's local layers) sees the last `window` positions only
+    # (transformers' rule: key k for query q where q - window < k <= q): an example longer than the
+    # window takes that mask, the others plain causal attention.
+    window = kwargs.get("sliding_window")
     rows = []
     for row, lengths in enumerate(per_row):
         # One row (always, after `unpad`): the tensors themselves, since a slice's backward would
@@ -93,7 +97,20 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         pieces = zip(*(t.split(lengths, dim=2) for t in row_tensors))
         # Each output goes to [1, length, heads, head_dim] as a view; one concatenation then writes
         # the row in the layout the output projection reads (no second, transposing copy).
-        rows.append(torch.cat([F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
-                                                              scale=scaling, enable_gqa=grouped).transpose(1, 2)
+        rows.append(torch.cat([_causal_sdpa(q, k, v, dropout, scaling, grouped, window).transpose(1, 2)
                                for q, k, v in pieces], dim=1))
     return torch.cat(rows) if len(rows) > 1 else rows[0], None
+
+
+def _causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float, scaling: float | None,
+                 grouped: bool, window: int | None) -> torch.Tensor:
+    """One example's causal attention, within the last `window` positions where it is longer than that."""
+    length = query.shape[2]
+    if window is None or length <= window:
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scaling,
+                                              enable_gqa=grouped)
+    positions = torch.arange(length, device=query.device)
+    behind = positions[:, None] - positions[None, :]  # query position - key position
+    mask = (behind >= 0) & (behind < window)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                          enable_gqa=grouped)
