@@ -19,7 +19,7 @@ from trainer.checkpoint import reading, resume, saving
 from trainer.checkpoint.fingerprint import base_fingerprint
 from trainer.checkpoint.saving import TrainState
 from trainer.checkpoint.snapshot import UpdateSnapshot
-from trainer.config import Recipe, TrainConfig, deepspeed_config
+from trainer.config import Recipe, RecipeError, TrainConfig, deepspeed_config
 from trainer.data.batching import BatchPlan
 from trainer.data.packing import training_collate
 from trainer.data.pipeline import build_datasets, held_out_rows, rows_by_file
@@ -28,7 +28,8 @@ from trainer.data.store import Examples
 from trainer.evaluation.generate import sample_generations
 from trainer.evaluation.held_out_loss import evaluate_loss
 from trainer.loss import CausalLMLoss
-from trainer.model.base import dtype_name, enable_activation_checkpointing, load_base, load_tokenizer, resolve_base
+from trainer.model.base import (compute_dtype, dtype_name, enable_activation_checkpointing, load_base, load_tokenizer,
+                                resolve_base)
 from trainer.model.lora import adapter_parameters, apply_lora, link_group_states, optimizer_groups, parameter_summary
 from trainer.runtime import distributed, health, preflight, run_dir
 from trainer.runtime.dashboards import Dashboards, check_wandb_login
@@ -93,7 +94,7 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
         return None
     rank = distributed.rank()
     metrics = MetricsLog(Path(recipe.output_dir))
-    dashboards = Dashboards(recipe)  # train.report_to: TensorBoard and/or W&B, rank 0, when installed
+    dashboards = Dashboards(recipe, resumed_step=state.step)  # train.report_to: TensorBoard and/or W&B, rank 0
     progress = tqdm(total=recipe.train.max_steps, initial=state.step, disable=rank != 0, desc="train",
                     dynamic_ncols=True)
     say = progress.write if rank == 0 else (lambda *_: None)
@@ -184,12 +185,22 @@ def after_step(run: Run, state: TrainState, record: dict, stops: bool, say: Call
         say(f"saved {saved}")
 
 
+def check_precision(dtype: torch.dtype, device: torch.device) -> None:
+    """DeepSpeed trains fp16 on a CPU only where oneDNN computes fp16 there (AVX-512 FP16 or AMX-FP16):
+    elsewhere it stops, after the model has loaded, with "Type fp16 is not supported on your device"."""
+    if dtype == torch.float16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        raise RecipeError("model.dtype=float16: this CPU has no fp16 arithmetic (AVX-512 FP16 or AMX-FP16), "
+                          "which DeepSpeed needs to train in fp16 on a CPU; use model.dtype=float32 (auto, the "
+                          "fastest on a CPU) or bfloat16")
+
+
 def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
     """In the order the user's data flows: tokenizer, data, base, adapters, engine, restored state.
     A missing file or a bad row is reported before the base (minutes for a 7B one) is loaded."""
     device = distributed.init(recipe.train.collective_timeout_minutes)
     log = print if distributed.is_main() else (lambda *a, **k: None)
     check_wandb_login(recipe)  # before minutes of loading, not after them in wandb.init
+    check_precision(compute_dtype(recipe, device), device)
     seed_everything(recipe.train.seed)
     base_name_or_path, tokenizer = prepare_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)

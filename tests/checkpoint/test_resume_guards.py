@@ -168,3 +168,22 @@ def test_a_dry_run_refuses_a_deepspeed_config_the_run_would_refuse(tmp_path, tin
         dry_run_in_process(monkeypatch, tiny_recipe(f"output_dir={tmp_path}", *SHORT, "model.dtype=bfloat16",
                                                     "deepspeed.zero_stage=0"))
     assert not (tmp_path / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------ which checkpoint
+
+
+def test_resume_from_checkpoints_best_reads_best_json_where_there_is_no_link(tmp_path):
+    # Where symlinks are not allowed, checkpoints/best.json names the best checkpoint instead of a link:
+    # resume=<run>/checkpoints/best follows it, as adapter=<run>/checkpoints/best does.
+    checkpoints = tmp_path / "checkpoints"
+    for step in (2, 4):
+        (checkpoints / f"step-{step}").mkdir(parents=True)
+        (checkpoints / f"step-{step}" / "COMPLETE").write_text("")
+    (checkpoints / "best.json").write_text(json.dumps({"best": "step-2", "eval_loss": 1.0}))
+    found = resume.find_resume_dir(tiny_recipe(f"output_dir={tmp_path}", f"resume={checkpoints / 'best'}"))
+    assert found == (checkpoints / "step-2").resolve()
+    (checkpoints / "best.json").unlink()
+    (checkpoints / "best").symlink_to("step-4", target_is_directory=True)  # a link: the checkpoint it names
+    found = resume.find_resume_dir(tiny_recipe(f"output_dir={tmp_path}", f"resume={checkpoints / 'best'}"))
+    assert found == (checkpoints / "step-4").resolve()

@@ -170,3 +170,51 @@ def test_a_wandb_init_that_finds_no_key_is_one_clear_error(tmp_path, monkeypatch
     monkeypatch.setattr(wandb, "init", no_server)  # not a login problem: said as what it is
     with pytest.raises(RecipeError, match=r"could not reach the W&B server or was refused \(Network error"):
         Dashboards(online_recipe(tmp_path))
+
+
+def test_a_wandb_init_failure_on_rank_0_stops_every_rank(tmp_path, monkeypatch):
+    """wandb.init runs on rank 0 only: its failure is shared, so the other ranks stop with it instead of
+    waiting for rank 0 in the first collective. Two ranks played in one process, by rank and broadcast."""
+    from trainer.runtime import distributed
+    from trainer.runtime.dashboards import Dashboards
+
+    def no_server(*_, **__):
+        raise wandb.errors.CommError("Network error (ConnectTimeout)")
+
+    shared = []
+    monkeypatch.setattr(wandb, "init", no_server)
+    monkeypatch.setattr(distributed, "broadcast_object", lambda value, source=0: shared.append(value) or value)
+    with pytest.raises(RecipeError, match="could not reach the W&B server") as failure:
+        Dashboards(online_recipe(tmp_path))
+    assert shared == [str(failure.value)]
+    monkeypatch.setattr(distributed, "is_main", lambda: False)  # rank 1: hears rank 0's outcome
+    monkeypatch.setattr(distributed, "broadcast_object", lambda value, source=0: shared[0])
+    with pytest.raises(RecipeError, match=r"did not start on rank 0, so this rank stops too \(wandb.init could not"):
+        Dashboards(online_recipe(tmp_path))
+    monkeypatch.setattr(distributed, "broadcast_object", lambda value, source=0: None)  # rank 0 started it
+    assert not Dashboards(online_recipe(tmp_path)).wandb.active
+
+
+def test_a_resumed_run_hides_the_tensorboard_events_the_stopped_run_wrote_after_its_checkpoint(tmp_path):
+    """The stopped run logged steps 1-5 and saved at 3; the resumed run logs 4-6 again. TensorBoard must
+    show each step once, with the resumed run's values (purge_step)."""
+    import time
+
+    from trainer.runtime.dashboards import Dashboards
+
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    recipe = load_recipe(ROOT / "recipes" / "tiny_alpaca.yaml", ["train.report_to=[tensorboard]",
+                                                                 f"output_dir={tmp_path}"])
+    stopped = Dashboards(recipe)
+    for step in range(1, 6):
+        stopped.write({"step": step, "loss": 1.0})
+    stopped.close()
+    time.sleep(1.1)  # event files are read in name order, which starts with the second they were opened
+    resumed = Dashboards(recipe, resumed_step=3)
+    for step in range(4, 7):
+        resumed.write({"step": step, "loss": 2.0})
+    resumed.close()
+    events = accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0),
+                                                                        (5, 2.0), (6, 2.0)]

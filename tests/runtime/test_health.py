@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, run_cli
 
@@ -205,6 +206,10 @@ def test_a_rank_leaves_without_interpreter_finalisation(entry, outcome, group):
     assert ("interpreter finalisation ran" in result.stdout) == (group == "no-group")
 
 
+FP16_CPU = torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
+@pytest.mark.skipif(not FP16_CPU, reason="this CPU has no fp16 arithmetic, which DeepSpeed needs to train in fp16")
 def test_fp16_overflow_skipped_steps_are_counted_and_the_run_goes_on(tmp_path, tiny_base):
     """In fp16, inf/NaN gradients are what DeepSpeed's loss scaler expects now and then (the scale
     starts high): it skips the update and lowers the scale. The run counts it and goes on."""
@@ -217,3 +222,14 @@ def test_fp16_overflow_skipped_steps_are_counted_and_the_run_goes_on(tmp_path, t
     assert "step 2: fp16 gradient overflow, update skipped and loss scale lowered" in result.stdout
     assert all(math.isfinite(r["loss"]) for r in logged.values()) and not logged[4].get("skipped")
     assert (tmp_path / "checkpoints/step-4/COMPLETE").exists()
+
+
+def test_fp16_on_a_cpu_without_fp16_arithmetic_is_refused_before_loading(monkeypatch):
+    from trainer.config import RecipeError
+    from trainer.loop import check_precision
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False)
+    with pytest.raises(RecipeError, match="model.dtype=float16: this CPU has no fp16 arithmetic"):
+        check_precision(torch.float16, torch.device("cpu"))
+    check_precision(torch.float32, torch.device("cpu"))
+    check_precision(torch.bfloat16, torch.device("cpu"))

@@ -73,3 +73,68 @@ def test_a_resume_from_another_output_dirs_checkpoint_sets_this_ones_earlier_run
     assert "4 log line(s)" in note
     assert [json.loads(line)["step"] for line in (here / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert run_dir.prepare(tmp_path / "new", 4, there / "checkpoints" / "step-4") is None  # nothing here yet
+
+
+def saved_checkpoint(checkpoints, step, eval_loss=None):
+    """checkpoints/step-<step> as far as run_dir and best-marking read one: its COMPLETE marker and meta.json."""
+    path = checkpoints / f"step-{step}"
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text(json.dumps({"step": step, "eval_loss": eval_loss}))
+    (path / "COMPLETE").write_text("")
+    return path
+
+
+def test_a_resume_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path):
+    # Run A saved step-300 (best), 400, 500; run B resumes from best. Left in place, A's step-500 would be
+    # taken by resume=auto after B stops at 450, and keep_last would prune B's checkpoints before it.
+    checkpoints = tmp_path / "checkpoints"
+    for step, loss in ((300, 1.0), (400, 1.5), (500, 2.0)):
+        saved_checkpoint(checkpoints, step, loss)
+    (checkpoints / "best").symlink_to("step-300", target_is_directory=True)
+    write_lines(tmp_path / "metrics.jsonl", [{"step": s} for s in (100, 200, 300, 400, 500)])
+    note = run_dir.prepare(tmp_path, 300, checkpoints / "best")
+    (moved_to,) = (tmp_path / run_dir.EARLIER).iterdir()
+    assert f"checkpoints after step 300, from the run that went on past it, moved to {moved_to}" in note
+    assert "2 log line(s)" in note
+    assert sorted(p.name for p in (moved_to / "checkpoints").iterdir()) == ["step-400", "step-500"]
+    assert (moved_to / "checkpoints" / "step-500" / "COMPLETE").exists()  # moved, not deleted
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best", "step-300"]
+    assert (checkpoints / "best").resolve() == (checkpoints / "step-300").resolve()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", run_dir.EARLIER, "metrics.jsonl",
+                                                          "metrics.superseded.jsonl"]
+    assert run_dir.prepare(tmp_path, 300, checkpoints / "step-300") is None  # nothing after it any more
+
+
+def test_a_best_that_names_a_later_checkpoint_goes_with_it_and_best_is_marked_again(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    for step, loss in ((2, 1.5), (4, 1.0), (6, 0.5)):
+        saved_checkpoint(checkpoints, step, loss)
+    (checkpoints / "best").symlink_to("step-6", target_is_directory=True)
+    run_dir.prepare(tmp_path, 2, checkpoints / "step-2")
+    (moved_to,) = (tmp_path / run_dir.EARLIER).iterdir()
+    # The relative link went with its checkpoint and still names it; best here is the best one left.
+    assert (moved_to / "checkpoints" / "best").resolve() == (moved_to / "checkpoints" / "step-6").resolve()
+    assert (checkpoints / "best").resolve() == (checkpoints / "step-2").resolve()
+    # Where symlinks are not allowed, best.json names the checkpoint: it goes with it too.
+    saved_checkpoint(checkpoints, 8, 0.1)
+    (checkpoints / "best").unlink()
+    (checkpoints / "best.json").write_text(json.dumps({"best": "step-8", "eval_loss": 0.1}))
+    run_dir.prepare(tmp_path, 2, checkpoints / "step-2")
+    (second,) = set((tmp_path / run_dir.EARLIER).iterdir()) - {moved_to}
+    assert sorted(p.name for p in (second / "checkpoints").iterdir()) == ["best.json", "step-8"]
+    assert (checkpoints / "best").resolve() == (checkpoints / "step-2").resolve()
+
+
+def test_a_resume_from_a_run_set_aside_under_earlier_runs_sets_the_current_run_aside(tmp_path):
+    # Resuming from earlier-runs/ continues that earlier run: the current run's checkpoints (higher
+    # steps here) and logs must not mix with it. The checkpoint resumed from stays where it is.
+    earlier = tmp_path / run_dir.EARLIER / "20260101-000000"
+    saved_checkpoint(earlier / "checkpoints", 4)
+    saved_checkpoint(tmp_path / "checkpoints", 8)
+    write_lines(tmp_path / "metrics.jsonl", [{"step": s} for s in range(1, 9)])
+    note = run_dir.prepare(tmp_path, 4, earlier / "checkpoints" / "step-4")
+    assert "earlier run's files" in note and "resumed from" in note
+    assert sorted(p.name for p in tmp_path.iterdir()) == [run_dir.EARLIER]
+    (current,) = set((tmp_path / run_dir.EARLIER).iterdir()) - {earlier}
+    assert (current / "checkpoints" / "step-8" / "COMPLETE").exists() and (current / "metrics.jsonl").exists()
+    assert (earlier / "checkpoints" / "step-4" / "COMPLETE").exists()

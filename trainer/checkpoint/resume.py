@@ -18,7 +18,7 @@ from torch import nn
 from trainer.runtime import distributed
 from trainer.checkpoint.saving import (ADAM_KEYS, COMPLETE, CheckpointError, TrainState, complete_checkpoints,
                                 loss_scaler, peft_key, set_rng_state)
-from trainer.checkpoint.reading import check_adapter, load_adapter_weights, on_main, read_tensors
+from trainer.checkpoint.reading import check_adapter, load_adapter_weights, on_main, read_tensors, resolve_adapter
 from trainer.config import Recipe
 from trainer.model.base import ModelLoadError
 from trainer.model.lora import adapter_parameters
@@ -43,7 +43,9 @@ def _find_resume_dir(recipe: Recipe) -> Path | None:
     if recipe.resume == "auto":
         found = complete_checkpoints(Path(recipe.output_dir) / "checkpoints")
         return found[-1] if found else None
-    path = Path(recipe.resume)
+    # checkpoints/best as adapter= reads it: through best.json where symlinks were not allowed, and
+    # resolved, so that the checkpoint read is the one the run's note names.
+    path = resolve_adapter(recipe.resume)
     if not (path / COMPLETE).exists():
         raise CheckpointError(f"resume={path}: not a complete checkpoint directory (no {COMPLETE} marker); "
                               f"use resume=auto to pick the newest complete one")

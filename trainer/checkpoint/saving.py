@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -190,10 +191,12 @@ def save(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, r
         try:
             _write(final, weights, moments, rng_states, recipe, base_name_or_path, state,
                    {**meta, "eval_loss": eval_loss if eval_loss is not None and math.isfinite(eval_loss) else None}, adam_step, needed)
-        except (OSError, CheckpointError) as failure:
+        # SafetensorError: safetensors' own I/O error (a full disk, a quota), not an OSError.
+        except (OSError, SafetensorError, CheckpointError) as failure:
             shutil.rmtree(final.with_name(f".tmp-{final.name}"), ignore_errors=True)
+            reason = getattr(failure, "strerror", None) or failure  # SafetensorError has no strerror
             error = (str(failure) if isinstance(failure, CheckpointError) else
-                     f"could not write checkpoint {final} ({failure.strerror or failure}); it needs about "
+                     f"could not write checkpoint {final} ({reason}); it needs about "
                      f"{needed / 2**20:.1f} MiB. The previous checkpoint is intact: free space or point "
                      f"output_dir elsewhere, then resume=auto.")
     # Every rank learns the outcome, so a failed save stops all of them instead of hanging one.
@@ -227,14 +230,25 @@ def _write(final: Path, weights: dict, moments: dict, rng_states: list, recipe: 
     _check_shapes(load_file(str(temporary / "adapter_model.safetensors")), recipe, "on disk")
     (temporary / COMPLETE).write_text("")
     _fsync_tree(temporary)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(temporary, final)
+    _replace_directory(temporary, final)
     try:
         mark_best_and_prune(final, recipe.train.keep_last)
     except OSError as error:  # the checkpoint itself is complete: keep training
         print(f"warning: checkpoint {final} is saved, but marking the best one or pruning old ones failed "
               f"({error})", flush=True)
+
+
+def _replace_directory(new: Path, final: Path) -> None:
+    """Rename `new` to `final`. An earlier `final` (a stale step-<N>) is renamed out of the way first
+    and deleted last: deleting it in place, a crash could leave a half-deleted step-<N> that still
+    holds its COMPLETE marker, which resume=auto would pick. Renamed, it no longer looks like a
+    checkpoint (an interrupted replace leaves only the older ones)."""
+    stale = final.with_name(f".stale-{final.name}")
+    shutil.rmtree(stale, ignore_errors=True)  # left by a crash in an earlier replace
+    if final.exists():
+        os.replace(final, stale)
+    os.replace(new, final)
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def _check_shapes(weights: dict[str, torch.Tensor], recipe: Recipe, where: str) -> None:

@@ -7,7 +7,8 @@
     metrics_log.py  metrics.jsonl
     report.py       report.png and TensorBoard events
     dashboards.py   TensorBoard and Weights & Biases during training
-    run_dir.py      one run per output_dir: an earlier run set aside on a fresh start, redone steps out of the logs
+    run_dir.py      one run per output_dir: an earlier run set aside on a fresh start or a resume from elsewhere;
+                    redone steps out of the logs, later checkpoints set aside on a resume from an older one
     quiet.py        the libraries' routine log lines kept out of the output
     cache.py        the cache directory, and building into it once across processes
 """

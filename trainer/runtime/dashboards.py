@@ -7,9 +7,11 @@ Rank 0 logs every metrics.jsonl record under the TensorBoard tags (train/loss, e
 the resolved recipe as the run's config, and each round of sample generations as a table
 (step, question, input, reference, prediction). Offline, the run is written under
 <output_dir>/wandb/offline-run-*/ with no network; `wandb sync <that dir>` uploads it later.
-A resumed run (same output_dir) continues the same W&B run. wandb is optional
-(`pip install wandb`, or `.[report]`): without it, a note and nothing else. Online without
-credentials is refused in setup, before the model loads (check_wandb_login), with one message.
+A resumed run (same output_dir) continues the same W&B run; the steps it redoes keep there the values
+the stopped run sent (W&B drops a step below one it has), while TensorBoard shows the new ones
+(TensorBoardLog's resumed_step). wandb is optional (`pip install wandb`, or `.[report]`): without
+it, a note and nothing else. Online without credentials is refused in setup, before the model loads
+(check_wandb_login), with one message; a wandb.init that fails later stops every rank.
 """
 from __future__ import annotations
 
@@ -137,18 +139,32 @@ class WandbLog:
 
 
 class Dashboards:
-    """The dashboards `train.report_to` names (none with `train.report: false`), written together."""
+    """The dashboards `train.report_to` names (none with `train.report: false`), written together.
+    Create on every rank: rank 0 writes them. `resumed_step`: the checkpoint's step a resumed run
+    continues from (0 for a fresh start)."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, resumed_step: int = 0):
         from trainer.runtime.report import TensorBoardLog
 
         wanted = recipe.train.report_to if recipe.train.report else []
-        self.tensorboard = TensorBoardLog(Path(recipe.output_dir), "tensorboard" in wanted)
+        self.tensorboard = TensorBoardLog(Path(recipe.output_dir), "tensorboard" in wanted, resumed_step)
+        self.wandb = None
+        if "wandb" not in wanted:
+            return  # the same recipe on every rank: all return here, no collective
+        failure = None
         try:
-            self.wandb = WandbLog(recipe) if "wandb" in wanted else None
-        except RecipeError:
-            self.tensorboard.close()
-            raise
+            self.wandb = WandbLog(recipe)  # wandb.init runs on rank 0 only
+        except Exception as error:  # noqa: BLE001  (whatever stops rank 0 here must stop the other ranks too)
+            failure = error
+        # Every rank learns whether wandb.init failed: the others would otherwise go on into the first
+        # collective and wait there for rank 0, which has stopped.
+        said = distributed.broadcast_object(None if failure is None else (str(failure) or type(failure).__name__))
+        if said is None:
+            return
+        self.tensorboard.close()
+        if failure is not None:
+            raise failure
+        raise RecipeError(f"Weights & Biases did not start on rank 0, so this rank stops too ({said})")
 
     def write(self, record: dict) -> None:
         self.tensorboard.write(record)

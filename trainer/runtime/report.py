@@ -125,9 +125,11 @@ def _one_line(text: str, width: int) -> str:
 
 class TensorBoardLog:
     """TensorBoard event files under <output_dir>/tensorboard, when tensorboard is installed.
-    `write(record)` takes the records written to metrics.jsonl."""
+    `write(record)` takes the records written to metrics.jsonl. `resumed_step`: the checkpoint's step
+    a resumed run continues from (0 for a fresh start); TensorBoard hides the events a stopped run
+    wrote after it, which this run writes again."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool = True):
+    def __init__(self, output_dir: str | Path, enabled: bool = True, resumed_step: int = 0):
         self._writer = None
         if not (enabled and distributed.is_main()):
             return
@@ -138,7 +140,8 @@ class TensorBoardLog:
                   "no TensorBoard events, metrics.jsonl and report.png only")
             return
         self.directory = Path(output_dir) / "tensorboard"
-        self._writer = SummaryWriter(log_dir=str(self.directory))
+        # purge_step T hides the events with step >= T; the first step this run logs is resumed_step + 1.
+        self._writer = SummaryWriter(log_dir=str(self.directory), purge_step=resumed_step + 1 if resumed_step else None)
 
     @property
     def active(self) -> bool:

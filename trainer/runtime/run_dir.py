@@ -5,18 +5,26 @@ metrics.jsonl appended to, keep_last pruning the new run's checkpoints while the
 higher-numbered ones stay, `checkpoints/best` and `resume=auto` picking the earlier run's, W&B
 continuing its run id. `set_aside_earlier_run` moves what a run writes into
 `earlier-runs/<time>/` instead: nothing is deleted, and the new run starts clean. So does a run
-resumed from another output_dir's checkpoint, which continues that run here.
+resumed from another output_dir's checkpoint, which continues that run here, or from one set aside
+under earlier-runs/, which continues that earlier run instead of the current one.
 
 A resumed run redoes the steps after its checkpoint. The log lines a crashed run wrote for them are
 moved out of metrics.jsonl and samples.jsonl (`drop_steps_after`, into `*.superseded.jsonl`), so
-each step is logged once and report.png draws one curve.
+each step is logged once and report.png draws one curve. The checkpoints it saved after them (a
+resume from an older checkpoint than the newest, such as `best`) are set aside too
+(`set_aside_checkpoints_after`): left in place, keep_last would count them as the newest and prune
+this run's, and resume=auto would pick them.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import time
 from pathlib import Path
+
+from trainer.checkpoint.saving import BEST, best_checkpoint, mark_best
 
 EARLIER = "earlier-runs"
 SUPERSEDED = ".superseded.jsonl"
@@ -28,21 +36,29 @@ RUN_FILES = (*STEP_LOGS, *(Path(name).with_suffix(SUPERSEDED).name for name in S
 
 def prepare(output_dir: Path, resumed_step: int | None, resumed_from: Path | None = None) -> str | None:
     """Before a run writes: a fresh start (`resumed_step` None) sets an earlier run aside; a resumed
-    one drops the log lines of the steps it redoes. A run resumed from a checkpoint of another
-    output_dir (`resumed_from` outside this one) continues that run here, as a run of its own: it sets
-    aside what an earlier run left here, as a fresh start does. Returns a note for the log, if
-    anything moved. Call on the main rank."""
-    elsewhere = resumed_from is not None and not _inside(resumed_from, output_dir)
+    one sets aside the checkpoints and drops the log lines of the steps it redoes. A run resumed from
+    a checkpoint of another output_dir, or of a run set aside under this one's earlier-runs/
+    (`resumed_from` elsewhere), continues that run here, as a run of its own: it sets aside what the
+    current run left here, as a fresh start does. Returns a note for the log, if anything moved. Call
+    on the main rank, after the checkpoint is loaded (what moves here may be the one it was read from)."""
+    elsewhere = resumed_from is not None and (not _inside(resumed_from, output_dir)
+                                              or _inside(resumed_from, output_dir / EARLIER))
     if resumed_step is None or elsewhere:
         moved_to = set_aside_earlier_run(output_dir)
         started = "this fresh start" if resumed_step is None else f"this run (resumed from {resumed_from})"
         return None if moved_to is None else (
             f"note: {output_dir} held an earlier run's files; moved to {moved_to} so that {started} "
             f"does not mix with them (resume=auto continues a run instead)")
+    notes = []
+    moved_to = set_aside_checkpoints_after(output_dir, resumed_step)
+    if moved_to is not None:
+        notes.append(f"note: checkpoints after step {resumed_step}, from the run that went on past it, moved to "
+                     f"{moved_to}: this run saves its own, and resume=auto, best and keep_last see only those")
     moved = drop_steps_after(output_dir, resumed_step)
-    return None if not moved else (
-        f"note: {moved} log line(s) of steps after {resumed_step}, from the run that stopped, moved from "
-        f"metrics.jsonl / samples.jsonl to *{SUPERSEDED}: those steps run again")
+    if moved:
+        notes.append(f"note: {moved} log line(s) of steps after {resumed_step}, from the run that stopped, moved "
+                     f"from metrics.jsonl / samples.jsonl to *{SUPERSEDED}: those steps run again")
+    return "\n".join(notes) or None
 
 
 def _inside(path: Path, directory: Path) -> bool:
@@ -55,15 +71,61 @@ def set_aside_earlier_run(output_dir: Path) -> Path | None:
     found = [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
     if not found:
         return None
+    target = _new_earlier_folder(output_dir)
+    for path in found:
+        shutil.move(str(path), str(target / path.name))
+    return target
+
+
+def set_aside_checkpoints_after(output_dir: Path, step: int) -> Path | None:
+    """Move checkpoints/step-<M> for every M > `step`, and a `best` (link or best.json) that names one
+    of them, into earlier-runs/<UTC time>/checkpoints/, and point `best` at the best one left. Where
+    they went, or None if there were none. A run resumed at `step` redoes the steps after it: the
+    checkpoints an earlier continuation saved for them belong to the run it abandons. The link is
+    relative, so it still names its checkpoint where both went."""
+    checkpoints = output_dir / "checkpoints"
+    if not checkpoints.is_dir():
+        return None
+    later = [path for path in checkpoints.iterdir() if (saved := _checkpoint_step(path)) is not None and saved > step]
+    if not later:
+        return None
+    later_names = {path.name for path in later}
+    markers = [marker for marker in (checkpoints / BEST, checkpoints / f"{BEST}.json")
+               if _names_one_of(marker, later_names)]
+    target = _new_earlier_folder(output_dir) / "checkpoints"
+    target.mkdir()
+    for path in [*markers, *later]:
+        shutil.move(str(path), str(target / path.name))
+    if markers and (best := best_checkpoint(checkpoints)) is not None:
+        mark_best(best)
+    return target.parent
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    return int(path.name.split("-")[1]) if re.fullmatch(r"step-\d+", path.name) else None
+
+
+def _names_one_of(marker: Path, names: set[str]) -> bool:
+    """Whether checkpoints/best (a link) or checkpoints/best.json names a checkpoint in `names`."""
+    if marker.is_symlink():
+        return Path(os.readlink(marker)).name in names
+    if marker.suffix == ".json" and marker.is_file():
+        try:
+            return json.loads(marker.read_text()).get("best") in names
+        except (OSError, ValueError, AttributeError, TypeError):
+            return False  # unreadable: left where it is (adapter=...best says so when it is read)
+    return False
+
+
+def _new_earlier_folder(output_dir: Path) -> Path:
+    """A new, empty earlier-runs/<UTC time>/."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     target = output_dir / EARLIER / stamp
     suffix = 1
-    while target.exists():  # two fresh starts within a second
+    while target.exists():  # two set aside within a second
         target = output_dir / EARLIER / f"{stamp}-{suffix}"
         suffix += 1
     target.mkdir(parents=True)
-    for path in found:
-        shutil.move(str(path), str(target / path.name))
     return target
 
 
