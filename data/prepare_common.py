@@ -139,7 +139,8 @@ def arguments(description: str, default_source: str, default_out: Path, hub_conf
               argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=default_source,
-                        help=f"a local .json/.jsonl/.csv/.parquet file or a hub dataset id (default: {default_source})")
+                        help=f"a local .json/.jsonl/.csv/.parquet file, a save_to_disk folder or a hub dataset id "
+                             f"(default: {default_source})")
     parser.add_argument("--out", type=Path, default=default_out, help=f"JSON lines to write (default: {default_out})")
     parser.add_argument("--max-rows", type=int, default=None, help="read only the source's first N records")
     parser.add_argument("--split", default=None,

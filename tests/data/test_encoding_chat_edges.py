@@ -157,6 +157,10 @@ def test_contents_a_trimming_template_strips_are_prompt_text_cut_and_read_litera
     (text,) = [text for text, kind in pieces if kind == PROMPT]
     assert text == question.strip() and isinstance(text, Literal)
     assert all(kind != MARKUP or "word" not in text for text, kind in pieces)
+    # A short content that also occurs inside the markup ("a" in <|im_start|>) is found where the message is.
+    short = chat_pieces(tokenizer, tokenizer.chat_template, [{"role": "user", "content": "a\n"},
+                                                             {"role": "assistant", "content": "b"}])
+    assert short[:3] == [("<|im_start|>user\n", MARKUP), ("a", PROMPT), ("<|im_end|>\n<|im_start|>assistant\n", MARKUP)]
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     (example,), _, stats = build(tokenizer, tmp_path, [{"messages": messages}], max_seq_len=48)
     assert stats["datasets"][0]["outcomes"] == {"truncated": 1} and len(example.input_ids) <= 48  # the question was cut

@@ -274,6 +274,13 @@ def test_a_saved_dataset_folder_is_read_by_split_and_a_file_takes_no_split(tmp_p
     missing = prepare("alpaca", "--source", str(folder), "--split", "test", "--out", str(tmp_path / "no.jsonl"))
     assert missing.returncode == 2 and not (tmp_path / "no.jsonl").exists()
     assert missing.stderr.strip() == f"error: {folder}: no split 'test'; it has ['train', 'validation'] (pass --split)"
+    single = tmp_path / "single"  # a saved Dataset, not a DatasetDict: one split, read whole
+    datasets.Dataset.from_list(rows["train"]).save_to_disk(str(single))
+    assert prepare("alpaca", "--source", str(single), "--out", str(out)).returncode == 0
+    assert lines(out) == rows["train"]
+    one_split = prepare("alpaca", "--source", str(single), "--split", "test", "--out", str(tmp_path / "no.jsonl"))
+    assert one_split.returncode == 2 and not (tmp_path / "no.jsonl").exists()
+    assert f"{single}: a saved dataset of one split, read whole: it has no split 'test'" in one_split.stderr
     one_file = write_jsonl(tmp_path / "one.jsonl", rows["train"])
     refused = prepare("alpaca", "--source", str(one_file), "--split", "validation", "--out", str(tmp_path / "no.jsonl"))
     assert refused.returncode == 2 and not (tmp_path / "no.jsonl").exists()

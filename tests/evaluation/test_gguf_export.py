@@ -184,7 +184,8 @@ def test_byte_level_pre_tokenizers_get_llama_cpps_name_or_are_refused(smollm2_to
                                plain_bytes)) == "qwen2"
     for unknown in (spec(pre_tokenizers.Digits(individual_digits=False), byte_level),
                     spec(pre_tokenizers.Split(Regex(r"\d+|\D+"), "isolated"), plain_bytes),
-                    spec(pre_tokenizers.Punctuation(), byte_level)):
+                    spec(pre_tokenizers.Punctuation(), byte_level),
+                    spec(pre_tokenizers.ByteLevel(add_prefix_space=True))):  # llama.cpp's gpt-2 adds no space
         with pytest.raises(GGUFExportError, match="none of those this export can name for llama.cpp"):
             byte_level_pre(unknown)
     # The real base's own tokenizer (as transformers converted it from the GGUF file) and the one

@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,7 @@ def test_a_gguf_conversion_is_keyed_by_content(cache: Path, tmp_path: Path, monk
     assert gguf.converted_dir(second) != gguf.converted_dir(first)
     assert converted == [b"one", b"other"]
     # Copied over in place keeping size and modification time (cp -p): still read again.
+    time.sleep(0.05)  # past a coarse clock tick: the copy's change time must differ from the write's
     stat = second.stat()
     replacement = tmp_path / "c.gguf"
     replacement.write_bytes(b"third")

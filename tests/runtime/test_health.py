@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli
+from trainer import loop
 
 SHORT = ["data.max_rows=40", "train.global_batch_size=8", "train.micro_batch_size=4", "train.max_steps=6",
          "train.warmup_steps=2", "train.save_every=2", "train.eval_every=100", "train.log_every=1",
@@ -206,7 +207,7 @@ def test_a_rank_leaves_without_interpreter_finalisation(entry, outcome, group):
     assert ("interpreter finalisation ran" in result.stdout) == (group == "no-group")
 
 
-FP16_CPU = torch.ops.mkldnn._is_mkldnn_fp16_supported()
+FP16_CPU = loop.cpu_fp16_supported()
 
 
 @pytest.mark.skipif(not FP16_CPU, reason="this CPU has no fp16 arithmetic, which DeepSpeed needs to train in fp16")
@@ -226,10 +227,9 @@ def test_fp16_overflow_skipped_steps_are_counted_and_the_run_goes_on(tmp_path, t
 
 def test_fp16_on_a_cpu_without_fp16_arithmetic_is_refused_before_loading(monkeypatch):
     from trainer.config import RecipeError
-    from trainer.loop import check_precision
 
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False)
+    monkeypatch.setattr(loop, "cpu_fp16_supported", lambda: False)
     with pytest.raises(RecipeError, match="model.dtype=float16: this CPU has no fp16 arithmetic"):
-        check_precision(torch.float16, torch.device("cpu"))
-    check_precision(torch.float32, torch.device("cpu"))
-    check_precision(torch.bfloat16, torch.device("cpu"))
+        loop.check_precision(torch.float16, torch.device("cpu"))
+    loop.check_precision(torch.float32, torch.device("cpu"))
+    loop.check_precision(torch.bfloat16, torch.device("cpu"))

@@ -461,13 +461,15 @@ def _split_contents(text: str, contents: list[str]) -> list[tuple[str, str]]:
 
 
 def _find_content(text: str, content: str, cursor: int) -> tuple[int, str]:
-    """Where a message's content is in `text` from `cursor` on, and as what: itself, else stripped of
-    the whitespace a template may trim; (-1, "") where neither is there."""
-    for part in dict.fromkeys((content, content.strip())):
-        start = text.find(part, cursor) if part else -1
-        if start >= 0:
-            return start, part
-    return -1, ""
+    """Where a message's content is in `text` from `cursor` on, and as what: itself or stripped of the
+    whitespace a template may trim, whichever comes first (itself where both start there; "Be brief "
+    written as "Be brief" must not be found in a later "Be brief about it"); (-1, "") where neither is."""
+    found = [(start, -len(part), part) for part in dict.fromkeys((content, content.strip()))
+             if part and (start := text.find(part, cursor)) >= 0]
+    if not found:
+        return -1, ""
+    start, _, part = min(found)
+    return start, part
 
 
 def _ambiguous(text: str, contents: list[str]) -> bool:
@@ -494,8 +496,8 @@ def _split_by_placeholders(tokenizer, template: str, messages: list[dict[str, st
     """`text`, the rendering of messages[since:] (with the generation prompt) after that of
     messages[:since], split exactly where the contents are: the same conversation rendered with a
     placeholder for each content shows the markup around them. None when the template writes other
-    markup around a placeholder than around the content (it changed the content, say stripped it),
-    or refuses the placeholders; the caller then finds contents by their text."""
+    markup around a placeholder than around the content (it changed the content other than by
+    stripping it), or refuses the placeholders; the caller then finds contents by their text."""
     marked = [{**message, "content": _placeholder(index)} for index, message in enumerate(messages)]
     try:
         start = _render(tokenizer, template, marked[:since], generation_prompt=False) if since else ""
@@ -512,10 +514,13 @@ def _split_by_placeholders(tokenizer, template: str, messages: list[dict[str, st
         if at < 0:  # a message the template does not write
             continue
         markup = marked_text[marked_cursor:at]
-        if not text.startswith(markup, cursor) or not text.startswith(content, cursor + len(markup)):
+        # The content as written, or stripped (a template that trims contents leaves a placeholder as it is).
+        part = next((part for part in (content, content.strip())
+                     if text.startswith(markup, cursor) and text.startswith(part, cursor + len(markup))), None)
+        if part is None:
             return None
-        pieces += [(markup, MARKUP), (Literal(content), PROMPT)]
-        cursor, marked_cursor = cursor + len(markup) + len(content), at + len(placeholder)
+        pieces += [(markup, MARKUP), (Literal(part), PROMPT)]
+        cursor, marked_cursor = cursor + len(markup) + len(part), at + len(placeholder)
     if text[cursor:] != marked_text[marked_cursor:]:
         return None
     pieces.append((text[cursor:], MARKUP))

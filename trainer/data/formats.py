@@ -237,6 +237,9 @@ def load_with_datasets(name: str, split: str, streaming: bool = False, split_set
         if split not in dataset:
             raise DataError(f"{name}: no split {split!r}; it has {sorted(dataset)} ({split_setting})")
         dataset = dataset[split]
+    elif split != "train" and local.is_dir() and isinstance(dataset, datasets.Dataset) and (local / "state.json").exists():
+        raise DataError(f"{name}: a saved dataset of one split, read whole: it has no split {split!r} "
+                        f"(a split is named in a saved DatasetDict or a hub dataset)")
     return dataset
 
 

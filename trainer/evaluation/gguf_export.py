@@ -250,10 +250,10 @@ def tokenizer_metadata(tokenizer, vocab_size: int, pre: str | None = None) -> di
 _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 BYTE_LEVEL_PRE = {
-    (("ByteLevel", True),): "gpt-2",  # GPT-2's regex inside ByteLevel
-    (("Digits", True), ("ByteLevel", True)): "smollm",  # each digit apart, then GPT-2's (SmolLM, StarCoder)
-    (("Split", _LLAMA3), ("ByteLevel", False)): "llama-bpe",  # Llama 3
-    (("Split", _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")), ("ByteLevel", False)): "qwen2",  # Qwen2: digits apart
+    (("ByteLevel", (True, False)),): "gpt-2",  # GPT-2's regex inside ByteLevel (use_regex, no prefix space)
+    (("Digits", True), ("ByteLevel", (True, False))): "smollm",  # each digit apart, then GPT-2's (SmolLM, StarCoder)
+    (("Split", _LLAMA3), ("ByteLevel", (False, False))): "llama-bpe",  # Llama 3
+    (("Split", _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")), ("ByteLevel", (False, False))): "qwen2",  # Qwen2: digits apart
 }
 
 
@@ -266,7 +266,7 @@ def byte_level_pre(pre_tokenizer: dict | None) -> str:
     for step in steps:
         kind = (step or {}).get("type")
         if kind == "ByteLevel":
-            shape.append((kind, step.get("use_regex", True)))
+            shape.append((kind, (step.get("use_regex", True), step.get("add_prefix_space", False))))
         elif kind == "Digits":
             shape.append((kind, step.get("individual_digits", False)))
         elif kind == "Split" and step.get("behavior") == "Isolated" and not step.get("invert"):
