@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, free_port, run_cli
+from trainer import loop
 from trainer.checkpoint import resume
 
 # 38 training rows with a global batch of 16: epochs end inside steps 3 and 5, and the resumed part
