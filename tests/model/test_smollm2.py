@@ -116,7 +116,9 @@ def test_bf16_products_of_the_4bit_base_keep_the_loss_and_adapter_gradients(smol
         del model
     (loss, grad), (bf16_loss, bf16_grad) = results["auto"], results["bfloat16"]
     assert bf16_loss != loss  # the products did change dtype
-    assert bf16_loss == pytest.approx(loss, rel=5e-3)
+    # Within issue 21's quality bound (2%): 0.1-0.4% on the Xeon with native bf16 (AMX), 1.1% on the
+    # AMD EPYC without it (oneDNN emulates bf16 there), measured 2026-12-07 (0.8621 against 0.8527).
+    assert bf16_loss == pytest.approx(loss, rel=2e-2)
     assert torch.nn.functional.cosine_similarity(grad, bf16_grad, dim=0) > 0.99
 
 
