@@ -28,8 +28,8 @@ from trainer.data.store import Examples
 from trainer.evaluation.generate import sample_generations
 from trainer.evaluation.held_out_loss import evaluate_loss
 from trainer.loss import CausalLMLoss
-from trainer.model.base import (compute_dtype, dtype_name, enable_activation_checkpointing, load_base, load_tokenizer,
-                                resolve_base)
+from trainer.model.base import (check_embedding_rows, compute_dtype, dtype_name, enable_activation_checkpointing,
+                                load_base, load_tokenizer, resolve_base)
 from trainer.model.lora import adapter_parameters, apply_lora, link_group_states, optimizer_groups, parameter_summary
 from trainer.runtime import distributed, health, preflight, run_dir
 from trainer.runtime.dashboards import Dashboards, check_wandb_login
@@ -185,19 +185,18 @@ def after_step(run: Run, state: TrainState, record: dict, stops: bool, say: Call
         say(f"saved {saved}")
 
 
-def cpu_fp16_supported() -> bool:
-    """Whether oneDNN computes fp16 on this CPU, as DeepSpeed's CPU accelerator asks it (False where the
-    torch build has no oneDNN)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+def fp16_supported() -> bool:
+    """Whether DeepSpeed trains fp16 here: its accelerator's own check, the one its engine makes (on a CPU,
+    whether oneDNN computes fp16: AVX-512 FP16 or AMX-FP16)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
 
 
 def check_precision(dtype: torch.dtype, device: torch.device) -> None:
-    """DeepSpeed trains fp16 on a CPU only where oneDNN computes fp16 there (AVX-512 FP16 or AMX-FP16):
-    elsewhere it stops, after the model has loaded, with "Type fp16 is not supported on your device"."""
-    if dtype == torch.float16 and device.type == "cpu" and not cpu_fp16_supported():
+    """Refuse fp16 on a CPU without it before the model loads: DeepSpeed's engine stops after that, with
+    "Type fp16 is not supported on your device"."""
+    if dtype == torch.float16 and device.type == "cpu" and not fp16_supported():
         raise RecipeError("model.dtype=float16: this CPU has no fp16 arithmetic (AVX-512 FP16 or AMX-FP16), "
                           "which DeepSpeed needs to train in fp16 on a CPU; use model.dtype=float32 (auto, the "
                           "fastest on a CPU) or bfloat16")
@@ -267,14 +266,7 @@ def prepare_data(recipe: Recipe, tokenizer) -> TrainingData:
 def prepare_model(recipe: Recipe, device: torch.device, tokenizer) -> tuple[torch.nn.Module, torch.dtype]:
     """The frozen quantised base with LoRA adapters, and the speed-ups the recipe asks for."""
     model, dtype = load_base(recipe, device)
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        why = (f"the base's tokenizer has no pad token apart from EOS, no unk and no spare special token to pad "
-               f"with, and the new one ({tokenizer.pad_token!r}) has no embedding row. Give the base's tokenizer "
-               f"a pad token it has a row for (its tokenizer_config.json: pad_token)"
-               if tokenizer.pad_token_id >= rows else "the tokenizer is not the base's, or the base's embedding "
-               "was cut below its vocabulary")
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {rows}: {why}")
+    check_embedding_rows(tokenizer, model.get_input_embeddings().num_embeddings)
     # Same seed on every rank, so every rank starts from identical A matrices.
     torch.manual_seed(recipe.train.seed)
     apply_lora(model, recipe.lora.target_modules, recipe.lora.r, recipe.lora.alpha,

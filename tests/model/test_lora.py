@@ -124,6 +124,37 @@ def test_merge_all_and_unmerge_all_reach_every_adapted_layer():
         torch.testing.assert_close(model(x), unmerged, rtol=0, atol=1e-5)
 
 
+def test_merge_all_gives_an_8bit_layer_the_models_dtype():
+    """bitsandbytes' 8-bit layer records no dtype: a bf16 model's merged layer is bf16, not fp32 (which
+    its bf16 inputs could not go through)."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 64, dtype=torch.bfloat16)
+            self.q_proj = base_layer("8bit")
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def forward(self, ids):
+            return self.q_proj(self.embed(ids))
+
+    model = Model()
+    apply_lora(model, ["q_proj"], r=4, alpha=8)
+    layer = model.q_proj
+    nn.init.normal_(layer.lora_B.weight, std=0.1)
+    expected = (dequantised_weight(layer.base_layer).float() + layer.delta_weight().float()).to(torch.bfloat16)
+    with torch.no_grad():
+        merge_all(model)
+        assert layer.base_layer.weight.dtype == layer.base_layer.bias.dtype == torch.bfloat16
+        assert torch.equal(layer.base_layer.weight, expected)
+        assert model(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16
+    single = LoRALinear(base_layer("8bit"), r=4, alpha=8)
+    single.merge()  # no model to take a dtype from
+    assert single.base_layer.weight.dtype == torch.float32
+
+
 def test_merge_never_happens_as_a_side_effect_of_eval():
     base = nn.Linear(8, 8)
     weight = base.weight.detach().clone()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from trainer.config import recipe_from_dict
-from trainer.model.base import load_tokenizer
+from trainer.model.base import ModelLoadError, check_embedding_rows, load_tokenizer
 
 CHAT = "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>{{ m['content'] }}<|eot_id|>{% endfor %}"
 
@@ -45,3 +45,21 @@ def test_with_nothing_spare_a_new_pad_is_added(tmp_path):
     directory = llama3_like(tmp_path / "tok", ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
     tokenizer = load_tokenizer(directory, recipe_from_dict({"model": {"name_or_path": directory}}))
     assert tokenizer.pad_token == "<pad>" and len(tokenizer) == 26 + 2 + 3 + 1
+
+
+def test_a_new_pad_without_an_embedding_row_stops_the_run_with_what_to_do(tmp_path):
+    directory = llama3_like(tmp_path / "tok", ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+    tokenizer = load_tokenizer(directory, recipe_from_dict({"model": {"name_or_path": directory}}))
+    rows = len(tokenizer) - 1  # the base has rows for its own vocabulary, not the new <pad>
+    with pytest.raises(ModelLoadError, match=r"the new one \('<pad>'\) has no embedding row.*tokenizer_config.json"):
+        check_embedding_rows(tokenizer, rows)
+    check_embedding_rows(tokenizer, rows + 1)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
+    # The pad (id 28) has a row, two later tokens have none: a cut embedding, or another base's tokenizer.
+    directory = llama3_like(tmp_path / "tok", ["<|finetune_right_pad_id|>", "<|start_header_id|>", "<|eot_id|>"])
+    tokenizer = load_tokenizer(directory, recipe_from_dict({"model": {"name_or_path": directory}}))
+    assert tokenizer.pad_token_id == 28
+    with pytest.raises(ModelLoadError, match="31 tokens but the model's embedding only 29: the tokenizer is not the base's"):
+        check_embedding_rows(tokenizer, 29)

@@ -207,7 +207,7 @@ def test_a_rank_leaves_without_interpreter_finalisation(entry, outcome, group):
     assert ("interpreter finalisation ran" in result.stdout) == (group == "no-group")
 
 
-FP16_CPU = loop.cpu_fp16_supported()
+FP16_CPU = loop.fp16_supported()
 
 
 @pytest.mark.skipif(not FP16_CPU, reason="this CPU has no fp16 arithmetic, which DeepSpeed needs to train in fp16")
@@ -228,7 +228,7 @@ def test_fp16_overflow_skipped_steps_are_counted_and_the_run_goes_on(tmp_path, t
 def test_fp16_on_a_cpu_without_fp16_arithmetic_is_refused_before_loading(monkeypatch):
     from trainer.config import RecipeError
 
-    monkeypatch.setattr(loop, "cpu_fp16_supported", lambda: False)
+    monkeypatch.setattr(loop, "fp16_supported", lambda: False)
     with pytest.raises(RecipeError, match="model.dtype=float16: this CPU has no fp16 arithmetic"):
         loop.check_precision(torch.float16, torch.device("cpu"))
     loop.check_precision(torch.float32, torch.device("cpu"))

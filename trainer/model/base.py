@@ -98,6 +98,19 @@ def spare_special_token(tokenizer) -> str | None:
     return None
 
 
+def check_embedding_rows(tokenizer, rows: int) -> None:
+    """Every token the tokenizer can give needs a row of the base's embedding."""
+    if len(tokenizer) <= rows:
+        return
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id >= rows:
+        why = (f"the base's tokenizer has no pad token apart from EOS, no unk and no spare special token to pad "
+               f"with, and the new one ({tokenizer.pad_token!r}) has no embedding row. Give the base's tokenizer "
+               f"a pad token it has a row for (its tokenizer_config.json: pad_token)")
+    else:
+        why = "the tokenizer is not the base's, or the base's embedding was cut below its vocabulary"
+    raise ModelLoadError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {rows}: {why}")
+
+
 def load_base(recipe: Recipe, device: torch.device) -> tuple[nn.Module, torch.dtype]:
     """Load the base frozen and quantised per the recipe. Returns the model and its compute dtype."""
     from transformers import AutoModelForCausalLM

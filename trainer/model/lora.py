@@ -118,17 +118,22 @@ class LoRALinear(nn.Module):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, dtype: torch.dtype | None = None) -> None:
         """Fold B @ A * scaling into the base weight. A quantised base is dequantised first and
-        kept in 16/32-bit afterwards: re-quantising would throw the adapter's update away.
+        kept in 16/32-bit afterwards: re-quantising would throw the adapter's update away. It is merged
+        in float32, then takes its model's dtype where it records it (4-bit), else `dtype` (bitsandbytes'
+        8-bit layers record none: `merge_all` passes the model's), else stays float32.
 
         A base weight that another module shares (`shared_weight`: an lm_head tied to the input
         embedding, as SmolLM2's) is merged into a copy of its own: the embedding keeps the base
         weight, as it did in training, and the two are untied (see ties_adapted_layer)."""
         if self.merged:
             return
+        cast = None
         if not isinstance(self.base_layer, nn.Linear) or is_quantised(self.base_layer):
-            self.base_layer = dequantised_linear(self.base_layer)
+            # Merged in float32, then cast: one rounding of W + dW, not two.
+            cast = recorded_dtype(self.base_layer) or dtype
+            self.base_layer = dequantised_linear(self.base_layer, torch.float32)
         if self.shared_weight:
             shared = self.base_layer.weight
             self.base_layer.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
@@ -142,6 +147,8 @@ class LoRALinear(nn.Module):
             weight.data = (factor * (weight.float() + self.delta_weight().float())).to(weight.dtype)
         else:
             weight.data += self.delta_weight().to(weight.dtype)
+        if cast is not None:
+            self.base_layer.to(cast)
         self.merged = True
 
     @torch.no_grad()
@@ -198,12 +205,16 @@ def dequantised_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> to
     return weight if dtype is None else weight.to(dtype)
 
 
+def recorded_dtype(layer: nn.Module) -> torch.dtype | None:
+    """The dtype of the model a quantised layer belongs to, where the layer records it: a 4-bit layer's
+    own (not its compute dtype: under quant.compute_dtype=bfloat16 an fp32 model's layer is fp32)."""
+    state = getattr(layer.weight, "quant_state", None)
+    return getattr(state, "dtype", None) or getattr(layer, "compute_dtype", None)
+
+
 def dequantised_linear(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
     weight = dequantised_weight(layer)
-    # A 4-bit layer's own dtype (the model's), not its compute dtype: under quant.compute_dtype=bfloat16
-    # an fp32 model's merged layer stays fp32.
-    state = getattr(layer.weight, "quant_state", None)
-    dtype = dtype or getattr(state, "dtype", None) or getattr(layer, "compute_dtype", None) or torch.float32
+    dtype = dtype or recorded_dtype(layer) or torch.float32
     linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                        device=weight.device, dtype=dtype)
     linear.weight.data.copy_(weight.to(dtype))
@@ -304,8 +315,11 @@ def ties_adapted_layer(model: nn.Module) -> bool:
 
 
 def merge_all(model: nn.Module) -> None:
+    """Merge every adapter; a quantised layer that records no dtype becomes the input embedding's."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    dtype = embedding.weight.dtype if embedding is not None and embedding.weight.is_floating_point() else None
     for layer in lora_layers(model).values():
-        layer.merge()
+        layer.merge(dtype)
 
 
 def unmerge_all(model: nn.Module) -> None:
