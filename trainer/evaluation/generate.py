@@ -66,9 +66,10 @@ def greedy_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int
     for _ in range(max_new_tokens):
         # Positions count real tokens only, so a left-padded prompt sees the positions it was trained with.
         position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
-        mask = decoding_mask(real, step_ids.shape[1])
+        mask = layer_masks(model, real, step_ids.shape[1])
         if additive:
-            mask = additive_mask(mask, mask_dtype)
+            mask = ({kind: additive_mask(m, mask_dtype) for kind, m in mask.items()} if isinstance(mask, dict)
+                    else additive_mask(mask, mask_dtype))
         output = model(input_ids=step_ids, attention_mask=mask, position_ids=position_ids,
                        use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
         next_token = output.logits[:, -1].argmax(-1)
@@ -82,17 +83,38 @@ def greedy_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int
     return [_until_stop(row, stops) for row in generated.tolist()]
 
 
-def decoding_mask(real: torch.Tensor, query_length: int) -> torch.Tensor:
+def layer_masks(model: nn.Module, real: torch.Tensor, query_length: int) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The decoding mask the model's layers take. A 4D mask reaches every layer as given (transformers
+    builds no window into it), so a base with a sliding window gets it here: Mistral-like bases (no
+    `layer_types`) in their one mask; bases that mix layer types (Gemma 2/3, Qwen2 with
+    use_sliding_window) a mask per type, as their forward accepts."""
+    inner = model.model if isinstance(model, CausalLMLoss) else model
+    config = inner.config.get_text_config() if hasattr(inner.config, "get_text_config") else inner.config
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return decoding_mask(real, query_length)
+    windowed = decoding_mask(real, query_length, window)
+    if types is None:
+        return windowed
+    return {kind: windowed if kind == "sliding_attention" else decoding_mask(real, query_length) for kind in set(types)}
+
+
+def decoding_mask(real: torch.Tensor, query_length: int, window: int | None = None) -> torch.Tensor:
     """[batch, 1, query_length, keys] boolean attention mask (True = attend) for the last
     `query_length` of `real`'s [batch, keys] positions (True = a real token, False = left padding).
 
-    Causal over the real tokens; a padding position attends to itself only, as in the packed
-    collate. With a 2D mask the padding rows would have nothing to attend to: CUDA's SDPA returns
+    Causal over the real tokens, within the last `window` positions where given (transformers' rule:
+    key k for query q where q - window < k <= q); a padding position attends to itself only, as in the
+    packed collate. With a 2D mask the padding rows would have nothing to attend to: CUDA's SDPA returns
     NaN for such rows, and transformers 5 no longer repairs them (0 * NaN then reaches real tokens)."""
     keys = real.shape[1]
     queries = torch.arange(keys - query_length, keys, device=real.device)[:, None]
     columns = torch.arange(keys, device=real.device)[None, :]
-    attend = (columns <= queries)[None] & real[:, None, :]
+    visible = columns <= queries
+    if window is not None:
+        visible &= columns > queries - window
+    attend = visible[None] & real[:, None, :]
     itself = (columns == queries)[None] & ~real[:, -query_length:, None]
     return (attend | itself)[:, None]
 
