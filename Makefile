@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
+# Where pip finds a CPU build of that torch, if it has none at hand (PyPI's Linux wheel is the CUDA one):
+# make TORCH_INDEX=https://download.pytorch.org/whl/cpu demo
+TORCH_INDEX ?=
 STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test test-slow test-all bench parity gpu-check gpu-wheels clean
@@ -11,9 +14,10 @@ STAMP  := $(VENV)/.installed
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# A venv left without pip (Debian/Ubuntu without python3-venv) is made again, not reused.
+	$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	# DeepSpeed's setup imports torch: build it against the torch installed above
 	# instead of an isolated build env that would download another torch.
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation -e ".[dev,report]"

@@ -13,10 +13,10 @@ alpha=32 on q, k, v, o, the alpaca template, GSM8K (launch/benchmarks/job.py).
            batch 8 (micro 8), LoRA dropout 0, 2 warmup + 8 timed steps, one thread.
 
 Each framework trains in its own process (peak memory is per process), one after the other,
-`--repeats` times alternating. Ours runs through the real CLI (`launch/train.py`) and is timed
-from its metrics.jsonl; theirs is `launch.benchmarks.hf_trainer`. Both see the same examples in the same
-order and are timed the same way, from the wall clock at the end of every optimizer step; the
-warmup steps are left out. `--threads` is what the job may use in all: with `--ranks 2` ours runs
+`--repeats` times alternating (ours first in even repeats, theirs first in odd ones). Ours runs
+through the real CLI (`launch/train.py`) and is timed from its metrics.jsonl; theirs is
+`launch.benchmarks.hf_trainer`. Both see the same examples in the same order and are timed the same
+way, from the wall clock at the end of every optimizer step; the warmup steps are left out. `--threads` is what the job may use in all: with `--ranks 2` ours runs
 two ranks of threads/2 through the deepspeed launcher (as launch/train.py is normally run), and
 theirs stays one process with every thread (the table says so).
 
@@ -126,7 +126,8 @@ def main() -> None:
 
     runs: dict[str, list[dict]] = {name: [] for name in FRAMEWORKS}
     for repeat in range(args.repeats):
-        for name in FRAMEWORKS:
+        # Ours first in even repeats, theirs first in odd ones: the machine's drift falls on both sides.
+        for name in FRAMEWORKS if repeat % 2 == 0 else FRAMEWORKS[::-1]:
             print(f"[bench] {TITLES[name]}, run {repeat + 1}/{args.repeats} ...", flush=True)
             scratch = fresh(out / f"{name}-{repeat}")
             run = (run_ours(job, ours_overrides, scratch, *layout["ours"]) if name == "ours"
@@ -360,7 +361,7 @@ def markdown_table(job: Job, runs: dict[str, list[dict]], tokens: list[dict], de
                   f"({parts}). Matrix-multiply peak (the higher of the measurements before and after the runs): "
                   f"{peak['text']}."]
     if len(runs["ours"]) > 1:
-        # Runs alternate ours, theirs, ours, ...: a pair shares the machine's state at the time, so the
+        # Runs alternate ours, theirs, theirs, ours, ...: a pair shares the machine's state at the time, so the
         # ratio within each pair is less exposed to a slow spell than the ratio of the medians.
         pairs = [ours["tokens_per_s_median_step"] / theirs["tokens_per_s_median_step"]
                  for ours, theirs in zip(runs["ours"], runs["theirs"])]
