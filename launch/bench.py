@@ -18,7 +18,8 @@ through the real CLI (`launch/train.py`) and is timed from its metrics.jsonl; th
 `launch.benchmarks.hf_trainer`. Both see the same examples in the same order and are timed the same
 way, from the wall clock at the end of every optimizer step; the warmup steps are left out.
 `--threads` is what the job may use in all: with `--ranks 2` ours runs two ranks of threads/2
-through the deepspeed launcher (as launch/train.py is normally run), and theirs stays one process with every thread (the table says so).
+through the deepspeed launcher (as launch/train.py is normally run), and theirs stays one process
+with every thread (the table says so).
 
 Beside throughput and peak memory:
 - utilisation: the median over the timed steps of a step's useful FLOPs (`useful_flops` in
