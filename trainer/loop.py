@@ -23,7 +23,7 @@ from trainer.config import Recipe, RecipeError, TrainConfig, deepspeed_config
 from trainer.data.batching import BatchPlan
 from trainer.data.packing import training_collate
 from trainer.data.pipeline import build_datasets, held_out_rows, rows_by_file
-from trainer.data.stats import DataStats
+from trainer.data.stats import DataStats, chat_rendered
 from trainer.data.store import Examples
 from trainer.evaluation.generate import sample_generations
 from trainer.evaluation.held_out_loss import evaluate_loss
@@ -237,7 +237,8 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
     meta = {"base_model": base_name_or_path, "base_fingerprint": base_fingerprint(base_name_or_path,
                                                                                   recipe.model.revision),
             "quant_bits": recipe.quant.bits, "template": recipe.data.template, "world_size": distributed.world_size(),
-            "zero_stage": recipe.deepspeed.zero_stage}
+            "zero_stage": recipe.deepspeed.zero_stage, "model_dtype": dtype_name(dtype),
+            "chat_rendered": chat_rendered(data.stats)}
     run = Run(recipe=recipe, device=device, tokenizer=tokenizer, data=data, model=model, loss_model=loss_model,
               engine=engine, optimizer=optimizer, collate=training_collate(recipe, model, tokenizer.pad_token_id),
               base_name_or_path=base_name_or_path, meta=meta)

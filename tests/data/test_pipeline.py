@@ -16,7 +16,7 @@ from trainer.data.encoding import IGNORE_INDEX, Example, render_prompt
 from trainer.data.batching import BatchPlan, collate
 from trainer.data.formats import DataError
 from trainer.data.pipeline import build_datasets, read_rows
-from trainer.data.stats import check_labels
+from trainer.data.stats import chat_rendered, check_labels
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 REAL = SHARED / "data"
@@ -215,6 +215,7 @@ def test_chat_rows_train_only_on_assistant_turns(tiny_base, tmp_path):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
     (example,), _, stats = build_datasets(config(path), tokenizer, seed=0)
     assert stats["datasets"][0]["format"] == "chat" and "the tokenizer's" in " ".join(stats["notes"])
+    assert chat_rendered(stats)  # meta.json says so: chat writes conversations with the chat template
     eos = tokenizer.eos_token_id
     piece = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     # Token by token: the template's text in pieces, trained exactly on each reply and its EOS.

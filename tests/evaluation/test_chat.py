@@ -127,6 +127,30 @@ def test_prompt_flag_and_bad_options():
     assert ChatOptions().temperature > 0 and not ChatOptions().greedy
 
 
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
+def test_a_temperature_that_is_not_a_finite_number_0_or_more_is_refused_before_loading(temperature):
+    from trainer.config import RecipeError
+    from trainer.evaluation.chat import chat
+
+    with pytest.raises(RecipeError, match="chat.temperature a finite number 0 or more"):
+        chat(tiny_recipe(), ChatOptions(adapter="none", temperature=temperature), prompt="x")
+
+
+def test_chat_rows_are_chatted_with_the_chat_template_whatever_data_template_says(tmp_path, tiny_base):
+    # Training renders rows in chat format with the chat template even under data.template=alpaca.
+    import json
+
+    from trainer.evaluation.chat import conversation_template
+
+    adapter = make_checkpoint(tmp_path / "run")
+    assert conversation_template(tiny_recipe(), str(adapter)) == "alpaca"
+    assert conversation_template(tiny_recipe("data.format=chat"), "none") == "chat"
+    assert conversation_template(tiny_recipe("data.template=chat"), "none") == "chat"
+    meta = json.loads((adapter / "meta.json").read_text())
+    (adapter / "meta.json").write_text(json.dumps({**meta, "chat_rendered": True}))  # found by data.format=auto
+    assert conversation_template(tiny_recipe(), str(adapter)) == "chat"
+
+
 def _expect(master: int, pattern: str, seen: list[str], limit_s: float = 180) -> str:
     """Read the terminal until `pattern` appears after what was already consumed (a generous limit
     only so that a hang fails instead of blocking the suite)."""

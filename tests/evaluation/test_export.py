@@ -159,3 +159,24 @@ def test_export_dequantises_one_layer_at_a_time(tmp_path, tiny_base, monkeypatch
     assert len(made) >= 7 * 2  # every linear layer of every decoder layer (LoRA-wrapped or not)
     assert alive_at_creation == [0] * len(made)
     assert all(weight.dtype == torch.bfloat16 and weight.device.type == "cpu" for weight in made)
+
+
+def test_a_bf16_runs_export_decodes_the_4bit_codes_quantised_from_bf16(tmp_path, tiny_base):
+    """A GPU run loads the base in bf16 before quantising: its 4-bit codes differ from float32's. The
+    dequantised export quantises as the run did (meta.json's model_dtype), then decodes in float32."""
+    from trainer.model.base import load_base
+    from trainer.model.lora import dequantised_weight
+
+    adapter = make_checkpoint(tmp_path / "run", "lora.target_modules=[q_proj]")
+    meta = json.loads((adapter / "meta.json").read_text())
+    (adapter / "meta.json").write_text(json.dumps({**meta, "model_dtype": "bfloat16"}))
+    recipe = tiny_recipe("lora.target_modules=[q_proj]")
+    weights = load_file(str(export(recipe, ExportOptions(adapter=str(adapter), out=str(tmp_path / "out"),
+                                                         dtype="float32")) / "model.safetensors"))
+    mlp = "model.layers.1.mlp.up_proj"
+    decoded = {}
+    for dtype in ("bfloat16", "float32"):
+        model, _ = load_base(tiny_recipe(f"model.dtype={dtype}"), torch.device("cpu"))
+        decoded[dtype] = dequantised_weight(model.get_submodule(mlp)).float()
+    assert not torch.equal(decoded["bfloat16"], decoded["float32"])  # the codes differ: the test can fail
+    assert torch.equal(weights[f"{mlp}.weight"], decoded["bfloat16"])

@@ -127,6 +127,12 @@ class DataStats(dict):
         return format_stats(self)
 
 
+def chat_rendered(stats: dict[str, Any]) -> bool:
+    """Whether a trained dataset is in chat format: its rows took the chat template whatever data.template
+    says, so conversations with the adapter are written with it (meta.json's chat_rendered)."""
+    return any(d["format"] == "chat" and d["weight"] is not None for d in stats["datasets"])
+
+
 def format_stats(stats: dict[str, Any]) -> str:
     header = (f"{stats['train_examples']:,} train / {stats['eval_examples']:,} held-out examples, "
               f"template {stats['template']}, max_seq_len {stats['max_seq_len']}, cache {stats['cache']}")

@@ -5,7 +5,8 @@
 
 `adapter=` takes a checkpoint (base + adapter, quantised as in training, checked like eval's), a
 merged export directory, a .gguf file, or `none` (the base alone). The conversation is written the
-way training wrote it: with data.template: chat, the tokenizer's chat template (or the built-in
+way training wrote it: with data.template: chat, or where training rendered chat-format rows (which
+take the chat template whatever data.template says), the tokenizer's chat template (or the built-in
 one) over the whole history; with an instruction template (alpaca), each turn is that template's
 prompt and the answer ends with EOS. Tokens are printed as they are generated. `/reset` clears the
 history, `/exit` (or end of input) leaves. `--prompt "..."` answers one message on stdout and exits.
@@ -16,6 +17,7 @@ with a note on stderr.
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +165,20 @@ class Chat:
         self.history.clear()
 
 
+def conversation_template(recipe: Recipe, adapter: str) -> str:
+    """How training wrote a conversation: "chat" (the chat template) where it rendered chat rows, which
+    take the chat template whatever data.template says (data.format: chat, or rows found to be chat by
+    data.format: auto, which the checkpoint's meta.json records); else data.template."""
+    from trainer.checkpoint.reading import read_meta
+
+    formats = [recipe.data.format, *(source.format for source in recipe.data.mixture)]
+    path = Path(adapter)
+    meta = read_meta(path) if path.is_dir() else None
+    if recipe.data.template == "chat" or "chat" in formats or (meta or {}).get("chat_rendered"):
+        return "chat"
+    return recipe.data.template
+
+
 def load_for_chat(recipe: Recipe, adapter: str, device: torch.device) -> tuple[nn.Module, object]:
     from trainer.checkpoint.reading import check_adapter, resolve_adapter
     from trainer.evaluation.adapted_model import load_adapted_model
@@ -194,11 +210,12 @@ def load_for_chat(recipe: Recipe, adapter: str, device: torch.device) -> tuple[n
 
 
 def chat(recipe: Recipe, opts: ChatOptions, prompt: str | None = None) -> None:
-    if not 0 < opts.top_p <= 1 or opts.temperature < 0 or opts.max_new_tokens < 1:
-        raise RecipeError("chat.top_p must be in (0, 1], chat.temperature 0 or more, chat.max_new_tokens 1 or more")
+    if not (0 < opts.top_p <= 1 and 0 <= opts.temperature < math.inf and opts.max_new_tokens >= 1):  # NaN too
+        raise RecipeError("chat.top_p must be in (0, 1], chat.temperature a finite number 0 or more, "
+                          "chat.max_new_tokens 1 or more")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_for_chat(recipe, opts.adapter, device)
-    session = Chat(model, tokenizer, recipe.data.template, opts, recipe.data.max_seq_len)
+    session = Chat(model, tokenizer, conversation_template(recipe, opts.adapter), opts, recipe.data.max_seq_len)
     if prompt is not None:
         session.reply(prompt, _write)
         print(flush=True)

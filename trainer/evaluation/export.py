@@ -30,7 +30,7 @@ from torch import nn
 from trainer import options
 from trainer.evaluation import gguf_export
 from trainer.evaluation.adapted_model import add_adapter
-from trainer.checkpoint.reading import check_adapter, resolve_adapter
+from trainer.checkpoint.reading import check_adapter, read_meta, resolve_adapter
 from trainer.config import Recipe, RecipeError
 from trainer.model.lora import dequantised_linear, is_quantised, lora_layers, ties_adapted_layer
 from trainer.model.base import DTYPES, compute_dtype, load_base, load_tokenizer, resolve_base
@@ -101,9 +101,12 @@ def load_merged(recipe: Recipe, adapter_dir: Path, base: str = "dequantised", de
     if base == "original":
         recipe = replace(recipe, quant=replace(recipe.quant, bits=16), model=replace(recipe.model, dtype="float32"))
     elif recipe.quant.bits in (4, 8):
-        # A quantised base in float32 on any device (a GPU's compute dtype is bf16): its weights decode
-        # exactly, as on the CPU. (A 16-bit base stays in its dtype: merge_to_plain merges each layer in float32.)
-        recipe = replace(recipe, model=replace(recipe.model, dtype="float32"))
+        # Quantised from the weights in the dtype training loaded them in (meta.json's model_dtype: a GPU
+        # run's bf16 rounds them first, and their 4-bit codes differ from float32's), on any device; then
+        # each layer decodes and merges in float32. A checkpoint without it: float32. (A 16-bit base stays
+        # in its dtype: merge_to_plain merges each layer in float32.)
+        trained = (read_meta(adapter_dir) or {}).get("model_dtype")
+        recipe = replace(recipe, model=replace(recipe.model, dtype=trained if trained in DTYPES else "float32"))
     model, _ = load_base(recipe, device)
     add_adapter(model, adapter_dir)
     return merge_to_plain(model.eval(), dtype)
