@@ -235,3 +235,17 @@ def test_a_write_that_fails_leaves_no_partial_file(tmp_path, tiny_base, monkeypa
     with pytest.raises(OSError, match="No space left"):
         write_gguf(merged, tokenizer, out, "f16")
     assert list(out.parent.iterdir()) == []  # neither the file nor its .partial
+
+
+def test_an_architecture_gguf_cannot_hold_is_refused_before_the_base_is_loaded(tmp_path, monkeypatch):
+    from transformers import MistralConfig
+
+    import trainer.evaluation.export as export_module
+
+    base = tmp_path / "mistral"
+    MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2).save_pretrained(base)
+    monkeypatch.setattr(export_module, "load_merged", lambda *a, **k: pytest.fail("the base was loaded"))
+    recipe = tiny_recipe(f"model.name_or_path={base}")
+    with pytest.raises(GGUFExportError, match="model_type 'mistral' \\(only llama is mapped\\)"):
+        export(recipe, ExportOptions(adapter=str(tmp_path / "adapter"), out=str(tmp_path / "model.gguf")))

@@ -122,6 +122,14 @@ def export(recipe: Recipe, opts: ExportOptions) -> Path:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype(recipe, device) if opts.dtype == "auto" else DTYPES[opts.dtype]
     if file_type != "hf":
+        from transformers import AutoConfig
+
+        # Before minutes of loading and merging a base the file could not hold.
+        base = resolve_base(recipe)
+        gguf_export.check_architecture(AutoConfig.from_pretrained(base, revision=recipe.model.revision,
+                                                                  trust_remote_code=recipe.model.trust_remote_code))
+        if opts.dtype != "auto":
+            print(f"note: export.dtype={opts.dtype} is not used for a GGUF file: its tensors are written as {file_type}")
         dtype = torch.float32  # each tensor is cast or quantised to the file type as it is written
     model = load_merged(recipe, resolve_adapter(opts.adapter), opts.base, device, dtype)
     if file_type != "hf":

@@ -91,7 +91,7 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, file_type: str = "f16", 
     if file_type not in FORMATS:
         raise GGUFExportError(f"GGUF file type must be one of {', '.join(FORMATS)}; got {file_type!r}")
     config = model.config
-    _check_architecture(config)
+    check_architecture(config)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.partial")
     writer = gguf.GGUFWriter(staging, "llama")
@@ -141,7 +141,8 @@ def _add_tensor(writer, name: str, weight: np.ndarray, file_type: str) -> None:
         writer.add_tensor(name, np.ascontiguousarray(weight, dtype=np.float16))
 
 
-def _check_architecture(config) -> None:
+def check_architecture(config) -> None:
+    """Refuse what the llama GGUF layout cannot hold (export() asks before loading the base)."""
     problems = []
     if config.model_type != "llama":
         problems.append(f"model_type {config.model_type!r} (only llama is mapped)")
