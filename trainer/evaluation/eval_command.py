@@ -20,14 +20,14 @@ from trainer.runtime import distributed
 from trainer.evaluation import scores
 from trainer.checkpoint.reading import check_adapter, resolve_adapter
 from trainer.evaluation.adapted_model import load_adapted_model
-from trainer.config import DataSource, Recipe, RecipeError, deepspeed_config
+from trainer.config import DataConfig, DataSource, Recipe, RecipeError, deepspeed_config
 from trainer.data.encoding import Example
 from trainer.data.pipeline import build_datasets, held_out_rows, load_source
 from trainer.data.formats import locate, read_source
 from trainer.evaluation.held_out_loss import evaluate_loss
 from trainer.evaluation.generate import generate, prompt_ids, row_texts
 from trainer.loss import CausalLMLoss
-from trainer.model.base import dtype_name
+from trainer.model.base import dtype_name, load_tokenizer, resolve_base
 
 
 @dataclass
@@ -65,19 +65,28 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
         raise RecipeError("eval.batch_size and eval.max_new_tokens must be positive")
     if opts.max_rows is not None and opts.max_rows < 1:
         raise RecipeError(f"eval.max_rows must be positive (or left out: every row), got {opts.max_rows}")
-    device = distributed.init()
-    log = print if distributed.is_main() else (lambda *a, **k: None)
     # Resolved once: a `best` link that moves while this runs must not change what is evaluated.
     adapter_dir = None if opts.adapter.lower() == "none" else resolve_adapter(opts.adapter)
+    # checkpoints/best resolves to the step-<N> it points at: results are named by what was scored.
+    out = Path(opts.out) if opts.out else Path(recipe.output_dir) / "eval" / (
+        adapter_dir.name if adapter_dir is not None else "no-adapter")
+    check_out(out, given=bool(opts.out))
+    device = distributed.init()
+    log = print if distributed.is_main() else (lambda *a, **k: None)
     if adapter_dir is not None:
         for warning in check_adapter(recipe, adapter_dir):
             log(f"warning: {warning}")
-    model, tokenizer, dtype = load_adapted_model(recipe, adapter_dir, device)
+    # The rows and prompts before the model: a refused eval.max_new_tokens must not wait for a base to load.
     with distributed.main_first():
+        tokenizer = load_tokenizer(resolve_base(recipe), recipe)
         rows, examples = evaluation_rows(recipe, tokenizer, opts.file, opts.max_rows)
     if not rows:
         raise RecipeError("no rows to evaluate (the held-out split is empty: data.eval_fraction=0 and no "
                           "data.eval_path; give eval.file=<json/jsonl>)")
+    prompts, cut_note = eval_prompts(tokenizer, rows, recipe.data, opts.max_new_tokens)
+    if cut_note is not None:
+        log(cut_note)
+    model, _, dtype = load_adapted_model(recipe, adapter_dir, device)
     loss_model = CausalLMLoss(model)
     if recipe.deepspeed.zero_stage == 3:
         import deepspeed
@@ -87,9 +96,6 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
         config = deepspeed_config(recipe, distributed.world_size(), dtype_name(dtype))
         deepspeed.initialize(model=loss_model, config=config)
 
-    # A prompt keeps room for the answer within the training length.
-    max_prompt = max(recipe.data.max_seq_len - opts.max_new_tokens, 1)
-    prompts = [prompt_ids(tokenizer, row, recipe.data.template, max_prompt) for row in rows]
     # Through the loss wrapper: under ZeRO-3 it is the module DeepSpeed's hooks expect every forward to enter.
     predictions = generate(loss_model, tokenizer, prompts, opts.max_new_tokens, opts.batch_size, device)
     texts = [row_texts(row) for row in rows]
@@ -100,9 +106,6 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
                                      device))
 
     if distributed.is_main():
-        # checkpoints/best resolves to the step-<N> it points at: results are named by what was scored.
-        out = Path(opts.out) if opts.out else Path(recipe.output_dir) / "eval" / (
-            adapter_dir.name if adapter_dir is not None else "no-adapter")
         about = {"adapter": opts.adapter if adapter_dir else None,
                  "adapter_resolved": str(adapter_dir) if adapter_dir else None, "options": asdict(opts),
                  "quant_bits": recipe.quant.bits}
@@ -113,6 +116,59 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
         log(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
     distributed.barrier()
     return summary
+
+
+def check_out(out: Path, given: bool) -> None:
+    """Refuse an `out` that is, or lies under, an existing file, before anything is loaded: only rank 0
+    writes the results, so its mkdir would fail there alone after the whole evaluation, with the other
+    ranks waiting at the barrier. Every rank checks the same path, so every rank refuses. `given`: out=
+    was given (else `out` is the default under output_dir)."""
+    named = f"out={out}" if given else f"the default out={out} (under output_dir)"
+    for path in (out, *out.parents):
+        if path.is_dir():
+            return
+        if path.exists():
+            where = "names an existing file" if path == out else f"lies under {path}, an existing file"
+            raise RecipeError(f"{named} {where}; give out=<directory> for predictions.jsonl and metrics.json")
+
+
+def eval_prompts(tokenizer, rows: list[dict], data: DataConfig,
+                 max_new_tokens: int) -> tuple[list[list[int]], str | None]:
+    """Each row's prompt, cut from its start as training cuts prompts so that it leaves room for
+    `max_new_tokens` within data.max_seq_len, and a note saying how many were cut and by how much
+    (None when none was: the prompts are then the whole ones). Every rank computes the same prompts,
+    so where this refuses, every rank does.
+
+    Refused (RecipeError) when at least half the prompts would keep less than half the text they
+    could hold in data.max_seq_len: the scores would then grade answers to questions the model never
+    saw (eval.max_new_tokens=128 of data.max_seq_len=128 left an Alpaca prompt its last token, "\\n").
+    Text is what a cut can remove: BOS and chat markup are always kept, and counted they would hide a
+    chat prompt emptied of its question. It is measured against data.max_seq_len, not the whole prompt,
+    so prompts longer than training ever saw (training cut them too) are noted, not refused; so are
+    fewer prompts cut deep, whose share of the scores the note tells."""
+    max_prompt = max(data.max_seq_len - max_new_tokens, 1)
+    prompts = [prompt_ids(tokenizer, row, data.template, max_prompt) for row in rows]
+    cuts, starved = [], 0
+    for row, prompt in zip(rows, prompts):
+        if len(prompt) < max_prompt:  # a cut prompt fills max_prompt (or more, where kept markup does)
+            continue
+        cut = len(prompt_ids(tokenizer, row, data.template)) - len(prompt)
+        if cut <= 0:
+            continue
+        kept_always = len(prompt_ids(tokenizer, row, data.template, 0))  # BOS and chat markup
+        room = min(len(prompt) + cut, data.max_seq_len) - kept_always
+        cuts.append(cut)
+        starved += 2 * (len(prompt) - kept_always) < room
+    if starved and 2 * starved >= len(rows):
+        raise RecipeError(f"eval.max_new_tokens={max_new_tokens} leaves a prompt {max_prompt} of data.max_seq_len="
+                          f"{data.max_seq_len} tokens: {starved} of {len(rows)} prompts would keep less than half "
+                          f"their text; lower eval.max_new_tokens or raise data.max_seq_len")
+    if not cuts:
+        return prompts, None
+    by = f"{max(cuts)} token" + "s" * (max(cuts) > 1)
+    return prompts, (f"note: {len(cuts)} of {len(rows)} prompts cut from their start, by up to {by}, to "
+                     f"{max_prompt} tokens (eval.max_new_tokens={max_new_tokens} within data.max_seq_len="
+                     f"{data.max_seq_len}); raise data.max_seq_len or lower eval.max_new_tokens to keep more of them")
 
 
 def replaced_note(out: Path, about: dict) -> str | None:
