@@ -180,3 +180,17 @@ def test_a_bf16_runs_export_decodes_the_4bit_codes_quantised_from_bf16(tmp_path,
         decoded[dtype] = dequantised_weight(model.get_submodule(mlp)).float()
     assert not torch.equal(decoded["bfloat16"], decoded["float32"])  # the codes differ: the test can fail
     assert torch.equal(weights[f"{mlp}.weight"], decoded["bfloat16"])
+
+
+def test_evaluating_a_bf16_runs_adapter_in_float32_warns_that_the_codes_differ(tmp_path, tiny_base, capsys):
+    from trainer.evaluation.adapted_model import load_adapted_model
+
+    adapter = make_checkpoint(tmp_path / "run")
+    meta = json.loads((adapter / "meta.json").read_text())
+    load_adapted_model(tiny_recipe(), adapter, torch.device("cpu"))
+    assert "warning" not in capsys.readouterr().out  # no model_dtype: an older checkpoint, nothing to say
+    (adapter / "meta.json").write_text(json.dumps({**meta, "model_dtype": "bfloat16"}))
+    load_adapted_model(tiny_recipe(), adapter, torch.device("cpu"))
+    assert "quantised from bfloat16 weights, here from float32 ones" in capsys.readouterr().out
+    load_adapted_model(tiny_recipe("model.dtype=bfloat16"), adapter, torch.device("cpu"))
+    assert "warning" not in capsys.readouterr().out

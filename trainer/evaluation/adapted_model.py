@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from trainer import speedups
-from trainer.checkpoint.reading import load_into_model, read_adapter_config
+from trainer.checkpoint.reading import load_into_model, read_adapter_config, read_meta
 from trainer.config import Recipe
-from trainer.model.base import load_base, load_tokenizer, resolve_base
+from trainer.model.base import dtype_name, load_base, load_tokenizer, resolve_base
 from trainer.model.lora import adapter_parameters, apply_lora
 from trainer.runtime import distributed
 
@@ -32,6 +32,11 @@ def load_adapted_model(recipe: Recipe, adapter_dir: Path | None,
         tokenizer = load_tokenizer(resolve_base(recipe), recipe)
     model, dtype = load_base(recipe, device)
     if adapter_dir is not None:
+        trained = (read_meta(adapter_dir) or {}).get("model_dtype")
+        if recipe.quant.bits in (4, 8) and trained not in (None, dtype_name(dtype)) and distributed.is_main():
+            print(f"warning: the adapter was trained with the base quantised from {trained} weights, here from "
+                  f"{dtype_name(dtype)} ones: some {recipe.quant.bits}-bit codes differ, so results move slightly; "
+                  f"model.dtype={trained} evaluates the trained model exactly", flush=True)
         add_adapter(model, adapter_dir)
         # Training ran the adapters in the compute dtype (DeepSpeed casts every parameter to bf16/fp16
         # and keeps the fp32 masters in the optimizer): evaluate them as they ran, so the held-out
