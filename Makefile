@@ -14,8 +14,12 @@ STAMP  := $(VENV)/.installed
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	# A venv left without pip (Debian/Ubuntu without python3-venv) is made again, not reused.
-	$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
+	# A venv left without pip (Debian/Ubuntu without python3-venv), or on a Python before 3.11, is made again.
+	if ! { $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' && $(PY) -m pip --version; } >/dev/null 2>&1; then \
+		$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+			|| { echo "$(PYTHON) is older than Python 3.11: make PYTHON=python3.11 ..."; exit 1; }; \
+		$(PYTHON) -m venv --clear $(VENV); \
+	fi
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	# DeepSpeed's setup imports torch: build it against the torch installed above

@@ -149,6 +149,12 @@ def test_chat_rows_are_chatted_with_the_chat_template_whatever_data_template_say
     meta = json.loads((adapter / "meta.json").read_text())
     (adapter / "meta.json").write_text(json.dumps({**meta, "chat_rendered": True}))  # found by data.format=auto
     assert conversation_template(tiny_recipe(), str(adapter)) == "chat"
+    (adapter.parent / "best.json").write_text(json.dumps({"best": adapter.name}))  # where links are not allowed
+    assert conversation_template(tiny_recipe(), str(adapter.parent / "best")) == "chat"
+    exported = tmp_path / "merged"  # a merged export carries the checkpoint's meta.json
+    exported.mkdir()
+    (exported / "meta.json").write_text((adapter / "meta.json").read_text())
+    assert conversation_template(tiny_recipe(), str(exported)) == "chat"
 
 
 def _expect(master: int, pattern: str, seen: list[str], limit_s: float = 180) -> str:

@@ -101,6 +101,8 @@ def test_4bit_export_dequantises_every_layer_and_equals_the_trained_model(tmp_pa
     recipe = tiny_recipe(*overrides)
     out = export(recipe, ExportOptions(adapter=str(adapter), out=str(tmp_path / "dequantised")))
     weights = assert_plain_export(out)
+    meta = json.loads((out / "meta.json").read_text())  # the run's record, for chat (chat_rendered)
+    assert meta["exported_from"] == str(adapter) and meta["base_fingerprint"] and meta["export_base"] == "dequantised"
 
     from transformers import AutoModelForCausalLM
 
@@ -188,9 +190,9 @@ def test_evaluating_a_bf16_runs_adapter_in_float32_warns_that_the_codes_differ(t
     adapter = make_checkpoint(tmp_path / "run")
     meta = json.loads((adapter / "meta.json").read_text())
     load_adapted_model(tiny_recipe(), adapter, torch.device("cpu"))
-    assert "warning" not in capsys.readouterr().out  # no model_dtype: an older checkpoint, nothing to say
+    assert "warning" not in capsys.readouterr().err  # no model_dtype: an older checkpoint, nothing to say
     (adapter / "meta.json").write_text(json.dumps({**meta, "model_dtype": "bfloat16"}))
     load_adapted_model(tiny_recipe(), adapter, torch.device("cpu"))
-    assert "quantised from bfloat16 weights, here from float32 ones" in capsys.readouterr().out
+    assert "quantised from bfloat16 weights, here from float32 ones" in capsys.readouterr().err  # not chat's stdout
     load_adapted_model(tiny_recipe("model.dtype=bfloat16"), adapter, torch.device("cpu"))
-    assert "warning" not in capsys.readouterr().out
+    assert "warning" not in capsys.readouterr().err

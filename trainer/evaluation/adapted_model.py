@@ -2,6 +2,7 @@
 as the recipe says) + our LoRA layers + the adapter's weights, in eval mode."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ def load_adapted_model(recipe: Recipe, adapter_dir: Path | None,
         if recipe.quant.bits in (4, 8) and trained not in (None, dtype_name(dtype)) and distributed.is_main():
             print(f"warning: the adapter was trained with the base quantised from {trained} weights, here from "
                   f"{dtype_name(dtype)} ones: some {recipe.quant.bits}-bit codes differ, so results move slightly; "
-                  f"model.dtype={trained} evaluates the trained model exactly", flush=True)
+                  f"model.dtype={trained} evaluates the trained model exactly", file=sys.stderr, flush=True)
         add_adapter(model, adapter_dir)
         # Training ran the adapters in the compute dtype (DeepSpeed casts every parameter to bf16/fp16
         # and keeps the fp32 masters in the optimizer): evaluate them as they ran, so the held-out

@@ -168,12 +168,13 @@ class Chat:
 def conversation_template(recipe: Recipe, adapter: str) -> str:
     """How training wrote a conversation: "chat" (the chat template) where it rendered chat rows, which
     take the chat template whatever data.template says (data.format: chat, or rows found to be chat by
-    data.format: auto, which the checkpoint's meta.json records); else data.template."""
-    from trainer.checkpoint.reading import read_meta
+    data.format: auto, which the checkpoint's meta.json records, and a merged export's copy of it; not a
+    .gguf file); else data.template."""
+    from trainer.checkpoint.reading import read_meta, resolve_adapter
 
     formats = [recipe.data.format, *(source.format for source in recipe.data.mixture)]
-    path = Path(adapter)
-    meta = read_meta(path) if path.is_dir() else None
+    path = resolve_adapter(adapter) if adapter.lower() not in ("", "none") else None  # checkpoints/best too
+    meta = read_meta(path) if path is not None and path.is_dir() else None  # a merged export carries it too
     if recipe.data.template == "chat" or "chat" in formats or (meta or {}).get("chat_rendered"):
         return "chat"
     return recipe.data.template

@@ -33,7 +33,7 @@ from trainer.evaluation.adapted_model import add_adapter
 from trainer.checkpoint.reading import check_adapter, read_meta, resolve_adapter
 from trainer.config import Recipe, RecipeError
 from trainer.model.lora import dequantised_linear, is_quantised, lora_layers, ties_adapted_layer
-from trainer.model.base import DTYPES, compute_dtype, load_base, load_tokenizer, resolve_base
+from trainer.model.base import DTYPES, compute_dtype, load_base, load_config, load_tokenizer, resolve_base
 
 
 @dataclass
@@ -122,16 +122,13 @@ def export(recipe: Recipe, opts: ExportOptions) -> Path:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype(recipe, device) if opts.dtype == "auto" else DTYPES[opts.dtype]
     if file_type != "hf":
-        from transformers import AutoConfig
-
         # Before minutes of loading and merging a base the file could not hold.
-        base = resolve_base(recipe)
-        gguf_export.check_architecture(AutoConfig.from_pretrained(base, revision=recipe.model.revision,
-                                                                  trust_remote_code=recipe.model.trust_remote_code))
+        gguf_export.check_architecture(load_config(recipe, resolve_base(recipe)))
         if opts.dtype != "auto":
             print(f"note: export.dtype={opts.dtype} is not used for a GGUF file: its tensors are written as {file_type}")
         dtype = torch.float32  # each tensor is cast or quantised to the file type as it is written
-    model = load_merged(recipe, resolve_adapter(opts.adapter), opts.base, device, dtype)
+    adapter_dir = resolve_adapter(opts.adapter)
+    model = load_merged(recipe, adapter_dir, opts.base, device, dtype)
     if file_type != "hf":
         gguf_export.write_gguf(model, load_tokenizer(resolve_base(recipe), recipe), Path(opts.out), file_type,
                                tokenizer_pre=gguf_export.source_tokenizer_pre(recipe))
@@ -142,6 +139,10 @@ def export(recipe: Recipe, opts: ExportOptions) -> Path:
     out = Path(opts.out)
     model.save_pretrained(out)
     load_tokenizer(resolve_base(recipe), recipe).save_pretrained(out)
+    # What the run recorded (chat reads chat_rendered from it: how to write a conversation).
+    meta = read_meta(adapter_dir) or {}
+    (out / "meta.json").write_text(json.dumps({**meta, "exported_from": str(adapter_dir), "export_base": opts.base},
+                                              indent=2))
     _check_plain(out)
     print(f"exported {opts.adapter} merged into {resolve_base(recipe)} ({opts.base} base, {dtype}) to {out}")
     return out

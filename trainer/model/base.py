@@ -107,8 +107,20 @@ def check_embedding_rows(tokenizer, rows: int) -> None:
                f"with, and the new one ({tokenizer.pad_token!r}) has no embedding row. Give the base's tokenizer "
                f"a pad token it has a row for (its tokenizer_config.json: pad_token)")
     else:
-        why = "the tokenizer is not the base's, or the base's embedding was cut below its vocabulary"
+        why = ("the tokenizer is not the base's, or the base's embedding was cut below its vocabulary: load the "
+               "tokenizer saved with the base (model.name_or_path names both)")
     raise ModelLoadError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {rows}: {why}")
+
+
+def load_config(recipe: Recipe, name_or_path: str):
+    """The base's config alone (no weights), with the clear error load_base would give."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path, revision=recipe.model.revision,
+                                          trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(_not_found_message("model", name_or_path, error)) from error
 
 
 def load_base(recipe: Recipe, device: torch.device) -> tuple[nn.Module, torch.dtype]:
@@ -170,7 +182,7 @@ def own_weights(model: nn.Module) -> int:
     safetensors maps the file, and transformers keeps the tensors it does not convert (the embedding,
     the norms: what is not quantised) as views of that mapping. The mapping then lives as long as the
     model, and with it every page of the file read during loading: on SmolLM2, 419 MB of resident
-    file pages (the whole 513 MB file was read to quantise the linears) for a 108 MB embedding. The
+    file pages (the whole 513 MB file was read to quantise the linears) for a 113 MB embedding. The
     quantised weights (integer storage) are the process's own already. Returns the bytes copied."""
     copied = 0
     for tensor in itertools.chain(model.parameters(), model.buffers()):
