@@ -115,7 +115,8 @@ class LoRALinear(nn.Module):
         return torch.linalg.vector_norm(weight, dim=1)
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        """scaling * B @ A, in float32 whatever the adapters' dtype (a merge rounds it once, into W's)."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
     @torch.no_grad()
     def merge(self, dtype: torch.dtype | None = None) -> None:
@@ -146,7 +147,7 @@ class LoRALinear(nn.Module):
             factor = factor[:, None]
             weight.data = (factor * (weight.float() + self.delta_weight().float())).to(weight.dtype)
         else:
-            weight.data += self.delta_weight().to(weight.dtype)
+            weight.data = (weight.float() + self.delta_weight()).to(weight.dtype)  # one rounding in a 16-bit W
         if cast is not None:
             self.base_layer.to(cast)
         self.merged = True
@@ -166,7 +167,7 @@ class LoRALinear(nn.Module):
                 self._merged_kept = None
             weight.data = restored.to(weight.dtype)
         else:
-            weight.data -= self.delta_weight().to(weight.dtype)
+            weight.data = (weight.float() - self.delta_weight()).to(weight.dtype)
         self.merged = False
 
     def extra_repr(self) -> str:
