@@ -102,6 +102,7 @@ WORLD_CHANGE_TOLERANCE = 1e-5
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_two_rank_checkpoint_resumes_on_one_rank_with_the_same_global_batch(tmp_path, tiny_base):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(straight, ranks=2)
@@ -155,6 +156,7 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_checkpoint_write_leaves_the_last_complete_one_resumable(tmp_path, tiny_base):
     output_dir = tmp_path / "run"
     half_written = output_dir / "checkpoints" / ".tmp-step-4"

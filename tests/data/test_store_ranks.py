@@ -44,6 +44,7 @@ def losses(output_dir: Path) -> dict[int, float]:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_two_ranks_map_one_store_and_training_from_it_equals_training_from_the_file(tmp_path, tiny_base):
     data = write_rows(tmp_path / "rows.jsonl")
     overrides = [f"data.path={data}", *STEPS]

@@ -328,6 +328,7 @@ def test_an_unknown_recipe_key_still_errors_through_the_script(capsys, adapter):
     assert "unknown key train.max_stepz; did you mean train.max_steps?" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_gives_the_held_out_loss_training_logged_in_bf16(tmp_path, tiny_base):
     """Training runs the adapters in bf16 (DeepSpeed casts them); eval.py loads them in that dtype
     too, so it scores the model training scored: the same held-out loss for the same checkpoint."""

@@ -150,6 +150,7 @@ def test_out_naming_an_existing_file_is_refused_on_every_rank_before_anything_lo
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_out_naming_an_existing_file_ends_both_ranks(tmp_path, tiny_base):
     existing = tmp_path / "results"
     existing.write_text("")

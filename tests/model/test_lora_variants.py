@@ -263,7 +263,8 @@ def test_a_variant_adapter_on_a_quantised_base_exports_to_the_model_it_trained(t
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), 2, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.slow  # the default suite resumes two ranks bitwise in test_resume.py
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_dora_lora_plus_and_embedding_lora_resume_bitwise_on_two_ranks(tmp_path, tiny_base, stage):
     """All three variants at once on the 4-bit base: ZeRO shards the magnitudes and the embedding
     adapter, LoRA+ makes two optimizer groups, and a resumed run continues bitwise."""

@@ -87,6 +87,7 @@ def small_filesystem(tmp_path):
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_names_the_path(small_filesystem, tiny_base):
     output_dir = small_filesystem / "run"
     result = train(output_dir, check=False)

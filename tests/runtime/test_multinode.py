@@ -141,6 +141,7 @@ def check_two_node_run_and_resume(tmp_path: Path, reference: dict[int, float], *
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_two_nodes_without_shared_storage_match_one_node_and_resume_from_node_0(tmp_path, one_node_reference):
     check_two_node_run_and_resume(tmp_path, one_node_reference)
 
@@ -244,6 +245,7 @@ def check_survivor_stops_and_checkpoint_resumes(survivor: Node, stopped_at: floa
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_when_a_node_dies_the_other_exits_with_a_clear_error_and_the_checkpoint_resumes(tmp_path, tiny_base):
     outputs = (tmp_path / "node0_out", tmp_path / "node1_out")
     with two_nodes(tmp_path, "killed", outputs, *LONG_RUN) as (node0, node1):
