@@ -222,7 +222,7 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
     # The checks a real run makes before its engine starts, so that a dry run refuses what it would.
     if resume_dir is not None:
         resume.check_compatible(resume_dir, recipe)
-        trained = (reading.read_meta(resume_dir) or {}).get("model_dtype")
+        trained = reading.trained_dtype(resume_dir)
         if trained not in (None, dtype_name(dtype)):  # model.dtype=auto on another device
             log(f"warning: {resume_dir} was trained with the base in {trained}, this run loads it in "
                 f"{dtype_name(dtype)}: its weights (and 4-bit codes) round differently, so the run does not "

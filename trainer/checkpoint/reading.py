@@ -84,6 +84,12 @@ def read_meta(adapter_dir: Path) -> dict | None:
         raise CheckpointError(f"{path}: not valid JSON ({error})") from None
 
 
+def trained_dtype(checkpoint: Path) -> str | None:
+    """The dtype the run loaded (and so quantised) its base in, as meta.json records it ("bfloat16");
+    None for a checkpoint from before it was recorded."""
+    return (read_meta(checkpoint) or {}).get("model_dtype")
+
+
 def check_adapter(recipe: Recipe, adapter_dir: Path) -> list[str]:
     """Refuse an adapter whose base or quantisation differs from the recipe's; returns warnings."""
     _require_adapter_files(adapter_dir)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from trainer import speedups
-from trainer.checkpoint.reading import load_into_model, read_adapter_config, read_meta
+from trainer.checkpoint.reading import load_into_model, read_adapter_config, trained_dtype
 from trainer.config import Recipe
 from trainer.model.base import dtype_name, load_base, load_tokenizer, resolve_base
 from trainer.model.lora import adapter_parameters, apply_lora
@@ -25,15 +25,17 @@ def add_adapter(model: nn.Module, adapter_dir: Path) -> None:
     load_into_model(model, adapter_dir)
 
 
-def load_adapted_model(recipe: Recipe, adapter_dir: Path | None,
-                       device: torch.device) -> tuple[nn.Module, object, torch.dtype]:
+def load_adapted_model(recipe: Recipe, adapter_dir: Path | None, device: torch.device,
+                       tokenizer=None) -> tuple[nn.Module, object, torch.dtype]:
     """Base (quantised as the recipe says) + adapter, in eval mode. `adapter_dir=None`: the base
-    alone. Returns the model, the tokenizer and the compute dtype. Call `trainer.checkpoint.reading.check_adapter` first."""
-    with distributed.main_first():  # rank 0 builds a built-in base once
-        tokenizer = load_tokenizer(resolve_base(recipe), recipe)
+    alone. Returns the model, the tokenizer (`tokenizer` where the caller loaded it already) and the
+    compute dtype. Call `trainer.checkpoint.reading.check_adapter` first."""
+    if tokenizer is None:  # else the caller's, loaded for this base
+        with distributed.main_first():  # rank 0 builds a built-in base once
+            tokenizer = load_tokenizer(resolve_base(recipe), recipe)
     model, dtype = load_base(recipe, device)
     if adapter_dir is not None:
-        trained = (read_meta(adapter_dir) or {}).get("model_dtype")
+        trained = trained_dtype(adapter_dir)
         if recipe.quant.bits in (4, 8) and trained not in (None, dtype_name(dtype)) and distributed.is_main():
             print(f"warning: the adapter was trained with the base quantised from {trained} weights, here from "
                   f"{dtype_name(dtype)} ones: some {recipe.quant.bits}-bit codes differ, so results move slightly; "

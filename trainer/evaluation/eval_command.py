@@ -86,7 +86,7 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
     prompts, cut_note = eval_prompts(tokenizer, rows, recipe.data, opts.max_new_tokens)
     if cut_note is not None:
         log(cut_note)
-    model, _, dtype = load_adapted_model(recipe, adapter_dir, device)
+    model, _, dtype = load_adapted_model(recipe, adapter_dir, device, tokenizer)
     loss_model = CausalLMLoss(model)
     if recipe.deepspeed.zero_stage == 3:
         import deepspeed

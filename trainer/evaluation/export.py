@@ -30,7 +30,7 @@ from torch import nn
 from trainer import options
 from trainer.evaluation import gguf_export
 from trainer.evaluation.adapted_model import add_adapter
-from trainer.checkpoint.reading import check_adapter, read_meta, resolve_adapter
+from trainer.checkpoint.reading import check_adapter, read_meta, resolve_adapter, trained_dtype
 from trainer.config import Recipe, RecipeError
 from trainer.model.lora import dequantised_linear, is_quantised, lora_layers, ties_adapted_layer
 from trainer.model.base import DTYPES, compute_dtype, load_base, load_config, load_tokenizer, resolve_base
@@ -105,7 +105,7 @@ def load_merged(recipe: Recipe, adapter_dir: Path, base: str = "dequantised", de
         # run's bf16 rounds them first, and their 4-bit codes differ from float32's), on any device; then
         # each layer decodes and merges in float32. A checkpoint without it: float32. (A 16-bit base stays
         # in its dtype: merge_to_plain merges each layer in float32.)
-        trained = (read_meta(adapter_dir) or {}).get("model_dtype")
+        trained = trained_dtype(adapter_dir)
         recipe = replace(recipe, model=replace(recipe.model, dtype=trained if trained in DTYPES else "float32"))
     model, _ = load_base(recipe, device)
     add_adapter(model, adapter_dir)
