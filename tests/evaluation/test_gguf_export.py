@@ -249,3 +249,12 @@ def test_an_architecture_gguf_cannot_hold_is_refused_before_the_base_is_loaded(t
     recipe = tiny_recipe(f"model.name_or_path={base}")
     with pytest.raises(GGUFExportError, match="model_type 'mistral' \\(only llama is mapped\\)"):
         export(recipe, ExportOptions(adapter=str(tmp_path / "adapter"), out=str(tmp_path / "model.gguf")))
+
+
+def test_a_base_whose_config_cannot_be_read_is_one_clear_error_before_loading(tmp_path):
+    from trainer.model.base import ModelLoadError
+
+    missing = tmp_path / "no-such-base"
+    with pytest.raises(ModelLoadError, match="no-such-base"):
+        export(tiny_recipe(f"model.name_or_path={missing}"),
+               ExportOptions(adapter=str(tmp_path / "adapter"), out=str(tmp_path / "model.gguf")))
