@@ -54,6 +54,10 @@ from trainer.speedups import malloc
 from launch.benchmarks.job import RECIPE, ROOT, Job
 
 FRAMEWORKS = ("ours", "theirs")
+# On a GPU the model is bf16, and peft's `prepare_model_for_kbit_training` (what QLoRA scripts call
+# before `get_peft_model`) casts every weight it does not quantise to fp32 on their side: said in the table.
+UPCAST = ("Theirs: `prepare_model_for_kbit_training` casts the weights it does not quantise (embedding, norms, "
+          "output layer) to fp32, the Trainer's autocast runs the products in bf16; ours keeps those weights in bf16. ")
 TITLES = {"ours": "ours", "theirs": "HF Trainer + peft"}
 # The flags a job sets, at the tiny job's values; a job names only what it changes.
 DEFAULTS = {"base": None, "steps": 20, "warmup": 3, "global_batch": 16, "micro_batch": 8, "max_seq_len": 512,
@@ -348,6 +352,7 @@ def markdown_table(job: Job, runs: dict[str, list[dict]], tokens: list[dict], de
         f"{sum(t['useful'] for t in timed) / len(timed):,.0f} useful tokens per step. "
         f"Activation checkpointing {'on' if job.activation_checkpointing else 'off'} (both); ours' packing {packing}; "
         f"glibc malloc tunables (trainer/speedups/malloc.py) for {'both' if same_allocator else 'ours only'}. "
+        f"{UPCAST if gpu else ''}"
         f"Device: {device}; ours {shape['ours']}{' (deepspeed launcher)' if several else ''}, theirs {shape['theirs']}; "
         f"median of {len(runs['ours'])} run(s) each.",
         "",

@@ -144,6 +144,12 @@ def test_table_has_utilisation_and_quality_columns():
     assert "ours 2 processes x 1 thread (deepspeed launcher), theirs 1 process x 2 threads" in table
     assert "Useful GFLOP per step (launch/benchmarks/job.py `useful_flops`): 70.0" in table
     assert peak["text"] in table
+    assert "prepare_model_for_kbit_training" not in table  # fp32 on CPU: nothing cast
+    for run in runs["ours"] + runs["theirs"]:
+        run["peak_gpu_mib"] = 1000.0
+    on_gpu = bench.markdown_table(job, runs, tokens, "H100", "on", True, False, peak, flops,
+                                  {"ours": (1, 1), "theirs": (1, 1)})
+    assert "casts the weights it does not quantise (embedding, norms, output layer) to fp32" in on_gpu
 
 
 def test_smollm2_job_is_the_issue_job_and_flags_override_it():
