@@ -161,6 +161,24 @@ def test_a_dry_run_refuses_an_incompatible_checkpoint_as_the_run_would(tmp_path,
         dry_run_in_process(monkeypatch, tiny_recipe(f"output_dir={tmp_path}", *SHORT, "resume=auto", "lora.r=8"))
 
 
+def test_resuming_in_another_dtype_than_the_checkpoint_was_trained_in_warns(tmp_path, tiny_base, monkeypatch,
+                                                                             capsys):
+    """model.dtype=auto picks fp32 on a CPU and bf16 on a GPU: a run moved between them requantises
+    its base from other weights, and says so, naming the setting that keeps the checkpoint's dtype."""
+    checkpoint = make_checkpoint(tmp_path, *SHORT)
+    dry_run_in_process(monkeypatch, tiny_recipe(f"output_dir={tmp_path}", *SHORT, "resume=auto"))
+    assert "warning" not in capsys.readouterr().out  # no model_dtype recorded (an older checkpoint)
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    (checkpoint / "meta.json").write_text(json.dumps({**meta, "model_dtype": "float32"}))
+    dry_run_in_process(monkeypatch, tiny_recipe(f"output_dir={tmp_path}", *SHORT, "resume=auto"))
+    assert "warning" not in capsys.readouterr().out  # trained in the dtype this run loads
+    (checkpoint / "meta.json").write_text(json.dumps({**meta, "model_dtype": "bfloat16"}))
+    dry_run_in_process(monkeypatch, tiny_recipe(f"output_dir={tmp_path}", *SHORT, "resume=auto"))
+    out = capsys.readouterr().out
+    assert "was trained with the base in bfloat16, this run loads it in float32" in out
+    assert "model.dtype=bfloat16 keeps it" in out
+
+
 def test_a_dry_run_refuses_a_deepspeed_config_the_run_would_refuse(tmp_path, tiny_base, monkeypatch):
     from trainer.config import RecipeError
 
