@@ -94,6 +94,16 @@ def test_overrides_are_coerced_to_the_field_type(tmp_path):
         load_recipe(path, ["max_steps"])
 
 
+def test_a_custom_template_with_a_placeholder_nothing_fills_is_refused(tmp_path):
+    path = write(tmp_path, "train: {max_steps: 5}\n")
+    with pytest.raises(RecipeError, match=r"data.template: has \{output\}, \{question\}: only \{instruction\} and "
+                                          r"\{input\} are filled in \(the response is appended"):
+        load_recipe(path, ["data.template=### Q: {question} {instruction}\n{input}\n### A: {output}\n"])
+    # Braces that are not a {name} (JSON in the instructions) are the template's text.
+    recipe = load_recipe(path, ['data.template=Reply as {"answer": 1}. {instruction}'])
+    assert recipe.data.template == 'Reply as {"answer": 1}. {instruction}'
+
+
 def test_a_text_override_is_taken_as_typed(tmp_path):
     path = write(tmp_path, "train: {max_steps: 5}\n")
     recipe = load_recipe(path, ["output_dir=runs/x #2", "model.revision=1.10", "data.template=### Q: {instruction}",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -177,6 +178,11 @@ class Recipe:
         _check(self.lora.plus_ratio > 0, "lora.plus_ratio", "must be positive (1 = plain LoRA)")
         _check(self.data.template in ("alpaca", "plain", "chat") or "{instruction}" in self.data.template,
                "data.template", "must be alpaca, plain, chat, or a template string with {instruction}")
+        # A custom template fills {instruction} and {input} only: another {name} would stay in every prompt as text.
+        unknown = sorted(set(re.findall(r"\{([A-Za-z_]\w*)\}", self.data.template)) - {"instruction", "input"})
+        _check(not unknown, "data.template",
+               f"has {', '.join('{' + name + '}' for name in unknown)}: only {{instruction}} and {{input}} are filled "
+               f"in (the response is appended after the template, so the template ends where the answer starts)")
         _check(self.data.on_too_long in ("truncate_prompt", "drop", "error"), "data.on_too_long",
                "must be truncate_prompt, drop or error")
         _check(self.data.on_bad_row in ("error", "skip"), "data.on_bad_row", "must be error or skip")
