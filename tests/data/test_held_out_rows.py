@@ -66,8 +66,11 @@ def test_instances_sampled_away_by_max_eval_rows_leave_the_others_on_their_own_r
              for task in range(12)]
     path = write_jsonl(tmp_path / "tasks.jsonl", tasks)
     config = DataConfig(path=str(path), eval_fraction=0.5, max_eval_rows=7, cache=False, max_seq_len=64)
-    _, held_out, _ = build_datasets(config, tokenizer, seed=3)
+    _, held_out, stats = build_datasets(config, tokenizer, seed=3)
     assert len(held_out) == 7
+    # 6 tasks x 5 instances held out, 7 evaluated: the others are out of training too, and the notes say so.
+    assert ("23 of the 30 held-out examples (data.eval_fraction=0.5) are over data.max_eval_rows=7: neither "
+            "trained on nor evaluated" in " ".join(stats["notes"]))
     rows = held_out_rows(config, held_out)
     assert questions(rows) == [example.question for example in held_out]
     # The sample kept some task's later instances without its first ones: the case being checked.

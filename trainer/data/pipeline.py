@@ -101,6 +101,12 @@ def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[Examples, 
     n_leaked = sum(summary["leaked"] for summary in summaries)
     leakage = leakage_note(n_leaked, sum(len(part_train) for part_train, _ in splits), len(held_out),
                            dropped=config.drop_leaked)
+    if separate_eval is None and len(held_out) > config.max_eval_rows:
+        # The split took them out of training already: say so, rather than lose them unseen.
+        notes.append(f"{len(held_out) - config.max_eval_rows:,} of the {len(held_out):,} held-out examples "
+                     f"(data.eval_fraction={config.eval_fraction:g}) are over data.max_eval_rows="
+                     f"{config.max_eval_rows}: neither trained on nor evaluated; lower data.eval_fraction or raise "
+                     f"data.max_eval_rows to use them")
     held_out = _capped(held_out, config.max_eval_rows, [seed, len(loaded)])
     if any(part.format == "chat" for part in loaded) or config.template == "chat":
         notes.append(chat_template(tokenizer)[1])
