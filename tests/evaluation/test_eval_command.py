@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from _checkpoints import ONE_THREAD, make_checkpoint, one_thread, our_model, tiny_recipe
 from conftest import free_port, run_cli
-from trainer.checkpoint.reading import AdapterMismatchError, check_adapter, resolve_adapter
+from trainer.checkpoint.reading import AdapterMismatchError, check_adapter, held_out_split_differences, resolve_adapter
 from trainer.checkpoint.saving import CheckpointError
 from trainer.checkpoint.fingerprint import base_fingerprint
 from trainer.config import RecipeError
@@ -252,6 +253,20 @@ def test_adapters_of_another_base_or_quantisation_are_refused(adapter, tmp_path,
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error:" in result.stderr and "sha256:0123456789abcdef" in result.stderr and fingerprint in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_recipe_that_would_hold_out_other_rows_than_the_run_is_warned_of(adapter, tmp_path):
+    """The held-out split is drawn from train.seed and the data settings: evaluating with others
+    scores rows the adapter may have trained on."""
+    assert held_out_split_differences(tiny_recipe(), adapter) is None
+    said = held_out_split_differences(tiny_recipe("train.seed=7", "data.eval_fraction=0.5"), adapter)
+    seed = yaml.safe_load((adapter / "recipe.yaml").read_text())["train"]["seed"]
+    assert f"train.seed={seed} there, 7 here" in said and "data.eval_fraction=" in said
+    assert "may be rows it trained on" in said and f"Pass train.seed={seed} data.eval_fraction=" in said
+    copy = tmp_path / "no-recipe"
+    shutil.copytree(adapter, copy)
+    (copy / "recipe.yaml").unlink()  # nothing to compare with: nothing said
+    assert held_out_split_differences(tiny_recipe("train.seed=7"), copy) is None
 
 
 def test_checkpoints_best_is_read_through_best_json_where_there_is_no_link(adapter, tmp_path):

@@ -168,6 +168,38 @@ def _require_adapter_files(adapter_dir: Path) -> None:
                                   f"such as runs/<name>/checkpoints/step-<N>, or checkpoints/{BEST})")
 
 
+# The settings that decide which rows `build_datasets` holds out: the same ones, the same split.
+SPLIT_SETTINGS = ("train.seed", "data.eval_fraction", "data.path", "data.mixture", "data.eval_path", "data.split",
+                  "data.max_rows")
+
+
+def held_out_split_differences(recipe: Recipe, adapter_dir: Path) -> str | None:
+    """Where this recipe would draw another held-out split than the run that trained `adapter_dir`
+    (its recipe.yaml): a warning naming each setting, or None (the same split, or no recipe.yaml)."""
+    path = adapter_dir / "recipe.yaml"
+    if not path.is_file():
+        return None
+    try:
+        trained = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        return f"{path}: unreadable ({error}): cannot check that this recipe holds out the rows that run held out"
+    current = recipe.to_dict()
+    changed = []
+    for dotted in SPLIT_SETTINGS:
+        section, key = dotted.split(".")
+        before, now = (trained.get(section) or {}).get(key), current[section][key]
+        if key in (trained.get(section) or {}) and before != now:
+            changed.append((dotted, before, now))
+    if not changed:
+        return None
+    said = ", ".join(f"{dotted}={before!r} there, {now!r} here" for dotted, before, now in changed)
+    keep = " ".join(f"{dotted}={yaml.safe_dump(before, default_flow_style=True).strip().removesuffix('...').strip()}"
+                    for dotted, before, _ in changed)
+    return (f"{adapter_dir} was trained with another held-out split ({said}): the rows evaluated here are not "
+            f"that run's held-out rows, and may be rows it trained on. Pass {keep} to evaluate on its "
+            f"held-out rows, or eval.file=<json/jsonl> for other data")
+
+
 def _trained_quant(adapter_dir: Path) -> dict:
     path = adapter_dir / "recipe.yaml"
     if not path.is_file():

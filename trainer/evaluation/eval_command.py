@@ -18,7 +18,7 @@ from typing import ClassVar
 from trainer import options
 from trainer.runtime import distributed
 from trainer.evaluation import scores
-from trainer.checkpoint.reading import check_adapter, resolve_adapter
+from trainer.checkpoint.reading import check_adapter, held_out_split_differences, resolve_adapter
 from trainer.evaluation.adapted_model import load_adapted_model
 from trainer.config import DataConfig, DataSource, Recipe, RecipeError, deepspeed_config
 from trainer.data.encoding import Example
@@ -74,7 +74,8 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
     device = distributed.init()
     log = print if distributed.is_main() else (lambda *a, **k: None)
     if adapter_dir is not None:
-        for warning in check_adapter(recipe, adapter_dir):
+        split = held_out_split_differences(recipe, adapter_dir) if opts.file is None else None
+        for warning in [*check_adapter(recipe, adapter_dir), *([split] if split else [])]:
             log(f"warning: {warning}")
     # The rows and prompts before the model: a refused eval.max_new_tokens must not wait for a base to load.
     with distributed.main_first():
