@@ -2,6 +2,8 @@
 then steps: micro-batches, backward, optimizer step; log, evaluate, sample and save every N."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import random
 import time
@@ -66,6 +68,17 @@ class TrainingData:
     sample_rows: list[dict]  # held-out rows answered in the training log (train.sample_count)
     token_counts: np.ndarray  # trained (label != -100) tokens of each training example
     plan: BatchPlan
+
+    @functools.cached_property
+    def held_out_identity(self) -> str:
+        """What the held-out loss is scored on, as a hash of each held-out example's tokens and labels:
+        a resume compares it with the checkpoint's before comparing losses."""
+        digest = hashlib.sha256()
+        for example in self.eval_set:
+            for array in (example.input_ids, example.labels):
+                values = np.asarray(array, dtype=np.int32)
+                digest.update(len(values).to_bytes(8, "little") + values.tobytes())
+        return digest.hexdigest()[:16]
 
     def trained_tokens(self, step: int) -> int:
         """Response tokens the loss is taken on in optimizer step `step` (0-based), over all ranks."""
@@ -203,25 +216,28 @@ def check_precision(dtype: torch.dtype, device: torch.device) -> None:
 
 
 def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
-    """In the order the user's data flows: tokenizer, data, base, adapters, engine, restored state.
-    A missing file or a bad row is reported before the base (minutes for a 7B one) is loaded."""
+    """In the order the user's data flows: tokenizer, the checkpoint to resume from, data, base, adapters,
+    engine, restored state. A missing file, a refused checkpoint or a bad row is reported before the
+    base (minutes for a 7B one) is loaded."""
     device = distributed.init(recipe.train.collective_timeout_minutes)
     log = print if distributed.is_main() else (lambda *a, **k: None)
     check_wandb_login(recipe)  # before minutes of loading, not after them in wandb.init
     check_precision(compute_dtype(recipe, device), device)
     seed_everything(recipe.train.seed)
     base_name_or_path, tokenizer = prepare_tokenizer(recipe)
+    # The checkpoint to resume from, and whether it fits this recipe and base, before the data and the
+    # base load (a dry run refuses what the run would).
+    resume_dir = resume.find_resume_dir(recipe)
+    if resume_dir is not None:
+        resume.check_compatible(resume_dir, recipe)
     data = prepare_data(recipe, tokenizer)
     log(str(data.stats))
     model, dtype = prepare_model(recipe, device, tokenizer)
     log(parameter_summary(model))
-    resume_dir = resume.find_resume_dir(recipe)
     mean_tokens = float(data.train_set.lengths().mean()) if len(data.train_set) else 0.0
     log(preflight.summary(recipe, model, data.stats, distributed.world_size(), dtype, base_name_or_path, resume_dir,
                           mean_tokens))
-    # The checks a real run makes before its engine starts, so that a dry run refuses what it would.
     if resume_dir is not None:
-        resume.check_compatible(resume_dir, recipe)
         trained = reading.trained_dtype(resume_dir)
         if trained not in (None, dtype_name(dtype)):  # model.dtype=auto on another device
             log(f"warning: {resume_dir} was trained with the base in {trained}, this run loads it in "
@@ -235,7 +251,8 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
     if resume_dir is not None:
         reading.load_into_model(model, resume_dir)
     loss_model, engine, optimizer = prepare_engine(recipe, model, ds_config)
-    state = restore(recipe, resume_dir, model, optimizer, engine, len(data.train_set), log)
+    state = restore(recipe, resume_dir, model, optimizer, engine, len(data.train_set), data.held_out_identity,
+                    log)
     if distributed.is_main() and (note := run_dir.prepare(Path(recipe.output_dir),
                                                          state.step if resume_dir is not None else None, resume_dir)):
         log(note)
@@ -301,7 +318,7 @@ def prepare_engine(recipe: Recipe, model: torch.nn.Module, ds_config: dict) -> t
 
 
 def restore(recipe: Recipe, resume_dir: Path | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            engine, n_train: int, log: Callable[[str], None]) -> TrainState:
+            engine, n_train: int, held_out: str, log: Callable[[str], None]) -> TrainState:
     """The counters, optimizer moments and RNG streams of the checkpoint resumed from, or a fresh start."""
     if resume_dir is None:
         return TrainState(global_batch_size=recipe.train.global_batch_size, world_size=distributed.world_size())
@@ -313,6 +330,15 @@ def restore(recipe: Recipe, resume_dir: Path | None, model: torch.nn.Module, opt
                       f"dataset's rows changed, so did the held-out split (rows held out before may now be "
                       f"trained on, and the other way round): held-out loss and the best checkpoint from "
                       f"here on are not comparable with those before the resume", stacklevel=2)
+    if state.held_out is not None and state.held_out != held_out and state.best_step is not None:
+        # Another max_seq_len, template setting, cap or split scores other examples: a loss on them
+        # cannot beat or lose to the checkpoint's best, so the best is chosen afresh from here on.
+        if distributed.is_main():
+            warnings.warn(f"{resume_dir} scored its held-out loss on other held-out examples than this run "
+                          f"(the data settings changed): the best checkpoint (step {state.best_step}, "
+                          f"{state.best_eval_loss:.4f}) is not compared with the losses from here on; "
+                          f"the best is chosen again among this run's evaluations", stacklevel=2)
+        state.best_eval_loss = state.best_step = None
     log(f"resumed from {resume_dir} at step {state.step} (epoch {state.epoch}, "
         f"example {state.position_in_epoch} of {n_train})")
     return state
@@ -384,6 +410,7 @@ def advance(state: TrainState, run: Run, loss: float, lr: float, started: float,
     state.epoch, state.position_in_epoch = divmod(state.examples_seen, len(run.data.train_set))
     state.global_batch_size, state.world_size = recipe.train.global_batch_size, distributed.world_size()
     state.train_examples = len(run.data.train_set)
+    state.held_out = run.data.held_out_identity
     record = {"step": state.step, "loss": loss, "lr": lr, "epoch": round(run.data.plan.epoch(state.step), 4),
               "tokens_seen": state.tokens_seen, "step_time": round(time.perf_counter() - started, 4)}
     return {**record, "skipped": True} if skipped else record

@@ -270,12 +270,28 @@ def resume_with(checkpoint_run: Path, tmp_path: Path, *overrides: str, check: bo
 @pytest.mark.parametrize("override, field", [("lora.r=8", "lora.r"), ("quant.bits=16", "quant.bits"),
                                              ("lora.target_modules=q_proj,v_proj", "lora.target_modules"),
                                              ("quant.quant_type=fp4", "quant.quant_type"),
-                                             ("lora.dora=true", "lora.dora")])
+                                             ("lora.dora=true", "lora.dora"),
+                                             ("data.train_on_prompt=true", "data.train_on_prompt")])
 def test_resuming_with_a_different_adapter_or_base_is_refused_naming_the_field(small_checkpoint, tmp_path,
                                                                                 override, field):
     result, _ = resume_with(small_checkpoint, tmp_path, override)
     assert result.returncode == 2
     assert f"{field} was" in result.stderr and "Traceback" not in result.stderr
+    assert "trainable parameters" not in result.stdout  # refused before the data and the base load
+
+
+def test_a_resume_scoring_other_held_out_examples_chooses_the_best_afresh(small_checkpoint, tmp_path):
+    state = json.loads((small_checkpoint / "checkpoints/step-2/trainer_state.json").read_text())
+    assert state["best_step"] == 2 and state["held_out"]
+    result, target = resume_with(small_checkpoint, tmp_path, "data.max_eval_rows=1", "train.save_every=3",
+                                 "train.eval_every=3", check=True)
+    assert "data.max_eval_rows changed from 8 to 1" in result.stderr
+    assert "scored its held-out loss on other held-out examples than this run" in result.stderr
+    resumed = json.loads((target / "checkpoints/step-3/trainer_state.json").read_text())
+    assert resumed["best_step"] == 3 and resumed["held_out"] != state["held_out"]
+    # The same settings: the same examples, nothing said, the best kept where it was compared.
+    again, _ = resume_with(small_checkpoint, tmp_path / "again", check=True)
+    assert "other held-out examples" not in again.stderr
 
 
 def test_a_changed_learning_rate_is_allowed_with_a_warning(small_checkpoint, tmp_path):

@@ -25,11 +25,13 @@ from trainer.model.lora import adapter_parameters
 
 # Fields that change what the adapter means: resuming across them is refused. The base itself is
 # checked by fingerprint (check_base), not by its path: a base moved to a new path resumes.
+# data.train_on_prompt changes the objective (which tokens the loss is taken on), as data.template its text.
 MUST_MATCH = ("quant.bits", "quant.quant_type", "quant.double_quant", "lora.r",
-              "lora.alpha", "lora.rslora", "lora.dora", "lora.target_modules", "data.template")
-# Fields that change how training continues: allowed, with a warning.
+              "lora.alpha", "lora.rslora", "lora.dora", "lora.target_modules", "data.template", "data.train_on_prompt")
+# Fields that change how training continues, or what it is evaluated on: allowed, with a warning.
 WARN_IF_CHANGED = ("train.learning_rate", "train.max_steps", "train.warmup_steps", "train.min_lr_ratio",
-                   "train.weight_decay", "data.path", "data.max_seq_len",
+                   "train.weight_decay", "data.path", "data.mixture", "data.eval_path", "data.split", "data.format",
+                   "data.columns", "data.max_rows", "data.max_seq_len", "data.on_too_long", "data.max_eval_rows",
                    "lora.dropout", "lora.plus_ratio", "train.seed", "data.drop_leaked", "data.packing", "data.eval_fraction")
 
 

@@ -59,6 +59,7 @@ class TrainState:
     train_examples: int = 0  # size of the training set the cursor counts in (a resume checks it)
     best_eval_loss: float | None = None
     best_step: int | None = None
+    held_out: str | None = None  # `held_out_identity` of the examples best_eval_loss was scored on
     loss_scale: dict | None = None  # fp16's dynamic loss scaler (`loss_scale_state`); None in fp32 and bf16
 
 
