@@ -47,6 +47,13 @@ def text(record: dict[str, Any], key: str, required: bool = True) -> str:
         raise RowError(f"field {key!r} is {type(value).__name__}, not a string: {value!r:.60}")
     if required and not value.strip():
         raise RowError(f"field {key!r} is empty")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:  # JSON's "\ud83d" parses to half a UTF-16 pair, which UTF-8 cannot hold
+            raise RowError(f"field {key!r} holds an unpaired surrogate {value[error.start]!r} at character "
+                           f"{error.start + 1} (half of a UTF-16 pair, such as an emoji cut in two): remove it or "
+                           f"complete the pair in the file") from None
     return value
 
 
@@ -61,7 +68,7 @@ def alpaca(record: dict[str, Any], instruction: str = "instruction", input: str 
 
 
 def is_local(source: str) -> bool:
-    return Path(source).suffix in LOCAL_SUFFIXES or Path(source).exists()
+    return Path(source).suffix.lower() in LOCAL_SUFFIXES or Path(source).exists()
 
 
 def read_records(source: str, split: str = "train", max_rows: int | None = None,
@@ -73,8 +80,9 @@ def read_records(source: str, split: str = "train", max_rows: int | None = None,
     path = Path(source)
     if is_local(source) and not path.exists():
         raise SourceError(f"{source}: no such file")
-    if path.suffix in JSON_SUFFIXES:
-        return str(path), (_jsonl(path, max_rows) if path.suffix == ".jsonl" else _json_list(path, max_rows))
+    suffix = path.suffix.lower()  # rows.JSONL is a file, not a hub id
+    if suffix in JSON_SUFFIXES:
+        return str(path), (_jsonl(path, max_rows) if suffix == ".jsonl" else _json_list(path, max_rows))
     dataset = _load_with_datasets(source, split, hub_config)
     if max_rows is not None:
         dataset = dataset.select(range(min(max_rows, len(dataset))))
@@ -97,8 +105,12 @@ def _jsonl(path: Path, max_rows: int | None) -> Iterator[tuple[str, Any]]:
                     yield where, json.loads(line.rstrip("\r\n"))  # a cut-off string must not end in the newline
                 except json.JSONDecodeError as error:
                     yield where, RowError(f"not valid JSON at column {error.colno}: {error.msg.removesuffix(' at')}")
-        except UnicodeDecodeError as error:
-            raise SourceError(f"{path}: not UTF-8 text after row {number} ({error.reason})") from None
+        except UnicodeDecodeError:
+            # Decoded a buffer at a time, so the rows read so far do not say where: the trainer's reader
+            # finds the line again (imported here: it is needed only on this path).
+            from trainer.data.formats import undecodable_line
+
+            raise SourceError(f"{path}: {undecodable_line(path)}; re-save the file as UTF-8") from None
 
 
 def _json_list(path: Path, max_rows: int | None) -> Iterator[tuple[str, Any]]:
@@ -200,10 +212,14 @@ def write_rows(records: Iterator[tuple[str, Any]], convert: Convert, name: str, 
                     if not isinstance(record, dict):
                         raise RowError(f"expected an object, got {type(record).__name__}")
                     row = convert(record)
+                    file.write(json.dumps(row, ensure_ascii=False) + "\n")  # written whole or, unencodable, not at all
                 except RowError as error:
                     bad.append(f"{name}: {where}: {error}")
                     continue
-                file.write(json.dumps(row, ensure_ascii=False) + "\n")
+                except UnicodeEncodeError as error:  # a field `convert` took without `text` holds half a pair
+                    bad.append(f"{name}: {where}: holds an unpaired surrogate {error.object[error.start]!r} "
+                               f"(half of a UTF-16 pair, such as an emoji cut in two): remove it or complete the pair")
+                    continue
                 written += 1
         if written and (keep_going or not bad):
             os.replace(staging, out)

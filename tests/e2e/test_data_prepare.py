@@ -181,6 +181,53 @@ def test_an_unreadable_source_is_one_message_and_exit_status_2(tmp_path):
     assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "d.jsonl").exists()
 
 
+def test_a_lone_surrogate_is_a_bad_row_that_skip_bad_leaves_out(tmp_path):
+    # json.dumps writes the lone half of a UTF-16 pair as \ud83d, which json.loads reads back as it was.
+    source = write_jsonl(tmp_path / "raw.jsonl", [{"instruction": "a", "output": "b"},
+                                                  {"instruction": "Say hi \ud83d", "output": "hi \ud83d\ude00"},
+                                                  {"instruction": "c", "output": "d"}])
+    out = tmp_path / "alpaca.jsonl"
+    result = prepare("alpaca", "--source", str(source), "--out", str(out))
+    assert result.returncode == 1 and not out.exists()
+    assert result.stderr.splitlines()[0] == (
+        f"{source}: row 2: field 'instruction' holds an unpaired surrogate '\\ud83d' at character 8 (half of a "
+        f"UTF-16 pair, such as an emoji cut in two): remove it or complete the pair in the file")
+    kept = prepare("alpaca", "--source", str(source), "--out", str(out), "--skip-bad")
+    assert kept.returncode == 0, kept.stderr
+    assert [row["instruction"] for row in lines(out)] == ["a", "c"]
+
+
+def test_a_converted_row_holding_a_lone_surrogate_is_a_bad_row(tmp_path):
+    """A convert function that takes a field without `text` still cannot end the run with a traceback."""
+    from data import prepare_common
+
+    records = iter([("row 1", {"q": "fine"}), ("row 2", {"q": "half \ud83d"}), ("row 3", {"q": "also fine"})])
+    out = tmp_path / "rows.jsonl"
+    written, bad = prepare_common.write_rows(records, lambda record: {"instruction": record["q"], "output": "x"},
+                                             "raw.jsonl", out, keep_going=True)
+    assert written == 2 and [row["instruction"] for row in lines(out)] == ["fine", "also fine"]
+    assert bad == ["raw.jsonl: row 2: holds an unpaired surrogate '\\ud83d' (half of a UTF-16 pair, such as an "
+                   "emoji cut in two): remove it or complete the pair"]
+
+
+def test_a_source_not_utf8_partway_names_the_row(tmp_path):
+    source = tmp_path / "latin.jsonl"
+    rows = [json.dumps({"instruction": f"q{number}", "output": "a"}).encode() for number in range(1, 3001)]
+    source.write_bytes(b"\n".join([*rows, '{"instruction": "café", "output": "x"}'.encode("cp1252")]) + b"\n")
+    result = prepare("alpaca", "--source", str(source), "--out", str(tmp_path / "a.jsonl"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: {source}: row 3001: not UTF-8 text (byte 0xe9 at character 21 of the "
+                                     f"line; saved as Latin-1 or cp1252?); re-save the file as UTF-8")
+
+
+def test_a_source_suffix_in_capitals_is_a_file(tmp_path):
+    source = write_jsonl(tmp_path / "RAW.JSONL", [{"instruction": "a", "output": "b"}])
+    out = tmp_path / "alpaca.jsonl"
+    result = prepare("alpaca", "--source", str(source), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert lines(out) == [{"instruction": "a", "input": "", "output": "b"}]
+
+
 def test_the_trainer_never_imports_data():
     import ast
 

@@ -83,14 +83,15 @@ def locate(path: str, split: str = "train", streaming: bool = False) -> Located:
     nothing downloaded)."""
     resolved = resolve_dataset(path)
     local = Path(resolved)
-    if local.suffix in (".json", ".jsonl"):
+    suffix = local.suffix.lower()  # rows.JSONL is a file, not a hub id
+    if suffix in (".json", ".jsonl"):
         try:
             stat = local.stat()
         except OSError as error:
             raise DataError(f"{local}: cannot read the data file ({error.strerror})") from None
-        read = (lambda max_rows: _json_lines(local, max_rows)) if local.suffix == ".jsonl" else \
+        read = (lambda max_rows: _json_lines(local, max_rows)) if suffix == ".jsonl" else \
             (lambda max_rows: iter(_json_array(local)[:max_rows]))
-        count = (lambda max_rows: _count_lines(local, max_rows)) if local.suffix == ".jsonl" else \
+        count = (lambda max_rows: _count_lines(local, max_rows)) if suffix == ".jsonl" else \
             (lambda max_rows: sum(1 for _ in read(max_rows)))
         return Located(str(local), f"{local.resolve()}:{stat.st_size}:{stat.st_mtime_ns}", read, count,
                        lambda positions: _picked(read(None), positions))
@@ -152,8 +153,33 @@ def _json_lines(path: Path, max_rows: int | None) -> Iterator[tuple[str, Any]]:
                 if max_rows is not None and number > max_rows:
                     return
                 yield f"row {number}" + (f" (line {line_number})" if line_number != number else ""), _Line(line)
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: cannot read the data file ({getattr(error, 'strerror', None) or error})") from None
+    except UnicodeDecodeError:
+        # The decoder works a buffer at a time, so its position is no line: find the line again,
+        # reading the file once more (only on this path: a good file is decoded as fast as ever).
+        raise DataError(f"{path}: cannot read the data file: {undecodable_line(path)}; re-save it as UTF-8") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the data file ({error.strerror or error})") from None
+
+
+def undecodable_line(path: Path) -> str:
+    """Where a .jsonl file stops being UTF-8, its rows and lines numbered as `_json_lines` numbers
+    them: read the same way, each undecodable byte kept as a lone surrogate (U+DC80-U+DCFF)."""
+    number = 0
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            number += bool(line.strip())
+            if line.isascii():
+                continue
+            column = next((column for column, character in enumerate(line, start=1)
+                           if "\udc80" <= character <= "\udcff"), None)
+            if column is None:
+                continue
+            where = f"row {number}" + (f" (line {line_number})" if line_number != number else "")
+            utf16 = line_number == 1 and line[:2] in ("\udcff\udcfe", "\udcfe\udcff")
+            guess = "UTF-16, by its byte-order mark" if utf16 else "Latin-1 or cp1252?"
+            return (f"{where}: not UTF-8 text (byte 0x{ord(line[column - 1]) - 0xdc00:02x} at character {column} "
+                    f"of the line; saved as {guess})")
+    return "not UTF-8 text"
 
 
 def _count_lines(path: Path, max_rows: int | None) -> int:
@@ -171,9 +197,15 @@ def _count_lines(path: Path, max_rows: int | None) -> int:
 def _json_array(path: Path) -> list[tuple[str, Any]]:
     """A .json file's rows: the list is parsed whole (JSON has no way to read part of one)."""
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not JSON
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: cannot read the data file ({getattr(error, 'strerror', None) or error})") from None
+        data = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the data file ({error.strerror or error})") from None
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark is not JSON
+    except UnicodeDecodeError as error:  # decoded whole, so its position is the file's (after any mark)
+        line = error.object.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}: cannot read the data file: line {line}: not UTF-8 text (byte "
+                        f"0x{error.object[error.start]:02x}: {error.reason}); re-save it as UTF-8") from None
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as error:
@@ -216,15 +248,15 @@ def load_with_datasets(name: str, split: str, streaming: bool = False, split_set
     try:
         if local.is_dir() and ((local / "state.json").exists() or (local / "dataset_dict.json").exists()):
             dataset = datasets.load_from_disk(str(local))
-        elif local.suffix == ".csv":
+        elif local.suffix.lower() == ".csv":
             # Every column as text: inferred types make an answer "5" the int 5, and "3" in a column
             # with a blank cell the float 3.0. A blank cell alone is missing (None); an answer
             # "NA" or "null" stays text.
             features = text_columns(local)
             dataset = datasets.load_dataset("csv", data_files=str(local), split="train", features=features,
                                             keep_default_na=False, na_values=[""])
-        elif local.suffix in (".parquet", ".arrow"):
-            builder = local.suffix.lstrip(".")
+        elif local.suffix.lower() in (".parquet", ".arrow"):
+            builder = local.suffix.lower().lstrip(".")
             dataset = datasets.load_dataset(builder, data_files=str(local), split="train")
         else:
             dataset = datasets.load_dataset(name, split=split, streaming=streaming)
@@ -282,7 +314,10 @@ def settle_format(name: str, records: list[tuple[str, Any]], format: str, column
         raise DataError(f"{name}: has no records (an empty file, an empty JSON list or only blank lines); "
                         f"check data.path")
     columns = columns or {}
-    present = sorted({key for _, raw in records if isinstance(record := parsed(raw), dict) for key in record})
+    objects = [record for _, raw in records if isinstance(record := parsed(raw), dict)]
+    if not objects:  # no columns to tell a format from: the records themselves are the problem
+        raise DataError(_no_objects(name, records))
+    present = sorted({key for record in objects for key in record})
     missing = [column for column in columns if column not in present]
     if missing or any(target not in FIELDS for target in columns.values()):
         raise DataError(f"{name}: data.columns {columns} does not fit: "
@@ -292,16 +327,38 @@ def settle_format(name: str, records: list[tuple[str, Any]], format: str, column
     return _detect_format(name, renamed) if format == "auto" else format
 
 
+def _no_objects(name: str, records: list[tuple[str, Any]]) -> str:
+    """Why a dataset none of whose first records is an object cannot be read: its first record's problem."""
+    where, raw = records[0]
+    record = parsed(raw)
+    if isinstance(raw, _Line) and (isinstance(record, list) or raw.lstrip().startswith("[")):
+        return (f"{name}: {where}: opens with '[' (a JSON list), not an object: a file holding one JSON list "
+                f"of rows should be named .json (a .jsonl file holds one JSON object a line)")
+    problem = str(record) if isinstance(record, _Malformed) else f"expected an object, got {type(record).__name__}"
+    hint = ("; single-quoted strings are Python's repr of a dict, not JSON (write rows with json.dumps)"
+            if isinstance(raw, _Line) and raw.lstrip().startswith("{'") else "")
+    return f"{name}: {where}: {problem}, and no record of the first {len(records)} is an object{hint}"
+
+
 def validate_records(name: str, records: list[tuple[str, Any]], first: int, format: str,
                      columns: dict[str, str] | None, on_bad_row: str) -> tuple[list[Row], Counter]:
     """Rows of consecutive records, the first at position `first`, and the bad ones counted by
-    reason (on_bad_row=skip) or raised as a DataError naming `name` and the row."""
+    reason (on_bad_row=skip) or raised as a DataError naming `name` and the row.
+
+    A record whose columns `columns` renames onto one field is raised whatever on_bad_row says:
+    the mapping does not fit the data (one value would be dropped unseen), which no row can fix.
+    It is checked here, record by record, since the records of a .json/.jsonl file need not share
+    columns and settle_format sees the first chunk alone; a csv file's or a `datasets` dataset's
+    records all have every column, so there it is row 1."""
     columns = columns or {}
     rows, bad = [], Counter()
     for record_index, (where, record) in enumerate(records, start=first):
         record = parsed(record)
         if isinstance(record, dict) and columns:
-            record = {columns.get(key, key): value for key, value in record.items()}
+            renamed = {columns.get(key, key): value for key, value in record.items()}
+            if len(renamed) != len(record):
+                raise DataError(_collision(name, where, record, columns))
+            record = renamed
         for instance, (row_where, fields, problem) in enumerate(_validate(format, where, record)):
             if problem is None:
                 rows.append(Row(record_index, row_where, fields, instance))
@@ -311,6 +368,22 @@ def validate_records(name: str, records: list[tuple[str, Any]], first: int, form
                 raise DataError(f"{name}: {row_where}: {problem[1]} "
                                 f"(data.on_bad_row: skip leaves such rows out and counts them)")
     return rows, bad
+
+
+def _collision(name: str, where: str, record: dict, columns: dict[str, str]) -> str:
+    """The message for a record two of whose columns `columns` renames onto one field."""
+    by_field: dict[str, list[str]] = {}
+    for key in record:
+        by_field.setdefault(columns.get(key, key), []).append(key)
+    field_name, keys = next((field_name, keys) for field_name, keys in by_field.items() if len(keys) > 1)
+    mapped = [key for key in keys if key in columns]
+    if len(mapped) > 1:
+        return (f"{name}: {where}: data.columns maps {' and '.join(map(repr, mapped))} to the same field "
+                f"{field_name!r}, and the row has both: one would be dropped unseen. Map them to different "
+                f"fields, or remove or rename one of them in the file")
+    return (f"{name}: {where}: data.columns maps {mapped[0]!r} to {field_name!r}, but the row also has a column "
+            f"{field_name!r}: one of the two would be dropped unseen. Remove or rename one of them in the file, "
+            f"or map {field_name!r} to another field in data.columns too")
 
 
 def _detect_format(name: str, columns: list[str]) -> str:
@@ -364,6 +437,19 @@ def _text(record: dict, key: str, required: bool) -> Problem | None:
         return (f"{key} not a string", f"field {key!r} is {type(value).__name__}, not a string: {value!r:.60}")
     if required and not value.strip():
         return (f"empty {key}", f"field {key!r} is empty")
+    if not value.isascii() and (surrogate := _unpaired_surrogate(value)) is not None:
+        return ("unpaired surrogate", f"field {key!r} {surrogate}")
+    return None
+
+
+def _unpaired_surrogate(value: str) -> str | None:
+    """What is wrong with `value` if it holds half of a UTF-16 pair: JSON's "\\ud83d" parses to one,
+    which no tokenizer (nor UTF-8) takes. (Callers ask only of non-ASCII text: most is ASCII.)"""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return (f"holds an unpaired surrogate {value[error.start]!r} at character {error.start + 1} (half of "
+                f"a UTF-16 pair, such as an emoji cut in two): remove it or complete the pair in the file")
     return None
 
 
@@ -383,6 +469,8 @@ def _chat(record: dict) -> tuple[list[dict[str, str]], Problem | None]:
             return [], ("bad messages", f"message {number}: 'content' is not a string: {message.get('content')!r:.60}")
         if message["role"] == "assistant" and not message["content"].strip():
             return [], ("empty output", f"message {number}: the assistant's content is empty")
+        if not message["content"].isascii() and (surrogate := _unpaired_surrogate(message["content"])) is not None:
+            return [], ("unpaired surrogate", f"message {number}: 'content' {surrogate}")
     # Turns after the last assistant message have nothing to train on.
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:

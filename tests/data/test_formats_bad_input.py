@@ -1,0 +1,194 @@
+"""Bad input named for what it is: data.columns renaming a column onto one the row already has, half
+a UTF-16 pair in a field, a .jsonl file that holds no JSON object (a list, Python's repr of dicts) or
+stops being UTF-8 partway, and suffixes written in capitals."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer.config import DataConfig
+from trainer.data.formats import DataError, locate, settle_format, validate_records
+from trainer.data.pipeline import build_datasets, read_rows
+
+ROW = {"instruction": "Say hi.", "input": "", "output": "hello"}
+LONE_HIGH = "\ud83d"  # the first half of 😀's UTF-16 pair (json.loads gives it for "\\ud83d")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_base):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_base)
+
+
+def config(path, **overrides) -> DataConfig:
+    return DataConfig(path=str(path), **{"eval_fraction": 0.0, "cache": False, "max_seq_len": 256, **overrides})
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """Rows as JSON lines (a str as the line itself), escaped as json.dumps escapes: a lone surrogate
+    is written as the six characters \\ud83d, as a file from another tool would hold it."""
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+# ------------------------------------------------------------------------------ data.columns onto a column the row has
+
+
+COLLIDE = {"instruction": "Summarise.", "response": "A long, good summary.", "output": "B"}
+
+
+@pytest.mark.parametrize("on_bad_row", ["error", "skip"])
+def test_a_mapping_onto_a_column_the_row_has_is_refused_naming_both(on_bad_row, tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "collide.jsonl", [COLLIDE])
+    with pytest.raises(DataError, match=rf"collide\.jsonl: row 1: data\.columns maps 'response' to 'output', but the "
+                                        rf"row also has a column 'output': .*Remove or rename one of them"):
+        build_datasets(config(path, columns={"response": "output"}, on_bad_row=on_bad_row), tokenizer, seed=0)
+
+
+def test_the_column_mapped_onto_may_itself_be_mapped_away(tmp_path):
+    path = write_jsonl(tmp_path / "swap.jsonl", [COLLIDE])
+    rows = read_rows(str(path), columns={"response": "output", "output": "input"})
+    assert rows == [{"instruction": "Summarise.", "input": "B", "output": "A long, good summary."}]
+
+
+def test_two_columns_mapped_onto_one_field_are_refused(tmp_path):
+    path = write_jsonl(tmp_path / "two.jsonl", [{"instruction": "Q", "answer": "A", "response": "B"}])
+    with pytest.raises(DataError, match=r"two\.jsonl: row 1: data\.columns maps 'answer' and 'response' to the "
+                                        r"same field 'output', and the row has both"):
+        read_rows(str(path), columns={"answer": "output", "response": "output"})
+
+
+def test_a_csv_file_and_a_saved_dataset_are_refused_at_row_1(tmp_path):
+    import datasets
+
+    csv = tmp_path / "collide.csv"
+    csv.write_text("instruction,response,output\nSummarise.,\"A long, good summary.\",B\n")
+    with pytest.raises(DataError, match=r"collide\.csv: row 1: data\.columns maps 'response' to 'output'"):
+        read_rows(str(csv), columns={"response": "output"})
+    datasets.Dataset.from_list([COLLIDE]).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(DataError, match=r"saved: row 1: data\.columns maps 'response' to 'output'"):
+        read_rows(str(tmp_path / "saved"), columns={"response": "output"})
+
+
+def test_a_collision_after_the_first_chunk_is_caught_too(tmp_path):
+    """The format is settled on the first chunk; a .jsonl row further on may have other columns."""
+    path = write_jsonl(tmp_path / "late.jsonl", [{"instruction": "Q", "response": "A"}] * 2 + [COLLIDE])
+    records = list(locate(str(path)).read(None))
+    columns = {"response": "output"}
+    assert settle_format(str(path), records[:2], "auto", columns) == "alpaca"
+    assert len(validate_records(str(path), records[:2], 0, "alpaca", columns, "skip")[0]) == 2
+    with pytest.raises(DataError, match=r"late\.jsonl: row 3: data\.columns maps 'response' to 'output'"):
+        validate_records(str(path), records[2:], 2, "alpaca", columns, "skip")
+
+
+# ------------------------------------------------------------------------------ half a UTF-16 pair
+
+
+def test_a_lone_surrogate_is_a_bad_row_named_by_field_or_skipped(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "surrogate.jsonl",
+                       [ROW, {"instruction": f"Say hi {LONE_HIGH}", "output": "hi \ud83d\ude00"}, ROW])
+    with pytest.raises(DataError, match=r"surrogate\.jsonl: row 2: field 'instruction' holds an unpaired surrogate "
+                                        r"'\\ud83d' at character 8 .*data\.on_bad_row: skip"):
+        build_datasets(config(path), tokenizer, seed=0)
+    train, _, stats = build_datasets(config(path, on_bad_row="skip"), tokenizer, seed=0)
+    assert [example.row_id for example in train] == [0, 2]
+    assert stats["datasets"][0]["outcomes"] == {"skipped: unpaired surrogate": 1}
+
+
+def test_a_whole_pair_is_text_like_any_other(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "emoji.jsonl", [{"instruction": "Smile.", "output": "\ud83d\ude00"}])
+    assert read_rows(str(path)) == [{"instruction": "Smile.", "input": "", "output": "😀"}]
+    train, _, _ = build_datasets(config(path), tokenizer, seed=0)
+    assert len(train) == 1
+
+
+def test_a_lone_surrogate_in_a_chat_message_or_an_instance_is_named(tmp_path):
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "yo \ude00"}]}])
+    with pytest.raises(DataError, match=r"row 1: message 2: 'content' holds an unpaired surrogate '\\ude00'"):
+        read_rows(str(chat))
+    task = {"instruction": "Name one.", "instances": [{"output": "red"}, {"input": LONE_HIGH, "output": "blue"}]}
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", [task])
+    with pytest.raises(DataError, match=r"row 1, instance 2: field 'input' holds an unpaired surrogate"):
+        read_rows(str(tasks))
+
+
+# ------------------------------------------------------------------------------ .jsonl files that hold no object
+
+
+ROWS = [ROW, {**ROW, "output": "hi"}]
+
+
+@pytest.mark.parametrize("on_bad_row", ["error", "skip"])
+@pytest.mark.parametrize("indent", [None, 2], ids=["one line", "pretty"])
+def test_a_json_list_saved_as_jsonl_is_told_to_be_a_json_file(indent, on_bad_row, tokenizer, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(ROWS, indent=indent) + "\n")
+    with pytest.raises(DataError, match=r"rows\.jsonl: row 1: opens with '\[' \(a JSON list\), not an object: a file "
+                                        r"holding one JSON list of rows should be named \.json"):
+        build_datasets(config(path, on_bad_row=on_bad_row), tokenizer, seed=0)
+
+
+@pytest.mark.parametrize("on_bad_row", ["error", "skip"])
+def test_python_dicts_saved_as_jsonl_are_named_as_not_json(on_bad_row, tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "repr.jsonl", [repr(row) for row in ROWS])
+    with pytest.raises(DataError, match=r"repr\.jsonl: row 1: not valid JSON \(Expecting property name enclosed in "
+                                        r"double quotes at column 2\), and no record of the first 2 is an object; "
+                                        r"single-quoted strings are Python's repr"):
+        build_datasets(config(path, on_bad_row=on_bad_row), tokenizer, seed=0)
+
+
+def test_a_file_with_some_objects_still_names_its_columns(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", ["[1]", {"prompt": "Q", "response": "A"}])
+    with pytest.raises(DataError, match=r"cannot tell the format from its columns \['prompt', 'response'\]"):
+        build_datasets(config(path), tokenizer, seed=0)
+
+
+# ------------------------------------------------------------------------------ not UTF-8 partway
+
+
+def latin_at(path: Path, bad_row: int, blank_lines: int = 0) -> Path:
+    """UTF-8 rows with one cp1252 'é' in row `bad_row`, far past the decoder's first buffer."""
+    lines = [json.dumps({"instruction": f"q{number}", "output": "a"}).encode() for number in range(1, bad_row)]
+    lines += [b""] * blank_lines
+    lines += ['{"instruction": "café", "output": "x"}'.encode("cp1252"), b'{"instruction": "z", "output": "a"}']
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("blank_lines, where", [(0, "row 3001"), (2, r"row 3001 \(line 3003\)")])
+def test_a_jsonl_byte_that_is_not_utf8_names_its_row_and_line(blank_lines, where, tmp_path):
+    path = latin_at(tmp_path / "latin.jsonl", 3001, blank_lines)
+    with pytest.raises(DataError, match=rf"latin\.jsonl: cannot read the data file: {where}: not UTF-8 text \(byte "
+                                        rf"0xe9 at character 21 of the line; .*\); re-save it as UTF-8"):
+        list(locate(str(path)).read(None))
+
+
+def test_a_json_byte_that_is_not_utf8_names_its_line(tmp_path):
+    path = tmp_path / "latin.json"
+    path.write_bytes(b'[\n{"instruction": "a", "output": "b"},\n{"instruction": "caf\xe9", "output": "b"}\n]\n')
+    with pytest.raises(DataError, match=r"latin\.json: cannot read the data file: line 3: not UTF-8 text \(byte 0xe9"):
+        list(locate(str(path)).read(None))
+
+
+def test_a_utf16_file_is_named_as_such(tmp_path):
+    path = tmp_path / "wide.jsonl"
+    path.write_bytes(json.dumps(ROW).encode("utf-16"))
+    with pytest.raises(DataError, match=r"wide\.jsonl: cannot read the data file: row 1: .*saved as UTF-16"):
+        list(locate(str(path)).read(None))
+
+
+# ------------------------------------------------------------------------------ suffixes in capitals
+
+
+def test_suffixes_in_capitals_are_files_not_hub_ids(tmp_path):
+    jsonl = write_jsonl(tmp_path / "ROWS.JSONL", ROWS)
+    json_list = tmp_path / "ROWS.JSON"
+    json_list.write_text(json.dumps(ROWS))
+    csv = tmp_path / "ROWS.CSV"
+    csv.write_text("instruction,output\nSay hi.,hello\n")
+    assert len(read_rows(str(jsonl))) == len(read_rows(str(json_list))) == 2
+    assert read_rows(str(csv)) == [ROW]
