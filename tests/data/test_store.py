@@ -28,7 +28,7 @@ def tokenizer(tiny_base):
 
 
 def rows(count: int, start: int = 0) -> list[dict]:
-    """Distinct questions of varied lengths, some long enough to be cut at max_seq_len=48."""
+    """Distinct questions of varied lengths, some long enough to be cut at max_seq_len=80."""
     return [{"instruction": f"Repeat the word {i} " + "again " * (i % 7), "input": "x " * (i % 23),
              "output": f"word {i} " * (1 + i % 5) * (6 if i % 13 == 0 else 1)} for i in range(start, start + count)]
 
@@ -43,7 +43,7 @@ def files(store: Store) -> dict[str, bytes]:
 
 
 def build(path: Path, tokenizer, out: Path, workers: int, chunk_rows: int = 8, **settings) -> Store:
-    config = DataConfig(path=str(path), max_seq_len=48, **settings)
+    config = DataConfig(path=str(path), max_seq_len=80, **settings)
     return build_store(locate(str(path)), DataSource(str(path)), config, tokenizer, out, workers, chunk_rows)
 
 
@@ -56,7 +56,7 @@ def test_the_store_is_the_same_bytes_for_one_or_several_workers_and_equals_the_f
     assert not list(tmp_path.glob(".*.tmp")), "the temporary directories were renamed into place"
 
     # The examples are those of the file read and tokenised in one piece, in memory.
-    config = DataConfig(path=str(path), max_seq_len=48)
+    config = DataConfig(path=str(path), max_seq_len=80)
     source = read_source(locate(str(path)))
     expected, outcomes = tokenize_rows(tokenizer, source.rows, source.format, config, source.name)
     assert list(Examples.whole(two)) == expected and len(expected) < 61  # some rows were dropped as too long
@@ -110,7 +110,7 @@ def test_uncached_data_leaves_no_store_behind_and_held_out_rows_come_back_from_t
     second = tmp_path / "b.json"
     second.write_text(json.dumps(rows(20, 500)))
     mixture = [DataSource(str(first)), DataSource(str(second), weight=1.5)]
-    config = DataConfig(mixture=mixture, eval_fraction=0.2, cache=False, max_seq_len=48)
+    config = DataConfig(mixture=mixture, eval_fraction=0.2, cache=False, max_seq_len=80)
     tokenized = Path(os.environ["QLORA_TRAINER_CACHE"]) / "tokenized"
     before = set(tokenized.iterdir()) if tokenized.exists() else set()
     train, held_out, stats = build_datasets(config, tokenizer, seed=5)
@@ -125,6 +125,6 @@ def test_uncached_data_leaves_no_store_behind_and_held_out_rows_come_back_from_t
 def test_a_store_that_cannot_be_cached_is_built_elsewhere(tokenizer, tmp_path, monkeypatch, capsys):
     path = write_jsonl(tmp_path / "d.jsonl", rows(12))
     monkeypatch.setattr(pipeline.cache, "path_for", lambda key: Path("/proc/no-such-place") / key)
-    train, _, stats = build_datasets(DataConfig(path=str(path), eval_fraction=0.0, max_seq_len=48), tokenizer, seed=0)
+    train, _, stats = build_datasets(DataConfig(path=str(path), eval_fraction=0.0, max_seq_len=80), tokenizer, seed=0)
     assert "could not cache the tokenised data" in capsys.readouterr().out
     assert stats["cache"] == "miss" and len(train) == stats["train_examples"] > 0

@@ -29,7 +29,7 @@ def tokenizer(tiny_base):
 
 
 def rows(count: int) -> list[dict]:
-    """Varied lengths (some cut at max_seq_len=48), and every third row without an `input` key, which
+    """Varied lengths (some cut at max_seq_len=80), and every third row without an `input` key, which
     Arrow fills with None where a .jsonl line simply lacks it."""
     return [{"instruction": f"Repeat the word {i} " + "again " * (i % 7), "output": f"word {i} " * (1 + i % 5),
              **({} if i % 3 == 0 else {"input": "x " * (i % 23)})} for i in range(count)]
@@ -65,7 +65,7 @@ class FakeHub:
 
 
 def config(path: str, **settings) -> DataConfig:
-    return DataConfig(path=str(path), max_seq_len=48, **settings)
+    return DataConfig(path=str(path), max_seq_len=80, **settings)
 
 
 def build(path: str, tokenizer, out: Path, workers: int = 2, chunk_rows: int = 8, **settings) -> Store:

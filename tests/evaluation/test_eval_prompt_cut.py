@@ -62,7 +62,7 @@ def test_prompts_that_fit_are_whole_and_unnoted(tokenizer_and_rows):
 
 def test_cut_prompts_are_noted_with_how_many_by_how_much_and_what_to_change(tokenizer_and_rows):
     tokenizer, rows = tokenizer_and_rows
-    max_new_tokens = 115
+    max_new_tokens = 105  # room for some prompts whole: the others keep Alpaca's markup and part of their text
     max_prompt = MAX_SEQ_LEN - max_new_tokens
     prompts, note = eval_prompts(tokenizer, rows, tiny_recipe().data, max_new_tokens)
     assert prompts == [prompt_ids(tokenizer, row, "alpaca", max_prompt) for row in rows]  # cut as before
@@ -70,7 +70,7 @@ def test_cut_prompts_are_noted_with_how_many_by_how_much_and_what_to_change(toke
     cut = [length - max_prompt for length in whole if length > max_prompt]
     assert 0 < len(cut) < len(rows)
     assert note == (f"note: {len(cut)} of {len(rows)} prompts cut from their start, by up to {max(cut)} tokens, to "
-                    f"{max_prompt} tokens (eval.max_new_tokens=115 within data.max_seq_len=160); raise "
+                    f"{max_prompt} tokens (eval.max_new_tokens=105 within data.max_seq_len=160); raise "
                     f"data.max_seq_len or lower eval.max_new_tokens to keep more of them")
 
 
@@ -112,21 +112,21 @@ def test_run_eval_refuses_starved_prompts_on_every_rank_before_the_base_loads(mo
 def test_run_eval_notes_cut_prompts_on_rank_0_alone(monkeypatch, capsys, tiny_base):
     in_process(monkeypatch, rank=1)
     with pytest.raises(Stop):
-        run_eval(tiny_recipe(), EvalOptions(adapter="none", max_new_tokens=130, max_rows=8))
+        run_eval(tiny_recipe(), EvalOptions(adapter="none", max_new_tokens=105, max_rows=8))
     assert "prompts cut" not in capsys.readouterr().out
     in_process(monkeypatch, rank=0)
     with pytest.raises(Stop):
-        run_eval(tiny_recipe(), EvalOptions(adapter="none", max_new_tokens=130, max_rows=8))
-    assert capsys.readouterr().out.count("note: 8 of 8 prompts cut from their start") == 1
+        run_eval(tiny_recipe(), EvalOptions(adapter="none", max_new_tokens=105, max_rows=8))
+    assert capsys.readouterr().out.count("note: 4 of 8 prompts cut from their start") == 1
 
 
 def test_run_eval_with_cut_prompts_still_scores_them(monkeypatch, capsys, tmp_path, tiny_base):
     in_process(monkeypatch, load_model=True)
-    summary = run_eval(tiny_recipe(), EvalOptions(adapter="none", out=str(tmp_path), max_new_tokens=130, max_rows=4,
+    summary = run_eval(tiny_recipe(), EvalOptions(adapter="none", out=str(tmp_path), max_new_tokens=105, max_rows=4,
                                                   batch_size=4, loss=False))
     out = capsys.readouterr().out
-    assert out.count("note: 4 of 4 prompts cut") == 1 and summary["rows"] == 4
-    assert json.loads((tmp_path / "metrics.json").read_text())["options"]["max_new_tokens"] == 130
+    assert out.count("note: 2 of 4 prompts cut") == 1 and summary["rows"] == 4
+    assert json.loads((tmp_path / "metrics.json").read_text())["options"]["max_new_tokens"] == 105
 
 
 def test_out_naming_an_existing_file_is_refused_on_every_rank_before_anything_loads(monkeypatch, tmp_path):

@@ -3,9 +3,10 @@ EOS hygiene, and the length policy.
 
 Every example is [document BOS] + text pieces, each piece tokenised on its own and either trained
 (the response, or an assistant turn plus its end-of-turn), masked prompt text that the length
-policy may cut (an instruction, a user turn's content), or masked chat markup that is never cut (a
-chat template's turn headers, its default system prompt). Tokenising the pieces apart makes the
-mask boundary exact, and cutting only prompt text keeps a truncated conversation well formed.
+policy may cut (an instruction, a row's input, a user turn's content), or masked markup that is
+never cut (an instruction template's own text, a chat template's turn headers, its default system
+prompt). Tokenising the pieces apart makes the mask boundary exact, and cutting only prompt text
+keeps a truncated prompt well formed.
 Every example ends in a trained EOS. A row's own text is tokenised literally: a special token's
 string in it (an answer that writes "<|im_end|>" or "</s>") is text, never the control token that the
 markup writes (which would train the model to stop there).
@@ -33,8 +34,10 @@ from trainer.data.leakage import question_id
 IGNORE_INDEX = -100
 
 # What a piece of an example is: trained, masked prompt text the length policy may cut from its
-# start, or masked markup that is kept whole.
-ANSWER, PROMPT, MARKUP = "answer", "prompt", "markup"
+# start, or masked markup that is kept whole. CONTEXT is prompt text cut before any PROMPT piece: an
+# instruction row's input, which the model can do without more readily than the instruction that
+# says what to do.
+ANSWER, PROMPT, CONTEXT, MARKUP = "answer", "prompt", "context", "markup"
 
 TEMPLATES = {
     "alpaca": (
@@ -135,13 +138,13 @@ def document_bos(tokenizer) -> int | None:
     template writes the BOS token before every message (ChatML's <|im_start|>), so it is a turn
     marker and an instruction-template example must not start with one."""
     bos = tokenizer.bos_token_id
-    template = getattr(tokenizer, "chat_template", None)
-    if bos is None or not isinstance(template, str) or not template:
+    template = None if bos is None else own_chat_template(tokenizer)
+    if template is None:
         return bos
     probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
              {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
     try:
-        rendered = tokenizer.apply_chat_template(probe, tokenize=False)
+        rendered = tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False)
     except Exception:  # a template that refuses this conversation says nothing about its BOS
         return bos
     # A turn marker opens every message, whatever its role. Llama-2-chat writes <s> before each user
@@ -164,14 +167,23 @@ def expected_first_token(tokenizer, use_chat: bool) -> tuple[int | None, str]:
 def render_prompt(row: dict[str, str], template: str) -> str:
     """The prompt of an instruction row: a named template (alpaca, plain) or a custom string in
     which {instruction} and {input} are replaced."""
+    return "".join(text for text, _ in prompt_pieces(row, template))
+
+
+def prompt_pieces(row: dict[str, str], template: str) -> list[tuple[str, str]]:
+    """The prompt of an instruction row as (text, kind) pieces: the template's own text is markup,
+    the instruction prompt text and the input context, so that a cut keeps the template's header and
+    section titles and takes the input before the instruction."""
     if template in TEMPLATES:
         with_input, without_input = TEMPLATES[template]
-        chosen = with_input if row["input"].strip() else without_input
-        return chosen.format(instruction=row["instruction"], input=row["input"])
-    if row["input"].strip() and "{input}" not in template:
+        template = with_input if row["input"].strip() else without_input
+    elif row["input"].strip() and "{input}" not in template:
         raise DataError(f"data.template has no {{input}} placeholder but a row has an input: {row['input']!r:.60}")
-    # One pass, so braces inside the row's text are never taken for placeholders.
-    return re.sub(r"\{(instruction|input)\}", lambda match: row[match.group(1)], template)
+    # One pass over the template, so braces inside the row's text are never taken for placeholders.
+    parts = re.split(r"\{(instruction|input)\}", template)  # markup, field, markup, field, ..., markup
+    pieces = [(row[part], PROMPT if part == "instruction" else CONTEXT) if index % 2 else (part, MARKUP)
+              for index, part in enumerate(parts)]
+    return [(text, kind) for text, kind in pieces if text]
 
 
 def template_note(tokenizer, template: str) -> str | None:
@@ -189,10 +201,24 @@ def template_note(tokenizer, template: str) -> str | None:
 
 def chat_template(tokenizer) -> tuple[str, str]:
     """The template chat rows are rendered with, and a note saying which it is."""
-    own = getattr(tokenizer, "chat_template", None)
-    if isinstance(own, str) and own:
+    own = own_chat_template(tokenizer)
+    if own is not None:
         return own, "chat template: the tokenizer's"
     return BUILTIN_CHAT_TEMPLATE, "chat template: built-in <|role|> (the tokenizer has none)"
+
+
+def own_chat_template(tokenizer) -> str | None:
+    """The tokenizer's chat template, or None where it has none. A tokenizer saved with several named
+    templates (Hermes, Command-R: chat_template.jinja beside additional_chat_templates/) loads them as
+    a dict, and transformers' apply_chat_template renders with its "default" entry: so does this."""
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict) and own:
+        if "default" not in own:
+            raise DataError(f"the tokenizer has several chat templates ({', '.join(map(repr, sorted(own)))}) and none "
+                            f"named 'default', so which one to render with is unclear: save the one to train with "
+                            f"as chat_template.jinja in the tokenizer's directory (transformers loads it as the default)")
+        own = own["default"]
+    return own if isinstance(own, str) and own else None
 
 
 def as_messages(row: dict[str, str]) -> list[dict[str, str]]:
@@ -296,17 +322,18 @@ def _length(tokenised: list[tuple[list[int], str]]) -> int:
 
 def row_pieces(tokenizer, fields: dict, template: str, use_chat: bool) -> list[tuple[str, str]]:
     """A row as (text, kind) pieces: the rendered conversation for chat rows or data.template=chat,
-    else the instruction template's prompt and the response."""
+    else the instruction template's prompt pieces and the response."""
     if use_chat:
         messages = fields["messages"] if "messages" in fields else as_messages(fields)
         return chat_pieces(tokenizer, chat_template(tokenizer)[0], messages)
-    return [(render_prompt(fields, template), PROMPT), (fields["output"], ANSWER)]
+    return [*prompt_pieces(fields, template), (fields["output"], ANSWER)]
 
 
 def prompt_tokens(tokenizer, fields: dict, template: str, max_tokens: int | None = None) -> list[int]:
     """The tokens training puts before the (first) response, for generation: the same pieces,
     tokenised the same way, with a document BOS, and cut by the same rule when longer than
-    `max_tokens` (prompt text from its start, never the chat markup; the markup alone is kept)."""
+    `max_tokens` (prompt text from its start, the input before the instruction, never the template's
+    markup; the markup alone is kept)."""
     use_chat = "messages" in fields or template == "chat"
     pieces = row_pieces(tokenizer, fields, template, use_chat)
     return _prompt_ids(tokenizer, pieces[:next(i for i, (_, kind) in enumerate(pieces) if kind == ANSWER)], use_chat,
@@ -539,7 +566,8 @@ def assemble(tokenizer, pieces: list[tuple[list[int], str]], config: DataConfig,
              where: str, bos: int | None) -> tuple[tuple[list[int], list[int]] | None, str]:
     """[`bos`] + pieces, ending in a trained EOS, fitted to max_seq_len by cutting prompt pieces from
     their start. `bos` is `document_bos(tokenizer)`, computed once by the caller. Returns ((input_ids, labels), "kept" | "truncated"), or (None, why it
-    was dropped)."""
+    was dropped: the response alone is too long, or the cut would take all the prompt text, leaving an
+    answer to no question)."""
     head, pieces = _closed(pieces, tokenizer.eos_token_id, bos)
     outcome = "kept"
     excess = len(head) + _length(pieces) - config.max_seq_len
@@ -549,9 +577,12 @@ def assemble(tokenizer, pieces: list[tuple[list[int], str]], config: DataConfig,
                             f"{config.max_seq_len} (data.on_too_long: truncate_prompt or drop handle such rows)")
         if config.on_too_long == "drop":
             return None, "dropped: too long"
+        had_prompt = _prompt_length(pieces) > 0
         pieces, cut = _cut_prompt(pieces, excess)
         if cut < excess:
             return None, "dropped: response alone too long"
+        if had_prompt and not _prompt_length(pieces):
+            return None, "dropped: prompt cut to nothing"
         outcome = "truncated"
     ids, labels = list(head), [IGNORE_INDEX] * len(head)  # a document BOS is never a target
     for piece, kind in pieces:
@@ -586,12 +617,17 @@ def _starts_with(pieces: list[tuple[list[int], str]], token: int) -> bool:
 
 
 def _cut_prompt(pieces: list[tuple[list[int], str]], excess: int) -> tuple[list[tuple[list[int], str]], int]:
-    """Remove up to `excess` tokens from the prompt pieces, earliest first, each from its start
-    (markup and answers are kept whole). Returns the pieces and how many tokens were removed."""
-    cut, kept = 0, []
-    for piece, kind in pieces:
-        if kind == PROMPT and cut < excess:
-            taken = min(len(piece), excess - cut)
-            piece, cut = piece[taken:], cut + taken
-        kept.append((piece, kind))
+    """Remove up to `excess` tokens from the prompt text, each piece from its start: the context
+    pieces first, then the prompt pieces, earliest first within each (markup and answers are kept
+    whole). Returns the pieces and how many tokens were removed."""
+    cut, kept = 0, list(pieces)
+    for cut_kind in (CONTEXT, PROMPT):
+        for index, (piece, kind) in enumerate(kept):
+            if kind == cut_kind and cut < excess:
+                taken = min(len(piece), excess - cut)
+                kept[index], cut = (piece[taken:], kind), cut + taken
     return kept, cut
+
+
+def _prompt_length(pieces: list[tuple[list[int], str]]) -> int:
+    return sum(len(piece) for piece, kind in pieces if kind in (PROMPT, CONTEXT))

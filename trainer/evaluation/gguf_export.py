@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from trainer.config import Recipe, RecipeError
-from trainer.data.encoding import document_bos
+from trainer.data.encoding import document_bos, own_chat_template
 
 FORMATS = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32  # values per q8_0 block (one f16 scale + 32 int8)
@@ -241,8 +241,9 @@ def tokenizer_metadata(tokenizer, vocab_size: int, pre: str | None = None) -> di
     metadata["add_eos_token"] = eos is not None and with_special[-1:] == [eos] and plain[-1:] != [eos]
     prepend = (spec.get("pre_tokenizer") or {}).get("prepend_scheme", "never")
     metadata["add_space_prefix"] = (not byte_level) and prepend in ("first", "always")
-    if isinstance(getattr(tokenizer, "chat_template", None), str):
-        metadata["chat_template"] = tokenizer.chat_template
+    chat_template = own_chat_template(tokenizer)  # the default of a tokenizer's several named templates
+    if chat_template is not None:
+        metadata["chat_template"] = chat_template
     return metadata
 
 
