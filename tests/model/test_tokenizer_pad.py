@@ -47,6 +47,20 @@ def test_with_nothing_spare_a_new_pad_is_added(tmp_path):
     assert tokenizer.pad_token == "<pad>" and len(tokenizer) == 26 + 2 + 3 + 1
 
 
+def test_a_token_one_of_several_named_chat_templates_writes_is_not_spare(tmp_path):
+    # Hermes-style: the default and a tool_use template, loaded as a dict; the reserved token is the
+    # tool template's marker, so nothing is spare.
+    directory = llama3_like(tmp_path / "tok", ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_0|>",
+                                               "<|eot_id|>"], chat_template=None)
+    tokenizer = load_tokenizer(directory, recipe_from_dict({"model": {"name_or_path": directory}}))
+    tokenizer.chat_template = {"default": CHAT, "tool_use": CHAT + "<|reserved_special_token_0|>"}
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(directory)
+    reloaded = load_tokenizer(directory, recipe_from_dict({"model": {"name_or_path": directory}}))
+    assert isinstance(reloaded.chat_template, dict)
+    assert reloaded.pad_token == "<pad>"
+
+
 def test_a_new_pad_without_an_embedding_row_stops_the_run_with_what_to_do(tmp_path):
     directory = llama3_like(tmp_path / "tok", ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
     tokenizer = load_tokenizer(directory, recipe_from_dict({"model": {"name_or_path": directory}}))

@@ -88,7 +88,8 @@ def spare_special_token(tokenizer) -> str | None:
     template writes."""
     used = {tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token}
     template = getattr(tokenizer, "chat_template", None)
-    template = template if isinstance(template, str) else ""
+    # Several named templates (a dict): a token any of them writes is not spare.
+    template = "".join(template.values()) if isinstance(template, dict) else template if isinstance(template, str) else ""
     spare = [token.content for _, token in sorted(getattr(tokenizer, "added_tokens_decoder", {}).items())
              if token.special and token.content not in used and token.content not in template]
     for word in ("pad", "reserved"):
