@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from trainer.checkpoint.fingerprint import base_fingerprint
+from trainer.checkpoint.fingerprint import base_fingerprint, config_only_fingerprint
 from trainer.checkpoint.saving import BEST, CheckpointError, peft_key
 from trainer.config import Recipe
 from trainer.model.base import resolve_base
@@ -116,12 +116,17 @@ def check_adapter(recipe: Recipe, adapter_dir: Path) -> list[str]:
     trained_fingerprint = meta.get("base_fingerprint")
     if trained_fingerprint is not None:
         fingerprint = base_fingerprint(base, recipe.model.revision)
-        if fingerprint != trained_fingerprint:
+        if fingerprint != trained_fingerprint and trained_fingerprint == config_only_fingerprint(base, recipe.model.revision):
+            # Recorded before pytorch_model.bin weights were read: the config matches, the weights were never checked.
+            warnings.append(f"{adapter_dir} recorded a fingerprint of {trained_base}'s config.json alone (a .bin base, "
+                            f"before weights were fingerprinted): the config matches {base}, its weights cannot be "
+                            f"checked")
+        elif fingerprint != trained_fingerprint:
             raise AdapterMismatchError(
                 f"{adapter_dir} was trained on base {trained_base} (fingerprint {trained_fingerprint}), but the "
                 f"recipe's base is {base} (fingerprint {fingerprint}); point model.name_or_path at the base it "
                 f"was trained on")
-        if trained_base is not None and trained_base != base:
+        elif trained_base is not None and trained_base != base:
             warnings.append(f"the adapter names its base {trained_base}; using {base}, which has the same fingerprint")
     elif trained_base is not None and trained_base != base:
         raise AdapterMismatchError(
