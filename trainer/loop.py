@@ -143,6 +143,7 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
         if report is not None:
             print(f"report: {report}")
     stop_request.restore()
+    run_dir.unlock(Path(recipe.output_dir))  # the process may go on (tests); its end would release it too
     return state
 
 
@@ -222,6 +223,8 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
     device = distributed.init(recipe.train.collective_timeout_minutes)
     log = print if distributed.is_main() else (lambda *a, **k: None)
     check_wandb_login(recipe)  # before minutes of loading, not after them in wandb.init
+    if not dry_run:  # a dry run writes nothing in output_dir, so it may check a recipe beside a running run
+        run_dir.lock(Path(recipe.output_dir))  # every rank: rank 0 holds it; a second run there is refused
     check_precision(compute_dtype(recipe, device), device)
     seed_everything(recipe.train.seed)
     base_name_or_path, tokenizer = prepare_tokenizer(recipe)

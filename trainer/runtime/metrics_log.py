@@ -1,11 +1,28 @@
-"""`<output_dir>/metrics.jsonl`: one JSON object per line, flushed as written (nothing lost on a crash)."""
+"""`<output_dir>/metrics.jsonl`: one JSON object per line, flushed as written (nothing lost on a crash).
+
+A log that cannot be written (a full disk, its folder moved away) does not stop training: it says so
+once (`warn_write_failed`) and writes no more this run. The checkpoint saves decide: one that fails
+for want of space stops the run with one message, the previous checkpoint intact.
+"""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from trainer.runtime import distributed
+
+
+def warn_write_failed(path: str | Path, error: OSError, lost: str) -> None:
+    """One warning on stderr for a log given up after `error`. `lost` completes "training goes on, ..."."""
+    reason = getattr(error, "strerror", None) or error
+    # tqdm.write: the progress bar may hold the current line.
+    tqdm.write(f"warning: could not write {path} ({reason}); training goes on, {lost}. The next checkpoint save "
+               f"says whether the disk is usable: if it is full, that save stops the run and keeps the previous "
+               f"checkpoint (free space, then resume=auto)", file=sys.stderr)
 
 
 class MetricsLog:
@@ -13,16 +30,32 @@ class MetricsLog:
         self.path = output_dir / "metrics.jsonl"
         self._handle = None
         if distributed.is_main():
-            output_dir.mkdir(parents=True, exist_ok=True)
-            self._handle = open(self.path, "a", encoding="utf-8")
+            try:
+                output_dir.mkdir(parents=True, exist_ok=True)
+                self._handle = open(self.path, "a", encoding="utf-8")
+            except OSError as error:
+                self._give_up(error)
 
     def write(self, record: dict) -> None:
         if self._handle is None:
             return
-        self._handle.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
-        self._handle.flush()
+        try:
+            self._handle.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+            self._handle.flush()
+        except OSError as error:
+            self._give_up(error)
+
+    def _give_up(self, error: OSError) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            try:
+                handle.close()  # closes the file even where its flush fails again
+            except OSError:
+                pass  # that same error, said once below
+        warn_write_failed(self.path, error, f"but writes no more lines to {self.path.name} this run (report.png, "
+                                            f"drawn from it, ends here)")
 
     def close(self) -> None:
         if self._handle is not None:
-            self._handle.close()
+            self._handle.close()  # every line was flushed as written: nothing is left to write
             self._handle = None

@@ -5,16 +5,21 @@
     append_samples(output_dir, step, s)  <output_dir>/samples.jsonl: held-out generations during training
 
 TensorBoard is optional (`pip install .[report]`): without it the log is a no-op, noted once.
-All write on rank 0 only.
+All write on rank 0 only. A write that fails (a full disk, the folder moved away) is one warning, and
+that log stops for the rest of the run; training goes on to its next checkpoint save, which stops the
+run if the disk is full (trainer/runtime/metrics_log.py).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import threading
 from pathlib import Path
 
 from trainer.runtime import distributed
+from trainer.runtime.metrics_log import warn_write_failed
 
 # metrics.jsonl field -> TensorBoard tag; other numeric fields go under train/<field>.
 TAGS = {"loss": "train/loss", "lr": "train/learning_rate", "eval_loss": "eval/loss", "eval_ppl": "eval/perplexity",
@@ -82,17 +87,34 @@ def write_report(output_dir: str | Path) -> Path | None:
     lr_axis.grid(alpha=0.3)
     figure.tight_layout()
     path = output_dir / "report.png"
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=120)
+    except OSError as error:
+        print(f"warning: could not write {path} ({getattr(error, 'strerror', None) or error}); metrics.jsonl has "
+              f"every number", file=sys.stderr)
+        return None
+    finally:
+        plt.close(figure)
     return path
 
 
-def append_samples(output_dir: str | Path, step: int, samples: list[dict[str, str]]) -> Path:
-    """One line per sample: step, instruction, input, reference, prediction."""
+_samples_given_up: set[Path] = set()  # samples.jsonl files a failed write stopped, for the rest of the process
+
+
+def append_samples(output_dir: str | Path, step: int, samples: list[dict[str, str]]) -> Path | None:
+    """One line per sample: step, instruction, input, reference, prediction. None where the file could
+    not be written: said once, and nothing more is appended to it in this process."""
     path = Path(output_dir) / "samples.jsonl"
-    with open(path, "a", encoding="utf-8") as handle:
-        for sample in samples:
-            handle.write(json.dumps({"step": step, **sample}, ensure_ascii=False) + "\n")
+    if path in _samples_given_up:
+        return None
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            for sample in samples:
+                handle.write(json.dumps({"step": step, **sample}, ensure_ascii=False) + "\n")
+    except OSError as error:
+        _samples_given_up.add(path)
+        warn_write_failed(path, error, "but appends no more samples to it this run (they are still printed)")
+        return None
     return path
 
 
@@ -123,11 +145,25 @@ def _one_line(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+class _QuietWriterThread:
+    """threading.excepthook that keeps the TensorBoard writer thread's OSError quiet, and passes anything
+    else on. That thread writes the events in the background: a failed write ends it with a traceback,
+    and its writer raises the same error at the next write or flush, where TensorBoardLog says it once."""
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, args) -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard."):
+            return
+        self.previous(args)
+
+
 class TensorBoardLog:
     """TensorBoard event files under <output_dir>/tensorboard, when tensorboard is installed.
     `write(record)` takes the records written to metrics.jsonl. `resumed_step`: the checkpoint's step
     a resumed run continues from (0 for a fresh start); TensorBoard hides the events a stopped run
-    wrote after it, which this run writes again."""
+    wrote after it, which this run writes again. A write that fails stops the log, with one warning."""
 
     def __init__(self, output_dir: str | Path, enabled: bool = True, resumed_step: int = 0):
         self._writer = None
@@ -140,8 +176,14 @@ class TensorBoardLog:
                   "no TensorBoard events, metrics.jsonl and report.png only")
             return
         self.directory = Path(output_dir) / "tensorboard"
-        # purge_step T hides the events with step >= T; the first step this run logs is resumed_step + 1.
-        self._writer = SummaryWriter(log_dir=str(self.directory), purge_step=resumed_step + 1 if resumed_step else None)
+        if not isinstance(threading.excepthook, _QuietWriterThread):
+            threading.excepthook = _QuietWriterThread(threading.excepthook)
+        try:
+            # purge_step T hides the events with step >= T; the first step this run logs is resumed_step + 1.
+            self._writer = SummaryWriter(log_dir=str(self.directory),
+                                         purge_step=resumed_step + 1 if resumed_step else None)
+        except OSError as error:
+            self._give_up(error)
 
     @property
     def active(self) -> bool:
@@ -150,19 +192,45 @@ class TensorBoardLog:
     def write(self, record: dict) -> None:
         if self._writer is None:
             return
-        for key, value in record.items():
-            if key in SKIPPED or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            self._writer.add_scalar(TAGS.get(key, f"train/{key}"), value, global_step=record["step"])
-        self._writer.flush()
+        try:
+            for key, value in record.items():
+                if key in SKIPPED or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                self._writer.add_scalar(TAGS.get(key, f"train/{key}"), value, global_step=record["step"])
+            self._writer.flush()
+        except OSError as error:  # raised again here after the writer thread met it
+            self._give_up(error)
 
     def write_text(self, tag: str, text: str, step: int) -> None:
         """E.g. sample generations, as markdown."""
-        if self._writer is not None:
+        if self._writer is None:
+            return
+        try:
             self._writer.add_text(tag, text, global_step=step)
             self._writer.flush()
+        except OSError as error:
+            self._give_up(error)
+
+    def _give_up(self, error: OSError) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError:
+                pass  # that same error, said once below
+        warn_write_failed(self._file_of(error), error, "but writes no more TensorBoard events this run")
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        try:
+            writer.close()
+        except OSError as error:  # the last events, or a failure the writer thread met since the last write
+            reason = getattr(error, "strerror", None) or error
+            print(f"warning: could not write the last TensorBoard events to {self._file_of(error)} ({reason}); the "
+                  f"run itself is not affected", file=sys.stderr)
+
+    def _file_of(self, error: OSError) -> str | Path:
+        """The event file an error names (as bytes, from TensorBoard's file layer), else the folder."""
+        return os.fsdecode(error.filename) if getattr(error, "filename", None) else self.directory

@@ -14,17 +14,29 @@ each step is logged once and report.png draws one curve. The checkpoints it save
 resume from an older checkpoint than the newest, such as `best`) are set aside too
 (`set_aside_checkpoints_after`): left in place, keep_last would count them as the newest and prune
 this run's, and resume=auto would pick them.
+
+Two runs at once in one output_dir would do all that to each other: a fresh start moves the running
+run's files away under it, and two resume=auto runs overwrite each other's checkpoints. `lock` keeps
+a second run out: rank 0 holds an exclusive flock on <output_dir>/.lock for as long as its process
+lives (the kernel drops it when the process ends, kill -9 included), and the file names the holder.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
+import sys
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 from trainer.checkpoint.saving import BEST, best_checkpoint, mark_best
+from trainer.config import RecipeError
+from trainer.runtime import distributed
 
 EARLIER = "earlier-runs"
 SUPERSEDED = ".superseded.jsonl"
@@ -32,6 +44,86 @@ SUPERSEDED = ".superseded.jsonl"
 STEP_LOGS = ("metrics.jsonl", "samples.jsonl")
 RUN_FILES = (*STEP_LOGS, *(Path(name).with_suffix(SUPERSEDED).name for name in STEP_LOGS), "report.png", "checkpoints",
              "tensorboard", "wandb", "wandb-run-id", "eval")
+# Not among RUN_FILES: it stays where it is when an earlier run is set aside, and is no sign of one.
+LOCK = ".lock"
+# flock's answers on a filesystem without file locks (some network and FUSE filesystems).
+NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+_held: dict[Path, BinaryIO] = {}  # output_dir (resolved) -> its locked .lock, open until unlock or the process ends
+
+
+def lock(output_dir: Path) -> BinaryIO | None:
+    """Claim `output_dir` for this run: rank 0 takes an exclusive flock on <output_dir>/.lock (created if
+    missing) and writes its PID, host and start time there; another run holding it is a RecipeError that
+    names it. Call on every rank, before anything is written there: every rank learns the outcome and
+    refuses together (rank 0 alone would leave the others waiting in their next collective). Returns the
+    open .lock on rank 0 (None elsewhere, or where the filesystem has no locks: a warning, and the run
+    goes on unguarded). Held until `unlock` or the end of the process; a second call in the same process
+    returns the lock it holds."""
+    handle, refusal = None, None
+    if distributed.is_main():
+        try:
+            handle = _lock_here(output_dir)
+        except RecipeError as error:
+            refusal = str(error)
+    refusal = distributed.broadcast_object(refusal)
+    if refusal is not None:
+        raise RecipeError(refusal)
+    return handle
+
+
+def unlock(output_dir: Path) -> None:
+    """Release this process's lock on `output_dir`, if it holds one."""
+    handle = _held.pop(output_dir.resolve(), None)
+    if handle is not None:
+        handle.close()  # closing the last descriptor releases the flock
+
+
+def _lock_here(output_dir: Path) -> BinaryIO | None:
+    key = output_dir.resolve()
+    if key in _held:
+        return _held[key]
+    path = output_dir / LOCK
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        # Opened without truncating: until the lock is ours, the file names the run that holds it. Unbuffered:
+        # a write the disk refuses is not left in a buffer for close to fail on again.
+        handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+b", buffering=0)
+    except OSError as error:
+        raise RecipeError(f"cannot create {path} ({error.strerror or error}): output_dir must be a folder this "
+                          f"user can write to; choose another output_dir=") from error
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in NO_LOCKS:
+            handle.close()
+            print(f"warning: cannot lock {path} ({error.strerror or error}): this filesystem has no file locks, "
+                  f"so nothing keeps a second run out of {output_dir}; make sure only one run uses it at a time",
+                  file=sys.stderr)
+            return None
+        holder = _holder(handle) if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
+        handle.close()
+        if holder is None:
+            raise RecipeError(f"cannot lock {path} ({error.strerror or error}); choose another output_dir=") from error
+        raise RecipeError(f"output_dir {output_dir} is in use by another run ({holder}): two runs there would move "
+                          f"aside or overwrite each other's files. Wait for that run to end, or choose another "
+                          f"output_dir=") from error
+    try:
+        handle.truncate(0)
+        os.pwrite(handle.fileno(), f"pid {os.getpid()} on host {socket.gethostname()}, since "
+                                   f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n".encode(), 0)
+    except OSError:
+        pass  # a full disk: the lock holds all the same, and a refused run reads "details not written"
+    _held[key] = handle
+    return handle
+
+
+def _holder(handle: BinaryIO) -> str:
+    """What the holder wrote in .lock (PID, host, start time)."""
+    try:
+        said = os.pread(handle.fileno(), 300, 0).decode(errors="replace").strip()
+    except OSError:
+        said = ""
+    return said.splitlines()[0] if said else "its pid, host and start time are not written yet"
 
 
 def prepare(output_dir: Path, resumed_step: int | None, resumed_from: Path | None = None) -> str | None:
