@@ -61,6 +61,8 @@ def resolve_base(recipe: Recipe) -> str:
 
     try:
         return builtin.resolve(recipe.model.name_or_path)
+    except builtin.UnknownBuiltinError as error:
+        raise ModelLoadError(f"model.name_or_path: {error}") from None
     except GGUFError as error:
         raise ModelLoadError(str(error)) from None
 
@@ -131,12 +133,14 @@ def load_base(recipe: Recipe, device: torch.device) -> tuple[nn.Module, torch.dt
     dtype = compute_dtype(recipe, device)
     name_or_path = resolve_base(recipe)
     quant = quantization_config(recipe, dtype)
+    prequantized = prequantized_config(recipe, name_or_path, quant)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path,
+            config=prequantized,  # None: transformers reads it
             revision=recipe.model.revision,
             trust_remote_code=recipe.model.trust_remote_code,
-            quantization_config=quant,
+            quantization_config=None if prequantized is not None else quant,
             dtype=dtype,
             attn_implementation=recipe.model.attn_implementation,
             device_map={"": device},
@@ -152,6 +156,75 @@ def load_base(recipe: Recipe, device: torch.device) -> tuple[nn.Module, torch.dt
     if recipe.quant.bits == 8:
         quiet_int8_cast_warning()
     return model, dtype
+
+
+def prequantized_config(recipe: Recipe, name_or_path: str, wanted):
+    """The base's config where its checkpoint is already quantised by bitsandbytes (a hub "-bnb-4bit"
+    model: config.json holds a quantization_config), set to compute in the recipe's dtype; None where
+    the checkpoint is not quantised.
+
+    transformers loads such a checkpoint as it was saved whatever quantization_config it is given
+    (`wanted`, the recipe's): quant.bits=8 would train a 4-bit base that the run's records call 8-bit,
+    and quant.bits=16 fails on the packed weights. So one quantised otherwise than the recipe asks is
+    refused, saying which settings match it."""
+    from transformers import BitsAndBytesConfig
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    config = load_config(recipe, name_or_path)
+    holder = config if getattr(config, "quantization_config", None) else config.get_text_config(decoder=True)
+    saved = getattr(holder, "quantization_config", None)
+    if not saved:
+        return None
+    saved = saved if isinstance(saved, dict) else saved.to_dict()
+    try:
+        if not AutoHfQuantizer.supports_quant_method(saved):
+            return None  # a method transformers does not know: it loads the weights as they are, and so do we
+    except ValueError:
+        return None  # no method named: from_pretrained says so, as for any unreadable config
+    if not (saved.get("load_in_4bit") or saved.get("load_in_8bit")):
+        raise ModelLoadError(
+            f"the base {name_or_path!r} is already quantised with {saved.get('quant_method')} (its config.json's "
+            f"quantization_config); this trainer quantises with bitsandbytes and loads only bitsandbytes "
+            f"checkpoints: point model.name_or_path at the unquantised original")
+    checkpoint = BitsAndBytesConfig.from_dict(saved)
+    if _quant_key(checkpoint) != _quant_key(wanted):
+        with_storage = wanted is not None and _quant_key(checkpoint)[:3] == _quant_key(wanted)[:3]
+        raise ModelLoadError(
+            f"the base {name_or_path!r} is already quantised by bitsandbytes (its config.json's "
+            f"quantization_config): {_describe(checkpoint)}. It loads only as it was saved, and the recipe asks "
+            f"for {_describe(wanted)}: set {_settings(checkpoint, with_storage)} to train on it as it is, or "
+            f"point model.name_or_path at the unquantised original")
+    if checkpoint.load_in_4bit:
+        # The products in the recipe's dtype, as for a base it quantises itself; the file's only records
+        # what its saver computed in (bf16 on a GPU: ~100x slower backward on a CPU).
+        saved["bnb_4bit_compute_dtype"] = dtype_name(wanted.bnb_4bit_compute_dtype)
+    holder.quantization_config = saved
+    return config
+
+
+def _quant_key(quant) -> tuple:
+    if quant is None:
+        return (16,)
+    if quant.load_in_8bit:
+        return (8,)
+    return (4, quant.bnb_4bit_quant_type, quant.bnb_4bit_use_double_quant, dtype_name(quant.bnb_4bit_quant_storage))
+
+
+def _describe(quant) -> str:
+    bits, *four_bit = _quant_key(quant)
+    if bits != 4:
+        return {16: "16-bit (no quantisation)", 8: "8-bit (LLM.int8)"}[bits]
+    quant_type, double_quant, storage = four_bit
+    return f"4-bit {quant_type}{' with double quant' if double_quant else ''}, stored as {storage}"
+
+
+def _settings(quant, with_storage: bool) -> str:
+    bits, *four_bit = _quant_key(quant)
+    if bits == 8:
+        return "quant.bits=8"
+    quant_type, double_quant, storage = four_bit
+    return (f"quant.bits=4 quant.quant_type={quant_type} quant.double_quant={str(double_quant).lower()}"
+            + (f" quant.quant_storage={storage}" if with_storage or storage != "uint8" else ""))
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

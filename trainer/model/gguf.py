@@ -18,7 +18,8 @@ from trainer.runtime.cache import build_once, cache_dir
 
 MARKER = "gguf-complete.json"
 # Bump when what a conversion writes changes: older conversions are then made again, not reused.
-CONVERSION_VERSION = 1
+# 2: a file missing weights is refused (version 1 wrote them randomly initialised and marked it complete).
+CONVERSION_VERSION = 2
 
 
 class GGUFError(RuntimeError):
@@ -80,12 +81,22 @@ def convert(path: Path, out: Path) -> None:
     except ImportError:
         raise GGUFError("reading a GGUF base needs the `gguf` package: pip install gguf "
                         "(`make install` installs it)") from None
+    check_is_a_model(path)
     directory, name = str(path.parent), path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+        loaded, info = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32,
+                                                            output_loading_info=True)
     except (OSError, ValueError, KeyError) as error:
         raise GGUFError(f"could not read the GGUF file {path}: {error}") from error
+    # transformers fills a weight the file lacks with random values and only logs it; saved, that would
+    # be a base of noise marked complete. (A tied output layer is not missing: it is the embedding.)
+    missing = sorted(info["missing_keys"])
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise GGUFError(f"the GGUF file {path} lacks {len(missing)} weight(s) a {type(loaded).__name__} needs "
+                        f"({shown}); converted, they would be random. Pass a complete model file (llama.cpp's "
+                        f"convert_hf_to_gguf.py writes one), not a partial, vocabulary-only or adapter file")
     # A model loaded from GGUF refuses save_pretrained (its config says quant_method gguf); the
     # same weights in a fresh model of the same architecture save as a plain checkpoint.
     config_dict = loaded.config.to_dict()
@@ -98,6 +109,25 @@ def convert(path: Path, out: Path) -> None:
     model.tie_weights()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def check_is_a_model(path: Path) -> None:
+    """Refuse a GGUF file that is not a model (its general.type says so) before transformers reads it:
+    it would read a llama.cpp LoRA adapter's metadata as a model's and find none of the weights."""
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(path).fields.get("general.type")
+    except (OSError, ValueError) as error:
+        raise GGUFError(f"could not read the GGUF file {path}: {error}") from error
+    kind = field.contents() if field is not None else "model"
+    if kind == "adapter":
+        raise GGUFError(f"the GGUF file {path} is a llama.cpp LoRA adapter (general.type=adapter), not a base "
+                        f"model: point model.name_or_path at the base it was trained on (its .gguf model file, "
+                        f"a directory or a hub id); llama.cpp applies the adapter with --lora")
+    if kind != "model":
+        raise GGUFError(f"the GGUF file {path} is not a model (general.type={kind}): point model.name_or_path "
+                        f"at a model file")
 
 
 # ------------------------------------------------------------------------------ the built-in one
