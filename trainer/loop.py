@@ -29,7 +29,7 @@ from trainer.data.stats import DataStats, chat_rendered
 from trainer.data.store import Examples
 from trainer.evaluation.generate import sample_generations
 from trainer.evaluation.held_out_loss import evaluate_loss
-from trainer.loss import CausalLMLoss
+from trainer.loss import CausalLMLoss, logit_transform
 from trainer.model.base import (check_embedding_rows, compute_dtype, dtype_name, enable_activation_checkpointing,
                                 load_base, load_tokenizer, resolve_base)
 from trainer.model.lora import adapter_parameters, apply_lora, link_group_states, optimizer_groups, parameter_summary
@@ -236,6 +236,7 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
     data = prepare_data(recipe, tokenizer)
     log(str(data.stats))
     model, dtype = prepare_model(recipe, device, tokenizer)
+    logit_transform(model)  # a model whose logits the loss cannot reproduce is refused here, in a dry run too
     log(parameter_summary(model))
     mean_tokens = float(data.train_set.lengths().mean()) if len(data.train_set) else 0.0
     log(preflight.summary(recipe, model, data.stats, distributed.world_size(), dtype, base_name_or_path, resume_dir,

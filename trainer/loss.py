@@ -8,6 +8,11 @@ the gradient for the hidden states in one pass over row chunks: no [tokens x voc
 and nothing is recomputed in the backward. Otherwise (an adapted or partitioned head) the projection
 + cross-entropy run in chunks under activation checkpointing when the logits would be large, and
 in one go (kept for the backward) when small.
+
+The logits are the model's own: what its `*ForCausalLM.forward` does to the head's output before its
+loss (Granite divides by `logits_scaling`, Cohere multiplies by `logit_scale`, Gemma 2 caps them,
+`final_logit_softcapping`: see LOGIT_TRANSFORMS) is done here too, in both paths, and a model whose
+forward changes them in a way not known here is refused when the loss is built.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trainer.data import packing
+from trainer.model.base import ModelLoadError
 from trainer.speedups import last_layer, onednn
 from trainer.speedups.packed_attention import PACKED_ATTENTION
 from trainer.data.encoding import IGNORE_INDEX
@@ -39,6 +45,7 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
+        self.logit_scale, self.logit_softcap = logit_transform(model)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -71,7 +78,55 @@ class CausalLMLoss(nn.Module):
             hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                               position_ids=position_ids, use_cache=False, **extra).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
-        return chunked_cross_entropy(self.model.get_output_embeddings(), hidden, targets, self.chunk_tokens)
+        return chunked_cross_entropy(self.model.get_output_embeddings(), hidden, targets, self.chunk_tokens,
+                                     scale=self.logit_scale, softcap=self.logit_softcap)
+
+
+# What each class's forward (transformers 5) does to its head's output before taking the loss: how, and
+# the text config's attribute holding the value. MiniCPM3 divides the hidden state before its bias-free
+# head instead: the same map. The loss here runs the decoder and the head itself, so it must do the same.
+LOGIT_TRANSFORMS = {
+    **dict.fromkeys(["GraniteForCausalLM", "GraniteSWAForCausalLM", "GraniteMoeForCausalLM", "GraniteMoeSWAForCausalLM",
+                     "GraniteMoeSharedForCausalLM", "GraniteMoeHybridForCausalLM", "MiniCPM3ForCausalLM"],
+                    ("divide", "logits_scaling")),
+    **dict.fromkeys(["CohereForCausalLM", "Cohere2ForCausalLM", "Cohere2MoeForCausalLM", "CohereCompassForCausalLM"],
+                    ("multiply", "logit_scale")),
+    "HyperCLOVAXForCausalLM": ("multiply", "logits_scaling"),
+    "FalconH1ForCausalLM": ("multiply", "lm_head_multiplier"),
+    # cap * tanh(logits / cap), where the config sets a cap (Gemma 2's is 30; Gemma 3's is None).
+    **dict.fromkeys(["Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3nForCausalLM", "Gemma3nForConditionalGeneration",
+                     "Gemma4ForCausalLM", "Gemma4ForConditionalGeneration", "Gemma4UnifiedForCausalLM",
+                     "Gemma4UnifiedForConditionalGeneration", "VaultGemmaForCausalLM", "NanoChatForCausalLM",
+                     "BeamForCausalLM", "Inkling2ForCausalLM", "Inkling2LoopForCausalLM"],
+                    ("softcap", "final_logit_softcapping")),
+    "RecurrentGemmaForCausalLM": ("softcap", "logits_soft_cap"),
+}
+# The settings other forwards apply to the logits, and the value that changes nothing: a class not above
+# with one set otherwise is refused rather than trained on other logits than its own forward's.
+LOGIT_SETTINGS = {"final_logit_softcapping": None, "logits_soft_cap": None, "output_logit_soft_cap": None,
+                  "logit_scale": 1, "logits_scaling": 1, "lm_head_multiplier": 1, "output_multiplier": 1}
+
+
+def logit_transform(model: nn.Module) -> tuple[float, float | None]:
+    """(scale, softcap): the model's forward turns its head's output z into softcap * tanh(scale * z /
+    softcap), or scale * z when softcap is None. (1.0, None) for Llama and most others: the head's output as is."""
+    config = model.config.get_text_config()
+    name = type(model).__name__
+    how, attribute = LOGIT_TRANSFORMS.get(name, (None, None))
+    value = getattr(config, attribute, None) if attribute else None
+    if how == "divide" and value is not None:
+        return 1.0 / value, None
+    if how == "multiply" and value is not None:
+        return float(value), None
+    if how == "softcap" and value is not None:
+        return 1.0, float(value)
+    for setting, neutral in LOGIT_SETTINGS.items():
+        value = getattr(config, setting, None)
+        if setting != attribute and value is not None and value != neutral:
+            raise ModelLoadError(f"{name} sets {setting}={value}: its forward may change the logits with it in a way "
+                                 f"this trainer's loss does not know (trainer/loss.py, LOGIT_TRANSFORMS), so training "
+                                 f"would optimise something other than the model's own loss")
+    return 1.0, None
 
 
 # Logits up to this many elements are kept rather than recomputed in chunks: 64 MiB in fp32, and
@@ -84,20 +139,22 @@ FUSED_LOGITS_PER_CHUNK = 2**23
 
 
 def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
-                          keep_logits_up_to: int = KEEP_LOGITS_UP_TO) -> tuple[torch.Tensor, torch.Tensor]:
+                          keep_logits_up_to: int = KEEP_LOGITS_UP_TO, scale: float = 1.0,
+                          softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum of cross_entropy(logits, targets), logits = `logit_transform`'s map (`scale`, `softcap`) of head(hidden)."""
     count = torch.tensor(targets.numel(), device=hidden.device)
     if torch.is_grad_enabled() and hidden.requires_grad and _frozen_plain_head(head):
         rows = max(1, FUSED_LOGITS_PER_CHUNK // head.out_features)
-        return FrozenHeadCrossEntropy.apply(hidden, head, targets, rows), count
+        return FrozenHeadCrossEntropy.apply(hidden, head, targets, rows, scale, softcap), count
     if hidden.shape[0] * head.out_features <= keep_logits_up_to:
-        return _chunk_loss(head, hidden, targets), count
+        return _chunk_loss(head, hidden, targets, scale, softcap), count
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
         chunk, chunk_targets = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
         if torch.is_grad_enabled() and chunk.requires_grad:
-            total = total + checkpoint(_chunk_loss, head, chunk, chunk_targets, use_reentrant=False)
+            total = total + checkpoint(_chunk_loss, head, chunk, chunk_targets, scale, softcap, use_reentrant=False)
         else:
-            total = total + _chunk_loss(head, chunk, chunk_targets)
+            total = total + _chunk_loss(head, chunk, chunk_targets, scale, softcap)
     return total, count
 
 
@@ -113,10 +170,12 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
     (softmax(logits) - onehot(targets)) @ W, is worked out in the forward, chunk by chunk while the
     chunk's logits are at hand; the backward only scales it. Two products per chunk (the forward
     and the input gradient), the least the loss needs; the checkpointed path takes three and
-    computes the softmax twice."""
+    computes the softmax twice. With the model's own map of the logits (`scale`, `softcap`), the
+    gradient for the head's output is (softmax - onehot) times the map's derivative."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, rows: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, rows: int, scale: float = 1.0,
+                softcap: float | None = None) -> torch.Tensor:
         weight = head.weight
         # The head's own forward (through the library speedups routed it to, if any), and the
         # input-gradient product through that library too, as the routed layer's backward would do it.
@@ -125,6 +184,7 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], rows):
             logits = head(hidden[start:start + rows]).float()
+            slope = _transform_in_place(logits, scale, softcap)
             chunk_targets = targets[start:start + rows]
             target_logits = logits.gather(1, chunk_targets[:, None]).squeeze(1)
             # logsumexp as torch computes it (log sum exp(x - max) + max), in place: its exponentials
@@ -137,6 +197,8 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
             if grad is not None:
                 probabilities = exponentials.div_(sums)
                 probabilities[torch.arange(len(chunk_targets), device=logits.device), chunk_targets] -= 1
+                if slope is not None:
+                    probabilities.mul_(slope)
                 probabilities = probabilities.to(weight.dtype)
                 grad[start:start + rows] = (product(probabilities, weight.t(), None) if product
                                             else probabilities @ weight)
@@ -146,11 +208,36 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None
+        return grad * grad_output.to(grad.dtype), None, None, None, None, None
 
 
-def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+def _transform_in_place(logits: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor | float | None:
+    """`_transformed` in place (no second chunk-sized tensor for the logits); returns the map's derivative,
+    a number or (softcap) a tensor like `logits`, or None where the map is the identity."""
+    if scale == 1.0 and softcap is None:
+        return None
+    if scale != 1.0:
+        logits.mul_(scale)
+    if softcap is None:
+        return scale
+    capped = logits.div_(softcap).tanh_()
+    slope = capped.square().mul_(-scale).add_(scale)  # d/dz softcap * tanh(scale * z / softcap): scale (1 - tanh^2)
+    capped.mul_(softcap)
+    return slope
+
+
+def _transformed(logits: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """The model's own map of its head's output (`logit_transform`), in the order its forward applies it."""
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float = 1.0,
+                softcap: float | None = None) -> torch.Tensor:
+    return F.cross_entropy(_transformed(head(hidden).float(), scale, softcap), targets, reduction="sum")
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

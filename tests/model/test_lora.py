@@ -155,6 +155,34 @@ def test_merge_all_gives_an_8bit_layer_the_models_dtype():
     assert single.base_layer.weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_all_merges_an_embedding_adapter_too(dtype):
+    """merge_all passes every adapter the model's dtype; the embedding's keeps its own weight's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    apply_lora(model, ["q_proj", "embed_tokens"], r=4, alpha=8)
+    embedding = model.model.embed_tokens
+    with torch.no_grad():
+        embedding.lora_embedding_A.normal_(std=0.3)
+        for layer in lora_layers(model).values():
+            if isinstance(layer, LoRALinear):
+                layer.lora_B.weight.normal_(std=0.1)
+    expected_weight = (embedding.base_layer.weight.float() + embedding.delta_weight().float()).to(dtype)
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+        merge_all(model)
+        assert all(layer.merged for layer in lora_layers(model).values())
+        assert embedding.base_layer.weight.dtype == dtype
+        assert torch.equal(embedding.base_layer.weight, expected_weight)
+        tolerance = 1e-5 if dtype == torch.float32 else 0.1
+        torch.testing.assert_close(model(input_ids=ids).logits, unmerged, rtol=0, atol=tolerance)
+
+
 def test_merge_never_happens_as_a_side_effect_of_eval():
     base = nn.Linear(8, 8)
     weight = base.weight.detach().clone()

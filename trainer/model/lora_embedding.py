@@ -9,9 +9,14 @@ each token; the output projection (lm_head) keeps the base weight. That is peft'
 Merging therefore unties the two: the merged embedding is a new tensor, lm_head keeps the old
 one, and an export saves both (tie_word_embeddings=false), see trainer/evaluation/export.py.
 
+A scaled embedding (Gemma's `*TextScaledWordEmbedding`: E[x] * embed_scale, embed_scale = sqrt(dim))
+scales the update too, y = (E[x] + scaling * A^T[x] @ B^T) * embed_scale, so the adapter is an update
+of the table E: what merge() folds into it, an export writes and peft computes.
+
 With DoRA the magnitude runs over the embedding dimension (peft's layout): row d of
 V = W^T + scaling * B @ A [dim, vocab] is rescaled to magnitude m_d, its norm over the vocabulary
-treated as a constant in backward.
+treated as a constant in backward. The norm is the table's, before any embed_scale (as in peft, and
+as the merged table's forward applies it).
 """
 from __future__ import annotations
 
@@ -51,6 +56,12 @@ class LoRAEmbedding(nn.Module):
     def padding_idx(self) -> int | None:
         return self.base_layer.padding_idx
 
+    def embed_scale(self) -> torch.Tensor | float | None:
+        """What the wrapped embedding multiplies its lookups by (Gemma's: a 0-d buffer, taken in the
+        weight's dtype as its forward takes it; some others keep a float), None for a plain nn.Embedding."""
+        scale = getattr(self.base_layer, "embed_scale", None)
+        return scale.to(self.base_layer.weight.dtype) if isinstance(scale, torch.Tensor) else scale
+
     def delta_weight(self) -> torch.Tensor:
         """scaling * (B @ A)^T, shaped like the embedding weight [vocab, dim]."""
         return (self.lora_embedding_B @ self.lora_embedding_A).t() * self.scaling
@@ -71,15 +82,21 @@ class LoRAEmbedding(nn.Module):
         after_a = F.embedding(x, self.lora_embedding_A.t(), padding_idx=base.padding_idx, max_norm=base.max_norm,
                               norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq)
         update = (after_a @ self.lora_embedding_B.t()) * self.scaling
+        embed_scale = self.embed_scale()
+        if embed_scale is not None:  # the base scaled its lookup: (E + dE)[x] * s, as once merged
+            update = update * embed_scale
         if self.lora_magnitude_vector is None:
             return result + update.to(result.dtype)
         scale = dora_scale(self.lora_magnitude_vector, self.weight_norm().to(update.dtype))
         return (scale * (result.to(update.dtype) + update)).to(result.dtype)
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, dtype: torch.dtype | None = None) -> None:
         """Fold the update into a *new* weight tensor, so an output projection tied to the old one
-        keeps the base weight (as it did in training)."""
+        keeps the base weight (as it did in training). Merged in float32, then rounded once into the
+        weight's own dtype. `dtype` is LoRALinear.merge's (`merge_all` passes every adapter the model's):
+        it goes to a quantised layer that records no dtype of its own, and an embedding is never
+        quantised, so here it is never needed."""
         if self.merged:
             return
         weight = self.base_layer.weight
