@@ -26,6 +26,19 @@ def tiny_recipe(*overrides: str) -> Recipe:
     return load_recipe(RECIPE, list(overrides))
 
 
+def through_peft(model: torch.nn.Module, recipe: Recipe, base_dir: Path, adapter_dir: Path):
+    """`model`'s adapters written to `adapter_dir` as a checkpoint writes them (`recipe`'s adapter
+    config), loaded by peft onto the base saved at `base_dir`, in eval mode."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter_dir.mkdir()
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(adapter_config(recipe, str(base_dir))))
+    save_file({peft_key(name): p.detach().clone() for name, p in adapter_parameters(model).items()},
+              str(adapter_dir / "adapter_model.safetensors"))
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+
+
 def make_checkpoint(directory: Path, *overrides: str, seed: int = 0, b_std: float = 0.05) -> Path:
     """checkpoints/step-1 under `directory` for tiny_alpaca.yaml with `overrides`; returns its path."""
     recipe = tiny_recipe(f"output_dir={directory}", *overrides)

@@ -4,16 +4,14 @@ what merge, export and peft compute from the same adapter."""
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
-from _checkpoints import one_thread, tiny_recipe
-from trainer.model.lora import LoRALinear, adapter_parameters, apply_lora, lora_layers, merge_all
+from _checkpoints import one_thread, through_peft, tiny_recipe
+from trainer.model.lora import LoRALinear, apply_lora, lora_layers, merge_all
 from trainer.model.lora_embedding import LoRAEmbedding
 
 IDS = [1, 45, 67, 89, 7, 30, 13, 13, 50, 7]
@@ -69,10 +67,8 @@ def test_a_plain_embedding_has_no_scale():
 
 @pytest.mark.parametrize("dora", [False, True])
 def test_a_scaled_embeddings_adapter_gives_the_same_logits_unmerged_merged_exported_and_in_peft(tmp_path, dora):
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from trainer.checkpoint.saving import adapter_config, peft_key
     from trainer.evaluation.export import merge_to_plain
 
     model = gemma()
@@ -82,14 +78,9 @@ def test_a_scaled_embeddings_adapter_gives_the_same_logits_unmerged_merged_expor
     expected = logits_of(model)
     assert (expected - logits_of(AutoModelForCausalLM.from_pretrained(base_dir).eval())).abs().max() > 1.0
 
-    adapter_dir = tmp_path / "adapter"  # our checkpoint layout, read by peft
-    adapter_dir.mkdir()
     recipe = tiny_recipe("lora.target_modules=[embed_tokens,q_proj]", "lora.r=4", "lora.alpha=8", "lora.dropout=0",
                          f"lora.dora={str(dora).lower()}")
-    (adapter_dir / "adapter_config.json").write_text(json.dumps(adapter_config(recipe, str(base_dir))))
-    save_file({peft_key(n): p.detach().clone() for n, p in adapter_parameters(model).items()},
-              str(adapter_dir / "adapter_model.safetensors"))
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+    peft_model = through_peft(model, recipe, base_dir, tmp_path / "adapter")  # our checkpoint layout, read by peft
     torch.testing.assert_close(logits_of(peft_model), expected, rtol=1e-5, atol=1e-4)
 
     to_export = copy.deepcopy(model)

@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from _checkpoints import make_checkpoint, one_thread, our_model, tiny_recipe
+from _checkpoints import make_checkpoint, one_thread, our_model, through_peft, tiny_recipe
 from test_lora import KINDS, base_layer
 from trainer.model.lora import (LoRALinear, adapter_parameters, apply_lora, dequantised_weight, lora_layers,
                           optimizer_groups)
@@ -143,10 +142,8 @@ def tied_model() -> nn.Module:
 
 @pytest.mark.parametrize("dora", [False, True])
 def test_tied_embeddings_adapt_the_input_side_only_and_merge_unties_them_for_export_and_peft(tmp_path, dora):
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from trainer.checkpoint.saving import peft_key
     from trainer.evaluation.export import merge_to_plain
 
     model = tied_model()
@@ -163,16 +160,9 @@ def test_tied_embeddings_adapt_the_input_side_only_and_merge_unties_them_for_exp
     assert (expected - logits_of(AutoModelForCausalLM.from_pretrained(base_dir).eval())).abs().max() > 1e-3
     assert torch.equal(model.lm_head.weight, head)  # the output projection is the base's
 
-    adapter_dir = tmp_path / "adapter"  # our checkpoint layout, read by peft
-    adapter_dir.mkdir()
     recipe = tiny_recipe("lora.target_modules=[embed_tokens,q_proj]", "lora.r=4", "lora.alpha=8", "lora.dropout=0",
                          f"lora.dora={str(dora).lower()}")
-    from trainer.checkpoint.saving import adapter_config
-
-    (adapter_dir / "adapter_config.json").write_text(json.dumps(adapter_config(recipe, str(base_dir))))
-    save_file({peft_key(n): p.detach().clone() for n, p in adapter_parameters(model).items()},
-              str(adapter_dir / "adapter_model.safetensors"))
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+    peft_model = through_peft(model, recipe, base_dir, tmp_path / "adapter")  # our checkpoint layout, read by peft
     torch.testing.assert_close(logits_of(peft_model), expected, rtol=1e-5, atol=1e-5)
 
     merged = merge_to_plain(model)
