@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from _checkpoints import one_thread, through_peft, tiny_recipe
+from test_lora_variants import randomise
 from trainer.model.lora import LoRALinear, apply_lora, lora_layers, merge_all
 from trainer.model.lora_embedding import LoRAEmbedding
 
@@ -33,15 +34,8 @@ def gemma() -> nn.Module:
 
 def adapted(model: nn.Module, dora: bool) -> nn.Module:
     apply_lora(model, ["embed_tokens", "q_proj"], r=4, alpha=8, dora=dora)
-    torch.manual_seed(1)
-    with torch.no_grad():  # an update the size of the embedding's rows, so a missing factor of 8 shows
-        for layer in lora_layers(model).values():
-            if isinstance(layer, LoRAEmbedding):
-                layer.lora_embedding_A.normal_(std=0.3)
-            else:
-                layer.lora_B.weight.normal_(std=0.1)
-            if layer.lora_magnitude_vector is not None:
-                layer.lora_magnitude_vector.mul_(1 + 0.3 * torch.rand_like(layer.lora_magnitude_vector))
+    for layer in lora_layers(model).values():
+        randomise(layer)  # an update the size of the embedding's rows, so a missing factor of 8 shows
     return model
 
 
