@@ -265,6 +265,10 @@ def test_a_recipe_that_would_hold_out_other_rows_than_the_run_is_warned_of(adapt
     assert "may be rows it trained on" in said and f"Pass train.seed={seed} data.eval_fraction=" in said
     copy = tmp_path / "no-recipe"
     shutil.copytree(adapter, copy)
+    (copy / "recipe.yaml").write_text("train: [seed: 7")  # cut short: named, not a YAML traceback
+    for check in (held_out_split_differences, check_adapter):
+        with pytest.raises(CheckpointError, match=r"recipe.yaml: unreadable"):
+            check(tiny_recipe(), copy)
     (copy / "recipe.yaml").unlink()  # nothing to compare with: nothing said
     assert held_out_split_differences(tiny_recipe("train.seed=7"), copy) is None
 

@@ -181,13 +181,9 @@ SPLIT_SETTINGS = ("train.seed", "data.eval_fraction", "data.path", "data.mixture
 def held_out_split_differences(recipe: Recipe, adapter_dir: Path) -> str | None:
     """Where this recipe would draw another held-out split than the run that trained `adapter_dir`
     (its recipe.yaml): a warning naming each setting, or None (the same split, or no recipe.yaml)."""
-    path = adapter_dir / "recipe.yaml"
-    if not path.is_file():
+    trained = trained_recipe(adapter_dir)
+    if trained is None:
         return None
-    try:
-        trained = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        return f"{path}: unreadable ({error}): cannot check that this recipe holds out the rows that run held out"
     current = recipe.to_dict()
     changed = []
     for dotted in SPLIT_SETTINGS:
@@ -206,11 +202,23 @@ def held_out_split_differences(recipe: Recipe, adapter_dir: Path) -> str | None:
 
 
 def _trained_quant(adapter_dir: Path) -> dict:
-    path = adapter_dir / "recipe.yaml"
-    if not path.is_file():
-        return {}
-    section = (yaml.safe_load(path.read_text()) or {}).get("quant")
+    section = (trained_recipe(adapter_dir) or {}).get("quant")
     return section if isinstance(section, dict) else {}
+
+
+def trained_recipe(checkpoint: Path) -> dict | None:
+    """The recipe a checkpoint was trained with (its recipe.yaml); None where it has none (an
+    export, an older checkpoint)."""
+    path = checkpoint / "recipe.yaml"
+    return read_yaml(path) if path.is_file() else None
+
+
+def read_yaml(path: Path) -> dict:
+    """A checkpoint's YAML file; one that cannot be read or parsed is a CheckpointError naming it."""
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise CheckpointError(f"{path}: unreadable ({error})") from None
 
 
 def _bits(bits: int) -> str:

@@ -12,13 +12,13 @@ import warnings
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from trainer.runtime import distributed
 from trainer.checkpoint.saving import (ADAM_KEYS, COMPLETE, CheckpointError, TrainState, complete_checkpoints,
                                 loss_scaler, peft_key, set_rng_state)
-from trainer.checkpoint.reading import check_adapter, load_adapter_weights, on_main, read_tensors, resolve_adapter
+from trainer.checkpoint.reading import (check_adapter, load_adapter_weights, on_main, read_tensors, read_yaml,
+                                       resolve_adapter)
 from trainer.config import Recipe
 from trainer.model.base import ModelLoadError
 from trainer.model.lora import adapter_parameters
@@ -57,7 +57,7 @@ def _find_resume_dir(recipe: Recipe) -> Path | None:
 def check_compatible(directory: Path, recipe: Recipe) -> None:
     """Refuse a checkpoint whose adapter means something else, or whose data cursor would not carry
     over; warn on changed training settings."""
-    saved = on_main(lambda: _read_yaml(directory / "recipe.yaml"))
+    saved = on_main(lambda: read_yaml(directory / "recipe.yaml"))  # a checkpoint resumed from has one
     current = recipe.to_dict()
     for dotted in MUST_MATCH:
         before, now = _lookup(saved, dotted), _lookup(current, dotted)
@@ -107,13 +107,6 @@ def _lookup(tree: dict, dotted: str):
     for key in dotted.split("."):
         tree = tree.get(key, {}) if isinstance(tree, dict) else {}
     return tree if tree != {} else None
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise CheckpointError(f"{path}: unreadable ({error})") from None
 
 
 def _read_json(path: Path):
