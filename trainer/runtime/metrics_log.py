@@ -16,6 +16,16 @@ from tqdm import tqdm
 from trainer.runtime import distributed
 
 
+def close_quietly(handle) -> None:
+    """Close a log's file or writer given up after a failed write: it closes even where its flush
+    fails again, with that same error, which `warn_write_failed` says once."""
+    if handle is not None:
+        try:
+            handle.close()
+        except OSError:
+            pass
+
+
 def warn_write_failed(path: str | Path, error: OSError, lost: str) -> None:
     """One warning on stderr for a log given up after `error`. `lost` completes "training goes on, ..."."""
     reason = getattr(error, "strerror", None) or error
@@ -47,11 +57,7 @@ class MetricsLog:
 
     def _give_up(self, error: OSError) -> None:
         handle, self._handle = self._handle, None
-        if handle is not None:
-            try:
-                handle.close()  # closes the file even where its flush fails again
-            except OSError:
-                pass  # that same error, said once below
+        close_quietly(handle)
         warn_write_failed(self.path, error, f"but writes no more lines to {self.path.name} this run (report.png, "
                                             f"drawn from it, ends here)")
 

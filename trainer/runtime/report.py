@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 from trainer.runtime import distributed
-from trainer.runtime.metrics_log import warn_write_failed
+from trainer.runtime.metrics_log import close_quietly, warn_write_failed
 
 # metrics.jsonl field -> TensorBoard tag; other numeric fields go under train/<field>.
 TAGS = {"loss": "train/loss", "lr": "train/learning_rate", "eval_loss": "eval/loss", "eval_ppl": "eval/perplexity",
@@ -213,11 +213,7 @@ class TensorBoardLog:
 
     def _give_up(self, error: OSError) -> None:
         writer, self._writer = self._writer, None
-        if writer is not None:
-            try:
-                writer.close()
-            except OSError:
-                pass  # that same error, said once below
+        close_quietly(writer)
         warn_write_failed(self._file_of(error), error, "but writes no more TensorBoard events this run")
 
     def close(self) -> None:
