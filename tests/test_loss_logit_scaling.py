@@ -29,6 +29,11 @@ MODELS = {
     "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.25), (0.25, None)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
                dict(final_logit_softcapping=5.0, head_dim=16, attn_implementation="eager"), (1.0, 5.0)),
+    # divides the decoder's output by logits_mup_width_multiplier (24 by default) before its head
+    "inkling": ("InklingTextConfig", "InklingForCausalLM",
+                dict(logits_mup_width_multiplier=4.0, head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+                     swa_head_dim=16, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+                     n_shared_experts=1, d_rel=4, rel_extent=16, sliding_window_size=8), (0.25, None)),
 }
 
 
@@ -145,6 +150,16 @@ def test_a_setting_the_loss_does_not_know_is_refused_when_it_is_built():
     model.config.final_logit_softcapping = 30.0  # as a model class not in LOGIT_TRANSFORMS might apply it
     with pytest.raises(ModelLoadError, match=r"LlamaForCausalLM sets final_logit_softcapping=30.0"):
         CausalLMLoss(model)
+
+
+def test_a_head_cut_to_fewer_logits_is_refused():
+    model = tiny_model("inkling")
+    assert logit_transform(model) == (0.25, None)
+    model.config.unpadded_vocab_size = 90  # Inkling's forward keeps logits[..., :90] of the head's 96
+    with pytest.raises(ModelLoadError, match=r"unpadded_vocab_size=90 of its head's 96 logits"):
+        CausalLMLoss(model)
+    model.config.unpadded_vocab_size = 96
+    assert logit_transform(model) == (0.25, None)
 
 
 @pytest.mark.parametrize("name", sorted(LOGIT_TRANSFORMS))

@@ -83,12 +83,13 @@ class CausalLMLoss(nn.Module):
 
 
 # What each class's forward (transformers 5) does to its head's output before taking the loss: how, and
-# the text config's attribute holding the value. MiniCPM3 divides the hidden state before its bias-free
-# head instead: the same map. The loss here runs the decoder and the head itself, so it must do the same.
+# the text config's attribute holding the value. MiniCPM3 and Inkling divide the hidden state before their
+# bias-free head instead: the same map. The loss here runs the decoder and the head itself, so it must do the same.
 LOGIT_TRANSFORMS = {
     **dict.fromkeys(["GraniteForCausalLM", "GraniteSWAForCausalLM", "GraniteMoeForCausalLM", "GraniteMoeSWAForCausalLM",
                      "GraniteMoeSharedForCausalLM", "GraniteMoeHybridForCausalLM", "MiniCPM3ForCausalLM"],
                     ("divide", "logits_scaling")),
+    **dict.fromkeys(["InklingForCausalLM", "InklingForConditionalGeneration"], ("divide", "logits_mup_width_multiplier")),
     **dict.fromkeys(["CohereForCausalLM", "Cohere2ForCausalLM", "Cohere2MoeForCausalLM", "CohereCompassForCausalLM"],
                     ("multiply", "logit_scale")),
     "HyperCLOVAXForCausalLM": ("multiply", "logits_scaling"),
@@ -112,6 +113,12 @@ def logit_transform(model: nn.Module) -> tuple[float, float | None]:
     softcap), or scale * z when softcap is None. (1.0, None) for Llama and most others: the head's output as is."""
     config = model.config.get_text_config()
     name = type(model).__name__
+    rows = getattr(model.get_output_embeddings(), "out_features", None)  # the full count under ZeRO-3 too
+    unpadded = getattr(config, "unpadded_vocab_size", None)
+    if unpadded is not None and rows is not None and unpadded < rows:
+        raise ModelLoadError(f"{name} keeps only the first unpadded_vocab_size={unpadded} of its head's {rows} "
+                             f"logits; this trainer's loss takes them all (trainer/loss.py), so training would "
+                             f"optimise something other than the model's own loss")
     how, attribute = LOGIT_TRANSFORMS.get(name, (None, None))
     value = getattr(config, attribute, None) if attribute else None
     if how == "divide" and value is not None:
