@@ -303,3 +303,29 @@ def test_merging_into_a_4bit_layer_that_computes_in_bf16_keeps_the_models_fp32()
     assert adapted.base_layer.weight.dtype == torch.float32
     torch.testing.assert_close(adapted.base_layer.weight, expected, rtol=1e-5, atol=1e-5)
     assert adapted(x).dtype == torch.float32
+
+
+def test_a_layer_whose_owner_passes_its_weight_to_a_kernel_is_refused():
+    """Mamba-2's fused scan (GraniteMoeHybrid here) takes out_proj's weight itself, in training too: an
+    adapter there would be skipped, and the forward failed with an AttributeError. in_proj, which it calls
+    as a layer, and the attention layer's projections train."""
+    import transformers
+
+    config = transformers.GraniteMoeHybridConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, layer_types=["mamba", "attention"], mamba_d_state=16, mamba_n_heads=4,
+        mamba_d_head=32, mamba_n_groups=1, shared_intermediate_size=64, num_local_experts=0)
+    torch.manual_seed(0)
+    model = transformers.GraniteMoeHybridForCausalLM(config)
+    with pytest.raises(RecipeError, match=r"lora.target_modules: out_proj \(model.layers.0.mamba.out_proj\) is read "
+                                          r"as a bare weight by GraniteMoeHybridMambaLayer"):
+        apply_lora(model, ["q_proj", "out_proj"], r=4, alpha=8.0)
+    model = transformers.GraniteMoeHybridForCausalLM(config)
+    wrapped = apply_lora(model, ["in_proj", "q_proj", "o_proj"], r=4, alpha=8.0)
+    assert wrapped == ["model.layers.0.mamba.in_proj", "model.layers.1.self_attn.q_proj",
+                       "model.layers.1.self_attn.o_proj"]
+    for layer in lora_layers(model).values():
+        nn.init.normal_(layer.lora_B.weight, std=0.1)
+    ids = torch.randint(3, 96, (2, 12))
+    model.train()(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_parameters(model).values())

@@ -11,7 +11,10 @@ optimizer setting (`optimizer_groups`).
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import math
+import re
 from collections import Counter
 
 import torch
@@ -249,6 +252,7 @@ def apply_lora(model: nn.Module, target_modules: list[str], r: int, alpha: float
         if isinstance(module, nn.Embedding):
             adapted = LoRAEmbedding(module, r, alpha, rslora, dora)
         elif hasattr(module, "in_features") and hasattr(module, "out_features"):
+            refuse_weight_readers(model, path, named_in)
             shared = holders[id(getattr(module, "weight", None))] > 1
             adapted = LoRALinear(module, r, alpha, dropout, rslora, dora, shared_weight=shared)
         else:
@@ -265,6 +269,26 @@ def apply_lora(model: nn.Module, target_modules: list[str], r: int, alpha: float
         raise RecipeError(f"{named_in}: {', '.join(missing)} matched no linear or embedding layer of "
                           f"this model; its layers are named: {', '.join(leaves)}")
     return wrapped
+
+
+def refuse_weight_readers(model: nn.Module, path: str, named_in: str) -> None:
+    """A layer whose owner passes its weight to a kernel itself (Mamba-2's fused scan takes out_proj's
+    weight and bias, in training too) would skip the adapter, and a LoRALinear has no `.weight` to read:
+    refused with what to do, instead of an AttributeError in the first forward."""
+    parent_path, _, child = path.rpartition(".")
+    owner = type(model.get_submodule(parent_path) if parent_path else model)
+    if re.search(rf"self\.{re.escape(child)}\.(weight|bias)\b", _source(owner)):
+        raise RecipeError(f"{named_in}: {child} ({path}) is read as a bare weight by {owner.__name__}'s own code "
+                          f"(self.{child}.weight, passed to a fused kernel), which would skip an adapter there or "
+                          f"fail on it; leave {child!r} out of {named_in}")
+
+
+@functools.cache
+def _source(owner: type) -> str:
+    try:
+        return inspect.getsource(owner)
+    except (OSError, TypeError):  # a class defined at run time: nothing to read
+        return ""
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
