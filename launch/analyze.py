@@ -7,6 +7,7 @@ and the subspace similarity of two adapters. Prints a table per adapter, writes 
 A bad path or option prints one message and exits 2; `--debug` or QLORA_DEBUG=1 shows the traceback instead.
 Needs neither DeepSpeed nor a GPU.
 """
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +43,29 @@ def run(argv: list[str]) -> None:
         raise AnalysisError(f"expected one or two adapter directories, got {len(adapters)}\n{USAGE}")
     if not 0 < opts.threshold <= 1:
         raise AnalysisError(f"threshold must be in (0, 1], got {opts.threshold}")
-    out = Path(opts.out) if opts.out else Path(adapters[0]) / "analysis"
+    out = output_dir(Path(opts.out) if opts.out else Path(adapters[0]) / "analysis")
     report = analyze(adapters, opts.threshold, opts.base, opts.seed)
     print_report(report)
-    written = write_outputs(report, out)
+    try:
+        written = write_outputs(report, out)
+    except OSError as error:  # a full disk, or a directory taken away during the analysis
+        raise AnalysisError(f"out={out}: could not write the analysis there: {error}") from None
     print(f"\nwrote {', '.join(path.name for path in written)} to {out}")
+
+
+def output_dir(out: Path) -> Path:
+    """`out`, made if missing, before the analysis runs: a path that cannot hold its files fails in a
+    second with one message, not after minutes of SVDs with a traceback."""
+    if out.exists() and not out.is_dir():
+        raise AnalysisError(f"out={out}: is a file, not a directory; pass out=<a directory> (made if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise AnalysisError(f"out={out}: cannot make this directory ({error.strerror or error}); pass "
+                            f"out=<a directory you can write to>") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise AnalysisError(f"out={out}: not writable; pass out=<a directory you can write to>")
+    return out
 
 
 if __name__ == "__main__":

@@ -354,3 +354,51 @@ def test_runs_without_deepspeed(tmp_path):
               f"write_outputs(analyze([{str(adapter)!r}]), __import__('pathlib').Path({str(tmp_path / 'out')!r}))")
     run_cli(["python", "-c", script], timeout=300)
     assert (tmp_path / "out" / "spectra.png").is_file()
+
+
+def test_out_that_is_a_file_is_one_message_and_exit_2_before_the_analysis(tmp_path):
+    adapter = write_adapter(tmp_path / "adapter", {module_name(0): planted_pair(16, 16, PLANTED, 8, 0)})
+    taken = tmp_path / "taken"
+    taken.write_text("not a directory")
+    for out in (taken, taken / "below"):
+        result = run_cli(["launch/analyze.py", str(adapter), f"out={out}"], timeout=300, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"error: out={out}: " in result.stderr and "pass out=<a directory" in result.stderr
+        assert "adapter 1:" not in result.stdout  # refused before the analysis, not after it
+
+
+def test_a_base_converted_from_gguf_is_not_called_full_precision(tmp_path, capsys):
+    from trainer.analysis.figures import print_report
+    from trainer.model.gguf import MARKER
+
+    base = write_base(tmp_path / "base", {module_name(0): torch.eye(16)})
+    (base / MARKER).write_text(json.dumps({"version": 2, "sha256": "0" * 64, "source": "Small.Q4_1.gguf"}))
+    report = analyze([write_adapter(tmp_path / "adapter", {module_name(0): planted_pair(16, 16, PLANTED, 8, 0)},
+                                    base=base)])
+    info = report["adapters"][0]["base"]
+    assert info["found"] and info["gguf_source"] == "Small.Q4_1.gguf"
+    assert "dequantised to float32 from a GGUF file (Small.Q4_1.gguf)" in info["note"]
+    assert "exact full-precision" not in info["note"]
+    print_report(report)
+    assert "note: W is read from the base's safetensors files, dequantised" in capsys.readouterr().out
+
+
+def test_two_adapters_with_long_paths_each_get_a_title_line(tmp_path, monkeypatch):
+    from trainer.analysis import figures
+
+    deep = tmp_path / ("a-rather-long-directory-name-" * 2)
+    modules = {module_name(0): planted_pair(16, 16, PLANTED, 8, 0)}
+    first, second = write_adapter(deep / "first", modules), write_adapter(deep / "second", modules)
+    titles = {}
+
+    def keep_title(figure, title: str, path: Path) -> Path:
+        titles[path.name] = title
+        return path
+
+    monkeypatch.setattr(figures, "_save", keep_title)
+    figures.write_outputs(analyze([first, second]), tmp_path / "out")
+    for name, first_label, second_label in (("similarity.png", "adapter 1 (rows i): ", "adapter 2 (columns j): "),
+                                            ("top_direction.png", "adapter 1: ", "adapter 2: ")):
+        lines = titles[name].splitlines()
+        assert lines[-2] == f"{first_label}{figures._label(str(first))} (r=8)", name
+        assert lines[-1] == f"{second_label}{figures._label(str(second))} (r=8)", name

@@ -111,3 +111,15 @@ def test_the_nonfinite_error_names_each_rows_own_file_and_row_in_a_mixture(token
     # Rows of one file of the mixture: the usual line, with that file's own row numbers.
     message = nonfinite_message(7, 1e-4, float("nan"), None, rows_by_file(train, config, [in_second.row_id]))
     assert f"The batch held rows {second_row + 1} of {second} (1-based)." in message, message
+
+
+def test_an_eval_path_over_max_eval_rows_says_how_many_are_scored(tokenizer, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", alpaca(20))
+    held = write_jsonl(tmp_path / "eval.jsonl", alpaca(30, start=100))
+    config = DataConfig(path=str(train), eval_path=str(held), max_eval_rows=8, cache=False, max_seq_len=64)
+    _, held_out, stats = build_datasets(config, tokenizer, seed=0)
+    assert len(held_out) == stats["eval_examples"] == 8
+    assert [summary["eval"] for summary in stats["datasets"]] == [0, 30]  # the file's examples; the note says 8
+    assert ("data.eval_path has 30 examples; 8 of them (a seeded sample) are scored at each evaluation, as "
+            "data.max_eval_rows=8 caps them; raise data.max_eval_rows to score more" in " ".join(stats["notes"]))
+    assert questions(held_out_rows(config, held_out)) == [example.question for example in held_out]

@@ -332,3 +332,16 @@ def test_a_saved_dataset_folder_is_read_by_split_and_a_file_takes_no_split(tmp_p
     refused = prepare("alpaca", "--source", str(one_file), "--split", "validation", "--out", str(tmp_path / "no.jsonl"))
     assert refused.returncode == 2 and not (tmp_path / "no.jsonl").exists()
     assert f"--split validation: {one_file} is one file, read whole (it has no splits)" in refused.stderr
+
+
+def test_an_empty_csv_cell_or_a_null_is_named_empty_not_missing(tmp_path):
+    source = tmp_path / "rows.csv"
+    source.write_text("instruction,input,output\nAdd 1 and 1.,,2\nAdd 2 and 2.,,\n")
+    result = prepare("alpaca", "--source", str(source), "--out", str(tmp_path / "rows.jsonl"))
+    assert result.returncode == 1
+    # (`datasets` may print its progress to stderr first)
+    assert f"{source}: row 2: field 'output' is empty (an empty CSV cell or null)" in result.stderr.splitlines()
+    nulls = write_jsonl(tmp_path / "nulls.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": None,
+                                                                                         "output": "c"}])
+    result = prepare("alpaca", "--source", str(nulls), "--out", str(tmp_path / "nulls-out.jsonl"))
+    assert result.stderr.splitlines()[0] == f"{nulls}: row 2: field 'instruction' is empty (an empty CSV cell or null)"

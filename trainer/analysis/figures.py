@@ -20,6 +20,8 @@ def print_report(report: dict[str, Any]) -> None:
               f"{len(adapter['modules'])} modules)")
         base = adapter["base"]
         print(f"base weights: {base['path']}" if base["found"] else f"note: {base['note']}")
+        if base.get("gguf_source"):  # W is not full precision: a reader of the amplification column should know
+            print(f"note: {base['note']}")
         for problem in ("missing_weights", "mismatched_weights"):
             if base.get(problem):
                 print(f"note: {len(base[problem])} base weights {problem.split('_')[0]}, e.g. {base[problem][0]}")
@@ -263,7 +265,7 @@ def _plot_similarity(report: dict[str, Any], path: Path) -> Path:
     title = (f"Subspace similarity phi(i, j) = ||V1[:, :i]^T V2[:, :j]||_F^2 / min(i, j) of the top right-singular "
              f"directions of dW\n1 = same directions, 0 = orthogonal; independent random directions give about "
              f"max(i, j) / d (d = input width: {', '.join(map(str, widths))})\n"
-             f"adapter 1 (rows i): {_label(first['path'])} (r={first['r']})   "
+             f"adapter 1 (rows i): {_label(first['path'])} (r={first['r']})\n"  # a line each: long paths fit
              f"adapter 2 (columns j): {_label(second['path'])} (r={second['r']})")
     return _save(figure, title, path)
 
@@ -282,5 +284,5 @@ def _plot_top_direction(report: dict[str, Any], path: Path) -> Path:
                       linewidth=1)
     return _save(figure, "Share of adapter 1's top direction inside adapter 2's top-j directions, phi(1, j); "
                  "grey dashed: independent random directions (j / input width)\n"
-                 f"adapter 1: {_label(first['path'])} (r={first['r']})   "
+                 f"adapter 1: {_label(first['path'])} (r={first['r']})\n"
                  f"adapter 2: {_label(second['path'])} (r={second['r']})", path)

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from trainer.checkpoint.saving import PEFT_PREFIX
+from trainer.model.gguf import MARKER as GGUF_MARKER
 
 ENERGY_LEVELS = (0.9, 0.99)
 SUGGEST_MODULE_FRACTION = 0.8  # a rank is suggested once this share of modules keeps the energy
@@ -254,7 +255,8 @@ class BaseWeights:
 def open_base(config: dict[str, Any], override: str | None) -> tuple[BaseWeights | None, dict[str, Any]]:
     """The base weights named by the adapter (or `override`), or None with a note saying why not."""
     requested = override or config.get("base_model_name_or_path")
-    info: dict[str, Any] = {"requested": requested, "path": None, "found": False, "note": BASE_WEIGHT_NOTE}
+    info: dict[str, Any] = {"requested": requested, "path": None, "found": False, "note": BASE_WEIGHT_NOTE,
+                            "gguf_source": None}
     skipping = "skipping ||dW||/||W|| and amplification; pass base=<dir> to point at its safetensors"
     directory = _find_base(str(requested), config.get("revision")) if requested else None
     if directory is None:
@@ -267,8 +269,29 @@ def open_base(config: dict[str, Any], override: str | None) -> tuple[BaseWeights
     except (AnalysisError, OSError, KeyError, ValueError) as error:
         info["note"] = f"base model at {directory} unreadable ({error}); {skipping}"
         return None, info
-    info.update(path=str(directory), found=True)
+    info.update(path=str(directory), found=True, gguf_source=_gguf_source(directory))
+    if info["gguf_source"] is not None:
+        info["note"] = gguf_weight_note(info["gguf_source"])
     return weights, info
+
+
+def _gguf_source(directory: Path) -> str | None:
+    """The GGUF file a base directory was converted from (trainer/model/gguf.py leaves its marker there,
+    naming the file), or None for an ordinary checkpoint."""
+    marker = directory / GGUF_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return str(json.loads(marker.read_text()).get("source") or "name not recorded")
+    except (OSError, ValueError, AttributeError):
+        return "name not recorded"
+
+
+def gguf_weight_note(source: str) -> str:
+    # The conversion records the file's name, not its tensor types: a Q4_1 file's W carries 4-bit error.
+    return (f"W is read from the base's safetensors files, dequantised to float32 from a GGUF file ({source}): "
+            f"where that file is quantised (its name usually says how, e.g. Q4_1 or Q8_0), W is that quantised "
+            f"weight, not the original full-precision one. Training quantises it again at load time.")
 
 
 def _find_base(name: str, revision: str | None) -> Path | None:

@@ -107,6 +107,10 @@ def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[Examples, 
                      f"(data.eval_fraction={config.eval_fraction:g}) are over data.max_eval_rows="
                      f"{config.max_eval_rows}: neither trained on nor evaluated; lower data.eval_fraction or raise "
                      f"data.max_eval_rows to use them")
+    elif separate_eval is not None and len(held_out) > config.max_eval_rows > 0:  # 0 has its own note below
+        notes.append(f"data.eval_path has {len(held_out):,} examples; {config.max_eval_rows:,} of them (a seeded "
+                     f"sample) are scored at each evaluation, as data.max_eval_rows={config.max_eval_rows} caps "
+                     f"them; raise data.max_eval_rows to score more (each evaluation takes longer)")
     held_out = _capped(held_out, config.max_eval_rows, [seed, len(loaded)])
     if any(part.format == "chat" for part in loaded) or config.template == "chat":
         notes.append(chat_template(tokenizer)[1])
