@@ -27,7 +27,7 @@ import torch
 
 from _checkpoints import make_checkpoint, one_thread, tiny_recipe
 from trainer.config import load_recipe
-from trainer.evaluation.export import ExportOptions, export, load_merged
+from trainer.evaluation.export import ExportOptions, export, instruction_chat_template, load_merged
 from trainer.evaluation.gguf_export import (GGUFExportError, byte_level_pre, gguf_tensor_name, output_format, tokenizer_metadata,
                                            write_gguf)
 from trainer.model.base import load_tokenizer, resolve_base
@@ -79,13 +79,16 @@ def logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0]
 
 
-def check_file(path: Path, merged: torch.nn.Module, tokenizer, file_type: str) -> dict[str, float]:
+def check_file(path: Path, merged: torch.nn.Module, tokenizer, file_type: str,
+               chat_template: str | None = None) -> dict[str, float]:
+    """`chat_template`: the one the file should carry, where not the tokenizer's (an export writes the
+    template of the prompts the adapter was trained on)."""
     back, back_tokenizer = read_back(path)
     for text in TEXTS:
         assert back_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"], text
         assert back_tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == \
             tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"])
-    assert back_tokenizer.chat_template == tokenizer.chat_template
+    assert back_tokenizer.chat_template == (chat_template or tokenizer.chat_template)
     for name in ("bos_token_id", "eos_token_id", "unk_token_id", "pad_token_id"):
         assert getattr(back_tokenizer, name) == getattr(tokenizer, name), name
     assert back.config.vocab_size == merged.config.vocab_size
@@ -114,7 +117,8 @@ def test_tiny_base_adapter_exports_to_f16_and_q8_0_gguf_that_transformers_reads_
     for file_type in ("f16", "q8_0"):
         out = tmp_path / "gguf" / f"tiny-{file_type}.gguf"
         export(recipe, ExportOptions(adapter=str(adapter), out=str(out), format=file_type))
-        numbers = check_file(out, merged, tokenizer, file_type)
+        # The base has no chat template: the file's renders the alpaca prompt the adapter was trained on.
+        numbers = check_file(out, merged, tokenizer, file_type, instruction_chat_template("alpaca"))
         print(file_type, numbers)
 
 
@@ -218,6 +222,41 @@ def test_add_bos_token_is_what_training_puts_before_every_prompt(tmp_path, tiny_
     assert llama2("a", add_special_tokens=True)["input_ids"][:1] != [llama2.bos_token_id]  # adds none itself
     assert document_bos(llama2) == llama2.bos_token_id
     assert tokenizer_metadata(llama2, len(llama2))["add_bos_token"] is True
+
+
+def test_a_metaspace_inside_a_sequence_still_puts_a_space_before_the_text(tmp_path):
+    """The Llama-2 tokenizer converted from its tokenizer.model nests its Metaspace in a Sequence
+    pre-tokenizer: tokenizer.ggml.add_space_prefix must still say true, or llama.cpp tokenises
+    "Below" as "Bel" "ow" where training saw "▁Below"."""
+    import json
+
+    from gguf import GGUFReader
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from conftest import SHARED
+
+    source = SHARED / "tokenizers" / "llama2" / "tokenizer.model"
+    if not source.is_file():
+        pytest.skip(f"{source} not available")
+    (tmp_path / "llama2").mkdir()
+    (tmp_path / "llama2" / "tokenizer.model").write_bytes(source.read_bytes())
+    llama2 = AutoTokenizer.from_pretrained(tmp_path / "llama2")
+    pre = json.loads(llama2.backend_tokenizer.to_str())["pre_tokenizer"]
+    assert pre["type"] == "Sequence" and [step["type"] for step in pre["pretokenizers"]] == ["Metaspace"]
+    config = LlamaConfig(vocab_size=len(llama2), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    path = write_gguf(LlamaForCausalLM(config).eval(), llama2, tmp_path / "llama2.gguf", "f32")
+    written = bool(GGUFReader(path).fields["tokenizer.ggml.add_space_prefix"].contents())
+    assert written is True
+    # What llama.cpp does with the flag, as a Metaspace that prepends "▁" or not: only true reproduces
+    # the tokens training saw.
+    as_llama_cpp = copy.deepcopy(llama2)
+    as_llama_cpp.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        prepend_scheme="always" if written else "never", split=False)
+    for text in TEXTS[:4]:
+        assert as_llama_cpp(text, add_special_tokens=False)["input_ids"] == \
+            llama2(text, add_special_tokens=False)["input_ids"], text
 
 
 def test_a_write_that_fails_leaves_no_partial_file(tmp_path, tiny_base, monkeypatch):

@@ -16,6 +16,10 @@ adapter was trained against (the quantisation error is back). With quant.bits=16
 The merge is done in float32 whatever export.dtype; the result is cast at the end, written with
 `save_pretrained` (safetensors) with the tokenizer, and loads with
 `AutoModelForCausalLM.from_pretrained(out)` without this project.
+
+Both kinds of export carry the chat template of the prompts the adapter was trained on, as the
+checkpoint recorded them (`training_chat_template`), so that a chat client prompts it as training did.
+Whatever the export cannot write (out=, a GGUF architecture or tokenizer) is refused before loading.
 """
 from __future__ import annotations
 
@@ -30,8 +34,9 @@ from torch import nn
 from trainer import options
 from trainer.evaluation import gguf_export
 from trainer.evaluation.adapted_model import add_adapter
-from trainer.checkpoint.reading import check_adapter, read_meta, resolve_adapter, trained_dtype
+from trainer.checkpoint.reading import check_adapter, read_meta, resolve_adapter, trained_dtype, trained_recipe
 from trainer.config import Recipe, RecipeError
+from trainer.data.encoding import TEMPLATES, chat_template, own_chat_template, prompt_pieces
 from trainer.model.lora import dequantised_linear, is_quantised, lora_layers, ties_adapted_layer
 from trainer.model.base import DTYPES, compute_dtype, load_base, load_config, load_tokenizer, resolve_base
 
@@ -119,26 +124,35 @@ def export(recipe: Recipe, opts: ExportOptions) -> Path:
     if opts.dtype != "auto" and opts.dtype not in DTYPES:
         raise RecipeError(f"export.dtype must be auto, {', '.join(DTYPES)}; got {opts.dtype!r}")
     file_type = gguf_export.output_format(opts.out, opts.format)
+    out = Path(opts.out)
+    check_out(out, file_type)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype(recipe, device) if opts.dtype == "auto" else DTYPES[opts.dtype]
+    adapter_dir = resolve_adapter(opts.adapter)
+    # Everything that can refuse runs before minutes of loading and merging a base.
     if file_type != "hf":
-        # Before minutes of loading and merging a base the file could not hold.
-        gguf_export.check_architecture(load_config(recipe, resolve_base(recipe)))
+        config = load_config(recipe, resolve_base(recipe))
+        gguf_export.check_architecture(config)
+    tokenizer = load_tokenizer(resolve_base(recipe), recipe)
+    if file_type != "hf":
+        tokenizer_pre = gguf_export.source_tokenizer_pre(recipe)
+        gguf_export.tokenizer_metadata(tokenizer, config.vocab_size, tokenizer_pre)  # refuses what it cannot map
         if opts.dtype != "auto":
             print(f"note: export.dtype={opts.dtype} is not used for a GGUF file: its tensors are written as {file_type}")
         dtype = torch.float32  # each tensor is cast or quantised to the file type as it is written
-    adapter_dir = resolve_adapter(opts.adapter)
+    template, note = training_chat_template(tokenizer, trained_prompt_format(recipe, adapter_dir))
+    if template != own_chat_template(tokenizer):  # a base's several named templates stay, its default kept
+        tokenizer.chat_template = template
+    print(note)
     model = load_merged(recipe, adapter_dir, opts.base, device, dtype)
     if file_type != "hf":
-        gguf_export.write_gguf(model, load_tokenizer(resolve_base(recipe), recipe), Path(opts.out), file_type,
-                               tokenizer_pre=gguf_export.source_tokenizer_pre(recipe))
-        print(f"exported {opts.adapter} merged into {resolve_base(recipe)} ({opts.base} base) to {opts.out} "
+        gguf_export.write_gguf(model, tokenizer, out, file_type, tokenizer_pre=tokenizer_pre)
+        print(f"exported {opts.adapter} merged into {resolve_base(recipe)} ({opts.base} base) to {out} "
               f"(GGUF, {file_type})")
-        return Path(opts.out)
+        return out
     model.config.use_cache = True  # training turned it off; a user of the export generates
-    out = Path(opts.out)
     model.save_pretrained(out)
-    load_tokenizer(resolve_base(recipe), recipe).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     # What the run recorded (chat reads chat_rendered from it: how to write a conversation).
     meta = read_meta(adapter_dir) or {}
     (out / "meta.json").write_text(json.dumps({**meta, "exported_from": str(adapter_dir), "export_base": opts.base},
@@ -146,6 +160,84 @@ def export(recipe: Recipe, opts: ExportOptions) -> Path:
     _check_plain(out)
     print(f"exported {opts.adapter} merged into {resolve_base(recipe)} ({opts.base} base, {dtype}) to {out}")
     return out
+
+
+def check_out(out: Path, file_type: str) -> None:
+    """Refuse an out= the export cannot write, before anything is loaded: a model directory that is
+    (or lies under) an existing file, a GGUF file that is an existing directory."""
+    if file_type == "hf" and out.exists() and not out.is_dir():
+        raise RecipeError(f"out={out} is an existing file, and a merged model is written as a directory: give "
+                          f"out=<directory> (or out=<name>.gguf for one GGUF file)")
+    if file_type != "hf" and out.is_dir():
+        raise RecipeError(f"out={out} is an existing directory, and a GGUF export is one file: give "
+                          f"out=<directory>/<name>.gguf")
+    for parent in out.parents:
+        if parent.is_dir():
+            return
+        if parent.exists():
+            raise RecipeError(f"out={out} lies under {parent}, an existing file: give an out= outside it")
+
+
+# ------------------------------------------------------------------------------ the prompt format
+
+
+def trained_prompt_format(recipe: Recipe, adapter_dir: Path) -> str:
+    """How training wrote prompts, as the checkpoint recorded it (meta.json, recipe.yaml; the recipe's
+    where it recorded nothing): "chat" where it rendered chat rows (data.template: chat, or rows in
+    chat format, which take the chat template whatever data.template says), else data.template."""
+    meta = read_meta(adapter_dir) or {}
+    data = (trained_recipe(adapter_dir) or recipe.to_dict()).get("data") or {}
+    template = meta.get("template", data.get("template", recipe.data.template))
+    formats = [data.get("format"), *(source.get("format") for source in data.get("mixture") or []
+                                     if isinstance(source, dict))]
+    return "chat" if template == "chat" or meta.get("chat_rendered") or "chat" in formats else template
+
+
+def training_chat_template(tokenizer, prompt_format: str) -> tuple[str, str]:
+    """The chat template an export carries, so that a chat client (llama.cpp, ollama, transformers'
+    apply_chat_template) prompts the model as training did, and a line saying which it is.
+
+    chat: the template training rendered with (the base's, or the built-in one where it has none).
+    An instruction template, on a base without a chat template: one that renders a single user message
+    as that template's prompt. On a base with one, the base's is kept, with a warning: this project
+    reads from it whether BOS is a turn marker (SmolLM2's <|im_start|>), which an export must not change."""
+    own = own_chat_template(tokenizer)
+    if prompt_format == "chat":
+        return chat_template(tokenizer)[0], (
+            "note: the export keeps the base's chat template, which training rendered conversations with" if own else
+            "note: the base has no chat template: the export carries the built-in one that training rendered "
+            "conversations with (<|user|> ... <|assistant|>; trainer/data/encoding.py BUILTIN_CHAT_TEMPLATE)")
+    name = prompt_format if prompt_format in TEMPLATES else f"custom ({prompt_format!r})"
+    if own is None:
+        return instruction_chat_template(prompt_format), (
+            f"note: the adapter was trained on data.template={name} prompts: the export's chat template renders one "
+            f"user message as that prompt (the instruction, no input), and refuses a conversation, which training "
+            f"never saw")
+    return own, (f"warning: the adapter was trained on data.template={name} prompts, but the export keeps the base's "
+                 f"chat template, which it was not trained on: prompt the exported model with the {name} prompt "
+                 f"itself (trainer/data/encoding.py TEMPLATES; what eval and chat do), not through a chat template")
+
+
+_INSTRUCTION = "\x00instruction\x00"  # stands for the message in the template's pieces
+
+
+def instruction_chat_template(template: str) -> str:
+    """A jinja chat template that renders one user message as `template`'s prompt for an instruction
+    with no input: the text training put before the response. It writes no BOS: a SentencePiece
+    tokenizer that prepends a space only at the start of the text would tokenise the prompt after a
+    written <s> otherwise; llama.cpp adds BOS where training did (the GGUF's add_bos_token)."""
+    pieces = prompt_pieces({"instruction": _INSTRUCTION, "input": ""}, template)
+    body = "".join("{{ messages[0]['content'] }}" if text == _INSTRUCTION else f"{{{{ {_jinja_string(text)} }}}}"
+                   for text, _ in pieces)
+    return ("{% if messages | length != 1 or messages[0]['role'] != 'user' %}"
+            "{{ raise_exception('this model was fine-tuned on single instruction prompts: give one user message') }}"
+            "{% endif %}" + body)
+
+
+def _jinja_string(text: str) -> str:
+    """`text` as a jinja string literal (kept whole, whatever braces or newlines it holds)."""
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'")
+    return "'" + escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t") + "'"
 
 
 def _check_plain(out: Path) -> None:

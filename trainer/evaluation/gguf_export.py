@@ -12,7 +12,8 @@ conventions:
 - one-dimensional tensors (the norms) in float32 whatever the file type; every matrix in f32, f16
   or q8_0 (q8_0 needs rows that split into blocks of 32; a matrix whose rows do not stays f16);
 - the architecture (`llama.*` keys) from the transformers config;
-- the tokenizer: SentencePiece-style vocabularies (Metaspace + byte fallback, the tiny base) as
+- the tokenizer: SentencePiece-style vocabularies (Metaspace + byte fallback, the tiny base; the
+  Metaspace alone or alone in a Sequence, as the converted Llama-2 tokenizer has it) as
   `llama` with per-token scores that reproduce the BPE merge order; byte-level BPE (SmolLM2) as
   `gpt2` with its merges; token types, BOS/EOS/UNK/pad ids, whether BOS/EOS are added, and the
   chat template.
@@ -239,12 +240,30 @@ def tokenizer_metadata(tokenizer, vocab_size: int, pre: str | None = None) -> di
     # itself: the converted Llama-2 tokenizer adds none), not as the tokenizer alone would.
     metadata["add_bos_token"] = document_bos(tokenizer) is not None
     metadata["add_eos_token"] = eos is not None and with_special[-1:] == [eos] and plain[-1:] != [eos]
-    prepend = (spec.get("pre_tokenizer") or {}).get("prepend_scheme", "never")
-    metadata["add_space_prefix"] = (not byte_level) and prepend in ("first", "always")
+    # The converted Llama-2 tokenizer nests its Metaspace in a Sequence: read it there too, or llama.cpp
+    # would tokenise "Below" as "Bel" "ow" where training saw "▁Below".
+    metadata["add_space_prefix"] = (not byte_level) and _prepends_space(spec.get("pre_tokenizer"))
     chat_template = own_chat_template(tokenizer)  # the default of a tokenizer's several named templates
     if chat_template is not None:
         metadata["chat_template"] = chat_template
     return metadata
+
+
+def _prepends_space(pre_tokenizer: dict | None) -> bool:
+    """Whether a SentencePiece-style tokenizer's Metaspace (alone, or the only step of a Sequence) puts
+    "▁" before the text. Another step is refused: llama.cpp's SentencePiece tokenizer splits nothing
+    before merging, so it would tokenise text unlike training, silently."""
+    steps = (pre_tokenizer or {}).get("pretokenizers", []) if (pre_tokenizer or {}).get("type") == "Sequence" \
+        else [pre_tokenizer]
+    others = [str((step or {}).get("type")) for step in steps if (step or {}).get("type") != "Metaspace"]
+    if others:
+        raise GGUFExportError(f"the tokenizer's pre-tokenizer splits text with {', '.join(others)} besides Metaspace, "
+                              f"which llama.cpp's SentencePiece tokenizer does not do: export to a directory "
+                              f"(out=<dir>) instead")
+    metaspace = steps[0]
+    # tokenizers before 0.19 wrote add_prefix_space instead of prepend_scheme
+    scheme = metaspace.get("prepend_scheme") or ("always" if metaspace.get("add_prefix_space", True) else "never")
+    return scheme in ("first", "always")
 
 
 # Byte-level pre-tokenizers as tokenizer.json writes them, by the name llama.cpp knows each by
