@@ -4,7 +4,7 @@ same held-out rows. Prints one table: trainable parameters, held-out loss, exact
 final-number accuracy and the median step time.
 
     python launch/variants.py                         (recipes/smollm2_tasks.yaml, 40 steps, 64 held-out rows)
-    python launch/variants.py RECIPE [section.key=value ...] [--ranks N] [--only lora,dora]
+    python launch/variants.py [RECIPE.yaml] [section.key=value ...] [--ranks N] [--only lora,dora]
 
 Every run writes under <output_dir>/<name>/ (metrics.jsonl, checkpoints, eval/).
 """
@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer.config import load_recipe
+from trainer.config import RecipeError, load_recipe
 from trainer.runtime.distributed import free_port
 
 DEFAULT_RECIPE = "recipes/smollm2_tasks.yaml"
@@ -36,15 +36,21 @@ EVAL_OPTIONS = ["eval.max_new_tokens=32"]  # the built-in tasks' answers are und
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE)
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("arguments", nargs="*", metavar="[RECIPE.yaml] [section.key=value ...]")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--only", default=",".join(VARIANTS))
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if unknown := [name for name in args.only.split(",") if name not in VARIANTS]:
         parser.error(f"--only {','.join(unknown)}: not a variant; the variants are {', '.join(VARIANTS)}")
-    overrides = [*DEFAULTS, *args.overrides]
-    base_dir = Path(load_recipe(args.recipe, overrides).output_dir)
+    # As launch/demo.py: the first argument is the recipe only if it names a YAML file (lora.r=8 is an override).
+    given = args.arguments
+    args.recipe = given[0] if given and given[0].endswith((".yaml", ".yml")) else DEFAULT_RECIPE
+    overrides = [*DEFAULTS, *(given[1:] if given and given[0] == args.recipe else given)]
+    try:
+        base_dir = Path(load_recipe(args.recipe, overrides).output_dir)
+    except RecipeError as error:  # one line, as the launch scripts report a bad recipe (trainer/cli.py)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     bin_dir = Path(sys.executable).parent
     results = {}

@@ -220,3 +220,152 @@ def test_bf16_reduces_adapter_gradients_in_fp32(tmp_path, stage, accumulation):
     assert config.get("data_types", {}).get("grad_accum_dtype") == accumulation
     fp32 = deepspeed_config(recipe, world_size=2, precision="float32")
     assert "communication_data_type" not in fp32 and "data_types" not in fp32
+
+
+def recipe_keys(cls=Recipe, prefix="") -> list[str]:
+    """Every recipe key as section.key (a mixture entry's keys are data.path's, not listed)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for field in dataclasses.fields(cls):
+        kind = hints[field.name]
+        keys += recipe_keys(kind, f"{prefix}{field.name}.") if dataclasses.is_dataclass(kind) else [prefix + field.name]
+    return keys
+
+
+def test_the_reference_recipe_sets_every_key_at_its_default():
+    """`--help` says every key is commented in recipes/*.yaml: llama_alpaca.yaml holds them all, and the
+    keys added for that carry their defaults (the recipe trains as it did without them)."""
+    raw = yaml.safe_load((RECIPES[0].parent / "llama_alpaca.yaml").read_text())
+    written = {f"{section}.{key}" for section, keys in raw.items() if isinstance(keys, dict) for key in keys} | set(raw)
+    assert not [key for key in recipe_keys() if key not in written], "recipes/llama_alpaca.yaml lacks a key"
+    reference, default = load_recipe(RECIPES[0].parent / "llama_alpaca.yaml"), Recipe()
+    added = ["data.format", "data.columns", "data.mixture", "data.on_too_long", "data.on_bad_row", "data.cache",
+             *(f"train.{name}" for name in (
+                 "activation_checkpointing", "fused_mlp", "fused_norm", "fused_rotary", "fused_qkv", "blocked_attention",
+                 "compiled_kernels", "onednn_matmul", "report", "report_to", "wandb_project", "wandb_run_name",
+                 "wandb_mode", "on_nonfinite", "max_consecutive_skips", "collective_timeout_minutes"))]
+    for key in added:
+        section, name = key.split(".")
+        assert getattr(getattr(reference, section), name) == getattr(getattr(default, section), name), key
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.seed=-1", r"train.seed: must be in \[0, 2\*\*32\), got -1"),
+    ("train.seed=4294967296", r"train.seed: must be in \[0, 2\*\*32\)"),
+    ("train.collective_timeout_minutes=.inf", "train.collective_timeout_minutes: must be positive and at most 10080"),
+    ("train.collective_timeout_minutes=20000", "train.collective_timeout_minutes: must be positive and at most 10080"),
+    ("train.collective_timeout_minutes=.nan", "train.collective_timeout_minutes: must be positive"),
+    ("lora.plus_ratio=.inf", "lora.plus_ratio: must be a positive number"),
+    ("data.mixture=[{path: a.json, weight: .inf}]", r"data.mixture\[0\]: needs a path and a finite weight > 0"),
+    ("train.wandb_project=team/qlora", r"train.wandb_project: must be at most 128 characters, none of / \\ # \? % :"),
+    ("train.wandb_project=" + "p" * 129, "train.wandb_project: must be at most 128 characters"),
+    ("deepspeed.offload_param=true", "deepspeed.offload_param: DeepSpeed offloads parameters under ZeRO-3 only"),
+    ("deepspeed.zero_stage=0", None),  # with the offload_optimizer=true below
+])
+def test_seed_infinite_values_wandb_project_and_ignored_offloads_are_refused(tmp_path, override, message):
+    path = write(tmp_path, "train: {max_steps: 5}\n")
+    if message is None:
+        with pytest.raises(RecipeError, match="deepspeed.offload_optimizer: deepspeed.zero_stage=0 has no ZeRO optimizer"):
+            load_recipe(path, [override, "deepspeed.offload_optimizer=true"])
+        return
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path, [override])
+
+
+def test_offloading_is_kept_where_deepspeed_reads_it(tmp_path):
+    path = write(tmp_path, "train: {max_steps: 5}\n")
+    for stage in (1, 2, 3):  # ZeRO-1/2 on one fp32 rank keep their stage (and the offload) instead of running as 0
+        config = deepspeed_config(load_recipe(path, [f"deepspeed.zero_stage={stage}", "deepspeed.offload_optimizer=true"]),
+                                  world_size=1, precision="float32")
+        assert config["zero_optimization"]["stage"] == stage
+        assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    config = deepspeed_config(load_recipe(path, ["deepspeed.zero_stage=3", "deepspeed.offload_param=true"]),
+                              world_size=1, precision="float32")
+    assert config["zero_optimization"]["offload_param"] == {"device": "cpu"}
+
+
+@pytest.mark.parametrize("value, message", [
+    ("sdap", r"model.attn_implementation: unknown 'sdap'; did you mean sdpa\?"),
+    ("flash_attention", r"unknown 'flash_attention'; did you mean flash_attention_\d\?"),
+    ("packed_sdpa", "packed_sdpa is switched on by the trainer itself over sdpa"),
+])
+def test_an_unknown_attention_implementation_is_named_with_the_nearest(tmp_path, value, message):
+    path = write(tmp_path, "train: {max_steps: 5}\n")
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path, [f"model.attn_implementation={value}"])
+
+
+@pytest.mark.parametrize("value", ["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention",
+                                   "paged|eager", "kernels-community/flash-attn", "kernels-community/flash-attn@v1:fa"])
+def test_the_attention_implementations_transformers_knows_are_accepted(tmp_path, value):
+    assert load_recipe(write(tmp_path, "train: {max_steps: 5}\n"),
+                       [f"model.attn_implementation={value}"]).model.attn_implementation == value
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: {revision: 1.10}\n", r"model.revision: expected text, got the number 1.1 \(YAML reads an unquoted 1.10 "
+                                  r"as a number\); quote it: '1.10'"),
+    ("model: {revision: 0123}\n", "model.revision: expected text, got the number 83 .*quote it: '0123'"),
+    ("model: {revision: yes}\n", "model.revision: expected text, got the boolean True .*quote it: 'yes'"),
+    ("data: {path: 2024-01-01}\n", "data.path: expected text, got the date .*quote it: '2024-01-01'"),
+    ("output_dir: 12\n", "output_dir: expected text, got the number 12"),
+])
+def test_a_text_key_written_as_a_number_in_the_file_is_refused(tmp_path, text, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(write(tmp_path, text))
+
+
+def test_a_quoted_text_key_and_a_null_where_allowed_are_kept(tmp_path):
+    recipe = load_recipe(write(tmp_path, "model: {revision: '1.10'}\ntrain: {wandb_run_name: null, compiled_kernels: null}\n"))
+    assert (recipe.model.revision, recipe.train.wandb_run_name, recipe.train.compiled_kernels) == ("1.10", None, None)
+    assert load_recipe(write(tmp_path, "model: {revision: null}\nresume: null\n")).model.revision is None
+    with pytest.raises(RecipeError, match="output_dir: needs a value"):
+        load_recipe(write(tmp_path, "output_dir: null\n"))
+
+
+def test_numbers_yaml_reads_as_text_in_deepspeed_extra_are_numbers(tmp_path):
+    recipe = load_recipe(write(tmp_path, "deepspeed: {extra: {zero_optimization: {reduce_bucket_size: 5e8}, "
+                                         "fp16: {initial_scale_power: '16'}, communication_data_type: fp32}}\n"),
+                         ["deepspeed.extra.zero_optimization.allgather_bucket_size=2e8",
+                          "deepspeed.extra.fp16.hysteresis=1e0", "deepspeed.extra.fp16.min_loss_scale=1e-4"])
+    extra = recipe.deepspeed.extra
+    assert extra["zero_optimization"] == {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 200_000_000}
+    assert type(extra["zero_optimization"]["reduce_bucket_size"]) is int
+    assert extra["fp16"] == {"initial_scale_power": 16, "hysteresis": 1, "min_loss_scale": 1e-4}
+    assert extra["communication_data_type"] == "fp32"  # text that is no number stays text
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("{zero_optimization: {reduce_bucket_sise: 5}}",
+     r"deepspeed.extra.zero_optimization.reduce_bucket_sise: DeepSpeed has no such option; did you mean reduce_bucket_size\?"),
+    ("{zero_optimization: {reduce_bucket_size: lots}}",
+     r"deepspeed.extra.zero_optimization.reduce_bucket_size: DeepSpeed refused 'lots': Input should be a valid integer"),
+    ("{fp16: {loss_scale_windw: 100}}", r"deepspeed.extra.fp16.loss_scale_windw: DeepSpeed has no such option; "
+                                        r"did you mean loss_scale_window\?"),
+    ("{nebula: {enabled: true}}", "deepspeed.extra: DeepSpeed refused the config: Nebula checkpointing has been removed"),
+])
+def test_deepspeed_refuses_a_bad_extra_as_one_recipe_error_naming_the_key(tmp_path, extra, message):
+    from trainer.config import check_deepspeed_config
+
+    recipe = load_recipe(write(tmp_path, f"deepspeed: {{extra: {extra}}}\n"))
+    with pytest.raises(RecipeError, match=message):
+        check_deepspeed_config(deepspeed_config(recipe, world_size=1, precision="float16"), recipe.deepspeed.extra)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_deepspeed_accepts_every_shipped_recipes_config(path):
+    from trainer.config import check_deepspeed_config
+
+    recipe = load_recipe(path)
+    for precision in ("float32", "bfloat16"):
+        check_deepspeed_config(deepspeed_config(recipe, world_size=1, precision=precision), recipe.deepspeed.extra)
+
+
+def test_the_8bit_recipe_sets_no_4bit_only_setting():
+    """quant_type, double_quant, quant_storage and compute_dtype do nothing at 8 bits: the 8-bit recipe does not
+    set them (a reader would expect them to matter)."""
+    raw = yaml.safe_load((RECIPES[0].parent / "llama_alpaca_8bit.yaml").read_text())
+    assert raw["quant"] == {"bits": 8}

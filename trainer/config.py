@@ -4,9 +4,12 @@ Every default lives here, once. The loop reads fields, never `dict.get(key, defa
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import datetime
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -21,11 +24,21 @@ class RecipeError(ValueError):
     """A recipe or override that cannot be turned into a valid config."""
 
 
+# transformers 5's attention implementations (modeling_utils.get_correct_attn_implementation); a hub kernel
+# ("org/repo", "org/repo@rev:name") is accepted as transformers reads it.
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4",
+                             "flex_attention", "paged|eager")
+HUB_KERNEL = re.compile(r"[^/:]+/[^/:]+(?:@[^/:]+)?(?::[^/:]+)?")
+PACKED_ATTENTION = "packed_sdpa"  # trainer/speedups/packed_attention.py's; not imported here (it imports torch)
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # characters wandb.init refuses in a project name (wandb_settings.validate_project)
+COLLECTIVE_TIMEOUT_MAX_MINUTES = 7 * 24 * 60
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = "builtin:tiny-llama"  # hub id, local dir, or builtin:<name>
     dtype: str = "auto"  # compute dtype: auto (fp32 on CPU; bf16 on a GPU that has it, else fp16) | float32 | bfloat16 | float16
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2/3/4 | flex_attention | a hub kernel
     trust_remote_code: bool = False
     revision: str | None = None
 
@@ -165,6 +178,7 @@ class Recipe:
         _check(self.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
         _check(self.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
                "must be auto, float32, bfloat16 or float16")
+        _check_attention(self.model.attn_implementation)
         # No float16: its products' gradients would underflow without the loss scaling that only an
         # fp16 model (model.dtype=float16) gets.
         _check(self.quant.compute_dtype in ("auto", "float32", "bfloat16"), "quant.compute_dtype",
@@ -175,7 +189,7 @@ class Recipe:
         _check(0 < self.lora.alpha < math.inf, "lora.alpha", "must be positive (the update is scaled by alpha / r)")
         _check(0.0 <= self.lora.dropout <= 0.99, "lora.dropout", "must be in [0, 0.99]")
         _check(len(self.lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
-        _check(self.lora.plus_ratio > 0, "lora.plus_ratio", "must be positive (1 = plain LoRA)")
+        _check(0 < self.lora.plus_ratio < math.inf, "lora.plus_ratio", "must be a positive number (1 = plain LoRA)")
         _check(self.data.template in ("alpaca", "plain", "chat") or "{instruction}" in self.data.template,
                "data.template", "must be alpaca, plain, chat, or a template string with {instruction}")
         # A custom template fills {instruction} and {input} only: another {name} would stay in every prompt as text.
@@ -190,13 +204,16 @@ class Recipe:
         _check(all(f in ("auto", "alpaca", "instances", "chat") for f in formats), "data.format",
                "must be auto, alpaca, instances or chat (in data.mixture too)")
         for index, source in enumerate(self.data.mixture):
-            _check(bool(source.path) and source.weight > 0, f"data.mixture[{index}]", "needs a path and a weight > 0")
+            _check(bool(source.path) and 0 < source.weight < math.inf, f"data.mixture[{index}]",
+                   "needs a path and a finite weight > 0")
         _check(0.0 <= self.data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
         _check(self.data.max_seq_len >= 8, "data.max_seq_len", "must be at least 8")
         _check(self.data.max_eval_rows >= 0, "data.max_eval_rows", "must be 0 or more")
         _check(self.data.max_rows is None or self.data.max_rows > 0, "data.max_rows", "must be positive or null (no cap)")
         t = self.train
         _check(t.max_steps > 0, "train.max_steps", "must be positive")
+        # numpy's legacy seeding (np.random.seed) takes [0, 2**32) only.
+        _check(0 <= t.seed < 2**32, "train.seed", f"must be in [0, 2**32), got {t.seed}")
         _check(t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
         _check(t.global_batch_size > 0, "train.global_batch_size", "must be positive")
         for name in ("save_every", "eval_every", "log_every"):
@@ -216,13 +233,27 @@ class Recipe:
                f"must list tensorboard and/or wandb, got {t.report_to}")
         _check(t.wandb_mode in ("offline", "online"), "train.wandb_mode", "must be offline or online")
         _check(bool(t.wandb_project.strip()), "train.wandb_project", "must not be empty")
-        _check(t.collective_timeout_minutes > 0, "train.collective_timeout_minutes", "must be positive")
+        # What wandb.init refuses, refused here, where a dry run sees it (not after the base loaded).
+        _check(len(t.wandb_project) <= 128 and not set(t.wandb_project) & set(WANDB_PROJECT_FORBIDDEN),
+               "train.wandb_project", f"must be at most 128 characters, none of {' '.join(WANDB_PROJECT_FORBIDDEN)} "
+               f"(W&B refuses them; a team goes in WANDB_ENTITY, not here), got {t.wandb_project!r}")
+        _check(0 < t.collective_timeout_minutes <= COLLECTIVE_TIMEOUT_MAX_MINUTES, "train.collective_timeout_minutes",
+               f"must be positive and at most {COLLECTIVE_TIMEOUT_MAX_MINUTES} (a week), got {t.collective_timeout_minutes}")
         for path, owner in RECIPE_OWNED_DEEPSPEED.items():
             node = self.deepspeed.extra
             for part in path[:-1]:
                 node = node.get(part) if isinstance(node, dict) else None
             _check(not (isinstance(node, dict) and path[-1] in node), f"deepspeed.extra.{'.'.join(path)}",
                    f"the recipe sets this through {owner}; change it there (here it would contradict what the run assumes)")
+        ds = self.deepspeed
+        # DeepSpeed reads offload_param under ZeRO-3 only, and offload_optimizer under ZeRO-1/2/3 only: elsewhere
+        # it would be ignored without a word.
+        _check(not ds.offload_param or ds.zero_stage == 3, "deepspeed.offload_param",
+               f"DeepSpeed offloads parameters under ZeRO-3 only (deepspeed.zero_stage=3); at zero_stage="
+               f"{ds.zero_stage} it would be ignored. Set deepspeed.offload_param=false, or deepspeed.zero_stage=3")
+        _check(not ds.offload_optimizer or ds.zero_stage > 0, "deepspeed.offload_optimizer",
+               "deepspeed.zero_stage=0 has no ZeRO optimizer to offload (it would be ignored). Set "
+               "deepspeed.zero_stage=1, 2 or 3 (ZeRO-2 keeps it: one rank or many), or deepspeed.offload_optimizer=false")
         if self.quant.bits == 8 and self.deepspeed.zero_stage == 3:
             raise RecipeError(
                 "quant.bits=8 with deepspeed.zero_stage=3 is not supported: ZeRO-3 partitions the int8 "
@@ -248,6 +279,19 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise RecipeError(f"{key}: {message}")
 
 
+def _check_attention(name: str) -> None:
+    """model.attn_implementation: a name transformers knows, checked here so a typo is named as one (from_pretrained's
+    error would come after the data is read, and reads like a missing base)."""
+    if name in ATTENTION_IMPLEMENTATIONS or HUB_KERNEL.fullmatch(name):
+        return
+    if name == PACKED_ATTENTION:
+        raise RecipeError(f"model.attn_implementation: {PACKED_ATTENTION} is switched on by the trainer itself over "
+                          f"sdpa (packed rows, data.packing); set model.attn_implementation=sdpa")
+    close = difflib.get_close_matches(name, ATTENTION_IMPLEMENTATIONS, n=1, cutoff=0.5)
+    raise RecipeError(f"model.attn_implementation: unknown {name!r}" + (f"; did you mean {close[0]}?" if close else "")
+                      + f" (one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, or a hub kernel org/repo)")
+
+
 def zero_stage_to_run(recipe: Recipe, world_size: int, precision: str) -> int:
     """The recipe's ZeRO stage, except 1 and 2 on a single rank in fp32 without offloading: they have
     nothing to shard there, and stage 0 skips their per-gradient bucket hooks (same numbers, ~2%
@@ -255,8 +299,8 @@ def zero_stage_to_run(recipe: Recipe, world_size: int, precision: str) -> int:
     weights that our checkpoints do not read; not stage 3 (its loading and gathering is what a
     one-rank run may be testing). `precision` is the compute dtype name."""
     ds = recipe.deepspeed
-    if (world_size == 1 and ds.zero_stage in (1, 2) and precision == "float32"
-            and not (ds.offload_optimizer or ds.offload_param)):
+    # With offload_optimizer the stage stays: stage 0 would drop the offloading the recipe asks for.
+    if world_size == 1 and ds.zero_stage in (1, 2) and precision == "float32" and not ds.offload_optimizer:
         return 0
     return ds.zero_stage
 
@@ -306,6 +350,67 @@ def deepspeed_config(recipe: Recipe, world_size: int, precision: str) -> dict[st
     return _deep_merge(config, ds.extra)
 
 
+def check_deepspeed_config(config: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Refuse, as one line naming the key, what deepspeed.initialize would refuse with a pydantic traceback
+    after the data and the base loaded: DeepSpeed's own config is built from `config` (deepspeed_config's
+    dict, `extra` being deepspeed.extra, merged in). Call after the process group starts: DeepSpeed checks
+    the batch sizes against its world size."""
+    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedConfig(copy.deepcopy(config))
+    except ValidationError as error:
+        raise RecipeError(_deepspeed_refusal(error, extra)) from None
+    except (DeepSpeedConfigError, AssertionError, ValueError, TypeError, KeyError) as error:
+        said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RecipeError(f"deepspeed.extra: DeepSpeed refused the config: {said}") from None
+
+
+def _deepspeed_refusal(error: Any, extra: dict[str, Any]) -> str:
+    """The first of a DeepSpeed pydantic model's complaints, named by its deepspeed.extra key."""
+    first = error.errors()[0]
+    where = tuple(str(part) for part in first["loc"])
+    path = _path_ending_in(extra, where)
+    key = "deepspeed.extra" + "".join(f".{part}" for part in (path or where))
+    if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(where[-1], _deepspeed_option_names(error.title), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close and len(where) == 1 else " (check its spelling in DeepSpeed's docs)"
+        return f"{key}: DeepSpeed has no such option{hint}"
+    return f"{key}: DeepSpeed refused {first.get('input')!r}: {first['msg']}"
+
+
+def _path_ending_in(tree: Any, where: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The shallowest key path in `tree` that ends in the keys `where`, or None."""
+    if not isinstance(tree, dict):
+        return None
+    node = tree
+    for part in where:
+        if not isinstance(node, dict) or part not in node:
+            break
+        node = node[part]
+    else:
+        return where
+    for key, value in tree.items():
+        found = _path_ending_in(value, where)
+        if found is not None:
+            return (key, *found)
+    return None
+
+
+def _deepspeed_option_names(model_name: str) -> list[str]:
+    """The option names (and their aliases) of the DeepSpeed config model called `model_name`."""
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    models = [DeepSpeedConfigModel]
+    while models:
+        model = models.pop()
+        if model.__name__ == model_name:
+            return [name for key, info in model.model_fields.items() for name in (key, info.alias) if name]
+        models.extend(model.__subclasses__())
+    return []
+
+
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
@@ -324,7 +429,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
@@ -334,9 +440,21 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             _apply_override(raw, override)
         recipe = _build(Recipe, raw, prefix="")
         recipe.validate()
+    except UnquotedText as error:  # named with the text as written in the file: 1.10, not 1.1
+        raise RecipeError(f"{path}: {UnquotedText(error.key, error.value, _source_text(text, error.key))}") from None
     except RecipeError as error:
         raise RecipeError(f"{path}: {error}") from None
     return recipe
+
+
+def _source_text(text: str, dotted: str) -> str | None:
+    """The scalar at the key path `dotted` as written in the YAML `text`, or None."""
+    node = yaml.compose(text)
+    for part in dotted.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        node = next((value for key, value in node.value if key.value == part), None)
+    return node.value if isinstance(node, yaml.ScalarNode) else None
 
 
 def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
@@ -427,15 +545,47 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise RecipeError(f"{key}: expected a mapping, got {value!r}")
         arguments = typing.get_args(kind)
-        return _read_overrides(value, arguments[1] if len(arguments) == 2 and arguments[1] is str else Any)
+        if len(arguments) == 2 and arguments[1] is str:
+            return _read_overrides(value, str)
+        # deepspeed.extra: YAML 1.1 reads 5e8 (no dot) as text, which DeepSpeed's integer options refuse.
+        return _numbers_read(_read_overrides(value, Any))
     if kind is Any:
         return value
     return _scalar(kind, value, key)
 
 
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _numbers_read(value: Any) -> Any:
+    """`value` with every text that reads as a number (5e8, '1e-3') made that number: an int where it is whole
+    and written without a dot."""
+    if isinstance(value, dict):
+        return {key: _numbers_read(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_numbers_read(item) for item in value]
+    if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+        number = float(value)
+        return int(number) if number.is_integer() and "." not in value else number
+    return value
+
+
+class UnquotedText(RecipeError):
+    """A text key given a number, boolean or date by YAML (`revision: 1.10` reads as 1.1)."""
+
+    def __init__(self, key: str, value: Any, source: str | None = None):
+        self.key, self.value = key, value
+        source = str(value) if source is None else source
+        kind = "boolean" if isinstance(value, bool) else "number" if isinstance(value, (int, float)) else "date"
+        super().__init__(f"{key}: expected text, got the {kind} {value!r} (YAML reads an unquoted {source} as a "
+                         f"{kind}); quote it: '{source}'")
+
+
 def _scalar(kind: type, value: Any, key: str) -> Any:
     if value is None:
         raise RecipeError(f"{key}: needs a value, not empty or null")
+    if kind is str and isinstance(value, (bool, int, float, datetime.date)):
+        raise UnquotedText(key, value)  # stringified, 1.10 would silently become '1.1'
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -454,9 +604,11 @@ def _scalar(kind: type, value: Any, key: str) -> Any:
                 raise ValueError
             return float(value)
         if kind is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError
-            return str(value)
+            if isinstance(value, os.PathLike):
+                return os.fspath(value)
+            if isinstance(value, str):
+                return value
+            raise ValueError
     except (TypeError, ValueError):
         pass
     else:

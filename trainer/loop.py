@@ -21,7 +21,7 @@ from trainer.checkpoint import reading, resume, saving
 from trainer.checkpoint.fingerprint import base_fingerprint
 from trainer.checkpoint.saving import TrainState
 from trainer.checkpoint.snapshot import UpdateSnapshot
-from trainer.config import Recipe, RecipeError, TrainConfig, deepspeed_config
+from trainer.config import Recipe, RecipeError, TrainConfig, check_deepspeed_config, deepspeed_config
 from trainer.data.batching import BatchPlan
 from trainer.data.packing import training_collate
 from trainer.data.pipeline import build_datasets, held_out_rows, rows_by_file
@@ -217,15 +217,20 @@ def check_precision(dtype: torch.dtype, device: torch.device) -> None:
 
 
 def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
-    """In the order the user's data flows: tokenizer, the checkpoint to resume from, data, base, adapters,
-    engine, restored state. A missing file, a refused checkpoint or a bad row is reported before the
+    """In the order the user's data flows: what the recipe and world size alone decide (batch sizes, the
+    DeepSpeed config), tokenizer, the checkpoint to resume from, data, base, adapters, engine, restored
+    state. A refused setting, a missing file, a refused checkpoint or a bad row is reported before the
     base (minutes for a 7B one) is loaded."""
     device = distributed.init(recipe.train.collective_timeout_minutes)
     log = print if distributed.is_main() else (lambda *a, **k: None)
+    dtype = compute_dtype(recipe, device)  # what load_base loads in
+    check_precision(dtype, device)
+    # Known from the recipe and the world size: refused before tokenising data or loading the base, in a dry run too.
+    ds_config = deepspeed_config(recipe, distributed.world_size(), dtype_name(dtype))
+    check_deepspeed_config(ds_config, recipe.deepspeed.extra)
     check_wandb_login(recipe)  # before minutes of loading, not after them in wandb.init
     if not dry_run:  # a dry run writes nothing in output_dir, so it may check a recipe beside a running run
         run_dir.lock(Path(recipe.output_dir))  # every rank: rank 0 holds it; a second run there is refused
-    check_precision(compute_dtype(recipe, device), device)
     seed_everything(recipe.train.seed)
     base_name_or_path, tokenizer = prepare_tokenizer(recipe)
     # The checkpoint to resume from, and whether it fits this recipe and base, before the data and the
@@ -235,7 +240,7 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
         resume.check_compatible(resume_dir, recipe)
     data = prepare_data(recipe, tokenizer)
     log(str(data.stats))
-    model, dtype = prepare_model(recipe, device, tokenizer)
+    model, _ = prepare_model(recipe, device, tokenizer)
     logit_transform(model)  # a model whose logits the loss cannot reproduce is refused here, in a dry run too
     log(parameter_summary(model))
     mean_tokens = float(data.train_set.lengths().mean()) if len(data.train_set) else 0.0
@@ -247,7 +252,6 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
             log(f"warning: {resume_dir} was trained with the base in {trained}, this run loads it in "
                 f"{dtype_name(dtype)}: its weights (and 4-bit codes) round differently, so the run does not "
                 f"continue exactly; model.dtype={trained} keeps it")
-    ds_config = deepspeed_config(recipe, distributed.world_size(), dtype_name(dtype))
     if dry_run:
         log("dry run: recipe, model, data" + (", resume checkpoint" if resume_dir is not None else "")
             + " and DeepSpeed config are valid; not training")
@@ -258,7 +262,8 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
     state = restore(recipe, resume_dir, model, optimizer, engine, len(data.train_set), data.held_out_identity,
                     log)
     if distributed.is_main() and (note := run_dir.prepare(Path(recipe.output_dir),
-                                                         state.step if resume_dir is not None else None, resume_dir)):
+                                                         state.step if resume_dir is not None else None, resume_dir,
+                                                         resume_auto=recipe.resume == "auto")):
         log(note)
     meta = {"base_model": base_name_or_path, "base_fingerprint": base_fingerprint(base_name_or_path,
                                                                                   recipe.model.revision),

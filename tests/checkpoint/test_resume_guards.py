@@ -205,3 +205,33 @@ def test_resume_from_checkpoints_best_reads_best_json_where_there_is_no_link(tmp
     (checkpoints / "best").symlink_to("step-4", target_is_directory=True)  # a link: the checkpoint it names
     found = resume.find_resume_dir(tiny_recipe(f"output_dir={tmp_path}", f"resume={checkpoints / 'best'}"))
     assert found == (checkpoints / "step-4").resolve()
+
+
+def test_resume_auto_with_no_complete_checkpoint_says_it_starts_fresh(tmp_path, capsys):
+    (tmp_path / "checkpoints" / "step-2").mkdir(parents=True)  # a save cut short: no COMPLETE marker
+    assert resume.find_resume_dir(tiny_recipe(f"output_dir={tmp_path}", "resume=auto")) is None
+    assert (f"resume=auto: no complete checkpoint in {tmp_path / 'checkpoints'}; starting fresh"
+            in capsys.readouterr().out)
+    assert resume.find_resume_dir(tiny_recipe(f"output_dir={tmp_path}")) is None  # no resume asked: nothing said
+    assert "resume=auto" not in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ 4-bit settings at 8 bits
+
+
+def test_four_bit_settings_are_compared_on_resume_only_at_four_bits(tmp_path, tiny_base):
+    """quant.quant_type and quant.double_quant do nothing at 8 bits: a change there is no reason to refuse."""
+    eight = make_checkpoint(tmp_path / "eight", "quant.bits=8", "quant.double_quant=true", "quant.quant_type=nf4")
+    resume.check_compatible(eight, tiny_recipe("quant.bits=8", "quant.double_quant=false", "quant.quant_type=fp4"))
+    four = make_checkpoint(tmp_path / "four", "quant.bits=4", "quant.double_quant=true")
+    with pytest.raises(CheckpointError, match="quant.double_quant was True there, the recipe says False"):
+        resume.check_compatible(four, tiny_recipe("quant.bits=4", "quant.double_quant=false"))
+
+
+def test_the_train_command_under_resume_auto_with_nothing_to_resume_says_so_once(tmp_path, tiny_base):
+    (tmp_path / "checkpoints" / "step-2").mkdir(parents=True)  # a save cut short: no COMPLETE marker
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    result = run_cli(["launch/train.py", "recipes/tiny_alpaca.yaml", f"output_dir={tmp_path}", *SHORT,
+                      "train.max_steps=1", "train.report=false", "resume=auto"], env={"OMP_NUM_THREADS": "1"})
+    assert f"resume=auto: no complete checkpoint in {tmp_path / 'checkpoints'}; starting fresh" in result.stdout
+    assert "held an earlier run's files" in result.stdout and "(resume=auto continues a run instead)" not in result.stdout

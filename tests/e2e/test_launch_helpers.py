@@ -1,5 +1,6 @@
-"""The launch scripts' own helpers: the variants table with missing values, its --only check, and
-parity's dequantised-base cache keyed by the base's weights."""
+"""The launch scripts' own helpers: the variants table with missing values, its --only check, its
+arguments (overrides without a recipe, a bad recipe in one line), and parity's dequantised-base cache
+keyed by the base's weights."""
 from __future__ import annotations
 
 import shutil
@@ -25,6 +26,15 @@ def test_the_variants_table_shows_a_dash_where_a_value_is_missing():
     with pytest.raises(SystemExit) as exited:
         variants.main(["--only", "lora,dorra"])
     assert exited.value.code == 2
+
+
+def test_variants_takes_overrides_without_a_recipe_and_reports_a_bad_recipe_in_one_line(capsys):
+    # As launch/demo.py: lora.r=0 is an override on the default recipe (not a recipe path), refused in one line.
+    assert variants.main(["lora.r=0", "--ranks", "1"]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith(f"error: {variants.DEFAULT_RECIPE}: lora.r: must be positive") and "Traceback" not in said
+    assert variants.main(["recipes/nope.yaml", "lora.r=8"]) == 2
+    assert "error: recipe not found: recipes/nope.yaml" in capsys.readouterr().err
 
 
 def test_two_bases_in_folders_of_one_name_get_their_own_dequantised_copy(tmp_path, tiny_base, monkeypatch):

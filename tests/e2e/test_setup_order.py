@@ -53,3 +53,22 @@ def test_with_good_data_the_same_base_fails_on_loading(tokenizer_only_base, tmp_
     result = dry_run(tokenizer_only_base, data, tmp_path)
     assert result.returncode != 0
     assert "could not load the model" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.micro_batch_size=32"], "train.global_batch_size=16 is not a multiple of train.micro_batch_size x world "
+                                    "size = 32 x 1"),
+    (["model.dtype=bfloat16", "deepspeed.zero_stage=0"], "deepspeed.zero_stage=0 with a bfloat16 compute dtype"),
+    (["deepspeed.extra.zero_optimization.reduce_bucket_sise=5"],
+     "deepspeed.extra.zero_optimization.reduce_bucket_sise: DeepSpeed has no such option; did you mean reduce_bucket_size?"),
+], ids=["batch", "zero0-bf16", "extra-typo"])
+def test_what_the_recipe_and_world_size_decide_is_refused_before_the_data_is_read(tokenizer_only_base, tmp_path,
+                                                                                  overrides, message):
+    """Batch sizes and the DeepSpeed config are known from the recipe and the world size: a dry run refuses
+    them in one line before reading data (here a missing file) or loading the base, as the run would."""
+    result = run_cli(["launch/train.py", "recipes/tiny_alpaca.yaml", f"model.name_or_path={tokenizer_only_base}",
+                      f"data.path={tmp_path / 'missing.json'}", f"output_dir={tmp_path / 'run'}", "data.cache=false",
+                      *overrides, "--dry-run"], check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"error: {message}" in result.stderr
+    assert "cannot read the data file" not in result.stderr and "could not load the model" not in result.stderr

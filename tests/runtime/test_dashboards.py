@@ -172,6 +172,23 @@ def test_a_wandb_init_that_finds_no_key_is_one_clear_error(tmp_path, monkeypatch
         Dashboards(online_recipe(tmp_path))
 
 
+def test_a_wandb_usage_error_about_the_settings_is_not_called_a_missing_login(tmp_path, monkeypatch):
+    """wandb raises UsageError for a missing key and for settings it refuses alike: only the first is a login
+    problem. A project name W&B refuses is refused by the recipe itself, so a dry run sees it."""
+    from trainer.runtime.dashboards import Dashboards
+
+    def refused(*_, **__):
+        raise wandb.errors.UsageError("Invalid run id 'a/b': cannot contain characters '/'")
+
+    monkeypatch.setattr(wandb, "init", refused)
+    for mode in ("online", "offline"):
+        with pytest.raises(RecipeError) as failure:
+            Dashboards(online_recipe(tmp_path, f"train.wandb_mode={mode}"))
+        assert str(failure.value) == "W&B refused the settings: Invalid run id 'a/b': cannot contain characters '/'"
+    with pytest.raises(RecipeError, match=r"train.wandb_project: must be at most 128 characters, none of / \\ # \? % :"):
+        online_recipe(tmp_path, "train.wandb_project=team/qlora", "train.wandb_mode=offline")
+
+
 def test_a_wandb_init_failure_on_rank_0_stops_every_rank(tmp_path, monkeypatch):
     """wandb.init runs on rank 0 only: its failure is shared, so the other ranks stop with it instead of
     waiting for rank 0 in the first collective. Two ranks played in one process, by rank and broadcast."""

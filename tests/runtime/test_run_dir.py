@@ -138,3 +138,15 @@ def test_a_resume_from_a_run_set_aside_under_earlier_runs_sets_the_current_run_a
     (current,) = set((tmp_path / run_dir.EARLIER).iterdir()) - {earlier}
     assert (current / "checkpoints" / "step-8" / "COMPLETE").exists() and (current / "metrics.jsonl").exists()
     assert (earlier / "checkpoints" / "step-4" / "COMPLETE").exists()
+
+
+def test_a_fresh_start_under_resume_auto_does_not_suggest_resume_auto(tmp_path):
+    # resume=auto found no complete checkpoint (an interrupted first save): the run starts fresh, and its
+    # note must not tell the user to pass the resume=auto they passed.
+    (tmp_path / "checkpoints" / "step-2").mkdir(parents=True)  # no COMPLETE marker
+    write_lines(tmp_path / "metrics.jsonl", [{"step": 1}])
+    note = run_dir.prepare(tmp_path, None, resume_auto=True)
+    assert "held an earlier run's files" in note and "so that this fresh start does not mix with them" in note
+    assert "resume=auto" not in note
+    write_lines(tmp_path / "metrics.jsonl", [{"step": 1}])
+    assert "(resume=auto continues a run instead)" in run_dir.prepare(tmp_path, None)  # no resume asked: the hint

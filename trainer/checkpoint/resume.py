@@ -28,6 +28,7 @@ from trainer.model.lora import adapter_parameters
 # data.train_on_prompt changes the objective (which tokens the loss is taken on), as data.template its text.
 MUST_MATCH = ("quant.bits", "quant.quant_type", "quant.double_quant", "lora.r",
               "lora.alpha", "lora.rslora", "lora.dora", "lora.target_modules", "data.template", "data.train_on_prompt")
+FOUR_BIT_ONLY = ("quant.quant_type", "quant.double_quant")  # unused at 8 and 16 bits: a change there means nothing
 # Fields that change how training continues, or what it is evaluated on: allowed, with a warning.
 WARN_IF_CHANGED = ("train.learning_rate", "train.max_steps", "train.warmup_steps", "train.min_lr_ratio",
                    "train.weight_decay", "data.path", "data.mixture", "data.eval_path", "data.split", "data.format",
@@ -43,7 +44,10 @@ def _find_resume_dir(recipe: Recipe) -> Path | None:
     if recipe.resume in (None, "", "none"):
         return None
     if recipe.resume == "auto":
-        found = complete_checkpoints(Path(recipe.output_dir) / "checkpoints")
+        checkpoints = Path(recipe.output_dir) / "checkpoints"
+        found = complete_checkpoints(checkpoints)
+        if not found:  # said, so a resume that found nothing is not mistaken for one that continued
+            print(f"resume=auto: no complete checkpoint in {checkpoints}; starting fresh", flush=True)
         return found[-1] if found else None
     # checkpoints/best as adapter= reads it: through best.json where symlinks were not allowed, and
     # resolved, so that the checkpoint read is the one the run's note names.
@@ -60,6 +64,8 @@ def check_compatible(directory: Path, recipe: Recipe) -> None:
     saved = on_main(lambda: read_yaml(directory / "recipe.yaml"))  # a checkpoint resumed from has one
     current = recipe.to_dict()
     for dotted in MUST_MATCH:
+        if dotted in FOUR_BIT_ONLY and recipe.quant.bits != 4:  # quant.bits itself matched, just before
+            continue
         before, now = _lookup(saved, dotted), _lookup(current, dotted)
         if _normalise(before) != _normalise(now):
             raise CheckpointError(f"cannot resume from {directory}: {dotted} was {before!r} there, the recipe "

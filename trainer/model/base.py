@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -145,7 +146,11 @@ def load_base(recipe: Recipe, device: torch.device) -> tuple[nn.Module, torch.dt
             attn_implementation=recipe.model.attn_implementation,
             device_map={"": device},
         )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, ImportError) as error:
+        if (message := _attention_message(recipe, error)) is not None:
+            raise ModelLoadError(message) from error
+        if isinstance(error, ImportError):
+            raise
         raise ModelLoadError(_not_found_message("model", name_or_path, error)) from error
     model.config.use_cache = False
     for parameter in model.parameters():
@@ -280,6 +285,18 @@ def keep_4bit_layout(model: nn.Module) -> int:
             module.support_avx512bf16_for_cpu = False
             changed += 1
     return changed
+
+
+def _attention_message(recipe: Recipe, error: Exception) -> str | None:
+    """The message for a load error that model.attn_implementation caused (flash_attention_2 without its
+    package, a hub kernel not trusted): it names that setting, not the base's path. None for other errors."""
+    text = str(error).strip()
+    hub_kernel = "/" in recipe.model.attn_implementation  # org/repo: its errors speak of kernels
+    pattern = r"attn_implementation|flash ?attention|flex_?attention|scaled_dot_product|sdpa" + (r"|kernel" if hub_kernel else "")
+    if not text or not re.search(pattern, text, re.IGNORECASE):
+        return None
+    return (f"model.attn_implementation={recipe.model.attn_implementation} cannot be used here: "
+            f"{text.splitlines()[0]}\nInstall what it needs, or set model.attn_implementation=sdpa (the default) or eager.")
 
 
 def _not_found_message(what: str, name_or_path: str, error: Exception) -> str:

@@ -19,6 +19,7 @@ import configparser
 import importlib.util
 import netrc
 import os
+import re
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -79,6 +80,12 @@ def check_wandb_login(recipe: Recipe) -> None:
         raise RecipeError(NO_LOGIN)
 
 
+def is_missing_login(error: Exception) -> bool:
+    """Whether a wandb UsageError is about missing credentials ("No API key configured. Use `wandb login`"),
+    not about the settings (an invalid project name is a UsageError too)."""
+    return re.search(r"\bapi[ _]key\b|\blog ?in\b", str(error), re.IGNORECASE) is not None
+
+
 class WandbLog:
     def __init__(self, recipe: Recipe):
         self._run = None
@@ -103,8 +110,10 @@ class WandbLog:
                 settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
         except (wandb.errors.UsageError, wandb.errors.CommError) as error:  # CommError: AuthenticationError too
             said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            if isinstance(error, (wandb.errors.UsageError, wandb.errors.AuthenticationError)):  # no key, or rejected
+            if isinstance(error, wandb.errors.AuthenticationError) or is_missing_login(error):  # no key, or rejected
                 raise RecipeError(f"{NO_LOGIN}. wandb.init said: {said}") from error
+            if isinstance(error, wandb.errors.UsageError):  # the settings themselves (project name, ...)
+                raise RecipeError(f"W&B refused the settings: {said}") from error
             raise RecipeError(f"wandb.init could not reach the W&B server or was refused ({said}): check the network, "
                               f"train.wandb_project and your entity, or use train.wandb_mode=offline") from error
         id_file.write_text(run_id + "\n")

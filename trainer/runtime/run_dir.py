@@ -126,21 +126,24 @@ def _holder(handle: BinaryIO) -> str:
     return said.splitlines()[0] if said else "its pid, host and start time are not written yet"
 
 
-def prepare(output_dir: Path, resumed_step: int | None, resumed_from: Path | None = None) -> str | None:
+def prepare(output_dir: Path, resumed_step: int | None, resumed_from: Path | None = None,
+            resume_auto: bool = False) -> str | None:
     """Before a run writes: a fresh start (`resumed_step` None) sets an earlier run aside; a resumed
     one sets aside the checkpoints and drops the log lines of the steps it redoes. A run resumed from
     a checkpoint of another output_dir, or of a run set aside under this one's earlier-runs/
     (`resumed_from` elsewhere), continues that run here, as a run of its own: it sets aside what the
     current run left here, as a fresh start does. Returns a note for the log, if anything moved. Call
-    on the main rank, after the checkpoint is loaded (what moves here may be the one it was read from)."""
+    on the main rank, after the checkpoint is loaded (what moves here may be the one it was read from).
+    `resume_auto`: the run was given resume=auto (the note then does not suggest it)."""
     elsewhere = resumed_from is not None and (not _inside(resumed_from, output_dir)
                                               or _inside(resumed_from, output_dir / EARLIER))
     if resumed_step is None or elsewhere:
         moved_to = set_aside_earlier_run(output_dir)
         started = "this fresh start" if resumed_step is None else f"this run (resumed from {resumed_from})"
+        instead = "" if resume_auto else " (resume=auto continues a run instead)"
         return None if moved_to is None else (
             f"note: {output_dir} held an earlier run's files; moved to {moved_to} so that {started} "
-            f"does not mix with them (resume=auto continues a run instead)")
+            f"does not mix with them{instead}")
     notes = []
     moved_to = set_aside_checkpoints_after(output_dir, resumed_step)
     if moved_to is not None:
