@@ -154,10 +154,10 @@ def test_csv_numbers_stay_text_as_written(tokenizer, tmp_path):
                                        {"instruction": "Abbreviate not applicable.", "input": "", "output": "NA"}]
 
 
-def test_csv_rows_missing_a_required_field_are_still_named(tmp_path):
+def test_csv_rows_with_an_empty_or_missing_required_field_are_named(tmp_path):
     blank = tmp_path / "blank.csv"
     blank.write_text("instruction,input,output\nSay hi.,,hello\nSay bye.,,\n")
-    with pytest.raises(DataError, match=r"blank\.csv: row 2: field 'output' is missing"):
+    with pytest.raises(DataError, match=r"blank\.csv: row 2: field 'output' is empty"):
         read_rows(str(blank))
     assert read_rows(str(blank), on_bad_row="skip") == [ROW]
     no_output = tmp_path / "no_output.csv"
