@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -200,3 +203,111 @@ def test_interactive_session_in_a_pseudo_terminal(adapter):
         os.close(master)
     transcript = "".join(seen)
     assert "Traceback" not in transcript
+
+
+def stopped_streams(tokenizer, seen_prompts: list[list[int]]):
+    """A stand-in for stream_tokens: the first answer is "Hello there" then Ctrl-C, later ones "Fine."."""
+    def stream(model, prompt, opts, eos_ids, generator=None):
+        seen_prompts.append(prompt)
+        if len(seen_prompts) == 1:
+            yield from tokenizer("Hello there", add_special_tokens=False)["input_ids"]
+            raise KeyboardInterrupt
+        yield from tokenizer("Fine.", add_special_tokens=False)["input_ids"]
+    return stream
+
+
+@contextmanager
+def escaping_ctrl_c_fails():
+    """A KeyboardInterrupt escaping a test would stop pytest itself: make it this test's failure."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped: the session would end with a traceback")
+
+
+def test_ctrl_c_during_an_answer_keeps_what_was_shown_and_passes_it_on(tokenizer, monkeypatch):
+    import trainer.evaluation.chat as chat_module
+
+    monkeypatch.setattr(chat_module, "stream_tokens", stopped_streams(tokenizer, []))
+    session = Chat(torch.nn.Linear(1, 1), tokenizer, "alpaca", ChatOptions(), 512, lambda text: None)
+    shown: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        session.reply("Say hello.", shown.append)
+    assert "".join(shown).strip() == "Hello there"
+    assert session.history == [{"role": "user", "content": "Say hello."},
+                               {"role": "assistant", "content": "Hello there"}]
+
+    def interrupted_at_once(*args, **kwargs):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(chat_module, "stream_tokens", interrupted_at_once)
+    with pytest.raises(KeyboardInterrupt):
+        session.reply("Anything?", shown.append)
+    assert len(session.history) == 2  # nothing shown: the unanswered question leaves too
+
+
+def test_ctrl_c_stops_an_answer_then_ends_the_session_at_the_prompt(tokenizer, monkeypatch, capsys):
+    import builtins
+
+    import trainer.evaluation.chat as chat_module
+
+    prompts: list[list[int]] = []
+    monkeypatch.setattr(chat_module, "stream_tokens", stopped_streams(tokenizer, prompts))
+    monkeypatch.setattr(chat_module, "load_for_chat", lambda *args: (torch.nn.Linear(1, 1), tokenizer))
+    typed = iter(["Say hello.", "How are you?", KeyboardInterrupt])
+
+    def type_in(prompt: str) -> str:
+        line = next(typed)
+        if line is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return line
+
+    monkeypatch.setattr(builtins, "input", type_in)
+    # Room for the history: the Alpaca prompt alone is most of tiny_alpaca's 160 tokens.
+    with escaping_ctrl_c_fails():  # Ctrl-C at the prompt leaves as /exit does
+        chat_module.chat(tiny_recipe("data.max_seq_len=1024"), ChatOptions(adapter="none"))
+    out = capsys.readouterr().out
+    assert "assistant> Hello there (stopped)\n" in out and "assistant> Fine." in out
+    assert len(prompts) == 2 and "Hello there" in tokenizer.decode(prompts[1])  # the partial answer is history
+
+
+def test_ctrl_c_during_a_prompt_answer_exits_130_without_a_traceback(tokenizer, monkeypatch, capsys):
+    import trainer.evaluation.chat as chat_module
+
+    monkeypatch.setattr(chat_module, "stream_tokens", stopped_streams(tokenizer, []))
+    monkeypatch.setattr(chat_module, "load_for_chat", lambda *args: (torch.nn.Linear(1, 1), tokenizer))
+    with escaping_ctrl_c_fails(), pytest.raises(SystemExit) as exit_info:
+        chat_module.main(["recipes/tiny_alpaca.yaml", "adapter=none", "--prompt", "Say hello."])
+    assert exit_info.value.code == 130
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_missing_gguf_file_is_named_with_its_option(tmp_path):
+    result = run_cli(["launch/chat.py", "recipes/tiny_alpaca.yaml", f"adapter={tmp_path / 'missing.gguf'}",
+                      "--prompt", "x"], env=ONE_THREAD, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: adapter={tmp_path / 'missing.gguf'}: no such .gguf file" in result.stderr
+    assert "Traceback" not in result.stderr and "huggingface.co" not in result.stderr
+
+
+def test_ctrl_c_at_the_prompt_of_a_terminal_session_ends_it_cleanly(adapter):
+    master, slave = pty.openpty()
+    command = [sys.executable, "launch/chat.py", "recipes/tiny_alpaca.yaml", f"adapter={adapter}",
+               "chat.max_new_tokens=8"]
+    process = subprocess.Popen(command, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave,
+                               env={**os.environ, **ONE_THREAD}, start_new_session=True)
+    os.close(slave)
+    seen: list[str] = []
+    try:
+        _expect(master, "you> ", seen)
+        # input() writes "you> " before it reads: a signal between the two would wait for a line (CPython).
+        time.sleep(1)
+        process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
+    assert "Traceback" not in "".join(seen)

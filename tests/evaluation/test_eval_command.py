@@ -19,7 +19,8 @@ from trainer.checkpoint.saving import CheckpointError
 from trainer.checkpoint.fingerprint import base_fingerprint
 from trainer.config import RecipeError
 from trainer.data.pipeline import build_datasets
-from trainer.evaluation.eval_command import EvalOptions, evaluation_rows, replaced_note, run_eval, write_results
+from trainer.evaluation.eval_command import (EvalOptions, evaluation_rows, replaced_note, run_eval, write_metrics,
+                                           write_results)
 from trainer.evaluation.held_out_loss import evaluate_loss
 from trainer.evaluation.generate import decoding_mask, generate, greedy_batch, prompt_ids, stop_ids
 from trainer.loss import CausalLMLoss
@@ -359,3 +360,59 @@ def test_eval_gives_the_held_out_loss_training_logged_in_bf16(tmp_path, tiny_bas
     run_cli(["launch/eval.py", "recipes/tiny_alpaca.yaml", f"adapter={tmp_path / 'checkpoints/step-3'}",
              f"out={tmp_path / 'eval'}", "eval.max_new_tokens=2", *data], env=ONE_THREAD)
     assert json.loads((tmp_path / "eval/metrics.json").read_text())["eval_loss"] == pytest.approx(logged, rel=1e-6)
+
+
+# The loss pass replaced: it finds the files already written, then fails as an out-of-memory would.
+LOSS_FAILS = """
+import json, sys
+from pathlib import Path
+import trainer.evaluation.eval_command as eval_command
+
+def failing_loss(*args, **kwargs):
+    out = Path(sys.argv[-1].removeprefix("out="))
+    seen = {"predictions": len((out / "predictions.jsonl").read_text().splitlines()),
+            "metrics": json.loads((out / "metrics.json").read_text())}
+    (out.parent / "seen.json").write_text(json.dumps(seen))
+    raise RuntimeError("CUDA out of memory (a stand-in)")
+
+eval_command.evaluate_loss = failing_loss
+eval_command.main(sys.argv[1:])
+"""
+
+
+def test_predictions_and_metrics_are_written_before_the_loss_pass_which_may_fail(tmp_path, tiny_base):
+    out = tmp_path / "eval"
+    result = run_cli(["python", "-c", LOSS_FAILS, "recipes/tiny_alpaca.yaml", "adapter=none", "eval.max_rows=4",
+                      "eval.max_new_tokens=4", f"out={out}"], env=ONE_THREAD, check=False)
+    assert result.returncode == 1 and "CUDA out of memory (a stand-in)" in result.stderr, result.stderr[-2000:]
+    assert "the held-out loss next (eval.loss=false skips it)" in result.stdout
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert seen["predictions"] == 4 and seen["metrics"]["rows"] == 4 and "eval_loss" not in seen["metrics"]
+    assert len(read_predictions(out)) == 4  # still there after the failure
+    assert sorted(path.name for path in out.iterdir()) == ["metrics.json", "predictions.jsonl"]  # no half file
+
+
+def test_results_are_replaced_whole_through_a_rename(tmp_path, monkeypatch):
+    about = {"adapter": None, "adapter_resolved": None, "options": asdict(EvalOptions(adapter="none")), "quant_bits": 4}
+    write_results(tmp_path, [{"reference": "1"}], ["1"], [{"exact_match": 1.0}], {"rows": 1}, about)
+    import trainer.evaluation.eval_command as eval_command
+
+    def crash(source, target):
+        raise OSError("disk full (a stand-in)")
+
+    monkeypatch.setattr(eval_command.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_metrics(tmp_path, {"rows": 1, "eval_loss": 2.0}, about)
+    assert json.loads((tmp_path / "metrics.json").read_text())["rows"] == 1  # the earlier file, whole
+
+
+@pytest.mark.parametrize("name, text", [("empty.jsonl", ""), ("empty.json", "[]"),
+                                        ("header_only.csv", "instruction,output\n")])
+def test_an_empty_eval_file_is_named_by_its_option(tmp_path, name, text):
+    from trainer.data.formats import DataError
+
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError) as refused:
+        evaluation_rows(tiny_recipe(), None, str(tmp_path / name), None)  # refused before the tokenizer is used
+    assert "has no records" in str(refused.value) and "eval.file" in str(refused.value)
+    assert "data.path" not in str(refused.value)

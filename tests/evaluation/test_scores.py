@@ -1,12 +1,16 @@
 """Answer scores (trainer/evaluation/scores.py): exact match, token F1, ROUGE-L and final-number accuracy on
 hand-worked examples, and how a set of rows is summarised."""
+import json
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
 from trainer.evaluation.scores import (exact_match, final_number_correct, format_table, longest_common_subsequence,
                                   normalise, prediction_number, reference_number, rouge_l, score, summarise,
                                   token_f1)
+
+GSM8K = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k_train.json"
 
 
 def test_exact_match_ignores_case_punctuation_and_spacing_but_not_signs():
@@ -62,6 +66,50 @@ def test_rouge_l_is_the_lcs_f_measure_over_tokens():
 ])
 def test_reference_final_number(reference, expected):
     assert reference_number(reference) == expected
+
+
+@pytest.mark.parametrize("reference, expected", [
+    # GSM8K without its "####" line (AlpacaDataCleaned's copy): the last line reaches the answer after "=".
+    ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.",
+     Decimal(72)),
+    ("Her grandparents gave her 15 * 2 = $30.\nThis means, Betty needs 100 - 50 - 30 - 15 = $5 more.", Decimal(5)),
+    ("It will take her 120/24 = 5 hours to read 120 pages.", Decimal(5)),  # numbers after the result describe it
+    ("Since 1000-240 = 760, they need to make 760 more cards.", Decimal(760)),
+    ("So she should run for 6/3=.5 hour", Decimal("0.5")),
+    ("Step one = 3.\nSo 17 000/5 = 3 400.", None),  # spaced thousands: not the number 3
+    ("= 66.666...%, which rounds up to 67%", None),  # a recurring decimal, rounded after
+    ("The total is 5 * 4 = 20 * 3 pieces", None),  # the expression goes on
+    ("Subtracting 2b from both sides, we get 10 = b", None),
+    ("x = 10.\nThe bat has a long life.", None),  # the last line states no result
+    # Free text and code: an "=" that assigns, compares or poses an equation is not an answer.
+    ("Founded in 1998, the company grew fast.", None),
+    ("The value of x is: wolfram('solve 3x + 2 = 14 for x').", None),
+    ("The date is python('today + timedelta(days=100); result').", None),
+    ("if len(items) == 10 then stop", None),
+])
+def test_reference_final_number_of_a_worked_solution(reference, expected):
+    assert reference_number(reference) == expected
+
+
+def test_a_worked_reference_reads_the_prediction_the_same_way():
+    reference = "She reads 24 pages an hour.\nIt will take her 120/24 = 5 hours to read 120 pages."
+    assert final_number_correct(reference, reference) is True  # its last number, 120, is not the answer
+    assert final_number_correct("The answer is 5.", reference) is True
+    assert final_number_correct("It takes 120/24 = 6 hours to read 120 pages.", reference) is False
+    assert final_number_correct("#### 5", reference) is True
+    # A "####" or numeric-ending reference reads the prediction's last number, as before.
+    assert final_number_correct("So x = 3, and the answer is 12 apples", "#### 12") is True
+
+
+@pytest.mark.skipif(not GSM8K.exists(), reason="no ../shared/data/gsm8k_train.json")
+def test_the_shared_gsm8k_copy_is_scored_on_almost_every_row():
+    # Its answers lost their "#### N" line and mostly end in words: before the worked-solution rule
+    # only 1,909 of 7,473 rows were scored (those whose last line ends in the number).
+    rows = json.loads(GSM8K.read_text())
+    found = [reference_number(row["output"]) for row in rows]
+    assert sum(number is not None for number in found) >= 0.97 * len(rows)
+    assert found[0] == Decimal(72) and found[1] == Decimal(10)
+    assert all(final_number_correct(row["output"], row["output"]) is not False for row in rows)
 
 
 def test_prediction_number_takes_the_gsm8k_marker_else_the_last_number():

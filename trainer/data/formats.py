@@ -286,7 +286,7 @@ def text_columns(path: Path):
     except pandas.errors.EmptyDataError:  # not even a header
         first = None
     if first is None or first.empty:
-        raise DataError(f"{path}: has no records (an empty file, or a header with no rows); check data.path")
+        raise DataError(f"{path}: has no records (an empty file, or a header with no rows); give a file with rows")
     return datasets.Features({column: datasets.Value("string") for column in first.columns})
 
 
@@ -312,7 +312,7 @@ def settle_format(name: str, records: list[tuple[str, Any]], format: str, column
     the columns the records have. A large dataset is judged by its first chunk of records."""
     if not records:  # the first chunk is empty only when the whole dataset is
         raise DataError(f"{name}: has no records (an empty file, an empty JSON list or only blank lines); "
-                        f"check data.path")
+                        f"give a file with rows")
     columns = columns or {}
     objects = [record for _, raw in records if isinstance(record := parsed(raw), dict)]
     if not objects:  # no columns to tell a format from: the records themselves are the problem

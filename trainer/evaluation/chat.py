@@ -9,7 +9,9 @@ way training wrote it: with data.template: chat, or where training rendered chat
 take the chat template whatever data.template says), the tokenizer's chat template (or the built-in
 one) over the whole history; with an instruction template (alpaca), each turn is that template's
 prompt and the answer ends with EOS. Tokens are printed as they are generated. `/reset` clears the
-history, `/exit` (or end of input) leaves. `--prompt "..."` answers one message on stdout and exits.
+history, `/exit` (or end of input, or Ctrl-C at the prompt) leaves; Ctrl-C while an answer streams stops
+that answer (what was shown stays in the history) and returns to the prompt. `--prompt "..."` answers
+one message on stdout and exits (Ctrl-C: exit code 130).
 
 The model was trained on examples up to data.max_seq_len tokens: when the history, with room for an
 answer (chat.max_new_tokens, at most half that length), would pass it, its oldest turns are dropped,
@@ -33,7 +35,7 @@ from trainer.data.encoding import chat_template, conversation_tokens, document_b
 from trainer.data.formats import DataError
 from trainer.evaluation.generate import cache_argument, stop_ids
 
-COMMANDS = "/reset clears the conversation, /exit leaves"
+COMMANDS = "/reset clears the conversation, /exit leaves, Ctrl-C stops an answer"
 
 
 @dataclass
@@ -154,10 +156,27 @@ class Chat:
         return prompt
 
     def reply(self, message: str, write: Callable[[str], None]) -> str:
+        """Stream the answer to `message` through `write`; both join the history. Ctrl-C while it streams
+        (KeyboardInterrupt, passed on to the caller) keeps what was shown as the answer, as the reader saw
+        it; where nothing was shown, the question leaves the history too."""
         self.history.append({"role": "user", "content": message})
-        prompt = self.prompt()
-        answer = stream_text(self.tokenizer, stream_tokens(self.model, prompt, self.opts, self.eos_ids,
-                                                           self.generator), write)
+        shown: list[str] = []
+
+        def show(piece: str) -> None:
+            shown.append(piece)
+            write(piece)
+
+        try:
+            prompt = self.prompt()
+            answer = stream_text(self.tokenizer, stream_tokens(self.model, prompt, self.opts, self.eos_ids,
+                                                               self.generator), show)
+        except KeyboardInterrupt:
+            partial = "".join(shown).strip()
+            if partial:
+                self.history.append({"role": "assistant", "content": partial})
+            else:
+                self.history.pop()
+            raise
         self.history.append({"role": "assistant", "content": answer.strip()})
         return answer
 
@@ -189,6 +208,9 @@ def load_for_chat(recipe: Recipe, adapter: str, device: torch.device) -> tuple[n
         raise RecipeError("usage: python launch/chat.py RECIPE adapter=<checkpoint dir | merged export | "
                           "file.gguf | none> [chat.temperature=0.7] [--prompt \"...\"]")
     path = Path(adapter)
+    if adapter.lower().endswith(".gguf") and not path.is_file():  # else transformers looks for it on the hub
+        raise RecipeError(f"adapter={adapter}: no such .gguf file; give the path of a .gguf file, a checkpoint "
+                          f"directory, a merged export directory or none")
     if adapter.lower().endswith(".gguf") or (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         from transformers import AutoModelForCausalLM
 
@@ -226,7 +248,7 @@ def chat(recipe: Recipe, opts: ChatOptions, prompt: str | None = None) -> None:
     while True:
         try:
             message = input("you> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # end of input, or Ctrl-C at the prompt: leave as /exit does
             print()
             return
         command = message.strip()
@@ -239,7 +261,10 @@ def chat(recipe: Recipe, opts: ChatOptions, prompt: str | None = None) -> None:
         if not command:
             continue
         _write("assistant> ")
-        session.reply(message, _write)
+        try:
+            session.reply(message, _write)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
+            _write(" (stopped)")
         print(flush=True)
 
 
@@ -273,4 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     except RecipeError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    options.main(lambda recipe, opts: chat(recipe, opts, prompt), ChatOptions, "chat", rest)
+    try:
+        options.main(lambda recipe, opts: chat(recipe, opts, prompt), ChatOptions, "chat", rest)
+    except KeyboardInterrupt:  # while loading, or during a --prompt answer: no traceback
+        print(file=sys.stderr)
+        raise SystemExit(130) from None

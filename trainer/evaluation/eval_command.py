@@ -4,13 +4,15 @@
         [eval.max_new_tokens=64] [eval.batch_size=16] [eval.max_rows=N] [eval.loss=true] [section.key=value ...]
 
 The rows are the recipe's held-out split (same rows as training's eval loss: same data config and
-train.seed), or every row of eval.file. Writes <out>/predictions.jsonl and <out>/metrics.json and
-prints the metric table. Under `deepspeed --num_gpus N` with deepspeed.zero_stage=3 the base is
+train.seed), or every row of eval.file. Writes <out>/predictions.jsonl and <out>/metrics.json as
+soon as the answers are scored, adds the held-out loss to metrics.json after its pass, and prints the
+metric table. Under `deepspeed --num_gpus N` with deepspeed.zero_stage=3 the base is
 partitioned across ranks; the predictions are the same as on one rank.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -23,7 +25,7 @@ from trainer.evaluation.adapted_model import load_adapted_model
 from trainer.config import DataConfig, DataSource, Recipe, RecipeError, deepspeed_config
 from trainer.data.encoding import Example
 from trainer.data.pipeline import build_datasets, held_out_rows, load_source
-from trainer.data.formats import locate, read_source
+from trainer.data.formats import DataError, locate, read_source
 from trainer.evaluation.held_out_loss import evaluate_loss
 from trainer.evaluation.generate import generate, prompt_ids, row_texts
 from trainer.loss import CausalLMLoss
@@ -49,8 +51,12 @@ def evaluation_rows(recipe: Recipe, tokenizer, file: str | None,
     their rows through the row ids they keep."""
     data = recipe.data
     if file is not None:
-        located = locate(file, data.split)
-        rows = [row.fields for row in read_source(located, data.format, data.columns, max_rows, data.on_bad_row).rows]
+        try:  # named by the option that gave the file: its errors would otherwise read like data.path's
+            located = locate(file, data.split)
+            rows = [row.fields for row in read_source(located, data.format, data.columns, max_rows,
+                                                      data.on_bad_row).rows]
+        except DataError as error:
+            raise DataError(f"eval.file: {error}") from None
         source = DataSource(file, 1.0, data.split, data.format, data.columns)
         return rows, load_source(source, replace(data, max_rows=max_rows), tokenizer).examples
     _, held_out, _ = build_datasets(data, tokenizer, recipe.train.seed)
@@ -102,17 +108,26 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
     texts = [row_texts(row) for row in rows]
     row_scores = [scores.score(prediction, text["reference"]) for text, prediction in zip(texts, predictions)]
     summary = scores.summarise(row_scores)
-    if opts.loss and examples:
-        summary.update(evaluate_loss(loss_model, examples, recipe.train.micro_batch_size, tokenizer.pad_token_id,
-                                     device))
-
+    about = {"adapter": opts.adapter if adapter_dir else None,
+             "adapter_resolved": str(adapter_dir) if adapter_dir else None, "options": asdict(opts),
+             "quant_bits": recipe.quant.bits}
+    loss = opts.loss and bool(examples)
+    # Written before the loss pass: its full-length micro-batches can run out of memory where decoding
+    # did not, and that must not lose the predictions.
     if distributed.is_main():
-        about = {"adapter": opts.adapter if adapter_dir else None,
-                 "adapter_resolved": str(adapter_dir) if adapter_dir else None, "options": asdict(opts),
-                 "quant_bits": recipe.quant.bits}
         if (note := replaced_note(out, about)) is not None:
             log(note)
         write_results(out, texts, predictions, row_scores, summary, about)
+        if loss:
+            log(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}; the held-out loss next "
+                f"(eval.loss=false skips it)")
+    if loss:
+        summary.update(evaluate_loss(loss_model, examples, recipe.train.micro_batch_size, tokenizer.pad_token_id,
+                                     device))
+        if distributed.is_main():
+            write_metrics(out, summary, about)
+
+    if distributed.is_main():
         log(scores.format_table(summary))
         log(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
     distributed.barrier()
@@ -192,11 +207,21 @@ def replaced_note(out: Path, about: dict) -> str | None:
 def write_results(out: Path, texts: list[dict[str, str]], predictions: list[str], scores: list[dict],
                   summary: dict, about: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "predictions.jsonl", "w", encoding="utf-8") as handle:
-        for text, prediction, score in zip(texts, predictions, scores):
-            record = {**text, "prediction": prediction, **score}
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    (out / "metrics.json").write_text(json.dumps({**summary, **about}, indent=2) + "\n")
+    lines = [json.dumps({**text, "prediction": prediction, **score}, ensure_ascii=False) + "\n"
+             for text, prediction, score in zip(texts, predictions, scores)]
+    write_whole(out / "predictions.jsonl", "".join(lines))
+    write_metrics(out, summary, about)
+
+
+def write_metrics(out: Path, summary: dict, about: dict) -> None:
+    write_whole(out / "metrics.json", json.dumps({**summary, **about}, indent=2) + "\n")
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Through a temporary file and a rename: a crash leaves the earlier file or the new one, never half."""
+    staging = path.with_name(f".{path.name}.partial")
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, path)
 
 
 def main(argv: list[str] | None = None) -> None:

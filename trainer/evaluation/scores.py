@@ -3,10 +3,10 @@
     exact match        normalised prediction == normalised reference
     token F1           harmonic mean of precision and recall of the shared tokens (a multiset overlap)
     ROUGE-L            F-measure from the longest common subsequence of tokens (Lin 2004, beta = 1)
-    final number       the last number of the prediction equals the reference's final number
-                       (GSM8K's "#### 72", or a reference ending in a number that stands alone:
-                       not the last of a list "0 3 4 8" or "1, 2", a fraction "1/2", a time "3:45" or a
-                       date "2024-01-05"); only rows whose reference has one are counted
+    final number       the prediction's final number equals the reference's (reference_number: GSM8K's
+                       "#### 72", a reference ending in a number that stands alone, or a worked solution
+                       whose last line reaches it after "=": "48+24 = 72 clips altogether."); only rows
+                       whose reference has one are counted, and the summary says how many
 
 Normalisation: lowercase, punctuation removed outside numbers (so "-3.5" stays itself, "1,234"
 becomes "1234" and ".5" becomes "0.5"), whitespace collapsed. Articles are kept: in our tasks "a"
@@ -26,6 +26,14 @@ _NUMBER = re.compile(r"-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)")
 # or into a list: "1, 2, 3".
 _JOINERS = "/:-.,"
 _TRAILING = " \t\n.,;:!?)]}\"'*`"
+# A "=" that states a result; "==", "<=", ">=" and "!=" compare.
+_EQUALS = re.compile(r"(?<![=<>!])=(?!=)")
+_CURRENCY = "$€£¥"
+# After a result, what says it is not the whole number: the expression goes on ("= 5 * 3", "= 1/2",
+# "= 1, 2"), thousands are spaced ("= 3 400"), or the decimals recur ("= 16.66...%", rounded after).
+_CONTINUED = re.compile(r"\s*[-+*/×÷^x:,]\s*[\d.(]|\s\d{3}(?![\d-])|\.\.")
+# Not prose: code or a tool call ("timedelta(days=100);", "wolfram('solve 3x + 2 = 14 for x')").
+_CODE = re.compile(r"[()\[\]{};`\"=<>|\\]|(?<![A-Za-z])'|'(?![A-Za-z])")
 
 
 def normalise(text: str) -> str:
@@ -107,11 +115,40 @@ def _as_number(text: str) -> Decimal | None:
 
 
 def reference_number(reference: str) -> Decimal | None:
-    """The reference's final answer as a number: the first number after GSM8K's "####", else a
-    number that ends the text (trailing punctuation aside). None when there is no such number."""
+    """The reference's final answer as a number, None when it has none (the row is then not counted).
+    In order:
+
+    1. GSM8K's marker: the first number after "####".
+    2. A number that ends the text (trailing punctuation aside) and stands alone: not the last of a
+       list "0 3 4 8" or "1, 2", a fraction "1/2", a time "3:45" or a date "2024-01-05".
+    3. A worked solution (GSM8K without its "####" line, as in AlpacaDataCleaned's copy): one step per
+       line, the last reaching the answer, then words. "Natalia sold 48+24 = 72 clips altogether in
+       April and May." -> 72; "... = $5 more." -> 5; "It will take her 120/24 = 5 hours to read 120
+       pages." -> 5 (numbers after the result describe it). See worked_number.
+
+    Free text is not searched for a number: "Founded in 1998, it grew fast." has no final answer, and
+    neither has a last line that never states a result with "=" ("Lee earned $558 mowing lawns").
+    """
+    return _reference_answer(reference)[0]
+
+
+def _reference_answer(reference: str) -> tuple[Decimal | None, bool]:
+    """reference_number, and whether it came from rule 3 (a worked solution)."""
     if "####" in reference:
-        found = _numbers(reference.rsplit("####", 1)[1])
-        return _as_number(found[0][2]) if found else None
+        return _after_marker(reference), False
+    ending = _ending_number(reference)
+    if ending is not None:
+        return ending, False
+    worked = worked_number(reference)
+    return worked, worked is not None
+
+
+def _after_marker(text: str) -> Decimal | None:
+    found = _numbers(text.rsplit("####", 1)[1])
+    return _as_number(found[0][2]) if found else None
+
+
+def _ending_number(reference: str) -> Decimal | None:
     text = reference.rstrip(_TRAILING)
     found = _numbers(text)
     if not found or found[-1][1] != len(text):
@@ -122,22 +159,46 @@ def reference_number(reference: str) -> Decimal | None:
     return _as_number(found[-1][2])
 
 
-def prediction_number(prediction: str) -> Decimal | None:
-    """The prediction's final answer: the first number after "####" if it wrote one, else its last number."""
-    if "####" in prediction:
-        found = _numbers(prediction.rsplit("####", 1)[1])
-        if found:
-            return _as_number(found[0][2])
+def worked_number(text: str) -> Decimal | None:
+    """The result a worked solution's last line reaches: the number right after its last "=" (a
+    currency sign between them allowed), whatever words follow it. None when that line has no "="
+    ("==", "<=", ">=" and "!=" compare, they do not state a result), when no number follows it
+    ("20 = A"), when the expression goes on ("= 5 * 3", "= 1/2", "= 3:45"), or when what follows is
+    not prose: in code and tool calls an "=" assigns or poses an equation ("timedelta(days=100)",
+    "wolfram('solve 3x + 2 = 14 for x')")."""
+    last_line = text.strip().rsplit("\n", 1)[-1]
+    pieces = _EQUALS.split(last_line)
+    if len(pieces) < 2:
+        return None
+    after = pieces[-1].lstrip(" \t" + _CURRENCY)
+    found = _numbers(after)
+    if not found or found[0][0] != 0:
+        return None
+    rest = after[found[0][1]:].rstrip(" \t.!?\"'")  # a sentence's end, a stray closing quote
+    if _CONTINUED.match(rest) or _CODE.search(rest):
+        return None
+    return _as_number(found[0][2])
+
+
+def prediction_number(prediction: str, worked: bool = False) -> Decimal | None:
+    """The prediction's final answer: the first number after "####" if it wrote one, else its last
+    number. `worked`: the reference is a worked solution (reference_number's rule 3), so a prediction
+    written the same way is read the same way, by worked_number, before its last number ("= 5 hours to
+    read 120 pages" answers 5, not 120)."""
+    if "####" in prediction and (marked := _after_marker(prediction)) is not None:
+        return marked
+    if worked and (result := worked_number(prediction)) is not None:
+        return result
     found = _numbers(prediction)
     return _as_number(found[-1][2]) if found else None
 
 
 def final_number_correct(prediction: str, reference: str) -> bool | None:
     """None when the reference has no final number (the row is then left out of the accuracy)."""
-    expected = reference_number(reference)
+    expected, worked = _reference_answer(reference)
     if expected is None:
         return None
-    return prediction_number(prediction) == expected
+    return prediction_number(prediction, worked) == expected
 
 
 # ------------------------------------------------------------------------------ over a set
