@@ -1,5 +1,5 @@
 """Chat with a trained adapter, a merged export or a GGUF file: streamed answers, multi-turn
-history, /reset and /exit; --prompt answers once and exits.
+history, /reset and /exit (Ctrl-C stops an answer; at the prompt it leaves); --prompt answers once and exits.
 
     python launch/chat.py recipes/smollm2_tasks.yaml adapter=runs/smollm2_tasks/checkpoints/best
     python launch/chat.py RECIPE adapter=DIR|merged-dir|file.gguf|none [chat.temperature=0.7] [chat.top_p=0.9]
