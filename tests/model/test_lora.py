@@ -1,6 +1,7 @@
 """Our LoRA layer (trainer/model/lora.py) on plain, 4-bit and 8-bit linear layers: it starts at the base,
 computes scaling * B A x, merges and unmerges exactly, trains only the adapters, and never merges as a
 side effect of eval()."""
+import inspect
 import math
 
 import pytest
@@ -329,3 +330,16 @@ def test_a_layer_whose_owner_passes_its_weight_to_a_kernel_is_refused():
     ids = torch.randint(3, 96, (2, 12))
     model.train()(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_parameters(model).values())
+
+
+def test_a_weight_read_without_being_passed_to_a_kernel_is_not_refused():
+    """Bloom slices dense.weight only when slow_but_exact is on, and GPT-Neo's flash attention reads
+    q_proj.weight.dtype: neither bypasses an adapter, so both adapt."""
+    import transformers
+
+    bloom = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=96, hidden_size=64, n_layer=1, n_head=4))
+    assert "self.dense.weight[" in inspect.getsource(type(bloom.transformer.h[0].self_attention))
+    assert apply_lora(bloom, ["query_key_value", "dense"], r=4, alpha=8.0) == [
+        "transformer.h.0.self_attention.query_key_value", "transformer.h.0.self_attention.dense"]
+    ids = torch.randint(3, 96, (2, 12))
+    bloom.train()(input_ids=ids, labels=ids).loss.backward()

@@ -273,11 +273,13 @@ def apply_lora(model: nn.Module, target_modules: list[str], r: int, alpha: float
 
 def refuse_weight_readers(model: nn.Module, path: str, named_in: str) -> None:
     """A layer whose owner passes its weight to a kernel itself (Mamba-2's fused scan takes out_proj's
-    weight and bias, in training too) would skip the adapter, and a LoRALinear has no `.weight` to read:
-    refused with what to do, instead of an AttributeError in the first forward."""
+    weight and bias as arguments, in training too) would skip the adapter, and a LoRALinear has no
+    `.weight` to read: refused with what to do, instead of an AttributeError in the first forward. Only
+    the weight given as an argument counts: reading its dtype, or slicing it in a branch that may never
+    run (Bloom's slow_but_exact), is not a kernel skipping the adapter."""
     parent_path, _, child = path.rpartition(".")
     owner = type(model.get_submodule(parent_path) if parent_path else model)
-    if re.search(rf"self\.{re.escape(child)}\.(weight|bias)\b", _source(owner)):
+    if re.search(rf"self\.{re.escape(child)}\.(weight|bias)\s*[,)]", _source(owner)):
         raise RecipeError(f"{named_in}: {child} ({path}) is read as a bare weight by {owner.__name__}'s own code "
                           f"(self.{child}.weight, passed to a fused kernel), which would skip an adapter there or "
                           f"fail on it; leave {child!r} out of {named_in}")
