@@ -260,8 +260,8 @@ def test_the_reference_recipe_sets_every_key_at_its_default():
     ("train.collective_timeout_minutes=.nan", "train.collective_timeout_minutes: must be positive"),
     ("lora.plus_ratio=.inf", "lora.plus_ratio: must be a positive number"),
     ("data.mixture=[{path: a.json, weight: .inf}]", r"data.mixture\[0\]: needs a path and a finite weight > 0"),
-    ("train.wandb_project=team/qlora", r"train.wandb_project: must be at most 128 characters, none of / \\ # \? % :"),
-    ("train.wandb_project=" + "p" * 129, "train.wandb_project: must be at most 128 characters"),
+    ("train.report_to=[wandb];train.wandb_project=team/qlora", r"train.wandb_project: must be at most 128 characters, none of / \\ # \? % :"),
+    ("train.report_to=[wandb];train.wandb_project=" + "p" * 129, "train.wandb_project: must be at most 128 characters"),
     ("deepspeed.offload_param=true", "deepspeed.offload_param: DeepSpeed offloads parameters under ZeRO-3 only"),
     ("deepspeed.zero_stage=0", None),  # with the offload_optimizer=true below
 ])
@@ -272,7 +272,12 @@ def test_seed_infinite_values_wandb_project_and_ignored_offloads_are_refused(tmp
             load_recipe(path, [override, "deepspeed.offload_optimizer=true"])
         return
     with pytest.raises(RecipeError, match=message):
-        load_recipe(path, [override])
+        load_recipe(path, override.split(";"))
+
+
+def test_a_wandb_project_is_checked_only_where_wandb_is_used(tmp_path):
+    path = write(tmp_path, "train: {max_steps: 5}\n")
+    assert load_recipe(path, ["train.report_to=[tensorboard]", "train.wandb_project=team/qlora"]).train.wandb_project
 
 
 def test_offloading_is_kept_where_deepspeed_reads_it(tmp_path):
@@ -299,7 +304,7 @@ def test_an_unknown_attention_implementation_is_named_with_the_nearest(tmp_path,
 
 
 @pytest.mark.parametrize("value", ["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention",
-                                   "paged|eager", "kernels-community/flash-attn", "kernels-community/flash-attn@v1:fa"])
+                                   "paged|eager", "paged|sdpa", "kernels-community/flash-attn", "kernels-community/flash-attn@v1:fa"])
 def test_the_attention_implementations_transformers_knows_are_accepted(tmp_path, value):
     assert load_recipe(write(tmp_path, "train: {max_steps: 5}\n"),
                        [f"model.attn_implementation={value}"]).model.attn_implementation == value
@@ -328,14 +333,16 @@ def test_a_quoted_text_key_and_a_null_where_allowed_are_kept(tmp_path):
 
 def test_numbers_yaml_reads_as_text_in_deepspeed_extra_are_numbers(tmp_path):
     recipe = load_recipe(write(tmp_path, "deepspeed: {extra: {zero_optimization: {reduce_bucket_size: 5e8}, "
-                                         "fp16: {initial_scale_power: '16'}, communication_data_type: fp32}}\n"),
+                                         "fp16: {initial_scale_power: '1e1'}, communication_data_type: fp32, "
+                                         "tensorboard: {job_name: '2024'}}}\n"),
                          ["deepspeed.extra.zero_optimization.allgather_bucket_size=2e8",
                           "deepspeed.extra.fp16.hysteresis=1e0", "deepspeed.extra.fp16.min_loss_scale=1e-4"])
     extra = recipe.deepspeed.extra
     assert extra["zero_optimization"] == {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 200_000_000}
     assert type(extra["zero_optimization"]["reduce_bucket_size"]) is int
-    assert extra["fp16"] == {"initial_scale_power": 16, "hysteresis": 1, "min_loss_scale": 1e-4}
+    assert extra["fp16"] == {"initial_scale_power": 10, "hysteresis": 1, "min_loss_scale": 1e-4}
     assert extra["communication_data_type"] == "fp32"  # text that is no number stays text
+    assert extra["tensorboard"] == {"job_name": "2024"}  # and so does quoted text without an exponent
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -234,7 +234,8 @@ class Recipe:
         _check(t.wandb_mode in ("offline", "online"), "train.wandb_mode", "must be offline or online")
         _check(bool(t.wandb_project.strip()), "train.wandb_project", "must not be empty")
         # What wandb.init refuses, refused here, where a dry run sees it (not after the base loaded).
-        _check(len(t.wandb_project) <= 128 and not set(t.wandb_project) & set(WANDB_PROJECT_FORBIDDEN),
+        _check("wandb" not in t.report_to
+               or len(t.wandb_project) <= 128 and not set(t.wandb_project) & set(WANDB_PROJECT_FORBIDDEN),
                "train.wandb_project", f"must be at most 128 characters, none of {' '.join(WANDB_PROJECT_FORBIDDEN)} "
                f"(W&B refuses them; a team goes in WANDB_ENTITY, not here), got {t.wandb_project!r}")
         _check(0 < t.collective_timeout_minutes <= COLLECTIVE_TIMEOUT_MAX_MINUTES, "train.collective_timeout_minutes",
@@ -283,6 +284,8 @@ def _check_attention(name: str) -> None:
     """model.attn_implementation: a name transformers knows, checked here so a typo is named as one (from_pretrained's
     error would come after the data is read, and reads like a missing base)."""
     if name in ATTENTION_IMPLEMENTATIONS or HUB_KERNEL.fullmatch(name):
+        return
+    if name.startswith("paged|") and name.removeprefix("paged|") in ATTENTION_IMPLEMENTATIONS:  # continuous batching
         return
     if name == PACKED_ATTENTION:
         raise RecipeError(f"model.attn_implementation: {PACKED_ATTENTION} is switched on by the trainer itself over "
@@ -554,12 +557,14 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
     return _scalar(kind, value, key)
 
 
-NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+# What YAML 1.1 leaves as text though it is a number: an exponent without a dot or a sign (5e8, 1e-3, 1.5e8).
+# Quoted text without an exponent ("2024", "001": a job name) stays text.
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def _numbers_read(value: Any) -> Any:
-    """`value` with every text that reads as a number (5e8, '1e-3') made that number: an int where it is whole
-    and written without a dot."""
+    """`value` with every text written as a number with an exponent (5e8, '1e-3') made that number: an int
+    where it is whole and written without a dot."""
     if isinstance(value, dict):
         return {key: _numbers_read(item) for key, item in value.items()}
     if isinstance(value, list):
