@@ -107,7 +107,7 @@ def test_the_shared_gsm8k_copy_is_scored_on_almost_every_row():
     # only 1,909 of 7,473 rows were scored (those whose last line ends in the number).
     rows = json.loads(GSM8K.read_text())
     found = [reference_number(row["output"]) for row in rows]
-    assert sum(number is not None for number in found) >= 0.97 * len(rows)
+    assert sum(number is not None for number in found) >= 0.95 * len(rows)  # 7,170 (the rest state no computed result last)
     assert found[0] == Decimal(72) and found[1] == Decimal(10)
     assert all(final_number_correct(row["output"], row["output"]) is not False for row in rows)
 
@@ -152,3 +152,12 @@ def test_summary_without_numeric_references_leaves_the_accuracy_out():
     summary = summarise([score("cat", "cat")])
     assert summary["final_number_accuracy"] is None
     assert "final-number" not in format_table(summary)
+
+
+def test_an_assignment_or_an_equation_is_no_worked_result():
+    """Only a step that computes (an operator and a number before its "=") states a result: code, SQL and
+    equations in free-text references are not scored as final numbers."""
+    for reference in ["SELECT name FROM users WHERE age = 30 ORDER BY name", "count = 0  # reset the counter",
+                      "x = 5 satisfies 2x = 10 for the equation."]:
+        assert reference_number(reference) is None, reference
+    assert reference_number("So the pie costs 6 dollars + 2 dollars = 8 dollars in all.") == Decimal(8)

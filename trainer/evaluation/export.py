@@ -18,7 +18,9 @@ The merge is done in float32 whatever export.dtype; the result is cast at the en
 `AutoModelForCausalLM.from_pretrained(out)` without this project.
 
 Both kinds of export carry the chat template of the prompts the adapter was trained on, as the
-checkpoint recorded them (`training_chat_template`), so that a chat client prompts it as training did.
+checkpoint recorded them (`training_chat_template`), so that a chat client prompts it as training did
+(BOS aside: the templates write none; llama.cpp adds it from the GGUF's add_bos_token, a transformers
+user before apply_chat_template's tokens).
 Whatever the export cannot write (out=, a GGUF architecture or tokenizer) is refused before loading.
 """
 from __future__ import annotations

@@ -32,6 +32,10 @@ _CURRENCY = "$€£¥"
 # After a result, what says it is not the whole number: the expression goes on ("= 5 * 3", "= 1/2",
 # "= 1, 2"), thousands are spaced ("= 3 400"), or the decimals recur ("= 16.66...%", rounded after).
 _CONTINUED = re.compile(r"\s*[-+*/×÷^x:,]\s*[\d.(]|\s\d{3}(?![\d-])|\.\.")
+# What a worked step computes before its "=": an operator and a number after it ("48+24", "12 x 50/60",
+# "6 minutes + 2 minutes", "$5 * 3"), which an assignment ("age = 30", "count = 0", "So x = 20") or an
+# equation ("2x = 10") does not have.
+_ARITHMETIC = re.compile(r"(?:[-+*/×÷–^]|\sx)\s*[($€£¥]*\s*\.?\d")
 # Not prose: code or a tool call ("timedelta(days=100);", "wolfram('solve 3x + 2 = 14 for x')").
 _CODE = re.compile(r"[()\[\]{};`\"=<>|\\]|(?<![A-Za-z])'|'(?![A-Za-z])")
 
@@ -162,13 +166,14 @@ def _ending_number(reference: str) -> Decimal | None:
 def worked_number(text: str) -> Decimal | None:
     """The result a worked solution's last line reaches: the number right after its last "=" (a
     currency sign between them allowed), whatever words follow it. None when that line has no "="
-    ("==", "<=", ">=" and "!=" compare, they do not state a result), when no number follows it
+    ("==", "<=", ">=" and "!=" compare, they do not state a result), when what comes before it computes
+    nothing (an assignment "age = 30", an equation "2x = 10"), when no number follows it
     ("20 = A"), when the expression goes on ("= 5 * 3", "= 1/2", "= 3:45"), or when what follows is
     not prose: in code and tool calls an "=" assigns or poses an equation ("timedelta(days=100)",
     "wolfram('solve 3x + 2 = 14 for x')")."""
     last_line = text.strip().rsplit("\n", 1)[-1]
     pieces = _EQUALS.split(last_line)
-    if len(pieces) < 2:
+    if len(pieces) < 2 or not _ARITHMETIC.search(pieces[-2]):
         return None
     after = pieces[-1].lstrip(" \t" + _CURRENCY)
     found = _numbers(after)
