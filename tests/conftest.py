@@ -18,6 +18,17 @@ SHARED = ROOT.parent / "shared"
 VENV_BIN = Path(sys.executable).parent
 
 
+def shared_llama2(directory: Path) -> Path:
+    """`directory` holding the real Llama-2 tokenizer.model from ../shared (a SentencePiece model, which
+    `from_pretrained(directory)` converts; it needs protobuf), made here; skips where ../shared lacks it."""
+    source = SHARED / "tokenizers" / "llama2" / "tokenizer.model"
+    if not source.is_file():
+        pytest.skip(f"{source} not available")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tokenizer.model").write_bytes(source.read_bytes())
+    return directory
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_cache(tmp_path_factory) -> Path:
     cache = Path(os.environ.get("QLORA_TEST_CACHE") or tmp_path_factory.mktemp("qlora_cache"))

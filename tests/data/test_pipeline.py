@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from trainer.data.batching import BatchPlan, collate
 from trainer.data.formats import DataError
 from trainer.data.pipeline import build_datasets, read_rows
 from trainer.data.stats import chat_rendered, check_labels
+from conftest import shared_llama2
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 REAL = SHARED / "data"
@@ -37,14 +37,9 @@ def tokenizer(tiny_base):
 
 @pytest.fixture(scope="module")
 def llama2(tmp_path_factory):
-    source = SHARED / "tokenizers" / "llama2" / "tokenizer.model"
-    if not source.is_file():
-        pytest.skip(f"{source} not available")
     from transformers import AutoTokenizer
 
-    directory = tmp_path_factory.mktemp("llama2")
-    shutil.copy(source, directory / "tokenizer.model")
-    return AutoTokenizer.from_pretrained(directory)  # converts the SentencePiece model (needs protobuf)
+    return AutoTokenizer.from_pretrained(shared_llama2(tmp_path_factory.mktemp("llama2")))
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -176,15 +176,29 @@ def _expect(master: int, pattern: str, seen: list[str], limit_s: float = 180) ->
     return buffer
 
 
-def test_interactive_session_in_a_pseudo_terminal(adapter):
+@contextmanager
+def chat_in_a_terminal(*options: str):
+    """launch/chat.py on a pseudo terminal: (the process, the terminal's end to read and write, what it
+    printed so far). The process is killed if the test leaves it running; it must print no traceback."""
     master, slave = pty.openpty()
-    command = [sys.executable, "launch/chat.py", "recipes/tiny_alpaca.yaml", f"adapter={adapter}",
-               "chat.max_new_tokens=8", "chat.temperature=0.8", "chat.top_p=0.95"]
+    command = [sys.executable, "launch/chat.py", "recipes/tiny_alpaca.yaml", *options]
     process = subprocess.Popen(command, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave,
                                env={**os.environ, **ONE_THREAD}, start_new_session=True)
     os.close(slave)
     seen: list[str] = []
     try:
+        yield process, master, seen
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
+    assert "Traceback" not in "".join(seen)
+
+
+def test_interactive_session_in_a_pseudo_terminal(adapter):
+    with chat_in_a_terminal(f"adapter={adapter}", "chat.max_new_tokens=8", "chat.temperature=0.8",
+                            "chat.top_p=0.95") as (process, master, seen):
         banner = _expect(master, "you> ", seen)
         assert "/reset" in banner and "temperature 0.8" in banner
         os.write(master, (QUESTION + "\n").encode())
@@ -196,13 +210,6 @@ def test_interactive_session_in_a_pseudo_terminal(adapter):
         assert "(conversation cleared)" in _expect(master, "you> ", seen)
         os.write(master, b"/exit\n")
         assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        os.close(master)
-    transcript = "".join(seen)
-    assert "Traceback" not in transcript
 
 
 def stopped_streams(tokenizer, seen_prompts: list[list[int]]):
@@ -292,22 +299,9 @@ def test_a_missing_gguf_file_is_named_with_its_option(tmp_path):
 
 
 def test_ctrl_c_at_the_prompt_of_a_terminal_session_ends_it_cleanly(adapter):
-    master, slave = pty.openpty()
-    command = [sys.executable, "launch/chat.py", "recipes/tiny_alpaca.yaml", f"adapter={adapter}",
-               "chat.max_new_tokens=8"]
-    process = subprocess.Popen(command, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave,
-                               env={**os.environ, **ONE_THREAD}, start_new_session=True)
-    os.close(slave)
-    seen: list[str] = []
-    try:
+    with chat_in_a_terminal(f"adapter={adapter}", "chat.max_new_tokens=8") as (process, master, seen):
         _expect(master, "you> ", seen)
         # input() writes "you> " before it reads: a signal between the two would wait for a line (CPython).
         time.sleep(1)
         process.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        os.close(master)
-    assert "Traceback" not in "".join(seen)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 
 import pytest
 
@@ -38,14 +37,9 @@ def tiny_tokenizer():
 def llama2_tokenizer(tmp_path):
     """The real Llama-2 tokenizer (SentencePiece, prepends "▁" to every piece of text), converted from
     /work/shared's tokenizer.model; skips where it is absent."""
-    from conftest import SHARED
+    from conftest import shared_llama2
 
-    source = SHARED / "tokenizers" / "llama2" / "tokenizer.model"
-    if not source.is_file():
-        pytest.skip(f"{source} not available")
-    (tmp_path / "llama2").mkdir()
-    shutil.copy(source, tmp_path / "llama2" / "tokenizer.model")
-    return load_tokenizer(str(tmp_path / "llama2"), tiny_recipe())
+    return load_tokenizer(str(shared_llama2(tmp_path / "llama2")), tiny_recipe())
 
 
 def rendered_tokens(tokenizer, messages: list[dict[str, str]]) -> list[int]:

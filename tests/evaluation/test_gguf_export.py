@@ -204,7 +204,7 @@ def test_byte_level_pre_tokenizers_get_llama_cpps_name_or_are_refused(smollm2_to
 def test_add_bos_token_is_what_training_puts_before_every_prompt(tmp_path, tiny_base, smollm2_tokenizer):
     # The converted Llama-2 tokenizer adds no BOS by itself, yet training and eval start every
     # example with one: llama.cpp must add it too. SmolLM2's BOS is a chat turn marker: none added.
-    from conftest import SHARED
+    from conftest import shared_llama2
     from transformers import AutoTokenizer
 
     from trainer.data.encoding import document_bos
@@ -213,12 +213,7 @@ def test_add_bos_token_is_what_training_puts_before_every_prompt(tmp_path, tiny_
     assert tokenizer_metadata(smollm2_tokenizer, len(smollm2_tokenizer))["add_bos_token"] is False
     tiny = load_tokenizer(str(tiny_base), tiny_recipe())
     assert tokenizer_metadata(tiny, len(tiny))["add_bos_token"] is True
-    source = SHARED / "tokenizers" / "llama2" / "tokenizer.model"
-    if not source.is_file():
-        pytest.skip(f"{source} not available")
-    (tmp_path / "llama2").mkdir()
-    (tmp_path / "llama2" / "tokenizer.model").write_bytes(source.read_bytes())
-    llama2 = AutoTokenizer.from_pretrained(tmp_path / "llama2")
+    llama2 = AutoTokenizer.from_pretrained(shared_llama2(tmp_path / "llama2"))
     assert llama2("a", add_special_tokens=True)["input_ids"][:1] != [llama2.bos_token_id]  # adds none itself
     assert document_bos(llama2) == llama2.bos_token_id
     assert tokenizer_metadata(llama2, len(llama2))["add_bos_token"] is True
@@ -234,14 +229,9 @@ def test_a_metaspace_inside_a_sequence_still_puts_a_space_before_the_text(tmp_pa
     from tokenizers import pre_tokenizers
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from conftest import SHARED
+    from conftest import shared_llama2
 
-    source = SHARED / "tokenizers" / "llama2" / "tokenizer.model"
-    if not source.is_file():
-        pytest.skip(f"{source} not available")
-    (tmp_path / "llama2").mkdir()
-    (tmp_path / "llama2" / "tokenizer.model").write_bytes(source.read_bytes())
-    llama2 = AutoTokenizer.from_pretrained(tmp_path / "llama2")
+    llama2 = AutoTokenizer.from_pretrained(shared_llama2(tmp_path / "llama2"))
     pre = json.loads(llama2.backend_tokenizer.to_str())["pre_tokenizer"]
     assert pre["type"] == "Sequence" and [step["type"] for step in pre["pretokenizers"]] == ["Metaspace"]
     config = LlamaConfig(vocab_size=len(llama2), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
