@@ -402,3 +402,10 @@ def test_two_adapters_with_long_paths_each_get_a_title_line(tmp_path, monkeypatc
         lines = titles[name].splitlines()
         assert lines[-2] == f"{first_label}{figures._label(str(first))} (r=8)", name
         assert lines[-1] == f"{second_label}{figures._label(str(second))} (r=8)", name
+
+
+def test_a_mistyped_adapter_is_named_and_nothing_is_made_inside_it(tmp_path):
+    missing = tmp_path / "run" / "step-40O"
+    result = run_cli(["launch/analyze.py", str(missing)], timeout=300, check=False)
+    assert result.returncode == 2 and f"adapter directory not found: {missing}" in result.stderr, result.stderr
+    assert not missing.exists()  # its default out=<adapter>/analysis was not made
