@@ -41,8 +41,8 @@ def text(record: dict[str, Any], key: str, required: bool = True) -> str:
     value = record.get(key)
     if value is None and not required:
         return ""
-    if value is None and key in record:  # present but null: what an empty CSV or Parquet cell reads as
-        raise RowError(f"field {key!r} is empty (an empty CSV cell or null)")
+    if value is None and key in record:  # null: an empty cell, or a table row without it (`datasets` fills columns)
+        raise RowError(f"field {key!r} is empty (a null, an empty cell, or not given in this row of a table)")
     if value is None:
         raise RowError(f"field {key!r} is missing (row keys: {sorted(record)})")
     if not isinstance(value, str):

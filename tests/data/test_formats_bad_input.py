@@ -200,7 +200,7 @@ def test_suffixes_in_capitals_are_files_not_hub_ids(tmp_path):
 def test_an_empty_csv_cell_is_named_empty_not_missing(tokenizer, tmp_path):
     csv = tmp_path / "rows.csv"
     csv.write_text("instruction,input,output\nAdd 1 and 1.,,2\nAdd 2 and 2.,,\n")
-    with pytest.raises(DataError, match=r"rows\.csv: row 2: field 'output' is empty \(an empty CSV cell or null\) "
+    with pytest.raises(DataError, match=r"rows\.csv: row 2: field 'output' is empty \(a null, an empty cell, or not given in this row of a table\) "
                                         r"\(data\.on_bad_row: skip leaves such rows out"):
         read_rows(str(csv))
     _, _, stats = build_datasets(config(csv, on_bad_row="skip"), tokenizer, seed=0)
@@ -209,7 +209,7 @@ def test_an_empty_csv_cell_is_named_empty_not_missing(tokenizer, tmp_path):
 
 def test_a_json_null_is_named_empty_and_an_absent_field_missing(tmp_path):
     path = write_jsonl(tmp_path / "nulls.jsonl", [ROW, {**ROW, "output": None}])
-    with pytest.raises(DataError, match=r"nulls\.jsonl: row 2: field 'output' is empty \(an empty CSV cell or null\)"):
+    with pytest.raises(DataError, match=r"nulls\.jsonl: row 2: field 'output' is empty \(a null, an empty cell, or not given in this row of a table\)"):
         read_rows(str(path))
     path = write_jsonl(tmp_path / "absent.jsonl", [ROW, {"instruction": "Say hi."}])
     with pytest.raises(DataError, match=r"absent\.jsonl: row 2: field 'output' is missing \(row keys: \['instruction'\]"):

@@ -123,7 +123,7 @@ def test_max_rows_stops_the_stream_there(tokenizer, tmp_path, monkeypatch):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_bad_row_in_the_stream_is_named_by_dataset_and_row(tokenizer, tmp_path, monkeypatch, workers):
     FakeHub(monkeypatch, write_jsonl(tmp_path / "bad.jsonl", [*rows(29), {"instruction": "x"}, *rows(10)]))
-    with pytest.raises(DataError, match=rf"^{HUB_ID} \(split train\): row 30: field 'output' is missing"):
+    with pytest.raises(DataError, match=rf"^{HUB_ID} \(split train\): row 30: field 'output' is empty"):
         build(HUB_ID, tokenizer, tmp_path / "store", workers, streaming=True)
     assert not (tmp_path / "store").exists()
 

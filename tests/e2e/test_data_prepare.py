@@ -340,8 +340,9 @@ def test_an_empty_csv_cell_or_a_null_is_named_empty_not_missing(tmp_path):
     result = prepare("alpaca", "--source", str(source), "--out", str(tmp_path / "rows.jsonl"))
     assert result.returncode == 1
     # (`datasets` may print its progress to stderr first)
-    assert f"{source}: row 2: field 'output' is empty (an empty CSV cell or null)" in result.stderr.splitlines()
+    said = "is empty (a null, an empty cell, or not given in this row of a table)"
+    assert f"{source}: row 2: field 'output' {said}" in result.stderr.splitlines()
     nulls = write_jsonl(tmp_path / "nulls.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": None,
                                                                                          "output": "c"}])
     result = prepare("alpaca", "--source", str(nulls), "--out", str(tmp_path / "nulls-out.jsonl"))
-    assert result.stderr.splitlines()[0] == f"{nulls}: row 2: field 'instruction' is empty (an empty CSV cell or null)"
+    assert result.stderr.splitlines()[0] == f"{nulls}: row 2: field 'instruction' {said}"

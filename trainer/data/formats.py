@@ -431,8 +431,9 @@ def _text(record: dict, key: str, required: bool) -> Problem | None:
     value = record.get(key)
     if value is None and not required:
         return None
-    if value is None and key in record:  # present but null: what an empty CSV or Parquet cell reads as
-        return (f"empty {key}", f"field {key!r} is empty (an empty CSV cell or null)")
+    if value is None and key in record:  # null: an empty cell, or a table row without it (`datasets` fills columns)
+        return (f"empty {key}",
+                f"field {key!r} is empty (a null, an empty cell, or not given in this row of a table)")
     if value is None:
         return (f"missing {key}", f"field {key!r} is missing (row keys: {sorted(record)})")
     if not isinstance(value, str):
