@@ -182,8 +182,11 @@ def chat_in_a_terminal(*options: str):
     printed so far). The process is killed if the test leaves it running; it must print no traceback."""
     master, slave = pty.openpty()
     command = [sys.executable, "launch/chat.py", "recipes/tiny_alpaca.yaml", *options]
+    # Ctrl-C as a terminal gives it: a suite started in the background (`cmd &` without job control)
+    # ignores SIGINT, and a child then inherits that, so Python would install no KeyboardInterrupt.
     process = subprocess.Popen(command, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave,
-                               env={**os.environ, **ONE_THREAD}, start_new_session=True)
+                               env={**os.environ, **ONE_THREAD}, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(slave)
     seen: list[str] = []
     try:
@@ -302,7 +305,7 @@ def test_ctrl_c_at_the_prompt_of_a_terminal_session_ends_it_cleanly(adapter):
     with chat_in_a_terminal(f"adapter={adapter}", "chat.max_new_tokens=8") as (process, master, seen):
         _expect(master, "you> ", seen)
         # input() writes "you> " before it reads: a signal between the two waits for a line (CPython's
-        # input(), seen once on a loaded machine), which Enter then ends. Ignored, Enter would give "you> ".
+        # input()), which Enter then ends. A Ctrl-C ignored would leave it at a new "you> ".
         time.sleep(1)
         process.send_signal(signal.SIGINT)  # what Ctrl-C sends
         try:
