@@ -29,7 +29,7 @@ class RecipeError(ValueError):
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4",
                              "flex_attention", "paged|eager")
 HUB_KERNEL = re.compile(r"[^/:]+/[^/:]+(?:@[^/:]+)?(?::[^/:]+)?")
-PACKED_ATTENTION = "packed_sdpa"  # trainer/speedups/packed_attention.py's; not imported here (it imports torch)
+PACKED_ATTENTION = "packed_sdpa"  # what trainer/speedups/packed_attention.py switches an sdpa model to
 WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # characters wandb.init refuses in a project name (wandb_settings.validate_project)
 COLLECTIVE_TIMEOUT_MAX_MINUTES = 7 * 24 * 60
 
