@@ -17,7 +17,7 @@ import _bootstrap  # noqa: F401  (puts the repository root on sys.path)
 
 from trainer import cli, options
 from trainer.analysis.figures import print_report, write_outputs
-from trainer.analysis.ranks import AnalysisError, analyze, load_adapter
+from trainer.analysis.ranks import AnalysisError, adapter_files, analyze
 
 USAGE = ("usage: python launch/analyze.py <adapter dir> [<second adapter dir>] "
          "[out=<dir>] [threshold=0.9] [base=<base model dir>] [seed=0] [--debug]")
@@ -44,7 +44,7 @@ def run(argv: list[str]) -> None:
     if not 0 < opts.threshold <= 1:
         raise AnalysisError(f"threshold must be in (0, 1], got {opts.threshold}")
     for adapter in adapters:  # a mistyped adapter is named as such, before out= (by default inside it) is made
-        load_adapter(adapter)
+        adapter_files(adapter)
     out = output_dir(Path(opts.out) if opts.out else Path(adapters[0]) / "analysis")
     report = analyze(adapters, opts.threshold, opts.base, opts.seed)
     print_report(report)

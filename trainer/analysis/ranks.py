@@ -52,7 +52,9 @@ class Decomposition:
     right: torch.Tensor  # [in, m] right singular vectors of dW
 
 
-def load_adapter(path: str | Path) -> Adapter:
+def adapter_files(path: str | Path) -> tuple[Path, Path]:
+    """An adapter directory's adapter_config.json and adapter_model.safetensors; AnalysisError naming
+    what is missing (checked before anything is read or made)."""
     path = Path(path)
     expected = "a PEFT LoRA adapter directory holding adapter_config.json and adapter_model.safetensors"
     if not path.is_dir():
@@ -64,6 +66,11 @@ def load_adapter(path: str | Path) -> Adapter:
         found_bin = " (found adapter_model.bin; only safetensors is supported)" if (
             path / "adapter_model.bin").is_file() else ""
         raise AnalysisError(f"missing {weights_path}{found_bin} (expected {expected})")
+    return config_path, weights_path
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    config_path, weights_path = adapter_files(path)
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
@@ -90,7 +97,7 @@ def load_adapter(path: str | Path) -> Adapter:
                                 f"do not form B @ A (expected A [r, in] and B [out, r])")
         name = module.removeprefix(PEFT_PREFIX)
         modules[name] = (a, b, _scaling(config, name, a.shape[0]))
-    return Adapter(path=path, config=config, modules=modules)
+    return Adapter(path=Path(path), config=config, modules=modules)
 
 
 def _scaling(config: dict[str, Any], module: str, rank: int) -> float:
