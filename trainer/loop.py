@@ -112,7 +112,7 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
                     dynamic_ncols=True)
     say = progress.write if rank == 0 else (lambda *_: None)
     stop_request = StopRequest()  # SIGTERM / SIGINT: save at the next step boundary, exit cleanly
-    skips = Skips()
+    skips = Skips(overflows=state.overflow_skips)  # a resumed run counts on from the checkpoint's
     run.engine.train()
     while state.step < recipe.train.max_steps:
         started = time.perf_counter()
@@ -125,6 +125,7 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
                                                                   lambda: stop_request.requested, step_tokens)
         skipped = skips.check(state.step + 1, run, lr, loss, grad_norm, bad_rows, overflowed, snapshot, say)
         state.step += 1
+        state.overflow_skips = skips.overflows
         record = advance(state, run, loss, lr, started, step_tokens, skipped)
         if skips.overflows:
             record["overflow_skips"] = skips.overflows

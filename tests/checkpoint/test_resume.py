@@ -93,6 +93,13 @@ def test_an_fp16_resume_carries_the_loss_scale_and_continues_bitwise(tmp_path, t
     train(resumed, *settings, "resume=auto")
     assert losses(resumed) == {step: loss for step, loss in losses(straight).items() if step > 3}
     assert_same_tensors(straight / "checkpoints/step-6", resumed / "checkpoints/step-6", "adapter_model.safetensors")
+    # the log's overflow count runs on from the checkpoint's (the first steps overflow: the scale starts high)
+    assert overflow_counts(resumed) == {step: count for step, count in overflow_counts(straight).items() if step > 3}
+
+
+def overflow_counts(output_dir: Path) -> dict[int, int]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return {record["step"]: record.get("overflow_skips", 0) for record in map(json.loads, lines)}
 
 
 # Changing the world size changes the order in which per-rank gradient sums are added, so fp32

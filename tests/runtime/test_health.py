@@ -226,6 +226,23 @@ def test_fp16_overflow_skipped_steps_are_counted_and_the_run_goes_on(tmp_path, t
     assert (tmp_path / "checkpoints/step-4/COMPLETE").exists()
 
 
+def test_a_resumed_run_counts_fp16_overflow_skips_on_from_its_checkpoint():
+    """The log's `overflow_skips` is a running count: a resume starts from the checkpoint's, not 0."""
+    from dataclasses import asdict
+
+    from trainer.checkpoint.saving import TrainState
+
+    saved = TrainState(step=3, overflow_skips=2)
+    state = TrainState(**json.loads(json.dumps(asdict(saved))))  # trainer_state.json, read back
+    said = []
+    skips = loop.Skips(overflows=state.overflow_skips)
+    assert skips.check(4, None, 1e-4, 1.5, None, [], True, None, said.append)
+    assert skips.overflows == 3 and said == ["step 4: fp16 gradient overflow, update skipped and loss scale "
+                                             "lowered (3 so far)"]
+    assert not skips.check(5, None, 1e-4, 1.4, 0.5, [], False, None, said.append) and skips.overflows == 3
+    assert TrainState().overflow_skips == 0  # a checkpoint written before the count was kept
+
+
 def test_fp16_on_a_cpu_without_fp16_arithmetic_is_refused_before_loading(monkeypatch):
     from trainer.config import RecipeError
 

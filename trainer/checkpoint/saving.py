@@ -61,6 +61,7 @@ class TrainState:
     best_step: int | None = None
     held_out: str | None = None  # `held_out_identity` of the examples best_eval_loss was scored on
     loss_scale: dict | None = None  # fp16's dynamic loss scaler (`loss_scale_state`); None in fp32 and bf16
+    overflow_skips: int = 0  # fp16 updates skipped for overflow so far (the log's running count)
 
 
 # What a dynamic fp16 loss scaler has learned (its scale, and where it is in its window since the
