@@ -75,6 +75,22 @@ def test_offline_wandb_run_holds_metrics_config_and_samples(tmp_path, tiny_base)
         assert [row[4] for row in table["data"]] == [row["prediction"] for row in expected]
 
 
+def test_a_resumed_offline_run_says_to_sync_all_its_folders_together(tmp_path):
+    """Each start of an offline run writes its own folder; syncing only the last would upload the
+    resumed part alone, so the hint names every folder of this run (and no other run's)."""
+    from trainer.runtime.dashboards import offline_sync_hint
+
+    first = tmp_path / "offline-run-20261207_100000-abc123"
+    first.mkdir()
+    (tmp_path / "offline-run-20261207_090000-other1").mkdir()
+    assert offline_sync_hint(first, "abc123") == f"{first} (offline: `wandb sync {first}` uploads it)"
+    second = tmp_path / "offline-run-20261207_110000-abc123"
+    second.mkdir()
+    hint = offline_sync_hint(second, "abc123")
+    assert hint == (f"{second} (offline, part 2 of this run: `wandb sync {tmp_path}/offline-run-*-abc123` "
+                    "uploads all 2 parts as one run)")
+
+
 def test_report_to_is_validated_and_report_false_still_turns_dashboards_off(tmp_path):
     recipe_path = ROOT / "recipes" / "tiny_alpaca.yaml"
     assert load_recipe(recipe_path).train.report_to == ["tensorboard"]

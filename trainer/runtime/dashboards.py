@@ -7,9 +7,9 @@ Rank 0 logs every metrics.jsonl record under the TensorBoard tags (train/loss, e
 the resolved recipe as the run's config, and each round of sample generations as a table
 (step, question, input, reference, prediction). Offline, the run is written under
 <output_dir>/wandb/offline-run-*/ with no network; `wandb sync <that dir>` uploads it later.
-A resumed run (same output_dir) continues the same W&B run; the steps it redoes keep there the values
-the stopped run sent (W&B drops a step below one it has), while TensorBoard shows the new ones
-(TensorBoardLog's resumed_step). wandb is optional (`pip install wandb`, or `.[report]`): without
+A resumed run (same output_dir) continues the same W&B run (offline: a folder per start, synced
+together); the steps it redoes keep there the values the stopped run sent (W&B drops a step below one
+it has), while TensorBoard shows the new ones (TensorBoardLog's resumed_step). wandb is optional (`pip install wandb`, or `.[report]`): without
 it, a note and nothing else. Online without credentials is refused in setup, before the model loads
 (check_wandb_login), with one message; a wandb.init that fails later stops every rank.
 """
@@ -86,6 +86,17 @@ def is_missing_login(error: Exception) -> bool:
     return re.search(r"\bapi[ _]key\b|\blog ?in\b", str(error), re.IGNORECASE) is not None
 
 
+def offline_sync_hint(directory: Path, run_id: str) -> str:
+    """Where an offline run is and how to upload it. Each start of a resumed run writes its own
+    offline-run-<time>-<id> folder; one `wandb sync` given all of them uploads them as one run, in
+    order of start time (wandb >= 0.30; syncing only a later folder would leave out the steps before)."""
+    parts = sorted(directory.parent.glob(f"offline-run-*-{run_id}"))
+    if len(parts) <= 1:
+        return f"{directory} (offline: `wandb sync {directory}` uploads it)"
+    return (f"{directory} (offline, part {len(parts)} of this run: `wandb sync {directory.parent}/offline-run-*-{run_id}` "
+            f"uploads all {len(parts)} parts as one run)")
+
+
 class WandbLog:
     def __init__(self, recipe: Recipe):
         self._run = None
@@ -118,8 +129,7 @@ class WandbLog:
                               f"train.wandb_project and your entity, or use train.wandb_mode=offline") from error
         id_file.write_text(run_id + "\n")
         self.directory = Path(self._run.dir).parent
-        where = (f"{self.directory} (offline: `wandb sync {self.directory}` uploads it)"
-                 if recipe.train.wandb_mode == "offline" else self._run.url)
+        where = self._run.url if recipe.train.wandb_mode == "online" else offline_sync_hint(self.directory, run_id)
         print(f"wandb: run {self._run.name} in project {recipe.train.wandb_project}: {where}")
 
     @property
