@@ -137,6 +137,8 @@ def test_activation_checkpointing_keeps_adapter_gradients(small_base_path, small
     # blocked: each layer once per forward, the checkpointed one's again in the backward
     assert len(calls) == (3 * plain.config.num_hidden_layers if packed == "blocked" else 0)
     assert all(layer.gradient_checkpointing for layer in checkpointed.model.layers)
+    # non-reentrant: the embedding's output needs no grad (the first layer's input gradient would be waste)
+    assert not checkpointed.get_input_embeddings()(batch["input_ids"][:, :2]).requires_grad
     assert torch.equal(checkpointed_loss, plain_loss)
     assert plain_params.keys() == checkpointed_params.keys()
     for name, parameter in plain_params.items():
