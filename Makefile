@@ -38,7 +38,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The slow ones only (ZeRO-0/3 bitwise resume, 1->2 ranks, a hung node): CI runs them after `make test`.
+# The slow ones only (ZeRO-0/3 bitwise resume, 1->2 ranks, ZeRO-3 on a 4-bit base, a hung node): CI runs them
+# after `make test`.
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 

@@ -194,6 +194,7 @@ def _recipe(output_dir: Path):
     return load_recipe(ROOT / "recipes/tiny_alpaca.yaml", [f"output_dir={output_dir}", "resume=auto"])
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_step_boundary_exits_0_and_resumes_from_there(tmp_path, tiny_base):
     output_dir = tmp_path / "run"
     process = start_training(output_dir, "train.max_steps=500", "train.save_every=1000")
@@ -229,7 +230,7 @@ cli.main(loop.train, sys.argv[1:])
 """
 
 
-@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.distributed)])
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=[pytest.mark.distributed, pytest.mark.slow])])
 def test_a_signal_during_a_step_saves_at_the_end_of_that_step_on_every_rank(tmp_path, tiny_base, ranks):
     output_dir, script = tmp_path / "run", tmp_path / "sigterm_in_step_3.py"  # the launcher takes a file
     script.write_text(SIGTERM_IN_STEP_3.format(root=str(ROOT)))
@@ -287,6 +288,7 @@ def test_resuming_with_a_different_adapter_or_base_is_refused_naming_the_field(s
     assert "trainable parameters" not in result.stdout  # refused before the data and the base load
 
 
+@pytest.mark.slow
 def test_a_resume_scoring_other_held_out_examples_chooses_the_best_afresh(small_checkpoint, tmp_path):
     state = json.loads((small_checkpoint / "checkpoints/step-2/trainer_state.json").read_text())
     assert state["best_step"] == 2 and state["held_out"]

@@ -98,6 +98,7 @@ def test_peft_loads_our_adapter_with_no_missing_keys_and_the_same_logits(zero2_r
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_zero3_with_a_4bit_base_writes_non_empty_adapter_tensors(tmp_path, tiny_base):
     train_2_ranks(tmp_path, "deepspeed.zero_stage=3", "train.max_steps=3")
@@ -109,6 +110,7 @@ def test_zero3_with_a_4bit_base_writes_non_empty_adapter_tensors(tmp_path, tiny_
     assert torch.isfinite(torch.tensor([m["loss"] for m in read_metrics(tmp_path)])).all()
 
 
+@pytest.mark.slow
 def test_single_process_run_and_plain_resume_continue_the_same_losses(tmp_path, tiny_base):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     run_cli(["launch/train.py", "recipes/tiny_alpaca.yaml", f"output_dir={straight}", *SHORT])

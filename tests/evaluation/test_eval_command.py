@@ -181,6 +181,7 @@ def read_predictions(directory: Path) -> list[dict]:
     return [json.loads(line) for line in (directory / "predictions.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_zero3_ranks_with_a_4bit_base_give_the_one_rank_predictions_and_loss(zero3_runs):
     (two_dir, _), (one_dir, _) = zero3_runs["two"], zero3_runs["one"]
@@ -195,6 +196,7 @@ def test_two_zero3_ranks_with_a_4bit_base_give_the_one_rank_predictions_and_loss
     assert "shm_comm" not in zero3_runs["two"][1]
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_predictions_file_and_metric_table(zero3_runs, tiny_base):
     directory, stdout = zero3_runs["two"]

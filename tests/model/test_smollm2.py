@@ -72,6 +72,7 @@ def test_tokenizer_special_ids_and_chat_template(smollm2_base):
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
 
 
+@pytest.mark.slow
 def test_converted_logits_equal_transformers_own_gguf_load(smollm2_base):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -88,6 +89,7 @@ def test_converted_logits_equal_transformers_own_gguf_load(smollm2_base):
     assert torch.equal(logits, expected)  # the same weights in the same computation
 
 
+@pytest.mark.slow
 def test_bf16_products_of_the_4bit_base_keep_the_loss_and_adapter_gradients(smollm2_base):
     """quant.compute_dtype=bfloat16 (the frozen 4-bit layers' products in bf16, routed as training
     routes them; the rest fp32) against fp32 compute, on one batch of the real base."""

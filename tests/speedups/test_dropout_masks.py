@@ -80,7 +80,7 @@ def test_q_k_v_adapters_keep_one_copy_of_their_shared_input():
     assert plain_saved >= saved + 2 * x.numel() * 4  # nn.Dropout: a dropped-out fp32 copy per adapter, not x once
 
 
-@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("dora", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_evaluation_runs_the_layers_own_forward_and_training_is_unbiased(dora):
     torch.manual_seed(0)
     layer = masked_layer(0.25, dora=dora)
