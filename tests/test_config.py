@@ -127,17 +127,17 @@ def test_a_text_override_is_taken_as_typed(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.learning_rate=-1", "train.learning_rate: must be positive"),
-    ("train.learning_rate=.nan", "train.learning_rate: must be positive"),
+    ("train.learning_rate=-1", "train.learning_rate: must be a finite positive number, got -1.0"),
+    ("train.learning_rate=.nan", "train.learning_rate: must be a finite positive number, got nan"),
     ("train.min_lr_ratio=-1", r"train.min_lr_ratio: must be in \[0, 1\]"),
     ("train.min_lr_ratio=3", r"train.min_lr_ratio: must be in \[0, 1\]"),
     ("train.warmup_steps=-2", "train.warmup_steps: must be 0 or more"),
-    ("train.grad_clip=-1", "train.grad_clip: must be 0"),
-    ("train.weight_decay=-0.1", "train.weight_decay: must be 0 or more"),
+    ("train.grad_clip=-1", r"train.grad_clip: must be a finite number, 0 \(no clipping\) or more"),
+    ("train.weight_decay=-0.1", "train.weight_decay: must be a finite number, 0 or more"),
     ("train.max_consecutive_skips=-1", "train.max_consecutive_skips: must be 0 or more"),
     ("train.eval_every=0", "train.eval_every: must be positive"),
     ("train.log_every=0", "train.log_every: must be positive"),
-    ("lora.alpha=0", "lora.alpha: must be positive"),
+    ("lora.alpha=0", "lora.alpha: must be a finite positive number"),
     ("data.max_eval_rows=-1", "data.max_eval_rows: must be 0 or more"),
     ("data.max_rows=0", "data.max_rows: must be positive or null"),
     ("quant.quant_storage=int3", "quant.quant_storage: must be auto, uint8"),
@@ -145,6 +145,34 @@ def test_a_text_override_is_taken_as_typed(tmp_path):
 def test_out_of_range_numbers_name_the_key(tmp_path, override, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(write(tmp_path, "train: {max_steps: 5}\n"), [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.learning_rate=inf", "train.learning_rate: must be a finite positive number, got inf"),
+    ("lora.alpha=.inf", r"lora.alpha: must be a finite positive number \(the update is scaled by alpha / r\), got inf"),
+    ("lora.plus_ratio=inf", r"lora.plus_ratio: must be a finite positive number \(1 = plain LoRA\), got inf"),
+    ("train.grad_clip=inf", r"train.grad_clip: must be a finite number, 0 \(no clipping\) or more, got inf"),
+    ("train.weight_decay=.inf", "train.weight_decay: must be a finite number, 0 or more, got inf"),
+])
+def test_an_infinite_number_is_named_as_not_finite(tmp_path, override, message):
+    """inf passes a "must be positive" reading: the message says why it was refused."""
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(write(tmp_path, "train: {max_steps: 5}\n"), [override])
+
+
+@pytest.mark.parametrize("text, overrides, glued", [
+    ("data: {columns: {prompt:instruction}}\n", [], "prompt:instruction"),
+    ("data:\n  columns:\n    prompt:instruction\n", [], "prompt:instruction"),  # block style: one text
+    ("train: {max_steps: 5}\n", ["data.columns={prompt:instruction}"], "prompt:instruction"),
+    ("train: {max_steps: 5}\n", ["data.mixture=[{path: a.json, columns: {question:instruction}}]"], "question:instruction"),
+])
+def test_a_column_mapping_without_a_space_after_the_colon_says_so(tmp_path, text, overrides, glued):
+    """YAML reads `{prompt:instruction}` as the key 'prompt:instruction' with no value."""
+    written = glued.replace(":", ": ")
+    with pytest.raises(RecipeError, match=f"columns: .*'{glued}'.*; write `{written}` with a space after the colon"):
+        load_recipe(write(tmp_path, text), overrides)
+    spaced = load_recipe(write(tmp_path, "train: {max_steps: 5}\n"), [f"data.columns={{{written}}}"])
+    assert spaced.data.columns == dict([written.split(": ")])
 
 
 def test_eight_bit_with_zero3_is_refused_with_a_reason(tmp_path):
@@ -258,7 +286,7 @@ def test_the_reference_recipe_sets_every_key_at_its_default():
     ("train.collective_timeout_minutes=.inf", "train.collective_timeout_minutes: must be positive and at most 10080"),
     ("train.collective_timeout_minutes=20000", "train.collective_timeout_minutes: must be positive and at most 10080"),
     ("train.collective_timeout_minutes=.nan", "train.collective_timeout_minutes: must be positive"),
-    ("lora.plus_ratio=.inf", "lora.plus_ratio: must be a positive number"),
+    ("lora.plus_ratio=.inf", "lora.plus_ratio: must be a finite positive number"),
     ("data.mixture=[{path: a.json, weight: .inf}]", r"data.mixture\[0\]: needs a path and a finite weight > 0"),
     ("train.report_to=[wandb];train.wandb_project=team/qlora", r"train.wandb_project: must be at most 128 characters, none of / \\ # \? % :"),
     ("train.report_to=[wandb];train.wandb_project=" + "p" * 129, "train.wandb_project: must be at most 128 characters"),

@@ -186,10 +186,13 @@ class Recipe:
         _check(self.quant.quant_storage in ("auto", "uint8", "float16", "bfloat16", "float32"), "quant.quant_storage",
                "must be auto, uint8, float16, bfloat16 or float32")
         _check(self.lora.r > 0, "lora.r", "must be positive")
-        _check(0 < self.lora.alpha < math.inf, "lora.alpha", "must be positive (the update is scaled by alpha / r)")
+        # `< math.inf` refuses inf (and NaN, which fails every comparison): the messages say "finite" for it.
+        _check(0 < self.lora.alpha < math.inf, "lora.alpha",
+               f"must be a finite positive number (the update is scaled by alpha / r), got {self.lora.alpha}")
         _check(0.0 <= self.lora.dropout <= 0.99, "lora.dropout", "must be in [0, 0.99]")
         _check(len(self.lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
-        _check(0 < self.lora.plus_ratio < math.inf, "lora.plus_ratio", "must be a positive number (1 = plain LoRA)")
+        _check(0 < self.lora.plus_ratio < math.inf, "lora.plus_ratio",
+               f"must be a finite positive number (1 = plain LoRA), got {self.lora.plus_ratio}")
         _check(self.data.template in ("alpaca", "plain", "chat") or "{instruction}" in self.data.template,
                "data.template", "must be alpaca, plain, chat, or a template string with {instruction}")
         # A custom template fills {instruction} and {input} only: another {name} would stay in every prompt as text.
@@ -218,12 +221,13 @@ class Recipe:
         _check(t.global_batch_size > 0, "train.global_batch_size", "must be positive")
         for name in ("save_every", "eval_every", "log_every"):
             _check(getattr(t, name) > 0, f"train.{name}", "must be positive")
-        _check(0 < t.learning_rate < math.inf, "train.learning_rate", "must be positive")
+        _check(0 < t.learning_rate < math.inf, "train.learning_rate", f"must be a finite positive number, got {t.learning_rate}")
         _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio",
                "must be in [0, 1] (the cosine decays to learning_rate x min_lr_ratio)")
         _check(t.warmup_steps >= 0, "train.warmup_steps", "must be 0 or more")
-        _check(0 <= t.grad_clip < math.inf, "train.grad_clip", "must be 0 (no clipping) or more")
-        _check(0 <= t.weight_decay < math.inf, "train.weight_decay", "must be 0 or more")
+        _check(0 <= t.grad_clip < math.inf, "train.grad_clip",
+               f"must be a finite number, 0 (no clipping) or more, got {t.grad_clip}")
+        _check(0 <= t.weight_decay < math.inf, "train.weight_decay", f"must be a finite number, 0 or more, got {t.weight_decay}")
         _check(t.max_consecutive_skips >= 0, "train.max_consecutive_skips", "must be 0 or more")
         _check(t.keep_last is None or t.keep_last > 0, "train.keep_last", "must be positive or null")
         _check(t.sample_every >= 0, "train.sample_every", "must be 0 or more")
@@ -510,6 +514,79 @@ def _read_overrides(value: Any, kind: Any) -> Any:
     return value
 
 
+# Other trainers' names (axolotl, HF Trainer, peft, LLaMA-Factory, torchtune) for our keys, by the key
+# they mean here: a newcomer's `lora.rank` or `lr` is closest in spelling to lora.dora or lora, which
+# they never meant. Where our concept differs, the entry says how ours works instead.
+SYNONYMS = {
+    **dict.fromkeys(("rank", "lora_r", "lora_rank"), "lora.r"),
+    "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    **dict.fromkeys(("lora_target", "lora_target_modules"), "lora.target_modules"),
+    "use_dora": "lora.dora", "use_rslora": "lora.rslora", "loraplus_lr_ratio": "lora.plus_ratio",
+    **dict.fromkeys(("base_model", "model_name", "model_id", "model_name_or_path",
+                     "pretrained_model_name_or_path"), "model.name_or_path"),
+    **dict.fromkeys(("torch_dtype", "bf16", "fp16"), "model.dtype"),
+    **dict.fromkeys(("load_in_4bit", "load_in_8bit", "quantization_bit"),
+                    "the base's quantisation is quant.bits (4, 8, or 16 for none)"),
+    "bnb_4bit_quant_type": "quant.quant_type", "bnb_4bit_use_double_quant": "quant.double_quant",
+    "bnb_4bit_compute_dtype": "quant.compute_dtype", "bnb_4bit_quant_storage": "quant.quant_storage",
+    **dict.fromkeys(("dataset", "dataset_path", "data_path", "train_file"), "data.path"),
+    "datasets": "one dataset is data.path; several are data.mixture",
+    **dict.fromkeys(("sequence_len", "seq_len", "max_seq_length", "max_length", "cutoff_len", "model_max_length"),
+                    "data.max_seq_len"),
+    **dict.fromkeys(("val_set_size", "val_size", "test_size"), "data.eval_fraction"),
+    **dict.fromkeys(("validation_file", "eval_dataset"), "data.eval_path"),
+    "max_samples": "data.max_rows", "train_on_inputs": "data.train_on_prompt", "sample_packing": "data.packing",
+    **dict.fromkeys(("prompt_template", "chat_template"), "data.template"),
+    "lr": "train.learning_rate",
+    **dict.fromkeys(("epochs", "num_epochs", "num_train_epochs", "max_epochs"),
+                    "this trainer counts optimizer steps: train.max_steps"),
+    **dict.fromkeys(("num_steps", "max_train_steps", "total_steps"), "train.max_steps"),
+    **dict.fromkeys(("batch_size", "per_device_train_batch_size"),
+                    "examples per forward pass on one rank are train.micro_batch_size, "
+                    "per optimizer step train.global_batch_size"),
+    "gradient_accumulation_steps": "accumulation is derived (global batch / micro batch x ranks): "
+                                   "set train.global_batch_size",
+    **dict.fromkeys(("max_grad_norm", "gradient_clipping", "clip_grad_norm"), "train.grad_clip"),
+    "warmup_ratio": "warmup is counted in optimizer steps: train.warmup_steps",
+    **dict.fromkeys(("lr_scheduler", "lr_scheduler_type"),
+                    "the schedule is cosine after a linear warmup: train.warmup_steps, train.min_lr_ratio"),
+    **dict.fromkeys(("optimizer", "optim"), "the optimizer is AdamW: train.learning_rate, train.weight_decay"),
+    "logging_steps": "train.log_every", "eval_steps": "train.eval_every", "save_steps": "train.save_every",
+    "save_total_limit": "train.keep_last",
+    **dict.fromkeys(("gradient_checkpointing", "enable_activation_checkpointing"), "train.activation_checkpointing"),
+    "run_name": "train.wandb_run_name", "flash_attention": "model.attn_implementation",
+    "resume_from_checkpoint": "resume",
+}
+
+
+def meant_key(key: str, prefix: str, names: list[str]) -> str:
+    """What an unknown `key` (in the section `prefix`, whose keys are `names`) most likely means, as the
+    end of its error: another trainer's name for one of ours, else the nearest key of its own section or,
+    spelled closer, of any section (`train.max_seq_len` is data.max_seq_len), else the section's keys."""
+    meant = SYNONYMS.get(key.lower())
+    if meant is not None:  # a key, or a sentence where our concept differs
+        return meant if " " in meant else f"did you mean {meant}?"
+
+    def likeness(candidate: str) -> float:
+        return difflib.SequenceMatcher(None, key, candidate.rsplit(".", 1)[-1]).ratio()
+
+    own = max((f"{prefix}{name}" for name in names), key=likeness)
+    elsewhere = max(_recipe_keys(), key=likeness)
+    # A key of another section must be spelled closer than any of the section's own, and close: loosely
+    # alike names across sections (temperature, template) are more often unrelated than misplaced.
+    if likeness(elsewhere) >= 0.8 and likeness(elsewhere) > likeness(own):
+        return f"did you mean {elsewhere}?"
+    return f"did you mean {own}?" if likeness(own) >= 0.5 else f"valid keys: {', '.join(names)}"
+
+
+def _recipe_keys() -> list[str]:
+    """Every key of a recipe, as section.key or a top-level key."""
+    keys = []
+    for name, kind in typing.get_type_hints(Recipe).items():
+        keys += [f"{name}.{field}" for field in typing.get_type_hints(kind)] if dataclasses.is_dataclass(kind) else [name]
+    return keys
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise RecipeError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {type(raw).__name__}")
@@ -518,9 +595,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
-            raise RecipeError(f"unknown key {prefix}{key}{hint}")
+            raise RecipeError(f"unknown key {prefix}{key}; {meant_key(str(key), prefix, names)}")
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
     return cls(**kwargs)
 
@@ -545,8 +620,12 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
             raise RecipeError(f"{key}: expected a list, got {value!r}")
         return [_coerce(item, v, key) for v in value]
     if origin is dict or kind is dict:
+        glued = _glued_colon(value)
+        space = f"; write `{glued.replace(':', ': ', 1)}` with a space after the colon" if glued else ""
         if not isinstance(value, dict):
-            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
+            raise RecipeError(f"{key}: expected a mapping, got {value!r}{space}")
+        if glued:
+            raise RecipeError(f"{key}: {value!r} has the key {glued!r} without a value{space}")
         arguments = typing.get_args(kind)
         if len(arguments) == 2 and arguments[1] is str:
             return _read_overrides(value, str)
@@ -555,6 +634,16 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
     if kind is Any:
         return value
     return _scalar(kind, value, key)
+
+
+def _glued_colon(value: Any) -> str | None:
+    """The `key:value` written without a space where a mapping was meant: YAML reads `prompt:instruction`
+    as one text, and `{prompt:instruction}` as the key 'prompt:instruction' without a value."""
+    if isinstance(value, str):
+        return value if ":" in value and ": " not in value else None
+    if isinstance(value, dict):
+        return next((str(name) for name, item in value.items() if item is None and ":" in str(name)), None)
+    return None
 
 
 # What YAML 1.1 leaves as text though it is a number: an exponent without a dot or a sign (5e8, 1e-3, 1.5e8).

@@ -4,7 +4,8 @@
 
 `adapter=`, `out=` and `<section>.*` (eval. or export.) are the script's own; they are taken out of
 argv first and the rest go to the recipe loader, which rejects unknown keys. An unknown key of our
-own, or a near miss of one (`adpter=`), is an error that names the valid ones.
+own, or a near miss of one (`adpter=`, or `batch_size=` for eval.batch_size=), is an error that names
+the valid ones; another trainer's name for a recipe key (`lr=`) is left for the recipe loader to name.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import typing
 from typing import Any, TypeVar
 
 from trainer import cli
-from trainer.config import Recipe, RecipeError
+from trainer.config import SYNONYMS, Recipe, RecipeError
 
 Options = TypeVar("Options")
 
@@ -31,14 +32,21 @@ def split_argv(argv: list[str], options_class: type, section: str) -> tuple[dict
         else:
             rest.append(arg)
     recipe_keys = [field.name for field in dataclasses.fields(Recipe)]
+    names = [field.name for field in dataclasses.fields(options_class)]
     for arg in rest:
         key, has_value, _ = arg.partition("=")
         head = key.split(".")[0]
         if not has_value or arg.startswith("-") or head in recipe_keys:
             continue
-        close = difflib.get_close_matches(head, [*top_level, section], n=1, cutoff=0.6)
+        if "." in key:  # a mistyped section: `evl.batch_size=`
+            close = f"{section}." if difflib.get_close_matches(head, [section], n=1, cutoff=0.6) else None
+        elif key.lower() in SYNONYMS and key not in names:
+            continue  # another trainer's name for a recipe key (`lr=`): the recipe loader names ours
+        else:  # `adpter=`, or one of ours without its section: `batch_size=` means eval.batch_size=
+            match = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+            close = None if not match else f"{match[0]}=" if match[0] in top_level else f"{section}.{match[0]}="
         if close:
-            raise RecipeError(f"unknown option {key}=; did you mean {close[0]}{'.' if close[0] == section else '='}?")
+            raise RecipeError(f"unknown option {key}=; did you mean {close}?")
     return ours, rest
 
 

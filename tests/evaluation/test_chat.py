@@ -135,8 +135,34 @@ def test_a_temperature_that_is_not_a_finite_number_0_or_more_is_refused_before_l
     from trainer.config import RecipeError
     from trainer.evaluation.chat import chat
 
-    with pytest.raises(RecipeError, match="chat.temperature a finite number 0 or more"):
+    with pytest.raises(RecipeError, match="chat.temperature must be a finite number, 0 or more") as raised:
         chat(tiny_recipe(), ChatOptions(adapter="none", temperature=temperature), prompt="x")
+    assert "top_p" not in str(raised.value) and "max_new_tokens" not in str(raised.value)  # only the one that failed
+
+
+def test_bad_chat_settings_are_named_each_with_its_rule_and_only_those():
+    from trainer.config import RecipeError
+    from trainer.evaluation.chat import check_options
+
+    with pytest.raises(RecipeError) as raised:
+        check_options(ChatOptions(top_p=1.5, max_new_tokens=0))
+    assert str(raised.value) == "chat.top_p must be in (0, 1], got 1.5; chat.max_new_tokens must be 1 or more, got 0"
+    check_options(ChatOptions(temperature=0.0, top_p=1.0, max_new_tokens=1))  # the edges are allowed
+
+
+@pytest.mark.parametrize("argv", [["--prompt", ""], ["--prompt=  "]])
+def test_an_empty_prompt_is_refused_before_the_model_loads(argv, monkeypatch, capsys):
+    import trainer.evaluation.chat as chat_module
+
+    def no_loading(*args):
+        raise AssertionError("the model was loaded for an empty --prompt")
+
+    monkeypatch.setattr(chat_module, "load_for_chat", no_loading)
+    with pytest.raises(SystemExit) as exit_info:
+        chat_module.main(["recipes/tiny_alpaca.yaml", "adapter=none", *argv])
+    assert exit_info.value.code == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == ['error: --prompt needs a message, got an empty one: --prompt "..."']
 
 
 def test_chat_rows_are_chatted_with_the_chat_template_whatever_data_template_says(tmp_path, tiny_base):

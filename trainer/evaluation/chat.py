@@ -232,10 +232,18 @@ def load_for_chat(recipe: Recipe, adapter: str, device: torch.device) -> tuple[n
     return model, tokenizer
 
 
+def check_options(opts: ChatOptions) -> None:
+    """Refuse, before the model loads, the settings sampling cannot use: only those, each with its rule."""
+    rules = [("chat.top_p", opts.top_p, 0 < opts.top_p <= 1, "must be in (0, 1]"),  # NaN fails each test
+             ("chat.temperature", opts.temperature, 0 <= opts.temperature < math.inf, "must be a finite number, 0 or more"),
+             ("chat.max_new_tokens", opts.max_new_tokens, opts.max_new_tokens >= 1, "must be 1 or more")]
+    failed = [f"{key} {rule}, got {value}" for key, value, ok, rule in rules if not ok]
+    if failed:
+        raise RecipeError("; ".join(failed))
+
+
 def chat(recipe: Recipe, opts: ChatOptions, prompt: str | None = None) -> None:
-    if not (0 < opts.top_p <= 1 and 0 <= opts.temperature < math.inf and opts.max_new_tokens >= 1):  # NaN too
-        raise RecipeError("chat.top_p must be in (0, 1], chat.temperature a finite number 0 or more, "
-                          "chat.max_new_tokens 1 or more")
+    check_options(opts)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_for_chat(recipe, opts.adapter, device)
     session = Chat(model, tokenizer, conversation_template(recipe, opts.adapter), opts, recipe.data.max_seq_len)
@@ -274,7 +282,7 @@ def _write(text: str) -> None:
 
 
 def split_prompt(argv: list[str]) -> tuple[str | None, list[str]]:
-    """`--prompt TEXT` or `--prompt=TEXT` taken out of argv."""
+    """`--prompt TEXT` or `--prompt=TEXT` taken out of argv (TEXT not blank)."""
     prompt, rest, index = None, [], 0
     while index < len(argv):
         arg = argv[index]
@@ -288,6 +296,8 @@ def split_prompt(argv: list[str]) -> tuple[str | None, list[str]]:
         else:
             rest.append(arg)
         index += 1
+    if prompt is not None and not prompt.strip():  # refused before the model loads, not answered
+        raise RecipeError('--prompt needs a message, got an empty one: --prompt "..."')
     return prompt, rest
 
 

@@ -1,0 +1,93 @@
+"""An unknown recipe key or script option is answered with the key the user meant: other trainers' names
+(axolotl, HF Trainer, peft, LLaMA-Factory, torchtune) by our full key, a key in the wrong section by its
+section, a typo by the nearest key (trainer/config.py meant_key, trainer/options.py split_argv)."""
+import re
+
+import pytest
+
+from trainer import cli
+from trainer.config import SYNONYMS, Recipe, RecipeError, load_recipe
+from trainer.evaluation.chat import ChatOptions
+from trainer.evaluation.eval_command import EvalOptions
+from trainer.evaluation.export import ExportOptions
+from trainer.options import split_argv
+
+
+def write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lora:\n  rank: 16\n", "unknown key lora.rank; did you mean lora.r?"),  # spelled closest to lora.dora
+    ("lora:\n  lora_alpha: 16\n", "unknown key lora.lora_alpha; did you mean lora.alpha?"),
+    ("lora_r: 16\n", "unknown key lora_r; did you mean lora.r?"),
+    ("lora_dropout: 0.1\n", "unknown key lora_dropout; did you mean lora.dropout?"),
+    ("target_modules: [q_proj]\n", "unknown key target_modules; did you mean lora.target_modules?"),
+    ("base_model: x\n", "unknown key base_model; did you mean model.name_or_path?"),
+    ("datasets: [x]\n", "unknown key datasets; one dataset is data.path; several are data.mixture"),
+    ("sequence_len: 512\n", "unknown key sequence_len; did you mean data.max_seq_len?"),
+    ("train:\n  output_dir: runs/x\n", "unknown key train.output_dir; did you mean output_dir?"),
+    ("train:\n  max_seq_len: 512\n", "unknown key train.max_seq_len; did you mean data.max_seq_len?"),
+])
+def test_a_recipe_file_key_from_another_trainer_names_ours(tmp_path, text, message):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lr=1e-4", "unknown key lr; did you mean train.learning_rate?"),  # spelled closest to lora
+    ("learning_rate=1e-4", "unknown key learning_rate; did you mean train.learning_rate?"),
+    ("train.lr=1e-4", "unknown key train.lr; did you mean train.learning_rate?"),
+    ("num_epochs=3", "unknown key num_epochs; this trainer counts optimizer steps: train.max_steps"),
+    ("micro_batch_size=4", "unknown key micro_batch_size; did you mean train.micro_batch_size?"),
+    ("gradient_accumulation_steps=4", "unknown key gradient_accumulation_steps; accumulation is derived"),
+    ("max_seq_length=1024", "unknown key max_seq_length; did you mean data.max_seq_len?"),
+    ("cutoff_len=1024", "unknown key cutoff_len; did you mean data.max_seq_len?"),
+    ("dataset=alpaca.json", "unknown key dataset; did you mean data.path?"),
+    ("data.output_dir=runs/x", "unknown key data.output_dir; did you mean output_dir?"),
+    ("lora.learning_rte=1e-4", "unknown key lora.learning_rte; did you mean train.learning_rate?"),
+])
+def test_an_override_from_another_trainer_names_ours(tmp_path, override, message):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        cli.parse([str(write(tmp_path, "train: {max_steps: 5}\n")), override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lorra.r=4", "unknown key lorra; did you mean lora?"),
+    ("train.learning_rte=1", "unknown key train.learning_rte; did you mean train.learning_rate?"),
+    # Loosely alike across sections is no suggestion: temperature is not data.template.
+    ("temperature=1", "unknown key temperature; valid keys: model, quant, lora, data, train, deepspeed"),
+])
+def test_typos_keep_their_nearest_key_and_unrelated_keys_list_the_valid_ones(tmp_path, override, message):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe(write(tmp_path, "train: {max_steps: 5}\n"), [override])
+
+
+def test_every_synonym_names_keys_that_exist_and_hides_none_of_ours():
+    raw = Recipe().to_dict()
+    keys = {f"{section}.{key}" for section, value in raw.items() if isinstance(value, dict) for key in value}
+    keys |= {section for section, value in raw.items() if not isinstance(value, dict)}
+    leaves = {key.rsplit(".", 1)[-1] for key in keys}
+    for name, meant in SYNONYMS.items():
+        named = re.findall(r"\b[a-z_]+\.[a-z_]+\b|\b(?:output_dir|resume)\b", meant)
+        assert named and set(named) <= keys, (name, meant)
+        assert name == name.lower() and name not in leaves, name  # ours are found as themselves
+
+
+@pytest.mark.parametrize("options_class, section, arg, meant", [
+    (ChatOptions, "chat", "temperature=0.5", "chat.temperature="),
+    (ChatOptions, "chat", "seed=1", "chat.seed="),
+    (EvalOptions, "eval", "batch_size=4", "eval.batch_size="),
+    (ExportOptions, "export", "dtype=bfloat16", "export.dtype="),
+    (EvalOptions, "eval", "adpter=a", "adapter="),
+])
+def test_a_script_option_without_its_section_is_named_with_it(options_class, section, arg, meant):
+    with pytest.raises(RecipeError, match=re.escape(f"unknown option {arg.split('=')[0]}=; did you mean {meant}?")):
+        split_argv(["r.yaml", arg], options_class, section)
+
+
+def test_another_trainers_name_given_to_a_script_is_left_for_the_recipe_to_name():
+    for arg in ("lr=1e-4", "num_epochs=3", "lora_r=8"):
+        assert split_argv(["r.yaml", arg], EvalOptions, "eval") == ({}, ["r.yaml", arg])
