@@ -23,9 +23,10 @@ from trainer.checkpoint.saving import TrainState
 from trainer.checkpoint.snapshot import UpdateSnapshot
 from trainer.config import Recipe, RecipeError, TrainConfig, check_deepspeed_config, deepspeed_config
 from trainer.data.batching import BatchPlan
+from trainer.data.formats import DataError
 from trainer.data.packing import training_collate
 from trainer.data.pipeline import build_datasets, held_out_rows, rows_by_file
-from trainer.data.stats import DataStats, chat_rendered
+from trainer.data.stats import DataStats, chat_rendered, no_training_examples
 from trainer.data.store import Examples
 from trainer.evaluation.generate import sample_generations
 from trainer.evaluation.held_out_loss import evaluate_loss
@@ -111,6 +112,9 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
     progress = tqdm(total=recipe.train.max_steps, initial=state.step, disable=rank != 0, desc="train",
                     dynamic_ncols=True)
     say = progress.write if rank == 0 else (lambda *_: None)
+    if state.step >= recipe.train.max_steps:
+        say(f"nothing to train: the run resumed at step {state.step} and train.max_steps is {recipe.train.max_steps}; "
+            f"raise train.max_steps to train on")
     stop_request = StopRequest()  # SIGTERM / SIGINT: save at the next step boundary, exit cleanly
     skips = Skips(overflows=state.overflow_skips)  # a resumed run counts on from the checkpoint's
     run.engine.train()
@@ -232,6 +236,9 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
     check_wandb_login(recipe)  # before minutes of loading, not after them in wandb.init
     if not dry_run:  # a dry run writes nothing in output_dir, so it may check a recipe beside a running run
         run_dir.lock(Path(recipe.output_dir))  # every rank: rank 0 holds it; a second run there is refused
+    elif reason := run_dir.unwritable(Path(recipe.output_dir)):  # what lock would refuse, found without writing
+        raise RecipeError(f"output_dir={recipe.output_dir}: {reason}; output_dir must be a folder this user can "
+                          f"write to; choose another output_dir=")
     seed_everything(recipe.train.seed)
     base_name_or_path, tokenizer = prepare_tokenizer(recipe)
     # The checkpoint to resume from, and whether it fits this recipe and base, before the data and the
@@ -291,6 +298,8 @@ def prepare_data(recipe: Recipe, tokenizer) -> TrainingData:
         train_set, eval_set, stats = build_datasets(recipe.data, tokenizer, recipe.train.seed)
         # The rows behind the first held-out examples, for the sample generations in the log.
         sample_rows = held_out_rows(recipe.data, eval_set[:recipe.train.sample_count])
+    if not len(train_set):  # every rank alike; with the counts that say why (the data table is not printed)
+        raise DataError(no_training_examples(stats, recipe.data))
     token_counts = train_set.trained_tokens()
     plan = BatchPlan(len(train_set), recipe.train.global_batch_size, recipe.train.seed)
     return TrainingData(train_set, eval_set, stats, sample_rows, token_counts, plan)

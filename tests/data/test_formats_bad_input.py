@@ -4,6 +4,7 @@ stops being UTF-8 partway, and suffixes written in capitals."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -135,10 +136,38 @@ def test_a_json_list_saved_as_jsonl_is_told_to_be_a_json_file(indent, on_bad_row
 @pytest.mark.parametrize("on_bad_row", ["error", "skip"])
 def test_python_dicts_saved_as_jsonl_are_named_as_not_json(on_bad_row, tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "repr.jsonl", [repr(row) for row in ROWS])
-    with pytest.raises(DataError, match=r"repr\.jsonl: row 1: not valid JSON \(Expecting property name enclosed in "
-                                        r"double quotes at column 2\), and no record of the first 2 is an object; "
+    with pytest.raises(DataError, match=r"repr\.jsonl: row 1: not valid JSON at column 2: Expecting property name "
+                                        r"enclosed in double quotes, and no record of the first 2 is an object; "
                                         r"single-quoted strings are Python's repr"):
         build_datasets(config(path, on_bad_row=on_bad_row), tokenizer, seed=0)
+
+
+# json's own messages, some of which end in "at" (it appends the position to str(error)).
+MALFORMED = [('{"instruction": "cut off', "column 17: Unterminated string starting"),
+             ('{"instruction": "a\tb", "output": "x"}', "column 19: Invalid control character"),
+             ('{"instruction": "a" "output": "x"}', "column 21: Expecting ',' delimiter"),
+             ('{"instruction": "a", "output": "x"} {}', "column 37: Extra data"),
+             ('{"instruction": "a\\q", "output": "x"}', "column 19: Invalid \\escape"),
+             ('{"instruction": "a",}', "column 21: Expecting property name enclosed in double quotes"),
+             ('{"instruction": }', "column 17: Expecting value")]
+
+
+@pytest.mark.parametrize("line, problem", MALFORMED, ids=[problem.split(": ")[1] for _, problem in MALFORMED])
+def test_a_malformed_jsonl_line_is_named_by_row_and_column_without_a_word_twice(line, problem, tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [ROW, line])
+    with pytest.raises(DataError) as raised:
+        build_datasets(config(path), tokenizer, seed=0)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: row 2: not valid JSON at {problem} (data.on_bad_row: skip"), message
+    assert not re.search(r"\b(\w+) \1\b", message), message
+
+
+def test_a_malformed_json_file_is_named_by_line_and_column(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text('[\n  {"instruction": "Say hi.", "output": "hello"},\n  {"instruction": "cut off')
+    with pytest.raises(DataError, match=r"rows\.json: not valid JSON at line 3 column 19: Unterminated string "
+                                        r"starting; a file of one JSON object per line should be named \.jsonl$"):
+        read_rows(str(path))
 
 
 def test_a_file_with_some_objects_still_names_its_columns(tokenizer, tmp_path):

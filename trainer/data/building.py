@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from trainer.config import DataConfig, DataSource
 from trainer.data.encoding import EncodedRows, encode_rows
-from trainer.data.formats import DataError, Located, settle_format, validate_records
+from trainer.data.formats import DataError, Located, filled_columns, parsed, settle_format, validate_records
 from trainer.data.store import Store, StoreWriter
 from trainer.runtime import distributed
 
@@ -46,6 +46,7 @@ class Job:
 class Chunk:
     records: int  # read, bad ones included
     bad: Counter  # reason -> records skipped (on_bad_row=skip)
+    filled: Counter  # column -> records with a value in it
     encoded: EncodedRows
 
 
@@ -63,13 +64,14 @@ def build_store(located: Located, source: DataSource, config: DataConfig, tokeni
         workers = 1
     all_chunks = chain([first], [second] if second is not None else [], chunks)
     writer = StoreWriter(path)
-    records, bad, outcomes = 0, Counter(), Counter()
+    records, bad, outcomes, filled = 0, Counter(), Counter(), Counter()
     try:
         with _progress(located, config.max_rows, workers, shown=second is not None) as bar:
             for chunk in encoded_chunks(all_chunks, job, tokenizer, workers):
                 writer.append(chunk.encoded)
                 records += chunk.records
                 bad.update(chunk.bad)
+                filled.update(chunk.filled)
                 outcomes.update(chunk.encoded.outcomes)
                 bar.update(chunk.records)
     except BaseException:
@@ -77,6 +79,7 @@ def build_store(located: Located, source: DataSource, config: DataConfig, tokeni
         raise
     info = {"name": located.name, "format": job.format, "records": records,
             "outcomes": {**{f"skipped: {why}": n for why, n in bad.items()}, **outcomes},
+            "filled_columns": dict(filled),
             "source": {"path": source.path, "split": source.split, "columns": source.columns,
                        "streaming": located.streamed}}
     return Store(writer.finish(info))
@@ -107,8 +110,10 @@ def encoded_chunks(chunks: Iterator[list[tuple[str, Any]]], job: Job, tokenizer,
 
 def encode_chunk(tokenizer, job: Job, first: int, records: list[tuple[str, Any]]) -> Chunk:
     """Records numbered from `first`: validated (bad ones raised or counted) and tokenised."""
+    records = [(where, parsed(record)) for where, record in records]  # once, for both readers below
     rows, bad = validate_records(job.name, records, first, job.format, job.columns, job.config.on_bad_row)
-    return Chunk(len(records), bad, encode_rows(tokenizer, rows, job.format, job.config, job.name))
+    return Chunk(len(records), bad, filled_columns(records),
+                 encode_rows(tokenizer, rows, job.format, job.config, job.name))
 
 
 _worker_tokenizer = None

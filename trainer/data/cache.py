@@ -49,8 +49,13 @@ def tokenizer_identity(tokenizer) -> str:
 
 
 def code_version() -> str:
-    here = Path(__file__).parent
-    return hashlib.sha256(b"".join((here / name).read_bytes() for name in CODE_FILES)).hexdigest()[:16]
+    return _CODE_VERSION
+
+
+# Hashed once, when the data code is imported: a file edited (or upgraded) under a running process
+# would otherwise key the store this process's older code builds as the new code's.
+_CODE_VERSION = hashlib.sha256(b"".join((Path(__file__).parent / name).read_bytes()
+                                        for name in CODE_FILES)).hexdigest()[:16]
 
 
 def path_for(key: str) -> Path:

@@ -209,7 +209,7 @@ def _json_array(path: Path) -> list[tuple[str, Any]]:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON at line {error.lineno} ({error.msg}); "
+        raise DataError(f"{path}: {json_problem(error, with_line=True)}; "
                         f"a file of one JSON object per line should be named .jsonl") from None
     if not isinstance(rows, list):
         keys = f" with keys {sorted(rows)[:10]}" if isinstance(rows, dict) else ""
@@ -233,9 +233,18 @@ def parsed(record: Any) -> Any:
     if not isinstance(record, _Line):
         return record
     try:
-        return json.loads(record)
+        # Without its line end: a line cut off inside a string is then an unterminated string, not
+        # an invalid control character (the newline) at the line's end.
+        return json.loads(record.rstrip("\r\n"))
     except json.JSONDecodeError as error:
-        return _Malformed(f"not valid JSON ({error.msg} at column {error.colno})")
+        return _Malformed(json_problem(error, with_line=False))
+
+
+def json_problem(error: json.JSONDecodeError, with_line: bool) -> str:
+    """"not valid JSON at column 17: Unterminated string starting", as data/prepare_common.py says it.
+    Some of json's messages end in "at", waiting for the position it appends to str(error)."""
+    where = f"line {error.lineno} column {error.colno}" if with_line else f"column {error.colno}"
+    return f"not valid JSON at {where}: {error.msg.removesuffix(' at')}"
 
 
 def load_with_datasets(name: str, split: str, streaming: bool = False, split_setting: str = "set data.split"):
@@ -368,6 +377,32 @@ def validate_records(name: str, records: list[tuple[str, Any]], first: int, form
                 raise DataError(f"{name}: {row_where}: {problem[1]} "
                                 f"(data.on_bad_row: skip leaves such rows out and counts them)")
     return rows, bad
+
+
+def filled_columns(records: list[tuple[str, Any]]) -> Counter:
+    """Each column of the records, with how many give it a value (not null, blank or empty)."""
+    filled = Counter()
+    for _, record in records:
+        record = parsed(record)
+        if isinstance(record, dict):
+            filled.update(key for key, value in record.items()
+                          if (value.strip() if isinstance(value, str) else value not in (None, [], {})))
+    return filled
+
+
+# The columns each format reads (named as data.columns renames them), and the source columns its
+# datasets usually carry that no one means to train on: an `id`; tatsu-lab/alpaca's `text` (the row
+# rendered once more); the `name` and `is_classification` of Self-Instruct's seed tasks.
+READ = {"alpaca": {"instruction", "input", "output"}, "instances": {"instruction", "instances"}, "chat": {"messages"}}
+USUALLY_UNREAD = {"alpaca": {"id", "text"}, "instances": {"id", "name", "is_classification"}, "chat": {"id"}}
+
+
+def unread_columns(filled: dict[str, int], format: str, columns: dict[str, str] | None) -> dict[str, int]:
+    """The columns of `filled_columns` that no field of `format` reads: one that data.columns leaves
+    unmapped, such as a `context` beside a mapped prompt and response, is otherwise ignored unseen."""
+    columns = columns or {}
+    return {column: n for column, n in sorted(filled.items())
+            if columns.get(column, column) not in READ[format] and column not in USUALLY_UNREAD[format]}
 
 
 def _collision(name: str, where: str, record: dict, columns: dict[str, str]) -> str:

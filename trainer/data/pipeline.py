@@ -28,7 +28,7 @@ from trainer.data.building import build_store
 from trainer.data.encoding import TEMPLATES, chat_template, check_tokenizer, template_note
 from trainer.data.formats import DataError, locate, read_source, validate_records
 from trainer.data.leakage import leakage_note
-from trainer.data.stats import DataStats, check_store, dataset_summary
+from trainer.data.stats import DataStats, check_store, dataset_summary, unread_note
 from trainer.data.store import Examples, Store
 from trainer.data.tasks import resolve_dataset
 
@@ -45,6 +45,7 @@ class LoadedSource:
     format: str
     records: int  # records read; example row ids are positions among them
     outcomes: dict[str, int]  # "truncated", "dropped: ...", "skipped: ..." -> rows
+    filled_columns: dict[str, int]  # column -> rows with a value in it
     store: Store
     cache: str  # hit | miss | off
 
@@ -80,7 +81,8 @@ def _loaded(store: Store, outcome: str, name: str) -> LoadedSource:
     """`name`: the dataset as this run names it (a cached store keeps the name of the run that built it,
     which may have spelled the same file another way, relative to another directory)."""
     info = store.info
-    return LoadedSource(name, info["format"], info["records"], info["outcomes"], store, outcome)
+    return LoadedSource(name, info["format"], info["records"], info["outcomes"], info.get("filled_columns", {}), store,
+                        outcome)
 
 
 def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[Examples, Examples, DataStats]:
@@ -94,6 +96,9 @@ def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[Examples, 
     sources = training_sources(config)
     loaded = [load_source(source, config, tokenizer) for source in sources]
     separate_eval = load_source(eval_source(config), config, tokenizer) if config.eval_path else None
+    read = [*zip(sources, loaded), *([(eval_source(config), separate_eval)] if separate_eval else [])]
+    notes += [note for source, part in read
+              if (note := unread_note(part.name, part.format, source.columns, part.filled_columns)) is not None]
     splits, held_out = _split(loaded, separate_eval, config, tokenizer, seed)
     train, summaries = _train_side(sources, loaded, splits, held_out.questions(), config.drop_leaked, seed)
     if separate_eval is not None:
@@ -121,8 +126,10 @@ def build_datasets(config: DataConfig, tokenizer, seed: int) -> tuple[Examples, 
     if leakage is not None:
         notes.append(leakage)
     if not len(held_out) and (config.eval_path or config.eval_fraction > 0):  # asked for, yet none
+        rounds_to_none = not any(round(part.records * config.eval_fraction) for part in loaded)  # as _held_out_records
         why = ("data.max_eval_rows=0" if config.max_eval_rows == 0 else "data.eval_path gave none" if config.eval_path
-               else f"data.eval_fraction={config.eval_fraction:g} of these rows rounds to none")
+               else f"data.eval_fraction={config.eval_fraction:g} of these rows rounds to none" if rounds_to_none
+               else "the rows held out were all dropped or skipped: see above")
         notes.append(f"no held-out example ({why}): nothing is evaluated and no checkpoint is marked best")
     return train, held_out, _stats(config, train, held_out, summaries, notes)
 

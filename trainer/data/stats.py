@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from trainer.data.formats import DataError
+from trainer.config import DataConfig
+from trainer.data.formats import DataError, unread_columns
 from trainer.data.encoding import IGNORE_INDEX, Example, document_bos, expected_first_token
 from trainer.data.store import Store, trained_mask
 
@@ -153,6 +154,74 @@ def format_stats(stats: dict[str, Any]) -> str:
                for why, n in sorted(d["outcomes"].items()) if why != "truncated"]
     notes = [f"  note: {note}" for note in stats["notes"]]
     return "\n".join([header, *table, *reasons, *notes])
+
+
+def unread_note(name: str, format: str, columns: dict[str, str], filled: dict[str, int]) -> str | None:
+    """The note on a dataset's columns that hold values no field reads, if any; `filled`: its
+    `formats.filled_columns`, `columns`: its data.columns."""
+    unread = unread_columns(filled, format, columns)
+    if not unread:
+        return None
+    listed = ", ".join(f"{column!r} (a value in {n:,} row{'' if n == 1 else 's'})" for column, n in unread.items())
+    several = len(unread) > 1
+    note = (f"{_short(name)}: column{'s' if several else ''} {listed} {'are' if several else 'is'} in the data but no "
+            f"field reads {'them' if several else 'it'}")
+    if format == "alpaca" and not any(columns.get(column, column) == "input" for column in filled):
+        # The usual slip: a dataset's `context` left unmapped, its rows trained with an empty input.
+        note += (f"; every row's input is empty: data.columns.<column>=input maps the one that belongs there"
+                 if several else f"; every row's input is empty: data.columns.{next(iter(unread))}=input maps it there")
+    return note
+
+
+def no_training_examples(stats: dict[str, Any], config: DataConfig) -> str:
+    """Why no example is left to train on, per dataset: the rows read and where they went (the data
+    table's counts: the table is never printed then), and what to change."""
+    trained = [d for d in stats["datasets"] if d["weight"] is not None]  # data.eval_path's never is
+    accounts = "; ".join(f"{_short(d['name'])}: {d['rows']:,} row{'' if d['rows'] == 1 else 's'} read: "
+                         + ", ".join(_where_rows_went(d, config)) for d in trained)
+    return f"no training examples left. {accounts}. To keep some: {'; '.join(_fixes(trained, config))}"
+
+
+def _where_rows_went(d: dict[str, Any], config: DataConfig) -> list[str]:
+    went = []
+    for kind in ("skipped", "dropped"):
+        reasons = {why.split(": ", 1)[1]: n for why, n in sorted(d["outcomes"].items()) if why.startswith(kind)}
+        if reasons:
+            listed = ", ".join(f"{why} for data.max_seq_len={config.max_seq_len}: {n:,}" if "too long" in why
+                               else f"{why}: {n:,}" for why, n in reasons.items())
+            went.append(f"{sum(reasons.values()):,} {kind} ({listed})")
+    if d["eval"]:
+        went.append(f"{d['eval']:,} held out")
+    if d["leaked"] and config.drop_leaked:
+        went.append(f"{d['leaked']:,} dropped for repeating a held-out question")
+    if _left_before_weighting(d, config):
+        went.append(f"{_left_before_weighting(d, config):,} left out by weight {d['weight']:g}")
+    return went
+
+
+def _left_before_weighting(d: dict[str, Any], config: DataConfig) -> int:
+    """The examples left for training before weighting: all sampled away by a weight under 1, when none trains."""
+    return d["examples"] - d["eval"] - (d["leaked"] if config.drop_leaked else 0)
+
+
+def _fixes(trained: list[dict[str, Any]], config: DataConfig) -> list[str]:
+    reasons = {why for d in trained for why, n in d["outcomes"].items() if n}
+    fixes = []
+    if any(why.startswith("dropped") for why in reasons):
+        fixes.append(f"raise data.max_seq_len (now {config.max_seq_len})"
+                     + (" or set data.on_too_long=truncate_prompt" if "dropped: too long" in reasons else ""))
+    if any(why.startswith("skipped") for why in reasons):
+        fixes.append("fix the skipped rows (data.on_bad_row=error stops at the first, naming it)")
+    if any(d["eval"] for d in trained):
+        fixes.append(f"lower data.eval_fraction (now {config.eval_fraction:g}) or hold out rows of another "
+                     f"file with data.eval_path")
+    if config.drop_leaked and any(d["leaked"] for d in trained):
+        fixes.append("set data.drop_leaked=false to train on rows that repeat a held-out question")
+    if any(_left_before_weighting(d, config) for d in trained):
+        fixes.append("raise the dataset's weight in data.mixture")
+    if config.max_rows is not None:
+        fixes.append(f"raise data.max_rows (now {config.max_rows:,})")
+    return fixes
 
 
 def _count(outcomes: dict[str, int], prefix: str) -> str:
