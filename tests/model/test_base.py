@@ -28,6 +28,11 @@ def test_the_int8_cast_warning_is_silenced_and_nothing_else(small_base_path, cap
         assert "another bitsandbytes warning" in messages
         return [message for message in messages if message.startswith("MatMul8bitLt")]
 
+    # On the CPU, eval runs training's float product (exact_int8_off_gpu); LLM.int8's, which logs the
+    # cast, is what a GPU runs: reached here with that hook off.
+    for layer in model.modules():
+        if type(layer).__name__ == "Linear8bitLt":
+            layer._forward_pre_hooks.clear()
     assert cast_warnings() == []
     filters = logger.filters[:]
     for installed in filters:
@@ -66,3 +71,20 @@ def test_no_weight_is_left_a_view_of_the_mapped_checkpoint(small_base_path):
     assert in_file == []
     if model.config.tie_word_embeddings:  # still one tensor for both (SmolLM2's are tied)
         assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_8bit_layers_off_a_gpu_evaluate_what_training_computes_whatever_shares_the_batch(small_base_path):
+    """bitsandbytes' CPU eval mode is LLM.int8 (inputs rounded to int8, outlier columns picked over the
+    whole batch): another function than training's, and one that moves with the batch. Evaluation,
+    sampling and chat must score the model that was trained (and that export merges)."""
+    model, _ = load_base(recipe_from_dict({"model": {"name_or_path": small_base_path}, "quant": {"bits": 8}}),
+                         torch.device("cpu"))
+    torch.manual_seed(0)
+    ids = torch.randint(3, 200, (3, 12))
+    with torch.no_grad():
+        trained = model.train()(input_ids=ids).logits
+        together = model.eval()(input_ids=ids).logits
+        alone = torch.cat([model(input_ids=row[None]).logits for row in ids])
+    assert not model.training
+    torch.testing.assert_close(together, trained, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-5)
