@@ -51,6 +51,21 @@ def no_process_group_in_pytest():
     assert not distributed.started(), "this test started a process group in pytest's process"
 
 
+@pytest.fixture
+def unwritable_dir(tmp_path) -> Path:
+    """A folder this user cannot create anything in: a read-only one, or, for root (whom permission
+    bits do not stop), one under /proc."""
+    if os.geteuid() == 0:
+        if not Path("/proc/self").is_dir():
+            pytest.skip("running as root without /proc: no folder here is unwritable")
+        yield Path("/proc/qlora-test-unwritable")
+        return
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o500)
+    yield folder
+    folder.chmod(0o700)
+
+
 @pytest.fixture(scope="session")
 def tiny_base(session_cache) -> Path:
     from trainer.model.tiny_base import ensure_tiny_base

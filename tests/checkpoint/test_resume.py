@@ -306,7 +306,15 @@ def test_a_resume_scoring_other_held_out_examples_chooses_the_best_afresh(small_
 def test_a_changed_learning_rate_is_allowed_with_a_warning(small_checkpoint, tmp_path):
     result, target = resume_with(small_checkpoint, tmp_path, "train.learning_rate=1e-3", check=True)
     assert "train.learning_rate changed" in result.stderr
+    # one line, as the other warnings: not Python's "trainer/loop.py:241: UserWarning:" and the source line
+    assert "\nwarning: resuming from " in result.stderr and "UserWarning" not in result.stderr
     assert max(losses(target)) == 3
+
+
+def test_a_resume_with_no_step_left_says_so(small_checkpoint, tmp_path):
+    result, target = resume_with(small_checkpoint, tmp_path, "train.max_steps=2", check=True)
+    assert "nothing to train: the run resumed at step 2 and train.max_steps is 2; raise train.max_steps" in result.stdout
+    assert losses(target) == {}  # no step trained
 
 
 @pytest.mark.parametrize("name", ["adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json"])

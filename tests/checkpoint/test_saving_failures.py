@@ -4,6 +4,7 @@ files. No model: the gathered tensors are made directly, in the shapes the tiny 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 from pathlib import Path
@@ -80,3 +81,18 @@ def test_a_crash_while_replacing_a_stale_checkpoint_never_leaves_a_half_deleted_
     assert json.loads((tmp_path / "checkpoints" / "step-4" / "meta.json").read_text())["run"] == "resumed"
     save(tmp_path, 4, {"run": "again"})  # the next replace clears what the crash left
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-4"]
+
+
+def test_saved_files_follow_the_umask_not_safetensors_owner_only_mode(tmp_path):
+    """safetensors writes 0600: a teammate's account, or an evaluation job, could not read the adapter."""
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "meta.json").write_text("{}")
+    mask = os.umask(0o027)
+    try:
+        saving.follow_umask(tmp_path)
+    finally:
+        os.umask(mask)
+    assert {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()} == {
+        "adapter_model.safetensors": 0o640, "meta.json": 0o640}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -55,6 +56,9 @@ def test_two_rank_zero2_run_learns_and_writes_metrics_and_checkpoints(zero2_run,
         assert (directory / "adapter_config.json").is_file() and (directory / "COMPLETE").is_file()
         assert (directory / "meta.json").is_file() and (directory / "recipe.yaml").is_file()
     adapter_bytes = (zero2_run / "checkpoints/step-6/adapter_model.safetensors").stat().st_size
+    mask = os.umask(0)
+    os.umask(mask)  # the files are readable as the umask allows (safetensors alone writes 0600)
+    assert {p.stat().st_mode & 0o777 for p in (zero2_run / "checkpoints/step-6").iterdir()} == {0o666 & ~mask}
     base_bytes = sum(p.stat().st_size for p in tiny_base.glob("*.safetensors"))
     assert adapter_bytes < base_bytes / 4, (adapter_bytes, base_bytes)
     config = json.loads((zero2_run / "checkpoints/step-6/adapter_config.json").read_text())

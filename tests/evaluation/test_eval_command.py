@@ -223,6 +223,26 @@ def with_meta(adapter: Path, target: Path, **changes) -> Path:
     return target
 
 
+def test_an_adapter_that_is_a_run_directory_or_a_missing_best_names_the_checkpoint_to_give(tmp_path):
+    from trainer.checkpoint.saving import COMPLETE
+
+    run = tmp_path / "run"
+    for step in (2, 4):
+        (run / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        (run / "checkpoints" / f"step-{step}" / COMPLETE).write_text("")
+    recipe = tiny_recipe()
+    # a run evaluated nothing (data.eval_fraction=0): no best, its last checkpoint is named
+    for given in (run, run / "checkpoints" / "best"):
+        with pytest.raises(CheckpointError, match=f"no checkpoint of this run is marked best: it scored no held-out "
+                                                  f"loss .*; give adapter={run / 'checkpoints' / 'step-4'}, its last"):
+            check_adapter(recipe, resolve_adapter(given))
+    (run / "checkpoints" / "best").symlink_to("step-2")
+    with pytest.raises(CheckpointError, match=f"a run's output_dir: give adapter={run / 'checkpoints' / 'best'}, "):
+        check_adapter(recipe, resolve_adapter(run))
+    with pytest.raises(CheckpointError, match="expected a checkpoint directory such as"):
+        check_adapter(recipe, resolve_adapter(tmp_path))
+
+
 def test_adapters_of_another_base_or_quantisation_are_refused(adapter, tmp_path, tiny_base):
     recipe = tiny_recipe()
     fingerprint = base_fingerprint(str(tiny_base))
@@ -240,6 +260,8 @@ def test_adapters_of_another_base_or_quantisation_are_refused(adapter, tmp_path,
     assert any("original 16-bit weights" in warning for warning in check_adapter(tiny_recipe("quant.bits=16"), adapter))
     with pytest.raises(AdapterMismatchError, match="16-bit.*4-bit"):
         check_adapter(recipe, with_meta(adapter, tmp_path / "sixteen", quant_bits=16))
+    with pytest.raises(AdapterMismatchError, match="trained with the base in 8-bit, the recipe loads it in 4-bit "):
+        check_adapter(recipe, with_meta(adapter, tmp_path / "eight", quant_bits=8))
 
     older = with_meta(adapter, tmp_path / "older", base_fingerprint=None)
     assert any("no base_fingerprint" in warning for warning in check_adapter(recipe, older))

@@ -149,6 +149,13 @@ def test_out_naming_an_existing_file_is_refused_on_every_rank_before_anything_lo
     assert existing.read_text() == "{}"
 
 
+def test_out_where_this_user_cannot_write_is_refused_before_anything_loads(monkeypatch, unwritable_dir):
+    monkeypatch.setattr(eval_command.distributed, "init", lambda: pytest.fail("the process group started"))
+    out = unwritable_dir / "eval"
+    with pytest.raises(RecipeError, match=f"^out={out}: cannot write in .*; give out=<directory> this user can"):
+        run_eval(tiny_recipe(), EvalOptions(adapter="none", out=str(out)))
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_out_naming_an_existing_file_ends_both_ranks(tmp_path, tiny_base):

@@ -32,6 +32,14 @@ def test_an_out_the_export_cannot_write_is_refused_before_loading(out, message, 
         export(tiny_recipe(), ExportOptions(adapter=str(tmp_path / "adapter"), out=str(tmp_path / out)))
 
 
+@pytest.mark.parametrize("name", ["merged", "model.gguf"])
+def test_an_out_this_user_cannot_write_is_refused_before_loading(name, unwritable_dir, tmp_path, tiny_base,
+                                                                 never_loaded):
+    out = unwritable_dir / name
+    with pytest.raises(RecipeError, match=f"^out={out}: cannot write in .*; give an out= this user can write to"):
+        export(tiny_recipe(), ExportOptions(adapter=str(tmp_path / "adapter"), out=str(out)))
+
+
 @pytest.mark.parametrize("pre_tokenizer, message", [
     ({"type": "WhitespaceSplit"}, "neither byte-level BPE nor SentencePiece-style"),
     ({"type": "Sequence", "pretokenizers": [{"type": "Punctuation", "behavior": "Isolated"},

@@ -128,6 +128,27 @@ def test_dry_run_prints_the_preflight_summary_and_trains_nothing(tmp_path, tiny_
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_dry_run_refuses_an_output_dir_the_run_could_not_write(tmp_path, tiny_base):
+    """The dry run writes nothing in output_dir, but refuses one the run would refuse (it said valid)."""
+    (tmp_path / "a_file").write_text("")
+    result = train(tmp_path / "a_file", "--dry-run", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: output_dir={tmp_path / 'a_file'}: it is an existing file; output_dir must be a folder" in result.stderr
+    assert "trainable parameters" not in result.stdout  # before the base loads
+
+
+def test_unwritable_names_what_stops_a_folder_and_leaves_nothing_behind(tmp_path, unwritable_dir):
+    from trainer.runtime.run_dir import unwritable
+
+    assert unwritable(tmp_path / "new" / "run") is None and unwritable(tmp_path) is None
+    assert list(tmp_path.iterdir()) == []  # the check's own folder is removed
+    (tmp_path / "a_file").write_text("")
+    assert unwritable(tmp_path / "a_file") == "it is an existing file"
+    assert unwritable(tmp_path / "a_file" / "run") == f"{tmp_path / 'a_file'} is an existing file"
+    nearest = unwritable_dir if unwritable_dir.exists() else unwritable_dir.parent  # /proc for root
+    assert unwritable(unwritable_dir / "run").startswith(f"cannot write in {nearest}: ")
+
+
 def test_dry_run_on_a_broken_recipe_exits_non_zero_naming_the_problem(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text((ROOT / "recipes/tiny_alpaca.yaml").read_text().replace("  max_steps:", "  max_stepz:"))

@@ -231,6 +231,7 @@ def _write(final: Path, weights: dict, moments: dict, rng_states: list, recipe: 
     # Read back what was written: an empty or misshapen tensor must never become a checkpoint.
     _check_shapes(load_file(str(temporary / "adapter_model.safetensors")), recipe, "on disk")
     (temporary / COMPLETE).write_text("")
+    follow_umask(temporary)
     _fsync_tree(temporary)
     _replace_directory(temporary, final)
     try:
@@ -267,6 +268,17 @@ def _check_shapes(weights: dict[str, torch.Tensor], recipe: Recipe, where: str) 
         if tensor.dim() != 2 or tensor.numel() == 0 or tensor.shape[rank_dim] != recipe.lora.r:
             raise CheckpointError(f"adapter tensor {key} {where} has shape {tuple(tensor.shape)}, expected "
                                   f"rank {recipe.lora.r} along dim {rank_dim}; refusing to write a broken adapter")
+
+
+def follow_umask(directory: Path) -> None:
+    """Give the files in `directory` the permissions the user's umask gives new files (0644 under the
+    usual 022): safetensors writes its files owner-only (0600), so on a shared cluster another account
+    (a teammate, an evaluation or serving job) could not read an adapter or an export."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in directory.iterdir():
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)
 
 
 def _fsync_tree(directory: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from trainer import options
-from trainer.runtime import distributed
+from trainer.runtime import distributed, run_dir
 from trainer.evaluation import scores
 from trainer.checkpoint.reading import check_adapter, held_out_split_differences, resolve_adapter
 from trainer.evaluation.adapted_model import load_adapted_model
@@ -135,17 +135,19 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
 
 
 def check_out(out: Path, given: bool) -> None:
-    """Refuse an `out` that is, or lies under, an existing file, before anything is loaded: only rank 0
+    """Refuse an `out` that is, or lies under, an existing file, or where this user cannot write, before anything is loaded: only rank 0
     writes the results, so its mkdir would fail there alone after the whole evaluation, with the other
     ranks waiting at the barrier. Every rank checks the same path, so every rank refuses. `given`: out=
     was given (else `out` is the default under output_dir)."""
     named = f"out={out}" if given else f"the default out={out} (under output_dir)"
     for path in (out, *out.parents):
         if path.is_dir():
-            return
+            break
         if path.exists():
             where = "names an existing file" if path == out else f"lies under {path}, an existing file"
             raise RecipeError(f"{named} {where}; give out=<directory> for predictions.jsonl and metrics.json")
+    if reason := run_dir.unwritable(out):
+        raise RecipeError(f"{named}: {reason}; give out=<directory> this user can write to")
 
 
 def eval_prompts(tokenizer, rows: list[dict], data: DataConfig,

@@ -37,10 +37,12 @@ from trainer import options
 from trainer.evaluation import gguf_export
 from trainer.evaluation.adapted_model import add_adapter
 from trainer.checkpoint.reading import check_adapter, read_meta, resolve_adapter, trained_dtype, trained_recipe
+from trainer.checkpoint.saving import follow_umask
 from trainer.config import Recipe, RecipeError
 from trainer.data.encoding import TEMPLATES, chat_template, own_chat_template, prompt_pieces
 from trainer.model.lora import dequantised_linear, is_quantised, lora_layers, ties_adapted_layer
 from trainer.model.base import DTYPES, compute_dtype, load_base, load_config, load_tokenizer, resolve_base
+from trainer.runtime import run_dir
 
 
 @dataclass
@@ -160,13 +162,15 @@ def export(recipe: Recipe, opts: ExportOptions) -> Path:
     (out / "meta.json").write_text(json.dumps({**meta, "exported_from": str(adapter_dir), "export_base": opts.base},
                                               indent=2))
     _check_plain(out)
+    follow_umask(out)
     print(f"exported {opts.adapter} merged into {resolve_base(recipe)} ({opts.base} base, {dtype}) to {out}")
     return out
 
 
 def check_out(out: Path, file_type: str) -> None:
     """Refuse an out= the export cannot write, before anything is loaded: a model directory that is
-    (or lies under) an existing file, a GGUF file that is an existing directory."""
+    (or lies under) an existing file, a GGUF file that is an existing directory, a place this user
+    cannot write (a read-only or another user's folder)."""
     if file_type == "hf" and out.exists() and not out.is_dir():
         raise RecipeError(f"out={out} is an existing file, and a merged model is written as a directory: give "
                           f"out=<directory> (or out=<name>.gguf for one GGUF file)")
@@ -175,9 +179,11 @@ def check_out(out: Path, file_type: str) -> None:
                           f"out=<directory>/<name>.gguf")
     for parent in out.parents:
         if parent.is_dir():
-            return
+            break
         if parent.exists():
             raise RecipeError(f"out={out} lies under {parent}, an existing file: give an out= outside it")
+    if reason := run_dir.unwritable(out if file_type == "hf" else out.parent):
+        raise RecipeError(f"out={out}: {reason}; give an out= this user can write to")
 
 
 # ------------------------------------------------------------------------------ the prompt format

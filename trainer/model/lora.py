@@ -264,8 +264,11 @@ def apply_lora(model: nn.Module, target_modules: list[str], r: int, alpha: float
         matched.add(leaf)
     missing = [name for name in target_modules if name not in matched]
     if missing and (strict or not matched):
+        # The layers by their own names: an adapter's insides (base_layer, lora_A, lora_B) are no target.
+        adapters = tuple(p + "." for p, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding)))
         leaves = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules()
-                         if hasattr(m, "in_features") or isinstance(m, nn.Embedding)} - {""})
+                         if (hasattr(m, "in_features") or isinstance(m, nn.Embedding)) and not p.startswith(adapters)}
+                        - {""})
         raise RecipeError(f"{named_in}: {', '.join(missing)} matched no linear or embedding layer of "
                           f"this model; its layers are named: {', '.join(leaves)}")
     return wrapped

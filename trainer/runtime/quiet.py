@@ -10,14 +10,20 @@ library's real warnings still get through:
 - DeepSpeed logs "Setting accelerator to CPU ..." on every CPU run (the preflight table says what
   the run uses), and its INFO lines; its warnings and errors are kept.
 - transformers draws a "Loading weights" progress bar per model load (a 7B load is seconds; the
-  bar adds one line per rank), "Writing model shards" per save and "Converting and de-quantizing
-  GGUF tensors" per GGUF read. Download bars (huggingface_hub's) are kept.
+  bar adds one line per rank) and "Writing model shards" per save. Download bars (huggingface_hub's)
+  are kept, and so is the GGUF reader's "Converting and de-quantizing GGUF tensors" (a base's
+  one-off conversion, ~20 s, or a .gguf file in chat: long work).
 Python warnings are not filtered here: a FutureWarning from a library call is fixed at the call
-(trainer/evaluation/generate.py passes the KV cache as transformers 5.25 wants it).
+(trainer/evaluation/generate.py passes the KV cache as transformers 5.25 wants it). Our own are
+printed as `warning: ...` lines.
 """
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import warnings
+from pathlib import Path
 
 # logger name -> starts of the messages dropped from it
 NOISY_MESSAGES = {
@@ -27,7 +33,7 @@ NOISY_MESSAGES = {
 }
 # Loggers whose records below WARNING are dropped (their INFO lines)
 INFO_DROPPED = ("DeepSpeed",)
-QUIET_BARS = ("Loading weights", "Writing model shards", "Converting and de-quantizing GGUF tensors")
+QUIET_BARS = ("Loading weights", "Writing model shards")
 
 
 class DropNoise(logging.Filter):
@@ -46,11 +52,32 @@ def install(debug: bool = False) -> None:
     filters sit on the loggers by name, so they hold for a library imported later."""
     if debug:
         return
+    _plain_own_warnings()
     for name in {*NOISY_MESSAGES, *INFO_DROPPED}:
         logger = logging.getLogger(name)
         if not any(isinstance(f, DropNoise) for f in logger.filters):
             logger.addFilter(DropNoise(NOISY_MESSAGES.get(name, ()), logging.WARNING if name in INFO_DROPPED else 0))
     _quiet_bars()
+
+
+def _plain_own_warnings() -> None:
+    """Our own warnings.warn (a resume with a changed setting, say) as one `warning: ...` line, as the
+    commands print their other warnings, not Python's "path/loop.py:241: UserWarning: ..." with the
+    source line after it. The libraries' warnings keep Python's format."""
+    package = str(Path(__file__).resolve().parent.parent) + os.sep
+    shown = warnings.showwarning
+    if getattr(shown, "plain_own_warnings", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not str(Path(filename).resolve()).startswith(package):
+            return shown(message, category, filename, lineno, file, line)
+        rank = os.environ.get("RANK")
+        prefix = f"warning (rank {rank}): " if rank not in (None, "0") else "warning: "
+        print(prefix + str(message), file=file or sys.stderr, flush=True)
+
+    show.plain_own_warnings = True
+    warnings.showwarning = show
 
 
 def _quiet_bars() -> None:

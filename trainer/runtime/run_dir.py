@@ -30,6 +30,7 @@ import re
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import BinaryIO
@@ -49,6 +50,24 @@ LOCK = ".lock"
 # flock's answers on a filesystem without file locks (some network and FUSE filesystems).
 NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
 _held: dict[Path, BinaryIO] = {}  # output_dir (resolved) -> its locked .lock, open until unlock or the process ends
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why a folder could not be made or written at `folder`, or None where it can: checked by making
+    (and removing) a folder in its nearest existing ancestor, so a read-only filesystem, another
+    user's folder or /proc is found even by root, for whom permission bits say yes. Nothing is left
+    behind. For the commands that write their results after minutes of loading (train's dry run,
+    eval, export), to refuse before loading instead."""
+    existing = next((path for path in (folder, *folder.parents) if path.exists()), None)
+    if existing is None:
+        return None  # nothing exists up to the root of a relative path's filesystem: mkdir will say
+    if not existing.is_dir():
+        return f"{'it is' if existing == folder else f'{existing} is'} an existing file"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
+    except OSError as error:
+        return f"cannot write in {existing}: {error.strerror or error}"
+    return None
 
 
 def lock(output_dir: Path) -> BinaryIO | None:
