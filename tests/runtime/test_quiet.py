@@ -64,3 +64,14 @@ def test_filters_drop_only_the_named_lines():
     assert drop.filter(record(logging.WARNING, "Failed to load the 8-bit kernel"))
     assert drop.filter(record(logging.ERROR, "something real"))
     install(debug=True)  # --debug installs nothing
+
+
+def test_deepspeeds_deprecated_gather_warning_is_dropped_and_other_future_warnings_kept():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        install()
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
+        warnings.warn("`something_else` is deprecated", FutureWarning)
+    assert [str(w.message) for w in caught] == ["`something_else` is deprecated"]

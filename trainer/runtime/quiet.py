@@ -13,14 +13,17 @@ library's real warnings still get through:
   bar adds one line per rank) and "Writing model shards" per save. Download bars (huggingface_hub's)
   are kept, and so is the GGUF reader's "Converting and de-quantizing GGUF tensors" (a base's
   one-off conversion, ~20 s, or a .gguf file in chat: long work).
-Python warnings are not filtered here: a FutureWarning from a library call is fixed at the call
-(trainer/evaluation/generate.py passes the KV cache as transformers 5.25 wants it). Our own are
-printed as `warning: ...` lines.
+Python warnings: a FutureWarning from our own call into a library is fixed at the call
+(trainer/evaluation/generate.py passes the KV cache as transformers 5.25 wants it); one from a
+library's call into torch is dropped by its message (QUIET_WARNINGS: DeepSpeed's ZeRO gathers call
+`all_gather_into_tensor`, which torch 2.13 deprecates, once per rank). Our own are printed as
+`warning: ...` lines.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -34,6 +37,8 @@ NOISY_MESSAGES = {
 # Loggers whose records below WARNING are dropped (their INFO lines)
 INFO_DROPPED = ("DeepSpeed",)
 QUIET_BARS = ("Loading weights", "Writing model shards")
+# (category, start of the message) of the Python warnings dropped
+QUIET_WARNINGS = ((FutureWarning, "`torch.distributed.all_gather_into_tensor` is deprecated"),)
 
 
 class DropNoise(logging.Filter):
@@ -53,6 +58,8 @@ def install(debug: bool = False) -> None:
     if debug:
         return
     _plain_own_warnings()
+    for category, start in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(start), category=category)
     for name in {*NOISY_MESSAGES, *INFO_DROPPED}:
         logger = logging.getLogger(name)
         if not any(isinstance(f, DropNoise) for f in logger.filters):
