@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from conftest import ROOT
 from trainer import cli
 from trainer.config import SYNONYMS, Recipe, RecipeError, load_recipe
 from trainer.evaluation.chat import ChatOptions
@@ -91,3 +92,22 @@ def test_a_script_option_without_its_section_is_named_with_it(options_class, sec
 def test_another_trainers_name_given_to_a_script_is_left_for_the_recipe_to_name():
     for arg in ("lr=1e-4", "num_epochs=3", "lora_r=8"):
         assert split_argv(["r.yaml", arg], EvalOptions, "eval") == ({}, ["r.yaml", arg])
+
+
+def test_a_recipe_key_given_to_a_script_without_its_section_is_named_by_the_recipe_loader():
+    from trainer.evaluation.eval_command import EvalOptions
+    from trainer.options import split_argv
+
+    ours, rest = split_argv(["r.yaml", "max_seq_len=1024", "micro_batch_size=4"], EvalOptions, "eval")
+    assert ours == {} and rest == ["r.yaml", "max_seq_len=1024", "micro_batch_size=4"]  # not eval.max_new_tokens=
+    with pytest.raises(RecipeError, match=r"unknown key max_seq_len; did you mean data\.max_seq_len\?"):
+        load_recipe(ROOT / "recipes" / "tiny_alpaca.yaml", ["max_seq_len=1024"])
+
+
+def test_case_and_a_section_written_inside_another_are_answered():
+    with pytest.raises(RecipeError, match=r"unknown key train\.MAX_STEPS; did you mean train\.max_steps\?"):
+        load_recipe(ROOT / "recipes" / "tiny_alpaca.yaml", ["train.MAX_STEPS=3"])
+    with pytest.raises(RecipeError, match=r"unknown key train\.lora; lora is a section of its own"):
+        load_recipe(ROOT / "recipes" / "tiny_alpaca.yaml", ["train.lora=3"])
+    with pytest.raises(RecipeError, match=r"unknown key train\.output_dir; did you mean output_dir\?"):
+        load_recipe(ROOT / "recipes" / "tiny_alpaca.yaml", ["train.output_dir=x"])

@@ -567,11 +567,14 @@ def meant_key(key: str, prefix: str, names: list[str]) -> str:
     if meant is not None:  # a key, or a sentence where our concept differs
         return meant if " " in meant else f"did you mean {meant}?"
 
+    if prefix and dataclasses.is_dataclass(typing.get_type_hints(Recipe).get(key)):  # `train.lora=`
+        return f"{key} is a section of its own: {key}.<key>=..."
+
     def likeness(candidate: str) -> float:
-        return difflib.SequenceMatcher(None, key, candidate.rsplit(".", 1)[-1]).ratio()
+        return difflib.SequenceMatcher(None, key.lower(), candidate.rsplit(".", 1)[-1].lower()).ratio()
 
     own = max((f"{prefix}{name}" for name in names), key=likeness)
-    elsewhere = max(_recipe_keys(), key=likeness)
+    elsewhere = max(recipe_key_names(), key=likeness)
     # A key of another section must be spelled closer than any of the section's own, and close: loosely
     # alike names across sections (temperature, template) are more often unrelated than misplaced.
     if likeness(elsewhere) >= 0.8 and likeness(elsewhere) > likeness(own):
@@ -579,7 +582,7 @@ def meant_key(key: str, prefix: str, names: list[str]) -> str:
     return f"did you mean {own}?" if likeness(own) >= 0.5 else f"valid keys: {', '.join(names)}"
 
 
-def _recipe_keys() -> list[str]:
+def recipe_key_names() -> list[str]:
     """Every key of a recipe, as section.key or a top-level key."""
     keys = []
     for name, kind in typing.get_type_hints(Recipe).items():

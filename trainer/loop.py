@@ -35,6 +35,7 @@ from trainer.model.base import (check_embedding_rows, compute_dtype, dtype_name,
                                 load_base, load_tokenizer, resolve_base)
 from trainer.model.lora import adapter_parameters, apply_lora, link_group_states, optimizer_groups, parameter_summary
 from trainer.runtime import distributed, health, preflight, run_dir
+from trainer.runtime.quiet import TrainerWarning
 from trainer.runtime.dashboards import Dashboards, check_wandb_login
 from trainer.runtime.metrics_log import MetricsLog
 from trainer.runtime.report import append_samples, format_samples, write_report
@@ -104,7 +105,8 @@ class Run:
 
 def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
     run, state = setup(recipe, dry_run)
-    if run is None:
+    if run is None:  # a dry run, or nothing to train
+        run_dir.unlock(Path(recipe.output_dir))
         return None
     rank = distributed.rank()
     metrics = MetricsLog(Path(recipe.output_dir))
@@ -112,9 +114,6 @@ def train(recipe: Recipe, dry_run: bool = False) -> TrainState | None:
     progress = tqdm(total=recipe.train.max_steps, initial=state.step, disable=rank != 0, desc="train",
                     dynamic_ncols=True)
     say = progress.write if rank == 0 else (lambda *_: None)
-    if state.step >= recipe.train.max_steps:
-        say(f"nothing to train: the run resumed at step {state.step} and train.max_steps is {recipe.train.max_steps}; "
-            f"raise train.max_steps to train on")
     stop_request = StopRequest()  # SIGTERM / SIGINT: save at the next step boundary, exit cleanly
     skips = Skips(overflows=state.overflow_skips)  # a resumed run counts on from the checkpoint's
     run.engine.train()
@@ -246,12 +245,17 @@ def setup(recipe: Recipe, dry_run: bool) -> tuple[Run | None, TrainState]:
     resume_dir = resume.find_resume_dir(recipe)
     if resume_dir is not None:
         resume.check_compatible(resume_dir, recipe)
+        saved_step = (reading.read_meta(resume_dir) or {}).get("step", 0)
+        if saved_step >= recipe.train.max_steps and not dry_run:  # before minutes of loading for no step
+            log(f"nothing to train: {resume_dir} is at step {saved_step} and train.max_steps is "
+                f"{recipe.train.max_steps}; raise train.max_steps to train on")
+            return None, TrainState(step=saved_step)
     data = prepare_data(recipe, tokenizer)
     log(str(data.stats))
     model, _ = prepare_model(recipe, device, tokenizer)
     logit_transform(model)  # a model whose logits the loss cannot reproduce is refused here, in a dry run too
     log(parameter_summary(model))
-    mean_tokens = float(data.train_set.lengths().mean()) if len(data.train_set) else 0.0
+    mean_tokens = float(data.train_set.lengths().mean())  # prepare_data refused an empty training set
     log(preflight.summary(recipe, model, data.stats, distributed.world_size(), dtype, base_name_or_path, resume_dir,
                           mean_tokens))
     if resume_dir is not None:
@@ -348,7 +352,7 @@ def restore(recipe: Recipe, resume_dir: Path | None, model: torch.nn.Module, opt
                       f"{n_train:,}: the data order from here differs from an uninterrupted run, and if a "
                       f"dataset's rows changed, so did the held-out split (rows held out before may now be "
                       f"trained on, and the other way round): held-out loss and the best checkpoint from "
-                      f"here on are not comparable with those before the resume", stacklevel=2)
+                      f"here on are not comparable with those before the resume", TrainerWarning, stacklevel=2)
     if state.held_out is not None and state.held_out != held_out and state.best_step is not None:
         # Another max_seq_len, template setting, cap or split scores other examples: a loss on them
         # cannot beat or lose to the checkpoint's best, so the best is chosen afresh from here on.
@@ -356,7 +360,7 @@ def restore(recipe: Recipe, resume_dir: Path | None, model: torch.nn.Module, opt
             warnings.warn(f"{resume_dir} scored its held-out loss on other held-out examples than this run "
                           f"(the data settings changed): the best checkpoint (step {state.best_step}, "
                           f"{state.best_eval_loss:.4f}) is not compared with the losses from here on; "
-                          f"the best is chosen again among this run's evaluations", stacklevel=2)
+                          f"the best is chosen again among this run's evaluations", TrainerWarning, stacklevel=2)
         state.best_eval_loss = state.best_step = None
     log(f"resumed from {resume_dir} at step {state.step} (epoch {state.epoch}, "
         f"example {state.position_in_epoch} of {n_train})")

@@ -16,7 +16,7 @@ import typing
 from typing import Any, TypeVar
 
 from trainer import cli
-from trainer.config import SYNONYMS, Recipe, RecipeError
+from trainer.config import SYNONYMS, Recipe, RecipeError, recipe_key_names
 
 Options = TypeVar("Options")
 
@@ -33,6 +33,7 @@ def split_argv(argv: list[str], options_class: type, section: str) -> tuple[dict
             rest.append(arg)
     recipe_keys = [field.name for field in dataclasses.fields(Recipe)]
     names = [field.name for field in dataclasses.fields(options_class)]
+    recipe_leaves = {name.rsplit(".", 1)[-1] for name in recipe_key_names()}
     for arg in rest:
         key, has_value, _ = arg.partition("=")
         head = key.split(".")[0]
@@ -40,8 +41,9 @@ def split_argv(argv: list[str], options_class: type, section: str) -> tuple[dict
             continue
         if "." in key:  # a mistyped section: `evl.batch_size=`
             close = f"{section}." if difflib.get_close_matches(head, [section], n=1, cutoff=0.6) else None
-        elif key.lower() in SYNONYMS and key not in names:
-            continue  # another trainer's name for a recipe key (`lr=`): the recipe loader names ours
+        elif key not in names and (key.lower() in SYNONYMS or key in recipe_leaves):
+            continue  # a recipe key without its section (`max_seq_len=`), another trainer's name (`lr=`):
+            # the recipe loader names ours
         else:  # `adpter=`, or one of ours without its section: `batch_size=` means eval.batch_size=
             match = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
             close = None if not match else f"{match[0]}=" if match[0] in top_level else f"{section}.{match[0]}="
@@ -55,6 +57,7 @@ def parse_options(options_class: type[Options], given: dict[str, str], section: 
     top_level = _top_level_names(options_class)
     hints = typing.get_type_hints(options_class)
     names = [field.name for field in dataclasses.fields(options_class)]
+    recipe_leaves = {name.rsplit(".", 1)[-1] for name in recipe_key_names()}
     valid = [name if name in top_level else f"{section}.{name}" for name in names]
     values = {}
     for key, text in given.items():

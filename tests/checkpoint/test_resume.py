@@ -87,8 +87,10 @@ def test_an_fp16_resume_carries_the_loss_scale_and_continues_bitwise(tmp_path, t
     settings = ("model.dtype=float16", "deepspeed.zero_stage=2")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(straight, *settings)
-    saved = json.loads((straight / "checkpoints/step-3/trainer_state.json").read_text())["loss_scale"]
+    state = json.loads((straight / "checkpoints/step-3/trainer_state.json").read_text())
+    saved = state["loss_scale"]
     assert saved["cur_iter"] == 3 and saved["cur_scale"] > 0
+    assert state["overflow_skips"] == overflow_counts(straight)[3]
     resume_from_copy(straight, 3, resumed)
     train(resumed, *settings, "resume=auto")
     assert losses(resumed) == {step: loss for step, loss in losses(straight).items() if step > 3}
@@ -313,8 +315,10 @@ def test_a_changed_learning_rate_is_allowed_with_a_warning(small_checkpoint, tmp
 
 def test_a_resume_with_no_step_left_says_so(small_checkpoint, tmp_path):
     result, target = resume_with(small_checkpoint, tmp_path, "train.max_steps=2", check=True)
-    assert "nothing to train: the run resumed at step 2 and train.max_steps is 2; raise train.max_steps" in result.stdout
-    assert losses(target) == {}  # no step trained
+    assert (f"nothing to train: {target / 'checkpoints' / 'step-2'} is at step 2 and train.max_steps is 2; raise "
+            f"train.max_steps") in result.stdout
+    assert "trainable parameters" not in result.stdout  # said before the data and the base load
+    assert not (target / "metrics.jsonl").exists()
 
 
 @pytest.mark.parametrize("name", ["adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json"])

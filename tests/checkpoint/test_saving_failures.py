@@ -89,10 +89,12 @@ def test_saved_files_follow_the_umask_not_safetensors_owner_only_mode(tmp_path):
 
     save_file({"a": torch.zeros(2)}, str(tmp_path / "adapter_model.safetensors"))
     (tmp_path / "meta.json").write_text("{}")
+    (tmp_path / "kept.bin").write_text("")
+    (tmp_path / "kept.bin").chmod(0o600)  # not written by this save: left as its owner set it
     mask = os.umask(0o027)
     try:
-        saving.follow_umask(tmp_path)
+        saving.follow_umask([tmp_path / "adapter_model.safetensors", tmp_path / "meta.json"])
     finally:
         os.umask(mask)
     assert {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()} == {
-        "adapter_model.safetensors": 0o640, "meta.json": 0o640}
+        "adapter_model.safetensors": 0o640, "meta.json": 0o640, "kept.bin": 0o600}

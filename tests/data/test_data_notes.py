@@ -162,3 +162,12 @@ def test_the_usual_extra_columns_and_empty_ones_are_not_noted(row, tokenizer, tm
     path = write_jsonl(tmp_path / "rows.jsonl", [row])
     _, _, stats = build_datasets(config(path), tokenizer, seed=0)
     assert unread_notes(stats) == []
+
+
+def test_raising_data_max_rows_is_suggested_only_where_the_cap_cut_rows(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", rows([LONG] * 5))
+    with pytest.raises(DataError) as uncapped:
+        training_data(config(path, max_seq_len=34, max_rows=1000), tokenizer, seed=0)
+    assert "data.max_rows" not in str(uncapped.value)  # 5 rows under a cap of 1,000: raising it cannot help
+    with pytest.raises(DataError, match=r"raise data\.max_rows \(now 3\)"):
+        training_data(config(path, max_seq_len=34, max_rows=3), tokenizer, seed=0)

@@ -232,13 +232,15 @@ def test_an_adapter_that_is_a_run_directory_or_a_missing_best_names_the_checkpoi
         (run / "checkpoints" / f"step-{step}" / COMPLETE).write_text("")
     recipe = tiny_recipe()
     # a run evaluated nothing (data.eval_fraction=0): no best, its last checkpoint is named
-    for given in (run, run / "checkpoints" / "best"):
-        with pytest.raises(CheckpointError, match=f"no checkpoint of this run is marked best: it scored no held-out "
-                                                  f"loss .*; give adapter={run / 'checkpoints' / 'step-4'}, its last"):
+    for given in (run, run / "checkpoints", run / "checkpoints" / "best"):
+        with pytest.raises(CheckpointError, match=f"no checkpoint of this run is marked best yet: none was saved at "
+                                                  f"an evaluation step .*; give adapter={run / 'checkpoints' / 'step-4'}, "
+                                                  f"its last"):
             check_adapter(recipe, resolve_adapter(given))
     (run / "checkpoints" / "best").symlink_to("step-2")
-    with pytest.raises(CheckpointError, match=f"a run's output_dir: give adapter={run / 'checkpoints' / 'best'}, "):
-        check_adapter(recipe, resolve_adapter(run))
+    for given in (run, run / "checkpoints"):
+        with pytest.raises(CheckpointError, match=f"a run's folder: give adapter={run / 'checkpoints' / 'best'}, "):
+            check_adapter(recipe, resolve_adapter(given))
     with pytest.raises(CheckpointError, match="expected a checkpoint directory such as"):
         check_adapter(recipe, resolve_adapter(tmp_path))
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from _checkpoints import ONE_THREAD, make_checkpoint, one_thread, our_model, tiny_recipe
 from conftest import run_cli
+from trainer.checkpoint import saving
 from trainer.evaluation.export import ExportOptions, export
 
 IDS = [1, 45, 67, 89, 120, 300, 13, 13, 500, 7]
@@ -68,9 +69,15 @@ def assert_plain_export(out: Path) -> dict[str, torch.Tensor]:
 def test_unquantised_export_equals_base_plus_adapter_loads_fresh_and_matches_peft(tmp_path, tiny_base):
     adapter = make_checkpoint(tmp_path / "run", "quant.bits=16")
     out = tmp_path / "exported"
+    out.mkdir()
+    (out / "notes.txt").write_text("kept")
+    (out / "notes.txt").chmod(0o600)
     run_cli(["launch/export.py", "recipes/tiny_alpaca.yaml", f"adapter={adapter}", f"out={out}", "quant.bits=16"],
             env=ONE_THREAD)
     weights = assert_plain_export(out)
+    # readable as the umask allows (safetensors alone writes 0600); a file the export did not write is left alone
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~saving._umask()
+    assert (out / "notes.txt").stat().st_mode & 0o777 == 0o600
 
     expected = logits_of(our_model(tiny_recipe("quant.bits=16"), adapter))
     info, fresh_logits = load_fresh(out, tmp_path)

@@ -245,6 +245,8 @@ def test_fp16_overflow_skipped_steps_are_counted_and_the_run_goes_on(tmp_path, t
     assert "step 2: fp16 gradient overflow, update skipped and loss scale lowered" in result.stdout
     assert all(math.isfinite(r["loss"]) for r in logged.values()) and not logged[4].get("skipped")
     assert (tmp_path / "checkpoints/step-4/COMPLETE").exists()
+    saved = json.loads((tmp_path / "checkpoints/step-4/trainer_state.json").read_text())
+    assert saved["overflow_skips"] == logged[4]["overflow_skips"]  # a resume counts on from there
 
 
 def test_a_resumed_run_counts_fp16_overflow_skips_on_from_its_checkpoint():

@@ -75,3 +75,22 @@ def test_deepspeeds_deprecated_gather_warning_is_dropped_and_other_future_warnin
         warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
         warnings.warn("`something_else` is deprecated", FutureWarning)
     assert [str(w.message) for w in caught] == ["`something_else` is deprecated"]
+
+
+def test_our_warnings_are_one_line_and_a_librarys_keeps_its_format_whoever_called_it(monkeypatch, capsys):
+    import warnings
+
+    from trainer.runtime.quiet import TrainerWarning
+
+    def python_format(message, category, *args, **kwargs):  # stands for Python's (pytest records them here)
+        print(f"path:1: {category.__name__}: {message}", file=sys.stderr)
+
+    monkeypatch.setattr(warnings, "showwarning", python_format)  # restored after the test
+    monkeypatch.delenv("RANK", raising=False)
+    install()
+    warnings.showwarning(TrainerWarning("resuming with x changed"), TrainerWarning, "trainer/loop.py", 241)
+    # a library's warning raised with stacklevel=2 from one of our calls names our file: still its own format
+    warnings.showwarning(FutureWarning("old() is deprecated"), FutureWarning, str(ROOT / "trainer/loop.py"), 9)
+    printed = capsys.readouterr().err
+    assert printed.startswith("warning: resuming with x changed\n")
+    assert "FutureWarning: old() is deprecated" in printed and "UserWarning" not in printed

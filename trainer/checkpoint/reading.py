@@ -149,8 +149,8 @@ def original_weights_warning(trained_bits: int) -> str:
     return (f"the adapter was trained on the {trained_bits}-bit quantised base; quant.bits=16 applies it to the "
             f"original 16-bit weights instead, without the quantisation error it was trained against, so "
             f"outputs and scores differ from training's, the more so the larger that error (several percent of "
-            f"the held-out loss on the built-in SmolLM2, a 4-bit GGUF requantised to NF4). Leave quant.bits={trained_bits} to merge into "
-            f"the dequantised base, which reproduces what was trained")
+            f"the held-out loss on the built-in SmolLM2, a 4-bit GGUF requantised to NF4). Leave "
+            f"quant.bits={trained_bits} to merge into the dequantised base, which reproduces what was trained")
 
 
 def resolve_adapter(path: str | Path) -> Path:
@@ -177,13 +177,14 @@ def _adapter_instead(adapter_dir: Path) -> str:
     """What to give instead of an adapter= that holds no adapter: a run's output_dir, or the `best` of a
     run that never scored a held-out loss (data.eval_fraction=0 and no eval_path), is answered with the
     checkpoint to take."""
-    checkpoints = adapter_dir.parent if adapter_dir.name == BEST else adapter_dir / "checkpoints"
+    checkpoints = (adapter_dir.parent if adapter_dir.name == BEST else adapter_dir if adapter_dir.name == "checkpoints"
+                   else adapter_dir / "checkpoints")
     saved = complete_checkpoints(checkpoints)
     if adapter_dir.name != BEST and ((checkpoints / BEST).exists() or (checkpoints / f"{BEST}.json").is_file()):
-        return f"a run's output_dir: give adapter={checkpoints / BEST}, its best checkpoint"
+        return f"a run's folder: give adapter={checkpoints / BEST}, its best checkpoint"
     if saved:
-        return (f"no checkpoint of this run is marked {BEST}: it scored no held-out loss (data.eval_fraction=0 "
-                f"and no data.eval_path); give adapter={saved[-1]}, its last")
+        return (f"no checkpoint of this run is marked {BEST} yet: none was saved at an evaluation step (with "
+                f"data.eval_fraction=0 and no data.eval_path, none ever is); give adapter={saved[-1]}, its last")
     return f"expected a checkpoint directory such as runs/<name>/checkpoints/step-<N>, or checkpoints/{BEST}"
 
 

@@ -22,6 +22,7 @@ from trainer.checkpoint.reading import (check_adapter, load_adapter_weights, on_
 from trainer.config import Recipe
 from trainer.model.base import ModelLoadError
 from trainer.model.lora import adapter_parameters
+from trainer.runtime.quiet import TrainerWarning
 
 # Fields that change what the adapter means: resuming across them is refused. The base itself is
 # checked by fingerprint (check_base), not by its path: a base moved to a new path resumes.
@@ -83,7 +84,7 @@ def check_compatible(directory: Path, recipe: Recipe) -> None:
         before, now = _lookup(saved, dotted), _lookup(current, dotted)
         if before != now and distributed.is_main():
             warnings.warn(f"resuming from {directory} with {dotted} changed from {before!r} to {now!r}",
-                          stacklevel=2)
+                          TrainerWarning, stacklevel=2)
 
 
 def check_base(directory: Path, recipe: Recipe) -> None:
@@ -95,7 +96,7 @@ def check_base(directory: Path, recipe: Recipe) -> None:
         raise CheckpointError(f"cannot resume: {error}; or start a fresh run in a new output_dir") from None
     if distributed.is_main():
         for note in notes:
-            warnings.warn(f"resuming from {directory}: {note}", stacklevel=3)
+            warnings.warn(f"resuming from {directory}: {note}", TrainerWarning, stacklevel=3)
 
 
 def _check_adapter(recipe: Recipe, directory: Path) -> list[str]:
@@ -211,4 +212,4 @@ def _restore_rng(directory: Path, per_rank: list) -> None:
     elif distributed.is_main() or rank == len(per_rank):
         # New ranks have no saved stream: they keep the seeded one (only dropout draws from it).
         warnings.warn(f"{path} holds RNG states for {len(per_rank)} ranks; rank {rank} and above keep "
-                      f"their seeded RNG", stacklevel=2)
+                      f"their seeded RNG", TrainerWarning, stacklevel=2)

@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -231,7 +232,7 @@ def _write(final: Path, weights: dict, moments: dict, rng_states: list, recipe: 
     # Read back what was written: an empty or misshapen tensor must never become a checkpoint.
     _check_shapes(load_file(str(temporary / "adapter_model.safetensors")), recipe, "on disk")
     (temporary / COMPLETE).write_text("")
-    follow_umask(temporary)
+    follow_umask(temporary.iterdir())
     _fsync_tree(temporary)
     _replace_directory(temporary, final)
     try:
@@ -270,15 +271,27 @@ def _check_shapes(weights: dict[str, torch.Tensor], recipe: Recipe, where: str) 
                                   f"rank {recipe.lora.r} along dim {rank_dim}; refusing to write a broken adapter")
 
 
-def follow_umask(directory: Path) -> None:
-    """Give the files in `directory` the permissions the user's umask gives new files (0644 under the
-    usual 022): safetensors writes its files owner-only (0600), so on a shared cluster another account
-    (a teammate, an evaluation or serving job) could not read an adapter or an export."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in directory.iterdir():
+def follow_umask(files: Iterable[Path]) -> None:
+    """Give `files` (this process wrote them) the permissions the user's umask gives new files (0644
+    under the usual 022): safetensors writes its files owner-only (0600), so on a shared cluster
+    another account (a teammate, an evaluation or serving job) could not read an adapter or an export."""
+    mode = 0o666 & ~_umask()
+    for path in files:
         if path.is_file() and not path.is_symlink():
-            path.chmod(0o666 & ~mask)
+            path.chmod(mode)
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask sets it, for every thread, to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_tree(directory: Path) -> None:

@@ -219,7 +219,7 @@ def _fixes(trained: list[dict[str, Any]], config: DataConfig) -> list[str]:
         fixes.append("set data.drop_leaked=false to train on rows that repeat a held-out question")
     if any(_left_before_weighting(d, config) for d in trained):
         fixes.append("raise the dataset's weight in data.mixture")
-    if config.max_rows is not None:
+    if config.max_rows is not None and any(d["rows"] >= config.max_rows for d in trained):  # the cap cut rows
         fixes.append(f"raise data.max_rows (now {config.max_rows:,})")
     return fixes
 

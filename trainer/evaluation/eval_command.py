@@ -135,10 +135,10 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
 
 
 def check_out(out: Path, given: bool) -> None:
-    """Refuse an `out` that is, or lies under, an existing file, or where this user cannot write, before anything is loaded: only rank 0
-    writes the results, so its mkdir would fail there alone after the whole evaluation, with the other
-    ranks waiting at the barrier. Every rank checks the same path, so every rank refuses. `given`: out=
-    was given (else `out` is the default under output_dir)."""
+    """Refuse an `out` that is, or lies under, an existing file, or where this user cannot write, before
+    anything is loaded: only rank 0 writes the results, so its mkdir would fail there alone after the
+    whole evaluation, with the other ranks waiting at the barrier. Every rank checks the same path, so
+    every rank refuses. `given`: out= was given (else `out` is the default under output_dir)."""
     named = f"out={out}" if given else f"the default out={out} (under output_dir)"
     for path in (out, *out.parents):
         if path.is_dir():

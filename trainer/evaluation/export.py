@@ -155,6 +155,7 @@ def export(recipe: Recipe, opts: ExportOptions) -> Path:
               f"(GGUF, {file_type})")
         return out
     model.config.use_cache = True  # training turned it off; a user of the export generates
+    before = _modified_times(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     # What the run recorded (chat reads chat_rendered from it: how to write a conversation).
@@ -162,9 +163,13 @@ def export(recipe: Recipe, opts: ExportOptions) -> Path:
     (out / "meta.json").write_text(json.dumps({**meta, "exported_from": str(adapter_dir), "export_base": opts.base},
                                               indent=2))
     _check_plain(out)
-    follow_umask(out)
+    follow_umask(path for path, modified in _modified_times(out).items() if before.get(path) != modified)
     print(f"exported {opts.adapter} merged into {resolve_base(recipe)} ({opts.base} base, {dtype}) to {out}")
     return out
+
+
+def _modified_times(folder: Path) -> dict[Path, int]:
+    return {path: path.stat().st_mtime_ns for path in folder.iterdir()} if folder.is_dir() else {}
 
 
 def check_out(out: Path, file_type: str) -> None:

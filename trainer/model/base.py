@@ -238,8 +238,9 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
     Non-reentrant: the frozen base's inputs never require grad, and reentrant checkpointing would
     then return no gradient for the adapters inside the layer (silently training nothing). So the
-    embedding's output need not require grad, which transformers turns on with checkpointing (for
-    reentrant peft): it would add the first layer's input gradient, which nothing uses, to every step."""
+    embedding's output need not require grad, which transformers turns on with checkpointing for every
+    model fed input_ids (reentrant checkpointing needs it): it would add the first layer's input
+    gradient, which nothing uses, to every step."""
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.disable_input_require_grads()
 

@@ -9,8 +9,8 @@ the resolved recipe as the run's config, and each round of sample generations as
 <output_dir>/wandb/offline-run-*/ with no network; `wandb sync <that dir>` uploads it later.
 A resumed run (same output_dir) continues the same W&B run (offline: a folder per start, synced
 together); the steps it redoes keep there the values the stopped run sent (W&B drops a step below one
-it has), while TensorBoard shows the new ones (TensorBoardLog's resumed_step). wandb is optional (`pip install wandb`, or `.[report]`): without
-it, a note and nothing else. Online without credentials is refused in setup, before the model loads
+it has), while TensorBoard shows the new ones (TensorBoardLog's resumed_step). wandb is optional
+(`pip install wandb`, or `.[report]`): without it, a note and nothing else. Online without credentials is refused in setup, before the model loads
 (check_wandb_login), with one message; a wandb.init that fails later stops every rank.
 """
 from __future__ import annotations

@@ -26,7 +26,6 @@ import os
 import re
 import sys
 import warnings
-from pathlib import Path
 
 # logger name -> starts of the messages dropped from it
 NOISY_MESSAGES = {
@@ -67,17 +66,20 @@ def install(debug: bool = False) -> None:
     _quiet_bars()
 
 
+class TrainerWarning(UserWarning):
+    """Ours (a resume with a changed setting, say), printed as one `warning: ...` line."""
+
+
 def _plain_own_warnings() -> None:
-    """Our own warnings.warn (a resume with a changed setting, say) as one `warning: ...` line, as the
-    commands print their other warnings, not Python's "path/loop.py:241: UserWarning: ..." with the
-    source line after it. The libraries' warnings keep Python's format."""
-    package = str(Path(__file__).resolve().parent.parent) + os.sep
+    """Our own warnings (TrainerWarning) as one `warning: ...` line, as the commands print their other
+    warnings, not Python's "path/loop.py:241: UserWarning: ..." with the source line after it. The
+    libraries' warnings keep Python's format, whichever of our lines called them."""
     shown = warnings.showwarning
     if getattr(shown, "plain_own_warnings", False):
         return
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if not str(Path(filename).resolve()).startswith(package):
+        if not issubclass(category, TrainerWarning):
             return shown(message, category, filename, lineno, file, line)
         rank = os.environ.get("RANK")
         prefix = f"warning (rank {rank}): " if rank not in (None, "0") else "warning: "
