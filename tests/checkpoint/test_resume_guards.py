@@ -76,6 +76,7 @@ SHORT = ["data.max_rows=40", "train.global_batch_size=16", "train.micro_batch_si
          "train.log_every=1", "data.max_eval_rows=8", "train.eval_every=100", "train.sample_count=0"]
 
 
+@pytest.mark.slow
 def test_skip_mode_undoes_a_non_finite_first_step_and_trains_on(tmp_path, tiny_base):
     # tests/faults.py: launch/train.py with step 1's loss made NaN. One process: ZeRO runs as stage 0.
     result = run_cli(["tests/faults.py", "recipes/tiny_alpaca.yaml", f"output_dir={tmp_path}", *SHORT,
@@ -228,6 +229,7 @@ def test_four_bit_settings_are_compared_on_resume_only_at_four_bits(tmp_path, ti
         resume.check_compatible(four, tiny_recipe("quant.bits=4", "quant.double_quant=false"))
 
 
+@pytest.mark.slow
 def test_the_train_command_under_resume_auto_with_nothing_to_resume_says_so_once(tmp_path, tiny_base):
     (tmp_path / "checkpoints" / "step-2").mkdir(parents=True)  # a save cut short: no COMPLETE marker
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')

@@ -327,6 +327,7 @@ def test_a_missing_gguf_file_is_named_with_its_option(tmp_path):
     assert "Traceback" not in result.stderr and "huggingface.co" not in result.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_at_the_prompt_of_a_terminal_session_ends_it_cleanly(adapter):
     with chat_in_a_terminal(f"adapter={adapter}", "chat.max_new_tokens=8") as (process, master, seen):
         _expect(master, "you> ", seen)

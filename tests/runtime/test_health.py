@@ -53,6 +53,7 @@ def test_nan_gradients_under_a_finite_loss_stop_the_run_on_one_rank(tmp_path, ti
     assert max(r["step"] for r in records(tmp_path)) == 2
 
 
+@pytest.mark.slow
 def test_skip_mode_undoes_the_update_counts_it_and_continues(tmp_path, tiny_base):
     clean, skipping = tmp_path / "clean", tmp_path / "skip"
     train(clean, "train.max_steps=2", "train.save_every=100")

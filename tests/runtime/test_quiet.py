@@ -6,6 +6,8 @@ import logging
 import subprocess
 import sys
 
+import pytest
+
 from _checkpoints import ONE_THREAD
 from conftest import ROOT, run_cli
 from trainer.runtime.quiet import DropNoise, install
@@ -39,6 +41,7 @@ print("done")
 """
 
 
+@pytest.mark.slow
 def test_debug_shows_the_library_lines_again(tiny_base):
     outputs = {}
     for mode in ("quiet", "debug"):

@@ -162,6 +162,7 @@ print(torch_first, dict(os.environ) == before, "packed_sdpa" in AttentionInterfa
     assert out.stdout.split() == ["False", "True", "False"]
 
 
+@pytest.mark.slow
 def test_oneDNN_caches_are_capped_when_apply_runs_after_the_model_is_loaded(small_base_path):
     # oneDNN reads its cache capacities at its first use in the process: loading the base and adding
     # adapters (what the loop does before apply) must not get there first.

@@ -235,6 +235,7 @@ print(rss_mib() - before)
 LIBRARY_DEFAULT_CAPACITY = 1024  # oneDNN's primitive cache and ideep's LRU cache
 
 
+@pytest.mark.slow
 def test_capped_caches_keep_memory_flat_where_either_default_grows_it():
     # oneDNN and ideep each keep cache entries per product shape, and packed batches change shapes
     # every step. How much an entry weighs depends on the machine (its kernels, its allocator), so the
