@@ -57,7 +57,6 @@ def parse_options(options_class: type[Options], given: dict[str, str], section: 
     top_level = _top_level_names(options_class)
     hints = typing.get_type_hints(options_class)
     names = [field.name for field in dataclasses.fields(options_class)]
-    recipe_leaves = {name.rsplit(".", 1)[-1] for name in recipe_key_names()}
     valid = [name if name in top_level else f"{section}.{name}" for name in names]
     values = {}
     for key, text in given.items():

@@ -235,7 +235,8 @@ def load_for_chat(recipe: Recipe, adapter: str, device: torch.device) -> tuple[n
 def check_options(opts: ChatOptions) -> None:
     """Refuse, before the model loads, the settings sampling cannot use: only those, each with its rule."""
     rules = [("chat.top_p", opts.top_p, 0 < opts.top_p <= 1, "must be in (0, 1]"),  # NaN fails each test
-             ("chat.temperature", opts.temperature, 0 <= opts.temperature < math.inf, "must be a finite number, 0 or more"),
+             ("chat.temperature", opts.temperature, 0 <= opts.temperature < math.inf,
+              "must be a finite number, 0 or more"),
              ("chat.max_new_tokens", opts.max_new_tokens, opts.max_new_tokens >= 1, "must be 1 or more")]
     failed = [f"{key} {rule}, got {value}" for key, value, ok, rule in rules if not ok]
     if failed:

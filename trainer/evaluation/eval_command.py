@@ -140,12 +140,10 @@ def check_out(out: Path, given: bool) -> None:
     whole evaluation, with the other ranks waiting at the barrier. Every rank checks the same path, so
     every rank refuses. `given`: out= was given (else `out` is the default under output_dir)."""
     named = f"out={out}" if given else f"the default out={out} (under output_dir)"
-    for path in (out, *out.parents):
-        if path.is_dir():
-            break
-        if path.exists():
-            where = "names an existing file" if path == out else f"lies under {path}, an existing file"
-            raise RecipeError(f"{named} {where}; give out=<directory> for predictions.jsonl and metrics.json")
+    existing = run_dir.nearest_existing(out)
+    if existing is not None and not existing.is_dir():
+        where = "names an existing file" if existing == out else f"lies under {existing}, an existing file"
+        raise RecipeError(f"{named} {where}; give out=<directory> for predictions.jsonl and metrics.json")
     if reason := run_dir.unwritable(out):
         raise RecipeError(f"{named}: {reason}; give out=<directory> this user can write to")
 

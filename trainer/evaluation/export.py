@@ -182,11 +182,9 @@ def check_out(out: Path, file_type: str) -> None:
     if file_type != "hf" and out.is_dir():
         raise RecipeError(f"out={out} is an existing directory, and a GGUF export is one file: give "
                           f"out=<directory>/<name>.gguf")
-    for parent in out.parents:
-        if parent.is_dir():
-            break
-        if parent.exists():
-            raise RecipeError(f"out={out} lies under {parent}, an existing file: give an out= outside it")
+    parent = run_dir.nearest_existing(out.parent)
+    if parent is not None and not parent.is_dir():
+        raise RecipeError(f"out={out} lies under {parent}, an existing file: give an out= outside it")
     if reason := run_dir.unwritable(out if file_type == "hf" else out.parent):
         raise RecipeError(f"out={out}: {reason}; give an out= this user can write to")
 

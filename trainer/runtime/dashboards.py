@@ -10,8 +10,9 @@ the resolved recipe as the run's config, and each round of sample generations as
 A resumed run (same output_dir) continues the same W&B run (offline: a folder per start, synced
 together); the steps it redoes keep there the values the stopped run sent (W&B drops a step below one
 it has), while TensorBoard shows the new ones (TensorBoardLog's resumed_step). wandb is optional
-(`pip install wandb`, or `.[report]`): without it, a note and nothing else. Online without credentials is refused in setup, before the model loads
-(check_wandb_login), with one message; a wandb.init that fails later stops every rank.
+(`pip install wandb`, or `.[report]`): without it, a note and nothing else. Online without
+credentials is refused in setup, before the model loads (check_wandb_login), with one message; a
+wandb.init that fails later stops every rank.
 """
 from __future__ import annotations
 
@@ -93,8 +94,8 @@ def offline_sync_hint(directory: Path, run_id: str) -> str:
     parts = sorted(directory.parent.glob(f"offline-run-*-{run_id}"))
     if len(parts) <= 1:
         return f"{directory} (offline: `wandb sync {directory}` uploads it)"
-    return (f"{directory} (offline, part {len(parts)} of this run: `wandb sync {directory.parent}/offline-run-*-{run_id}` "
-            f"uploads all {len(parts)} parts as one run)")
+    return (f"{directory} (offline, part {len(parts)} of this run: "
+            f"`wandb sync {directory.parent}/offline-run-*-{run_id}` uploads all {len(parts)} parts as one run)")
 
 
 class WandbLog:

@@ -52,13 +52,18 @@ NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
 _held: dict[Path, BinaryIO] = {}  # output_dir (resolved) -> its locked .lock, open until unlock or the process ends
 
 
+def nearest_existing(path: Path) -> Path | None:
+    """`path` if it exists, else the nearest of its parents that does (None: none of a relative path's)."""
+    return next((candidate for candidate in (path, *path.parents) if candidate.exists()), None)
+
+
 def unwritable(folder: Path) -> str | None:
     """Why a folder could not be made or written at `folder`, or None where it can: checked by making
     (and removing) a folder in its nearest existing ancestor, so a read-only filesystem, another
     user's folder or /proc is found even by root, for whom permission bits say yes. Nothing is left
     behind. For the commands that write their results after minutes of loading (train's dry run,
     eval, export), to refuse before loading instead."""
-    existing = next((path for path in (folder, *folder.parents) if path.exists()), None)
+    existing = nearest_existing(folder)
     if existing is None:
         return None  # nothing exists up to the root of a relative path's filesystem: mkdir will say
     if not existing.is_dir():
