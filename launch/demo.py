@@ -15,7 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer.config import RecipeError, load_recipe
+from trainer.config import RecipeError
+from trainer.recipe_loading import load_recipe
 
 DEFAULT_RECIPE = "recipes/smollm2_tasks.yaml"
 ROWS = (("exact_match", "exact match", "%"), ("final_number_accuracy", "final-number accuracy", "%"),

@@ -257,7 +257,7 @@ DECODE = r"""
 import json, sys, torch
 from pathlib import Path
 from trainer.evaluation.adapted_model import load_adapted_model
-from trainer.config import load_recipe
+from trainer.recipe_loading import load_recipe
 from trainer.evaluation.eval_command import evaluation_rows
 from trainer.evaluation.generate import greedy_batch, prompt_ids
 # float32: batched and single prompts run other kernels, and bf16 logits of the random tiny base are
@@ -326,7 +326,7 @@ import json, sys, torch
 from pathlib import Path
 from transformers import AutoModelForCausalLM
 from trainer.evaluation.adapted_model import load_adapted_model
-from trainer.config import load_recipe
+from trainer.recipe_loading import load_recipe
 from trainer.evaluation.export import ExportOptions, export
 from trainer.evaluation.generate import prompt_ids
 recipe = load_recipe("recipes/tiny_alpaca.yaml")

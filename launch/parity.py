@@ -136,7 +136,7 @@ def ours_before_training(overrides: list[str]) -> dict:
     zero, so this is step 0 of training)."""
     import torch
 
-    from trainer.config import load_recipe
+    from trainer.recipe_loading import load_recipe
     from trainer.data.pipeline import build_datasets
     from trainer.evaluation.held_out_loss import evaluate_loss
     from trainer.loss import CausalLMLoss
@@ -168,7 +168,7 @@ def dequantised_base(name_or_path: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from trainer.config import load_recipe
+    from trainer.recipe_loading import load_recipe
     from trainer.model.lora import dequantised_weight
     from trainer.model.base import load_base
 

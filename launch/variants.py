@@ -19,7 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer.config import RecipeError, load_recipe
+from trainer.config import RecipeError
+from trainer.recipe_loading import load_recipe
 from trainer.runtime.distributed import free_port
 
 DEFAULT_RECIPE = "recipes/smollm2_tasks.yaml"

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from trainer.checkpoint.fingerprint import base_fingerprint
 from trainer.checkpoint.saving import COMPLETE, adapter_config, peft_key
-from trainer.config import Recipe, load_recipe
+from trainer.config import Recipe
+from trainer.recipe_loading import load_recipe
 from trainer.model.lora import adapter_parameters, apply_lora, lora_layers
 from trainer.model.lora_embedding import LoRAEmbedding
 from trainer.model.base import load_base, resolve_base

@@ -102,7 +102,7 @@ def smollm2_base(session_cache) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_base):
-    from trainer.config import recipe_from_dict
+    from trainer.recipe_loading import recipe_from_dict
     from trainer.model.base import load_tokenizer
 
     return load_tokenizer(str(smollm2_base), recipe_from_dict({"model": {"name_or_path": str(smollm2_base)}}))
@@ -110,7 +110,7 @@ def smollm2_tokenizer(smollm2_base):
 
 @pytest.fixture(scope="session")
 def small_tokenizer(small_base_path):
-    from trainer.config import recipe_from_dict
+    from trainer.recipe_loading import recipe_from_dict
     from trainer.model.base import load_tokenizer
 
     return load_tokenizer(small_base_path, recipe_from_dict({"model": {"name_or_path": small_base_path}}))

@@ -1,11 +1,14 @@
-"""Recipes (trainer/config.py): every shipped recipe loads and comments every key, typos and bad values
-name the key, overrides are coerced, and the derived DeepSpeed config is what each setting implies."""
+"""Recipes (trainer/config.py, trainer/recipe_loading.py, trainer/runtime/deepspeed_config.py): every
+shipped recipe loads and comments every key, typos and bad values name the key, overrides are coerced,
+and the derived DeepSpeed config is what each setting implies."""
 from pathlib import Path
 
 import pytest
 import yaml
 
-from trainer.config import Recipe, RecipeError, deepspeed_config, load_recipe
+from trainer.config import Recipe, RecipeError
+from trainer.recipe_loading import load_recipe
+from trainer.runtime.deepspeed_config import deepspeed_config
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 
@@ -383,7 +386,7 @@ def test_numbers_yaml_reads_as_text_in_deepspeed_extra_are_numbers(tmp_path):
     ("{nebula: {enabled: true}}", "deepspeed.extra: DeepSpeed refused the config: Nebula checkpointing has been removed"),
 ])
 def test_deepspeed_refuses_a_bad_extra_as_one_recipe_error_naming_the_key(tmp_path, extra, message):
-    from trainer.config import check_deepspeed_config
+    from trainer.runtime.deepspeed_config import check_deepspeed_config
 
     recipe = load_recipe(write(tmp_path, f"deepspeed: {{extra: {extra}}}\n"))
     with pytest.raises(RecipeError, match=message):
@@ -392,7 +395,7 @@ def test_deepspeed_refuses_a_bad_extra_as_one_recipe_error_naming_the_key(tmp_pa
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_deepspeed_accepts_every_shipped_recipes_config(path):
-    from trainer.config import check_deepspeed_config
+    from trainer.runtime.deepspeed_config import check_deepspeed_config
 
     recipe = load_recipe(path)
     for precision in ("float32", "bfloat16"):

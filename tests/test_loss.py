@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.data.tasks import demo_rows
-from trainer.config import recipe_from_dict
+from trainer.recipe_loading import recipe_from_dict
 from trainer.data.encoding import IGNORE_INDEX, Example
 from trainer.data.batching import collate
 from trainer.model.lora import adapter_parameters, apply_lora, lora_layers

@@ -14,7 +14,8 @@ from typing import Callable
 from trainer.analysis.ranks import AnalysisError
 from trainer.runtime import distributed, quiet
 from trainer.checkpoint.saving import CheckpointError
-from trainer.config import Recipe, RecipeError, load_recipe
+from trainer.config import Recipe, RecipeError
+from trainer.recipe_loading import load_recipe
 from trainer.data.formats import DataError
 from trainer.runtime.health import TrainingHealthError
 from trainer.model.base import ModelLoadError

@@ -21,7 +21,8 @@ from trainer.checkpoint import reading, resume, saving
 from trainer.checkpoint.fingerprint import base_fingerprint
 from trainer.checkpoint.saving import TrainState
 from trainer.checkpoint.snapshot import UpdateSnapshot
-from trainer.config import Recipe, RecipeError, TrainConfig, check_deepspeed_config, deepspeed_config
+from trainer.config import Recipe, RecipeError, TrainConfig
+from trainer.runtime.deepspeed_config import check_deepspeed_config, deepspeed_config
 from trainer.data.batching import BatchPlan
 from trainer.data.formats import DataError
 from trainer.data.packing import training_collate
@@ -327,7 +328,7 @@ def prepare_model(recipe: Recipe, device: torch.device, tokenizer) -> tuple[torc
 
 def prepare_engine(recipe: Recipe, model: torch.nn.Module, ds_config: dict) -> tuple[torch.nn.Module, object,
                                                                                     torch.optim.Optimizer]:
-    """DeepSpeed around the loss, with `ds_config` from config.deepspeed_config (built in `setup`,
+    """DeepSpeed around the loss, with `ds_config` from deepspeed_config (built in `setup`,
     which a dry run checks too). Only adapter parameters go to the optimizer: ZeRO then shards just
     their (small) state, and the frozen quantised base is replicated on every rank (stages 0-2) or
     partitioned (stage 3)."""

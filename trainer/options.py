@@ -16,7 +16,8 @@ import typing
 from typing import Any, TypeVar
 
 from trainer import cli
-from trainer.config import SYNONYMS, Recipe, RecipeError, recipe_key_names
+from trainer.config import Recipe, RecipeError
+from trainer.recipe_loading import SYNONYMS, recipe_key_names
 
 Options = TypeVar("Options")
 

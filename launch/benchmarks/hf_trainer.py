@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
-from trainer.config import Recipe, TrainConfig, load_recipe
+from trainer.config import Recipe, TrainConfig
+from trainer.recipe_loading import load_recipe
 from trainer.data.encoding import IGNORE_INDEX, Example
 from trainer.data.batching import BatchPlan, collate
 from trainer.data.pipeline import build_datasets

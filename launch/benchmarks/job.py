@@ -129,7 +129,7 @@ def step_tokens(job: Job) -> list[dict[str, int]]:
     (positions whose next token the loss is taken on), `squared` (the sum of the examples' squared
     lengths) and `trained_pairs` (causal (query, key) pairs with a trained query: position i has
     i + 1 keys). Both frameworks see these exact examples."""
-    from trainer.config import load_recipe
+    from trainer.recipe_loading import load_recipe
     from trainer.data.encoding import IGNORE_INDEX
     from trainer.data.batching import BatchPlan
     from trainer.data.pipeline import build_datasets
@@ -284,7 +284,7 @@ def matmul_peak(gpu: bool, threads: int, flops: dict[str, float] | None = None, 
 
 def step_flops(job: Job, timed: list[dict]) -> list[dict[str, float]]:
     """The useful FLOPs of each timed step, by part."""
-    from trainer.config import load_recipe
+    from trainer.recipe_loading import load_recipe
 
     recipe = load_recipe(RECIPE, job.overrides())
     config = base_config(recipe)

@@ -226,7 +226,7 @@ def table(result: dict) -> str:
 
 def main(argv: list[str]) -> None:
     from trainer.cli import run_script
-    from trainer.config import load_recipe
+    from trainer.recipe_loading import load_recipe
     from trainer.runtime import distributed
 
     argv = [a for a in argv if not a.startswith("--local_rank")]  # deepspeed's launcher adds it

@@ -191,7 +191,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_last_complete_one_resumable
 
 
 def _recipe(output_dir: Path):
-    from trainer.config import load_recipe
+    from trainer.recipe_loading import load_recipe
 
     return load_recipe(ROOT / "recipes/tiny_alpaca.yaml", [f"output_dir={output_dir}", "resume=auto"])
 

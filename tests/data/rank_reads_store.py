@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from trainer.config import load_recipe  # noqa: E402
+from trainer.recipe_loading import load_recipe  # noqa: E402
 from trainer.loop import prepare_data, prepare_tokenizer  # noqa: E402
 from trainer.runtime import distributed  # noqa: E402
 

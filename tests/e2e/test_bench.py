@@ -162,7 +162,7 @@ def test_smollm2_job_is_the_issue_job_and_flags_override_it():
                      "data.template=alpaca", "data.max_seq_len=256", "train.global_batch_size=8",
                      "train.micro_batch_size=8", "train.max_steps=10", f"data.path={bench_job.default_data()}"):
         assert expected in overrides
-    from trainer.config import load_recipe
+    from trainer.recipe_loading import load_recipe
 
     recipe = load_recipe(bench_job.RECIPE, overrides)  # every override is a key the recipe knows
     assert recipe.gradient_accumulation_steps(1) == 1 and recipe.data.max_eval_rows == 64

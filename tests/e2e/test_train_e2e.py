@@ -17,7 +17,7 @@ from _checkpoints import peft_on_4bit_base
 from conftest import free_port, run_cli
 from trainer.checkpoint import saving, resume
 from trainer.checkpoint import reading
-from trainer.config import recipe_from_dict
+from trainer.recipe_loading import recipe_from_dict
 from trainer.model.lora import apply_lora
 from trainer.model.base import load_base
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from _checkpoints import make_checkpoint, one_thread, tiny_recipe
-from trainer.config import load_recipe
+from trainer.recipe_loading import load_recipe
 from trainer.evaluation.export import ExportOptions, export, instruction_chat_template, load_merged
 from trainer.evaluation.gguf_export import (GGUFExportError, byte_level_pre, gguf_tensor_name, output_format, tokenizer_metadata,
                                            write_gguf)

@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from trainer.config import recipe_from_dict
+from trainer.recipe_loading import recipe_from_dict
 from trainer.model.base import ModelLoadError, load_base
 
 

@@ -7,7 +7,7 @@ import pytest
 
 import torch
 
-from trainer.config import recipe_from_dict
+from trainer.recipe_loading import recipe_from_dict
 from trainer.model.base import load_base
 
 

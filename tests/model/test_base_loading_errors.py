@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from trainer.config import recipe_from_dict
+from trainer.recipe_loading import recipe_from_dict
 from trainer.evaluation.gguf_export import write_gguf
 from trainer.model import gguf
 from trainer.model.base import ModelLoadError, load_base, load_config, resolve_base

@@ -201,7 +201,7 @@ def test_concurrent_builders_leave_one_valid_directory(tmp_path: Path) -> None:
 def test_a_missing_gguf_file_or_package_is_one_message_naming_what_to_do(cache: Path, monkeypatch) -> None:
     import importlib.util
 
-    from trainer.config import recipe_from_dict
+    from trainer.recipe_loading import recipe_from_dict
     from trainer.model.gguf import GGUFError
     from trainer.model.base import ModelLoadError, resolve_base
 

@@ -262,7 +262,7 @@ def test_a_4bit_base_keeps_its_layout_and_gradients_after_an_evaluation(small_ba
     """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight the first time the layer runs in
     eval mode without gradients; afterwards the layer passed no gradient to its input and
     dequantize_4bit misread the weight. load_base turns that repacking off (elsewhere this is a no-op)."""
-    from trainer.config import recipe_from_dict
+    from trainer.recipe_loading import recipe_from_dict
     from trainer.model.base import load_base
 
     model, _ = load_base(recipe_from_dict({"model": {"name_or_path": small_base_path}, "quant": {"bits": 4}}),

@@ -20,7 +20,7 @@ from conftest import free_port, run_cli
 from trainer import builtin
 from trainer.model import gguf
 from trainer.checkpoint import reading
-from trainer.config import recipe_from_dict
+from trainer.recipe_loading import recipe_from_dict
 from trainer.model.lora import apply_lora
 from trainer.model.base import load_base, load_tokenizer
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.config import recipe_from_dict
+from trainer.recipe_loading import recipe_from_dict
 from trainer.model.base import ModelLoadError, check_embedding_rows, load_tokenizer
 
 CHAT = "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>{{ m['content'] }}<|eot_id|>{% endfor %}"

@@ -11,7 +11,8 @@ import pytest
 
 from _checkpoints import ONE_THREAD
 from conftest import run_cli
-from trainer.config import RecipeError, load_recipe
+from trainer.config import RecipeError
+from trainer.recipe_loading import load_recipe
 
 wandb = pytest.importorskip("wandb")
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from trainer import speedups
-from trainer.config import recipe_from_dict
+from trainer.recipe_loading import recipe_from_dict
 from trainer.model.base import load_base
 from trainer.model.lora import LoRALinear, apply_lora
 from trainer.speedups import dropout_masks, fused, onednn, rotary
@@ -169,7 +169,7 @@ def test_oneDNN_caches_are_capped_when_apply_runs_after_the_model_is_loaded(smal
     code = f"""
 import torch
 from trainer import speedups
-from trainer.config import recipe_from_dict
+from trainer.recipe_loading import recipe_from_dict
 from trainer.model.base import load_base
 from trainer.model.lora import apply_lora
 from trainer.speedups import onednn

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from trainer import speedups
-from trainer.config import recipe_from_dict
+from trainer.recipe_loading import recipe_from_dict
 from trainer.speedups import compiled, fused
 from tests.speedups.test_apply import lora_model, modules_named
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import recipe_from_dict
+from trainer.recipe_loading import recipe_from_dict
 from trainer.data.encoding import IGNORE_INDEX
 from trainer.speedups.fused import PLAIN_RMSNORMS, RMSNormFunction, SiluMul, use_fused_mlp, use_fused_norm
 from trainer.model.lora import adapter_parameters, apply_lora, lora_layers

@@ -22,7 +22,8 @@ from trainer.runtime import distributed, run_dir
 from trainer.evaluation import scores
 from trainer.checkpoint.reading import check_adapter, held_out_split_differences, resolve_adapter
 from trainer.evaluation.adapted_model import load_adapted_model
-from trainer.config import DataConfig, DataSource, Recipe, RecipeError, deepspeed_config
+from trainer.config import DataConfig, DataSource, Recipe, RecipeError
+from trainer.runtime.deepspeed_config import deepspeed_config
 from trainer.data.encoding import Example
 from trainer.data.pipeline import build_datasets, held_out_rows, load_source
 from trainer.data.formats import DataError, locate, read_source

@@ -1,6 +1,7 @@
 """What keeps a run going and tells the user about it.
 
     distributed.py  process groups, ranks, collectives, cores per rank
+    deepspeed_config.py  the DeepSpeed config derived from a recipe, and DeepSpeed's check of it as one line
     signals.py      SIGTERM / SIGINT: save at the next step and exit cleanly
     health.py       non-finite losses, out of memory: a clear message and a resumable state
     preflight.py    the summary printed before step 1

@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.config import Recipe, zero_stage_to_run
+from trainer.config import Recipe
+from trainer.runtime.deepspeed_config import zero_stage_to_run
 from trainer.model.lora import adapter_parameters, lora_layers
 from trainer.model.base import dtype_name
 

@@ -1,0 +1,300 @@
+"""Recipes read into `trainer.config.Recipe`: a YAML file and `section.key=value` overrides
+(`load_recipe`), or a dict (`recipe_from_dict`), each value coerced to its field's type, an unknown key
+answered with the key that was most likely meant."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import difflib
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.config import Recipe, RecipeError
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        text = path.read_text()
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: the top level must be a mapping of sections")
+    try:
+        for override in overrides:
+            _apply_override(raw, override)
+        recipe = _build(Recipe, raw, prefix="")
+        recipe.validate()
+    except UnquotedText as error:  # named with the text as written in the file: 1.10, not 1.1
+        raise RecipeError(f"{path}: {UnquotedText(error.key, error.value, _source_text(text, error.key))}") from None
+    except RecipeError as error:
+        raise RecipeError(f"{path}: {error}") from None
+    return recipe
+
+
+def _source_text(text: str, dotted: str) -> str | None:
+    """The scalar at the key path `dotted` as written in the YAML `text`, or None."""
+    node = yaml.compose(text)
+    for part in dotted.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        node = next((value for key, value in node.value if key.value == part), None)
+    return node.value if isinstance(node, yaml.ScalarNode) else None
+
+
+def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
+    recipe = _build(Recipe, raw, prefix="")
+    recipe.validate()
+    return recipe
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise RecipeError(f"override {override!r} must look like section.key=value")
+    dotted, text = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {override!r}: {key} is not a section")
+    node[keys[-1]] = OverrideText(text)  # read for its key's type in _coerce
+
+
+class OverrideText(str):
+    """A command-line override's value as typed. A text key takes it as it is (a '#' starts no comment,
+    '1.10' is no number, '{instruction}' no mapping); quoted, as YAML reads the quotes ("a\\nb" has a
+    newline). Any other key takes its YAML reading, so lists, numbers, booleans and null read naturally.
+    A value inside a mapping (deepspeed.extra.X=, data.columns.X=) is read for the mapping's value type."""
+
+    def read_as(self, kind: Any) -> Any:
+        text = self.strip()
+        if kind is str:
+            if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+                try:
+                    quoted = yaml.safe_load(text)
+                except yaml.YAMLError:
+                    quoted = None
+                return quoted if isinstance(quoted, str) else text[1:-1]
+            return None if text in ("", "null", "~") else text
+        try:
+            return yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            return text
+
+
+def _read_overrides(value: Any, kind: Any) -> Any:
+    """`value` with every OverrideText inside it read as `kind` (a mapping's value type)."""
+    if isinstance(value, OverrideText):
+        return value.read_as(kind)
+    if isinstance(value, dict):
+        return {key: _read_overrides(item, kind) for key, item in value.items()}
+    return value
+
+
+# Other trainers' names (axolotl, HF Trainer, peft, LLaMA-Factory, torchtune) for our keys, by the key
+# they mean here: a newcomer's `lora.rank` or `lr` is closest in spelling to lora.dora or lora, which
+# they never meant. Where our concept differs, the entry says how ours works instead.
+SYNONYMS = {
+    **dict.fromkeys(("rank", "lora_r", "lora_rank"), "lora.r"),
+    "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    **dict.fromkeys(("lora_target", "lora_target_modules"), "lora.target_modules"),
+    "use_dora": "lora.dora", "use_rslora": "lora.rslora", "loraplus_lr_ratio": "lora.plus_ratio",
+    **dict.fromkeys(("base_model", "model_name", "model_id", "model_name_or_path",
+                     "pretrained_model_name_or_path"), "model.name_or_path"),
+    **dict.fromkeys(("torch_dtype", "bf16", "fp16"), "model.dtype"),
+    **dict.fromkeys(("load_in_4bit", "load_in_8bit", "quantization_bit"),
+                    "the base's quantisation is quant.bits (4, 8, or 16 for none)"),
+    "bnb_4bit_quant_type": "quant.quant_type", "bnb_4bit_use_double_quant": "quant.double_quant",
+    "bnb_4bit_compute_dtype": "quant.compute_dtype", "bnb_4bit_quant_storage": "quant.quant_storage",
+    **dict.fromkeys(("dataset", "dataset_path", "data_path", "train_file"), "data.path"),
+    "datasets": "one dataset is data.path; several are data.mixture",
+    **dict.fromkeys(("sequence_len", "seq_len", "max_seq_length", "max_length", "cutoff_len", "model_max_length"),
+                    "data.max_seq_len"),
+    **dict.fromkeys(("val_set_size", "val_size", "test_size"), "data.eval_fraction"),
+    **dict.fromkeys(("validation_file", "eval_dataset"), "data.eval_path"),
+    "max_samples": "data.max_rows", "train_on_inputs": "data.train_on_prompt", "sample_packing": "data.packing",
+    **dict.fromkeys(("prompt_template", "chat_template"), "data.template"),
+    "lr": "train.learning_rate",
+    **dict.fromkeys(("epochs", "num_epochs", "num_train_epochs", "max_epochs"),
+                    "this trainer counts optimizer steps: train.max_steps"),
+    **dict.fromkeys(("num_steps", "max_train_steps", "total_steps"), "train.max_steps"),
+    **dict.fromkeys(("batch_size", "per_device_train_batch_size"),
+                    "examples per forward pass on one rank are train.micro_batch_size, "
+                    "per optimizer step train.global_batch_size"),
+    "gradient_accumulation_steps": "accumulation is derived (global batch / micro batch x ranks): "
+                                   "set train.global_batch_size",
+    **dict.fromkeys(("max_grad_norm", "gradient_clipping", "clip_grad_norm"), "train.grad_clip"),
+    "warmup_ratio": "warmup is counted in optimizer steps: train.warmup_steps",
+    **dict.fromkeys(("lr_scheduler", "lr_scheduler_type"),
+                    "the schedule is cosine after a linear warmup: train.warmup_steps, train.min_lr_ratio"),
+    **dict.fromkeys(("optimizer", "optim"), "the optimizer is AdamW: train.learning_rate, train.weight_decay"),
+    "logging_steps": "train.log_every", "eval_steps": "train.eval_every", "save_steps": "train.save_every",
+    "save_total_limit": "train.keep_last",
+    **dict.fromkeys(("gradient_checkpointing", "enable_activation_checkpointing"), "train.activation_checkpointing"),
+    "run_name": "train.wandb_run_name", "flash_attention": "model.attn_implementation",
+    "resume_from_checkpoint": "resume",
+}
+
+
+def meant_key(key: str, prefix: str, names: list[str]) -> str:
+    """What an unknown `key` (in the section `prefix`, whose keys are `names`) most likely means, as the
+    end of its error: another trainer's name for one of ours, else the nearest key of its own section or,
+    spelled closer, of any section (`train.max_seq_len` is data.max_seq_len), else the section's keys."""
+    meant = SYNONYMS.get(key.lower())
+    if meant is not None:  # a key, or a sentence where our concept differs
+        return meant if " " in meant else f"did you mean {meant}?"
+
+    if prefix and dataclasses.is_dataclass(typing.get_type_hints(Recipe).get(key)):  # `train.lora=`
+        return f"{key} is a section of its own: {key}.<key>=..."
+
+    def likeness(candidate: str) -> float:
+        return difflib.SequenceMatcher(None, key.lower(), candidate.rsplit(".", 1)[-1].lower()).ratio()
+
+    own = max((f"{prefix}{name}" for name in names), key=likeness)
+    elsewhere = max(recipe_key_names(), key=likeness)
+    # A key of another section must be spelled closer than any of the section's own, and close: loosely
+    # alike names across sections (temperature, template) are more often unrelated than misplaced.
+    if likeness(elsewhere) >= 0.8 and likeness(elsewhere) > likeness(own):
+        return f"did you mean {elsewhere}?"
+    return f"did you mean {own}?" if likeness(own) >= 0.5 else f"valid keys: {', '.join(names)}"
+
+
+def recipe_key_names() -> list[str]:
+    """Every key of a recipe, as section.key or a top-level key."""
+    keys = []
+    for name, kind in typing.get_type_hints(Recipe).items():
+        keys += [f"{name}.{field}" for field in typing.get_type_hints(kind)] if dataclasses.is_dataclass(kind) else [name]
+    return keys
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise RecipeError(f"unknown key {prefix}{key}; {meant_key(str(key), prefix, names)}")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(kind: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(kind) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "", "~")):
+            if type(None) in typing.get_args(kind):
+                return None
+        return _coerce(options[0], value, key)
+    if isinstance(value, OverrideText):
+        value = value.read_as(kind)
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value or {}, prefix=f"{key}.")
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise RecipeError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(item, v, key) for v in value]
+    if origin is dict or kind is dict:
+        glued = _glued_colon(value)
+        space = f"; write `{glued.replace(':', ': ', 1)}` with a space after the colon" if glued else ""
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping, got {value!r}{space}")
+        if glued:
+            raise RecipeError(f"{key}: {value!r} has the key {glued!r} without a value{space}")
+        arguments = typing.get_args(kind)
+        if len(arguments) == 2 and arguments[1] is str:
+            return _read_overrides(value, str)
+        # deepspeed.extra: YAML 1.1 reads 5e8 (no dot) as text, which DeepSpeed's integer options refuse.
+        return _numbers_read(_read_overrides(value, Any))
+    if kind is Any:
+        return value
+    return _scalar(kind, value, key)
+
+
+def _glued_colon(value: Any) -> str | None:
+    """The `key:value` written without a space where a mapping was meant: YAML reads `prompt:instruction`
+    as one text, and `{prompt:instruction}` as the key 'prompt:instruction' without a value."""
+    if isinstance(value, str):
+        return value if ":" in value and ": " not in value else None
+    if isinstance(value, dict):
+        return next((str(name) for name, item in value.items() if item is None and ":" in str(name)), None)
+    return None
+
+
+# What YAML 1.1 leaves as text though it is a number: an exponent without a dot or a sign (5e8, 1e-3, 1.5e8).
+# Quoted text without an exponent ("2024", "001": a job name) stays text.
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _numbers_read(value: Any) -> Any:
+    """`value` with every text written as a number with an exponent (5e8, '1e-3') made that number: an int
+    where it is whole and written without a dot."""
+    if isinstance(value, dict):
+        return {key: _numbers_read(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_numbers_read(item) for item in value]
+    if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+        number = float(value)
+        return int(number) if number.is_integer() and "." not in value else number
+    return value
+
+
+class UnquotedText(RecipeError):
+    """A text key given a number, boolean or date by YAML (`revision: 1.10` reads as 1.1)."""
+
+    def __init__(self, key: str, value: Any, source: str | None = None):
+        self.key, self.value = key, value
+        source = str(value) if source is None else source
+        kind = "boolean" if isinstance(value, bool) else "number" if isinstance(value, (int, float)) else "date"
+        super().__init__(f"{key}: expected text, got the {kind} {value!r} (YAML reads an unquoted {source} as a "
+                         f"{kind}); quote it: '{source}'")
+
+
+def _scalar(kind: type, value: Any, key: str) -> Any:
+    if value is None:
+        raise RecipeError(f"{key}: needs a value, not empty or null")
+    if kind is str and isinstance(value, (bool, int, float, datetime.date)):
+        raise UnquotedText(key, value)  # stringified, 1.10 would silently become '1.1'
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+                return value.lower() in ("true", "yes", "1", "on")
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            if isinstance(value, os.PathLike):
+                return os.fspath(value)
+            if isinstance(value, str):
+                return value
+            raise ValueError
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise RecipeError(f"{key}: expected {kind.__name__}, got {value!r}")
