@@ -25,6 +25,9 @@ EVAL_OPTIONS = ["eval.max_new_tokens=16"]  # the built-in tasks' answers are at 
 
 
 def main(argv: list[str]) -> int:
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__.strip())
+        return 0
     recipe_path = argv[0] if argv and argv[0].endswith((".yaml", ".yml")) else DEFAULT_RECIPE
     overrides = argv[1:] if argv and argv[0] == recipe_path else argv
     try:

@@ -1,5 +1,5 @@
 """The launch scripts' own helpers: the variants table with missing values, its --only check, its
-arguments (overrides without a recipe, a bad recipe in one line), and parity's dequantised-base cache
+arguments (overrides without a recipe, a bad recipe in one line), the demo's --help, and parity's dequantised-base cache
 keyed by the base's weights."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "launch"))
+import demo  # noqa: E402
 import parity  # noqa: E402
 import variants  # noqa: E402
 
@@ -35,6 +36,13 @@ def test_variants_takes_overrides_without_a_recipe_and_reports_a_bad_recipe_in_o
     assert said.startswith(f"error: {variants.DEFAULT_RECIPE}: lora.r: must be positive") and "Traceback" not in said
     assert variants.main(["recipes/nope.yaml", "lora.r=8"]) == 2
     assert "error: recipe not found: recipes/nope.yaml" in capsys.readouterr().err
+
+
+def test_demo_answers_help_with_its_usage_and_runs_nothing(capsys, monkeypatch):
+    monkeypatch.setattr(demo.subprocess, "call", lambda *args, **kwargs: pytest.fail("--help started training"))
+    for flag in ("--help", "-h"):
+        assert demo.main([flag]) == 0
+        assert "python launch/demo.py recipes/smollm2_tasks.yaml" in capsys.readouterr().out
 
 
 def test_two_bases_in_folders_of_one_name_get_their_own_dequantised_copy(tmp_path, tiny_base, monkeypatch):
