@@ -124,7 +124,8 @@ def test_dry_run_prints_the_preflight_summary_and_trains_nothing(tmp_path, tiny_
     result = train(tmp_path, "--dry-run")
     for field in ("preflight", "quantisation", "4-bit nf4", "trainable parameters",
                   "ZeRO-2 asked, run as ZeRO-0 (one rank: nothing to shard), world size 1",
-                  "global 8 = micro 4 x accumulation 2", "tokens per step", "memory per rank", "resume from"):
+                  "global 8 = micro 4 x accumulation 2", "tokens per step", "memory per rank", "resume from",
+                  "learning rate"):
         assert field in result.stdout, field
     assert not (tmp_path / "checkpoints").exists()
 
@@ -275,3 +276,19 @@ def test_fp16_on_a_cpu_without_fp16_arithmetic_is_refused_before_loading(monkeyp
         loop.check_precision(torch.float16, torch.device("cpu"))
     loop.check_precision(torch.float32, torch.device("cpu"))
     loop.check_precision(torch.bfloat16, torch.device("cpu"))
+
+
+def test_the_preflight_says_when_the_warmup_outlasts_the_run():
+    from trainer.config import TrainConfig
+    from trainer.loop import learning_rate
+    from trainer.runtime.preflight import schedule_line
+
+    assert schedule_line(TrainConfig(max_steps=100, warmup_steps=10, learning_rate=2e-4, min_lr_ratio=0.1)) == (
+        "0.0002: linear warmup over 10 steps, then cosine to 2e-05 at step 100")
+    assert schedule_line(TrainConfig(max_steps=100, warmup_steps=0)).startswith("0.0002: cosine to 2e-05")
+    short = TrainConfig(max_steps=20, warmup_steps=30, learning_rate=2e-4)
+    said = schedule_line(short)
+    assert "longer than the run's 20 steps" in said and "to 67% of 0.0002" in said
+    assert "set train.warmup_steps below 20" in said
+    # what the loop's schedule gives at the last step (step 19 counts from 0)
+    assert learning_rate(19, short) / short.learning_rate == pytest.approx(20 / 30)

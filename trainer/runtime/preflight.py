@@ -6,10 +6,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.config import Recipe
-from trainer.runtime.deepspeed_config import zero_stage_to_run
-from trainer.model.lora import adapter_parameters, lora_layers
+from trainer.config import Recipe, TrainConfig
 from trainer.model.base import dtype_name
+from trainer.model.lora import adapter_parameters, lora_layers
+from trainer.runtime.deepspeed_config import zero_stage_to_run
+
 
 def memory_estimate(recipe: Recipe, model: nn.Module, world: int, dtype: torch.dtype) -> dict[str, float]:
     """A rough per-rank estimate in GiB: base weights, adapter training state, activations."""
@@ -58,6 +59,7 @@ def summary(recipe: Recipe, model: nn.Module, data_stats: dict, world: int, dtyp
         ("data", ", ".join(f"{k} {v}" for k, v in data_stats.items() if not isinstance(v, (dict, list)))),
         ("steps", f"{recipe.train.max_steps} (eval every {recipe.train.eval_every}, save every "
                   f"{recipe.train.save_every})"),
+        ("learning rate", schedule_line(recipe.train)),
         ("output_dir", str(Path(recipe.output_dir).resolve())),
         ("resume from", str(resume_dir) if resume_dir else "nothing (fresh start)"),
         ("memory per rank", f"~{memory['total']:.2f} GiB (base {memory['base']:.2f}, adapter state "
@@ -65,6 +67,17 @@ def summary(recipe: Recipe, model: nn.Module, data_stats: dict, world: int, dtyp
     ]
     width = max(len(key) for key, _ in lines)
     return "preflight\n" + "\n".join(f"  {key:<{width}}  {value}" for key, value in lines)
+
+
+def schedule_line(train: TrainConfig) -> str:
+    """The learning-rate schedule in words (trainer/loop.py learning_rate), saying so where the warmup
+    outlasts the run: the rate then only rises and never reaches train.learning_rate."""
+    peak, warmup, steps = train.learning_rate, train.warmup_steps, train.max_steps
+    if warmup >= steps:
+        return (f"{peak:g} after a {warmup}-step warmup, longer than the run's {steps} steps: the rate only rises, "
+                f"to {steps / warmup:.0%} of {peak:g} at the last step (set train.warmup_steps below {steps})")
+    warmup_text = f"linear warmup over {warmup} steps, then " if warmup else ""
+    return f"{peak:g}: {warmup_text}cosine to {peak * train.min_lr_ratio:g} at step {steps}"
 
 
 def _zero_line(recipe: Recipe, world: int, precision: str) -> str:
