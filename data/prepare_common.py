@@ -110,7 +110,7 @@ def _jsonl(path: Path, max_rows: int | None) -> Iterator[tuple[str, Any]]:
         except UnicodeDecodeError:
             # Decoded a buffer at a time, so the rows read so far do not say where: the trainer's reader
             # finds the line again (imported here: it is needed only on this path).
-            from trainer.data.formats import undecodable_line
+            from trainer.data.sources import undecodable_line
 
             raise SourceError(f"{path}: {undecodable_line(path)}; re-save the file as UTF-8") from None
 
@@ -130,7 +130,8 @@ def _load_with_datasets(source: str, split: str, hub_config: str | None):
     # Imported here: reading a JSON file should not pay for importing `datasets` (about a second).
     import datasets
 
-    from trainer.data.formats import DataError, load_with_datasets
+    from trainer.data.formats import DataError
+    from trainer.data.sources import load_with_datasets
 
     path = Path(source)
     if path.exists():  # a CSV/Parquet file or a folder (save_to_disk's, or data files): as the trainer reads it

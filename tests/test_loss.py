@@ -9,7 +9,7 @@ from torch import nn
 
 from trainer.data.tasks import demo_rows
 from trainer.recipe_loading import recipe_from_dict
-from trainer.data.encoding import IGNORE_INDEX, Example
+from trainer.data.examples import IGNORE_INDEX, Example
 from trainer.data.batching import collate
 from trainer.model.lora import adapter_parameters, apply_lora, lora_layers
 from trainer import loss as loss_module

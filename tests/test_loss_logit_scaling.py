@@ -14,7 +14,7 @@ from torch import nn
 from _checkpoints import one_thread
 from trainer import loss as loss_module
 from trainer.data.batching import collate
-from trainer.data.encoding import IGNORE_INDEX, Example
+from trainer.data.examples import IGNORE_INDEX, Example
 from trainer.loss import LOGIT_TRANSFORMS, CausalLMLoss, chunked_cross_entropy, logit_transform
 from trainer.model.base import ModelLoadError
 from trainer.model.lora import adapter_parameters, apply_lora, lora_layers

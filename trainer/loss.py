@@ -25,7 +25,7 @@ from trainer.data import packing
 from trainer.model.base import ModelLoadError
 from trainer.speedups import last_layer, onednn
 from trainer.speedups.packed_attention import PACKED_ATTENTION
-from trainer.data.encoding import IGNORE_INDEX
+from trainer.data.examples import IGNORE_INDEX
 
 
 class CausalLMLoss(nn.Module):

@@ -27,7 +27,7 @@ from transformers import Trainer, TrainerCallback
 
 from trainer.config import Recipe, TrainConfig
 from trainer.recipe_loading import load_recipe
-from trainer.data.encoding import IGNORE_INDEX, Example
+from trainer.data.examples import IGNORE_INDEX, Example
 from trainer.data.batching import BatchPlan, collate
 from trainer.data.pipeline import build_datasets
 from trainer.loop import learning_rate

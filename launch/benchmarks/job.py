@@ -130,7 +130,7 @@ def step_tokens(job: Job) -> list[dict[str, int]]:
     lengths) and `trained_pairs` (causal (query, key) pairs with a trained query: position i has
     i + 1 keys). Both frameworks see these exact examples."""
     from trainer.recipe_loading import load_recipe
-    from trainer.data.encoding import IGNORE_INDEX
+    from trainer.data.examples import IGNORE_INDEX
     from trainer.data.batching import BatchPlan
     from trainer.data.pipeline import build_datasets
     from trainer.model.base import load_tokenizer, resolve_base

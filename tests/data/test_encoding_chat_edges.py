@@ -11,9 +11,11 @@ import json
 import pytest
 
 from trainer.config import DataConfig
-from trainer.data.encoding import (ANSWER, BUILTIN_CHAT_TEMPLATE, MARKUP, PROMPT, Literal, chat_pieces,
-                                   conversation_tokens, document_bos, prompt_tokens, _render)
+from trainer.data.chat_templates import BUILTIN_CHAT_TEMPLATE, Literal, _render, chat_pieces
+from trainer.data.encoding import conversation_tokens, prompt_tokens
+from trainer.data.examples import ANSWER, MARKUP, PROMPT
 from trainer.data.pipeline import build_datasets
+from trainer.data.tokenizer_checks import document_bos
 
 # As meta-llama/Llama-2-7b-chat-hf ships it: <s> before each user turn, none before assistant turns.
 LLAMA2_CHAT = (

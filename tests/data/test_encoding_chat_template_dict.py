@@ -10,9 +10,10 @@ import json
 import pytest
 
 from trainer.config import DataConfig
-from trainer.data.encoding import BUILTIN_CHAT_TEMPLATE, chat_template, document_bos
+from trainer.data.chat_templates import BUILTIN_CHAT_TEMPLATE, chat_template
 from trainer.data.formats import DataError
 from trainer.data.pipeline import build_datasets
+from trainer.data.tokenizer_checks import document_bos
 from trainer.evaluation.gguf_export import tokenizer_metadata
 
 # BOS before every message: a turn marker, so examples get no BOS of their own.

@@ -12,7 +12,9 @@ from trainer.config import DataConfig
 from trainer.data.pipeline import build_datasets
 from trainer.data.formats import DataError
 from trainer.data.stats import check_labels
-from trainer.data.encoding import IGNORE_INDEX, Example, document_bos, prompt_tokens
+from trainer.data.encoding import prompt_tokens
+from trainer.data.examples import IGNORE_INDEX, Example
+from trainer.data.tokenizer_checks import document_bos
 
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 

@@ -13,9 +13,10 @@ import pytest
 
 from conftest import SHARED
 from trainer.config import DataConfig
-from trainer.data.encoding import (CONTEXT, IGNORE_INDEX, MARKUP, PROMPT, TEMPLATES, Example, prompt_pieces,
-                                   prompt_tokens, render_prompt)
+from trainer.data.encoding import prompt_tokens
+from trainer.data.examples import CONTEXT, IGNORE_INDEX, MARKUP, PROMPT, Example
 from trainer.data.formats import DataError
+from trainer.data.instruction_templates import TEMPLATES, prompt_pieces, render_prompt
 from trainer.data.pipeline import build_datasets
 
 HEADER = TEMPLATES["alpaca"][1].split("{instruction}")[0]  # "Below is an instruction ...### Instruction:\n"

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from trainer.config import DataConfig
-from trainer.data.formats import DataError, locate, settle_format, validate_records
+from trainer.data.formats import DataError, settle_format, validate_records
 from trainer.data.pipeline import build_datasets, read_rows
+from trainer.data.sources import locate
 
 ROW = {"instruction": "Say hi.", "input": "", "output": "hello"}
 LONE_HIGH = "\ud83d"  # the first half of 😀's UTF-16 pair (json.loads gives it for "\\ud83d")

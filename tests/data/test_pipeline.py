@@ -11,7 +11,8 @@ import pytest
 
 from trainer.data import pipeline
 from trainer.config import DataConfig, DataSource
-from trainer.data.encoding import IGNORE_INDEX, Example, render_prompt
+from trainer.data.examples import IGNORE_INDEX, Example
+from trainer.data.instruction_templates import render_prompt
 from trainer.data.batching import BatchPlan, collate
 from trainer.data.formats import DataError
 from trainer.data.pipeline import build_datasets, read_rows

@@ -14,9 +14,10 @@ from trainer.config import DataConfig, DataSource
 from trainer.data import pipeline
 from trainer.data.building import build_store
 from trainer.data.encoding import tokenize_rows
-from trainer.data.formats import DataError, locate, read_source
+from trainer.data.formats import DataError
 from trainer.data.leakage import question_id
 from trainer.data.pipeline import build_datasets, held_out_rows
+from trainer.data.sources import locate, read_source
 from trainer.data.store import Examples, Store
 
 

@@ -14,8 +14,9 @@ import pytest
 from trainer.config import DataConfig, DataSource
 from trainer.data.batching import BatchPlan
 from trainer.data.building import build_store
-from trainer.data.formats import DataError, locate
+from trainer.data.formats import DataError
 from trainer.data.pipeline import build_datasets, held_out_rows, load_source
+from trainer.data.sources import locate
 from trainer.data.store import Store
 
 HUB_ID = "org/alpaca"

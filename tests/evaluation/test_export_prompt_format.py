@@ -13,7 +13,9 @@ import json
 import pytest
 
 from _checkpoints import make_checkpoint, one_thread, tiny_recipe
-from trainer.data.encoding import BUILTIN_CHAT_TEMPLATE, conversation_tokens, document_bos, prompt_tokens
+from trainer.data.chat_templates import BUILTIN_CHAT_TEMPLATE
+from trainer.data.encoding import conversation_tokens, prompt_tokens
+from trainer.data.tokenizer_checks import document_bos
 from trainer.evaluation.export import (ExportOptions, export, instruction_chat_template, trained_prompt_format,
                                        training_chat_template)
 from trainer.model.base import load_tokenizer, resolve_base

@@ -207,7 +207,7 @@ def test_add_bos_token_is_what_training_puts_before_every_prompt(tmp_path, tiny_
     from conftest import shared_llama2
     from transformers import AutoTokenizer
 
-    from trainer.data.encoding import document_bos
+    from trainer.data.tokenizer_checks import document_bos
     from trainer.evaluation.gguf_export import tokenizer_metadata
 
     assert tokenizer_metadata(smollm2_tokenizer, len(smollm2_tokenizer))["add_bos_token"] is False

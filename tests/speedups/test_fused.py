@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.recipe_loading import recipe_from_dict
-from trainer.data.encoding import IGNORE_INDEX
+from trainer.data.examples import IGNORE_INDEX
 from trainer.speedups.fused import PLAIN_RMSNORMS, RMSNormFunction, SiluMul, use_fused_mlp, use_fused_norm
 from trainer.model.lora import adapter_parameters, apply_lora, lora_layers
 from trainer.loss import CausalLMLoss

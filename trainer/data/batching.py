@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from trainer.data.encoding import IGNORE_INDEX, Example
+from trainer.data.examples import IGNORE_INDEX, Example
 from trainer.data.formats import DataError
 
 

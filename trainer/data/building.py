@@ -24,8 +24,10 @@ from typing import Any
 from tqdm import tqdm
 
 from trainer.config import DataConfig, DataSource
-from trainer.data.encoding import EncodedRows, encode_rows
-from trainer.data.formats import DataError, Located, filled_columns, parsed, settle_format, validate_records
+from trainer.data.encoding import encode_rows
+from trainer.data.examples import EncodedRows
+from trainer.data.formats import DataError, filled_columns, parsed, settle_format, validate_records
+from trainer.data.sources import Located
 from trainer.data.store import Store, StoreWriter
 from trainer.runtime import distributed
 

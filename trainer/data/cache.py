@@ -22,7 +22,8 @@ from trainer.data.store import INFO, Store, UnreadableStore, discard
 from trainer.runtime.cache import cache_dir
 
 # The modules whose code decides the examples: editing any of them invalidates the cache.
-CODE_FILES = ("formats.py", "encoding.py", "cache.py", "leakage.py", "store.py", "building.py")
+CODE_FILES = ("sources.py", "formats.py", "encoding.py", "examples.py", "instruction_templates.py",
+              "chat_templates.py", "tokenizer_checks.py", "cache.py", "leakage.py", "store.py", "building.py")
 
 
 def cache_key(source_identity: str, tokenizer, settings: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ import torch
 
 from trainer.runtime import distributed
 from trainer.config import Recipe
-from trainer.data.encoding import IGNORE_INDEX, Example
+from trainer.data.examples import IGNORE_INDEX, Example
 from trainer.data.batching import collate, token_tensor
 from trainer.speedups.packed_attention import PACKED_ATTENTION
 

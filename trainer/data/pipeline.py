@@ -2,8 +2,10 @@
 examples, checked and summarised before training (`build_datasets`), and back from held-out
 examples to the rows they came from (`held_out_rows`).
 
-    formats.py   reading files and hub datasets, formats, column mapping, bad rows
-    encoding.py  prompt and chat templates, BOS/EOS, the length policy
+    sources.py   finding and reading files and hub datasets
+    formats.py   formats, column mapping, bad rows
+    encoding.py  rows -> token ids with labels: instruction_templates.py, chat_templates.py,
+                 tokenizer_checks.py (BOS/EOS) and examples.py (the length policy)
     building.py  a dataset read and tokenised a chunk at a time, on all cores, into its store
     store.py     tokenised examples on disk, memory-mapped; train and held-out sets as index arrays
     cache.py     where stores live, keyed by everything they depend on
@@ -25,12 +27,15 @@ import numpy as np
 from trainer.config import DataConfig, DataSource
 from trainer.data import cache
 from trainer.data.building import build_store
-from trainer.data.encoding import TEMPLATES, chat_template, check_tokenizer, template_note
-from trainer.data.formats import DataError, locate, read_source, validate_records
+from trainer.data.chat_templates import chat_template
+from trainer.data.formats import DataError, validate_records
+from trainer.data.instruction_templates import TEMPLATES, template_note
 from trainer.data.leakage import leakage_note
+from trainer.data.sources import locate, read_source
 from trainer.data.stats import DataStats, check_store, dataset_summary, unread_note
 from trainer.data.store import Examples, Store
 from trainer.data.tasks import resolve_dataset
+from trainer.data.tokenizer_checks import check_tokenizer
 
 
 def read_rows(path: str, split: str = "train", max_rows: int | None = None, *, format: str = "auto",

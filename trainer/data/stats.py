@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 
 from trainer.config import DataConfig
+from trainer.data.examples import IGNORE_INDEX, Example
 from trainer.data.formats import DataError, unread_columns
-from trainer.data.encoding import IGNORE_INDEX, Example, document_bos, expected_first_token
 from trainer.data.store import Store, trained_mask
+from trainer.data.tokenizer_checks import document_bos, expected_first_token
 
 
 def check_labels(examples: Sequence[Example], tokenizer, describe: Callable[[int], str],

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.data.encoding import IGNORE_INDEX, Example, EncodedRows
+from trainer.data.examples import IGNORE_INDEX, EncodedRows, Example
 from trainer.data.formats import DataError
 
 TOKEN_ARRAYS = {"input_ids": np.int32, "labels": np.int32}

@@ -31,8 +31,10 @@ from transformers import DynamicCache
 
 from trainer import options
 from trainer.config import Recipe, RecipeError
-from trainer.data.encoding import chat_template, conversation_tokens, document_bos, prompt_tokens
+from trainer.data.chat_templates import chat_template
+from trainer.data.encoding import conversation_tokens, prompt_tokens
 from trainer.data.formats import DataError
+from trainer.data.tokenizer_checks import document_bos
 from trainer.evaluation.generate import cache_argument, stop_ids
 
 COMMANDS = "/reset clears the conversation, /exit leaves, Ctrl-C stops an answer"

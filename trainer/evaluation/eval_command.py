@@ -24,9 +24,10 @@ from trainer.checkpoint.reading import check_adapter, held_out_split_differences
 from trainer.evaluation.adapted_model import load_adapted_model
 from trainer.config import DataConfig, DataSource, Recipe, RecipeError
 from trainer.runtime.deepspeed_config import deepspeed_config
-from trainer.data.encoding import Example
+from trainer.data.examples import Example
 from trainer.data.pipeline import build_datasets, held_out_rows, load_source
-from trainer.data.formats import DataError, locate, read_source
+from trainer.data.formats import DataError
+from trainer.data.sources import locate, read_source
 from trainer.evaluation.held_out_loss import evaluate_loss
 from trainer.evaluation.generate import generate, prompt_ids, row_texts
 from trainer.loss import CausalLMLoss

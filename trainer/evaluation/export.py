@@ -39,7 +39,8 @@ from trainer.evaluation.adapted_model import add_adapter
 from trainer.checkpoint.reading import check_adapter, read_meta, resolve_adapter, trained_dtype, trained_recipe
 from trainer.checkpoint.saving import follow_umask
 from trainer.config import Recipe, RecipeError
-from trainer.data.encoding import TEMPLATES, chat_template, own_chat_template, prompt_pieces
+from trainer.data.chat_templates import chat_template, own_chat_template
+from trainer.data.instruction_templates import TEMPLATES, prompt_pieces
 from trainer.model.lora import dequantised_linear, is_quantised, lora_layers, ties_adapted_layer
 from trainer.model.base import DTYPES, compute_dtype, load_base, load_config, load_tokenizer, resolve_base
 from trainer.runtime import run_dir
@@ -217,7 +218,7 @@ def training_chat_template(tokenizer, prompt_format: str) -> tuple[str, str]:
         return chat_template(tokenizer)[0], (
             "note: the export keeps the base's chat template, which training rendered conversations with" if own else
             "note: the base has no chat template: the export carries the built-in one that training rendered "
-            "conversations with (<|user|> ... <|assistant|>; trainer/data/encoding.py BUILTIN_CHAT_TEMPLATE)")
+            "conversations with (<|user|> ... <|assistant|>; trainer/data/chat_templates.py BUILTIN_CHAT_TEMPLATE)")
     name = prompt_format if prompt_format in TEMPLATES else f"custom ({prompt_format!r})"
     if own is None:
         return instruction_chat_template(prompt_format), (
@@ -226,7 +227,8 @@ def training_chat_template(tokenizer, prompt_format: str) -> tuple[str, str]:
             f"never saw")
     return own, (f"warning: the adapter was trained on data.template={name} prompts, but the export keeps the base's "
                  f"chat template, which it was not trained on: prompt the exported model with the {name} prompt "
-                 f"itself (trainer/data/encoding.py TEMPLATES; what eval and chat do), not through a chat template")
+                 f"itself (trainer/data/instruction_templates.py TEMPLATES; what eval and chat do), not through a chat "
+                 f"template")
 
 
 _INSTRUCTION = "\x00instruction\x00"  # stands for the message in the template's pieces

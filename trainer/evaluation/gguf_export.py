@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from trainer.config import Recipe, RecipeError
-from trainer.data.encoding import document_bos, own_chat_template
+from trainer.data.chat_templates import own_chat_template
+from trainer.data.tokenizer_checks import document_bos
 
 FORMATS = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32  # values per q8_0 block (one f16 scale + 32 int8)

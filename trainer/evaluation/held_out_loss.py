@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from trainer.runtime import distributed
-from trainer.data.encoding import Example
+from trainer.data.examples import Example
 from trainer.data.batching import collate
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from trainer import builtin
 from trainer.config import Recipe
-from trainer.data.encoding import choose_pad
+from trainer.data.tokenizer_checks import choose_pad
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

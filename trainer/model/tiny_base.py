@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainer.data.encoding import TEMPLATES
+from trainer.data.instruction_templates import TEMPLATES
 from trainer.data.tasks import SEED, demo_rows
 from trainer.runtime.cache import build_once, cache_dir
 
