@@ -17,9 +17,10 @@ import torch.distributed as dist
 from torch import nn
 from transformers import DynamicCache
 
-from trainer.runtime import distributed
-from trainer.loss import CausalLMLoss, additive_mask
+from trainer.config import PACKED_ATTENTION
 from trainer.data.encoding import prompt_tokens
+from trainer.loss import CausalLMLoss, additive_mask
+from trainer.runtime import distributed
 
 
 def prompt_ids(tokenizer, row: dict, template: str, max_prompt_tokens: int | None = None) -> list[int]:
@@ -57,7 +58,9 @@ def greedy_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int
         input_ids[i, length - len(prompt):] = torch.tensor(prompt)
         real[i, length - len(prompt):] = True
     input_ids, real = input_ids.to(device), real.to(device)
-    additive = _attention_implementation(model) == "eager"  # eager adds the mask to the scores
+    implementation = _attention_implementation(model)
+    own_mask = implementation in OWN_MASK_IMPLEMENTATIONS
+    additive = implementation == "eager"  # eager adds the mask to the scores
     mask_dtype = next(model.parameters()).dtype if additive else None
     cache = DynamicCache()
     generated = torch.empty((len(prompts), 0), dtype=torch.long, device=device)
@@ -66,7 +69,9 @@ def greedy_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int
     for _ in range(max_new_tokens):
         # Positions count real tokens only, so a left-padded prompt sees the positions it was trained with.
         position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
-        mask = layer_masks(model, real, step_ids.shape[1])
+        # Flash kernels take the [batch, keys] padding mask (they unpad by it) and flex builds its own
+        # block mask from it: to them transformers' own masking is given the 2D mask, as generate() does.
+        mask = layer_masks(model, real, step_ids.shape[1]) if own_mask else real.long()
         if additive:
             mask = ({kind: additive_mask(m, mask_dtype) for kind, m in mask.items()} if isinstance(mask, dict)
                     else additive_mask(mask, mask_dtype))
@@ -81,6 +86,11 @@ def greedy_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int
         step_ids = next_token[:, None]
         real = torch.cat([real, torch.ones_like(step_ids, dtype=torch.bool)], dim=1)
     return [_until_stop(row, stops) for row in generated.tolist()]
+
+
+# Attention implementations that take a 4D mask as given, where greedy_batch passes its own (`decoding_mask`);
+# the others (flash_attention_2/3/4, flex_attention, hub kernels) get the 2D padding mask.
+OWN_MASK_IMPLEMENTATIONS = ("sdpa", "eager", PACKED_ATTENTION)
 
 
 def layer_masks(model: nn.Module, real: torch.Tensor, query_length: int) -> torch.Tensor | dict[str, torch.Tensor]:
