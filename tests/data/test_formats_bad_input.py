@@ -1,6 +1,7 @@
 """Bad input named for what it is: data.columns renaming a column onto one the row already has, half
 a UTF-16 pair in a field, a .jsonl file that holds no JSON object (a list, Python's repr of dicts) or
-stops being UTF-8 partway, and suffixes written in capitals."""
+stops being UTF-8 partway, suffixes written in capitals, and a data.format given by hand that the
+columns are not (named once with the format they are, not as a bad first row)."""
 from __future__ import annotations
 
 import json
@@ -244,3 +245,31 @@ def test_a_json_null_is_named_empty_and_an_absent_field_missing(tmp_path):
     path = write_jsonl(tmp_path / "absent.jsonl", [ROW, {"instruction": "Say hi."}])
     with pytest.raises(DataError, match=r"absent\.jsonl: row 2: field 'output' is missing \(row keys: \['instruction'\]"):
         read_rows(str(path))
+
+
+@pytest.mark.parametrize("given, record, said", [
+    ("chat", ROW, "data.format=chat reads the column 'messages', which no record has (columns ['input', "
+                  "'instruction', 'output']); they are the alpaca format: set data.format=alpaca (or auto)"),
+    ("alpaca", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+     "data.format=alpaca reads the columns 'instruction', 'output', which no record has (columns ['messages']); "
+     "they are the chat format: set data.format=chat (or auto)"),
+    ("instances", ROW, "data.format=instances reads the column 'instances', which no record has"),
+])
+def test_a_format_given_by_hand_that_no_record_fits_is_one_message_not_a_bad_first_row(given, record, said):
+    # data.on_bad_row's hint would skip every row; the message names the format the columns are instead.
+    with pytest.raises(DataError) as refused:
+        settle_format("rows.jsonl", [("line 1", record), ("line 2", record)], given, None)
+    assert said in str(refused.value) and "on_bad_row" not in str(refused.value)
+
+
+def test_a_format_given_by_hand_with_some_records_fitting_names_the_bad_row():
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    records = [("line 1", chat), ("line 2", ROW)]
+    assert settle_format("rows.jsonl", records, "chat", None) == "chat"
+    with pytest.raises(DataError, match=r"rows.jsonl: line 2: field 'messages' should be a non-empty list"):
+        validate_records("rows.jsonl", records, 0, "chat", None, "error")
+    # columns of no format: each row's message names its keys
+    other = [("line 1", {"prompt": "Say hi.", "response": "hello"})]
+    assert settle_format("rows.jsonl", other, "alpaca", None) == "alpaca"
+    with pytest.raises(DataError, match=r"line 1: field 'instruction' is missing \(row keys: \['prompt', 'response'\]\)"):
+        validate_records("rows.jsonl", other, 0, "alpaca", None, "error")

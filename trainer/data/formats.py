@@ -75,7 +75,29 @@ def settle_format(name: str, records: list[tuple[str, Any]], format: str, column
                         + (f"no column {missing}; " if missing else "")
                         + f"the file has columns {present}, and our fields are {list(FIELDS)}")
     renamed = [columns.get(column, column) for column in present]
-    return _detect_format(name, renamed) if format == "auto" else format
+    if format == "auto":
+        return _detect_format(name, renamed)
+    _check_format_fits(name, format, renamed)
+    return format
+
+
+# The columns without which no record of a format can be a row.
+NEEDED = {"alpaca": ("instruction", "output"), "instances": ("instruction", "instances"), "chat": ("messages",)}
+
+
+def _check_format_fits(name: str, format: str, columns: list[str]) -> None:
+    """A data.format given by hand that the records' columns do not have, where they are another format:
+    every row would be bad, and data.on_bad_row=skip would leave none. Said once, naming the format the
+    columns are. (Columns of no format are left to each row's message, which names the row's keys.)"""
+    absent = [column for column in NEEDED[format] if column not in columns]
+    try:
+        detected = _detect_format(name, columns)
+    except DataError:
+        return
+    if absent and detected != format:
+        raise DataError(f"{name}: data.format={format} reads the column{'s' if len(absent) > 1 else ''} "
+                        f"{', '.join(repr(column) for column in absent)}, which no record has (columns {columns}); "
+                        f"they are the {detected} format: set data.format={detected} (or auto)")
 
 
 def _no_objects(name: str, records: list[tuple[str, Any]]) -> str:
