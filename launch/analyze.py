@@ -18,6 +18,8 @@ import _bootstrap  # noqa: F401  (puts the repository root on sys.path)
 from trainer import cli, options
 from trainer.analysis.figures import print_report, write_outputs
 from trainer.analysis.ranks import AnalysisError, adapter_files, analyze
+from trainer.checkpoint.reading import adapter_instead, resolve_adapter
+from trainer.checkpoint.saving import CheckpointError
 
 USAGE = ("usage: python launch/analyze.py <adapter dir> [<second adapter dir>] "
          "[out=<dir>] [threshold=0.9] [base=<base model dir>] [seed=0] [--debug]")
@@ -26,7 +28,7 @@ USAGE = ("usage: python launch/analyze.py <adapter dir> [<second adapter dir>] "
 @dataclass
 class AnalyzeOptions:
     TOP_LEVEL: ClassVar[tuple[str, ...]] = ("out", "threshold", "base", "seed")
-    out: str | None = None  # default <first adapter>/analysis
+    out: str | None = None  # default <run>/analysis/step-<N> (<adapter>/analysis outside a run)
     threshold: float = 0.9  # energy kept by the effective rank
     base: str | None = None  # base model directory: amplification against its weights
     seed: int = 0  # randomized SVD of large base weights
@@ -43,9 +45,10 @@ def run(argv: list[str]) -> None:
         raise AnalysisError(f"expected one or two adapter directories, got {len(adapters)}\n{USAGE}")
     if not 0 < opts.threshold <= 1:
         raise AnalysisError(f"threshold must be in (0, 1], got {opts.threshold}")
-    for adapter in adapters:  # a mistyped adapter is named as such, before out= (by default inside it) is made
-        adapter_files(adapter)
-    out = output_dir(Path(opts.out) if opts.out else Path(adapters[0]) / "analysis")
+    # checkpoints/best read as the step it names (a later `best` must not change what was analysed); a
+    # mistyped adapter is named as such, before out= is made
+    adapters = [str(checked(adapter)) for adapter in adapters]
+    out = output_dir(Path(opts.out) if opts.out else default_out([Path(adapter) for adapter in adapters]))
     report = analyze(adapters, opts.threshold, opts.base, opts.seed)
     print_report(report)
     try:
@@ -53,6 +56,28 @@ def run(argv: list[str]) -> None:
     except OSError as error:  # a full disk, or a directory taken away during the analysis
         raise AnalysisError(f"out={out}: could not write the analysis there: {error}") from None
     print(f"\nwrote {', '.join(path.name for path in written)} to {out}")
+
+
+def checked(adapter: str) -> Path:
+    """The adapter directory to read: `best` resolved to its step-<N>; one holding no adapter is
+    refused naming what to give instead (a run's folder: its checkpoints/best), as eval does."""
+    try:
+        path = resolve_adapter(adapter)
+    except CheckpointError as error:
+        raise AnalysisError(str(error)) from None
+    if path.is_dir() and not (path / "adapter_config.json").is_file():
+        raise AnalysisError(f"{adapter}: no adapter_config.json there ({adapter_instead(path, give='')})")
+    adapter_files(path)
+    return path
+
+
+def default_out(adapters: list[Path]) -> Path:
+    """Where the files go without out=: beside a run's checkpoints, not inside one (keep_last prunes
+    checkpoints, and would take the analysis with them): <run>/analysis/step-<N>, or
+    step-<N>-vs-step-<M> for two; <adapter>/analysis for an adapter outside a run."""
+    first = adapters[0]
+    name = "-vs-".join(adapter.name for adapter in adapters)
+    return first.parent.parent / "analysis" / name if first.parent.name == "checkpoints" else first / "analysis"
 
 
 def output_dir(out: Path) -> Path:

@@ -409,3 +409,41 @@ def test_a_mistyped_adapter_is_named_and_nothing_is_made_inside_it(tmp_path):
     result = run_cli(["launch/analyze.py", str(missing)], timeout=300, check=False)
     assert result.returncode == 2 and f"adapter directory not found: {missing}" in result.stderr, result.stderr
     assert not missing.exists()  # its default out=<adapter>/analysis was not made
+
+
+def test_a_run_checkpoint_is_analysed_beside_the_checkpoints_and_best_as_the_step_it_names(tmp_path):
+    """keep_last prunes checkpoints: an analysis written inside one would go with it. Without out=, a
+    run's checkpoint is analysed into <run>/analysis/step-<N>; `best` is read as the step it names, and
+    recorded so; a run's folder is answered with its best checkpoint, as eval answers it."""
+    run = tmp_path / "run"
+    step = write_adapter(run / "checkpoints" / "step-60", {module_name(0): planted_pair(16, 16, PLANTED, 8, 0)})
+    (run / "checkpoints" / "best").symlink_to("step-60")
+    result = run_cli(["launch/analyze.py", str(run / "checkpoints" / "best")], timeout=300)
+    assert f"to {run / 'analysis' / 'step-60'}" in result.stdout
+    report = json.loads((run / "analysis" / "step-60" / "analysis.json").read_text())
+    assert report["adapters"][0]["path"] == str(step)
+    assert not (step / "analysis").exists()
+    refused = run_cli(["launch/analyze.py", str(run)], timeout=300, check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"a run's folder: give {run / 'checkpoints' / 'best'}, its best checkpoint" in refused.stderr
+
+
+def test_an_adapter_outside_a_run_keeps_its_own_analysis_folder_and_a_single_analysis_drops_a_pairs_figures(tmp_path):
+    import sys
+
+    from conftest import ROOT
+    from trainer.analysis.figures import write_outputs
+
+    sys.path.insert(0, str(ROOT / "launch"))
+    import analyze as script
+
+    first = write_adapter(tmp_path / "first", {module_name(0): planted_pair(16, 16, PLANTED, 8, 0)})
+    second = write_adapter(tmp_path / "second", {module_name(0): planted_pair(16, 16, PLANTED, 8, 1)})
+    assert script.default_out([first]) == first / "analysis"
+    assert script.default_out([tmp_path / "r" / "checkpoints" / "step-1", tmp_path / "r" / "checkpoints" / "step-2"]) \
+        == tmp_path / "r" / "analysis" / "step-1-vs-step-2"
+    out = tmp_path / "out"
+    write_outputs(analyze([str(first), str(second)]), out)
+    assert (out / "similarity.png").is_file() and (out / "top_direction.png").is_file()
+    written = write_outputs(analyze([str(first)]), out)
+    assert sorted(path.name for path in out.iterdir()) == sorted(path.name for path in written)  # no pair figures

@@ -91,7 +91,10 @@ def write_outputs(report: dict[str, Any], out: Path) -> list[Path]:
     staging = json_path.with_name(f".{json_path.name}.partial")
     staging.write_text(json.dumps(_rounded(report), indent=1) + "\n")
     staging.replace(json_path)  # a crash never leaves half a file behind
-    return [json_path, *plot_figures(report, out)]
+    figures = plot_figures(report, out)
+    for stale in set(FIGURES) - {path.name for path in figures}:  # a pair's figures, from an earlier run here
+        (out / stale).unlink(missing_ok=True)
+    return [json_path, *figures]
 
 
 # ---------------------------------------------------------------- figures
@@ -100,6 +103,7 @@ def write_outputs(report: dict[str, Any], out: Path) -> list[Path]:
 KIND_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_SIMILARITY_LAYERS = 4  # columns of the phi heat-map grid; deeper models show layers spread evenly
 STYLES = ("-", "--")  # adapter 1, adapter 2
+FIGURES = ("spectra.png", "energy.png", "similarity.png", "top_direction.png")  # the last two for a pair only
 
 
 def plot_figures(report: dict[str, Any], out: Path) -> list[Path]:

@@ -170,21 +170,21 @@ def resolve_adapter(path: str | Path) -> Path:
 def _require_adapter_files(adapter_dir: Path) -> None:
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (adapter_dir / name).is_file():
-            raise CheckpointError(f"adapter={adapter_dir}: no {name} there ({_adapter_instead(adapter_dir)})")
+            raise CheckpointError(f"adapter={adapter_dir}: no {name} there ({adapter_instead(adapter_dir)})")
 
 
-def _adapter_instead(adapter_dir: Path) -> str:
+def adapter_instead(adapter_dir: Path, give: str = "adapter=") -> str:
     """What to give instead of an adapter= that holds no adapter: a run's output_dir, or the `best` of a
     run that never scored a held-out loss (data.eval_fraction=0 and no eval_path), is answered with the
-    checkpoint to take."""
+    checkpoint to take (`give` before its path: analyze takes adapters without a key)."""
     checkpoints = (adapter_dir.parent if adapter_dir.name == BEST else adapter_dir if adapter_dir.name == "checkpoints"
                    else adapter_dir / "checkpoints")
     saved = complete_checkpoints(checkpoints)
     if adapter_dir.name != BEST and ((checkpoints / BEST).exists() or (checkpoints / f"{BEST}.json").is_file()):
-        return f"a run's folder: give adapter={checkpoints / BEST}, its best checkpoint"
+        return f"a run's folder: give {give}{checkpoints / BEST}, its best checkpoint"
     if saved:
         return (f"no checkpoint of this run is marked {BEST} yet: none was saved at an evaluation step (with "
-                f"data.eval_fraction=0 and no data.eval_path, none ever is); give adapter={saved[-1]}, its last")
+                f"data.eval_fraction=0 and no data.eval_path, none ever is); give {give}{saved[-1]}, its last")
     return f"expected a checkpoint directory such as runs/<name>/checkpoints/step-<N>, or checkpoints/{BEST}"
 
 
