@@ -16,10 +16,11 @@ def test_a_fresh_start_moves_an_earlier_runs_files_aside_and_leaves_the_rest(tmp
     (tmp_path / "wandb-run-id").write_text("abc\n")
     write_lines(tmp_path / "samples.superseded.jsonl", [{"step": 5}])  # from a resume of that run
     (tmp_path / "notes.txt").write_text("mine")  # not something a run writes: stays
+    (tmp_path / "analysis" / "step-6").mkdir(parents=True)  # launch/analyze.py's, of that run's checkpoint
     moved_to = run_dir.set_aside_earlier_run(tmp_path)
     assert moved_to.parent == tmp_path / run_dir.EARLIER
-    assert sorted(p.name for p in moved_to.iterdir()) == ["checkpoints", "metrics.jsonl", "samples.superseded.jsonl",
-                                                          "wandb-run-id"]
+    assert sorted(p.name for p in moved_to.iterdir()) == ["analysis", "checkpoints", "metrics.jsonl",
+                                                          "samples.superseded.jsonl", "wandb-run-id"]
     assert (moved_to / "checkpoints" / "step-6" / "COMPLETE").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [run_dir.EARLIER, "notes.txt"]
     # A second fresh start within the same second gets a folder of its own.

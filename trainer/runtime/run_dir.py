@@ -41,10 +41,11 @@ from trainer.runtime import distributed
 
 EARLIER = "earlier-runs"
 SUPERSEDED = ".superseded.jsonl"
-# What a run writes into its output_dir (README, "What a run writes"; eval/ by launch/eval.py).
+# What a run writes into its output_dir (README, "What a run writes"; eval/ by launch/eval.py, analysis/ by
+# launch/analyze.py).
 STEP_LOGS = ("metrics.jsonl", "samples.jsonl")
 RUN_FILES = (*STEP_LOGS, *(Path(name).with_suffix(SUPERSEDED).name for name in STEP_LOGS), "report.png", "checkpoints",
-             "tensorboard", "wandb", "wandb-run-id", "eval")
+             "tensorboard", "wandb", "wandb-run-id", "eval", "analysis")
 # Not among RUN_FILES: it stays where it is when an earlier run is set aside, and is no sign of one.
 LOCK = ".lock"
 # flock's answers on a filesystem without file locks (some network and FUSE filesystems).
