@@ -6,7 +6,8 @@ final-number accuracy and the median step time.
     python launch/variants.py                         (recipes/smollm2_tasks.yaml, 40 steps, 64 held-out rows)
     python launch/variants.py [RECIPE.yaml] [section.key=value ...] [--ranks N] [--only lora,dora]
 
-Every run writes under <output_dir>/<name>/ (metrics.jsonl, checkpoints, eval/).
+Every run writes under <output_dir>/<name>/ (metrics.jsonl, checkpoints, eval/); its training and
+evaluation output shows as it runs, and is kept in train.log and eval.log there.
 """
 import _bootstrap  # noqa: F401  (puts the repository root on sys.path)
 
@@ -38,8 +39,9 @@ EVAL_OPTIONS = ["eval.max_new_tokens=32"]  # the built-in tasks' answers are und
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("arguments", nargs="*", metavar="[RECIPE.yaml] [section.key=value ...]")
-    parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--only", default=",".join(VARIANTS))
+    parser.add_argument("--ranks", type=int, default=2, help="CPU ranks each run trains on (default 2; 1: no launcher)")
+    parser.add_argument("--only", default=",".join(VARIANTS),
+                        help=f"comma-separated variants to run (default all: {','.join(VARIANTS)})")
     args = parser.parse_intermixed_args(argv)
     if unknown := [name for name in args.only.split(",") if name not in VARIANTS]:
         parser.error(f"--only {','.join(unknown)}: not a variant; the variants are {', '.join(VARIANTS)}")
@@ -55,6 +57,7 @@ def main(argv: list[str]) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     bin_dir = Path(sys.executable).parent
     results = {}
+    overrides = [item for item in overrides if not item.startswith("output_dir=")]  # read into base_dir above
     for name in args.only.split(","):
         run_dir = base_dir / name
         run_overrides = [*overrides, *VARIANTS[name], f"output_dir={run_dir}"]
@@ -62,22 +65,40 @@ def main(argv: list[str]) -> int:
                     if args.ranks > 1 else [sys.executable])
         train = [*launcher, "launch/train.py", args.recipe, *run_overrides]
         print("$ " + ("deepspeed " if args.ranks > 1 else "python ") + " ".join(train[1:]), flush=True)
-        log = subprocess.run(train, env=env, capture_output=True, text=True)
-        if log.returncode != 0:
-            print(log.stdout[-3000:], log.stderr[-3000:], sep="\n", file=sys.stderr)
-            return log.returncode
+        code, train_output = shown_and_logged(train, env, run_dir / "train.log")
+        if code != 0:
+            print(f"error: training {name} failed (exit {code}); its output is in {run_dir / 'train.log'}",
+                  file=sys.stderr)
+            return code
         checkpoint = max((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
         evaluation = [sys.executable, "launch/eval.py", args.recipe, *run_overrides, f"adapter={checkpoint}",
                       f"out={run_dir / 'eval'}", *EVAL_OPTIONS]
         print("$ python " + " ".join(evaluation[1:]), flush=True)
-        scored = subprocess.run(evaluation, env=env, capture_output=True, text=True)
-        if scored.returncode != 0:
-            print(scored.stdout[-3000:], scored.stderr[-3000:], sep="\n", file=sys.stderr)
-            return scored.returncode
-        results[name] = summary(run_dir, log.stdout)
+        code, _ = shown_and_logged(evaluation, env, run_dir / "eval.log")
+        if code != 0:
+            print(f"error: evaluating {name} failed (exit {code}); its output is in {run_dir / 'eval.log'}",
+                  file=sys.stderr)
+            return code
+        results[name] = summary(run_dir, train_output)
         print(json.dumps({name: results[name]}), flush=True)
     print(table(results))
     return 0
+
+
+def shown_and_logged(command: list[str], env: dict[str, str], log: Path) -> tuple[int, str]:
+    """Run `command`, its output (stderr too: progress bars) shown as it comes and written to `log`;
+    returns the exit code and the output."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    written = bytearray()
+    with open(log, "wb") as kept:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for chunk in iter(lambda: process.stdout.read1(65536), b""):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            kept.write(chunk)
+            written += chunk
+        code = process.wait()
+    return code, written.decode(errors="replace")
 
 
 def summary(run_dir: Path, train_output: str) -> dict:

@@ -1,6 +1,6 @@
 """The launch scripts' own helpers: the variants table with missing values, its --only check, its
-arguments (overrides without a recipe, a bad recipe in one line), the demo's --help, and parity's dequantised-base cache
-keyed by the base's weights."""
+arguments (overrides without a recipe, a bad recipe in one line) and its runs' output shown and kept, the
+demo's --help, and parity's dequantised-base cache keyed by the base's weights."""
 from __future__ import annotations
 
 import shutil
@@ -36,6 +36,14 @@ def test_variants_takes_overrides_without_a_recipe_and_reports_a_bad_recipe_in_o
     assert said.startswith(f"error: {variants.DEFAULT_RECIPE}: lora.r: must be positive") and "Traceback" not in said
     assert variants.main(["recipes/nope.yaml", "lora.r=8"]) == 2
     assert "error: recipe not found: recipes/nope.yaml" in capsys.readouterr().err
+
+
+def test_variants_shows_each_run_as_it_goes_and_keeps_its_log(tmp_path, capfd):
+    command = [sys.executable, "-c", "import sys; print('step 1', flush=True); sys.stderr.write('bar\\r'); sys.exit(3)"]
+    code, output = variants.shown_and_logged(command, {}, tmp_path / "run" / "train.log")
+    assert code == 3 and output == "step 1\nbar\r"
+    assert (tmp_path / "run" / "train.log").read_bytes().decode() == output
+    assert capfd.readouterr().out.startswith("step 1\nbar")  # shown, stderr's progress bars included
 
 
 def test_demo_answers_help_with_its_usage_and_runs_nothing(capsys, monkeypatch):
