@@ -54,7 +54,8 @@ class Measurement:
         ranks = sorted(self.peak_anon.values())
         return [f"{self.rows:,}", str(self.ranks), self.store,
                 f"{self.data_ready:.1f}" if self.data_ready else "-",
-                f"{self.rows / self.data_ready:,.0f}" if self.data_ready else "-",
+                # a tokenising rate: an in-place store reads no rows
+                f"{self.rows / self.data_ready:,.0f}" if self.data_ready and self.store == "built" else "",
                 (f"{self.finished:.1f}" if self.finished else "-") + (" (step 1)" if self.first_step else ""),
                 " / ".join(f"{value / 2**20:,.0f}" for value in ranks) or "-", f"{self.peak_file / 2**20:,.0f}"]
 
