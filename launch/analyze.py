@@ -19,7 +19,7 @@ from trainer import cli, options
 from trainer.analysis.figures import print_report, write_outputs
 from trainer.analysis.ranks import AnalysisError, adapter_files, analyze
 from trainer.checkpoint.reading import adapter_instead, resolve_adapter
-from trainer.checkpoint.saving import CheckpointError
+from trainer.checkpoint.saving import BEST, CheckpointError
 
 USAGE = ("usage: python launch/analyze.py <adapter dir> [<second adapter dir>] "
          "[out=<dir>] [threshold=0.9] [base=<base model dir>] [seed=0] [--debug]")
@@ -65,7 +65,8 @@ def checked(adapter: str) -> Path:
         path = resolve_adapter(adapter)
     except CheckpointError as error:
         raise AnalysisError(str(error)) from None
-    if path.is_dir() and not (path / "adapter_config.json").is_file():
+    looks_like_a_run = (path / "checkpoints").is_dir() or path.name in ("checkpoints", BEST)
+    if looks_like_a_run and not (path / "adapter_config.json").is_file():
         raise AnalysisError(f"{adapter}: no adapter_config.json there ({adapter_instead(path, give='')})")
     adapter_files(path)
     return path
@@ -74,10 +75,15 @@ def checked(adapter: str) -> Path:
 def default_out(adapters: list[Path]) -> Path:
     """Where the files go without out=: beside a run's checkpoints, not inside one (keep_last prunes
     checkpoints, and would take the analysis with them): <run>/analysis/step-<N>, or
-    step-<N>-vs-step-<M> for two; <adapter>/analysis for an adapter outside a run."""
+    step-<N>-vs-step-<M> for two (the second named with its run where that is another); <adapter>/analysis for
+    an adapter outside a run."""
     first = adapters[0]
-    name = "-vs-".join(adapter.name for adapter in adapters)
-    return first.parent.parent / "analysis" / name if first.parent.name == "checkpoints" else first / "analysis"
+    if first.parent.name != "checkpoints":
+        return first / "analysis"
+    # a second adapter of another run is named with its run: step-100-vs-other_run-step-100
+    names = [adapter.name if adapter.parent == first.parent or adapter.parent.name != "checkpoints"
+             else f"{adapter.parent.parent.name}-{adapter.name}" for adapter in adapters]
+    return first.parent.parent / "analysis" / "-vs-".join(names)
 
 
 def output_dir(out: Path) -> Path:

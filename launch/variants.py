@@ -91,12 +91,23 @@ def shown_and_logged(command: list[str], env: dict[str, str], log: Path) -> tupl
     log.parent.mkdir(parents=True, exist_ok=True)
     written = bytearray()
     with open(log, "wb") as kept:
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for chunk in iter(lambda: process.stdout.read1(65536), b""):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-            kept.write(chunk)
-            written += chunk
+        # unbuffered: the child's log lines arrive as written, in order with its progress bars
+        process = subprocess.Popen(command, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT)
+
+        def drain() -> None:
+            for chunk in iter(lambda: process.stdout.read1(65536), b""):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                kept.write(chunk)
+                written.extend(chunk)
+
+        try:
+            drain()
+        except KeyboardInterrupt:  # the child got the same Ctrl-C: it saves at its next step; see it through
+            drain()
+            process.wait()
+            raise
         code = process.wait()
     return code, written.decode(errors="replace")
 

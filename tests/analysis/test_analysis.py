@@ -442,6 +442,13 @@ def test_an_adapter_outside_a_run_keeps_its_own_analysis_folder_and_a_single_ana
     assert script.default_out([first]) == first / "analysis"
     assert script.default_out([tmp_path / "r" / "checkpoints" / "step-1", tmp_path / "r" / "checkpoints" / "step-2"]) \
         == tmp_path / "r" / "analysis" / "step-1-vs-step-2"
+    assert script.default_out([tmp_path / "r" / "checkpoints" / "step-1", tmp_path / "s" / "checkpoints" / "step-1"]) \
+        == tmp_path / "r" / "analysis" / "step-1-vs-s-step-1"  # another run's: named with its run
+    # a folder that is no run and holds no adapter gets the adapter message, not the run one
+    (tmp_path / "bin_only").mkdir()
+    (tmp_path / "bin_only" / "adapter_model.bin").write_bytes(b"")
+    with pytest.raises(AnalysisError, match="expected a PEFT LoRA adapter directory"):
+        script.checked(str(tmp_path / "bin_only"))
     out = tmp_path / "out"
     write_outputs(analyze([str(first), str(second)]), out)
     assert (out / "similarity.png").is_file() and (out / "top_direction.png").is_file()

@@ -249,10 +249,11 @@ def test_a_json_null_is_named_empty_and_an_absent_field_missing(tmp_path):
 
 @pytest.mark.parametrize("given, record, said", [
     ("chat", ROW, "data.format=chat reads the column 'messages', which no record has (columns ['input', "
-                  "'instruction', 'output']); they are the alpaca format: set data.format=alpaca (or auto)"),
+                  "'instruction', 'output']); they are the alpaca format: set data.format=alpaca (or auto; for a "
+                  "data.mixture entry, its format)"),
     ("alpaca", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
      "data.format=alpaca reads the columns 'instruction', 'output', which no record has (columns ['messages']); "
-     "they are the chat format: set data.format=chat (or auto)"),
+     "they are the chat format: set data.format=chat (or auto"),
     ("instances", ROW, "data.format=instances reads the column 'instances', which no record has"),
 ])
 def test_a_format_given_by_hand_that_no_record_fits_is_one_message_not_a_bad_first_row(given, record, said):

@@ -54,3 +54,21 @@ def test_a_flash_style_attention_gets_the_2d_padding_mask_and_decodes_as_a_plain
     decoded = greedy_batch(model, PROMPTS, 6, eos_token_id=63, pad_token_id=0, device=torch.device("cpu"))
     assert decoded == expected
     assert 2 in masks_seen  # the padding mask reached the kernel (the batch is left-padded)
+
+
+def test_which_attention_gets_greedy_batchs_own_mask():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask, sdpa_mask
+
+    from trainer.evaluation.generate import takes_own_mask
+
+    for name in ("sdpa", "eager", "packed_sdpa"):
+        assert takes_own_mask(name)
+    for name in ("flash_attention_2", "flash_attention_3", "flex_attention"):
+        assert not takes_own_mask(name)
+    # hub kernels: as transformers masks them (an sdpa-masked kernel would otherwise get rows of padding
+    # with nothing to attend to)
+    AttentionInterface.register("test_sdpa_masked_kernel", unpadded_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("test_sdpa_masked_kernel", sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(UNPADDED, flash_attention_mask)
+    assert takes_own_mask("test_sdpa_masked_kernel") and not takes_own_mask(UNPADDED)

@@ -292,3 +292,6 @@ def test_the_preflight_says_when_the_warmup_outlasts_the_run():
     assert "set train.warmup_steps below 20" in said
     # what the loop's schedule gives at the last step (step 19 counts from 0)
     assert learning_rate(19, short) / short.learning_rate == pytest.approx(20 / 30)
+    level = schedule_line(TrainConfig(max_steps=10, warmup_steps=10, learning_rate=2e-4))
+    assert "warmup as long as the run: the rate rises to 0.0002 at the last step and never decays" in level
+    assert learning_rate(9, TrainConfig(max_steps=10, warmup_steps=10, learning_rate=2e-4)) == pytest.approx(2e-4)

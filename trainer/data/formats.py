@@ -97,7 +97,8 @@ def _check_format_fits(name: str, format: str, columns: list[str]) -> None:
     if absent and detected != format:
         raise DataError(f"{name}: data.format={format} reads the column{'s' if len(absent) > 1 else ''} "
                         f"{', '.join(repr(column) for column in absent)}, which no record has (columns {columns}); "
-                        f"they are the {detected} format: set data.format={detected} (or auto)")
+                        f"they are the {detected} format: set data.format={detected} (or auto; for a "
+                        f"data.mixture entry, its format)")
 
 
 def _no_objects(name: str, records: list[tuple[str, Any]]) -> str:

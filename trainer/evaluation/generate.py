@@ -59,7 +59,7 @@ def greedy_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int
         real[i, length - len(prompt):] = True
     input_ids, real = input_ids.to(device), real.to(device)
     implementation = _attention_implementation(model)
-    own_mask = implementation in OWN_MASK_IMPLEMENTATIONS
+    own_mask = takes_own_mask(implementation)
     additive = implementation == "eager"  # eager adds the mask to the scores
     mask_dtype = next(model.parameters()).dtype if additive else None
     cache = DynamicCache()
@@ -89,8 +89,16 @@ def greedy_batch(model: nn.Module, prompts: list[list[int]], max_new_tokens: int
 
 
 # Attention implementations that take a 4D mask as given, where greedy_batch passes its own (`decoding_mask`);
-# the others (flash_attention_2/3/4, flex_attention, hub kernels) get the 2D padding mask.
+# so do hub kernels that transformers masks as sdpa or eager. The others (flash_attention_2/3/4,
+# flex_attention, flash-masked hub kernels) get the 2D padding mask.
 OWN_MASK_IMPLEMENTATIONS = ("sdpa", "eager", PACKED_ATTENTION)
+
+
+def takes_own_mask(implementation: str) -> bool:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+
+    return (implementation in OWN_MASK_IMPLEMENTATIONS
+            or ALL_MASK_ATTENTION_FUNCTIONS.get(implementation) in (sdpa_mask, eager_mask))
 
 
 def layer_masks(model: nn.Module, real: torch.Tensor, query_length: int) -> torch.Tensor | dict[str, torch.Tensor]:

@@ -71,9 +71,13 @@ def summary(recipe: Recipe, model: nn.Module, data_stats: dict, world: int, dtyp
 
 def schedule_line(train: TrainConfig) -> str:
     """The learning-rate schedule in words (trainer/loop.py learning_rate), saying so where the warmup
-    outlasts the run: the rate then only rises and never reaches train.learning_rate."""
+    lasts the whole run: the rate then only rises (reaching train.learning_rate at the last step at
+    most), and never decays."""
     peak, warmup, steps = train.learning_rate, train.warmup_steps, train.max_steps
-    if warmup >= steps:
+    if warmup == steps:
+        return (f"{peak:g} after a {warmup}-step warmup as long as the run: the rate rises to {peak:g} at the last "
+                f"step and never decays (set train.warmup_steps below {steps})")
+    if warmup > steps:
         return (f"{peak:g} after a {warmup}-step warmup, longer than the run's {steps} steps: the rate only rises, "
                 f"to {steps / warmup:.0%} of {peak:g} at the last step (set train.warmup_steps below {steps})")
     warmup_text = f"linear warmup over {warmup} steps, then " if warmup else ""
