@@ -323,7 +323,8 @@ def test_a_saved_dataset_folder_is_read_by_split_and_a_file_takes_no_split(tmp_p
     assert missing.stderr.strip() == f"error: {folder}: no split 'test'; it has ['train', 'validation'] (pass --split)"
     single = tmp_path / "single"  # a saved Dataset, not a DatasetDict: one split, read whole
     datasets.Dataset.from_list(rows["train"]).save_to_disk(str(single))
-    assert prepare("alpaca", "--source", str(single), "--out", str(out)).returncode == 0
+    whole = prepare("alpaca", "--source", str(single), "--out", str(out))
+    assert whole.returncode == 0 and whole.stdout.strip() == f"wrote 3 rows to {out} from {single}"  # no split named
     assert lines(out) == rows["train"]
     one_split = prepare("alpaca", "--source", str(single), "--split", "test", "--out", str(tmp_path / "no.jsonl"))
     assert one_split.returncode == 2 and not (tmp_path / "no.jsonl").exists()
