@@ -88,8 +88,9 @@ def read_records(source: str, split: str = "train", max_rows: int | None = None,
     dataset = _load_with_datasets(source, split, hub_config)
     if max_rows is not None:
         dataset = dataset.select(range(min(max_rows, len(dataset))))
-    # save_to_disk's Dataset (state.json, no dataset_dict.json) is one split, read whole: no split to name
-    whole = path.is_file() or (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file()
+    # save_to_disk's Dataset (its state.json at the top; a DatasetDict's are in its splits' folders) is one
+    # split, read whole: no split to name
+    whole = path.is_file() or (path / "state.json").is_file()
     name = source if whole else f"{source} (split {split})"
     return name, ((f"row {number}", record) for number, record in enumerate(dataset, start=1))
 

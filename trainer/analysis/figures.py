@@ -107,10 +107,10 @@ FIGURES = ("spectra.png", "energy.png", "similarity.png", "top_direction.png")  
 
 
 def plot_figures(report: dict[str, Any], out: Path) -> list[Path]:
-    paths = [_plot_spectra(report, out / "spectra.png"), _plot_energy(report, out / "energy.png")]
+    spectra, energy, similarity, top_direction = (out / name for name in FIGURES)
+    paths = [_plot_spectra(report, spectra), _plot_energy(report, energy)]
     if report["similarity"]:
-        paths += [_plot_similarity(report, out / "similarity.png"),
-                  _plot_top_direction(report, out / "top_direction.png")]
+        paths += [_plot_similarity(report, similarity), _plot_top_direction(report, top_direction)]
     return paths
 
 
