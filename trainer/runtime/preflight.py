@@ -75,11 +75,12 @@ def schedule_line(train: TrainConfig) -> str:
     most), and never decays."""
     peak, warmup, steps = train.learning_rate, train.warmup_steps, train.max_steps
     if warmup == steps:
-        return (f"{peak:g} after a {warmup}-step warmup as long as the run: the rate rises to {peak:g} at the last "
-                f"step and never decays (set train.warmup_steps below {steps})")
+        return (f"{peak:g} after train.warmup_steps={warmup}, a warmup as long as the run: the rate rises to "
+                f"{peak:g} at the last step and never decays (set train.warmup_steps below {steps})")
     if warmup > steps:
-        return (f"{peak:g} after a {warmup}-step warmup, longer than the run's {steps} steps: the rate only rises, "
-                f"to {steps / warmup:.0%} of {peak:g} at the last step (set train.warmup_steps below {steps})")
+        return (f"{peak:g} after train.warmup_steps={warmup}, a warmup longer than the run's {steps} steps: the "
+                f"rate only rises, to {steps / warmup:.0%} of {peak:g} at the last step (set train.warmup_steps "
+                f"below {steps})")
     warmup_text = f"linear warmup over {warmup} steps, then " if warmup else ""
     return f"{peak:g}: {warmup_text}cosine to {peak * train.min_lr_ratio:g} at step {steps}"
 
