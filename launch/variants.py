@@ -7,7 +7,8 @@ final-number accuracy and the median step time.
     python launch/variants.py [RECIPE.yaml] [section.key=value ...] [--ranks N] [--only lora,dora]
 
 Every run writes under <output_dir>/<name>/ (metrics.jsonl, checkpoints, eval/); its training and
-evaluation output shows as it runs, and is kept in train.log and eval.log there.
+evaluation output shows as it runs, and is kept in train.log and eval.log there. A rerun first moves an
+earlier run's files there, logs included, into earlier-runs/<time>/ (with resume=..., it appends to the logs).
 """
 import _bootstrap  # noqa: F401  (puts the repository root on sys.path)
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from trainer.config import RecipeError
 from trainer.recipe_loading import load_recipe
 from trainer.runtime.distributed import free_port
+from trainer.runtime.run_dir import set_aside_earlier_run
 
 DEFAULT_RECIPE = "recipes/smollm2_tasks.yaml"
 DEFAULTS = ["train.max_steps=40", "train.eval_every=40", "train.save_every=40", "data.max_eval_rows=64",
@@ -34,6 +36,7 @@ VARIANTS = {  # name -> overrides on top of the recipe's plain LoRA
     "lora+": ["lora.plus_ratio=16"],
 }
 EVAL_OPTIONS = ["eval.max_new_tokens=32"]  # the built-in tasks' answers are under 12 characters
+LOGS = ("train.log", "eval.log")
 
 
 def main(argv: list[str]) -> int:
@@ -58,14 +61,18 @@ def main(argv: list[str]) -> int:
     bin_dir = Path(sys.executable).parent
     results = {}
     overrides = [item for item in overrides if not item.startswith("output_dir=")]  # read into base_dir above
+    resuming = any(item.startswith("resume=") for item in overrides)
     for name in args.only.split(","):
         run_dir = base_dir / name
         run_overrides = [*overrides, *VARIANTS[name], f"output_dir={run_dir}"]
         launcher = ([str(bin_dir / "deepspeed"), "--num_gpus", str(args.ranks), "--master_port", str(free_port())]
                     if args.ranks > 1 else [sys.executable])
         train = [*launcher, "launch/train.py", args.recipe, *run_overrides]
+        # train.py would set an earlier run aside itself, but not the logs this script writes before it starts
+        if not resuming and (earlier := set_aside_earlier_run(run_dir, also=LOGS)) is not None:
+            print(f"{name}: an earlier run's files in {run_dir} moved to {earlier}", flush=True)
         print("$ " + ("deepspeed " if args.ranks > 1 else "python ") + " ".join(train[1:]), flush=True)
-        code, train_output = shown_and_logged(train, env, run_dir / "train.log")
+        code, train_output = shown_and_logged(train, env, run_dir / "train.log", append=resuming)
         if code != 0:
             print(f"error: training {name} failed (exit {code}); its output is in {run_dir / 'train.log'}",
                   file=sys.stderr)
@@ -74,7 +81,7 @@ def main(argv: list[str]) -> int:
         evaluation = [sys.executable, "launch/eval.py", args.recipe, *run_overrides, f"adapter={checkpoint}",
                       f"out={run_dir / 'eval'}", *EVAL_OPTIONS]
         print("$ python " + " ".join(evaluation[1:]), flush=True)
-        code, _ = shown_and_logged(evaluation, env, run_dir / "eval.log")
+        code, _ = shown_and_logged(evaluation, env, run_dir / "eval.log", append=resuming)
         if code != 0:
             print(f"error: evaluating {name} failed (exit {code}); its output is in {run_dir / 'eval.log'}",
                   file=sys.stderr)
@@ -85,12 +92,12 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def shown_and_logged(command: list[str], env: dict[str, str], log: Path) -> tuple[int, str]:
-    """Run `command`, its output (stderr too: progress bars) shown as it comes and written to `log`;
-    returns the exit code and the output."""
+def shown_and_logged(command: list[str], env: dict[str, str], log: Path, append: bool = False) -> tuple[int, str]:
+    """Run `command`, its output (stderr too: progress bars) shown as it comes and written to `log`
+    (after what it holds, with `append`); returns the exit code and this run's output."""
     log.parent.mkdir(parents=True, exist_ok=True)
     written = bytearray()
-    with open(log, "wb") as kept:
+    with open(log, "ab" if append else "wb") as kept:
         # unbuffered: the child's log lines arrive as written, in order with its progress bars
         process = subprocess.Popen(command, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT)

@@ -1,5 +1,6 @@
 """The launch scripts' own helpers: the variants table with missing values, its --only check, its
-arguments (overrides without a recipe, a bad recipe in one line) and its runs' output shown and kept, the
+arguments (overrides without a recipe, a bad recipe in one line), its runs' output shown and kept, a rerun's
+earlier run set aside with its logs, a failed run's message, the
 demo's --help, and parity's dequantised-base cache keyed by the base's weights."""
 from __future__ import annotations
 
@@ -44,6 +45,62 @@ def test_variants_shows_each_run_as_it_goes_and_keeps_its_log(tmp_path, capfd):
     assert code == 3 and output == "step 1\nbar\r"
     assert (tmp_path / "run" / "train.log").read_bytes().decode() == output
     assert capfd.readouterr().out.startswith("step 1\nbar")  # shown, stderr's progress bars included
+
+
+def fake_runs(calls: list, failing: str | None = None):
+    """A stand-in for shown_and_logged: each call writes its log line and what training or evaluation
+    leaves in the run folder (a fresh run's mkdir fails on an earlier run's folders); `failing` exits 1."""
+    def run(command, env, log, append=False):
+        calls.append((log.name, append))
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a" if append else "w") as kept:
+            kept.write(f"{log.name}, call {len(calls)}\n")
+        if log.name == failing:
+            return 1, ""
+        if log.name == "train.log":
+            (log.parent / "checkpoints" / "step-2").mkdir(parents=True, exist_ok=append)
+            (log.parent / "metrics.jsonl").write_text('{"step": 2, "step_time": 1.5}\n')
+            return 0, "trainable parameters: 1,024"
+        (log.parent / "eval").mkdir(exist_ok=append)
+        (log.parent / "eval" / "metrics.json").write_text('{"eval_loss": 0.5, "exact_match": 0.25}')
+        return 0, ""
+    return run
+
+
+def test_a_variants_rerun_sets_the_earlier_run_aside_logs_included(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(variants, "shown_and_logged", fake_runs(calls))
+    arguments = ["recipes/tiny_alpaca.yaml", f"output_dir={tmp_path}", "--only", "lora", "--ranks", "1"]
+    assert variants.main(arguments) == 0
+    assert variants.main(arguments) == 0
+    said = capsys.readouterr().out
+    [earlier] = (tmp_path / "lora" / "earlier-runs").iterdir()
+    assert f"lora: an earlier run's files in {tmp_path / 'lora'} moved to {earlier}" in said
+    assert (earlier / "train.log").read_text() == "train.log, call 1\n"
+    assert (earlier / "eval.log").read_text() == "eval.log, call 2\n"
+    assert (earlier / "checkpoints" / "step-2").is_dir() and (earlier / "eval" / "metrics.json").exists()
+    assert (tmp_path / "lora" / "train.log").read_text() == "train.log, call 3\n"
+    # resume=...: the run continues in place, its logs appended to
+    assert variants.main([*arguments, "resume=auto"]) == 0
+    assert calls == [("train.log", False), ("eval.log", False)] * 2 + [("train.log", True), ("eval.log", True)]
+    assert (tmp_path / "lora" / "train.log").read_text() == "train.log, call 3\ntrain.log, call 5\n"
+    assert list((tmp_path / "lora" / "earlier-runs").iterdir()) == [earlier]
+
+
+def test_variants_appends_to_the_logs_of_a_resumed_run(tmp_path):
+    log = tmp_path / "run" / "train.log"
+    for word in ("first", "second"):
+        variants.shown_and_logged([sys.executable, "-c", f"print('{word}')"], {}, log, append=True)
+    assert log.read_text() == "first\nsecond\n"
+
+
+def test_a_failed_variant_run_names_its_log_and_stops(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(variants, "shown_and_logged", fake_runs(calls, failing="train.log"))
+    assert variants.main(["recipes/tiny_alpaca.yaml", f"output_dir={tmp_path}", "--ranks", "1"]) == 1
+    assert capsys.readouterr().err == (f"error: training lora failed (exit 1); its output is in "
+                                       f"{tmp_path / 'lora' / 'train.log'}\n")
+    assert calls == [("train.log", False)]  # no evaluation, no further variant
 
 
 def test_demo_answers_help_with_its_usage_and_runs_nothing(capsys, monkeypatch):

@@ -185,10 +185,11 @@ def _inside(path: Path, directory: Path) -> bool:
     return path.resolve().is_relative_to(directory.resolve())
 
 
-def set_aside_earlier_run(output_dir: Path) -> Path | None:
-    """Move an earlier run's files out of `output_dir` into earlier-runs/<UTC time>/; where they
-    went, or None if there were none. Call on the main rank before a fresh start writes anything."""
-    found = [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
+def set_aside_earlier_run(output_dir: Path, also: tuple[str, ...] = ()) -> Path | None:
+    """Move an earlier run's files (RUN_FILES, and the names in `also`) out of `output_dir` into
+    earlier-runs/<UTC time>/; where they went, or None if there were none. Call on the main rank before a
+    fresh start writes anything."""
+    found = [output_dir / name for name in (*RUN_FILES, *also) if (output_dir / name).exists()]
     if not found:
         return None
     target = _new_earlier_folder(output_dir)
