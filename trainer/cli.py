@@ -20,7 +20,8 @@ from trainer.data.formats import DataError
 from trainer.runtime.health import TrainingHealthError
 from trainer.model.base import ModelLoadError
 
-KNOWN_ERRORS = (RecipeError, DataError, ModelLoadError, CheckpointError, TrainingHealthError, AnalysisError)
+KNOWN_ERRORS = (RecipeError, DataError, ModelLoadError, CheckpointError, TrainingHealthError, AnalysisError,
+                distributed.LaunchError)
 FLAGS = ("--dry-run", "--debug")
 
 

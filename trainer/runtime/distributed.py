@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import sys
 from datetime import timedelta
@@ -10,6 +11,17 @@ import torch
 import torch.distributed as dist
 
 _started = False  # whether this process ever started a process group (see finish)
+# Where each MPI's mpirun gives a process its place: (rank, world size, local rank, local world size).
+MPI_VARIABLES = {
+    "Open MPI": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                 "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    "MVAPICH": ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_SIZE"),
+    "MPICH / Intel MPI": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+}
+
+
+class LaunchError(RuntimeError):
+    """The processes were started in a way that cannot form the world they are part of."""
 
 
 def init(timeout_minutes: float = 30.0) -> torch.device:
@@ -18,6 +30,7 @@ def init(timeout_minutes: float = 30.0) -> torch.device:
     (gloo: a Python error, reported as a lost rank; NCCL: see `nccl_error_handling`)."""
     import deepspeed
 
+    adopt_mpi_ranks()
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank())
@@ -42,6 +55,27 @@ def init(timeout_minutes: float = 30.0) -> torch.device:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", timeout=timeout, verbose=False)
     return torch.device("cuda", local_rank()) if use_cuda else torch.device("cpu")
+
+
+def adopt_mpi_ranks() -> str | None:
+    """Under mpirun (`deepspeed --launcher openmpi` or `mvapich`, or mpirun itself), take RANK,
+    WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE from the MPI's own variables where they are not set, so
+    each process knows its place before the process group starts (its GPU, its share of the cores), and
+    is not taken for a world of one. Returns the MPI found, or None. Without MASTER_ADDR (those two
+    launchers do not pass it), DeepSpeed finds rank 0's address through mpi4py."""
+    for name, variables in MPI_VARIABLES.items():
+        if all(variable in os.environ for variable in variables):
+            for ours, theirs in zip(("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"), variables):
+                os.environ.setdefault(ours, os.environ[theirs])
+            if "MASTER_ADDR" in os.environ:
+                os.environ.setdefault("MASTER_PORT", "29500")  # torch's default port, as DeepSpeed's launcher's
+            elif (int(os.environ["WORLD_SIZE"]) > 1
+                    and importlib.util.find_spec("mpi4py") is None):
+                raise LaunchError(f"started by {name}'s mpirun without MASTER_ADDR: pass rank 0's address and a "
+                                  f"port to every process (Open MPI: mpirun -x MASTER_ADDR=<node 0> -x "
+                                  f"MASTER_PORT=29500 ...), or pip install mpi4py and DeepSpeed finds them")
+            return name
+    return None
 
 
 def share_cores() -> int | None:

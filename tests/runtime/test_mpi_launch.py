@@ -1,0 +1,72 @@
+"""Started by mpirun (`deepspeed --launcher openmpi|mvapich`, or mpirun itself): each process takes its
+place from the MPI's own variables, so the processes form one world, not a world of one each; without
+MASTER_ADDR and mpi4py, one message says what to pass."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, free_port
+from trainer.runtime import distributed
+
+OUR_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
+             "OMP_NUM_THREADS")
+PLACE = """
+import json, os, torch
+from trainer.runtime import distributed
+distributed.init(1)
+print(json.dumps([distributed.rank(), distributed.world_size(), os.environ["LOCAL_RANK"], torch.get_num_threads()]))
+"""
+
+
+def mpi_environment(name: str, rank: int, size: int) -> dict[str, str]:
+    return dict(zip(distributed.MPI_VARIABLES[name], map(str, (rank, size, rank, size))))
+
+
+def test_two_processes_started_as_open_mpi_starts_them_form_one_world():
+    base = {key: value for key, value in os.environ.items() if key not in OUR_NAMES}
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONPATH=str(ROOT))
+    processes = [subprocess.Popen([sys.executable, "-c", PLACE], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                                  env={**base, **mpi_environment("Open MPI", rank, 2)}) for rank in range(2)]
+    places = [json.loads(process.communicate(timeout=300)[0].splitlines()[-1]) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0]
+    # rank, world size, local rank, and each process's share of this machine's cores
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert places == [[0, 2, "0", threads], [1, 2, "1", threads]]
+
+
+@pytest.mark.parametrize("name", list(distributed.MPI_VARIABLES))
+def test_each_mpis_variables_give_the_place_and_a_launchers_own_win(monkeypatch, name):
+    for key in OUR_NAMES:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {**mpi_environment(name, 3, 4), "MASTER_ADDR": "10.0.0.1"}.items():
+        monkeypatch.setenv(key, value)
+    assert distributed.adopt_mpi_ranks() == name
+    assert [os.environ[key] for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")] == \
+        ["3", "4", "3", "4", "29500"]
+    monkeypatch.setenv("LOCAL_RANK", "1")  # DeepSpeed's MPICH and Intel MPI runners set theirs
+    distributed.adopt_mpi_ranks()
+    assert os.environ["LOCAL_RANK"] == "1"
+
+
+def test_no_mpi_no_change(monkeypatch):
+    for key in (*OUR_NAMES, *(variable for names in distributed.MPI_VARIABLES.values() for variable in names)):
+        monkeypatch.delenv(key, raising=False)
+    assert distributed.adopt_mpi_ranks() is None and "RANK" not in os.environ
+
+
+def test_without_master_addr_or_mpi4py_it_says_what_to_pass(monkeypatch):
+    for key in OUR_NAMES:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in mpi_environment("Open MPI", 1, 2).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda module: None)
+    with pytest.raises(distributed.LaunchError) as error:
+        distributed.adopt_mpi_ranks()
+    assert str(error.value) == ("started by Open MPI's mpirun without MASTER_ADDR: pass rank 0's address and a port "
+                                "to every process (Open MPI: mpirun -x MASTER_ADDR=<node 0> -x MASTER_PORT=29500 "
+                                "...), or pip install mpi4py and DeepSpeed finds them")
