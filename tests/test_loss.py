@@ -13,7 +13,7 @@ from trainer.data.examples import IGNORE_INDEX, Example
 from trainer.data.batching import collate
 from trainer.model.lora import adapter_parameters, apply_lora, lora_layers
 from trainer import loss as loss_module
-from trainer.loss import CausalLMLoss, chunked_cross_entropy
+from trainer.loss import CausalLMLoss, chunked_cross_entropy, fused_rows
 from trainer.model.base import enable_activation_checkpointing
 from trainer.model.base import load_base
 from trainer.data.packing import collate_packed
@@ -65,6 +65,12 @@ def test_chunked_cross_entropy_equals_full_in_value_and_gradients(chunk_tokens, 
     torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-5)
     for got, expected in zip(chunked_grads, full_grads):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_the_fused_loss_takes_cache_sized_chunks_on_cpu_and_larger_ones_on_a_gpu():
+    assert fused_rows(49_152, torch.device("cpu")) == 170
+    assert fused_rows(49_152, torch.device("cuda", 1)) == 682 and fused_rows(32_000, torch.device("cuda")) == 1_048
+    assert fused_rows(2**26, torch.device("cpu")) == 1  # a vocabulary wider than a chunk: one row at a time
 
 
 @pytest.mark.parametrize("dtype,rows", [(torch.float32, 1), (torch.float32, 5), (torch.float32, 100),

@@ -143,6 +143,10 @@ KEEP_LOGITS_UP_TO = 2**24
 # (measured fastest on a 2-core CPU among 64, 170 and 400 rows: small enough to stay in cache, large
 # enough for an efficient product).
 FUSED_LOGITS_PER_CHUNK = 2**23
+# On a GPU no cache is to be kept within, and each chunk costs a dozen kernel launches: ~128 MB of fp32
+# logits (~680 rows of a 49k vocabulary, 1,024 of a 32k one) keeps them few and the product's rows many,
+# for ~0.4 GB of memory at the peak of the loss. Not measured yet (no GPU has been lent).
+FUSED_LOGITS_PER_CHUNK_ON_GPU = 2**25
 
 
 def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
@@ -151,7 +155,7 @@ def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.
     """sum of cross_entropy(logits, targets), logits = `logit_transform`'s map (`scale`, `softcap`) of head(hidden)."""
     count = torch.tensor(targets.numel(), device=hidden.device)
     if torch.is_grad_enabled() and hidden.requires_grad and _frozen_plain_head(head):
-        rows = max(1, FUSED_LOGITS_PER_CHUNK // head.out_features)
+        rows = fused_rows(head.out_features, hidden.device)
         return FrozenHeadCrossEntropy.apply(hidden, head, targets, rows, scale, softcap), count
     if hidden.shape[0] * head.out_features <= keep_logits_up_to:
         return _chunk_loss(head, hidden, targets, scale, softcap), count
@@ -163,6 +167,12 @@ def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.
         else:
             total = total + _chunk_loss(head, chunk, chunk_targets, scale, softcap)
     return total, count
+
+
+def fused_rows(vocabulary: int, device: torch.device) -> int:
+    """Rows of logits FrozenHeadCrossEntropy computes at once on `device`."""
+    per_chunk = FUSED_LOGITS_PER_CHUNK if device.type == "cpu" else FUSED_LOGITS_PER_CHUNK_ON_GPU
+    return max(1, per_chunk // vocabulary)
 
 
 def _frozen_plain_head(head: nn.Module) -> bool:
