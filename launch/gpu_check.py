@@ -13,7 +13,8 @@ torch (`--cuda 130` for CUDA 13.0; the full wheel, every CUDA version, is over 1
 
 Checks, each in its own process: the tiny base and the real one (builtin:smollm2-135m) train 20
 steps (finite, falling loss, fp32 adapter saved); ZeRO-3 with activation checkpointing, then a
-resume compared with the uninterrupted run; batched against one-at-a-time greedy decoding; 8-bit
+resume compared with the uninterrupted run; batched against one-at-a-time greedy decoding; packed
+attention through torch's variable-length flash kernel against SDPA per example (pytest); 8-bit
 for 5 steps, counting bitsandbytes' cast-warning lines; fp16 (loss-scale overflows counted, run
 goes on); export and reload, with the export's peak GPU memory; CPU-GPU synchronisations counted
 over 3 training steps; `launch/bench.py` on one GPU. Exits 1 if a check fails. Files go to
@@ -45,7 +46,8 @@ SHORT = ["train.max_steps=20", "train.log_every=1", "train.eval_every=20", "trai
 # transformers 5.25 needs huggingface-hub 2.x, which needs httpx2 (the image has hub 1.x and httpx).
 CARRIED = ["hjson", "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "gguf",
            "transformers", "huggingface-hub", "tokenizers", "peft", "accelerate", "kernels", "tomlkit",
-           "httpx2", "httpcore2", "truststore", "hf-xet", "click"]
+           "httpx2", "httpcore2", "truststore", "hf-xet", "click",
+           "pytest", "pluggy", "iniconfig", "pygments"]  # pytest: the CUDA tests of tests/speedups
 
 
 def main(argv: list[str]) -> int:
@@ -296,6 +298,19 @@ def check_decoding(env, left):
             f"decode the same batched and alone in {found['dtype']}; the old 2D mask gave NaN: {found['old_mask_nan']}")
 
 
+def check_varlen(env, left):
+    result = run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-o", "addopts=",
+                  "tests/speedups/test_varlen_attention.py", "-k", "cuda"], env, min(left, 180), "varlen")
+    summary = (result.stdout.strip().splitlines() or [""])[-1]
+    if "No module named pytest" in result.stderr:
+        return "SKIP", "no pytest here (make gpu-wheels carries it)"
+    if result.returncode == 0 and "passed" not in summary:
+        reasons = [line for line in result.stdout.splitlines() if line.startswith("SKIPPED")]
+        return "SKIP", (reasons or [summary])[0][:200]
+    return failed(result, "varlen") or ("PASS", f"torch's varlen_attn equals SDPA per example, forward and backward, "
+                                                f"bf16, grouped heads and a sliding window: {summary}")
+
+
 def check_int8(env, left):
     result, records = train(env, min(left, 120), "int8", "quant.bits=8", "train.max_steps=5", "train.save_every=5",
                             "train.eval_every=5")
@@ -414,7 +429,8 @@ def check_bench(env, left):
 
 CHECKS = [("tiny base, 20 steps", check_tiny), ("real base smollm2-135m, 20 steps", check_real_base),
           ("ZeRO-3 + activation checkpointing, resume", check_zero3_resume),
-          ("batched vs one-at-a-time decoding", check_decoding), ("8-bit, 5 steps", check_int8),
+          ("batched vs one-at-a-time decoding", check_decoding),
+          ("packed attention in one varlen call", check_varlen), ("8-bit, 5 steps", check_int8),
           ("fp16, 20 steps", check_fp16), ("export and reload", check_export),
           ("CPU-GPU syncs, 3 steps", check_syncs), ("launch/bench.py, one GPU", check_bench)]
 

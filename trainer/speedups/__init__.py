@@ -9,6 +9,7 @@
                          oneDNN's caches capped (train.onednn_matmul)
     packed_attention.py  attention per packed example, not through a mask (data.packing, SDPA models)
     blocked_attention.py its CPU kernel: blocks of queries by the keys up to them, softmax kept (train.blocked_attention)
+    varlen_attention.py  its GPU kernel in fp16/bf16: torch's variable-length flash attention, one call per layer
     dropout_masks.py     LoRA dropout from random bytes; q, k and v keep their input once (lora.dropout > 0)
     last_layer.py        the last layer's output projection and MLP at trained positions only (always)
     malloc.py            glibc malloc settings: before torch is imported, so launch/train.py applies them
@@ -37,7 +38,7 @@ def apply(model: nn.Module, recipe: Recipe, device: torch.device, *, training: b
     dropout is off."""
     # Imported here, not on top: launch/train.py imports trainer.speedups.malloc before torch.
     from trainer.speedups import (blocked_attention, compiled, dropout_masks, fused, last_layer, onednn, packed_attention,
-                                  projections, rotary)
+                                  projections, rotary, varlen_attention)
 
     switched = []
     cpu = device.type == "cpu"
@@ -74,7 +75,9 @@ def apply(model: nn.Module, recipe: Recipe, device: torch.device, *, training: b
         blocked = cpu and recipe.train.blocked_attention
         packed_attention.use_packed_attention(model, blocked)
         switched.append("attention per packed example" + (
-            f" (as blocked products where fp32, examples up to {blocked_attention.KEEP_SCORES_UP_TO} tokens)" if blocked else ""))
+            f" (as blocked products where fp32, examples up to {blocked_attention.KEEP_SCORES_UP_TO} tokens)" if blocked
+            else " (one variable-length flash attention call per layer where fp16/bf16)"
+            if not cpu and varlen_attention.kernel() is not None else ""))
     if training and (count := dropout_masks.use_dropout_masks(model)):
         switched.append(f"byte-drawn dropout masks ({count} adapters)")
     if last_layer.attach(model):

@@ -9,7 +9,8 @@ the examples' squared lengths under a causal kernel, instead of rows x L^2 throu
 block-diagonal mask (SDPA on CPU computes every masked-out block). With a mask (padded batches), or
 with a KV cache (decoding), it is transformers' SDPA unchanged. `blocked=True` (CPU training,
 `train.blocked_attention`): where trainer/speedups/blocked_attention.py applies (fp32, examples up to
-512 tokens), the examples go through its blocks of products instead of SDPA's flash kernel.
+512 tokens), the examples go through its blocks of products instead of SDPA's flash kernel. On a
+GPU in fp16/bf16 they go through one variable-length flash attention call (varlen_attention.py).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import PACKED_ATTENTION  # noqa: F401  (one name: the recipe check refuses it as a setting)
-from trainer.speedups import blocked_attention
+from trainer.speedups import blocked_attention, varlen_attention
 
 
 def use_packed_attention(model: torch.nn.Module, blocked: bool = False) -> None:
@@ -63,6 +64,10 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
             and blocked_attention.applies(query, key, value, packed_lengths, dropout)):
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         return blocked_attention.attention(query, key, value, packed_lengths, scaling), None
+    if packed_lengths is not None and varlen_attention.applies(query, dropout, kwargs.get("softcap")):
+        output = varlen_attention.attention(query, key, value, packed_lengths, scaling, kwargs.get("sliding_window"))
+        if output is not None:
+            return output, None
     # Grouped-query attention (fewer key/value heads than query heads) in the kernel itself: torch's
     # CPU flash kernel reads each key/value head for its group of query heads. Repeating K and V to
     # every query head first (transformers' repeat_kv) copies them, and their gradients are summed back

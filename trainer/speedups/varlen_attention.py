@@ -1,0 +1,82 @@
+"""Packed examples' attention on a GPU in one call: torch's variable-length flash attention
+(`torch.nn.attention.varlen.varlen_attn`, CUDA, fp16/bf16), the examples given by their cumulative
+lengths, where per-example SDPA (`packed_attention.py`) launches its kernels once per example and
+layer, forward and backward.
+
+It applies to the one joined row `CausalLMLoss` gives packed attention (the examples' lengths known on
+the host), without dropout or a logit soft cap, on a torch that has the kernel. Anywhere else, and for
+the rest of the run after the kernel refuses a call (a GPU or dtype it does not support; said once),
+attention runs per example as before. Equal to per-example SDPA up to the kernels' rounding:
+`tests/speedups/test_varlen_attention.py` checks that on CUDA (`make gpu-check`), and on CPU checks
+the layout, lengths, window and grouped heads it passes against the kernel's documented contract.
+"""
+from __future__ import annotations
+
+import inspect
+import itertools
+import warnings
+
+import torch
+
+from trainer.runtime.quiet import TrainerWarning
+
+DEVICE_TYPES = ("cuda",)
+DTYPES = (torch.float16, torch.bfloat16)
+_refused = False  # the kernel refused a call: per-example attention for the rest of the run
+_bounds: tuple[tuple, torch.Tensor] | None = None  # the last lengths' cumulative bounds on the device: every layer reads them
+
+
+def kernel():
+    """torch's varlen_attn, or None on a torch without it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def applies(query: torch.Tensor, dropout: float, softcap: float | None) -> bool:
+    return (not _refused and query.device.type in DEVICE_TYPES and query.dtype in DTYPES and query.shape[0] == 1
+            and not dropout and softcap is None and kernel() is not None)
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
+              scaling: float | None, window: int | None) -> torch.Tensor | None:
+    """query [1, heads, T, head_dim], key/value [1, kv_heads, T, head_dim] -> [1, T, heads, head_dim],
+    causal within each example (and within the last `window` positions: key k for query q where
+    q - window < k <= q, transformers' rule); None where the kernel refused (per-example attention then)."""
+    global _refused
+    attend = kernel()
+    options = inspect.signature(attend).parameters
+    if "window_size" in options:  # (left, right) positions a query sees around itself; -1: unbounded
+        extra = {"window_size": (-1 if window is None else window - 1, 0)}
+    elif window is None and "is_causal" in options:
+        extra = {"is_causal": True}
+    else:
+        return None
+    grouped = key.shape[1] != query.shape[1]
+    if grouped and "enable_gqa" in options:
+        extra["enable_gqa"] = True
+    elif grouped:
+        key, value = (t.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for t in (key, value))
+    # [1, heads, T, head_dim] -> [T, heads, head_dim]: the projections' own layout, so no copy as a rule
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    bounds = cumulative_bounds(lengths, query.device)
+    try:
+        output = attend(q, k, v, bounds, bounds, max(lengths), max(lengths), scale=scaling, **extra)
+    except (RuntimeError, NotImplementedError, TypeError) as error:
+        _refused = True
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        warnings.warn(TrainerWarning(f"variable-length attention refused this run's packed rows ({first}); their "
+                                     f"attention runs one example at a time instead"), stacklevel=2)
+        return None
+    return output.unsqueeze(0)
+
+
+def cumulative_bounds(lengths: list[int], device: torch.device) -> torch.Tensor:
+    """[0, l0, l0 + l1, ...] as int32 on `device`, copied there once per micro-batch, not once per layer."""
+    global _bounds
+    key = (tuple(lengths), device)
+    if _bounds is None or _bounds[0] != key:
+        _bounds = key, torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32).to(device)
+    return _bounds[1]
