@@ -70,6 +70,7 @@ def on_cpu(monkeypatch):
     monkeypatch.setattr(varlen_attention, "DEVICE_TYPES", ("cpu",))
     monkeypatch.setattr(varlen_attention, "DTYPES", (torch.float64,))
     monkeypatch.setattr(varlen_attention, "_refused", False)
+    monkeypatch.setattr(varlen_attention, "_tried", set())
 
     def use(stand_in):
         calls = []
@@ -98,7 +99,8 @@ def test_one_call_gives_what_attention_per_example_gives(on_cpu, monkeypatch, he
     made, positions = inputs(heads, kv_heads)
     calls = on_cpu(stand_in)
     output, gradients = attend(made, positions, window)
-    assert len(calls) == 1
+    attend(made, positions, window)
+    assert len(calls) == 3  # the first call's probe (forward and backward on two short examples), then one a call
     expected_output, expected_gradients = per_example(made, positions, window, monkeypatch)
     assert output.shape == (1, sum(LENGTHS), heads, 8)
     torch.testing.assert_close(output, expected_output, rtol=1e-10, atol=1e-12)
@@ -129,6 +131,32 @@ def test_a_refusing_kernel_is_said_once_and_left_for_the_rest_of_the_run(on_cpu,
     assert len(calls) == 1
     expected_output, expected_gradients = per_example(made, positions, monkeypatch=monkeypatch)
     torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
+
+
+class NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("window_size is not supported in the backward")
+
+
+def test_a_kernel_whose_backward_refuses_is_found_before_training_relies_on_it(on_cpu, monkeypatch):
+    @functools.wraps(contract)
+    def forward_only(*args, **kwargs):
+        return NoBackward.apply(contract(*args, **kwargs))
+
+    made, positions = inputs(6, 2)
+    calls = on_cpu(forward_only)
+    with pytest.warns(TrainerWarning, match=r"\(window_size is not supported in the backward\)"):
+        output, gradients = attend(made, positions)  # its backward runs: per-example attention's
+    assert len(calls) == 1  # the probe's
+    expected_output, expected_gradients = per_example(made, positions, monkeypatch=monkeypatch)
+    torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
+    for got, expected in zip(gradients, expected_gradients):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_it_stands_aside_for_fp32_dropout_softcap_and_cpu():

@@ -5,7 +5,8 @@ layer, forward and backward.
 
 It applies to the one joined row `CausalLMLoss` gives packed attention (the examples' lengths known on
 the host), without dropout or a logit soft cap, on a torch that has the kernel. Anywhere else, and for
-the rest of the run after the kernel refuses a call (a GPU or dtype it does not support; said once),
+the rest of the run after the kernel refuses a call (a GPU or dtype it does not support; said once;
+each setting's backward is tried first on a small probe, since a refusal there would end the run),
 attention runs per example as before. Equal to per-example SDPA up to the kernels' rounding:
 `tests/speedups/test_varlen_attention.py` checks that on CUDA (`make gpu-check`), and on CPU checks
 the layout, lengths, window and grouped heads it passes against the kernel's documented contract.
@@ -23,6 +24,7 @@ from trainer.runtime.quiet import TrainerWarning
 DEVICE_TYPES = ("cuda",)
 DTYPES = (torch.float16, torch.bfloat16)
 _refused = False  # the kernel refused a call: per-example attention for the rest of the run
+_tried: set[tuple] = set()  # settings whose forward and backward ran on a small probe
 _bounds: tuple[tuple, torch.Tensor] | None = None  # the last lengths' cumulative bounds on the device: every layer reads them
 
 
@@ -63,6 +65,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengt
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
     bounds = cumulative_bounds(lengths, query.device)
     try:
+        _probe(attend, q, k, extra)
         output = attend(q, k, v, bounds, bounds, max(lengths), max(lengths), scale=scaling, **extra)
     except (RuntimeError, NotImplementedError, TypeError) as error:
         _refused = True
@@ -71,6 +74,21 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengt
                                      f"attention runs one example at a time instead"), stacklevel=2)
         return None
     return output.unsqueeze(0)
+
+
+def _probe(attend, q: torch.Tensor, k: torch.Tensor, extra: dict) -> None:
+    """Forward and backward once on two short examples with these settings, so that a kernel whose
+    backward refuses them (which no try around the forward would see) is found before training relies
+    on it. Raises what the kernel raises."""
+    settings = (q.device, q.dtype, q.shape[1], k.shape[1], q.shape[2], tuple(sorted(extra.items())))
+    if settings in _tried:
+        return
+    with torch.enable_grad():
+        made = [torch.randn(5, heads, q.shape[2], device=q.device, dtype=q.dtype, requires_grad=True)
+                for heads in (q.shape[1], k.shape[1], k.shape[1])]
+        bounds = torch.tensor([0, 2, 5], dtype=torch.int32, device=q.device)
+        attend(*made, bounds, bounds, 3, 3, **extra).float().sum().backward()
+    _tried.add(settings)
 
 
 def cumulative_bounds(lengths: list[int], device: torch.device) -> torch.Tensor:
