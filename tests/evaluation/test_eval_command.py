@@ -19,8 +19,8 @@ from trainer.checkpoint.saving import CheckpointError
 from trainer.checkpoint.fingerprint import base_fingerprint
 from trainer.config import RecipeError
 from trainer.data.pipeline import build_datasets
-from trainer.evaluation.eval_command import (EvalOptions, evaluation_rows, replaced_note, run_eval, write_metrics,
-                                           write_results)
+from trainer.evaluation.eval_command import (EvalOptions, default_out, evaluation_rows, replaced_note, run_eval,
+                                           write_metrics, write_results)
 from trainer.evaluation.held_out_loss import evaluate_loss
 from trainer.evaluation.generate import decoding_mask, generate, greedy_batch, prompt_ids, stop_ids
 from trainer.loss import CausalLMLoss
@@ -331,6 +331,19 @@ def test_replacing_the_results_of_an_evaluation_asked_differently_is_noted(tmp_p
     del older["quant_bits"]  # a file from before quant_bits was recorded
     (tmp_path / "metrics.json").write_text(json.dumps(older))
     assert replaced_note(tmp_path, about) is None
+
+
+def test_results_go_beside_the_checkpoints_run_not_into_the_recipes(tmp_path, monkeypatch):
+    """Two runs scored with one recipe keep their own results (the recipe's output_dir is a third)."""
+    recipe = tiny_recipe()
+    recipe.output_dir = str(tmp_path / "recipe_run")
+    for run in ("run_a", "run_b"):
+        adapter = tmp_path / run / "checkpoints" / "step-6"
+        assert default_out(recipe, adapter) == tmp_path / run / "eval" / "step-6"
+    assert default_out(recipe, tmp_path / "exported") == tmp_path / "recipe_run" / "eval" / "exported"
+    assert default_out(recipe, None) == tmp_path / "recipe_run" / "eval" / "no-adapter"
+    monkeypatch.chdir(tmp_path)  # a run under the working directory is named as the recipe's output_dir is
+    assert default_out(recipe, tmp_path / "run_a" / "checkpoints" / "step-6") == Path("run_a/eval/step-6")
 
 
 def test_fingerprint_changes_with_the_weights_not_with_a_copy(tiny_base, tmp_path):

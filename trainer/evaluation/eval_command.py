@@ -38,7 +38,7 @@ from trainer.model.base import dtype_name, load_tokenizer, resolve_base
 class EvalOptions:
     TOP_LEVEL: ClassVar[tuple[str, ...]] = ("adapter", "out")
     adapter: str = ""  # checkpoint directory, or none: the base alone
-    out: str | None = None  # default <output_dir>/eval/<checkpoint name>
+    out: str | None = None  # default <run>/eval/<checkpoint name> (default_out)
     file: str | None = None  # instructions to answer instead of the held-out split (json/jsonl, with outputs)
     max_new_tokens: int = 64  # generated tokens per answer, EOS aside
     batch_size: int = 16  # prompts decoded together on one rank
@@ -76,8 +76,7 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
     # Resolved once: a `best` link that moves while this runs must not change what is evaluated.
     adapter_dir = None if opts.adapter.lower() == "none" else resolve_adapter(opts.adapter)
     # checkpoints/best resolves to the step-<N> it points at: results are named by what was scored.
-    out = Path(opts.out) if opts.out else Path(recipe.output_dir) / "eval" / (
-        adapter_dir.name if adapter_dir is not None else "no-adapter")
+    out = Path(opts.out) if opts.out else default_out(recipe, adapter_dir)
     check_out(out, given=bool(opts.out))
     device = distributed.init()
     log = print if distributed.is_main() else (lambda *a, **k: None)
@@ -136,12 +135,24 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
     return summary
 
 
+def default_out(recipe: Recipe, adapter_dir: Path | None) -> Path:
+    """Where results go without out=: beside the checkpoint's own run, <run>/eval/step-<N> (as analyze
+    writes <run>/analysis/), so that two runs scored with one recipe keep their own; for the base
+    alone, or an adapter outside a run's checkpoints/, <output_dir>/eval/<name>."""
+    if adapter_dir is None or adapter_dir.parent.name != "checkpoints":
+        return Path(recipe.output_dir) / "eval" / (adapter_dir.name if adapter_dir is not None else "no-adapter")
+    run = adapter_dir.parent.parent
+    if run.is_relative_to(Path.cwd()):
+        run = run.relative_to(Path.cwd())  # runs/x/eval/step-6 in the log, as the recipe's output_dir reads
+    return run / "eval" / adapter_dir.name
+
+
 def check_out(out: Path, given: bool) -> None:
     """Refuse an `out` that is, or lies under, an existing file, or where this user cannot write, before
     anything is loaded: only rank 0 writes the results, so its mkdir would fail there alone after the
     whole evaluation, with the other ranks waiting at the barrier. Every rank checks the same path, so
-    every rank refuses. `given`: out= was given (else `out` is the default under output_dir)."""
-    named = f"out={out}" if given else f"the default out={out} (under output_dir)"
+    every rank refuses. `given`: out= was given (else `out` is default_out's)."""
+    named = f"out={out}" if given else f"the default out={out}"
     existing = run_dir.nearest_existing(out)
     if existing is not None and not existing.is_dir():
         where = "names an existing file" if existing == out else f"lies under {existing}, an existing file"
