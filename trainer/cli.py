@@ -22,25 +22,26 @@ from trainer.model.base import ModelLoadError
 
 KNOWN_ERRORS = (RecipeError, DataError, ModelLoadError, CheckpointError, TrainingHealthError, AnalysisError,
                 distributed.LaunchError)
-FLAGS = ("--dry-run", "--debug")
+FLAG_HELP = {"--dry-run": "check the recipe, data and model, then stop", "--debug": "full tracebacks"}
+FLAGS = tuple(FLAG_HELP)  # train.py's; the scripts with options of their own take --debug alone
 
 
 USAGE = "usage: SCRIPT RECIPE.yaml [section.key=value ...] [--dry-run] [--debug]"
 
 
-def parse(argv: list[str]) -> tuple[Recipe, list[str]]:
+def parse(argv: list[str], known: tuple[str, ...] = FLAGS) -> tuple[Recipe, list[str]]:
     # deepspeed's launcher appends --local_rank=N; LOCAL_RANK in the environment carries the same.
     args = [a for a in argv if not a.startswith("--local_rank")]
     if "--help" in args or "-h" in args:
         # The script's own docstring shows its commands; the recipes' comments and README list the keys.
         print((sys.modules["__main__"].__doc__ or "").strip() or USAGE)
-        print("\n  --dry-run  (train.py) check the recipe, data and model, then stop\n  --debug    full tracebacks"
-              "\nEvery recipe key (section.key=value) is commented in recipes/*.yaml; README.md explains them.")
+        print("\n" + "\n".join(f"  {flag:<10} {FLAG_HELP[flag]}" for flag in known)
+              + "\nEvery recipe key (section.key=value) is commented in recipes/*.yaml; README.md explains them.")
         raise SystemExit(0)
     flags = [a for a in args if a.startswith("--")]
-    unknown = [f for f in flags if f not in FLAGS]
+    unknown = [f for f in flags if f not in known]
     if unknown:
-        raise RecipeError(f"unknown flag {unknown[0]}; known flags: {', '.join(FLAGS)}")
+        raise RecipeError(f"unknown flag {unknown[0]}; known flags: {', '.join(known)}")
     positional = [a for a in args if not a.startswith("--")]
     if not positional:
         raise RecipeError(USAGE)

@@ -107,7 +107,7 @@ def main(run: typing.Callable[[Recipe, Any], object], options_class: type, secti
     def body() -> None:
         given, rest = split_argv(argv, options_class, section)
         options = parse_options(options_class, given, section)
-        recipe, _ = cli.parse(rest)
+        recipe, _ = cli.parse(rest, known=("--debug",))  # no --dry-run: it would be ignored, and the work done
         run(recipe, options)
 
     cli.run_script(body, argv)
