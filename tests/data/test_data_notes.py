@@ -66,6 +66,15 @@ def test_rows_all_dropped_by_length_are_counted_by_reason_with_what_to_change(to
         training_data(config(path, max_seq_len=34, on_too_long="drop"), tokenizer, seed=0)
 
 
+def test_a_short_response_the_templates_own_text_leaves_no_room_for_is_not_called_too_long(tokenizer, tmp_path):
+    # At 20 tokens Alpaca's own text (never cut) does not fit: "red" is not too long, the template is.
+    path = write_jsonl(tmp_path / "rows.jsonl", rows([LONG, SHORT]))
+    with pytest.raises(DataError) as raised:
+        training_data(config(path, max_seq_len=20), tokenizer, seed=0)
+    assert "rows.jsonl: 2 rows read: 2 dropped (response alone too long for data.max_seq_len=20: 1, template text + " \
+           "response too long for data.max_seq_len=20: 1)" in str(raised.value)
+
+
 def test_a_held_out_split_that_takes_every_row_says_so(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "one.jsonl", rows([SHORT]))
     with pytest.raises(DataError) as raised:

@@ -62,8 +62,8 @@ def assemble(tokenizer, pieces: list[tuple[list[int], str]], config: DataConfig,
              where: str, bos: int | None) -> tuple[tuple[list[int], list[int]] | None, str]:
     """[`bos`] + pieces, ending in a trained EOS, fitted to max_seq_len by cutting prompt pieces from
     their start. `bos` is `document_bos(tokenizer)`, computed once by the caller. Returns ((input_ids, labels), "kept" | "truncated"), or (None, why it
-    was dropped: the response alone is too long, or the cut would take all the prompt text, leaving an
-    answer to no question)."""
+    was dropped: the response alone is too long; the response and the text no cut takes (the template's
+    own text, BOS) are; or the cut would take all the prompt text, leaving an answer to no question)."""
     head, pieces = _closed(pieces, tokenizer.eos_token_id, bos)
     outcome = "kept"
     excess = len(head) + _length(pieces) - config.max_seq_len
@@ -76,7 +76,9 @@ def assemble(tokenizer, pieces: list[tuple[list[int], str]], config: DataConfig,
         had_prompt = _prompt_length(pieces) > 0
         pieces, cut = _cut_prompt(pieces, excess)
         if cut < excess:
-            return None, "dropped: response alone too long"
+            answer = sum(len(piece) for piece, kind in pieces if kind == ANSWER)
+            return None, ("dropped: response alone too long" if answer > config.max_seq_len
+                          else "dropped: template text + response too long")
         if had_prompt and not _prompt_length(pieces):
             return None, "dropped: prompt cut to nothing"
         outcome = "truncated"
