@@ -13,7 +13,7 @@ import pytest
 from trainer.config import DataConfig
 from trainer.data.formats import DataError, settle_format, validate_records
 from trainer.data.pipeline import build_datasets, read_rows
-from trainer.data.sources import locate
+from trainer.data.sources import locate, read_source
 
 ROW = {"instruction": "Say hi.", "input": "", "output": "hello"}
 LONE_HIGH = "\ud83d"  # the first half of 😀's UTF-16 pair (json.loads gives it for "\\ud83d")
@@ -193,9 +193,22 @@ def latin_at(path: Path, bad_row: int, blank_lines: int = 0) -> Path:
 @pytest.mark.parametrize("blank_lines, where", [(0, "row 3001"), (2, r"row 3001 \(line 3003\)")])
 def test_a_jsonl_byte_that_is_not_utf8_names_its_row_and_line(blank_lines, where, tmp_path):
     path = latin_at(tmp_path / "latin.jsonl", 3001, blank_lines)
-    with pytest.raises(DataError, match=rf"latin\.jsonl: cannot read the data file: {where}: not UTF-8 text \(byte "
-                                        rf"0xe9 at character 21 of the line; .*\); re-save it as UTF-8"):
-        list(locate(str(path)).read(None))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: {where}: not UTF-8 text \(byte 0xe9 at character "
+                                        rf"21 of the line; saved as Latin-1 or cp1252\?\); re-save it as UTF-8 "
+                                        rf"\(data.on_bad_row: skip leaves such rows out and counts them\)$"):
+        read_rows(str(path))
+
+
+def test_a_row_that_is_not_utf8_is_a_bad_row_skip_leaves_out_and_counts(tmp_path):
+    """Not the whole file: the rows before and after it are read, and an earlier bad row is named first."""
+    path = latin_at(tmp_path / "latin.jsonl", 5)
+    source = read_source(locate(str(path)), "auto", None, None, "skip")
+    assert [row.fields["instruction"] for row in source.rows] == ["q1", "q2", "q3", "q4", "z"]
+    assert source.bad == {"not UTF-8": 1}
+    lines = path.read_bytes().splitlines()
+    path.write_bytes(b"\n".join([lines[0], b'{"instruction": "no output"}', *lines[1:]]) + b"\n")
+    with pytest.raises(DataError, match=r"latin\.jsonl: row 2: field 'output' is missing"):
+        read_rows(str(path))
 
 
 def test_a_json_byte_that_is_not_utf8_names_its_line(tmp_path):
@@ -208,8 +221,9 @@ def test_a_json_byte_that_is_not_utf8_names_its_line(tmp_path):
 def test_a_utf16_file_is_named_as_such(tmp_path):
     path = tmp_path / "wide.jsonl"
     path.write_bytes(json.dumps(ROW).encode("utf-16"))
-    with pytest.raises(DataError, match=r"wide\.jsonl: cannot read the data file: row 1: .*saved as UTF-16"):
-        list(locate(str(path)).read(None))
+    with pytest.raises(DataError, match=r"wide\.jsonl: row 1: not UTF-8 text .*saved as UTF-16, by its byte-order "
+                                        r"mark\); re-save it as UTF-8"):
+        read_rows(str(path))
 
 
 # ------------------------------------------------------------------------------ suffixes in capitals

@@ -163,7 +163,8 @@ def test_unreadable_files_and_unknown_columns_name_the_file_and_its_columns(toke
         build_datasets(config(tmp_path / "missing.json"), tokenizer, seed=0)
     binary = tmp_path / "binary.jsonl"
     binary.write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(DataError, match=r"binary\.jsonl: cannot read the data file"):
+    with pytest.raises(DataError, match=r"binary\.jsonl: row 1: not UTF-8 text .*; re-save it as UTF-8, and no record "
+                                        r"of the first 1 is an object"):
         build_datasets(config(binary), tokenizer, seed=0)
     path = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "Say hi.", "response": "hi"}])
     with pytest.raises(DataError, match=r"qa\.jsonl: cannot tell the format from its columns \['prompt', 'response'\]"):

@@ -35,20 +35,40 @@ class _Malformed(str):
     """A record that could not be parsed; the string says why."""
 
 
+class _NotUtf8(_Malformed):
+    """A .jsonl line holding bytes that are not UTF-8; the string says which and where."""
+
+
 class _Line(str):
-    """A .jsonl line not parsed yet: parsing waits for validation, which may run in a worker."""
+    """A .jsonl line not parsed yet: parsing waits for validation, which may run in a worker. Read with
+    errors="surrogateescape": a byte that is not UTF-8 is a lone surrogate (U+DC80-U+DCFF) here, and
+    makes the line a bad row of its own, not the whole file unreadable."""
 
 
 def parsed(record: Any) -> Any:
     """A record as validation reads it: a .jsonl line parsed, anything else as it is."""
     if not isinstance(record, _Line):
         return record
+    if not record.isascii() and (problem := not_utf8(record)) is not None:
+        return _NotUtf8(f"{problem}; re-save it as UTF-8")
     try:
         # Without its line end: a line cut off inside a string is then an unterminated string, not
         # an invalid control character (the newline) at the line's end.
         return json.loads(record.rstrip("\r\n"))
     except json.JSONDecodeError as error:
         return _Malformed(json_problem(error, with_line=False))
+
+
+def not_utf8(line: str) -> str | None:
+    """Where `line`, read with errors="surrogateescape", holds a byte that is not UTF-8, and what the
+    file may have been saved as; None where it holds none."""
+    column = next((column for column, character in enumerate(line, start=1) if "\udc80" <= character <= "\udcff"),
+                  None)
+    if column is None:
+        return None
+    guess = "UTF-16, by its byte-order mark" if line[:2] in ("\udcff\udcfe", "\udcfe\udcff") else "Latin-1 or cp1252?"
+    return (f"not UTF-8 text (byte 0x{ord(line[column - 1]) - 0xdc00:02x} at character {column} of the line; "
+            f"saved as {guess})")
 
 
 def json_problem(error: json.JSONDecodeError, with_line: bool) -> str:
@@ -203,7 +223,7 @@ Problem = tuple[str, str]  # (reason counted in the stats, message)
 
 def _validate(format: str, where: str, record: Any) -> list[tuple[str, dict, Problem | None]]:
     if isinstance(record, _Malformed):
-        return [(where, {}, ("invalid JSON", str(record)))]
+        return [(where, {}, ("not UTF-8" if isinstance(record, _NotUtf8) else "invalid JSON", str(record)))]
     if not isinstance(record, dict):
         return [(where, {}, ("not an object", f"expected an object, got {type(record).__name__}"))]
     if format == "chat":

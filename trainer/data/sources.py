@@ -17,7 +17,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from trainer.data.formats import DataError, Row, _Line, json_problem, parsed, settle_format, validate_records
+from trainer.data.formats import DataError, Row, _Line, json_problem, not_utf8, parsed, settle_format, validate_records
 from trainer.data.tasks import resolve_dataset
 
 
@@ -110,11 +110,12 @@ def _streamed(name: str, split: str) -> Located:
 
 
 def _json_lines(path: Path, max_rows: int | None) -> Iterator[tuple[str, Any]]:
-    """A .jsonl file's records, one line at a time (blank lines are not records)."""
+    """A .jsonl file's records, one line at a time (blank lines are not records). A line that is not
+    UTF-8 is a bad row (formats.parsed), as one that is not JSON."""
     number = 0
     try:
         # utf-8-sig: a byte-order mark (some Windows editors write one) is not part of row 1.
-        with open(path, encoding="utf-8-sig") as handle:
+        with open(path, encoding="utf-8-sig", errors="surrogateescape") as handle:
             for line_number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
@@ -122,10 +123,6 @@ def _json_lines(path: Path, max_rows: int | None) -> Iterator[tuple[str, Any]]:
                 if max_rows is not None and number > max_rows:
                     return
                 yield f"row {number}" + (f" (line {line_number})" if line_number != number else ""), _Line(line)
-    except UnicodeDecodeError:
-        # The decoder works a buffer at a time, so its position is no line: find the line again,
-        # reading the file once more (only on this path: a good file is decoded as fast as ever).
-        raise DataError(f"{path}: cannot read the data file: {undecodable_line(path)}; re-save it as UTF-8") from None
     except OSError as error:
         raise DataError(f"{path}: cannot read the data file ({error.strerror or error})") from None
 
@@ -137,17 +134,8 @@ def undecodable_line(path: Path) -> str:
     with open(path, encoding="utf-8-sig", errors="surrogateescape") as handle:
         for line_number, line in enumerate(handle, start=1):
             number += bool(line.strip())
-            if line.isascii():
-                continue
-            column = next((column for column, character in enumerate(line, start=1)
-                           if "\udc80" <= character <= "\udcff"), None)
-            if column is None:
-                continue
-            where = f"row {number}" + (f" (line {line_number})" if line_number != number else "")
-            utf16 = line_number == 1 and line[:2] in ("\udcff\udcfe", "\udcfe\udcff")
-            guess = "UTF-16, by its byte-order mark" if utf16 else "Latin-1 or cp1252?"
-            return (f"{where}: not UTF-8 text (byte 0x{ord(line[column - 1]) - 0xdc00:02x} at character {column} "
-                    f"of the line; saved as {guess})")
+            if not line.isascii() and (problem := not_utf8(line)) is not None:
+                return f"row {number}" + (f" (line {line_number})" if line_number != number else "") + f": {problem}"
     return "not UTF-8 text"
 
 
