@@ -177,10 +177,13 @@ def ours_packing(wanted: bool) -> tuple[str, list[str]]:
     """Whether ours will pack (for the table), and the override that asks for it."""
     import inspect
 
-    from trainer import loop
     from trainer.config import DataConfig
 
-    if "training_collate" not in inspect.getsource(loop):
+    try:
+        from trainer import setup as builds_the_run  # picks the run's collate
+    except ImportError:  # a checkout from before trainer/setup.py, whose loop.py built the run
+        from trainer import loop as builds_the_run
+    if "training_collate" not in inspect.getsource(builds_the_run):
         return "off (this checkout's loop does not pack)", []
     if "packing" not in DataConfig.__dataclass_fields__:
         if not wanted:

@@ -4,7 +4,7 @@ op's time given to the part of the step it ran in.
     python -m launch.benchmarks.profile RECIPE [section.key=value ...] [--warmup 2] [--steps 3] [--out PATH]
     deepspeed --num_gpus 2 --module launch.benchmarks.profile RECIPE ...     (rank 0 reports)
 
-The run is built by `trainer.loop.setup` and stepped by `trainer.loop.train_step`, as
+The run is built by `trainer.setup.setup` and stepped by `trainer.loop.train_step`, as
 `launch/train.py` does (nothing is evaluated, logged or saved). Nothing in trainer/ is changed: the
 parts are marked from outside. Forward hooks on module types open a `record_function` range per
 module call (the loss wrapper, the decoder, attention modules, LoRA layers, frozen linear layers,
@@ -166,8 +166,9 @@ def split(events, owner: dict[int, str], device_time: bool = False) -> dict[str,
 def profile(recipe, warmup: int, steps: int) -> dict:
     from trainer import loop
     from trainer.runtime import distributed
+    from trainer.setup import setup
 
-    run, _ = loop.setup(recipe, dry_run=False)
+    run, _ = setup(recipe, dry_run=False)
     run.engine.train()
     parts = Parts(run.loss_model, run.model)
     run.collate = labelled(DATA, run.collate)

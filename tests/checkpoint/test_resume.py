@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, free_port, run_cli
-from trainer import loop
+from trainer import setup
 from trainer.checkpoint import resume
 
 # 38 training rows with a global batch of 16: epochs end inside steps 3 and 5, and the resumed part
@@ -79,7 +79,7 @@ def test_resumed_run_is_bitwise_equal_to_the_straight_run(tmp_path, tiny_base, s
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.skipif(not loop.fp16_supported(),
+@pytest.mark.skipif(not setup.fp16_supported(),
                     reason="this CPU has no fp16 arithmetic, which DeepSpeed needs to train in fp16")
 def test_an_fp16_resume_carries_the_loss_scale_and_continues_bitwise(tmp_path, tiny_base):
     # fp16 (the auto dtype on GPUs without bf16) scales the loss dynamically; a resume that started

@@ -145,13 +145,13 @@ def test_the_train_command_refuses_a_changed_global_batch_size_with_one_message(
 
 
 def dry_run_in_process(monkeypatch, recipe):
-    """trainer.loop.setup(recipe, dry_run=True) in this process, as one rank with no process group
+    """trainer.setup.setup(recipe, dry_run=True) in this process, as one rank with no process group
     (conftest: pytest's process must not start one); the dry run needs none."""
-    from trainer import loop
     from trainer.runtime import distributed
+    from trainer.setup import setup
 
     monkeypatch.setattr(distributed, "init", lambda *_: torch.device("cpu"))
-    return loop.setup(recipe, dry_run=True)
+    return setup(recipe, dry_run=True)
 
 
 def test_a_dry_run_refuses_an_incompatible_checkpoint_as_the_run_would(tmp_path, tiny_base, monkeypatch):

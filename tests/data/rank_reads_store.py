@@ -1,4 +1,4 @@
-"""One rank for tests/data/test_store_ranks.py: prepares the data as training does (`loop.prepare_data`
+"""One rank for tests/data/test_store_ranks.py: prepares the data as training does (`setup.prepare_data`
 after `distributed.init`) and writes what it read to <out>/rank<r>.json: the store's path and inode,
 whether this process maps it, the cache outcome, and the examples of the first step.
 
@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from trainer.recipe_loading import load_recipe  # noqa: E402
-from trainer.loop import prepare_data, prepare_tokenizer  # noqa: E402
 from trainer.runtime import distributed  # noqa: E402
+from trainer.setup import prepare_data, prepare_tokenizer  # noqa: E402
 
 
 def main(out: Path, overrides: list[str]) -> None:

@@ -29,14 +29,14 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def training_data(data: DataConfig, tokenizer, seed: int):
-    """The training loop's data step (loop.prepare_data), which refuses a run with no training example."""
+    """The run's data step (setup.prepare_data), which refuses a run with no training example."""
     from dataclasses import replace
 
     from _checkpoints import tiny_recipe
-    from trainer import loop
+    from trainer import setup
 
-    return loop.prepare_data(replace(tiny_recipe(), data=data, train=replace(tiny_recipe().train, seed=seed)),
-                             tokenizer)
+    return setup.prepare_data(replace(tiny_recipe(), data=data, train=replace(tiny_recipe().train, seed=seed)),
+                              tokenizer)
 
 
 def config(path, **overrides) -> DataConfig:

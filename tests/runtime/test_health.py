@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli
-from trainer import loop
+from trainer import loop, setup
 
 SHORT = ["data.max_rows=40", "train.global_batch_size=8", "train.micro_batch_size=4", "train.max_steps=6",
          "train.warmup_steps=2", "train.save_every=2", "train.eval_every=100", "train.log_every=1",
@@ -231,7 +231,7 @@ def test_a_rank_leaves_without_interpreter_finalisation(entry, outcome, group):
     assert ("interpreter finalisation ran" in result.stdout) == (group == "no-group")
 
 
-FP16_CPU = loop.fp16_supported()
+FP16_CPU = setup.fp16_supported()
 
 
 @pytest.mark.skipif(not FP16_CPU, reason="this CPU has no fp16 arithmetic, which DeepSpeed needs to train in fp16")
@@ -271,11 +271,11 @@ def test_a_resumed_run_counts_fp16_overflow_skips_on_from_its_checkpoint():
 def test_fp16_on_a_cpu_without_fp16_arithmetic_is_refused_before_loading(monkeypatch):
     from trainer.config import RecipeError
 
-    monkeypatch.setattr(loop, "fp16_supported", lambda: False)
+    monkeypatch.setattr(setup, "fp16_supported", lambda: False)
     with pytest.raises(RecipeError, match="model.dtype=float16: this CPU has no fp16 arithmetic"):
-        loop.check_precision(torch.float16, torch.device("cpu"))
-    loop.check_precision(torch.float32, torch.device("cpu"))
-    loop.check_precision(torch.bfloat16, torch.device("cpu"))
+        setup.check_precision(torch.float16, torch.device("cpu"))
+    setup.check_precision(torch.float32, torch.device("cpu"))
+    setup.check_precision(torch.bfloat16, torch.device("cpu"))
 
 
 def test_the_preflight_says_when_the_warmup_outlasts_the_run():
