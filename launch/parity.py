@@ -169,7 +169,7 @@ def dequantised_base(name_or_path: str) -> Path:
     from transformers import AutoModelForCausalLM
 
     from trainer.recipe_loading import load_recipe
-    from trainer.model.lora import dequantised_weight
+    from trainer.model.dequantise import dequantised_weight
     from trainer.model.base import load_base
 
     print(f"[parity] building {final}: the NF4 weights, dequantised by bitsandbytes (first use)", flush=True)

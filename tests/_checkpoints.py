@@ -15,7 +15,8 @@ from trainer.checkpoint.fingerprint import base_fingerprint
 from trainer.checkpoint.saving import COMPLETE, adapter_config, peft_key
 from trainer.config import Recipe
 from trainer.recipe_loading import load_recipe
-from trainer.model.lora import adapter_parameters, apply_lora, lora_layers
+from trainer.model.adapters import adapter_parameters, lora_layers
+from trainer.model.lora import apply_lora
 from trainer.model.lora_embedding import LoRAEmbedding
 from trainer.model.base import load_base, resolve_base
 

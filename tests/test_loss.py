@@ -11,7 +11,8 @@ from trainer.data.tasks import demo_rows
 from trainer.recipe_loading import recipe_from_dict
 from trainer.data.examples import IGNORE_INDEX, Example
 from trainer.data.batching import collate
-from trainer.model.lora import adapter_parameters, apply_lora, lora_layers
+from trainer.model.adapters import adapter_parameters, lora_layers
+from trainer.model.lora import apply_lora
 from trainer import loss as loss_module
 from trainer.loss import CausalLMLoss, chunked_cross_entropy, fused_rows
 from trainer.model.base import enable_activation_checkpointing

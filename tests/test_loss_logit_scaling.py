@@ -17,7 +17,8 @@ from trainer.data.batching import collate
 from trainer.data.examples import IGNORE_INDEX, Example
 from trainer.loss import LOGIT_TRANSFORMS, CausalLMLoss, chunked_cross_entropy, logit_transform
 from trainer.model.base import ModelLoadError
-from trainer.model.lora import adapter_parameters, apply_lora, lora_layers
+from trainer.model.adapters import adapter_parameters, lora_layers
+from trainer.model.lora import apply_lora
 
 SIZE = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)

@@ -18,7 +18,7 @@ from trainer.config import Recipe, TrainConfig
 from trainer.data.pipeline import rows_by_file
 from trainer.evaluation.generate import sample_generations
 from trainer.evaluation.held_out_loss import evaluate_loss
-from trainer.model.lora import adapter_parameters, link_group_states
+from trainer.model.adapters import adapter_parameters, link_group_states
 from trainer.runtime import distributed, health, run_dir
 from trainer.runtime.dashboards import Dashboards
 from trainer.runtime.metrics_log import MetricsLog

@@ -29,7 +29,8 @@ from trainer.data.store import Examples
 from trainer.loss import CausalLMLoss, logit_transform
 from trainer.model.base import (check_embedding_rows, compute_dtype, dtype_name, enable_activation_checkpointing,
                                 load_base, load_tokenizer, resolve_base)
-from trainer.model.lora import apply_lora, optimizer_groups, parameter_summary
+from trainer.model.adapters import optimizer_groups, parameter_summary
+from trainer.model.lora import apply_lora
 from trainer.runtime import distributed, preflight, run_dir
 from trainer.runtime.quiet import TrainerWarning
 from trainer.runtime.dashboards import check_wandb_login

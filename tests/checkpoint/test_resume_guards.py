@@ -17,7 +17,8 @@ from conftest import run_cli
 from trainer.checkpoint import resume
 from trainer.checkpoint.saving import CheckpointError
 from trainer.checkpoint.snapshot import UpdateSnapshot
-from trainer.model.lora import adapter_parameters, apply_lora
+from trainer.model.adapters import adapter_parameters
+from trainer.model.lora import apply_lora
 
 
 @pytest.fixture(scope="module", autouse=True)

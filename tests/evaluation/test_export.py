@@ -174,7 +174,7 @@ def test_a_bf16_runs_export_decodes_the_4bit_codes_quantised_from_bf16(tmp_path,
     """A GPU run loads the base in bf16 before quantising: its 4-bit codes differ from float32's. The
     dequantised export quantises as the run did (meta.json's model_dtype), then decodes in float32."""
     from trainer.model.base import load_base
-    from trainer.model.lora import dequantised_weight
+    from trainer.model.dequantise import dequantised_weight
 
     adapter = make_checkpoint(tmp_path / "run", "lora.target_modules=[q_proj]")
     meta = json.loads((adapter / "meta.json").read_text())

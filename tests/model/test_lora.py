@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import RecipeError
-from trainer.model.lora import (LoRALinear, adapter_parameters, apply_lora, dequantised_weight, lora_layers,
-                                merge_all, unmerge_all)
+from trainer.model.adapters import adapter_parameters, lora_layers, merge_all, unmerge_all
+from trainer.model.dequantise import dequantised_weight
+from trainer.model.lora import LoRALinear, apply_lora
 from trainer.model.base import keep_4bit_layout
 
 

@@ -12,7 +12,8 @@ from torch import nn
 
 from _checkpoints import one_thread, through_peft, tiny_recipe
 from test_lora_variants import randomise
-from trainer.model.lora import LoRALinear, apply_lora, lora_layers, merge_all
+from trainer.model.adapters import lora_layers, merge_all
+from trainer.model.lora import LoRALinear, apply_lora
 from trainer.model.lora_embedding import LoRAEmbedding
 
 IDS = [1, 45, 67, 89, 7, 30, 13, 13, 50, 7]

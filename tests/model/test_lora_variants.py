@@ -11,8 +11,9 @@ from torch import nn
 
 from _checkpoints import make_checkpoint, one_thread, our_model, through_peft, tiny_recipe
 from test_lora import KINDS, base_layer
-from trainer.model.lora import (LoRALinear, adapter_parameters, apply_lora, dequantised_weight, lora_layers,
-                          optimizer_groups)
+from trainer.model.adapters import adapter_parameters, lora_layers, optimizer_groups
+from trainer.model.dequantise import dequantised_weight
+from trainer.model.lora import LoRALinear, apply_lora
 from trainer.model.lora_embedding import LoRAEmbedding
 
 IDS = [1, 45, 67, 89, 120, 300, 13, 13, 500, 7]

@@ -14,7 +14,8 @@ from torch import nn
 from _checkpoints import one_thread
 from trainer.evaluation.export import merge_to_plain
 from trainer.evaluation.gguf_export import write_gguf
-from trainer.model.lora import LoRALinear, apply_lora, lora_layers, ties_adapted_layer
+from trainer.model.adapters import lora_layers, ties_adapted_layer
+from trainer.model.lora import LoRALinear, apply_lora
 
 IDS = [1, 5, 77, 300, 12, 99, 40, 41, 42]
 

@@ -10,7 +10,8 @@ from torch import nn
 from trainer.recipe_loading import recipe_from_dict
 from trainer.data.examples import IGNORE_INDEX
 from trainer.speedups.fused import PLAIN_RMSNORMS, RMSNormFunction, SiluMul, use_fused_mlp, use_fused_norm
-from trainer.model.lora import adapter_parameters, apply_lora, lora_layers
+from trainer.model.adapters import adapter_parameters, lora_layers
+from trainer.model.lora import apply_lora
 from trainer.loss import CausalLMLoss
 from trainer.model.base import load_base
 from trainer.data.packing import collate_packed

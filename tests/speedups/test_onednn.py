@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.speedups import onednn
-from trainer.model.lora import adapter_parameters, dequantised_weight
+from trainer.model.adapters import adapter_parameters
+from trainer.model.dequantise import dequantised_weight
 from trainer.loss import CausalLMLoss
 from trainer.data.packing import collate_packed
 from tests.speedups.test_fused import lora_model

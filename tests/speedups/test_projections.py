@@ -11,7 +11,8 @@ from tests.speedups.test_fused import lora_model, saved_bytes
 from tests.test_loss import examples  # noqa: F401  (a fixture)
 from trainer.data.packing import collate_packed
 from trainer.loss import CausalLMLoss
-from trainer.model.lora import LoRALinear, adapter_parameters
+from trainer.model.adapters import adapter_parameters
+from trainer.model.lora import LoRALinear
 from trainer.speedups import onednn, projections, rotary
 from trainer.speedups.projections import QKV, SharedInputLinear
 

@@ -12,7 +12,7 @@ from tests.speedups.test_fused import lora_model
 from tests.test_loss import examples  # noqa: F401  (a fixture)
 from trainer.data.packing import collate_packed
 from trainer.loss import CausalLMLoss
-from trainer.model.lora import adapter_parameters
+from trainer.model.adapters import adapter_parameters
 from trainer.speedups.rotary import Rotary, apply_rotary, use_fused_rotary
 
 

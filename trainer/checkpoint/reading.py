@@ -21,7 +21,7 @@ from trainer.checkpoint.fingerprint import base_fingerprint, config_only_fingerp
 from trainer.checkpoint.saving import BEST, CheckpointError, complete_checkpoints, peft_key
 from trainer.config import Recipe
 from trainer.model.base import resolve_base
-from trainer.model.lora import adapter_parameters
+from trainer.model.adapters import adapter_parameters
 from trainer.runtime import distributed
 
 

@@ -21,7 +21,7 @@ from trainer.checkpoint.reading import (check_adapter, load_adapter_weights, on_
                                        resolve_adapter)
 from trainer.config import Recipe
 from trainer.model.base import ModelLoadError
-from trainer.model.lora import adapter_parameters
+from trainer.model.adapters import adapter_parameters
 from trainer.runtime.quiet import TrainerWarning
 
 # Fields that change what the adapter means: resuming across them is refused. The base itself is

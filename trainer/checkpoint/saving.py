@@ -36,7 +36,7 @@ from torch import nn
 
 from trainer.runtime import distributed
 from trainer.config import Recipe
-from trainer.model.lora import adapter_parameters
+from trainer.model.adapters import adapter_parameters
 
 PEFT_PREFIX = "base_model.model."
 COMPLETE = "COMPLETE"

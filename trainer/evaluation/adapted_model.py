@@ -12,7 +12,8 @@ from trainer import speedups
 from trainer.checkpoint.reading import load_into_model, read_adapter_config, trained_dtype
 from trainer.config import Recipe
 from trainer.model.base import dtype_name, load_base, load_tokenizer, resolve_base
-from trainer.model.lora import adapter_parameters, apply_lora
+from trainer.model.adapters import adapter_parameters
+from trainer.model.lora import apply_lora
 from trainer.runtime import distributed
 
 

@@ -41,7 +41,8 @@ from trainer.checkpoint.saving import follow_umask
 from trainer.config import Recipe, RecipeError
 from trainer.data.chat_templates import chat_template, own_chat_template
 from trainer.data.instruction_templates import TEMPLATES, prompt_pieces
-from trainer.model.lora import dequantised_linear, is_quantised, lora_layers, ties_adapted_layer
+from trainer.model.adapters import lora_layers, ties_adapted_layer
+from trainer.model.dequantise import dequantised_linear, is_quantised
 from trainer.model.base import DTYPES, compute_dtype, load_base, load_config, load_tokenizer, resolve_base
 from trainer.runtime import run_dir
 

@@ -2,6 +2,8 @@
 
     base.py            the base and its tokenizer through transformers, quantised by bitsandbytes
     lora.py            LoRA on linear layers: W x + (alpha/r) B A x, mergeable into W
+    adapters.py        a model's adapters together: parameters, optimizer groups (LoRA+), merge all, summary
+    dequantise.py      a quantised base layer's weight as floats, or the layer as a plain nn.Linear
     lora_embedding.py  LoRA on the token embedding
     dora.py            DoRA's weight norm (lora.dora)
     gguf.py            a .gguf file as a base, converted once; the built-in SmolLM2-135M

@@ -6,11 +6,11 @@ adapter's parameter names (`<path>.lora_A.weight`, `<path>.lora_B.weight`) are P
 
 Variants: `dora=True` (DoRA, see trainer/model/dora.py) adds `<path>.lora_magnitude_vector`; an
 `nn.Embedding` target is wrapped by `LoRAEmbedding` (trainer/model/lora_embedding.py); LoRA+ is only an
-optimizer setting (`optimizer_groups`).
+optimizer setting (`optimizer_groups`, trainer/model/adapters.py). A quantised base layer's weight is read
+through trainer/model/dequantise.py.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 import math
@@ -22,12 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import RecipeError
+from trainer.model.dequantise import dequantised_linear, dequantised_weight, is_quantised, recorded_dtype
 from trainer.model.dora import dora_scale, full_parameters, kept_for_unmerge
 from trainer.model.lora_embedding import LoRAEmbedding
-
-ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector")
-# LoRA+: the parameters that learn `plus_ratio` times faster (B of linear and embedding adapters).
-PLUS_MARKERS = (".lora_B.", ".lora_embedding_B")
 
 
 class _LoRADown(nn.Linear):
@@ -182,54 +179,6 @@ def _device_of(layer: nn.Module) -> torch.device:
     return next(layer.parameters()).device
 
 
-def is_quantised(layer: nn.Module) -> bool:
-    """A bitsandbytes 4-bit or 8-bit linear layer."""
-    return type(layer).__name__ in ("Linear4bit", "Linear8bitLt")
-
-
-def dequantised_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The base layer's weight as a float tensor, whatever its storage; in `dtype` if given (a 4-bit
-    weight decoded straight into it: the same numbers as decoding to fp32 and rounding, in one pass)."""
-    name = type(layer).__name__
-    if name == "Linear4bit":
-        import bitsandbytes.functional as bnb_functional
-
-        state = layer.weight.quant_state
-        if dtype is not None and dtype != state.dtype:
-            state = copy.copy(state)  # bitsandbytes decodes into the state's dtype
-            state.dtype = dtype
-        return bnb_functional.dequantize_4bit(layer.weight.data, state)
-    if name == "Linear8bitLt":
-        import bitsandbytes.functional as bnb_functional
-
-        scales = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
-        weight = bnb_functional.int8_vectorwise_dequant(layer.weight.data, scales)
-    else:
-        weight = layer.weight.data
-    return weight if dtype is None else weight.to(dtype)
-
-
-def recorded_dtype(layer: nn.Module) -> torch.dtype | None:
-    """The dtype of the model a quantised layer belongs to, where the layer records it: a 4-bit layer's
-    own (not its compute dtype: under quant.compute_dtype=bfloat16 an fp32 model's layer is fp32)."""
-    state = getattr(layer.weight, "quant_state", None)
-    return getattr(state, "dtype", None) or getattr(layer, "compute_dtype", None)
-
-
-def dequantised_linear(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
-    weight = dequantised_weight(layer)
-    dtype = dtype or recorded_dtype(layer) or torch.float32
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                       device=weight.device, dtype=dtype)
-    linear.weight.data.copy_(weight.to(dtype))
-    if layer.bias is not None:
-        linear.bias.data.copy_(layer.bias.data.to(dtype))
-    linear.weight.requires_grad_(False)
-    if linear.bias is not None:
-        linear.bias.requires_grad_(False)
-    return linear
-
-
 def apply_lora(model: nn.Module, target_modules: list[str], r: int, alpha: float,
                dropout: float = 0.0, rslora: bool = False, dora: bool = False, strict: bool = True,
                named_in: str = "lora.target_modules") -> list[str]:
@@ -294,78 +243,3 @@ def _source(owner: type) -> str:
         return inspect.getsource(owner)
     except (OSError, TypeError):  # a class defined at run time: nothing to read
         return ""
-
-
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
-    return {path: module for path, module in model.named_modules()
-            if isinstance(module, (LoRALinear, LoRAEmbedding))}
-
-
-def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Adapter parameters by name, selected by structure (never the base)."""
-    return {name: p for name, p in model.named_parameters() if any(m in name for m in ADAPTER_MARKERS)}
-
-
-def optimizer_groups(model: nn.Module, plus_ratio: float = 1.0) -> list[dict]:
-    """The adapter parameters as optimizer groups. LoRA+ (Hayou et al. 2024): B learns `plus_ratio`
-    times faster than A. Each group carries its `lr_ratio`; the loop sets lr = schedule x lr_ratio
-    every step, so the ratio holds through warmup and decay. plus_ratio 1: one group, plain LoRA."""
-    parameters = adapter_parameters(model)
-    if plus_ratio == 1.0:
-        return [{"params": list(parameters.values()), "lr_ratio": 1.0}]
-    faster = {name for name in parameters if any(marker in name for marker in PLUS_MARKERS)}
-    return [{"params": [p for name, p in parameters.items() if name not in faster], "lr_ratio": 1.0},
-            {"params": [p for name, p in parameters.items() if name in faster], "lr_ratio": float(plus_ratio)}]
-
-
-def link_group_states(engine_optimizer) -> None:
-    """With several groups (LoRA+), DeepSpeed ZeRO-1/2 links each parameter's view of the Adam state
-    right after the *first* group's first step, before the others have any state, and never again:
-    saving then finds no moments for B. Linking is cheap (views), so link again after every step."""
-    if getattr(engine_optimizer, "_hp_optimizer_states_linked", None) is None:
-        return  # ZeRO-0 or ZeRO-3: nothing linked lazily
-    if len(engine_optimizer.optimizer.param_groups) > 1 and engine_optimizer.optimizer.state:
-        engine_optimizer._hp_optimizer_states_linked = False
-        engine_optimizer._lazy_init_hp_params_optimizer_state()
-
-
-def ties_adapted_layer(model: nn.Module) -> bool:
-    """Whether the input embedding and the output projection share one weight and either of them
-    is adapted: merging then unties them (the adapted side merges into a copy of its own), and the
-    merged model must say tie_word_embeddings=false."""
-    if not (hasattr(model, "get_input_embeddings") and hasattr(model, "get_output_embeddings")):
-        return False
-    embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
-    if embedding is None or output is None:
-        return False
-    adapted = isinstance(embedding, LoRAEmbedding) or isinstance(output, LoRALinear)
-    embedding_weight = getattr(embedding, "weight", None)  # LoRAEmbedding.weight is its base's
-    output_weight = getattr(output.base_layer if isinstance(output, LoRALinear) else output, "weight", None)
-    return adapted and embedding_weight is not None and embedding_weight is output_weight
-
-
-def merge_all(model: nn.Module) -> None:
-    """Merge every adapter; a quantised layer that records no dtype becomes the input embedding's."""
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    dtype = embedding.weight.dtype if embedding is not None and embedding.weight.is_floating_point() else None
-    for layer in lora_layers(model).values():
-        layer.merge(dtype)
-
-
-def unmerge_all(model: nn.Module) -> None:
-    for layer in lora_layers(model).values():
-        layer.unmerge()
-
-
-def parameter_summary(model: nn.Module) -> str:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(_logical_numel(p) for p in model.parameters())
-    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
-
-
-def _logical_numel(parameter: torch.Tensor) -> int:
-    # A 4-bit weight is stored packed two values per byte; count the weights it stands for.
-    quant_state = getattr(parameter, "quant_state", None)
-    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
-        return math.prod(quant_state.shape)
-    return parameter.numel()

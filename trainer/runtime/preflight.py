@@ -8,7 +8,7 @@ from torch import nn
 
 from trainer.config import Recipe, TrainConfig
 from trainer.model.base import dtype_name
-from trainer.model.lora import adapter_parameters, lora_layers
+from trainer.model.adapters import adapter_parameters, lora_layers
 from trainer.runtime.deepspeed_config import zero_stage_to_run
 
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.model.lora import LoRALinear, lora_layers
+from trainer.model.adapters import lora_layers
+from trainer.model.lora import LoRALinear
 
 # One random byte per element, and 16 more bits on the boundary: the probability is rounded to 1/2^24.
 MASK_BITS = 24

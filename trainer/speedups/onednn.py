@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from trainer.model.lora import dequantised_weight
+from trainer.model.dequantise import dequantised_weight
 
 
 # oneDNN's primitive cache and ideep's (torch's oneDNN wrapper) each keep an entry per product
