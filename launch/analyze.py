@@ -19,7 +19,8 @@ from trainer import cli, options
 from trainer.analysis.figures import print_report, write_outputs
 from trainer.analysis.ranks import AnalysisError, adapter_files, analyze
 from trainer.checkpoint.reading import adapter_instead, resolve_adapter
-from trainer.checkpoint.saving import BEST, CheckpointError
+from trainer.checkpoint.best import BEST
+from trainer.checkpoint.saving import CheckpointError
 
 USAGE = ("usage: python launch/analyze.py <adapter dir> [<second adapter dir>] "
          "[out=<dir>] [threshold=0.9] [base=<base model dir>] [seed=0] [--debug]")

@@ -12,7 +12,8 @@ import yaml
 from safetensors.torch import save_file
 
 from trainer.checkpoint.fingerprint import base_fingerprint
-from trainer.checkpoint.saving import COMPLETE, adapter_config, peft_key
+from trainer.checkpoint.best import COMPLETE
+from trainer.checkpoint.saving import adapter_config, peft_key
 from trainer.config import Recipe
 from trainer.recipe_loading import load_recipe
 from trainer.model.adapters import adapter_parameters, lora_layers

@@ -14,7 +14,8 @@ import torch
 
 from _checkpoints import tiny_recipe
 from trainer.checkpoint import saving
-from trainer.checkpoint.saving import CheckpointError, TrainState, complete_checkpoints, peft_key
+from trainer.checkpoint.best import complete_checkpoints
+from trainer.checkpoint.saving import CheckpointError, TrainState, peft_key
 from trainer.runtime import distributed
 
 PROJECTION = "model.layers.0.self_attn.q_proj"

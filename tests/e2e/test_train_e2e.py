@@ -15,7 +15,8 @@ import yaml
 
 from _checkpoints import peft_on_4bit_base
 from conftest import free_port, run_cli
-from trainer.checkpoint import saving, resume
+from trainer.checkpoint import resume
+from trainer.checkpoint.best import COMPLETE, mark_best_and_prune
 from trainer.checkpoint import reading
 from trainer.recipe_loading import recipe_from_dict
 from trainer.model.lora import apply_lora
@@ -146,24 +147,24 @@ def fake_checkpoint(checkpoints: Path, step: int, eval_loss: float | None) -> Pa
     directory = checkpoints / f"step-{step}"
     directory.mkdir(parents=True)
     (directory / "meta.json").write_text(json.dumps({"step": step, "eval_loss": eval_loss}))
-    (directory / saving.COMPLETE).write_text("")
+    (directory / COMPLETE).write_text("")
     return directory
 
 
 def test_pruning_keeps_the_best_checkpoint_and_resume_auto_still_takes_the_newest(tmp_path, monkeypatch):
     checkpoints = tmp_path / "checkpoints"
     for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0)]:
-        saving.mark_best_and_prune(fake_checkpoint(checkpoints, step, loss), keep_last=1)
+        mark_best_and_prune(fake_checkpoint(checkpoints, step, loss), keep_last=1)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best", "step-2", "step-3"]
     assert str((checkpoints / "best").readlink()) == "step-2"
     # A checkpoint saved off an evaluation step (no eval loss) is never the best, and a better one moves the link.
-    saving.mark_best_and_prune(fake_checkpoint(checkpoints, 4, None), keep_last=1)
-    saving.mark_best_and_prune(fake_checkpoint(checkpoints, 5, 0.5), keep_last=1)
+    mark_best_and_prune(fake_checkpoint(checkpoints, 4, None), keep_last=1)
+    mark_best_and_prune(fake_checkpoint(checkpoints, 5, 0.5), keep_last=1)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best", "step-5"]
     assert str((checkpoints / "best").readlink()) == "step-5"
     recipe = recipe_from_dict({"output_dir": str(tmp_path), "resume": "auto"})
     fake_checkpoint(checkpoints, 6, 4.0)
-    saving.mark_best_and_prune(checkpoints / "step-6", keep_last=2)
+    mark_best_and_prune(checkpoints / "step-6", keep_last=2)
     assert resume.find_resume_dir(recipe) == checkpoints / "step-6"
     assert str((checkpoints / "best").readlink()) == "step-5"
 
@@ -172,7 +173,7 @@ def test_pruning_keeps_the_best_checkpoint_and_resume_auto_still_takes_the_newes
 
     monkeypatch.setattr("os.symlink", no_symlinks)
     fake_checkpoint(checkpoints, 7, 0.25)
-    saving.mark_best_and_prune(checkpoints / "step-7", keep_last=2)
+    mark_best_and_prune(checkpoints / "step-7", keep_last=2)
     assert json.loads((checkpoints / "best.json").read_text()) == {"best": "step-7", "eval_loss": 0.25}
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.json", "step-6", "step-7"]  # no stale link
     assert not list(checkpoints.glob(".tmp-*"))

@@ -224,7 +224,7 @@ def with_meta(adapter: Path, target: Path, **changes) -> Path:
 
 
 def test_an_adapter_that_is_a_run_directory_or_a_missing_best_names_the_checkpoint_to_give(tmp_path):
-    from trainer.checkpoint.saving import COMPLETE
+    from trainer.checkpoint.best import COMPLETE
 
     run = tmp_path / "run"
     for step in (2, 4):
@@ -302,7 +302,7 @@ def test_a_recipe_that_would_hold_out_other_rows_than_the_run_is_warned_of(adapt
 
 def test_checkpoints_best_is_read_through_best_json_where_there_is_no_link(adapter, tmp_path):
     # Where symlinks are not allowed, training names the best checkpoint in checkpoints/best.json
-    # (saving.mark_best): adapter=<run>/checkpoints/best still means it, for eval, chat and export.
+    # (best.mark_best): adapter=<run>/checkpoints/best still means it, for eval, chat and export.
     checkpoints = tmp_path / "checkpoints"
     shutil.copytree(adapter, checkpoints / "step-3")
     (checkpoints / "best.json").write_text(json.dumps({"best": "step-3", "eval_loss": 1.5}))

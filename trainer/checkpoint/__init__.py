@@ -1,6 +1,7 @@
 """Adapter-only checkpoints in PEFT's layout, and resuming from them exactly.
 
-    saving.py       writing a checkpoint (crash-safe), the best one, pruning old ones
+    saving.py       writing a checkpoint (crash-safe)
+    best.py         the complete checkpoints, the best one (checkpoints/best), pruning old ones
     resume.py       finding, checking and restoring one: adapter, optimizer moments, RNG streams, data cursor
     reading.py      an adapter directory read back: weights into a model, config, meta.json, the base check
     fingerprint.py  the base's fingerprint, so an adapter is never applied to another base

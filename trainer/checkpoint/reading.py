@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from trainer.checkpoint.fingerprint import base_fingerprint, config_only_fingerprint
-from trainer.checkpoint.saving import BEST, CheckpointError, complete_checkpoints, peft_key
+from trainer.checkpoint.best import BEST, complete_checkpoints
+from trainer.checkpoint.saving import CheckpointError, peft_key
 from trainer.config import Recipe
 from trainer.model.base import resolve_base
 from trainer.model.adapters import adapter_parameters

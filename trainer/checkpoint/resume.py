@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from trainer.runtime import distributed
-from trainer.checkpoint.saving import (ADAM_KEYS, COMPLETE, CheckpointError, TrainState, complete_checkpoints,
-                                loss_scaler, peft_key, set_rng_state)
+from trainer.checkpoint.best import COMPLETE, complete_checkpoints
+from trainer.checkpoint.saving import ADAM_KEYS, CheckpointError, TrainState, loss_scaler, peft_key, set_rng_state
 from trainer.checkpoint.reading import (check_adapter, load_adapter_weights, on_main, read_tensors, read_yaml,
                                        resolve_adapter)
 from trainer.config import Recipe

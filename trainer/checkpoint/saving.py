@@ -13,7 +13,8 @@ Everything is gathered to full tensors on every rank (collectives), then rank 0 
 temporary directory and renames it into place, so a crash mid-write never leaves a
 half-checkpoint that `resume=auto` would pick. `best` is a relative symlink swapped atomically
 (best.json names the checkpoint where symlinks are not allowed); `keep_last` pruning never removes
-the checkpoint it points at, and `resume=auto` never follows it (it takes the newest).
+the checkpoint it points at, and `resume=auto` never follows it (it takes the newest). Both are
+trainer/checkpoint/best.py's.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -35,12 +35,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from trainer.runtime import distributed
+from trainer.checkpoint.best import COMPLETE, mark_best_and_prune
 from trainer.config import Recipe
 from trainer.model.adapters import adapter_parameters
 
 PEFT_PREFIX = "base_model.model."
-COMPLETE = "COMPLETE"
-BEST = "best"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
@@ -298,67 +297,3 @@ def _fsync_tree(directory: Path) -> None:
     for path in directory.iterdir():
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
-
-
-def mark_best_and_prune(newest: Path, keep_last: int | None) -> None:
-    """After `newest` is in place: point checkpoints/best at the best checkpoint, then remove all
-    but the newest `keep_last` and that best one. The link moves first, so it never dangles."""
-    checkpoints = newest.parent
-    best = best_checkpoint(checkpoints)
-    if best is not None:
-        mark_best(best)
-    if not keep_last:
-        return
-    for old in complete_checkpoints(checkpoints)[:-keep_last]:
-        if old not in (newest, best):
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def saved_eval_loss(checkpoint: Path) -> float | None:
-    """The held-out loss recorded in a checkpoint's meta.json; None if it was not evaluated there."""
-    try:
-        loss = json.loads((checkpoint / "meta.json").read_text()).get("eval_loss")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
-    return float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
-
-
-def best_checkpoint(checkpoints: Path) -> Path | None:
-    """The complete checkpoint with the lowest held-out loss (the earliest on a tie); None when no
-    checkpoint was saved at an evaluation step."""
-    scored = [(loss, int(path.name.split("-")[1]), path) for path in complete_checkpoints(checkpoints)
-              if (loss := saved_eval_loss(path)) is not None]
-    return min(scored)[2] if scored else None
-
-
-def mark_best(checkpoint: Path) -> None:
-    """Point checkpoints/best at `checkpoint`: a relative symlink (the run directory can move),
-    replaced atomically so a reader sees the old target or the new one. Where symlinks are not
-    allowed, checkpoints/best.json names it instead."""
-    checkpoints = checkpoint.parent
-    temporary = checkpoints / f".tmp-{BEST}-{os.getpid()}"
-    temporary.unlink(missing_ok=True)
-    if (checkpoints / BEST).is_dir() and not (checkpoints / BEST).is_symlink():
-        # A copy made by a tool that followed the link (cp -r, rsync -L): stale, and in the way.
-        print(f"note: {checkpoints / BEST} was a directory (a copied link), not a link; replacing it", flush=True)
-        shutil.rmtree(checkpoints / BEST)
-    try:
-        os.symlink(checkpoint.name, temporary, target_is_directory=True)
-        os.replace(temporary, checkpoints / BEST)
-    except OSError:
-        temporary.unlink(missing_ok=True)
-        if (checkpoints / BEST).is_symlink():  # an older link would soon dangle
-            (checkpoints / BEST).unlink()
-        note = {"best": checkpoint.name, "eval_loss": saved_eval_loss(checkpoint)}
-        temporary.write_text(json.dumps(note, indent=2) + "\n")
-        os.replace(temporary, checkpoints / f"{BEST}.json")
-        return
-    (checkpoints / f"{BEST}.json").unlink(missing_ok=True)  # left by an earlier fallback
-
-
-def complete_checkpoints(checkpoints: Path) -> list[Path]:
-    """Complete checkpoints (with their COMPLETE marker), oldest first."""
-    if not checkpoints.is_dir():
-        return []
-    found = [p for p in checkpoints.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / COMPLETE).exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from trainer.checkpoint.saving import BEST, best_checkpoint, mark_best
+from trainer.checkpoint.best import BEST, best_checkpoint, mark_best
 from trainer.config import RecipeError
 from trainer.runtime import distributed
 
