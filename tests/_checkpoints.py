@@ -102,7 +102,7 @@ def peft_on_4bit_base(base_path, adapter_dir: Path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from trainer.checkpoint import reading
-    from trainer.model.base import keep_4bit_layout
+    from trainer.model.base_fixes import keep_4bit_layout
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)

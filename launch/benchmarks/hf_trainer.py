@@ -31,7 +31,8 @@ from trainer.data.examples import IGNORE_INDEX, Example
 from trainer.data.batching import BatchPlan, collate
 from trainer.data.pipeline import build_datasets
 from trainer.loop import learning_rate
-from trainer.model.base import compute_dtype, keep_4bit_layout, load_tokenizer, quantization_config, resolve_base
+from trainer.model.base import compute_dtype, load_tokenizer, quantization_config, resolve_base
+from trainer.model.base_fixes import keep_4bit_layout
 
 
 class RecipeScheduleTrainer(Trainer):

@@ -13,7 +13,7 @@ from trainer.config import RecipeError
 from trainer.model.adapters import adapter_parameters, lora_layers, merge_all, unmerge_all
 from trainer.model.dequantise import dequantised_weight
 from trainer.model.lora import LoRALinear, apply_lora
-from trainer.model.base import keep_4bit_layout
+from trainer.model.base_fixes import keep_4bit_layout
 
 
 def quantised_linear(bits: int, source: nn.Linear) -> nn.Module:
