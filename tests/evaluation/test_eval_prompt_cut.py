@@ -6,7 +6,6 @@ waiting at the barrier)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

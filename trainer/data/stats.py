@@ -169,7 +169,7 @@ def unread_note(name: str, format: str, columns: dict[str, str], filled: dict[st
             f"field reads {'them' if several else 'it'}")
     if format == "alpaca" and not any(columns.get(column, column) == "input" for column in filled):
         # The usual slip: a dataset's `context` left unmapped, its rows trained with an empty input.
-        note += (f"; every row's input is empty: data.columns.<column>=input maps the one that belongs there"
+        note += ("; every row's input is empty: data.columns.<column>=input maps the one that belongs there"
                  if several else f"; every row's input is empty: data.columns.{next(iter(unread))}=input maps it there")
     return note
 
