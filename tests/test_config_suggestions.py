@@ -21,6 +21,15 @@ def write(tmp_path, text):
     return path
 
 
+def test_every_unknown_key_is_named_at_once(tmp_path):
+    path = write(tmp_path, "data:\n  max_seq_length: 512\ntrain:\n  learning_rat: 0.001\nbase_model: x\n")
+    with pytest.raises(RecipeError) as raised:
+        load_recipe(path, ["lora.rank=8"])
+    assert str(raised.value) == (f"{path}: unknown keys: data.max_seq_length (did you mean data.max_seq_len?), "
+                                 f"train.learning_rat (did you mean train.learning_rate?), base_model (did you mean "
+                                 f"model.name_or_path?), lora.rank (did you mean lora.r?)")
+
+
 @pytest.mark.parametrize("text, message", [
     ("lora:\n  rank: 16\n", "unknown key lora.rank; did you mean lora.r?"),  # spelled closest to lora.dora
     ("lora:\n  lora_alpha: 16\n", "unknown key lora.lora_alpha; did you mean lora.alpha?"),

@@ -32,8 +32,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         for override in overrides:
             _apply_override(raw, override)
-        recipe = _build(Recipe, raw, prefix="")
-        recipe.validate()
+        recipe = recipe_from_dict(raw)
     except UnquotedText as error:  # named with the text as written in the file: 1.10, not 1.1
         raise RecipeError(f"{path}: {UnquotedText(error.key, error.value, _source_text(text, error.key))}") from None
     except RecipeError as error:
@@ -52,6 +51,9 @@ def _source_text(text: str, dotted: str) -> str | None:
 
 
 def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
+    unknown = _unknown_keys(Recipe, raw, prefix="")
+    if len(unknown) > 1:  # all at once, not one per try (one alone: _build says it, as it says every other error)
+        raise RecipeError("unknown keys: " + ", ".join(f"{key} ({meant})" for key, meant in unknown))
     recipe = _build(Recipe, raw, prefix="")
     recipe.validate()
     return recipe
@@ -175,6 +177,21 @@ def recipe_key_names() -> list[str]:
     for name, kind in typing.get_type_hints(Recipe).items():
         keys += [f"{name}.{field}" for field in typing.get_type_hints(kind)] if dataclasses.is_dataclass(kind) else [name]
     return keys
+
+
+def _unknown_keys(cls: type, raw: Any, prefix: str) -> list[tuple[str, str]]:
+    """(section.key, what it likely means) for every key of `raw` that `cls` and its sections lack."""
+    if not isinstance(raw, dict):
+        return []
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    found = []
+    for key, value in raw.items():
+        if key not in names:
+            found.append((f"{prefix}{key}", meant_key(str(key), prefix, names)))
+        elif dataclasses.is_dataclass(hints[key]):
+            found += _unknown_keys(hints[key], value, f"{prefix}{key}.")
+    return found
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
