@@ -68,8 +68,7 @@ def on_cpu(monkeypatch):
     """The kernel's path taken on CPU in float64, with `kernel` the stand-in given."""
     monkeypatch.setattr(varlen_attention, "DEVICE_TYPES", ("cpu",))
     monkeypatch.setattr(varlen_attention, "DTYPES", (torch.float64,))
-    monkeypatch.setattr(varlen_attention, "_refused", False)
-    monkeypatch.setattr(varlen_attention, "_tried", set())
+    monkeypatch.setattr(varlen_attention, "_verdicts", {})
 
     def use(stand_in):
         calls = []
@@ -173,15 +172,43 @@ def test_it_stands_aside_for_fp32_dropout_softcap_and_cpu():
         varlen_attention.DEVICE_TYPES = original
 
 
+def test_under_activation_checkpointing_the_probe_is_not_counted_and_the_gradients_agree(on_cpu, monkeypatch):
+    """The probe runs in the first forward, not in the checkpoint's recomputation: had its saved tensors
+    gone through the checkpoint's hooks, the two would not match (torch raises CheckpointError)."""
+    from torch.utils.checkpoint import checkpoint
+
+    made, positions = inputs(6, 2)
+    calls = on_cpu(contract)
+
+    def layer(*tensors):
+        return packed_sdpa_attention(nn.Module(), *tensors, None, scaling=0.3, position_ids=positions,
+                                     packed_lengths=LENGTHS)[0]
+
+    output = checkpoint(layer, *made, use_reentrant=False)
+    gradients = torch.autograd.grad(output.pow(2).sum(), made)
+    assert len(calls) == 3  # the probe's forward, the layer's, and its recomputation's
+    expected = layer(*made)
+    for got, wanted in zip(gradients, torch.autograd.grad(expected.pow(2).sum(), made)):
+        torch.testing.assert_close(got, wanted, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or varlen_attention.kernel() is None,
                     reason="needs CUDA and torch's varlen_attn (make gpu-check runs it)")
 @pytest.mark.parametrize("heads,kv_heads,window", [(4, 4, None), (6, 2, None), (6, 2, 4)])
 def test_cuda_the_kernel_gives_what_sdpa_per_example_gives(monkeypatch, heads, kv_heads, window):
-    monkeypatch.setattr(varlen_attention, "_refused", False)
+    monkeypatch.setattr(varlen_attention, "_verdicts", {})
     made, positions = inputs(heads, kv_heads, torch.bfloat16, "cuda")
+    real, calls = varlen_attention.kernel(), []
+
+    @functools.wraps(real)
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(varlen_attention, "kernel", lambda: counted)
     with warnings.catch_warnings():
         warnings.simplefilter("error", TrainerWarning)  # a refusal fails the test, not falls back
         output, gradients = attend(made, positions, window)
+    assert len(calls) == 2  # the probe and the layer: the kernel ran, not per-example attention
     expected_output, expected_gradients = per_example(made, positions, window, monkeypatch)
     torch.testing.assert_close(output, expected_output, rtol=2e-2, atol=2e-2)
     for got, expected in zip(gradients, expected_gradients):

@@ -5,14 +5,18 @@ layer, forward and backward.
 
 It applies to the one joined row `CausalLMLoss` gives packed attention (the examples' lengths known on
 the host), without dropout or a logit soft cap, on a torch that has the kernel. Anywhere else, and for
-the rest of the run after the kernel refuses a call (a GPU or dtype it does not support; said once;
-each setting's backward is tried first on a small probe, since a refusal there would end the run),
-attention runs per example as before. Equal to per-example SDPA up to the kernels' rounding:
+the rest of the run wherever the kernel refuses a setting (a GPU or dtype it does not support; said
+once), attention runs per example as before. Each setting (device, dtype, heads, head size, window) is
+tried first, forward and backward, on a small probe: a refusal in the backward would otherwise end the
+step. The probe keeps out of activation checkpointing's bookkeeping (its recomputation skips the
+probe), and a setting's verdict never changes within a run, so a recomputed layer takes the path the
+layer took. Equal to per-example SDPA up to the kernels' rounding:
 `tests/speedups/test_varlen_attention.py` checks that on CUDA (`make gpu-check`), and on CPU checks
 the layout, lengths, window and grouped heads it passes against the kernel's documented contract.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import warnings
@@ -23,8 +27,7 @@ from trainer.runtime.quiet import TrainerWarning
 
 DEVICE_TYPES = ("cuda",)
 DTYPES = (torch.float16, torch.bfloat16)
-_refused = False  # the kernel refused a call: per-example attention for the rest of the run
-_tried: set[tuple] = set()  # settings whose forward and backward ran on a small probe
+_verdicts: dict[tuple, bool] = {}  # a setting -> whether the kernel took it (its probe's forward and backward)
 _bounds: tuple[tuple, torch.Tensor] | None = None  # the last lengths' cumulative bounds on the device: every layer reads them
 
 
@@ -38,8 +41,14 @@ def kernel():
 
 
 def applies(query: torch.Tensor, dropout: float, softcap: float | None) -> bool:
-    return (not _refused and query.device.type in DEVICE_TYPES and query.dtype in DTYPES and query.shape[0] == 1
+    return (query.device.type in DEVICE_TYPES and query.dtype in DTYPES and query.shape[0] == 1
             and not dropout and softcap is None and kernel() is not None)
+
+
+@functools.lru_cache(maxsize=4)
+def _parameters(attend) -> frozenset[str]:
+    """The kernel's parameter names (torch versions differ: is_causal, or window_size and enable_gqa)."""
+    return frozenset(inspect.signature(attend).parameters)
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
@@ -47,9 +56,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengt
     """query [1, heads, T, head_dim], key/value [1, kv_heads, T, head_dim] -> [1, T, heads, head_dim],
     causal within each example (and within the last `window` positions: key k for query q where
     q - window < k <= q, transformers' rule); None where the kernel refused (per-example attention then)."""
-    global _refused
     attend = kernel()
-    options = inspect.signature(attend).parameters
+    options = _parameters(attend)
     if "window_size" in options:  # (left, right) positions a query sees around itself; -1: unbounded
         extra = {"window_size": (-1 if window is None else window - 1, 0)}
     elif window is None and "is_causal" in options:
@@ -63,32 +71,39 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengt
         key, value = (t.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for t in (key, value))
     # [1, heads, T, head_dim] -> [T, heads, head_dim]: the projections' own layout, so no copy as a rule
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
-    bounds = cumulative_bounds(lengths, query.device)
-    try:
-        _probe(attend, q, k, extra)
-        output = attend(q, k, v, bounds, bounds, max(lengths), max(lengths), scale=scaling, **extra)
-    except (RuntimeError, NotImplementedError, TypeError) as error:
-        _refused = True
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        warnings.warn(TrainerWarning(f"variable-length attention refused this run's packed rows ({first}); their "
-                                     f"attention runs one example at a time instead"), stacklevel=2)
+    if not _takes(attend, q, k, extra):
         return None
-    return output.unsqueeze(0)
+    bounds = cumulative_bounds(lengths, query.device)
+    return attend(q, k, v, bounds, bounds, max(lengths), max(lengths), scale=scaling, **extra).unsqueeze(0)
+
+
+def _takes(attend, q: torch.Tensor, k: torch.Tensor, extra: dict) -> bool:
+    """Whether the kernel takes this setting: decided once per run, on the first call, by `_probe`."""
+    setting = (q.device, q.dtype, q.shape[1], k.shape[1], q.shape[2], tuple(sorted(extra.items())))
+    if setting not in _verdicts:
+        try:
+            _probe(attend, q, k, extra)
+            _verdicts[setting] = True
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError, TypeError) as error:
+            _verdicts[setting] = False
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            warnings.warn(TrainerWarning(f"variable-length attention refused this run's packed rows ({first}); their "
+                                         f"attention runs one example at a time instead"), stacklevel=3)
+    return _verdicts[setting]
 
 
 def _probe(attend, q: torch.Tensor, k: torch.Tensor, extra: dict) -> None:
     """Forward and backward once on two short examples with these settings, so that a kernel whose
     backward refuses them (which no try around the forward would see) is found before training relies
-    on it. Raises what the kernel raises."""
-    settings = (q.device, q.dtype, q.shape[1], k.shape[1], q.shape[2], tuple(sorted(extra.items())))
-    if settings in _tried:
-        return
-    with torch.enable_grad():
+    on it. Raises what the kernel raises. Its saved tensors bypass any saved-tensor hooks around the
+    caller: activation checkpointing counts what a layer saves, and its recomputation runs no probe."""
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda kept: kept, lambda kept: kept):
         made = [torch.randn(5, heads, q.shape[2], device=q.device, dtype=q.dtype, requires_grad=True)
                 for heads in (q.shape[1], k.shape[1], k.shape[1])]
         bounds = torch.tensor([0, 2, 5], dtype=torch.int32, device=q.device)
         attend(*made, bounds, bounds, 3, 3, **extra).float().sum().backward()
-    _tried.add(settings)
 
 
 def cumulative_bounds(lengths: list[int], device: torch.device) -> torch.Tensor:
