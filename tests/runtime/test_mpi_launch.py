@@ -23,8 +23,10 @@ print(json.dumps([distributed.rank(), distributed.world_size(), os.environ["LOCA
 """
 
 
-def mpi_environment(name: str, rank: int, size: int) -> dict[str, str]:
-    return dict(zip(distributed.MPI_VARIABLES[name], map(str, (rank, size, rank, size))))
+def mpi_environment(name: str, rank: int, size: int, local_rank: int | None = None,
+                    local_size: int | None = None) -> dict[str, str]:
+    place = (rank, size, rank if local_rank is None else local_rank, size if local_size is None else local_size)
+    return dict(zip(distributed.MPI_VARIABLES[name], map(str, place)))
 
 
 def test_two_processes_started_as_open_mpi_starts_them_form_one_world():
@@ -43,14 +45,25 @@ def test_two_processes_started_as_open_mpi_starts_them_form_one_world():
 def test_each_mpis_variables_give_the_place_and_a_launchers_own_win(monkeypatch, name):
     for key in OUR_NAMES:
         monkeypatch.delenv(key, raising=False)
-    for key, value in {**mpi_environment(name, 3, 4), "MASTER_ADDR": "10.0.0.1"}.items():
+    for key, value in {**mpi_environment(name, 5, 8, 1, 4), "MASTER_ADDR": "10.0.0.1"}.items():
         monkeypatch.setenv(key, value)
     assert distributed.adopt_mpi_ranks() == name
     assert [os.environ[key] for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")] == \
-        ["3", "4", "3", "4", "29500"]
-    monkeypatch.setenv("LOCAL_RANK", "1")  # DeepSpeed's MPICH and Intel MPI runners set theirs
-    distributed.adopt_mpi_ranks()
-    assert os.environ["LOCAL_RANK"] == "1"
+        ["5", "8", "1", "4", "29500"]
+    for key in ("WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("RANK", "2")  # a launcher's own (DeepSpeed's MPICH and Intel MPI runners set RANK)
+    assert distributed.adopt_mpi_ranks() is None and "LOCAL_RANK" not in os.environ
+
+
+def test_mpirun_with_one_process_and_no_address_is_a_world_of_one(monkeypatch):
+    for key in OUR_NAMES:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in mpi_environment("Open MPI", 0, 1).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda module: None)  # no mpi4py needed
+    assert distributed.adopt_mpi_ranks() == "Open MPI"
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1" and 0 < int(os.environ["MASTER_PORT"]) < 65536
 
 
 def test_no_mpi_no_change(monkeypatch):
@@ -68,5 +81,6 @@ def test_without_master_addr_or_mpi4py_it_says_what_to_pass(monkeypatch):
     with pytest.raises(distributed.LaunchError) as error:
         distributed.adopt_mpi_ranks()
     assert str(error.value) == ("started by Open MPI's mpirun without MASTER_ADDR: pass rank 0's address and a port "
-                                "to every process (Open MPI: mpirun -x MASTER_ADDR=<node 0> -x MASTER_PORT=29500 "
-                                "...), or pip install mpi4py and DeepSpeed finds them")
+                                "to every process (mpirun -x MASTER_ADDR=<node 0> -x MASTER_PORT=29500 ...; through "
+                                "deepspeed --launcher: --launcher_args \"-x MASTER_ADDR=<node 0>\", or a MASTER_ADDR= "
+                                "line in .deepspeed_env), or pip install mpi4py and DeepSpeed finds them")
