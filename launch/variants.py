@@ -24,7 +24,7 @@ from pathlib import Path
 from trainer.config import RecipeError
 from trainer.recipe_loading import load_recipe
 from trainer.runtime.distributed import free_port
-from trainer.runtime.run_dir import set_aside_earlier_run
+from trainer.runtime.run_dir import lock, set_aside_earlier_run, unlock
 
 DEFAULT_RECIPE = "recipes/smollm2_tasks.yaml"
 DEFAULTS = ["train.max_steps=40", "train.eval_every=40", "train.save_every=40", "data.max_eval_rows=64",
@@ -53,24 +53,35 @@ def main(argv: list[str]) -> int:
     args.recipe = given[0] if given and given[0].endswith((".yaml", ".yml")) else DEFAULT_RECIPE
     overrides = [*DEFAULTS, *(given[1:] if given and given[0] == args.recipe else given)]
     try:
-        base_dir = Path(load_recipe(args.recipe, overrides).output_dir)
+        recipe = load_recipe(args.recipe, overrides)
     except RecipeError as error:  # one line, as the launch scripts report a bad recipe (trainer/cli.py)
         print(f"error: {error}", file=sys.stderr)
         return 2
+    base_dir = Path(recipe.output_dir)
+    resuming = recipe.resume is not None  # from the recipe file or an override
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     bin_dir = Path(sys.executable).parent
     results = {}
     overrides = [item for item in overrides if not item.startswith("output_dir=")]  # read into base_dir above
-    resuming = any(item.startswith("resume=") for item in overrides)
     for name in args.only.split(","):
         run_dir = base_dir / name
         run_overrides = [*overrides, *VARIANTS[name], f"output_dir={run_dir}"]
         launcher = ([str(bin_dir / "deepspeed"), "--num_gpus", str(args.ranks), "--master_port", str(free_port())]
                     if args.ranks > 1 else [sys.executable])
         train = [*launcher, "launch/train.py", args.recipe, *run_overrides]
-        # train.py would set an earlier run aside itself, but not the logs this script writes before it starts
-        if not resuming and (earlier := set_aside_earlier_run(run_dir, also=LOGS)) is not None:
-            print(f"{name}: an earlier run's files in {run_dir} moved to {earlier}", flush=True)
+        # train.py would set an earlier run aside itself, but not the logs this script writes before it starts.
+        # Under the run's lock, as train.py does it: never the files of a run still writing there.
+        if not resuming:
+            try:
+                lock(run_dir)
+                earlier = set_aside_earlier_run(run_dir, also=LOGS)
+            except RecipeError as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 2
+            finally:
+                unlock(run_dir)
+            if earlier is not None:
+                print(f"{name}: an earlier run's files in {run_dir} moved to {earlier}", flush=True)
         print("$ " + ("deepspeed " if args.ranks > 1 else "python ") + " ".join(train[1:]), flush=True)
         code, train_output = shown_and_logged(train, env, run_dir / "train.log", append=resuming)
         if code != 0:

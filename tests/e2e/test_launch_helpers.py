@@ -87,6 +87,28 @@ def test_a_variants_rerun_sets_the_earlier_run_aside_logs_included(tmp_path, mon
     assert list((tmp_path / "lora" / "earlier-runs").iterdir()) == [earlier]
 
 
+def test_a_variants_rerun_moves_nothing_of_a_run_still_writing_there(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(variants, "shown_and_logged", fake_runs(calls))
+    live = tmp_path / "lora"
+    live.mkdir()
+    (live / "metrics.jsonl").write_text('{"step": 1}\n')
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(live / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert variants.main(["recipes/tiny_alpaca.yaml", f"output_dir={tmp_path}", "--only", "lora",
+                              "--ranks", "1"]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert capsys.readouterr().err.startswith("error: ") and calls == []
+    assert (live / "metrics.jsonl").exists() and not (live / "earlier-runs").exists()
+
+
 def test_variants_appends_to_the_logs_of_a_resumed_run(tmp_path):
     log = tmp_path / "run" / "train.log"
     for word in ("first", "second"):
