@@ -25,9 +25,19 @@ def test_every_unknown_key_is_named_at_once(tmp_path):
     path = write(tmp_path, "data:\n  max_seq_length: 512\ntrain:\n  learning_rat: 0.001\nbase_model: x\n")
     with pytest.raises(RecipeError) as raised:
         load_recipe(path, ["lora.rank=8"])
-    assert str(raised.value) == (f"{path}: unknown keys: data.max_seq_length (did you mean data.max_seq_len?), "
-                                 f"train.learning_rat (did you mean train.learning_rate?), base_model (did you mean "
-                                 f"model.name_or_path?), lora.rank (did you mean lora.r?)")
+    assert str(raised.value) == (f"{path}: unknown keys: data.max_seq_length (did you mean data.max_seq_len?); "
+                                 f"train.learning_rat (did you mean train.learning_rate?); base_model (did you mean "
+                                 f"model.name_or_path?); lora.rank (did you mean lora.r?)")
+    # in the entries of data.mixture too, written in the file or given on the command line
+    path = write(tmp_path, "data:\n  mixture:\n    - {pth: a.jsonl}\n    - {path: b.jsonl, wieght: 2}\n")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    for where, overrides in ((path, []), (empty, [
+            "data.mixture=[{pth: a.jsonl}, {path: b.jsonl, wieght: 2}]"])):
+        with pytest.raises(RecipeError) as raised:
+            load_recipe(where, overrides)
+        assert str(raised.value) == (f"{where}: unknown keys: data.mixture.pth (did you mean data.mixture.path?); "
+                                     f"data.mixture.wieght (did you mean data.mixture.weight?)")
 
 
 @pytest.mark.parametrize("text, message", [

@@ -53,7 +53,7 @@ def _source_text(text: str, dotted: str) -> str | None:
 def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
     unknown = _unknown_keys(Recipe, raw, prefix="")
     if len(unknown) > 1:  # all at once, not one per try (one alone: _build says it, as it says every other error)
-        raise RecipeError("unknown keys: " + ", ".join(f"{key} ({meant})" for key, meant in unknown))
+        raise RecipeError("unknown keys: " + "; ".join(f"{key} ({meant})" for key, meant in unknown))
     recipe = _build(Recipe, raw, prefix="")
     recipe.validate()
     return recipe
@@ -179,17 +179,28 @@ def recipe_key_names() -> list[str]:
     return keys
 
 
-def _unknown_keys(cls: type, raw: Any, prefix: str) -> list[tuple[str, str]]:
-    """(section.key, what it likely means) for every key of `raw` that `cls` and its sections lack."""
-    if not isinstance(raw, dict):
+def _unknown_keys(kind: Any, raw: Any, prefix: str) -> list[tuple[str, str]]:
+    """(section.key, what it likely means) for every key of `raw` that `kind`, its sections and the
+    entries of its lists of sections (data.mixture) lack. Values it cannot read are left to _build."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        kind = next(option for option in typing.get_args(kind) if option is not type(None))
+    if isinstance(raw, OverrideText):
+        try:
+            raw = raw.read_as(kind)
+        except RecipeError:
+            return []
+    if typing.get_origin(kind) is list and isinstance(raw, list):
+        (item,) = typing.get_args(kind)
+        return [found for element in raw for found in _unknown_keys(item, element, prefix)]
+    if not (dataclasses.is_dataclass(kind) and isinstance(raw, dict)):
         return []
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    hints = typing.get_type_hints(kind)
+    names = [f.name for f in dataclasses.fields(kind)]
     found = []
     for key, value in raw.items():
         if key not in names:
             found.append((f"{prefix}{key}", meant_key(str(key), prefix, names)))
-        elif dataclasses.is_dataclass(hints[key]):
+        else:
             found += _unknown_keys(hints[key], value, f"{prefix}{key}.")
     return found
 
