@@ -1,6 +1,6 @@
 """An unknown recipe key or script option is answered with the key the user meant: other trainers' names
 (axolotl, HF Trainer, peft, LLaMA-Factory, torchtune) by our full key, a key in the wrong section by its
-section, a typo by the nearest key (trainer/recipe_loading.py meant_key, trainer/options.py split_argv)."""
+section, a typo by the nearest key (trainer/recipe_suggestions.py meant_key, trainer/options.py split_argv)."""
 import re
 
 import pytest
@@ -8,7 +8,8 @@ import pytest
 from conftest import ROOT
 from trainer import cli
 from trainer.config import Recipe, RecipeError
-from trainer.recipe_loading import SYNONYMS, load_recipe
+from trainer.recipe_loading import load_recipe
+from trainer.recipe_suggestions import SYNONYMS
 from trainer.evaluation.chat import ChatOptions
 from trainer.evaluation.eval_command import EvalOptions
 from trainer.evaluation.export import ExportOptions

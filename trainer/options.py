@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from trainer import cli
 from trainer.config import Recipe, RecipeError
-from trainer.recipe_loading import SYNONYMS, recipe_key_names
+from trainer.recipe_suggestions import SYNONYMS, recipe_key_names
 
 Options = TypeVar("Options")
 
