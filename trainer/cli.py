@@ -26,7 +26,9 @@ FLAG_HELP = {"--dry-run": "check the recipe, data and model, then stop", "--debu
 FLAGS = tuple(FLAG_HELP)  # train.py's; the scripts with options of their own take --debug alone
 
 
-USAGE = "usage: SCRIPT RECIPE.yaml [section.key=value ...] [--dry-run] [--debug]"
+def usage(known: tuple[str, ...] = FLAGS) -> str:
+    script = f"python {os.path.relpath(sys.argv[0])}" if sys.argv[0].endswith(".py") else "SCRIPT"
+    return f"usage: {script} RECIPE.yaml [section.key=value ...] " + " ".join(f"[{flag}]" for flag in known)
 
 
 def parse(argv: list[str], known: tuple[str, ...] = FLAGS) -> tuple[Recipe, list[str]]:
@@ -34,7 +36,7 @@ def parse(argv: list[str], known: tuple[str, ...] = FLAGS) -> tuple[Recipe, list
     args = [a for a in argv if not a.startswith("--local_rank")]
     if "--help" in args or "-h" in args:
         # The script's own docstring shows its commands; the recipes' comments and README list the keys.
-        print((sys.modules["__main__"].__doc__ or "").strip() or USAGE)
+        print((sys.modules["__main__"].__doc__ or "").strip() or usage(known))
         print("\n" + "\n".join(f"  {flag:<10} {FLAG_HELP[flag]}" for flag in known)
               + "\nEvery recipe key (section.key=value) is commented in recipes/*.yaml; README.md explains them.")
         raise SystemExit(0)
@@ -44,7 +46,7 @@ def parse(argv: list[str], known: tuple[str, ...] = FLAGS) -> tuple[Recipe, list
         raise RecipeError(f"unknown flag {unknown[0]}; known flags: {', '.join(known)}")
     positional = [a for a in args if not a.startswith("--")]
     if not positional:
-        raise RecipeError(USAGE)
+        raise RecipeError(usage(known))
     return load_recipe(positional[0], positional[1:]), flags
 
 

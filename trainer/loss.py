@@ -144,7 +144,7 @@ KEEP_LOGITS_UP_TO = 2**24
 # enough for an efficient product).
 FUSED_LOGITS_PER_CHUNK = 2**23
 # On a GPU no cache is to be kept within, and each chunk costs a dozen kernel launches: ~128 MB of fp32
-# logits (~680 rows of a 49k vocabulary, 1,024 of a 32k one) keeps them few and the product's rows many,
+# logits (~680 rows of a 49k vocabulary, 1,048 of a 32k one) keeps them few and the product's rows many,
 # for ~0.4 GB of memory at the peak of the loss. Not measured yet (no GPU has been lent).
 FUSED_LOGITS_PER_CHUNK_ON_GPU = 2**25
 

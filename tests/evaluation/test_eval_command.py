@@ -344,6 +344,11 @@ def test_results_go_beside_the_checkpoints_run_not_into_the_recipes(tmp_path, mo
     assert default_out(recipe, None) == tmp_path / "recipe_run" / "eval" / "no-adapter"
     monkeypatch.chdir(tmp_path)  # a run under the working directory is named as the recipe's output_dir is
     assert default_out(recipe, tmp_path / "run_a" / "checkpoints" / "step-6") == Path("run_a/eval/step-6")
+    # a run this user cannot write to (another's, a read-only share): the recipe's output_dir
+    (tmp_path / "run_a").mkdir()
+    (tmp_path / "run_a" / "eval").write_text("")  # a file in the way stands for it here (root writes anywhere)
+    fallback = default_out(recipe, tmp_path / "run_a" / "checkpoints" / "step-6")
+    assert fallback == tmp_path / "recipe_run" / "eval" / "step-6"
 
 
 def test_fingerprint_changes_with_the_weights_not_with_a_copy(tiny_base, tmp_path):

@@ -138,13 +138,15 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
 def default_out(recipe: Recipe, adapter_dir: Path | None) -> Path:
     """Where results go without out=: beside the checkpoint's own run, <run>/eval/step-<N> (as analyze
     writes <run>/analysis/), so that two runs scored with one recipe keep their own; for the base
-    alone, or an adapter outside a run's checkpoints/, <output_dir>/eval/<name>."""
+    alone, an adapter outside a run's checkpoints/, or a run this user cannot write to (another's),
+    <output_dir>/eval/<name>."""
+    own = Path(recipe.output_dir) / "eval" / (adapter_dir.name if adapter_dir is not None else "no-adapter")
     if adapter_dir is None or adapter_dir.parent.name != "checkpoints":
-        return Path(recipe.output_dir) / "eval" / (adapter_dir.name if adapter_dir is not None else "no-adapter")
+        return own
     run = adapter_dir.parent.parent
     if run.is_relative_to(Path.cwd()):
         run = run.relative_to(Path.cwd())  # runs/x/eval/step-6 in the log, as the recipe's output_dir reads
-    return run / "eval" / adapter_dir.name
+    return own if run_dir.unwritable(run / "eval") else run / "eval" / adapter_dir.name
 
 
 def check_out(out: Path, given: bool) -> None:
