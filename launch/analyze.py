@@ -17,7 +17,8 @@ import _bootstrap  # noqa: F401  (puts the repository root on sys.path)
 
 from trainer import cli, options
 from trainer.analysis.figures import print_report, write_outputs
-from trainer.analysis.ranks import AnalysisError, adapter_files, analyze
+from trainer.analysis.loading import AnalysisError, adapter_files
+from trainer.analysis.ranks import analyze
 from trainer.checkpoint.reading import adapter_instead, resolve_adapter
 from trainer.checkpoint.best import BEST
 from trainer.checkpoint.saving import CheckpointError

@@ -11,7 +11,7 @@ import sys
 import traceback
 from typing import Callable
 
-from trainer.analysis.ranks import AnalysisError
+from trainer.analysis.loading import AnalysisError
 from trainer.runtime import distributed, quiet
 from trainer.checkpoint.saving import CheckpointError
 from trainer.config import Recipe, RecipeError

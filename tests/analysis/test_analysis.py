@@ -1,4 +1,4 @@
-"""LoRA rank analysis (trainer/analysis/ranks.py and figures.py, launch/analyze.py) on synthetic adapters
+"""LoRA rank analysis (trainer/analysis/loading.py, ranks.py and figures.py, launch/analyze.py) on synthetic adapters
 written to tmp_path."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import run_cli
-from trainer.analysis.ranks import AnalysisError, analyze, load_adapter
+from trainer.analysis.loading import AnalysisError, load_adapter
+from trainer.analysis.ranks import analyze
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Planted singular values: 82% of the energy in the top 1, 95% in the top 2, 100% in the top 3, so the

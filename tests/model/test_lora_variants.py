@@ -289,7 +289,7 @@ def test_dora_lora_plus_and_embedding_lora_resume_bitwise_on_two_ranks(tmp_path,
 
 
 def test_the_analysis_reads_a_dora_and_embedding_adapter_as_its_linear_b_a(tmp_path, tiny_base):
-    from trainer.analysis.ranks import load_adapter
+    from trainer.analysis.loading import load_adapter
 
     adapter = make_checkpoint(tmp_path / "run", VARIANT_TARGETS, "lora.dora=true")
     modules = load_adapter(adapter).modules
