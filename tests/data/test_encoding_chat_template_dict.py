@@ -14,7 +14,7 @@ from trainer.data.chat_templates import BUILTIN_CHAT_TEMPLATE, chat_template
 from trainer.data.formats import DataError
 from trainer.data.pipeline import build_datasets
 from trainer.data.tokenizer_checks import document_bos
-from trainer.evaluation.gguf_export import tokenizer_metadata
+from trainer.evaluation.gguf_mapping import tokenizer_metadata
 
 # BOS before every message: a turn marker, so examples get no BOS of their own.
 DEFAULT = ("{% for m in messages %}{{ bos_token }}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"

@@ -11,7 +11,7 @@ import trainer.evaluation.export as export_module
 from _checkpoints import tiny_recipe
 from trainer.config import RecipeError
 from trainer.evaluation.export import ExportOptions, export
-from trainer.evaluation.gguf_export import GGUFExportError
+from trainer.evaluation.gguf_mapping import GGUFExportError
 
 
 @pytest.fixture

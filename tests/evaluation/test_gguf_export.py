@@ -28,8 +28,8 @@ import torch
 from _checkpoints import make_checkpoint, one_thread, tiny_recipe
 from trainer.recipe_loading import load_recipe
 from trainer.evaluation.export import ExportOptions, export, instruction_chat_template, load_merged
-from trainer.evaluation.gguf_export import (GGUFExportError, byte_level_pre, gguf_tensor_name, output_format, tokenizer_metadata,
-                                           write_gguf)
+from trainer.evaluation.gguf_export import output_format, write_gguf
+from trainer.evaluation.gguf_mapping import GGUFExportError, byte_level_pre, gguf_tensor_name, tokenizer_metadata
 from trainer.model.base import load_tokenizer, resolve_base
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -208,7 +208,7 @@ def test_add_bos_token_is_what_training_puts_before_every_prompt(tmp_path, tiny_
     from transformers import AutoTokenizer
 
     from trainer.data.tokenizer_checks import document_bos
-    from trainer.evaluation.gguf_export import tokenizer_metadata
+    from trainer.evaluation.gguf_mapping import tokenizer_metadata
 
     assert tokenizer_metadata(smollm2_tokenizer, len(smollm2_tokenizer))["add_bos_token"] is False
     tiny = load_tokenizer(str(tiny_base), tiny_recipe())

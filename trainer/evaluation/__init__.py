@@ -7,5 +7,6 @@
     adapted_model.py  a trained adapter back on its base, for evaluating, exporting and chatting
     export.py         `launch/export.py`: the adapter merged into a plain transformers model
     gguf_export.py    a merged model as one GGUF file
+    gguf_mapping.py   llama.cpp's names for its tensors, q/k row order, the tokenizer keys
     chat.py           `launch/chat.py`: talk to an adapter in the terminal
 """

@@ -5,7 +5,7 @@
     python launch/export.py RECIPE adapter=<checkpoint dir> out=<file>.gguf [format=f16|q8_0|f32]
 
 A `.gguf` out (or format=f16|q8_0|f32) writes one GGUF file for llama.cpp and ollama instead
-(trainer/evaluation/gguf_export.py); the merge is the same.
+(trainer/evaluation/gguf_export.py, gguf_mapping.py); the merge is the same.
 
 export.base=dequantised (default) loads the base quantised as in training, dequantises every
 quantised linear layer (LoRA-wrapped or not) and adds B @ A * scaling: the result computes what
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from trainer import options
-from trainer.evaluation import gguf_export
+from trainer.evaluation import gguf_export, gguf_mapping
 from trainer.evaluation.adapted_model import add_adapter
 from trainer.checkpoint.reading import check_adapter, read_meta, resolve_adapter, trained_dtype, trained_recipe
 from trainer.checkpoint.saving import follow_umask
@@ -141,8 +141,8 @@ def export(recipe: Recipe, opts: ExportOptions) -> Path:
         gguf_export.check_architecture(config)
     tokenizer = load_tokenizer(resolve_base(recipe), recipe)
     if file_type != "hf":
-        tokenizer_pre = gguf_export.source_tokenizer_pre(recipe)
-        gguf_export.tokenizer_metadata(tokenizer, config.vocab_size, tokenizer_pre)  # refuses what it cannot map
+        tokenizer_pre = gguf_mapping.source_tokenizer_pre(recipe)
+        gguf_mapping.tokenizer_metadata(tokenizer, config.vocab_size, tokenizer_pre)  # refuses what it cannot map
         if opts.dtype != "auto":
             print(f"note: export.dtype={opts.dtype} is not used for a GGUF file: its tensors are written as {file_type}")
         dtype = torch.float32  # each tensor is cast or quantised to the file type as it is written
