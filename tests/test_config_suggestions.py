@@ -10,7 +10,7 @@ from trainer import cli
 from trainer.config import Recipe, RecipeError
 from trainer.recipe_loading import load_recipe
 from trainer.recipe_suggestions import SYNONYMS
-from trainer.evaluation.chat import ChatOptions
+from trainer.evaluation.chat_session import ChatOptions
 from trainer.evaluation.eval_command import EvalOptions
 from trainer.evaluation.export import ExportOptions
 from trainer.options import split_argv

@@ -18,7 +18,8 @@ import torch
 from _checkpoints import ONE_THREAD, make_checkpoint, one_thread, tiny_recipe
 from conftest import ROOT, run_cli
 from trainer.evaluation.adapted_model import load_adapted_model
-from trainer.evaluation.chat import Chat, ChatOptions, conversation_ids, sample, split_prompt, stream_text
+from trainer.evaluation.chat import split_prompt
+from trainer.evaluation.chat_session import Chat, ChatOptions, conversation_ids, sample, stream_text
 from trainer.data.encoding import prompt_tokens
 from trainer.evaluation.generate import greedy_batch
 from trainer.model.base import load_tokenizer, resolve_base
@@ -262,9 +263,9 @@ def escaping_ctrl_c_fails():
 
 
 def test_ctrl_c_during_an_answer_keeps_what_was_shown_and_passes_it_on(tokenizer, monkeypatch):
-    import trainer.evaluation.chat as chat_module
+    import trainer.evaluation.chat_session as session_module
 
-    monkeypatch.setattr(chat_module, "stream_tokens", stopped_streams(tokenizer, []))
+    monkeypatch.setattr(session_module, "stream_tokens", stopped_streams(tokenizer, []))
     session = Chat(torch.nn.Linear(1, 1), tokenizer, "alpaca", ChatOptions(), 512, lambda text: None)
     shown: list[str] = []
     with pytest.raises(KeyboardInterrupt):
@@ -277,7 +278,7 @@ def test_ctrl_c_during_an_answer_keeps_what_was_shown_and_passes_it_on(tokenizer
         raise KeyboardInterrupt
         yield
 
-    monkeypatch.setattr(chat_module, "stream_tokens", interrupted_at_once)
+    monkeypatch.setattr(session_module, "stream_tokens", interrupted_at_once)
     with pytest.raises(KeyboardInterrupt):
         session.reply("Anything?", shown.append)
     assert len(session.history) == 2  # nothing shown: the unanswered question leaves too
@@ -287,9 +288,10 @@ def test_ctrl_c_stops_an_answer_then_ends_the_session_at_the_prompt(tokenizer, m
     import builtins
 
     import trainer.evaluation.chat as chat_module
+    import trainer.evaluation.chat_session as session_module
 
     prompts: list[list[int]] = []
-    monkeypatch.setattr(chat_module, "stream_tokens", stopped_streams(tokenizer, prompts))
+    monkeypatch.setattr(session_module, "stream_tokens", stopped_streams(tokenizer, prompts))
     monkeypatch.setattr(chat_module, "load_for_chat", lambda *args: (torch.nn.Linear(1, 1), tokenizer))
     typed = iter(["Say hello.", "How are you?", KeyboardInterrupt])
 
@@ -310,8 +312,9 @@ def test_ctrl_c_stops_an_answer_then_ends_the_session_at_the_prompt(tokenizer, m
 
 def test_ctrl_c_during_a_prompt_answer_exits_130_without_a_traceback(tokenizer, monkeypatch, capsys):
     import trainer.evaluation.chat as chat_module
+    import trainer.evaluation.chat_session as session_module
 
-    monkeypatch.setattr(chat_module, "stream_tokens", stopped_streams(tokenizer, []))
+    monkeypatch.setattr(session_module, "stream_tokens", stopped_streams(tokenizer, []))
     monkeypatch.setattr(chat_module, "load_for_chat", lambda *args: (torch.nn.Linear(1, 1), tokenizer))
     with escaping_ctrl_c_fails(), pytest.raises(SystemExit) as exit_info:
         chat_module.main(["recipes/tiny_alpaca.yaml", "adapter=none", "--prompt", "Say hello."])

@@ -9,4 +9,5 @@
     gguf_export.py    a merged model as one GGUF file
     gguf_mapping.py   llama.cpp's names for its tensors, q/k row order, the tokenizer keys
     chat.py           `launch/chat.py`: talk to an adapter in the terminal
+    chat_session.py   one conversation: the history as training wrote it, answers sampled and streamed
 """
