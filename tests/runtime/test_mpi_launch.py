@@ -23,6 +23,26 @@ print(json.dumps([distributed.rank(), distributed.world_size(), os.environ["LOCA
 """
 
 
+@pytest.fixture(autouse=True)
+def environment_kept():
+    """Every test leaves the process's environment as it found it (set up before monkeypatch, so this
+    checks after monkeypatch has undone its changes)."""
+    def ours() -> dict[str, str]:
+        return {key: value for key, value in os.environ.items() if key != "PYTEST_CURRENT_TEST"}
+    before = ours()
+    yield
+    assert ours() == before
+
+
+def clear(monkeypatch, names) -> None:
+    """Unset `names` for the test, and whatever adopt_mpi_ranks sets under them unset after it: a plain
+    delenv of an absent variable records nothing to undo, and a RANK left behind makes every later
+    command in the session a rank of a world that never starts."""
+    for name in names:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
 def mpi_environment(name: str, rank: int, size: int, local_rank: int | None = None,
                     local_size: int | None = None) -> dict[str, str]:
     place = (rank, size, rank if local_rank is None else local_rank, size if local_size is None else local_size)
@@ -43,8 +63,7 @@ def test_two_processes_started_as_open_mpi_starts_them_form_one_world():
 
 @pytest.mark.parametrize("name", list(distributed.MPI_VARIABLES))
 def test_each_mpis_variables_give_the_place_and_a_launchers_own_win(monkeypatch, name):
-    for key in OUR_NAMES:
-        monkeypatch.delenv(key, raising=False)
+    clear(monkeypatch, OUR_NAMES)
     for key, value in {**mpi_environment(name, 5, 8, 1, 4), "MASTER_ADDR": "10.0.0.1"}.items():
         monkeypatch.setenv(key, value)
     assert distributed.adopt_mpi_ranks() == name
@@ -57,8 +76,7 @@ def test_each_mpis_variables_give_the_place_and_a_launchers_own_win(monkeypatch,
 
 
 def test_mpirun_with_one_process_and_no_address_is_a_world_of_one(monkeypatch):
-    for key in OUR_NAMES:
-        monkeypatch.delenv(key, raising=False)
+    clear(monkeypatch, OUR_NAMES)
     for key, value in mpi_environment("Open MPI", 0, 1).items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda module: None)  # no mpi4py needed
@@ -67,14 +85,12 @@ def test_mpirun_with_one_process_and_no_address_is_a_world_of_one(monkeypatch):
 
 
 def test_no_mpi_no_change(monkeypatch):
-    for key in (*OUR_NAMES, *(variable for names in distributed.MPI_VARIABLES.values() for variable in names)):
-        monkeypatch.delenv(key, raising=False)
+    clear(monkeypatch, (*OUR_NAMES, *(variable for names in distributed.MPI_VARIABLES.values() for variable in names)))
     assert distributed.adopt_mpi_ranks() is None and "RANK" not in os.environ
 
 
 def test_without_master_addr_or_mpi4py_it_says_what_to_pass(monkeypatch):
-    for key in OUR_NAMES:
-        monkeypatch.delenv(key, raising=False)
+    clear(monkeypatch, OUR_NAMES)
     for key, value in mpi_environment("Open MPI", 1, 2).items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda module: None)
