@@ -141,6 +141,17 @@ class NoBackward(torch.autograd.Function):
         raise RuntimeError("window_size is not supported in the backward")
 
 
+def test_the_probe_draws_no_random_numbers(on_cpu):
+    """A resumed run probes again in its first step: a draw there would move dropout's random stream."""
+    made, positions = inputs(6, 2)
+    on_cpu(contract)
+    torch.manual_seed(7)
+    attend(made, positions)  # the first call: probe and layer
+    after = torch.rand(4)
+    torch.manual_seed(7)
+    assert torch.equal(after, torch.rand(4))
+
+
 def test_a_kernel_whose_backward_refuses_is_found_before_training_relies_on_it(on_cpu, monkeypatch):
     @functools.wraps(contract)
     def forward_only(*args, **kwargs):

@@ -98,10 +98,13 @@ def _probe(attend, q: torch.Tensor, k: torch.Tensor, extra: dict) -> None:
     """Forward and backward once on two short examples with these settings, so that a kernel whose
     backward refuses them (which no try around the forward would see) is found before training relies
     on it. Raises what the kernel raises. Its saved tensors bypass any saved-tensor hooks around the
-    caller: activation checkpointing counts what a layer saves, and its recomputation runs no probe."""
+    caller: activation checkpointing counts what a layer saves, and its recomputation runs no probe. Its
+    inputs are fixed values, not random draws: a draw would move the device's random stream (dropout's)
+    in a run's first step, so a resumed run, which probes again, would draw other masks than the
+    uninterrupted one."""
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda kept: kept, lambda kept: kept):
-        made = [torch.randn(5, heads, q.shape[2], device=q.device, dtype=q.dtype, requires_grad=True)
-                for heads in (q.shape[1], k.shape[1], k.shape[1])]
+        made = [torch.linspace(-1, 1, 5 * heads * q.shape[2], device=q.device, dtype=q.dtype)
+                .reshape(5, heads, q.shape[2]).requires_grad_() for heads in (q.shape[1], k.shape[1], k.shape[1])]
         bounds = torch.tensor([0, 2, 5], dtype=torch.int32, device=q.device)
         attend(*made, bounds, bounds, 3, 3, **extra).float().sum().backward()
 
