@@ -58,23 +58,20 @@ def init(timeout_minutes: float = 30.0) -> torch.device:
 
 
 def adopt_mpi_ranks() -> str | None:
-    """Under mpirun (`deepspeed --launcher openmpi` or `mvapich`, or mpirun itself), where no launcher set
-    RANK, take RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE from the MPI's own variables, so each
-    process knows its place before the process group starts (its GPU, its share of the cores), and is not
-    taken for a world of one. Returns the MPI found, or None. Rank 0's address: MASTER_ADDR where given
-    (MASTER_PORT 29500 unless given); a world of one takes this machine and a free port; else DeepSpeed
-    finds it through mpi4py, and without mpi4py this says what to pass."""
+    """Under mpirun (`deepspeed --launcher openmpi` or `mvapich`, or mpirun itself) with more than one
+    process, where no launcher set RANK, take RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE from the
+    MPI's own variables, so each process knows its place before the process group starts (its GPU, its
+    share of the cores), and is not taken for a world of one. Returns the MPI found, or None (`mpirun -n
+    1` too: `init` starts it as any world of one). Rank 0's address: MASTER_ADDR where given (MASTER_PORT
+    29500 unless given); else DeepSpeed finds it through mpi4py, and without mpi4py this says what to pass."""
     if "RANK" in os.environ:  # a launcher's own (DeepSpeed's, torchrun, its MPICH and Intel MPI runners) wins
         return None
     for name, variables in MPI_VARIABLES.items():
-        if all(variable in os.environ for variable in variables):
+        if all(variable in os.environ for variable in variables) and int(os.environ[variables[1]]) > 1:
             for ours, theirs in zip(("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"), variables):
                 os.environ.setdefault(ours, os.environ[theirs])
             if "MASTER_ADDR" in os.environ:
                 os.environ.setdefault("MASTER_PORT", "29500")  # torch's default port, as DeepSpeed's launcher's
-            elif int(os.environ["WORLD_SIZE"]) == 1:  # mpirun -n 1: a world of one, as without mpirun
-                os.environ.update(MASTER_ADDR="127.0.0.1")
-                os.environ.setdefault("MASTER_PORT", str(free_port()))
             elif importlib.util.find_spec("mpi4py") is None:
                 raise LaunchError(f"started by {name}'s mpirun without MASTER_ADDR: pass rank 0's address and a "
                                   f"port to every process (mpirun -x MASTER_ADDR=<node 0> -x MASTER_PORT=29500 ...; "
