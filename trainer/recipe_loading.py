@@ -105,14 +105,11 @@ def _read_overrides(value: Any, kind: Any) -> Any:
 
 def _unknown_keys(kind: Any, raw: Any, prefix: str) -> list[tuple[str, str]]:
     """(section.key, what it likely means) for every key of `raw` that `kind`, its sections and the
-    entries of its lists of sections (data.mixture) lack. Values it cannot read are left to _build."""
+    entries of its lists of sections (data.mixture) lack. Values of another shape are left to _build."""
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         kind = next(option for option in typing.get_args(kind) if option is not type(None))
     if isinstance(raw, OverrideText):
-        try:
-            raw = raw.read_as(kind)
-        except RecipeError:
-            return []
+        raw = raw.read_as(kind)
     if typing.get_origin(kind) is list and isinstance(raw, list):
         (item,) = typing.get_args(kind)
         return [found for element in raw for found in _unknown_keys(item, element, prefix)]
