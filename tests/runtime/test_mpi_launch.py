@@ -43,6 +43,11 @@ def clear(monkeypatch, names) -> None:
         monkeypatch.delenv(name)
 
 
+def child_environment() -> dict[str, str]:
+    """This process's environment without any place of its own (rank, address, threads), for a child."""
+    return {**{key: value for key, value in os.environ.items() if key not in OUR_NAMES}, "PYTHONPATH": str(ROOT)}
+
+
 def mpi_environment(name: str, rank: int, size: int, local_rank: int | None = None,
                     local_size: int | None = None) -> dict[str, str]:
     place = (rank, size, rank if local_rank is None else local_rank, size if local_size is None else local_size)
@@ -50,8 +55,7 @@ def mpi_environment(name: str, rank: int, size: int, local_rank: int | None = No
 
 
 def test_two_processes_started_as_open_mpi_starts_them_form_one_world():
-    base = {key: value for key, value in os.environ.items() if key not in OUR_NAMES}
-    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONPATH=str(ROOT))
+    base = {**child_environment(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     processes = [subprocess.Popen([sys.executable, "-c", PLACE], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                                   env={**base, **mpi_environment("Open MPI", rank, 2)}) for rank in range(2)]
     places = [json.loads(process.communicate(timeout=300)[0].splitlines()[-1]) for process in processes]
@@ -77,9 +81,8 @@ def test_each_mpis_variables_give_the_place_and_a_launchers_own_win(monkeypatch,
 
 def test_mpirun_with_one_process_and_no_address_is_a_world_of_one():
     """No MASTER_ADDR and no mpi4py needed: the process starts as any single process does."""
-    base = {key: value for key, value in os.environ.items() if key not in OUR_NAMES}
     place = subprocess.run([sys.executable, "-c", PLACE], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                           env={**base, "PYTHONPATH": str(ROOT), **mpi_environment("Open MPI", 0, 1)})
+                           env={**child_environment(), **mpi_environment("Open MPI", 0, 1)})
     assert place.returncode == 0, place.stderr[-2000:]
     assert json.loads(place.stdout.splitlines()[-1])[:3] == [0, 1, "0"]
 
