@@ -1,7 +1,8 @@
-"""The pieces of `launch/bench.py` (not installed with the trainer).
+"""The pieces of `launch/bench.py` and `launch/gpu_check.py` (not installed with the trainer).
 
     job.py         the job both frameworks run, its FLOP count and the measured matmul peak
     hf_trainer.py  the same job trained by transformers Trainer + peft
     probe.py       a script run as `python SCRIPT`, its peak memory recorded at exit
     profile.py     where our step's time goes, part by part
+    gpu_checks.py  the checks `launch/gpu_check.py` runs on one GPU, each in its own process
 """
