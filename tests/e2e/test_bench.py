@@ -18,6 +18,7 @@ import bench  # noqa: E402
 
 from launch.benchmarks import job as bench_job  # noqa: E402
 from launch.benchmarks import profile as bench_profile  # noqa: E402
+from launch.benchmarks import results as bench_results  # noqa: E402
 
 TINY_CONFIG = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
                "num_key_value_heads": 1, "vocab_size": 10}
@@ -99,7 +100,7 @@ def test_summary_takes_the_median_of_the_steps_own_rates():
            "peak_rss_bytes": 2 ** 30, "peak_rss_largest_bytes": 2 ** 30}
     # After the warmup step (ending at 11.0) the steps take 2, 1 and 2 s for 100, 50 and 200 tokens:
     # 50, 50 and 100 tokens/s, median 50 (the mean work over the median time would say 58.3).
-    summary = bench.summarise(run, tokens, job, step_flops=[40e9, 30e9, 100e9], peak_flops=100e9)
+    summary = bench_results.summarise(run, tokens, job, step_flops=[40e9, 30e9, 100e9], peak_flops=100e9)
     assert summary["step_times_s"] == [2.0, 1.0, 2.0] and summary["step_time_median_s"] == 2.0
     assert summary["tokens_per_s_median_step"] == pytest.approx(50.0)
     # 20, 30 and 50 GFLOP/s: median 30, against a 100 GFLOP/s peak
@@ -112,7 +113,7 @@ def test_summary_takes_the_median_of_the_steps_own_rates():
 def test_utilisation_is_taken_against_the_higher_of_the_peaks_before_and_after_the_runs(before, after):
     runs = {"ours": [{"useful_flops_per_s_median_step": 300.0, "utilisation": 0.0}],
             "theirs": [{"useful_flops_per_s_median_step": 150.0}]}
-    peak = bench.higher_peak({"flops": before, "text": "before"}, {"flops": after, "text": "after"}, runs)
+    peak = bench_results.higher_peak({"flops": before, "text": "before"}, {"flops": after, "text": "after"}, runs)
     assert peak["flops"] == 150.0
     assert [r["utilisation"] for r in runs["ours"] + runs["theirs"]] == [2.0, 1.0]
 
@@ -120,7 +121,7 @@ def test_utilisation_is_taken_against_the_higher_of_the_peaks_before_and_after_t
 def test_step_ends_leave_out_the_evaluation_after_the_last_step():
     records = [{"step": 1, "step_time": 1.0, "time": 101.0}, {"step": 2, "step_time": 2.0, "time": 103.0},
                {"step": 3, "step_time": 1.5, "time": 140.0, "eval_loss": 2.0}]
-    assert bench.step_ends(records) == [101.0, 103.0, 104.5]
+    assert bench_results.step_ends(records) == [101.0, 103.0, 104.5]
 
 
 def summary(tokens_per_s: float, utilisation: float, eval_loss: float, rss: float) -> dict:
@@ -135,8 +136,8 @@ def test_table_has_utilisation_and_quality_columns():
     tokens = [{"useful": 1600, "trained": 900, "squared": 0}] * 10
     peak = {"flops": 100e9, "text": "fp32, one thread 100 GFLOP/s (oneDNN, measured) x 2 thread(s)"}
     flops = {"frozen linears": 60e9, "LoRA": 1e9, "attention": 4e9, "output layer": 5e9}
-    table = bench.markdown_table(job, runs, tokens, "CPU", "on", False, False, peak, flops,
-                                 {"ours": (2, 1), "theirs": (1, 2)})
+    table = bench_results.markdown_table(job, runs, tokens, "CPU", "on", False, False, peak, flops,
+                                         {"ours": (2, 1), "theirs": (1, 2)})
     assert "| utilisation: useful FLOP/s / measured matmul peak | 90.0% | 45.0% | 2.00x |" in table
     assert "| held-out loss after step 10 (64 rows) | 1.0100 | 1.0000 | +1.00% |" in table
     assert "| peak RSS (MiB), all processes | 3,000 | 6,000 | 0.50x |" in table
@@ -147,8 +148,8 @@ def test_table_has_utilisation_and_quality_columns():
     assert "prepare_model_for_kbit_training" not in table  # fp32 on CPU: nothing cast
     for run in runs["ours"] + runs["theirs"]:
         run["peak_gpu_mib"] = 1000.0
-    on_gpu = bench.markdown_table(job, runs, tokens, "H100", "on", True, False, peak, flops,
-                                  {"ours": (1, 1), "theirs": (1, 1)})
+    on_gpu = bench_results.markdown_table(job, runs, tokens, "H100", "on", True, False, peak, flops,
+                                          {"ours": (1, 1), "theirs": (1, 1)})
     assert "casts the weights it does not quantise (embedding, norms, output layer) to fp32" in on_gpu
 
 
