@@ -31,8 +31,8 @@ from trainer.checkpoint.fingerprint import base_fingerprint
 from trainer.model.tiny_base import MARKER
 from trainer.runtime.cache import cache_dir
 from launch.benchmarks.job import RECIPE, ROOT, Job
+from launch.benchmarks.results import TITLES
 
-TITLES = {"ours": "ours", "theirs": "HF Trainer + peft"}
 LIMIT = 0.02  # the relative held-out-loss difference the comparison must stay within
 
 
