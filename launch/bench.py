@@ -27,7 +27,7 @@ Beside throughput and peak memory:
   of the two (CPU: one thread's best fp32 rate x threads; GPU: dense bf16). With
   `--quant-compute-dtype bfloat16` on CPU (both frameworks compute the frozen 4-bit layers' products
   in bf16, the rest in fp32) the bf16 rate is measured too, and the peak is the rate of this step's
-  mix of products at the two rates (`matmul_peak`);
+  mix of products at the two rates (`matmul_peak` in launch/benchmarks/peak.py);
 - quality: the held-out loss each reaches after the last step, on the same held-out rows
   (summed token losses / tokens), so a speed-up never hides a different computation.
 `--profile` then runs a few of our steps under torch.profiler (launch/benchmarks/profile.py) and
@@ -49,6 +49,7 @@ import time
 from pathlib import Path
 
 from launch.benchmarks import job as bench_job
+from launch.benchmarks import peak as bench_peak
 from trainer.speedups import malloc
 from launch.benchmarks.job import RECIPE, ROOT, Job
 from launch.benchmarks.results import TITLES, higher_peak, markdown_table, mean_parts, step_ends, summarise
@@ -118,7 +119,7 @@ def main() -> None:
     step_flops, flops = [sum(step.values()) for step in per_step], mean_parts(per_step)
     frozen_dtype = "float32" if job.quant_compute_dtype == "auto" else job.quant_compute_dtype
     # Measured before either run, on a machine as quiet as the runs will find it.
-    peak = bench_job.matmul_peak(gpu, threads, flops, frozen_dtype)
+    peak = bench_peak.matmul_peak(gpu, threads, flops, frozen_dtype)
     print(f"[bench] matrix-multiply peak: {peak['text']}", flush=True)
     packing, packing_overrides = ours_packing(not args.no_packing)
     ours_overrides = [*job.overrides(), *packing_overrides]
@@ -135,7 +136,7 @@ def main() -> None:
             runs[name].append(summarise(run, tokens, job, step_flops, peak["flops"]))
             print(f"[bench]   {runs[name][-1]['tokens_per_s_median_step']:,.0f} useful tokens/s (median step), "
                   f"peak RSS {runs[name][-1]['peak_rss_mib']:,.0f} MiB", flush=True)
-    after = bench_job.matmul_peak(gpu, threads, flops, frozen_dtype)
+    after = bench_peak.matmul_peak(gpu, threads, flops, frozen_dtype)
     print(f"[bench] matrix-multiply peak, again after the runs: {after['text']}", flush=True)
     peak = higher_peak(peak, after, runs)
 

@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "launch"))
 import bench  # noqa: E402
 
 from launch.benchmarks import job as bench_job  # noqa: E402
+from launch.benchmarks import peak as bench_peak  # noqa: E402
 from launch.benchmarks import profile as bench_profile  # noqa: E402
 from launch.benchmarks import results as bench_results  # noqa: E402
 
@@ -70,9 +71,9 @@ def test_step_tokens_count_the_pairs_of_trained_queries(monkeypatch):
 
 
 def test_cpu_peak_is_one_threads_best_rate_times_threads(monkeypatch):
-    monkeypatch.setattr(bench_job, "PEAK_SHAPES", ((64, 32, 48),))
+    monkeypatch.setattr(bench_peak, "PEAK_SHAPES", ((64, 32, 48),))
     threads = torch.get_num_threads()
-    peak = bench_job.matmul_peak(gpu=False, threads=3)
+    peak = bench_peak.matmul_peak(gpu=False, threads=3)
     assert torch.get_num_threads() == threads  # measured on one thread, then put back
     assert peak["flops"] == 3 * peak["per_thread"] > 0
     assert peak["per_thread"] == peak[f"per_thread {peak['library']}"]
@@ -81,11 +82,11 @@ def test_cpu_peak_is_one_threads_best_rate_times_threads(monkeypatch):
 
 def test_cpu_peak_with_bf16_frozen_linears_is_the_rate_of_the_steps_mix(monkeypatch):
     rates = {"float32": 100e9, "bfloat16": 800e9}
-    monkeypatch.setattr(bench_job, "measured_cpu_matmul_flops", lambda repeats=5, dtype="float32": {
+    monkeypatch.setattr(bench_peak, "measured_cpu_matmul_flops", lambda repeats=5, dtype="float32": {
         "per_thread": rates[dtype], "library": "torch.mm", "per_thread torch.mm": rates[dtype]})
     flops = {bench_job.FROZEN: 800e9, "LoRA": 100e9, "attention": 100e9, "output layer": 0.0}
-    assert bench_job.matmul_peak(False, 2, flops)["flops"] == 200e9  # fp32 job: the fp32 rate x threads
-    peak = bench_job.matmul_peak(False, 2, flops, "bfloat16")
+    assert bench_peak.matmul_peak(False, 2, flops)["flops"] == 200e9  # fp32 job: the fp32 rate x threads
+    peak = bench_peak.matmul_peak(False, 2, flops, "bfloat16")
     # 800 GFLOP at 2 x 800 GFLOP/s (0.5 s) and 200 at 2 x 100 (1 s): 1,000 GFLOP in 1.5 s
     assert peak["flops"] == pytest.approx(1000e9 / 1.5)
     assert "bfloat16: one thread 800 GFLOP/s" in peak["text"] and "fp32: one thread 100 GFLOP/s" in peak["text"]
