@@ -6,6 +6,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -55,7 +56,7 @@ def test_cache_dir_comes_from_the_environment(tmp_path: Path, monkeypatch: pytes
 
 def test_demo_data_rows_are_well_formed(cache: Path) -> None:
     path = tasks.ensure_demo_data()
-    assert path == cache / "data" / "tasks.jsonl"
+    assert path == cache / "data" / f"v{tasks.VERSION}" / "tasks.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == tasks.DEMO_ROWS == 3000
     for row in rows:
@@ -74,6 +75,33 @@ def test_demo_data_rows_are_well_formed(cache: Path) -> None:
         if row["instruction"] == "Add the two numbers.":
             first, second = row["input"].split(" + ")
             assert row["output"] == str(int(first) + int(second))
+
+
+def _questions(row: dict[str, str]) -> set[tuple[str, str]]:
+    """Every (task, argument) a row can be read as: its instruction among a task's phrasings with an
+    input, or a phrasing with the argument folded in (some folded phrasings read two ways)."""
+    found = set()
+    for name, (_, with_input, folded) in tasks.TASKS.items():
+        if row["input"] and row["instruction"] in with_input:
+            found.add((name, row["input"]))
+        for phrasing in folded if not row["input"] else ():
+            match = re.fullmatch(re.escape(phrasing).replace(r"\{\}", "(.+)"), row["instruction"])
+            if match:
+                found.add((name, match.group(1)))
+    return found
+
+
+def test_demo_data_asks_each_question_once(cache: Path) -> None:
+    """A held-out row's question is asked by no training row, in any of its phrasings ("Reverse the
+    word." + "cat" and "Reverse the word cat." are one question)."""
+    rows = [json.loads(line) for line in tasks.ensure_demo_data().read_text().splitlines()]
+    asked: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        questions = _questions(row)
+        assert questions, row
+        for question in questions:
+            assert question not in asked, (row, asked.get(question))
+            asked[question] = row
 
 
 def test_demo_data_is_deterministic_and_written_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -165,7 +193,7 @@ def test_debris_of_a_crashed_build_is_replaced(cache: Path) -> None:
 def test_resolve(cache: Path) -> None:
     assert builtin.resolve("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
     assert builtin.resolve("/some/local/dir") == "/some/local/dir"
-    assert builtin.resolve("builtin:tasks") == str(cache / "data" / "tasks.jsonl")
+    assert builtin.resolve("builtin:tasks") == str(cache / "data" / f"v{tasks.VERSION}" / "tasks.jsonl")
     model_dir = builtin.resolve("builtin:tiny-llama")
     assert model_dir == str(cache / "models" / f"tiny-llama-v{tiny_base.BUILD_VERSION}")
     assert AutoModelForCausalLM.from_pretrained(model_dir).config.hidden_size == 128

@@ -1,5 +1,7 @@
 """The built-in task dataset (`builtin:tasks`): short generated instructions with checkable answers
-(reverse a word, add two numbers, ...), written once into the cache; no network needed."""
+(reverse a word, add two numbers, ...), written once into the cache; no network needed. Each question
+(a task and its argument) appears once, in one phrasing: the held-out rows are questions the training
+rows never ask, not only rows they do not repeat word for word."""
 from __future__ import annotations
 
 import json
@@ -12,6 +14,9 @@ from trainer.runtime.cache import cache_dir, exclusive
 
 DEMO_ROWS = 3000
 SEED = 1234
+# The generator's version, in the cached file's path: a changed generator is written afresh, not read
+# from an older cache. 2: each question once (version 1 asked some questions again in other words).
+VERSION = 2
 
 WORDS = """
 cat dog sun run red big box cup hat pen map bus car bed egg fox jam key leg man
@@ -90,14 +95,27 @@ TASKS: dict[str, tuple[Sampler, list[str], list[str]]] = {
 }
 
 
-def demo_rows(count: int = DEMO_ROWS, seed: int = SEED) -> list[dict[str, str]]:
-    """The built-in task rows, identical on every call with the same arguments."""
+def demo_rows(count: int = DEMO_ROWS, seed: int = SEED, distinct: bool = False) -> list[dict[str, str]]:
+    """The built-in task rows, identical on every call with the same arguments. `distinct`: no question
+    (task and argument) twice, in any phrasing: a question already asked is drawn again (the word tasks
+    run out of words first, and the others take their place). Without it (the tiny base's tokenizer
+    corpus), questions repeat as drawn."""
     rng = random.Random(seed)
     task_names = sorted(TASKS)
     rows = []
-    for _ in range(count):
-        sample, with_input, without_input = TASKS[rng.choice(task_names)]
+    asked: set[tuple[str, str]] = set()
+    draws = 0
+    while len(rows) < count:
+        draws += 1
+        if draws > 100 * count:
+            raise ValueError(f"the built-in tasks hold fewer than {count} distinct questions")
+        name = rng.choice(task_names)
+        sample, with_input, without_input = TASKS[name]
         argument, answer = sample(rng)
+        if distinct:
+            if (name, argument) in asked:
+                continue
+            asked.add((name, argument))
         # A third of the rows fold the argument into the instruction, to exercise the no-input template.
         if rng.random() < 1 / 3:
             rows.append({"instruction": rng.choice(without_input).format(argument), "input": "", "output": answer})
@@ -110,17 +128,17 @@ DEMO_DATASETS = {"tasks": DEMO_ROWS}
 
 
 def ensure_demo_data(name: str = "tasks") -> Path:
-    """Write the built-in task set to cache_dir()/data/<name>.jsonl once; return its path."""
+    """Write the built-in task set to cache_dir()/data/v<VERSION>/<name>.jsonl once; return its path."""
     if name not in DEMO_DATASETS:
         raise ValueError(f"unknown built-in dataset {name!r}; known: {sorted(DEMO_DATASETS)}")
-    path = cache_dir() / "data" / f"{name}.jsonl"
+    path = cache_dir() / "data" / f"v{VERSION}" / f"{name}.jsonl"
     if path.exists():  # only ever appears complete, through the rename below
         return path
     with exclusive(f"data-{name}"):
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             staging = path.with_name(f".{path.name}.building")
-            staging.write_text("".join(json.dumps(row) + "\n" for row in demo_rows(DEMO_DATASETS[name])))
+            staging.write_text("".join(json.dumps(row) + "\n" for row in demo_rows(DEMO_DATASETS[name], distinct=True)))
             os.replace(staging, path)
     return path
 
