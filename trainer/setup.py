@@ -4,7 +4,6 @@ speed-ups, engine, restored state. `setup` returns the `Run` that trainer/loop.p
 from __future__ import annotations
 
 import functools
-import hashlib
 import random
 import warnings
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from trainer.checkpoint.saving import TrainState
 from trainer.config import Recipe, RecipeError
 from trainer.runtime.deepspeed_config import check_deepspeed_config, deepspeed_config
 from trainer.data.batching import BatchPlan
+from trainer.data.examples import examples_identity
 from trainer.data.formats import DataError
 from trainer.data.packing import training_collate
 from trainer.data.pipeline import build_datasets, held_out_rows
@@ -56,14 +56,9 @@ class TrainingData:
 
     @functools.cached_property
     def held_out_identity(self) -> str:
-        """What the held-out loss is scored on, as a hash of each held-out example's tokens and labels:
-        a resume compares it with the checkpoint's before comparing losses."""
-        digest = hashlib.sha256()
-        for example in self.eval_set:
-            for array in (example.input_ids, example.labels):
-                values = np.asarray(array, dtype=np.int32)
-                digest.update(len(values).to_bytes(8, "little") + values.tobytes())
-        return digest.hexdigest()[:16]
+        """What the held-out loss is scored on (`examples_identity`): a resume compares it with the
+        checkpoint's before comparing losses."""
+        return examples_identity(self.eval_set)
 
     def trained_tokens(self, step: int) -> int:
         """Response tokens the loss is taken on in optimizer step `step` (0-based), over all ranks."""

@@ -13,14 +13,17 @@ import pytest
 import torch
 import yaml
 
-from _checkpoints import peft_on_4bit_base
+from _checkpoints import peft_on_4bit_base, tiny_recipe
 from conftest import free_port, run_cli
 from trainer.checkpoint import resume
 from trainer.checkpoint.best import COMPLETE, mark_best_and_prune
 from trainer.checkpoint import reading
+from trainer.checkpoint.reading import held_out_examples_note
+from trainer.data.examples import examples_identity
+from trainer.evaluation.eval_command import evaluation_rows
 from trainer.recipe_loading import recipe_from_dict
 from trainer.model.lora import apply_lora
-from trainer.model.base import load_base
+from trainer.model.base import load_base, load_tokenizer, resolve_base
 
 SHORT = ["train.max_steps=6", "train.warmup_steps=2", "train.eval_every=3", "train.save_every=3",
          "train.log_every=1", "data.max_eval_rows=32"]
@@ -141,6 +144,22 @@ def test_eval_takes_the_best_link_and_names_its_results_after_the_checkpoint(zer
              f"output_dir={zero2_run}", "eval.max_rows=4", "eval.max_new_tokens=4", "eval.loss=false"])
     metrics = json.loads((zero2_run / "eval" / "step-6" / "metrics.json").read_text())
     assert metrics["adapter_resolved"] == str((zero2_run / "checkpoints" / "step-6").resolve())
+
+
+@pytest.mark.distributed
+def test_eval_notes_held_out_examples_other_than_those_the_run_scored(zero2_run, tmp_path):
+    """The run's eval_loss was scored on data.max_eval_rows=32 examples (trainer_state.json's held_out):
+    the recipe's own cap scores more of them, a loss not comparable with the run's."""
+    adapter = zero2_run / "checkpoints" / "step-6"
+    own = tiny_recipe(f"output_dir={zero2_run}", *SHORT)
+    tokenizer = load_tokenizer(resolve_base(own), own)
+    _, examples = evaluation_rows(own, tokenizer, None, None)
+    assert held_out_examples_note(own, adapter, examples_identity(examples)) is None  # training's examples
+    result = run_cli(["launch/eval.py", "recipes/tiny_alpaca.yaml", f"adapter={adapter}", f"out={tmp_path / 'e'}",
+                      "eval.max_new_tokens=1", "eval.batch_size=64"])
+    assert ("note: the held-out examples scored here are not those step-6's run scored its eval_loss on "
+            f"(data.max_eval_rows=32 there, {tiny_recipe().data.max_eval_rows} here)") in result.stdout
+    assert "pass data.max_eval_rows=32 to score the same examples" in result.stdout
 
 
 def fake_checkpoint(checkpoints: Path, step: int, eval_loss: float | None) -> Path:

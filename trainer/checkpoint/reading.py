@@ -194,15 +194,51 @@ SPLIT_SETTINGS = ("train.seed", "data.eval_fraction", "data.path", "data.mixture
                   "data.max_rows")
 
 
+# The settings that, the split being the same, decide which held-out examples are scored and how they
+# are tokenised and masked.
+EXAMPLE_SETTINGS = ("data.max_eval_rows", "data.max_seq_len", "data.template", "data.train_on_prompt",
+                    "data.on_too_long", "data.format", "data.columns")
+
+
 def held_out_split_differences(recipe: Recipe, adapter_dir: Path) -> str | None:
     """Where this recipe would draw another held-out split than the run that trained `adapter_dir`
     (its recipe.yaml): a warning naming each setting, or None (the same split, or no recipe.yaml)."""
+    changed = _changed_settings(recipe, adapter_dir, SPLIT_SETTINGS)
+    if not changed:
+        return None
+    said, keep = changed
+    return (f"{adapter_dir} was trained with another held-out split ({said}): the rows evaluated here are not "
+            f"that run's held-out rows, and may be rows it trained on. Pass {keep} to evaluate on its "
+            f"held-out rows, or eval.file=<json/jsonl> for other data")
+
+
+def held_out_examples_note(recipe: Recipe, adapter_dir: Path, identity: str) -> str | None:
+    """Where the held-out examples about to be scored (`identity`: `examples_identity`) are not the ones
+    the run scored `adapter_dir`'s eval_loss on (its trainer_state.json `held_out`): a note naming the
+    settings that differ, or None (the same examples, or nothing recorded)."""
+    path = adapter_dir / "trainer_state.json"
+    try:
+        recorded = json.loads(path.read_text()).get("held_out") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if not isinstance(recorded, str) or recorded == identity:
+        return None
+    changed = _changed_settings(recipe, adapter_dir, EXAMPLE_SETTINGS)
+    said, keep = changed or ("the tokenizer, the base's chat template or the data differ from that run's", None)
+    return (f"note: the held-out examples scored here are not those {adapter_dir.name}'s run scored its eval_loss on "
+            f"({said}): the held-out loss below is not comparable with that run's metrics.jsonl"
+            + (f"; pass {keep} to score the same examples" if keep else ""))
+
+
+def _changed_settings(recipe: Recipe, adapter_dir: Path, settings: tuple[str, ...]) -> tuple[str, str] | None:
+    """Which of `settings` this recipe sets otherwise than the run that trained `adapter_dir` (its
+    recipe.yaml): ("key=old there, new here, ...", "key=old ...", to pass), or None."""
     trained = trained_recipe(adapter_dir)
     if trained is None:
         return None
     current = recipe.to_dict()
     changed = []
-    for dotted in SPLIT_SETTINGS:
+    for dotted in settings:
         section, key = dotted.split(".")
         before, now = (trained.get(section) or {}).get(key), current[section][key]
         if key in (trained.get(section) or {}) and before != now:
@@ -212,9 +248,7 @@ def held_out_split_differences(recipe: Recipe, adapter_dir: Path) -> str | None:
     said = ", ".join(f"{dotted}={before!r} there, {now!r} here" for dotted, before, now in changed)
     keep = " ".join(f"{dotted}={yaml.safe_dump(before, default_flow_style=True).strip().removesuffix('...').strip()}"
                     for dotted, before, _ in changed)
-    return (f"{adapter_dir} was trained with another held-out split ({said}): the rows evaluated here are not "
-            f"that run's held-out rows, and may be rows it trained on. Pass {keep} to evaluate on its "
-            f"held-out rows, or eval.file=<json/jsonl> for other data")
+    return said, keep
 
 
 def _trained_quant(adapter_dir: Path) -> dict:

@@ -3,6 +3,7 @@ labels masked outside the answers, and prompt text cut from its start to fit max
 """
 from __future__ import annotations
 
+import hashlib
 from array import array
 from collections import Counter
 from collections.abc import Sequence
@@ -33,6 +34,17 @@ class Example:
 
     def __post_init__(self):
         self.input_ids, self.labels = token_array(self.input_ids), token_array(self.labels)
+
+
+def examples_identity(examples) -> str:
+    """A hash of the examples' tokens and labels, in order: what a held-out loss was scored on (a
+    checkpoint's trainer_state.json `held_out`), compared by resume and eval before comparing losses."""
+    digest = hashlib.sha256()
+    for example in examples:
+        for values in (example.input_ids, example.labels):
+            values = np.asarray(values, dtype=np.int32)
+            digest.update(len(values).to_bytes(8, "little") + values.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def token_array(values) -> array:

@@ -20,11 +20,12 @@ from typing import ClassVar
 from trainer import options
 from trainer.runtime import distributed, run_dir
 from trainer.evaluation import scores
-from trainer.checkpoint.reading import check_adapter, held_out_split_differences, resolve_adapter
+from trainer.checkpoint.reading import (check_adapter, held_out_examples_note, held_out_split_differences,
+                                        resolve_adapter)
 from trainer.evaluation.adapted_model import load_adapted_model
 from trainer.config import DataConfig, DataSource, Recipe, RecipeError
 from trainer.runtime.deepspeed_config import deepspeed_config
-from trainer.data.examples import Example
+from trainer.data.examples import Example, examples_identity
 from trainer.data.pipeline import build_datasets, held_out_rows, load_source
 from trainer.data.formats import DataError
 from trainer.data.sources import locate, read_source
@@ -91,6 +92,9 @@ def run_eval(recipe: Recipe, opts: EvalOptions) -> dict:
     if not rows:
         raise RecipeError("no rows to evaluate (the held-out split is empty: data.eval_fraction=0 and no "
                           "data.eval_path; give eval.file=<json/jsonl>)")
+    if adapter_dir is not None and opts.file is None and opts.max_rows is None and opts.loss and split is None:
+        if (note := held_out_examples_note(recipe, adapter_dir, examples_identity(examples))) is not None:
+            log(note)
     prompts, cut_note = eval_prompts(tokenizer, rows, recipe.data, opts.max_new_tokens)
     if cut_note is not None:
         log(cut_note)
