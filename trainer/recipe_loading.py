@@ -33,11 +33,29 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         for override in overrides:
             _apply_override(raw, override)
         recipe = recipe_from_dict(raw)
+        _unread_beside_mixture(recipe, overrides)
     except UnquotedText as error:  # named with the text as written in the file: 1.10, not 1.1
         raise RecipeError(f"{path}: {UnquotedText(error.key, error.value, _source_text(text, error.key))}") from None
     except RecipeError as error:
         raise RecipeError(f"{path}: {error}") from None
     return recipe
+
+
+def _unread_beside_mixture(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> None:
+    """data.mixture's entries replace data.path, split, format and columns: one of those given as an
+    override beside a mixture would go unread (a recipe's mixture, then data.path=... on the command
+    line). A mixture given as an override replaces the recipe file's data.path, as its comment says."""
+    if not recipe.data.mixture:
+        return
+    for override in overrides:
+        dotted = override.split("=", 1)[0].strip()
+        name = dotted.split(".")[1] if dotted.startswith("data.") and dotted.count(".") >= 1 else None
+        if name in ("path", "split", "format", "columns"):
+            raise RecipeError(
+                f"{override}: not read, as data.mixture is set (each of its entries has its own path, split, format "
+                f"and columns): give it in data.mixture's entries"
+                + (", e.g. add {path: ...} to the mixture to train on it too, or set data.mixture=[] to train on it "
+                   "alone" if name == "path" else ""))
 
 
 def _source_text(text: str, dotted: str) -> str | None:
