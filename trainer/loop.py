@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from trainer.checkpoint import saving
+from trainer.checkpoint.best import complete_checkpoints
 from trainer.checkpoint.saving import TrainState
 from trainer.checkpoint.snapshot import UpdateSnapshot
 from trainer.config import Recipe, TrainConfig
@@ -108,9 +109,10 @@ class Skips:
             return False
         self.nonfinite += 1
         if snapshot is None or self.nonfinite > run.recipe.train.max_consecutive_skips:
+            saved = complete_checkpoints(Path(run.recipe.output_dir) / "checkpoints")
             raise health.TrainingHealthError(health.nonfinite_message(
                 step, lr, loss, grad_norm, rows_by_file(run.data.train_set, run.recipe.data, bad_rows),
-                skips=self.nonfinite - 1 if snapshot is not None else None))
+                skips=self.nonfinite - 1 if snapshot is not None else None, checkpoint=saved[-1].name if saved else None))
         snapshot.restore()
         say(f"step {step}: non-finite loss/gradient, update skipped ({self.nonfinite} in a row)")
         return True

@@ -4,6 +4,7 @@ refused."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -448,6 +449,13 @@ def test_results_are_replaced_whole_through_a_rename(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_metrics(tmp_path, {"rows": 1, "eval_loss": 2.0}, about)
     assert json.loads((tmp_path / "metrics.json").read_text())["rows"] == 1  # the earlier file, whole
+    monkeypatch.undo()
+    write_metrics(tmp_path, {"rows": 1, "eval_loss": 1e4, "perplexity": math.inf}, about)  # exp(1e4) overflows
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)["perplexity"] is None
 
 
 @pytest.mark.parametrize("name, text", [("empty.jsonl", ""), ("empty.json", "[]"),

@@ -13,6 +13,8 @@ import torch
 
 from conftest import ROOT, run_cli
 from trainer import loop, setup
+from trainer.runtime import health
+from trainer.runtime.metrics_log import MetricsLog
 
 SHORT = ["data.max_rows=40", "train.global_batch_size=8", "train.micro_batch_size=4", "train.max_steps=6",
          "train.warmup_steps=2", "train.save_every=2", "train.eval_every=100", "train.log_every=1",
@@ -34,12 +36,38 @@ def test_a_nan_stops_the_run_at_that_step_naming_step_lr_and_rows(tmp_path, tiny
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "non-finite training values at step 4 (learning rate" in result.stderr
     assert "The batch held rows" in result.stderr and "tasks.jsonl" in result.stderr
+    assert "The last complete checkpoint, step-2, is untouched; resume with resume=auto" in result.stderr
     assert (tmp_path / "checkpoints/step-2/COMPLETE").exists()
     assert not (tmp_path / "checkpoints/step-4").exists()
     assert max(r["step"] for r in records(tmp_path)) == 3
     # The checkpoint before the fault resumes.
     resumed = train(tmp_path, "resume=auto")
     assert "at step 2" in resumed.stdout and (tmp_path / "checkpoints/step-6/COMPLETE").exists()
+
+
+def test_the_nan_message_offers_only_what_applies():
+    """No checkpoint yet: nothing to resume from. Skip mode already on: not offered again."""
+    rows = [("tasks.jsonl", [0, 4])]
+    first = health.nonfinite_message(1, 1e-3, math.nan, None, rows)
+    assert "No checkpoint was saved before this step" in first and "resume=auto" not in first
+    assert "set train.on_nonfinite=skip" in first
+    skipping = health.nonfinite_message(5, 1e-3, math.nan, 2.0, rows, skips=3, checkpoint="step-4")
+    assert "after 3 consecutive skipped steps" in skipping and "The last complete checkpoint, step-4," in skipping
+    assert "on_nonfinite=skip" not in skipping and "raise train.max_consecutive_skips" in skipping
+
+
+def test_metrics_jsonl_writes_a_nan_loss_as_null(tmp_path):
+    """JSON has no NaN: a skipped step's line must parse in strict readers (jq, JavaScript)."""
+    log = MetricsLog(tmp_path)
+    log.write({"step": 3, "loss": math.nan, "lr": 1e-4, "skipped": True, "parts": {"grad_norm": math.inf}})
+    log.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    record = json.loads(line, parse_constant=refuse)
+    assert record["loss"] is None and record["parts"] == {"grad_norm": None} and record["lr"] == 1e-4
 
 
 def test_nan_gradients_under_a_finite_loss_stop_the_run_on_one_rank(tmp_path, tiny_base):

@@ -25,6 +25,7 @@ from trainer.checkpoint.reading import (check_adapter, held_out_examples_note, h
 from trainer.evaluation.adapted_model import load_adapted_model
 from trainer.config import DataConfig, DataSource, Recipe, RecipeError
 from trainer.runtime.deepspeed_config import deepspeed_config
+from trainer.runtime.metrics_log import finite
 from trainer.data.examples import Example, examples_identity
 from trainer.data.pipeline import build_datasets, held_out_rows, load_source
 from trainer.data.formats import DataError
@@ -233,7 +234,7 @@ def write_results(out: Path, texts: list[dict[str, str]], predictions: list[str]
 
 
 def write_metrics(out: Path, summary: dict, about: dict) -> None:
-    write_whole(out / "metrics.json", json.dumps({**summary, **about}, indent=2) + "\n")
+    write_whole(out / "metrics.json", json.dumps(finite({**summary, **about}), indent=2, allow_nan=False) + "\n")
 
 
 def write_whole(path: Path, text: str) -> None:

@@ -24,9 +24,11 @@ def is_finite(value: float | None) -> bool:
 
 
 def nonfinite_message(step: int, lr: float, loss: float, grad_norm: float | None,
-                      rows_by_file: list[tuple[str, list[int]]], skips: int | None = None) -> str:
+                      rows_by_file: list[tuple[str, list[int]]], skips: int | None = None,
+                      checkpoint: str | None = None) -> str:
     """`rows_by_file`: the batch's rows (0-based) in each file they came from (data/pipeline.py
-    `rows_by_file`: a mixture's datasets each number their own rows)."""
+    `rows_by_file`: a mixture's datasets each number their own rows). `skips`: in skip mode, the steps
+    skipped in a row before this one. `checkpoint`: the newest complete checkpoint, None if none."""
     def listed(rows: list[int]) -> str:
         return ", ".join(str(r + 1) for r in sorted(set(rows))[:32])
 
@@ -38,9 +40,12 @@ def nonfinite_message(step: int, lr: float, loss: float, grad_norm: float | None
     else:
         where = "The batch held these rows (1-based): " + "; ".join(
             f"{name}: row{'s' if len(set(rows)) > 1 else ''} {listed(rows)}" for name, rows in rows_by_file) + "."
-    return (f"non-finite training values at step {step} (learning rate {lr:.3g}): {what}{tail}.\n{where}\n"
-            f"The last complete checkpoint is untouched; resume with resume=auto after fixing the cause "
-            f"(inspect those rows, lower train.learning_rate, or set train.on_nonfinite=skip).")
+    levers = ("inspect those rows, lower train.learning_rate, or set train.on_nonfinite=skip" if skips is None
+              else "inspect those rows, lower train.learning_rate, or raise train.max_consecutive_skips")
+    then = (f"The last complete checkpoint, {checkpoint}, is untouched; resume with resume=auto after fixing the "
+            f"cause ({levers})." if checkpoint is not None else
+            f"No checkpoint was saved before this step: fix the cause ({levers}) and train again from the start.")
+    return f"non-finite training values at step {step} (learning rate {lr:.3g}): {what}{tail}.\n{where}\n{then}"
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -1,4 +1,6 @@
 """`<output_dir>/metrics.jsonl`: one JSON object per line, flushed as written (nothing lost on a crash).
+A non-finite number (a skipped step's NaN loss) is written as null: JSON has no NaN, and strict
+readers (jq, JavaScript, pandas) refuse the `NaN` Python's json writes by default.
 
 A log that cannot be written (a full disk, its folder moved away) does not stop training: it says so
 once (`warn_write_failed`) and writes no more this run. The checkpoint saves decide: one that fails
@@ -7,6 +9,7 @@ for want of space stops the run with one message, the previous checkpoint intact
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -14,6 +17,17 @@ from pathlib import Path
 from tqdm import tqdm
 
 from trainer.runtime import distributed
+
+
+def finite(value):
+    """`value` with every non-finite float in it, in dicts and lists too, as None (JSON's null)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
 
 
 def close_quietly(handle) -> None:
@@ -50,7 +64,7 @@ class MetricsLog:
         if self._handle is None:
             return
         try:
-            self._handle.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+            self._handle.write(json.dumps(finite({**record, "time": round(time.time(), 3)}), allow_nan=False) + "\n")
             self._handle.flush()
         except OSError as error:
             self._give_up(error)
