@@ -31,7 +31,9 @@ SAMPLE_MAX_NEW_TOKENS = 48  # sample answers in the training log stay short: a g
 
 
 def learning_rate(step: int, train: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio * learning_rate at max_steps."""
+    """Linear warmup, then cosine decay to min_lr_ratio * learning_rate at max_steps. `step` counts from 0:
+    optimizer step s (1-based, as logged) trains at learning_rate(s - 1), so the floor comes one past the
+    last step, which trains just above it (as transformers' cosine schedule)."""
     if step < train.warmup_steps:
         return train.learning_rate * (step + 1) / train.warmup_steps
     progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)

@@ -82,7 +82,9 @@ def schedule_line(train: TrainConfig) -> str:
                 f"rate only rises, to {steps / warmup:.0%} of {peak:g} at the last step (set train.warmup_steps "
                 f"below {steps})")
     warmup_text = f"linear warmup over {warmup} steps, then " if warmup else ""
-    return f"{peak:g}: {warmup_text}cosine to {peak * train.min_lr_ratio:g} at step {steps}"
+    # Step s (1-based) trains at loop.learning_rate(s - 1): the floor is where step steps + 1 would be.
+    return (f"{peak:g}: {warmup_text}cosine to {peak * train.min_lr_ratio:g} after the last step ({steps}), which "
+            f"trains just above it")
 
 
 def _zero_line(recipe: Recipe, world: int, precision: str) -> str:
