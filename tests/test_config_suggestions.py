@@ -70,6 +70,10 @@ def test_a_recipe_file_key_from_another_trainer_names_ours(tmp_path, text, messa
     ("dataset=alpaca.json", "unknown key dataset; did you mean data.path?"),
     ("data.output_dir=runs/x", "unknown key data.output_dir; did you mean output_dir?"),
     ("lora.learning_rte=1e-4", "unknown key lora.learning_rte; did you mean train.learning_rate?"),
+    # axolotl's datasets: [{path: ..., type: alpaca}] (spelled closest to model.dtype)
+    ("data.mixture=[{path: a.json, type: alpaca}]",
+     "unknown key data.mixture.type; did you mean data.mixture.format? (auto, alpaca, instances or chat)"),
+    ("data.type=alpaca", "unknown key data.type; did you mean data.format?"),
 ])
 def test_an_override_from_another_trainer_names_ours(tmp_path, override, message):
     with pytest.raises(RecipeError, match=re.escape(message)):

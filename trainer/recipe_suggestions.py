@@ -53,11 +53,16 @@ SYNONYMS = {
     "resume_from_checkpoint": "resume",
 }
 
+# In the data section and data.mixture's entries (axolotl's `datasets: [{path: ..., type: alpaca}]`).
+DATA_FORMAT_NAMES = ("type", "ds_type", "dataset_type", "formatting")
+
 
 def meant_key(key: str, prefix: str, names: list[str]) -> str:
     """What an unknown `key` (in the section `prefix`, whose keys are `names`) most likely means, as the
     end of its error: another trainer's name for one of ours, else the nearest key of its own section or,
     spelled closer, of any section (`train.max_seq_len` is data.max_seq_len), else the section's keys."""
+    if prefix.startswith("data.") and key.lower() in DATA_FORMAT_NAMES:  # axolotl: datasets: [{path, type}]
+        return f"did you mean {prefix}format? (auto, alpaca, instances or chat)"
     meant = SYNONYMS.get(key.lower())
     if meant is not None:  # a key, or a sentence where our concept differs
         return meant if " " in meant else f"did you mean {meant}?"
