@@ -168,7 +168,11 @@ def test_a_malformed_json_file_is_named_by_line_and_column(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text('[\n  {"instruction": "Say hi.", "output": "hello"},\n  {"instruction": "cut off')
     with pytest.raises(DataError, match=r"rows\.json: not valid JSON at line 3 column 19: Unterminated string "
-                                        r"starting; a file of one JSON object per line should be named \.jsonl$"):
+                                        r"starting$"):  # a cut-off list: nothing about .jsonl
+        read_rows(str(path))
+    path.write_text('{"instruction": "Say hi.", "output": "hello"}\n{"instruction": "Sing.", "output": "la"}\n')
+    with pytest.raises(DataError, match=r"rows\.json: not valid JSON at line 2 column 1: Extra data; a file of one "
+                                        r"JSON object per line should be named \.jsonl$"):
         read_rows(str(path))
 
 

@@ -178,7 +178,8 @@ def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
     assert read_rows(str(array)) == [ROW]
 
 
-@pytest.mark.parametrize("name, content", [("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("empty.json", "[]"), ("empty.csv", ""),
+@pytest.mark.parametrize("name, content", [("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("empty.json", "[]"),
+                                           ("nothing.json", ""), ("blank.json", " \n"), ("empty.csv", ""),
                                            ("header.csv", "instruction,input,output\n")])
 @pytest.mark.parametrize("format", ["auto", "alpaca"])
 def test_an_empty_data_file_is_named_as_having_no_records(name, content, format, tokenizer, tmp_path):

@@ -163,11 +163,14 @@ def _json_array(path: Path) -> list[tuple[str, Any]]:
         line = error.object.count(b"\n", 0, error.start) + 1
         raise DataError(f"{path}: cannot read the data file: line {line}: not UTF-8 text (byte "
                         f"0x{error.object[error.start]:02x}: {error.reason}); re-save it as UTF-8") from None
+    if not text.strip():
+        return []  # said as a file with no records, as an empty .jsonl is
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as error:
-        raise DataError(f"{path}: {json_problem(error, with_line=True)}; "
-                        f"a file of one JSON object per line should be named .jsonl") from None
+        # "Extra data": a second value after the first, as in a file of one JSON object per line
+        hint = "; a file of one JSON object per line should be named .jsonl" if error.msg == "Extra data" else ""
+        raise DataError(f"{path}: {json_problem(error, with_line=True)}{hint}") from None
     if not isinstance(rows, list):
         keys = f" with keys {sorted(rows)[:10]}" if isinstance(rows, dict) else ""
         raise DataError(f"{path}: expected a JSON list of rows, got a {type(rows).__name__}{keys}")
