@@ -69,13 +69,14 @@ def test_filters_drop_only_the_named_lines():
     install(debug=True)  # --debug installs nothing
 
 
-def test_deepspeeds_deprecated_gather_warning_is_dropped_and_other_future_warnings_kept():
+def test_deepspeeds_deprecated_gather_and_scatter_warnings_are_dropped_and_other_future_warnings_kept():
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         install()
         warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
+        warnings.warn("`torch.distributed.reduce_scatter_tensor` is deprecated. Please use ...", FutureWarning)
         warnings.warn("`something_else` is deprecated", FutureWarning)
     assert [str(w.message) for w in caught] == ["`something_else` is deprecated"]
 

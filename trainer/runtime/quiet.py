@@ -16,7 +16,8 @@ library's real warnings still get through:
 Python warnings: a FutureWarning from our own call into a library is fixed at the call
 (trainer/evaluation/generate.py passes the KV cache as transformers 5.25 wants it); one from a
 library's call into torch is dropped by its message (QUIET_WARNINGS: DeepSpeed's ZeRO gathers call
-`all_gather_into_tensor`, which torch 2.13 deprecates, once per rank). Our own are printed as
+`all_gather_into_tensor` and ZeRO-3's gradient partitioning `reduce_scatter_tensor`, which torch 2.13
+deprecates, once per rank). Our own are printed as
 `warning: ...` lines.
 """
 from __future__ import annotations
@@ -37,7 +38,8 @@ NOISY_MESSAGES = {
 INFO_DROPPED = ("DeepSpeed",)
 QUIET_BARS = ("Loading weights", "Writing model shards")
 # (category, start of the message) of the Python warnings dropped
-QUIET_WARNINGS = ((FutureWarning, "`torch.distributed.all_gather_into_tensor` is deprecated"),)
+QUIET_WARNINGS = ((FutureWarning, "`torch.distributed.all_gather_into_tensor` is deprecated"),
+                  (FutureWarning, "`torch.distributed.reduce_scatter_tensor` is deprecated"))
 
 
 class DropNoise(logging.Filter):
