@@ -116,7 +116,7 @@ def test_run_eval_notes_cut_prompts_on_rank_0_alone(monkeypatch, capsys, tiny_ba
     in_process(monkeypatch, rank=0)
     with pytest.raises(Stop):
         run_eval(tiny_recipe(), EvalOptions(adapter="none", max_new_tokens=105, max_rows=8))
-    assert capsys.readouterr().out.count("note: 4 of 8 prompts cut from their start") == 1
+    assert capsys.readouterr().out.count("note: 3 of 8 prompts cut from their start") == 1
 
 
 def test_run_eval_with_cut_prompts_still_scores_them(monkeypatch, capsys, tmp_path, tiny_base):
