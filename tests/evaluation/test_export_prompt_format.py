@@ -120,6 +120,10 @@ def test_a_base_chat_template_is_kept_with_a_warning_for_an_instruction_adapter(
     template, line = training_chat_template(tokenizer, "alpaca")
     assert template == own
     assert line.startswith("warning: the adapter was trained on data.template=alpaca prompts, but the export keeps")
+    assert "(trainer/data/instruction_templates.py TEMPLATES;" in line
+    _, line = training_chat_template(tokenizer, "Q: {instruction}\nA: ")
+    assert "data.template=custom ('Q: {instruction}\\nA: ') prompts" in line
+    assert "(data.template in the checkpoint's recipe.yaml;" in line and "TEMPLATES" not in line
     template, line = training_chat_template(tokenizer, "chat")
     assert template == own and line.startswith("note: the export keeps the base's chat template")
 

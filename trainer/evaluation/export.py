@@ -226,10 +226,11 @@ def training_chat_template(tokenizer, prompt_format: str) -> tuple[str, str]:
             f"note: the adapter was trained on data.template={name} prompts: the export's chat template renders one "
             f"user message as that prompt (the instruction, no input), and refuses a conversation, which training "
             f"never saw")
+    where = ("trainer/data/instruction_templates.py TEMPLATES" if prompt_format in TEMPLATES
+             else "data.template in the checkpoint's recipe.yaml")
     return own, (f"warning: the adapter was trained on data.template={name} prompts, but the export keeps the base's "
                  f"chat template, which it was not trained on: prompt the exported model with the {name} prompt "
-                 f"itself (trainer/data/instruction_templates.py TEMPLATES; what eval and chat do), not through a chat "
-                 f"template")
+                 f"itself ({where}; what eval and chat do), not through a chat template")
 
 
 _INSTRUCTION = "\x00instruction\x00"  # stands for the message in the template's pieces
