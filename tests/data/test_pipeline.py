@@ -230,6 +230,32 @@ def test_chat_rows_train_only_on_assistant_turns(tiny_base, tmp_path):
     assert example.input_ids[0] == tokenizer.bos_token_id and example.input_ids.count(tokenizer.bos_token_id) == 1
 
 
+def test_sharegpt_conversations_read_as_the_same_messages(tiny_base, tmp_path):
+    """axolotl's and LLaMA-Factory's sharegpt: `conversations` of {from: human/gpt/system, value} turns
+    give the examples their messages would, with no unread-column note; an unknown speaker is named."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse cat."},
+                {"role": "assistant", "content": "tac"}, {"role": "user", "content": "And dog?"},
+                {"role": "assistant", "content": "god"}]
+    speaker = {"system": "system", "user": "human", "assistant": "gpt"}
+    turns = [{"from": speaker[m["role"]], "value": m["content"]} for m in messages]
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl", [{"id": "a1", "conversations": turns}])
+    (expected,), _, _ = build_datasets(config(chat), tokenizer, seed=0)
+    for format in ("auto", "chat"):
+        (example,), _, stats = build_datasets(config(sharegpt, format=format), tokenizer, seed=0)
+        assert stats["datasets"][0]["format"] == "chat" and not any("no field reads" in n for n in stats["notes"])
+        assert list(example.input_ids) == list(expected.input_ids) and list(example.labels) == list(expected.labels)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": [{"from": "human", "value": "Hi"},
+                                                                  {"from": "bot", "value": "Hello"}]}])
+    with pytest.raises(DataError, match=r"bad.jsonl: row 1: message 2: 'from' is 'bot'; ShareGPT turns are from "
+                                        r"human, user, gpt, assistant, system"):
+        build_datasets(config(bad), tokenizer, seed=0)
+
+
 def test_without_a_chat_template_the_builtin_one_is_used_and_said(tokenizer, tmp_path):
     assert tokenizer.chat_template is None
     path = write_jsonl(tmp_path / "d.jsonl", ROWS[:1])

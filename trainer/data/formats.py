@@ -2,7 +2,8 @@
 or skipped.
 
 Formats: Alpaca (`instruction`, `input`, `output`), nested `instances` (one row per instance), and
-chat `messages` (`role`/`content`). `columns` renames a source's columns to ours. A bad row is a
+chat `messages` (`role`/`content`), or ShareGPT's `conversations` (`from`: human/gpt/system,
+`value`), read as messages. `columns` renames a source's columns to ours. A bad row is a
 DataError naming the file, the row and the problem, or, with on_bad_row=skip, left out and counted
 by reason. A large dataset is validated a chunk at a time (`settle_format` on the first chunk,
 `validate_records` on each).
@@ -17,6 +18,9 @@ from typing import Any
 FORMATS = ("alpaca", "instances", "chat")
 FIELDS = ("instruction", "input", "output", "messages", "instances")
 ROLES = ("system", "user", "assistant")
+# ShareGPT (axolotl's and LLaMA-Factory's sharegpt): a `conversations` column of {from, value} turns
+SHAREGPT_COLUMN = "conversations"
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 class DataError(ValueError):
@@ -94,6 +98,7 @@ def settle_format(name: str, records: list[tuple[str, Any]], format: str, column
         raise DataError(f"{name}: data.columns {columns} does not fit: "
                         + (f"no column {missing}; " if missing else "")
                         + f"the file has columns {present}, and our fields are {list(FIELDS)}")
+    columns = _with_sharegpt(columns, present)
     renamed = [columns.get(column, column) for column in present]
     if format == "auto":
         return _detect_format(name, renamed)
@@ -148,10 +153,10 @@ def validate_records(name: str, records: list[tuple[str, Any]], first: int, form
     rows, bad = [], Counter()
     for record_index, (where, record) in enumerate(records, start=first):
         record = parsed(record)
-        if isinstance(record, dict) and columns:
-            renamed = {columns.get(key, key): value for key, value in record.items()}
+        if isinstance(record, dict) and (mapping := _with_sharegpt(columns, record)):
+            renamed = {mapping.get(key, key): value for key, value in record.items()}
             if len(renamed) != len(record):
-                raise DataError(_collision(name, where, record, columns))
+                raise DataError(_collision(name, where, record, mapping))
             record = renamed
         for instance, (row_where, fields, problem) in enumerate(_validate(format, where, record)):
             if problem is None:
@@ -162,6 +167,15 @@ def validate_records(name: str, records: list[tuple[str, Any]], first: int, form
                 raise DataError(f"{name}: {row_where}: {problem[1]} "
                                 f"(data.on_bad_row: skip leaves such rows out and counts them)")
     return rows, bad
+
+
+def _with_sharegpt(columns: dict[str, str], keys) -> dict[str, str]:
+    """`columns`, plus ShareGPT's `conversations` read as `messages` where a record (`keys`) has it and
+    neither a `messages` column nor a mapping of its own for it."""
+    if (SHAREGPT_COLUMN in keys and "messages" not in keys and SHAREGPT_COLUMN not in columns
+            and "messages" not in columns.values()):
+        return {**columns, SHAREGPT_COLUMN: "messages"}
+    return columns
 
 
 def filled_columns(records: list[tuple[str, Any]]) -> Counter:
@@ -178,7 +192,8 @@ def filled_columns(records: list[tuple[str, Any]]) -> Counter:
 # The columns each format reads (named as data.columns renames them), and the source columns its
 # datasets usually carry that no one means to train on: an `id`; tatsu-lab/alpaca's `text` (the row
 # rendered once more); the `name` and `is_classification` of Self-Instruct's seed tasks.
-READ = {"alpaca": {"instruction", "input", "output"}, "instances": {"instruction", "instances"}, "chat": {"messages"}}
+READ = {"alpaca": {"instruction", "input", "output"}, "instances": {"instruction", "instances"},
+        "chat": {"messages", SHAREGPT_COLUMN}}
 USUALLY_UNREAD = {"alpaca": {"id", "text"}, "instances": {"id", "name", "is_classification"}, "chat": {"id"}}
 
 
@@ -214,7 +229,7 @@ def _detect_format(name: str, columns: list[str]) -> str:
     if "instruction" in columns and "output" in columns:
         return "alpaca"
     raise DataError(f"{name}: cannot tell the format from its columns {columns}: expected instruction/input/"
-                    f"output, instruction/instances or messages. Map yours with data.columns, "
+                    f"output, instruction/instances, messages or ShareGPT's conversations. Map yours with data.columns, "
                     f"e.g. data.columns={{prompt: instruction, response: output}}")
 
 
@@ -280,11 +295,24 @@ def _alpaca(record: dict) -> dict[str, str]:
     return {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}
 
 
+def _sharegpt_turn(message: Any) -> Any:
+    """A ShareGPT turn ({from, value}, no role) as a message ({role, content}); anything else as it is
+    (an unknown `from` too, which `_chat` names)."""
+    speaker = message.get("from") if isinstance(message, dict) and "role" not in message else None
+    if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
+        return message
+    return {"role": SHAREGPT_ROLES[speaker], "content": message.get("value")}
+
+
 def _chat(record: dict) -> tuple[list[dict[str, str]], Problem | None]:
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         return [], ("bad messages", f"field 'messages' should be a non-empty list, got {messages!r:.60}")
+    messages = [_sharegpt_turn(message) for message in messages]
     for number, message in enumerate(messages, start=1):
+        if isinstance(message, dict) and "from" in message and "role" not in message:
+            return [], ("bad messages", f"message {number}: 'from' is {message['from']!r:.40}; ShareGPT turns are "
+                                        f"from {', '.join(SHAREGPT_ROLES)}")
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             return [], ("bad messages", f"message {number} should be an object with role in {list(ROLES)}, "
                                         f"got {message!r:.80}")
