@@ -178,6 +178,22 @@ def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
     assert read_rows(str(array)) == [ROW]
 
 
+def test_a_folder_of_rows_is_read_and_a_folder_of_text_files_is_named(tokenizer, tmp_path):
+    """`datasets` reads a folder by its files' type: .jsonl rows are rows; a .txt file's lines would be
+    one 'text' column, which no format reads."""
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    (rows / "part.jsonl").write_text(json.dumps(ROW) + "\n" + json.dumps(ROW) + "\n")
+    train, _, _ = build_datasets(config(rows), tokenizer, seed=0)
+    assert len(train) == 2
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("Reverse the word cat.\ntac\n")
+    with pytest.raises(DataError, match=f"{re.escape(str(notes))}: a folder whose files `datasets` reads as plain "
+                                        f"text .* give a data file"):
+        build_datasets(config(notes), tokenizer, seed=0)
+
+
 @pytest.mark.parametrize("name, content", [("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("empty.json", "[]"),
                                            ("nothing.json", ""), ("blank.json", " \n"), ("empty.csv", ""),
                                            ("header.csv", "instruction,input,output\n")])

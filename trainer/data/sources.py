@@ -215,6 +215,11 @@ def load_with_datasets(name: str, split: str, streaming: bool = False, split_set
     except Exception as error:  # datasets raises many types for "not found / offline / bad file"
         raise DataError(f"{name}: could not load as a file, a saved dataset or a hub dataset "
                         f"(split {split}{', streaming' if streaming else ''}): {_first_line(error)}") from None
+    if local.is_dir() and getattr(dataset, "column_names", None) in (["text"], {split: ["text"]}):
+        # A folder of .txt (or unknown) files: `datasets` reads each line as a row of one 'text' column.
+        raise DataError(f"{name}: a folder whose files `datasets` reads as plain text (one column 'text', a row "
+                        f"per line), not instruction rows: give a data file (.json, .jsonl, .csv, .parquet), a "
+                        f"folder of such files, or a folder written by save_to_disk")
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
             raise DataError(f"{name}: no split {split!r}; it has {sorted(dataset)} ({split_setting})")
