@@ -83,17 +83,17 @@ def _questions(row: dict[str, str]) -> set[tuple[str, str]]:
     found = set()
     for name, (_, with_input, folded) in tasks.TASKS.items():
         if row["input"] and row["instruction"] in with_input:
-            found.add((name, row["input"]))
+            found.add(tasks.question(name, row["input"]))
         for phrasing in folded if not row["input"] else ():
             match = re.fullmatch(re.escape(phrasing).replace(r"\{\}", "(.+)"), row["instruction"])
             if match:
-                found.add((name, match.group(1)))
+                found.add(tasks.question(name, match.group(1)))
     return found
 
 
 def test_demo_data_asks_each_question_once(cache: Path) -> None:
     """A held-out row's question is asked by no training row, in any of its phrasings ("Reverse the
-    word." + "cat" and "Reverse the word cat." are one question)."""
+    word." + "cat" and "Reverse the word cat." are one question, and so are "7 + 20" and "20 + 7")."""
     rows = [json.loads(line) for line in tasks.ensure_demo_data().read_text().splitlines()]
     asked: dict[tuple[str, str], dict] = {}
     for row in rows:

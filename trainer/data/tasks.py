@@ -15,8 +15,9 @@ from trainer.runtime.cache import cache_dir, exclusive
 DEMO_ROWS = 3000
 SEED = 1234
 # The generator's version, in the cached file's path: a changed generator is written afresh, not read
-# from an older cache. 2: each question once (version 1 asked some questions again in other words).
-VERSION = 2
+# from an older cache. 2: each question once (version 1 asked some questions again in other words);
+# 3: "7 + 20" and "20 + 7" are one question.
+VERSION = 3
 
 WORDS = """
 cat dog sun run red big box cup hat pen map bus car bed egg fox jam key leg man
@@ -95,15 +96,25 @@ TASKS: dict[str, tuple[Sampler, list[str], list[str]]] = {
 }
 
 
+# Tasks whose two operands ask one question in either order ("7 + 20", "20 + 7")
+SYMMETRIC = ("add", "larger")
+
+
+def question(name: str, argument: str) -> tuple[str, str]:
+    """What a row asks, whatever its phrasing: the task and its argument, the operands of a
+    symmetric task in one order."""
+    return name, (" ".join(sorted(argument.split())) if name in SYMMETRIC else argument)
+
+
 def demo_rows(count: int = DEMO_ROWS, seed: int = SEED, distinct: bool = False) -> list[dict[str, str]]:
     """The built-in task rows, identical on every call with the same arguments. `distinct`: no question
-    (task and argument) twice, in any phrasing: a question already asked is drawn again (the word tasks
+    (`question`) twice, in any phrasing: a question already asked is drawn again (the word tasks
     run out of words first, and the others take their place). Without it (the tiny base's tokenizer
     corpus), questions repeat as drawn."""
     rng = random.Random(seed)
     task_names = sorted(TASKS)
     rows = []
-    asked: set[tuple[str, str]] = set()
+    asked: set[tuple[str, str]] = set()  # questions
     draws = 0
     while len(rows) < count:
         draws += 1
@@ -113,9 +124,9 @@ def demo_rows(count: int = DEMO_ROWS, seed: int = SEED, distinct: bool = False) 
         sample, with_input, without_input = TASKS[name]
         argument, answer = sample(rng)
         if distinct:
-            if (name, argument) in asked:
+            if question(name, argument) in asked:
                 continue
-            asked.add((name, argument))
+            asked.add(question(name, argument))
         # A third of the rows fold the argument into the instruction, to exercise the no-input template.
         if rng.random() < 1 / 3:
             rows.append({"instruction": rng.choice(without_input).format(argument), "input": "", "output": answer})
