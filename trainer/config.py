@@ -76,7 +76,7 @@ class DataConfig:
     split: str = "train"  # split of a hub dataset
     format: str = "auto"  # auto (from the columns) | alpaca | instances | chat
     columns: dict[str, str] = field(default_factory=dict)  # dataset column -> our field, e.g. {response: output}
-    mixture: list[DataSource] = field(default_factory=list)  # several datasets; replaces path/split/format/columns
+    mixture: list[DataSource] = field(default_factory=list)  # several datasets (own split/format/columns); replaces path
     template: str = "alpaca"  # alpaca | plain | chat | a string with {instruction} and {input}
     max_seq_len: int = 512
     on_too_long: str = "truncate_prompt"  # truncate_prompt (cut the prompt's start) | drop | error

@@ -42,20 +42,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def _unread_beside_mixture(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> None:
-    """data.mixture's entries replace data.path, split, format and columns: one of those given as an
-    override beside a mixture would go unread (a recipe's mixture, then data.path=... on the command
-    line). A mixture given as an override replaces the recipe file's data.path, as its comment says."""
-    if not recipe.data.mixture:
-        return
-    for override in overrides:
-        dotted = override.split("=", 1)[0].strip()
-        name = dotted.split(".")[1] if dotted.startswith("data.") and dotted.count(".") >= 1 else None
-        if name in ("path", "split", "format", "columns"):
-            raise RecipeError(
-                f"{override}: not read, as data.mixture is set (each of its entries has its own path, split, format "
-                f"and columns): give it in data.mixture's entries"
-                + (", e.g. add {path: ...} to the mixture to train on it too, or set data.mixture=[] to train on it "
-                   "alone" if name == "path" else ""))
+    """data.mixture's entries replace data.path: a data.path given as an override beside a mixture would
+    go unread (a recipe's mixture, then data.path=... on the command line). A mixture given as an
+    override replaces the recipe file's data.path, as its comment says. (data.split, format and columns
+    still apply beside a mixture: to data.eval_path, and to eval's eval.file.)"""
+    if recipe.data.mixture and any(override.split("=", 1)[0].strip() == "data.path" for override in overrides):
+        raise RecipeError(f"data.path={recipe.data.path}: not read, as data.mixture is set (each of its entries names "
+                          f"its own path): add {{path: {recipe.data.path}}} to the mixture to train on it too, or set "
+                          f"data.mixture=[] to train on it alone")
 
 
 def _source_text(text: str, dotted: str) -> str | None:
