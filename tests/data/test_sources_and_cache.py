@@ -192,6 +192,12 @@ def test_a_folder_of_rows_is_read_and_a_folder_of_text_files_is_named(tokenizer,
     with pytest.raises(DataError, match=f"{re.escape(str(notes))}: a folder whose files `datasets` reads as plain "
                                         f"text .* give a data file"):
         build_datasets(config(notes), tokenizer, seed=0)
+    # A folder of rows whose one column is 'text' (a pretraining-style set) is not said to be text files.
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "part.jsonl").write_text(json.dumps({"text": "### Human: hi ### Assistant: hello"}) + "\n")
+    with pytest.raises(DataError, match=r"cannot tell the format from its columns \['text'\]"):
+        build_datasets(config(texts), tokenizer, seed=0)
 
 
 @pytest.mark.parametrize("name, content", [("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("empty.json", "[]"),

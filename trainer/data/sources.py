@@ -195,8 +195,9 @@ def load_with_datasets(name: str, split: str, streaming: bool = False, split_set
     import datasets
 
     local = Path(name)
+    saved = local.is_dir() and ((local / "state.json").exists() or (local / "dataset_dict.json").exists())
     try:
-        if local.is_dir() and ((local / "state.json").exists() or (local / "dataset_dict.json").exists()):
+        if saved:
             dataset = datasets.load_from_disk(str(local))
         elif local.suffix.lower() == ".csv":
             # Every column as text: inferred types make an answer "5" the int 5, and "3" in a column
@@ -215,8 +216,8 @@ def load_with_datasets(name: str, split: str, streaming: bool = False, split_set
     except Exception as error:  # datasets raises many types for "not found / offline / bad file"
         raise DataError(f"{name}: could not load as a file, a saved dataset or a hub dataset "
                         f"(split {split}{', streaming' if streaming else ''}): {_first_line(error)}") from None
-    if local.is_dir() and getattr(dataset, "column_names", None) in (["text"], {split: ["text"]}):
-        # A folder of .txt (or unknown) files: `datasets` reads each line as a row of one 'text' column.
+    if local.is_dir() and not saved and getattr(getattr(dataset, "info", None), "builder_name", None) == "text":
+        # A folder of mostly .txt files: `datasets` reads each line as a row of one 'text' column.
         raise DataError(f"{name}: a folder whose files `datasets` reads as plain text (one column 'text', a row "
                         f"per line), not instruction rows: give a data file (.json, .jsonl, .csv, .parquet), a "
                         f"folder of such files, or a folder written by save_to_disk")
