@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from trainer.checkpoint import saving
+from trainer.checkpoint import reading, saving
 from trainer.checkpoint.best import complete_checkpoints
 from trainer.checkpoint.saving import TrainState
 from trainer.checkpoint.snapshot import UpdateSnapshot
@@ -111,10 +111,13 @@ class Skips:
             return False
         self.nonfinite += 1
         if snapshot is None or self.nonfinite > run.recipe.train.max_consecutive_skips:
-            saved = complete_checkpoints(Path(run.recipe.output_dir) / "checkpoints")
+            # Every rank is here at this step (the check is on all-reduced values); rank 0's folder is the one
+            # resume=auto reads (a node-local output_dir elsewhere holds none).
+            newest = reading.on_main(lambda: next((p.name for p in reversed(
+                complete_checkpoints(Path(run.recipe.output_dir) / "checkpoints"))), None))
             raise health.TrainingHealthError(health.nonfinite_message(
                 step, lr, loss, grad_norm, rows_by_file(run.data.train_set, run.recipe.data, bad_rows),
-                skips=self.nonfinite - 1 if snapshot is not None else None, checkpoint=saved[-1].name if saved else None))
+                skips=self.nonfinite - 1 if snapshot is not None else None, checkpoint=newest))
         snapshot.restore()
         say(f"step {step}: non-finite loss/gradient, update skipped ({self.nonfinite} in a row)")
         return True
