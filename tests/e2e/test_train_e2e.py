@@ -160,6 +160,12 @@ def test_eval_notes_held_out_examples_other_than_those_the_run_scored(zero2_run,
     assert ("note: the held-out examples scored here are not those step-6's run scored its eval_loss on "
             f"(data.max_eval_rows=32 there, {tiny_recipe().data.max_eval_rows} here)") in result.stdout
     assert "pass data.max_eval_rows=32 to score the same examples" in result.stdout
+    note = held_out_examples_note(own, adapter, "0" * 16)  # same settings, other examples
+    assert "no data setting differs from its recipe.yaml: the data itself, the tokenizer" in note
+    copy = tmp_path / "no-recipe"
+    shutil.copytree(adapter, copy)
+    (copy / "recipe.yaml").unlink()
+    assert "it has no recipe.yaml to compare the data settings with" in held_out_examples_note(own, copy, "0" * 16)
 
 
 def fake_checkpoint(checkpoints: Path, step: int, eval_loss: float | None) -> Path:
