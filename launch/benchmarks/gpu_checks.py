@@ -37,7 +37,9 @@ def train(env: dict, timeout: float, name: str, *overrides: str) -> tuple[subpro
     result = run([sys.executable, "launch/train.py", RECIPE, f"output_dir={output_dir}", *SHORT, *overrides],
                  env, timeout, name)
     metrics = output_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    # null: a non-finite number as metrics.jsonl writes it (JSON has no NaN), read back as NaN for the checks
+    records = ([{key: float("nan") if value is None else value for key, value in json.loads(line).items()}
+                for line in metrics.read_text().splitlines()] if metrics.exists() else [])
     return result, [r for r in records if "loss" in r]
 
 
