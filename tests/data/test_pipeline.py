@@ -249,6 +249,10 @@ def test_sharegpt_conversations_read_as_the_same_messages(tiny_base, tmp_path):
         (example,), _, stats = build_datasets(config(sharegpt, format=format), tokenizer, seed=0)
         assert stats["datasets"][0]["format"] == "chat" and not any("no field reads" in n for n in stats["notes"])
         assert list(example.input_ids) == list(expected.input_ids) and list(example.labels) == list(expected.labels)
+    both = write_jsonl(tmp_path / "both.jsonl", [{"messages": messages, "conversations": turns[:3]}])
+    (example,), _, stats = build_datasets(config(both), tokenizer, seed=0)  # messages read, conversations said unread
+    assert list(example.input_ids) == list(expected.input_ids)
+    assert any("'conversations' (a value in 1 row) is in the data but no field reads it" in n for n in stats["notes"])
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": [{"from": "human", "value": "Hi"},
                                                                   {"from": "bot", "value": "Hello"}]}])
     with pytest.raises(DataError, match=r"bad.jsonl: row 1: message 2: 'from' is 'bot'; ShareGPT turns are from "

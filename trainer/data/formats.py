@@ -192,15 +192,14 @@ def filled_columns(records: list[tuple[str, Any]]) -> Counter:
 # The columns each format reads (named as data.columns renames them), and the source columns its
 # datasets usually carry that no one means to train on: an `id`; tatsu-lab/alpaca's `text` (the row
 # rendered once more); the `name` and `is_classification` of Self-Instruct's seed tasks.
-READ = {"alpaca": {"instruction", "input", "output"}, "instances": {"instruction", "instances"},
-        "chat": {"messages", SHAREGPT_COLUMN}}
+READ = {"alpaca": {"instruction", "input", "output"}, "instances": {"instruction", "instances"}, "chat": {"messages"}}
 USUALLY_UNREAD = {"alpaca": {"id", "text"}, "instances": {"id", "name", "is_classification"}, "chat": {"id"}}
 
 
 def unread_columns(filled: dict[str, int], format: str, columns: dict[str, str] | None) -> dict[str, int]:
     """The columns of `filled_columns` that no field of `format` reads: one that data.columns leaves
     unmapped, such as a `context` beside a mapped prompt and response, is otherwise ignored unseen."""
-    columns = columns or {}
+    columns = _with_sharegpt(columns or {}, filled) if format == "chat" else columns or {}
     return {column: n for column, n in sorted(filled.items())
             if columns.get(column, column) not in READ[format] and column not in USUALLY_UNREAD[format]}
 
