@@ -313,8 +313,7 @@ def test_the_preflight_says_when_the_warmup_outlasts_the_run():
     from trainer.runtime.preflight import schedule_line
 
     assert schedule_line(TrainConfig(max_steps=100, warmup_steps=10, learning_rate=2e-4, min_lr_ratio=0.1)) == (
-        "0.0002: linear warmup over 10 steps, then cosine to 2e-05 after the last step (100), which trains just "
-        "above it")
+        "0.0002: linear warmup over 10 steps, then cosine to 2e-05 after the last step (100)")
     assert schedule_line(TrainConfig(max_steps=100, warmup_steps=0)).startswith("0.0002: cosine to 2e-05")
     decaying = TrainConfig(max_steps=100, warmup_steps=10, learning_rate=2e-4, min_lr_ratio=0.1)
     assert 2e-5 < learning_rate(99, decaying) < 2.01e-5 and learning_rate(100, decaying) == pytest.approx(2e-5)

@@ -83,8 +83,7 @@ def schedule_line(train: TrainConfig) -> str:
                 f"below {steps})")
     warmup_text = f"linear warmup over {warmup} steps, then " if warmup else ""
     # Step s (1-based) trains at loop.learning_rate(s - 1): the floor is where step steps + 1 would be.
-    return (f"{peak:g}: {warmup_text}cosine to {peak * train.min_lr_ratio:g} after the last step ({steps}), which "
-            f"trains just above it")
+    return f"{peak:g}: {warmup_text}cosine to {peak * train.min_lr_ratio:g} after the last step ({steps})"
 
 
 def _zero_line(recipe: Recipe, world: int, precision: str) -> str:
