@@ -30,7 +30,7 @@ from trainer import builtin
 from trainer.checkpoint.fingerprint import base_fingerprint
 from trainer.model.tiny_base import MARKER
 from trainer.runtime.cache import cache_dir
-from trainer.runtime.metrics_log import read_record
+from trainer.runtime.report import read_metrics
 from launch.benchmarks.job import RECIPE, ROOT, Job
 from launch.benchmarks.results import TITLES
 
@@ -102,7 +102,7 @@ def main() -> None:
         bench.run_child(["launch/train.py", str(RECIPE), *ours_overrides, f"output_dir={run}"],
                         scratch["ours"], tuned_malloc=True)
         print("[parity] ours: done", flush=True)
-        records = [read_record(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        records = read_metrics(run / "metrics.jsonl")
         return {"held_out": {0: before, **{r["step"]: {"eval_loss": r["eval_loss"], "eval_tokens": r["eval_tokens"]}
                                            for r in records if "eval_loss" in r}},
                 "train_loss": {r["step"]: r["loss"] for r in records if "loss" in r}}

@@ -33,7 +33,7 @@ SAMPLE_MAX_NEW_TOKENS = 48  # sample answers in the training log stay short: a g
 def learning_rate(step: int, train: TrainConfig) -> float:
     """Linear warmup, then cosine decay to min_lr_ratio * learning_rate at max_steps. `step` counts from 0:
     optimizer step s (1-based, as logged) trains at learning_rate(s - 1), so the floor comes one past the
-    last step, which trains just above it (as transformers' cosine schedule)."""
+    last step (as in transformers' cosine schedule)."""
     if step < train.warmup_steps:
         return train.learning_rate * (step + 1) / train.warmup_steps
     progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
@@ -113,11 +113,12 @@ class Skips:
         if snapshot is None or self.nonfinite > run.recipe.train.max_consecutive_skips:
             # Every rank is here at this step (the check is on all-reduced values); rank 0's folder is the one
             # resume=auto reads (a node-local output_dir elsewhere holds none).
-            newest = reading.on_main(lambda: next((p.name for p in reversed(
-                complete_checkpoints(Path(run.recipe.output_dir) / "checkpoints"))), None))
+            checkpoints = Path(run.recipe.output_dir) / "checkpoints"
+            saved = reading.on_main(lambda: [path.name for path in complete_checkpoints(checkpoints)])
             raise health.TrainingHealthError(health.nonfinite_message(
                 step, lr, loss, grad_norm, rows_by_file(run.data.train_set, run.recipe.data, bad_rows),
-                skips=self.nonfinite - 1 if snapshot is not None else None, checkpoint=newest))
+                skips=self.nonfinite - 1 if snapshot is not None else None,
+                checkpoint=saved[-1] if saved else None))
         snapshot.restore()
         say(f"step {step}: non-finite loss/gradient, update skipped ({self.nonfinite} in a row)")
         return True

@@ -14,7 +14,8 @@ import torch
 from conftest import ROOT, run_cli
 from trainer import loop, setup
 from trainer.runtime import health
-from trainer.runtime.metrics_log import MetricsLog, read_record
+from trainer.runtime.metrics_log import MetricsLog
+from trainer.runtime.report import read_metrics
 
 SHORT = ["data.max_rows=40", "train.global_batch_size=8", "train.micro_batch_size=4", "train.max_steps=6",
          "train.warmup_steps=2", "train.save_every=2", "train.eval_every=100", "train.log_every=1",
@@ -68,7 +69,7 @@ def test_metrics_jsonl_writes_a_nan_loss_as_null(tmp_path):
 
     record = json.loads(line, parse_constant=refuse)
     assert record["loss"] is None and record["parts"] == {"grad_norm": None} and record["lr"] == 1e-4
-    assert math.isnan(read_record(line)["loss"])  # as launch/parity.py reads it back: a number, not None
+    assert math.isnan(read_metrics(tmp_path / "metrics.jsonl")[0]["loss"])  # as parity.py reads it: a number
 
 
 def test_nan_gradients_under_a_finite_loss_stop_the_run_on_one_rank(tmp_path, tiny_base):

@@ -224,10 +224,12 @@ def held_out_examples_note(recipe: Recipe, adapter_dir: Path, identity: str) -> 
     if not isinstance(recorded, str) or recorded == identity:
         return None
     changed = _changed_settings(recipe, adapter_dir, EXAMPLE_SETTINGS)
-    unknown = ("it has no recipe.yaml to compare the data settings with" if trained_recipe(adapter_dir) is None
-               else "no data setting differs from its recipe.yaml: the data itself, the tokenizer or the base's "
-                    "chat template must (the built-in tasks changed in an update, say)")
-    said, keep = changed or (unknown, None)
+    if changed:
+        said, keep = changed
+    else:
+        said, keep = ("it has no recipe.yaml to compare the data settings with" if trained_recipe(adapter_dir) is None
+                      else "no data setting differs from its recipe.yaml: the data itself, the tokenizer or the "
+                           "base's chat template must (the built-in tasks changed in an update, say)"), None
     return (f"note: the held-out examples scored here are not those {adapter_dir.name}'s run scored its eval_loss on "
             f"({said}): the held-out loss below is not comparable with that run's metrics.jsonl"
             + (f"; pass {keep} to score the same examples" if keep else ""))

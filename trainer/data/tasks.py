@@ -124,9 +124,9 @@ def demo_rows(count: int = DEMO_ROWS, seed: int = SEED, distinct: bool = False) 
         sample, with_input, without_input = TASKS[name]
         argument, answer = sample(rng)
         if distinct:
-            if question(name, argument) in asked:
+            if (asked_now := question(name, argument)) in asked:
                 continue
-            asked.add(question(name, argument))
+            asked.add(asked_now)
         # A third of the rows fold the argument into the instruction, to exercise the no-input template.
         if rng.random() < 1 / 3:
             rows.append({"instruction": rng.choice(without_input).format(argument), "input": "", "output": answer})

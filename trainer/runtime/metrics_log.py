@@ -30,11 +30,6 @@ def finite(value):
     return value
 
 
-def read_record(line: str) -> dict:
-    """One metrics.jsonl line, a null (a non-finite number, as `finite` wrote it) read back as NaN."""
-    return {key: math.nan if value is None else value for key, value in json.loads(line).items()}
-
-
 def close_quietly(handle) -> None:
     """Close a log's file or writer given up after a failed write: it closes even where its flush
     fails again, with that same error, which `warn_write_failed` says once."""

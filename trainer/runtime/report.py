@@ -28,7 +28,8 @@ SKIPPED = ("step", "time")
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """Records of a metrics.jsonl; a torn last line (a run killed mid-write) is ignored."""
+    """Records of a metrics.jsonl; a torn last line (a run killed mid-write) is ignored, and a null (a
+    non-finite number, as metrics_log's `finite` wrote it) is read back as NaN."""
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
@@ -36,7 +37,7 @@ def read_metrics(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
         if isinstance(record, dict) and "step" in record:
-            records.append(record)
+            records.append({key: math.nan if value is None else value for key, value in record.items()})
     return records
 
 
